@@ -1,0 +1,111 @@
+//! Admin HTTP API (actix-web): health, partners, metrics, and the resources received.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected and the swarm listens; 503 with `reasons` before |
+//! | `GET /api/peers` | partners: `peer_id, addrs, connected, acked_seq, pending, state` |
+//! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
+//! | `GET /api/resources/{data_type}?after=ID&limit=N` | stored resources (tombstones included) |
+//! | `GET /api/resources/{data_type}/{id}` | one stored resource, 404 if unknown |
+//! | `GET /metrics` | Prometheus text |
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::actors::stream_service::{GetPeers, StreamService};
+use crate::metrics::Metrics;
+use crate::p2p;
+use crate::store::Store;
+
+const MAX_LIST_LIMIT: usize = 10_000;
+
+pub struct AdminState {
+    pub own_id: String,
+    pub nats: async_nats::Client,
+    pub net: p2p::Client,
+    pub store: Arc<dyn Store>,
+    pub links: Addr<StreamService>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Binds the admin API; the returned server runs until stopped.
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn serve(addr: &str, state: AdminState) -> std::io::Result<actix_web::dev::Server> {
+    let state = web::Data::new(state);
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/api/peers", web::get().to(peers))
+            .route("/api/node", web::get().to(node))
+            .route("/api/resources/{data_type}", web::get().to(resources))
+            .route("/api/resources/{data_type}/{id}", web::get().to(resource))
+            .route("/metrics", web::get().to(metrics))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)?
+    .run())
+}
+
+async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
+    let mut reasons = Vec::new();
+    if !crate::nats::is_connected(&s.nats) {
+        reasons.push("nats not connected");
+    }
+    if !s.net.state().is_listening() {
+        reasons.push("libp2p swarm not listening yet");
+    }
+    if reasons.is_empty() {
+        HttpResponse::Ok().json(json!({"status": "ok", "peer_id": s.own_id}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "unavailable", "reasons": reasons}))
+    }
+}
+
+async fn peers(s: web::Data<AdminState>) -> HttpResponse {
+    match s.links.send(GetPeers).await {
+        Ok(list) => HttpResponse::Ok().json(list),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+    }
+}
+
+async fn node(s: web::Data<AdminState>) -> HttpResponse {
+    let head = s.store.journal_head(&s.own_id).await.ok();
+    let addrs: Vec<String> = s.net.state().listen_addrs().iter().map(ToString::to_string).collect();
+    HttpResponse::Ok().json(json!({"peer_id": s.own_id, "listen_addrs": addrs, "journal_head": head}))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn resources(s: web::Data<AdminState>, path: web::Path<String>, q: web::Query<ListQuery>) -> HttpResponse {
+    let q = q.into_inner();
+    let limit = q.limit.unwrap_or(1000).min(MAX_LIST_LIMIT);
+    match s.store.resources(&path, q.after, limit).await {
+        Ok(list) => HttpResponse::Ok().json(list),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+    }
+}
+
+async fn resource(s: web::Data<AdminState>, path: web::Path<(String, String)>) -> HttpResponse {
+    let (data_type, id) = path.into_inner();
+    match s.store.resource(&data_type, &id).await {
+        Ok(Some(r)) => HttpResponse::Ok().json(r),
+        Ok(None) => HttpResponse::NotFound().json(json!({"error": "no such resource"})),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+    }
+}
+
+async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(s.metrics.render())
+}

@@ -1,0 +1,311 @@
+//! Command line, environment and config file.
+//!
+//! Every `run` option can be given three ways; the first found wins:
+//! a flag (`--nats-url`), an environment variable (`OC_DISCOVERY_NATS_URL`), a key in the
+//! TOML file named by `--config` (`nats_url = "..."` or `nats-url = "..."`). Repeatable
+//! options take a comma-separated list in the environment and an array in the file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use libp2p::{Multiaddr, PeerId};
+use serde::Deserialize;
+
+pub const DEFAULT_DATA_DIR: &str = "./data";
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4001";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "oc-discovery",
+    version,
+    about = "OpenCloud peer-to-peer resource propagation node",
+    long_about = "Propagates the resource changes applications publish on the site's NATS \
+                  (PROPALGATION_EVENT) to partner sites over libp2p, through a durable journal \
+                  with acknowledged, resumable partner streams."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print this node's peer id (creating the identity if missing) and exit.
+    Id(IdArgs),
+    /// Run the node.
+    Run(Box<RunArgs>),
+    /// Show the partners of a running node and their state.
+    Peers(PeersArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// Directory holding identity.key and the store.
+    #[arg(long, env = "OC_DISCOVERY_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PeersArgs {
+    /// Base URL of the node's admin API.
+    #[arg(long, env = "OC_DISCOVERY_ADMIN", default_value = "http://127.0.0.1:8650")]
+    pub admin: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// TOML file with any of the options below (keys as the flag names, `-` or `_`).
+    #[arg(long, env = "OC_DISCOVERY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory holding identity.key and the embedded store (created if missing).
+    #[arg(long, env = "OC_DISCOVERY_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// The site's NATS server.
+    #[arg(long, env = "OC_DISCOVERY_NATS_URL", default_value = DEFAULT_NATS_URL)]
+    pub nats_url: String,
+    /// libp2p listen address; repeat for several.
+    #[arg(long = "listen", env = "OC_DISCOVERY_LISTEN", value_delimiter = ',', default_value = DEFAULT_LISTEN)]
+    pub listen: Vec<Multiaddr>,
+    /// Admin HTTP API address (health, peers, metrics, resources).
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: String,
+    /// A partner site, as a multiaddr ending in /p2p/<peer id>; repeat for several.
+    #[arg(long = "partner", env = "OC_DISCOVERY_PARTNER", value_delimiter = ',')]
+    pub partner: Vec<Multiaddr>,
+    /// Pre-shared key file (swarm.key format) making a private network.
+    #[arg(long, env = "OC_DISCOVERY_PSK_FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// Largest PROPALGATION_EVENT accepted, in bytes; larger ones get payload_too_large.
+    #[arg(long, env = "OC_DISCOVERY_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES)]
+    pub max_event_bytes: usize,
+}
+
+/// Keys accepted in the `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(alias = "data-dir")]
+    data_dir: Option<PathBuf>,
+    #[serde(alias = "nats-url")]
+    nats_url: Option<String>,
+    listen: Option<Vec<String>>,
+    #[serde(alias = "admin-listen")]
+    admin_listen: Option<String>,
+    partner: Option<Vec<String>>,
+    #[serde(alias = "psk-file")]
+    psk_file: Option<PathBuf>,
+    #[serde(alias = "max-event-bytes")]
+    max_event_bytes: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("partner address {0} must end in /p2p/<peer id>")]
+    PartnerWithoutPeerId(Multiaddr),
+    #[error("--max-event-bytes must be at least 64")]
+    MaxEventBytes,
+}
+
+/// Parses the process arguments, then fills `run` options left at their default from
+/// the `--config` file.
+///
+/// # Errors
+/// An unreadable or invalid config file.
+pub fn parse() -> Result<Cli, ConfigError> {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] over given arguments (tests).
+///
+/// # Errors
+/// See [`parse`].
+pub fn parse_from<I, T>(args: I) -> Result<Cli, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().get_matches_from(args);
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let (Command::Run(run), Some(("run", sub))) = (&mut cli.command, matches.subcommand()) {
+        if let Some(path) = run.config.clone() {
+            apply_file(run, sub, &path)?;
+        }
+    }
+    Ok(cli)
+}
+
+/// Whether the user set this option by flag or environment (which beat the file).
+fn explicit(m: &ArgMatches, id: &str) -> bool {
+    matches!(m.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+}
+
+fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+    let file: FileConfig =
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), reason: e.to_string() })?;
+    let addrs = |list: Vec<String>| -> Result<Vec<Multiaddr>, ConfigError> {
+        list.iter()
+            .map(|s| {
+                s.parse().map_err(|e| ConfigError::Parse { path: path.clone(), reason: format!("{s}: {e}") })
+            })
+            .collect()
+    };
+    macro_rules! fill {
+        ($field:ident) => {
+            if let Some(v) = file.$field {
+                if !explicit(m, stringify!($field)) {
+                    run.$field = v;
+                }
+            }
+        };
+        ($field:ident, $conv:expr) => {
+            if let Some(v) = file.$field {
+                if !explicit(m, stringify!($field)) {
+                    run.$field = $conv(v)?;
+                }
+            }
+        };
+    }
+    fill!(data_dir);
+    fill!(nats_url);
+    fill!(admin_listen);
+    fill!(max_event_bytes);
+    fill!(listen, addrs);
+    fill!(partner, addrs);
+    fill!(psk_file, |v| Ok::<_, ConfigError>(Some(v)));
+    Ok(())
+}
+
+/// Run options after validation, as the node uses them.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub nats_url: String,
+    pub listen: Vec<Multiaddr>,
+    pub admin_listen: String,
+    pub partners: Vec<(PeerId, Multiaddr)>,
+    pub psk_file: Option<PathBuf>,
+    pub max_event_bytes: usize,
+    pub tuning: Tuning,
+}
+
+/// Limits and intervals with defaults sized for the performance targets.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Most events journaled in one commit.
+    pub intake_batch: usize,
+    /// Most unacknowledged events in flight to one partner.
+    pub send_window: u64,
+    /// Most journal entries read per disk read when feeding a partner.
+    pub read_chunk: usize,
+    /// Most inbound events applied in one commit.
+    pub apply_batch: usize,
+    /// Largest frame accepted on a resource stream.
+    pub max_frame_bytes: usize,
+    /// Wait for a peer's answer (stream open, hello ack, NATS flush).
+    pub io_timeout: Duration,
+    /// Reconnect backoff bounds.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How often a partner's cursor is persisted while acks arrive.
+    pub cursor_persist_every: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            intake_batch: 2048,
+            send_window: 8192,
+            read_chunk: 1024,
+            apply_batch: 2048,
+            max_frame_bytes: 4 * 1024 * 1024,
+            io_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            cursor_persist_every: Duration::from_millis(200),
+        }
+    }
+}
+
+impl TryFrom<RunArgs> for NodeConfig {
+    type Error = ConfigError;
+
+    fn try_from(run: RunArgs) -> Result<Self, ConfigError> {
+        if run.max_event_bytes < 64 {
+            return Err(ConfigError::MaxEventBytes);
+        }
+        let partners = run
+            .partner
+            .into_iter()
+            .map(|addr| match addr.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(peer)) => Ok((peer, addr)),
+                _ => Err(ConfigError::PartnerWithoutPeerId(addr)),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut tuning = Tuning::default();
+        // A frame must hold the largest event plus its envelope.
+        tuning.max_frame_bytes = tuning.max_frame_bytes.max(run.max_event_bytes + 64 * 1024);
+        Ok(NodeConfig {
+            data_dir: run.data_dir,
+            nats_url: run.nats_url,
+            listen: run.listen,
+            admin_listen: run.admin_listen,
+            partners,
+            psk_file: run.psk_file,
+            max_event_bytes: run.max_event_bytes,
+            tuning,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut all = vec!["oc-discovery", "run"];
+        all.extend_from_slice(args);
+        match parse_from(all).unwrap().command {
+            Command::Run(r) => *r,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn file_fills_defaults_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "nats-url = \"nats://file:1\"\nmax_event_bytes = 2048\nlisten = [\"/ip4/127.0.0.1/tcp/9\"]\n",
+        )
+        .unwrap();
+        let cfg = file.to_str().unwrap();
+        let r = run_args(&["--config", cfg, "--max-event-bytes", "4096"]);
+        assert_eq!(r.nats_url, "nats://file:1");
+        assert_eq!(r.max_event_bytes, 4096);
+        assert_eq!(r.listen, vec!["/ip4/127.0.0.1/tcp/9".parse::<Multiaddr>().unwrap()]);
+        assert_eq!(r.admin_listen, DEFAULT_ADMIN_LISTEN);
+    }
+
+    #[test]
+    fn partners_need_a_peer_id() {
+        let r = run_args(&["--partner", "/ip4/127.0.0.1/tcp/4001"]);
+        assert!(matches!(NodeConfig::try_from(r), Err(ConfigError::PartnerWithoutPeerId(_))));
+    }
+}

@@ -1,0 +1,32 @@
+//! # oc-discovery
+//!
+//! A peer-to-peer resource propagation node for the OpenCloud network.
+//!
+//! # Layout
+//! In the order an event flows through the node:
+//! - [`config`]: command line, environment and config file.
+//! - [`identity`]: the node's Ed25519 key and peer id.
+//! - [`event`]: wire types of the NATS subjects, decoding and error codes.
+//! - [`actors::intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
+//! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait.
+//! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
+//! - [`p2p`]: libp2p transport, event loop, client handle and stream framing.
+//! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
+//! - [`nats`]: NATS connection and the confirmed publisher.
+//! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
+//! - [`node`]: wires everything together and runs until shutdown.
+//! - [`cli`]: the `id` and `peers` commands.
+//! - [`testkit`]: spawns real nats-servers and nodes for tests, demo and benchmarks.
+
+pub mod config;
+pub mod event;
+pub mod identity;
+pub mod metrics;
+pub mod p2p;
+pub mod store;
+pub mod actors;
+pub mod admin;
+pub mod cli;
+pub mod nats;
+pub mod node;
+pub mod shutdown;

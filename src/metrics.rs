@@ -1,0 +1,74 @@
+//! Counters exposed on `GET /metrics` (Prometheus text format).
+//!
+//! Hot-path counters are plain atomics; refusals are counted per (where, code) in a small
+//! map, since they are rare by nature.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::event::ErrorCode;
+
+#[derive(Default)]
+pub struct Metrics {
+    /// Events accepted from the local application and journaled.
+    pub intake_accepted: AtomicU64,
+    /// Own echoes ignored on the intake.
+    pub intake_echoes: AtomicU64,
+    /// Journal entries written to partner streams (resends included).
+    pub events_sent: AtomicU64,
+    /// Inbound entries that changed the store.
+    pub events_applied: AtomicU64,
+    /// Inbound entries that were already applied (duplicates, resends).
+    pub events_stale: AtomicU64,
+    /// Publishes confirmed by NATS (CREATE_RESOURCE / REMOVE_RESOURCE).
+    pub nats_published: AtomicU64,
+    /// Partner sessions opened (first connect and every reconnect).
+    pub sessions_opened: AtomicU64,
+    /// Refusals by where they happened ("intake", "inbound", "outbound") and code.
+    refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl Metrics {
+    pub fn refused(&self, place: &'static str, code: ErrorCode) {
+        if let Ok(mut map) = self.refusals.lock() {
+            *map.entry((place, code.as_str())).or_default() += 1;
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Number of refusals counted for this place and code.
+    pub fn refusals(&self, place: &str, code: ErrorCode) -> u64 {
+        self.refusals
+            .lock()
+            .map(|m| m.get(&(place, code.as_str())).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64); 7] = [
+            ("oc_intake_accepted_total", "Events accepted from the local application", &self.intake_accepted),
+            ("oc_intake_echoes_total", "Own echoes ignored", &self.intake_echoes),
+            ("oc_events_sent_total", "Journal entries written to partner streams", &self.events_sent),
+            ("oc_events_applied_total", "Inbound entries applied to the store", &self.events_applied),
+            ("oc_events_stale_total", "Inbound entries already applied", &self.events_stale),
+            ("oc_nats_published_total", "Publishes confirmed by NATS", &self.nats_published),
+            ("oc_sessions_opened_total", "Partner sessions opened", &self.sessions_opened),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "# HELP oc_refusals_total Refused inputs by place and error code\n# TYPE oc_refusals_total counter");
+        if let Ok(map) = self.refusals.lock() {
+            for ((place, code), n) in map.iter() {
+                let _ = writeln!(out, "oc_refusals_total{{place=\"{place}\",code=\"{code}\"}} {n}");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,165 @@
+//! Wires the node together and runs it until the shutdown signal.
+//!
+//! Start order follows the data flow backwards, so nothing is produced before its
+//! consumer exists: store → network loop → NATS → outbox drain → StreamService (links) →
+//! inbound apply → intake → admin API.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::actors::inbound::{InboundApply, InboundEnv, Partners};
+use crate::actors::intake::{Intake, IntakeEnv};
+use crate::actors::partner_link::LinkEnv;
+use crate::actors::stream_service::{AddPartner, Drain, StreamService};
+use crate::config::NodeConfig;
+use crate::event::SUBJECT_PROPAGATION;
+use crate::metrics::Metrics;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::Store;
+use crate::{admin, identity, nats, p2p};
+
+/// Store file inside the data directory.
+pub const STORE_FILE: &str = "store.redb";
+/// How long shutdown waits for links to persist their cursors.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Outbox rows published per round at start-up.
+const OUTBOX_ROUND: usize = 1024;
+
+/// Runs a node until `shutdown` completes. Must be called inside an actix `System`.
+///
+/// # Errors
+/// Start-up failures: unreadable identity or PSK, store locked, address in use, bad NATS URL.
+pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let key = identity::load_or_create(&cfg.data_dir)?;
+    let own = key.public().to_peer_id();
+    let own_id = own.to_string();
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&cfg.data_dir.join(STORE_FILE))
+            .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
+    );
+    let psk = cfg.psk_file.as_deref().map(p2p::read_psk).transpose()?;
+    let private = psk.is_some();
+    let (net, event_loop) = p2p::build(key, psk, &cfg.listen)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let net_task = tokio::spawn(event_loop.run(stop_rx.clone()));
+
+    let t = cfg.tuning.clone();
+    let nats = nats::connect(&cfg.nats_url, t.io_timeout).await.context("connecting to NATS")?;
+    let subscriber = nats.subscribe(SUBJECT_PROPAGATION).await.context("subscribing to PROPALGATION_EVENT")?;
+    let metrics = Arc::new(Metrics::default());
+    tokio::spawn(drain_outbox(store.clone(), nats.clone(), t.io_timeout, stop_rx.clone()));
+
+    let head = store.journal_head(&own_id).await?;
+    let links = StreamService::new(
+        LinkEnv {
+            own_id: own_id.clone(),
+            store: store.clone(),
+            net: net.clone(),
+            metrics: metrics.clone(),
+            tuning: t.clone(),
+            shutdown: stop_rx.clone(),
+        },
+        head,
+    )
+    .start();
+    let partners = Arc::new(Partners::default());
+    for (peer, addr) in &cfg.partners {
+        partners.insert(*peer);
+        links.do_send(AddPartner { peer: *peer, addr: addr.clone() });
+    }
+    let _inbound = InboundApply::new(
+        InboundEnv {
+            store: store.clone(),
+            nats: nats.clone(),
+            partners,
+            metrics: metrics.clone(),
+            tuning: t.clone(),
+            shutdown: stop_rx.clone(),
+        },
+        net.clone(),
+    )
+    .start();
+    let intake = Intake::new(
+        IntakeEnv {
+            own_id: own_id.clone(),
+            store: store.clone(),
+            nats: nats.clone(),
+            links: links.clone().recipient(),
+            metrics: metrics.clone(),
+            max_event_bytes: cfg.max_event_bytes,
+        },
+        subscriber,
+        t.intake_batch,
+    )
+    .start();
+    let server = admin::serve(
+        &cfg.admin_listen,
+        admin::AdminState {
+            own_id: own_id.clone(),
+            nats: nats.clone(),
+            net: net.clone(),
+            store: store.clone(),
+            links: links.clone(),
+            metrics,
+        },
+    )
+    .with_context(|| format!("binding the admin API on {}", cfg.admin_listen))?;
+    let admin_handle = server.handle();
+    actix_web::rt::spawn(server);
+    tracing::info!(
+        peer_id = %own_id,
+        journal_head = head,
+        partners = cfg.partners.len(),
+        private_network = private,
+        admin = %cfg.admin_listen,
+        "node started"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    // Intake first: no new event is accepted while the rest winds down.
+    intake.do_send(StopIntake);
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(DRAIN_TIMEOUT, links.send(Drain)).await.is_err() {
+        tracing::warn!("partner links did not stop in time; their cursors will be re-derived from the partners");
+    }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, nats.flush()).await;
+    admin_handle.stop(true).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, net_task).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+use crate::actors::intake::StopIntake;
+
+/// Publishes outbox rows left by a previous run (a crash between commit and publish).
+async fn drain_outbox(store: Arc<dyn Store>, nats: async_nats::Client, timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let round = async {
+            let rows = store.outbox(OUTBOX_ROUND).await.map_err(|e| e.to_string())?;
+            if rows.is_empty() {
+                return Ok::<bool, String>(true);
+            }
+            nats::publish_rows(&nats, &rows, timeout).await.map_err(|e| e.to_string())?;
+            tracing::info!(count = rows.len(), "published outbox rows left by a previous run");
+            store.outbox_remove(rows.iter().map(|r| r.id).collect()).await.map_err(|e| e.to_string())?;
+            Ok(false)
+        };
+        match round.await {
+            Ok(true) => return,
+            Ok(false) => continue,
+            Err(e) => tracing::warn!(cause = %e, retry_in = ?delay, "outbox drain failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = crate::shutdown::signalled(&mut stop) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}

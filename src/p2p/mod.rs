@@ -1,0 +1,306 @@
+//! libp2p side: the transport (TCP, optional PSK private network, Noise, Yamux), the
+//! behaviour, the event loop that alone owns the `Swarm`, and the cloneable [`Client`]
+//! everything else uses.
+//!
+//! Streams are opened and accepted through `libp2p-stream`'s `Control`, which talks to the
+//! behaviour through channels: no other component touches the Swarm.
+
+pub mod wire;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::Either;
+use futures::StreamExt;
+use libp2p::core::transport::upgrade::Version;
+use libp2p::core::Transport;
+use libp2p::identity::Keypair;
+use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
+pub const PROTOCOL_UPDATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/update/1.0");
+pub const PROTOCOL_DELETE: StreamProtocol = StreamProtocol::new("/opencloud/resource/delete/1.0");
+/// The three resource streams, in the index order used by [`StreamKind`].
+pub const RESOURCE_PROTOCOLS: [StreamProtocol; 3] = [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
+
+/// identify's protocol version: peers of another network are easy to spot in logs.
+const IDENTIFY_PROTOCOL: &str = "/opencloud/1.0";
+/// A handshake that has not finished by then is abandoned (a PSK mismatch hangs, it does
+/// not fail, so this is what refuses a peer without the key).
+const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections without open streams are closed after this.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+const COMMAND_QUEUE: usize = 64;
+
+/// Which resource stream an event travels on: one per action, as oc-discovery does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    Create = 0,
+    Update = 1,
+    Delete = 2,
+}
+
+impl StreamKind {
+    pub const ALL: [StreamKind; 3] = [StreamKind::Create, StreamKind::Update, StreamKind::Delete];
+
+    pub fn for_action(action: crate::event::Action) -> Self {
+        match action {
+            crate::event::Action::Create => StreamKind::Create,
+            crate::event::Action::Update => StreamKind::Update,
+            crate::event::Action::Delete => StreamKind::Delete,
+        }
+    }
+
+    pub fn protocol(self) -> StreamProtocol {
+        RESOURCE_PROTOCOLS[self as usize].clone()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    stream: libp2p_stream::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    #[error("cannot build the transport: {0}")]
+    Transport(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot open {protocol} to {peer}: {reason}")]
+    Open { peer: PeerId, protocol: StreamProtocol, reason: String },
+    #[error("the network loop has stopped")]
+    Stopped,
+}
+
+/// What the rest of the node can see of the network without asking the loop.
+#[derive(Default)]
+pub struct NetState {
+    listening: AtomicBool,
+    listen_addrs: Mutex<Vec<Multiaddr>>,
+    connected: Mutex<HashSet<PeerId>>,
+}
+
+impl NetState {
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen_addrs.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.connected.lock().map(|c| c.contains(peer)).unwrap_or(false)
+    }
+}
+
+enum Command {
+    AddAddress { peer: PeerId, addr: Multiaddr },
+    ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
+}
+
+/// Cloneable handle on the network.
+#[derive(Clone)]
+pub struct Client {
+    local: PeerId,
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    state: Arc<NetState>,
+}
+
+impl Client {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    pub fn state(&self) -> &NetState {
+        &self.state
+    }
+
+    /// Teaches the swarm where a peer can be dialed.
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), NetError> {
+        self.commands.send(Command::AddAddress { peer, addr }).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// The addresses the swarm listens on (ports resolved).
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::ListenAddrs { reply }).await.map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Opens a stream, dialing the peer if needed, within `timeout`.
+    ///
+    /// # Errors
+    /// [`NetError::Open`] when the peer is unreachable, refuses, or does not answer in time.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        timeout: Duration,
+    ) -> Result<Stream, NetError> {
+        let mut control = self.control.clone();
+        let open = control.open_stream(peer, protocol.clone());
+        match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(NetError::Open { peer, protocol, reason: e.to_string() }),
+            Err(_) => Err(NetError::Open { peer, protocol, reason: format!("no answer within {timeout:?}") }),
+        }
+    }
+
+    /// Starts accepting inbound streams of a protocol.
+    pub fn accept(&self, protocol: StreamProtocol) -> Option<libp2p_stream::IncomingStreams> {
+        self.control.clone().accept(protocol).ok()
+    }
+}
+
+/// Reads a `swarm.key` file (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits).
+///
+/// # Errors
+/// The file is unreadable or not in that format.
+pub fn read_psk(path: &std::path::Path) -> Result<PreSharedKey, NetError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NetError::Transport(format!("cannot read PSK file {}: {e}", path.display())))?;
+    text.trim()
+        .parse::<PreSharedKey>()
+        .map_err(|e| NetError::Transport(format!("PSK file {} is not a swarm.key: {e}", path.display())))
+}
+
+/// Builds the swarm and starts listening; returns the client and the loop to run.
+///
+/// # Errors
+/// The transport cannot be built or a listen address is refused.
+pub fn build(key: Keypair, psk: Option<PreSharedKey>, listen: &[Multiaddr]) -> Result<(Client, EventLoop), NetError> {
+    let local = key.public().to_peer_id();
+    let transport_err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            // With a PSK, the pnet handshake wraps the socket before anything else.
+            let maybe_private = tcp.and_then(move |socket, _| async move {
+                match psk {
+                    Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(Either::Left),
+                    None => Ok::<_, PnetError>(Either::Right(socket)),
+                }
+            });
+            Ok(maybe_private
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default())
+                .timeout(TRANSPORT_TIMEOUT))
+        })
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|key| Behaviour {
+            stream: libp2p_stream::Behaviour::new(),
+            identify: identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.to_owned(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::new(ping::Config::new()),
+        })
+        .map_err(|e| transport_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    for addr in listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let state = Arc::new(NetState::default());
+    let control = swarm.behaviour().stream.new_control();
+    let client = Client { local, commands: tx, control, state: state.clone() };
+    Ok((client, EventLoop { swarm, commands: rx, state }))
+}
+
+/// The one owner of the `Swarm`.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    state: Arc<NetState>,
+}
+
+impl EventLoop {
+    /// Runs until `shutdown` turns true or every client is dropped.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = crate::shutdown::signalled(&mut shutdown) => break,
+            }
+        }
+        tracing::debug!("network loop stopped");
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::AddAddress { peer, addr } => {
+                self.swarm.add_peer_address(peer, addr);
+            }
+            Command::ListenAddrs { reply } => {
+                // The asker may have given up; nothing to do then.
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if let Ok(mut addrs) = self.state.listen_addrs.lock() {
+                    addrs.push(address);
+                }
+                self.state.listening.store(true, Ordering::Release);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                if let Ok(mut addrs) = self.state.listen_addrs.lock() {
+                    addrs.retain(|a| a != &address);
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
+                if let Ok(mut c) = self.state.connected.lock() {
+                    c.insert(peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                tracing::debug!(peer = %peer_id, num_established, cause = ?cause, "connection closed");
+                if num_established == 0 {
+                    if let Ok(mut c) = self.state.connected.lock() {
+                        c.remove(&peer_id);
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, cause = %error, "dial failed");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                // A peer without our PSK ends here, after the transport timeout.
+                tracing::warn!(addr = %send_back_addr, cause = %error, "inbound connection refused");
+            }
+            SwarmEvent::ListenerError { error, .. } => tracing::warn!(cause = %error, "listener error"),
+            other => tracing::trace!(event = ?other, "swarm event"),
+        }
+    }
+}

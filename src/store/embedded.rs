@@ -1,0 +1,294 @@
+//! The default store: one redb file (`<data-dir>/store.redb`), every commit fsynced.
+//!
+//! redb is synchronous, so each call runs on tokio's blocking pool. Callers batch
+//! (group commit): one `append_journal` or `apply_batch` call is one fsync however many
+//! events it carries.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{
+    applied_state, decide, ApplyOutcome, OutboxRow, Store, StoreError, StoreResult, StoredResource,
+};
+use crate::event::{now_ms, JournalEntry, NewEvent};
+
+/// (origin, seq) → JSON of [`JournalEntry`].
+const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
+/// partner peer id → seq acknowledged by that partner.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// origin peer id → seq up to which this node handled the origin's entries.
+const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
+/// (data_type, id) → JSON of [`StoredResource`] (tombstones included).
+const RESOURCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("resources");
+/// outbox id → JSON of [`OutboxRow`].
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file and its tables.
+    ///
+    /// # Errors
+    /// The file cannot be opened, typically because another process holds it.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let db = Database::create(path).map_err(unavailable)?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        {
+            txn.open_table(JOURNAL).map_err(unavailable)?;
+            txn.open_table(CURSORS).map_err(unavailable)?;
+            txn.open_table(APPLIED).map_err(unavailable)?;
+            txn.open_table(RESOURCES).map_err(unavailable)?;
+            txn.open_table(OUTBOX).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(EmbeddedStore { db: Arc::new(db) })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> StoreResult<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+    }
+}
+
+fn last_seq(table: &impl ReadableTable<(&'static str, u64), &'static [u8]>, origin: &str) -> StoreResult<u64> {
+    let mut range = table.range((origin, 0u64)..=(origin, u64::MAX)).map_err(unavailable)?;
+    match range.next_back() {
+        Some(item) => Ok(item.map_err(unavailable)?.0.value().1),
+        None => Ok(0),
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let mut out = Vec::with_capacity(events.len());
+            {
+                let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+                let mut seq = last_seq(&table, &origin)?;
+                let time_ms = now_ms();
+                for e in events {
+                    seq += 1;
+                    let entry = JournalEntry {
+                        origin: origin.clone(),
+                        seq,
+                        action: e.action,
+                        data_type: e.data_type,
+                        user: e.user,
+                        resource: e.resource,
+                        time_ms,
+                    };
+                    let bytes = serde_json::to_vec(&entry).map_err(corrupt)?;
+                    table.insert((origin.as_str(), seq), bytes.as_slice()).map_err(unavailable)?;
+                    out.push(entry);
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let range = table.range((origin.as_str(), from)..=(origin.as_str(), u64::MAX)).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in range.take(limit) {
+                let (_, v) = item.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn journal_head(&self, origin: &str) -> StoreResult<u64> {
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
+            last_seq(&table, &origin)
+        })
+        .await
+    }
+
+    async fn cursor(&self, peer: &str) -> StoreResult<u64> {
+        read_u64(self, CURSORS, peer).await
+    }
+
+    async fn set_cursor(&self, peer: &str, seq: u64) -> StoreResult<()> {
+        let peer = peer.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(CURSORS).map_err(unavailable)?.insert(peer.as_str(), seq).map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn applied(&self, origin: &str) -> StoreResult<u64> {
+        read_u64(self, APPLIED, origin).await
+    }
+
+    async fn apply_batch(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: Vec<JournalEntry>,
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let mut outcomes = Vec::with_capacity(entries.len());
+            let mut rows = Vec::new();
+            {
+                let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
+                let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
+                let mut next_id = match outbox.last().map_err(unavailable)? {
+                    Some((k, _)) => k.value() + 1,
+                    None => 1,
+                };
+                for entry in &entries {
+                    let Some(id) = entry.resource_id() else {
+                        outcomes.push(ApplyOutcome::Stale);
+                        continue;
+                    };
+                    let key = (entry.data_type.as_str(), id);
+                    let existing: Option<StoredResource> = match resources.get(key).map_err(unavailable)? {
+                        Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+                        None => None,
+                    };
+                    let outcome = decide(existing.as_ref(), entry);
+                    if outcome == ApplyOutcome::Applied {
+                        let (stored, row) = applied_state(entry, id, next_id);
+                        next_id += 1;
+                        let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
+                        resources.insert(key, bytes.as_slice()).map_err(unavailable)?;
+                        let row_bytes = serde_json::to_vec(&row).map_err(corrupt)?;
+                        outbox.insert(row.id, row_bytes.as_slice()).map_err(unavailable)?;
+                        rows.push(row);
+                    }
+                    outcomes.push(outcome);
+                }
+                let mut applied = txn.open_table(APPLIED).map_err(unavailable)?;
+                let current = applied.get(origin.as_str()).map_err(unavailable)?.map(|v| v.value()).unwrap_or(0);
+                if up_to > current {
+                    applied.insert(origin.as_str(), up_to).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok((outcomes, rows))
+        })
+        .await
+    }
+
+    async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(OUTBOX).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in table.range(0u64..).map_err(unavailable)?.take(limit) {
+                let (_, v) = item.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn outbox_remove(&self, ids: Vec<u64>) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(OUTBOX).map_err(unavailable)?;
+                for id in ids {
+                    table.remove(id).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+        let (data_type, id) = (data_type.to_owned(), id.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RESOURCES).map_err(unavailable)?;
+            match table.get((data_type.as_str(), id.as_str())).map_err(unavailable)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn resources(
+        &self,
+        data_type: &str,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredResource>> {
+        let data_type = data_type.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RESOURCES).map_err(unavailable)?;
+            let start = after.clone().unwrap_or_default();
+            let mut out = Vec::new();
+            // Keys sort by data_type then id; stop at the first key of another data type.
+            for item in table.range((data_type.as_str(), start.as_str())..).map_err(unavailable)? {
+                let (k, v) = item.map_err(unavailable)?;
+                let (dt, id) = k.value();
+                if dt != data_type || out.len() >= limit {
+                    break;
+                }
+                if after.as_deref() == Some(id) {
+                    continue;
+                }
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+async fn read_u64(
+    store: &EmbeddedStore,
+    def: TableDefinition<'static, &'static str, u64>,
+    key: &str,
+) -> StoreResult<u64> {
+    let key = key.to_owned();
+    store
+        .blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(def).map_err(unavailable)?;
+            Ok(table.get(key.as_str()).map_err(unavailable)?.map(|v| v.value()).unwrap_or(0))
+        })
+        .await
+}

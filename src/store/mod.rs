@@ -1,0 +1,131 @@
+//! The node's persistent state behind one trait, so backends are interchangeable.
+//!
+//! What is stored: the journal of the node's own events, the resources received from
+//! partners with their versions (tombstones for deletions), the per-origin "applied up to"
+//! mark, the per-partner send cursor, and the outbox of NATS publishes not yet confirmed.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::{JournalEntry, NewEvent};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend could not be reached or failed to commit; the operation may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored bytes that do not decode: a bug or a damaged file, never retried blindly.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A resource as the receiving node keeps it, with the version that produced it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredResource {
+    pub data_type: String,
+    pub id: String,
+    /// The creator's peer id; only it may change the resource.
+    pub origin: String,
+    /// The origin's journal seq of the change that produced this state.
+    pub version: u64,
+    /// A tombstone: the resource was deleted at `version`.
+    pub deleted: bool,
+    pub resource: Value,
+}
+
+/// One publish the receiving node owes NATS, recorded in the same commit as the change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxRow {
+    pub id: u64,
+    pub subject: String,
+    /// `Nats-Msg-Id`: `<origin>:<seq>`.
+    pub msg_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// Outcome of one inbound entry in [`Store::apply_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Applied,
+    /// Already at this version or newer: nothing changed.
+    Stale,
+    /// The resource exists with another creator.
+    Conflict { owner: String },
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Appends the events to `origin`'s journal in one durable commit and returns their
+    /// entries, with consecutive seqs following the current head.
+    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>>;
+
+    /// Up to `limit` entries of `origin`'s journal with `seq >= from`, in seq order.
+    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>>;
+
+    /// Highest seq in `origin`'s journal, 0 when empty.
+    async fn journal_head(&self, origin: &str) -> StoreResult<u64>;
+
+    /// The send cursor of a partner: every entry `<= cursor` was acknowledged by it.
+    async fn cursor(&self, peer: &str) -> StoreResult<u64>;
+    async fn set_cursor(&self, peer: &str, seq: u64) -> StoreResult<()>;
+
+    /// Every entry of `origin` up to this seq has been handled by this node.
+    async fn applied(&self, origin: &str) -> StoreResult<u64>;
+
+    /// In one commit: applies `entries` (all from `origin`, ascending seq) by version,
+    /// records an outbox row for each applied one, and sets `applied(origin) = up_to`.
+    async fn apply_batch(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: Vec<JournalEntry>,
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)>;
+
+    /// Oldest outbox rows first.
+    async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>>;
+    async fn outbox_remove(&self, ids: Vec<u64>) -> StoreResult<()>;
+
+    async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
+    /// Resources (tombstones included) of a data type, ordered by id, after `after`.
+    async fn resources(&self, data_type: &str, after: Option<String>, limit: usize)
+        -> StoreResult<Vec<StoredResource>>;
+}
+
+/// The version rule shared by every backend (ARCHITECTURE invariant 3): apply iff the
+/// incoming seq is higher than what is stored, and only the creator may change a resource.
+pub fn decide(existing: Option<&StoredResource>, entry: &JournalEntry) -> ApplyOutcome {
+    match existing {
+        None => ApplyOutcome::Applied,
+        Some(s) if s.origin != entry.origin => ApplyOutcome::Conflict { owner: s.origin.clone() },
+        Some(s) if s.version >= entry.seq => ApplyOutcome::Stale,
+        Some(_) => ApplyOutcome::Applied,
+    }
+}
+
+/// The stored state and outbox row an applied entry produces.
+pub fn applied_state(entry: &JournalEntry, resource_id: &str, outbox_id: u64) -> (StoredResource, OutboxRow) {
+    use crate::event::{Action, ResourceNotice};
+    let stored = StoredResource {
+        data_type: entry.data_type.clone(),
+        id: resource_id.to_owned(),
+        origin: entry.origin.clone(),
+        version: entry.seq,
+        deleted: entry.action == Action::Delete,
+        resource: entry.resource.clone(),
+    };
+    let notice = ResourceNotice::from_entry(entry);
+    let row = OutboxRow {
+        id: outbox_id,
+        subject: ResourceNotice::subject(entry.action).to_owned(),
+        msg_id: entry.msg_id(),
+        // Serializing a struct of strings and JSON values cannot fail.
+        payload: serde_json::to_vec(&notice).unwrap_or_default(),
+    };
+    (stored, row)
+}
