@@ -65,7 +65,8 @@ async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
     if reasons.is_empty() {
         HttpResponse::Ok().json(json!({"status": "ok", "peer_id": s.own_id}))
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({"status": "unavailable", "reasons": reasons}))
+        HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "unavailable", "reasons": reasons}))
     }
 }
 
@@ -78,8 +79,15 @@ async fn peers(s: web::Data<AdminState>) -> HttpResponse {
 
 async fn node(s: web::Data<AdminState>) -> HttpResponse {
     let head = s.store.journal_head(&s.own_id).await.ok();
-    let addrs: Vec<String> = s.net.state().listen_addrs().iter().map(ToString::to_string).collect();
-    HttpResponse::Ok().json(json!({"peer_id": s.own_id, "listen_addrs": addrs, "journal_head": head}))
+    let addrs: Vec<String> = s
+        .net
+        .state()
+        .listen_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    HttpResponse::Ok()
+        .json(json!({"peer_id": s.own_id, "listen_addrs": addrs, "journal_head": head}))
 }
 
 #[derive(Deserialize)]
@@ -88,7 +96,11 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn resources(s: web::Data<AdminState>, path: web::Path<String>, q: web::Query<ListQuery>) -> HttpResponse {
+async fn resources(
+    s: web::Data<AdminState>,
+    path: web::Path<String>,
+    q: web::Query<ListQuery>,
+) -> HttpResponse {
     let q = q.into_inner();
     let limit = q.limit.unwrap_or(1000).min(MAX_LIST_LIMIT);
     match s.store.resources(&path, q.after, limit).await {
@@ -107,5 +119,7 @@ async fn resource(s: web::Data<AdminState>, path: web::Path<(String, String)>) -
 }
 
 async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(s.metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(s.metrics.render())
 }

@@ -53,7 +53,11 @@ pub struct IdArgs {
 #[derive(Debug, Args)]
 pub struct PeersArgs {
     /// Base URL of the node's admin API.
-    #[arg(long, env = "OC_DISCOVERY_ADMIN", default_value = "http://127.0.0.1:8650")]
+    #[arg(
+        long,
+        env = "OC_DISCOVERY_ADMIN",
+        default_value = "http://127.0.0.1:8650"
+    )]
     pub admin: String,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -109,7 +113,10 @@ struct FileConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("partner address {0} must end in /p2p/<peer id>")]
@@ -151,17 +158,28 @@ where
 
 /// Whether the user set this option by flag or environment (which beat the file).
 fn explicit(m: &ArgMatches, id: &str) -> bool {
-    matches!(m.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+    matches!(
+        m.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
 }
 
 fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-    let file: FileConfig =
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     let addrs = |list: Vec<String>| -> Result<Vec<Multiaddr>, ConfigError> {
         list.iter()
             .map(|s| {
-                s.parse().map_err(|e| ConfigError::Parse { path: path.clone(), reason: format!("{s}: {e}") })
+                s.parse().map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    reason: format!("{s}: {e}"),
+                })
             })
             .collect()
     };
@@ -299,13 +317,19 @@ mod tests {
         let r = run_args(&["--config", cfg, "--max-event-bytes", "4096"]);
         assert_eq!(r.nats_url, "nats://file:1");
         assert_eq!(r.max_event_bytes, 4096);
-        assert_eq!(r.listen, vec!["/ip4/127.0.0.1/tcp/9".parse::<Multiaddr>().unwrap()]);
+        assert_eq!(
+            r.listen,
+            vec!["/ip4/127.0.0.1/tcp/9".parse::<Multiaddr>().unwrap()]
+        );
         assert_eq!(r.admin_listen, DEFAULT_ADMIN_LISTEN);
     }
 
     #[test]
     fn partners_need_a_peer_id() {
         let r = run_args(&["--partner", "/ip4/127.0.0.1/tcp/4001"]);
-        assert!(matches!(NodeConfig::try_from(r), Err(ConfigError::PartnerWithoutPeerId(_))));
+        assert!(matches!(
+            NodeConfig::try_from(r),
+            Err(ConfigError::PartnerWithoutPeerId(_))
+        ));
     }
 }

@@ -43,7 +43,12 @@ impl Action {
 }
 
 /// Actions that exist in OpenCloud but are served by later parts of the node.
-const KNOWN_UNSUPPORTED: &[&str] = &["PB_SEARCH", "PB_CONSIDERS", "PB_PLANNER", "PB_CLOSE_PLANNER"];
+const KNOWN_UNSUPPORTED: &[&str] = &[
+    "PB_SEARCH",
+    "PB_CONSIDERS",
+    "PB_PLANNER",
+    "PB_CLOSE_PLANNER",
+];
 
 /// Stable error codes: a public contract (README, protocols/nats-subjects.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,7 +112,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 
     /// `{"code": "...", "message": "..."}` as used in replies and error events.
@@ -152,7 +160,10 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Refusal::new(ErrorCode::InvalidJson, format!("not valid JSON: {e}")))?;
     let Value::Object(raw) = value else {
-        return Err(Refusal::new(ErrorCode::InvalidJson, "the event must be a JSON object"));
+        return Err(Refusal::new(
+            ErrorCode::InvalidJson,
+            "the event must be a JSON object",
+        ));
     };
     let fields = normalize_keys(raw);
 
@@ -180,12 +191,18 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
     };
     let data_type = required_string(&fields, "data_type")?;
     if data_type.is_empty() {
-        return Err(Refusal::new(ErrorCode::InvalidField, "data_type must not be empty"));
+        return Err(Refusal::new(
+            ErrorCode::InvalidField,
+            "data_type must not be empty",
+        ));
     }
     let user = optional_string(&fields, "user")?.unwrap_or_default();
     let resource = match fields.get("payload") {
         None | Some(Value::Null) => {
-            return Err(Refusal::new(ErrorCode::MissingField, "missing field payload"))
+            return Err(Refusal::new(
+                ErrorCode::MissingField,
+                "missing field payload",
+            ))
         }
         Some(Value::Object(o)) => Value::Object(o.clone()),
         // Go producers marshal a pre-encoded payload as a JSON string.
@@ -198,11 +215,19 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
                 ))
             }
         },
-        Some(_) => return Err(Refusal::new(ErrorCode::InvalidField, "payload must be a JSON object")),
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "payload must be a JSON object",
+            ))
+        }
     };
     let resource_id = payload_string(&resource, "id")?;
     if resource_id.is_empty() {
-        return Err(Refusal::new(ErrorCode::InvalidField, "payload.id must not be empty"));
+        return Err(Refusal::new(
+            ErrorCode::InvalidField,
+            "payload.id must not be empty",
+        ));
     }
     let creator = payload_string(&resource, "creator_id")?;
     if creator != own_peer_id {
@@ -213,7 +238,14 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
             ),
         ));
     }
-    Ok(Decoded::Accept(NewEvent { action, data_type, user, from_app, resource, resource_id }))
+    Ok(Decoded::Accept(NewEvent {
+        action,
+        data_type,
+        user,
+        from_app,
+        resource,
+        resource_id,
+    }))
 }
 
 /// Lower-cases top-level keys and folds the `datatype` spelling into `data_type`,
@@ -241,15 +273,19 @@ fn optional_string(fields: &Map<String, Value>, name: &str) -> Result<Option<Str
     match fields.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(Refusal::new(ErrorCode::InvalidField, format!("field {name} must be a string"))),
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidField,
+            format!("field {name} must be a string"),
+        )),
     }
 }
 
 fn payload_string(resource: &Value, name: &str) -> Result<String, Refusal> {
     match resource.get(name) {
-        None | Some(Value::Null) => {
-            Err(Refusal::new(ErrorCode::MissingField, format!("missing field payload.{name}")))
-        }
+        None | Some(Value::Null) => Err(Refusal::new(
+            ErrorCode::MissingField,
+            format!("missing field payload.{name}"),
+        )),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(Refusal::new(
             ErrorCode::InvalidField,
@@ -350,7 +386,9 @@ mod tests {
     #[test]
     fn accepts_go_style_keys() {
         let d = decode(r#"{"Action":"pb_create","DataType":"COMPUTE_RESOURCE","User":"u","Payload":{"id":"r1","creator_id":"12D3KooWme"}}"#).unwrap();
-        let Decoded::Accept(e) = d else { panic!("not accepted") };
+        let Decoded::Accept(e) = d else {
+            panic!("not accepted")
+        };
         assert_eq!(e.action, Action::Create);
         assert_eq!(e.data_type, "COMPUTE_RESOURCE");
         assert_eq!(e.resource_id, "r1");
@@ -360,26 +398,58 @@ mod tests {
     fn refusals_carry_codes() {
         assert_eq!(code("{nope"), ErrorCode::InvalidJson);
         assert_eq!(code("[1]"), ErrorCode::InvalidJson);
-        assert_eq!(code(r#"{"data_type":"X","payload":{}}"#), ErrorCode::MissingField);
-        assert_eq!(code(r#"{"action":"PB_SEARCH","data_type":"X","payload":{}}"#), ErrorCode::UnsupportedAction);
-        assert_eq!(code(r#"{"action":"PB_FLY","data_type":"X","payload":{}}"#), ErrorCode::UnsupportedAction);
-        assert_eq!(code(r#"{"action":"PB_CREATE","data_type":"X","payload":[]}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":1,"creator_id":"12D3KooWme"}}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":"a"}}"#), ErrorCode::MissingField);
-        assert_eq!(code(r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":"a","creator_id":"other"}}"#), ErrorCode::NotCreator);
+        assert_eq!(
+            code(r#"{"data_type":"X","payload":{}}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_SEARCH","data_type":"X","payload":{}}"#),
+            ErrorCode::UnsupportedAction
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_FLY","data_type":"X","payload":{}}"#),
+            ErrorCode::UnsupportedAction
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":[]}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(
+                r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":1,"creator_id":"12D3KooWme"}}"#
+            ),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":"a"}}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(
+                r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":"a","creator_id":"other"}}"#
+            ),
+            ErrorCode::NotCreator
+        );
         let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000));
         assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
     }
 
     #[test]
     fn own_echo_is_ignored() {
-        assert_eq!(decode(r#"{"from_app":"oc-discovery","action":"PB_CREATE"}"#), Ok(Decoded::OwnEcho));
+        assert_eq!(
+            decode(r#"{"from_app":"oc-discovery","action":"PB_CREATE"}"#),
+            Ok(Decoded::OwnEcho)
+        );
     }
 
     #[test]
     fn error_event_cuts_the_echo() {
         let body = vec![b'a'; 10_000];
-        let v = error_event(&Refusal::new(ErrorCode::InvalidJson, "x"), SUBJECT_PROPAGATION, &body);
+        let v = error_event(
+            &Refusal::new(ErrorCode::InvalidJson, "x"),
+            SUBJECT_PROPAGATION,
+            &body,
+        );
         assert_eq!(v["event"].as_str().unwrap().len(), ERROR_ECHO_BYTES);
         assert_eq!(v["error"]["code"], "invalid_json");
     }

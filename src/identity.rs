@@ -11,7 +11,10 @@ pub const IDENTITY_FILE: &str = "identity.key";
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot read or write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a libp2p key: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -22,20 +25,30 @@ pub enum IdentityError {
 /// The directory is not writable or the file holds something that is not a key.
 pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
     let path = data_dir.join(IDENTITY_FILE);
-    let io = |source| IdentityError::Io { path: path.clone(), source };
+    let io = |source| IdentityError::Io {
+        path: path.clone(),
+        source,
+    };
     match std::fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
-            .map_err(|e| IdentityError::Invalid { path: path.clone(), reason: e.to_string() }),
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
             let key = Keypair::generate_ed25519();
             let bytes = key
                 .to_protobuf_encoding()
-                .map_err(|e| IdentityError::Invalid { path: path.clone(), reason: e.to_string() })?;
+                .map_err(|e| IdentityError::Invalid {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             // Write to a temporary file and rename, so a crash never leaves half a key.
             let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
             let mut f = open_private(&tmp).map_err(io)?;
-            f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io)?;
+            f.write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)?;
             Ok(key)
         }
@@ -46,7 +59,12 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
 #[cfg(unix)]
 fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 #[cfg(not(unix))]

@@ -18,15 +18,16 @@
 //! - [`cli`]: the `id` and `peers` commands.
 //! - [`testkit`]: spawns real nats-servers and nodes for tests, demo and benchmarks.
 
+pub mod actors;
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod event;
 pub mod identity;
 pub mod metrics;
-pub mod p2p;
-pub mod store;
-pub mod actors;
-pub mod admin;
-pub mod cli;
 pub mod nats;
 pub mod node;
+pub mod p2p;
 pub mod shutdown;
+pub mod store;
+pub mod testkit;

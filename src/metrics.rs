@@ -52,21 +52,56 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, &AtomicU64); 7] = [
-            ("oc_intake_accepted_total", "Events accepted from the local application", &self.intake_accepted),
-            ("oc_intake_echoes_total", "Own echoes ignored", &self.intake_echoes),
-            ("oc_events_sent_total", "Journal entries written to partner streams", &self.events_sent),
-            ("oc_events_applied_total", "Inbound entries applied to the store", &self.events_applied),
-            ("oc_events_stale_total", "Inbound entries already applied", &self.events_stale),
-            ("oc_nats_published_total", "Publishes confirmed by NATS", &self.nats_published),
-            ("oc_sessions_opened_total", "Partner sessions opened", &self.sessions_opened),
+            (
+                "oc_intake_accepted_total",
+                "Events accepted from the local application",
+                &self.intake_accepted,
+            ),
+            (
+                "oc_intake_echoes_total",
+                "Own echoes ignored",
+                &self.intake_echoes,
+            ),
+            (
+                "oc_events_sent_total",
+                "Journal entries written to partner streams",
+                &self.events_sent,
+            ),
+            (
+                "oc_events_applied_total",
+                "Inbound entries applied to the store",
+                &self.events_applied,
+            ),
+            (
+                "oc_events_stale_total",
+                "Inbound entries already applied",
+                &self.events_stale,
+            ),
+            (
+                "oc_nats_published_total",
+                "Publishes confirmed by NATS",
+                &self.nats_published,
+            ),
+            (
+                "oc_sessions_opened_total",
+                "Partner sessions opened",
+                &self.sessions_opened,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(out, "# HELP oc_refusals_total Refused inputs by place and error code\n# TYPE oc_refusals_total counter");
         if let Ok(map) = self.refusals.lock() {
             for ((place, code), n) in map.iter() {
-                let _ = writeln!(out, "oc_refusals_total{{place=\"{place}\",code=\"{code}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "oc_refusals_total{{place=\"{place}\",code=\"{code}\"}} {n}"
+                );
             }
         }
         out

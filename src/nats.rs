@@ -49,7 +49,11 @@ pub fn is_connected(client: &Client) -> bool {
 ///
 /// # Errors
 /// The publish was refused or not confirmed in time; the caller keeps the rows.
-pub async fn publish_rows(client: &Client, rows: &[OutboxRow], timeout: Duration) -> Result<(), PublishError> {
+pub async fn publish_rows(
+    client: &Client,
+    rows: &[OutboxRow],
+    timeout: Duration,
+) -> Result<(), PublishError> {
     let work = async {
         for row in rows {
             let mut headers = HeaderMap::new();
@@ -59,7 +63,12 @@ pub async fn publish_rows(client: &Client, rows: &[OutboxRow], timeout: Duration
                 .await
                 .map_err(|e| PublishError::Publish(e.to_string()))?;
         }
-        client.flush().await.map_err(|e| PublishError::Publish(e.to_string()))
+        client
+            .flush()
+            .await
+            .map_err(|e| PublishError::Publish(e.to_string()))
     };
-    tokio::time::timeout(timeout, work).await.map_err(|_| PublishError::Timeout(timeout))?
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| PublishError::Timeout(timeout))?
 }

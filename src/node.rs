@@ -49,10 +49,20 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let net_task = tokio::spawn(event_loop.run(stop_rx.clone()));
 
     let t = cfg.tuning.clone();
-    let nats = nats::connect(&cfg.nats_url, t.io_timeout).await.context("connecting to NATS")?;
-    let subscriber = nats.subscribe(SUBJECT_PROPAGATION).await.context("subscribing to PROPALGATION_EVENT")?;
+    let nats = nats::connect(&cfg.nats_url, t.io_timeout)
+        .await
+        .context("connecting to NATS")?;
+    let subscriber = nats
+        .subscribe(SUBJECT_PROPAGATION)
+        .await
+        .context("subscribing to PROPALGATION_EVENT")?;
     let metrics = Arc::new(Metrics::default());
-    tokio::spawn(drain_outbox(store.clone(), nats.clone(), t.io_timeout, stop_rx.clone()));
+    tokio::spawn(drain_outbox(
+        store.clone(),
+        nats.clone(),
+        t.io_timeout,
+        stop_rx.clone(),
+    ));
 
     let head = store.journal_head(&own_id).await?;
     let links = StreamService::new(
@@ -70,7 +80,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let partners = Arc::new(Partners::default());
     for (peer, addr) in &cfg.partners {
         partners.insert(*peer);
-        links.do_send(AddPartner { peer: *peer, addr: addr.clone() });
+        links.do_send(AddPartner {
+            peer: *peer,
+            addr: addr.clone(),
+        });
     }
     let _inbound = InboundApply::new(
         InboundEnv {
@@ -125,7 +138,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     // Intake first: no new event is accepted while the rest winds down.
     intake.do_send(StopIntake);
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(DRAIN_TIMEOUT, links.send(Drain)).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, links.send(Drain))
+        .await
+        .is_err()
+    {
         tracing::warn!("partner links did not stop in time; their cursors will be re-derived from the partners");
     }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, nats.flush()).await;
@@ -138,17 +154,33 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
 use crate::actors::intake::StopIntake;
 
 /// Publishes outbox rows left by a previous run (a crash between commit and publish).
-async fn drain_outbox(store: Arc<dyn Store>, nats: async_nats::Client, timeout: Duration, mut stop: watch::Receiver<bool>) {
+async fn drain_outbox(
+    store: Arc<dyn Store>,
+    nats: async_nats::Client,
+    timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         let round = async {
-            let rows = store.outbox(OUTBOX_ROUND).await.map_err(|e| e.to_string())?;
+            let rows = store
+                .outbox(OUTBOX_ROUND)
+                .await
+                .map_err(|e| e.to_string())?;
             if rows.is_empty() {
                 return Ok::<bool, String>(true);
             }
-            nats::publish_rows(&nats, &rows, timeout).await.map_err(|e| e.to_string())?;
-            tracing::info!(count = rows.len(), "published outbox rows left by a previous run");
-            store.outbox_remove(rows.iter().map(|r| r.id).collect()).await.map_err(|e| e.to_string())?;
+            nats::publish_rows(&nats, &rows, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(
+                count = rows.len(),
+                "published outbox rows left by a previous run"
+            );
+            store
+                .outbox_remove(rows.iter().map(|r| r.id).collect())
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(false)
         };
         match round.await {

@@ -125,7 +125,8 @@ impl Handler<IncomingStream> for InboundApply {
                     let frame = Frame::Error {
                         seq: None,
                         code: ErrorCode::NotPartner.as_str().to_owned(),
-                        message: "this node does not accept events from you: not a partner".to_owned(),
+                        message: "this node does not accept events from you: not a partner"
+                            .to_owned(),
                     };
                     let _ = tokio::time::timeout(timeout, async {
                         let _ = wire::write_frame(&mut stream, &frame).await;
@@ -138,8 +139,15 @@ impl Handler<IncomingStream> for InboundApply {
             return;
         }
         let (r, w) = stream.split();
-        let attach = Attach { kind, reader: r, writer: BufWriter::with_capacity(16 * 1024, w) };
-        let sender = self.sessions.entry(peer).or_insert_with(|| spawn_session(self.env.clone(), peer));
+        let attach = Attach {
+            kind,
+            reader: r,
+            writer: BufWriter::with_capacity(16 * 1024, w),
+        };
+        let sender = self
+            .sessions
+            .entry(peer)
+            .or_insert_with(|| spawn_session(self.env.clone(), peer));
         if let Err(mpsc::error::SendError(attach)) = sender.send(attach) {
             // The session ended (shutdown in progress, or a crash): start a fresh one.
             let sender = spawn_session(self.env.clone(), peer);
@@ -240,15 +248,23 @@ impl Session {
     }
 
     async fn on_input(&mut self, input: Input) {
-        let Input { kind, generation, frame } = input;
+        let Input {
+            kind,
+            generation,
+            frame,
+        } = input;
         match frame {
             Ok(Some(Frame::Hello { origin })) => {
                 if origin == self.origin {
-                    self.write_to(kind, &[Frame::Ack { seq: self.applied }]).await;
+                    self.write_to(kind, &[Frame::Ack { seq: self.applied }])
+                        .await;
                 } else {
                     tracing::warn!(peer = %self.peer, claimed = %origin, code = "forged_origin", "hello for another origin refused");
                     self.env.metrics.refused("inbound", ErrorCode::ForgedOrigin);
-                    let refusal = Refusal::new(ErrorCode::ForgedOrigin, format!("you are {}, not {origin}", self.peer));
+                    let refusal = Refusal::new(
+                        ErrorCode::ForgedOrigin,
+                        format!("you are {}, not {origin}", self.peer),
+                    );
                     self.write_to(kind, &[error_frame(None, &refusal)]).await;
                 }
             }
@@ -263,7 +279,9 @@ impl Session {
                     tracing::warn!(peer = %self.peer, seq = entry.seq, applied = self.applied, "event beyond the window dropped; it will be resent");
                 }
             }
-            Ok(Some(other)) => tracing::debug!(peer = %self.peer, ?other, "unexpected frame from sender"),
+            Ok(Some(other)) => {
+                tracing::debug!(peer = %self.peer, ?other, "unexpected frame from sender")
+            }
             Err(e) if e.is_recoverable() => {
                 let code = match e {
                     FrameError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
@@ -271,7 +289,11 @@ impl Session {
                 };
                 tracing::warn!(peer = %self.peer, ?kind, code = code.as_str(), cause = %e, "unreadable frame skipped");
                 self.env.metrics.refused("inbound", code);
-                self.write_to(kind, &[error_frame(None, &Refusal::new(code, e.to_string()))]).await;
+                self.write_to(
+                    kind,
+                    &[error_frame(None, &Refusal::new(code, e.to_string()))],
+                )
+                .await;
             }
             Ok(None) | Err(_) => {
                 if matches!(&self.writers[kind as usize], Some((g, _)) if *g == generation) {
@@ -311,8 +333,10 @@ impl Session {
         let seqs: Vec<u64> = valid.iter().map(|e| e.seq).collect();
         let origin = self.origin.clone();
         let env = self.env.clone();
-        let Some((outcomes, rows)) =
-            retry(&env, "apply", || env.store.apply_batch(&origin, up_to, valid.clone())).await
+        let Some((outcomes, rows)) = retry(&env, "apply", || {
+            env.store.apply_batch(&origin, up_to, valid.clone())
+        })
+        .await
         else {
             return false;
         };
@@ -321,7 +345,10 @@ impl Session {
                 ApplyOutcome::Applied => Metrics::add(&env.metrics.events_applied, 1),
                 ApplyOutcome::Stale => Metrics::add(&env.metrics.events_stale, 1),
                 ApplyOutcome::Conflict { owner } => {
-                    let refusal = Refusal::new(ErrorCode::Conflict, format!("the resource belongs to {owner}"));
+                    let refusal = Refusal::new(
+                        ErrorCode::Conflict,
+                        format!("the resource belongs to {owner}"),
+                    );
                     tracing::warn!(peer = %self.peer, seq, code = "conflict", %owner, "event refused");
                     env.metrics.refused("inbound", ErrorCode::Conflict);
                     replies.push(error_frame(Some(*seq), &refusal));
@@ -355,7 +382,10 @@ impl Session {
         if entry.origin != self.origin {
             return Err(Refusal::new(
                 ErrorCode::ForgedOrigin,
-                format!("origin {} is not the sending peer {}", entry.origin, self.peer),
+                format!(
+                    "origin {} is not the sending peer {}",
+                    entry.origin, self.peer
+                ),
             ));
         }
         match entry.creator_id() {
@@ -368,7 +398,10 @@ impl Session {
             }
         }
         if entry.resource_id().is_none_or(str::is_empty) {
-            return Err(Refusal::new(ErrorCode::InvalidField, "resource has no string id"));
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "resource has no string id",
+            ));
         }
         Ok(())
     }
@@ -376,14 +409,19 @@ impl Session {
     /// Sends refusals then the cumulative ack on the first open stream.
     async fn send_ack(&mut self, mut frames: Vec<Frame>) {
         frames.push(Frame::Ack { seq: self.applied });
-        if let Some(kind) = StreamKind::ALL.into_iter().find(|k| self.writers[*k as usize].is_some()) {
+        if let Some(kind) = StreamKind::ALL
+            .into_iter()
+            .find(|k| self.writers[*k as usize].is_some())
+        {
             self.write_to(kind, &frames).await;
         }
     }
 
     async fn write_to(&mut self, kind: StreamKind, frames: &[Frame]) {
         let timeout = self.env.tuning.io_timeout;
-        let Some((_, w)) = self.writers[kind as usize].as_mut() else { return };
+        let Some((_, w)) = self.writers[kind as usize].as_mut() else {
+            return;
+        };
         let mut buf = Vec::new();
         for f in frames {
             wire::encode_frame(f, &mut buf);
@@ -401,7 +439,11 @@ impl Session {
 }
 
 fn error_frame(seq: Option<u64>, refusal: &Refusal) -> Frame {
-    Frame::Error { seq, code: refusal.code.as_str().to_owned(), message: refusal.message.clone() }
+    Frame::Error {
+        seq,
+        code: refusal.code.as_str().to_owned(),
+        message: refusal.message.clone(),
+    }
 }
 
 async fn read_loop(
@@ -414,7 +456,16 @@ async fn read_loop(
     loop {
         let frame = wire::read_frame(&mut r, max).await;
         let end = !matches!(&frame, Ok(Some(_))) && !matches!(&frame, Err(e) if e.is_recoverable());
-        if tx.send(Input { kind, generation, frame }).await.is_err() || end {
+        if tx
+            .send(Input {
+                kind,
+                generation,
+                frame,
+            })
+            .await
+            .is_err()
+            || end
+        {
             return;
         }
     }
@@ -432,7 +483,9 @@ where
     loop {
         match op().await {
             Ok(v) => return Some(v),
-            Err(e) => tracing::warn!(what, cause = %e, retry_in = ?delay, "inbound step failed; holding the ack"),
+            Err(e) => {
+                tracing::warn!(what, cause = %e, retry_in = ?delay, "inbound step failed; holding the ack")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

@@ -35,7 +35,11 @@ pub struct IntakeEnv {
 
 impl Intake {
     pub fn new(env: IntakeEnv, subscriber: Subscriber, batch: usize) -> Self {
-        Intake { env: Arc::new(env), subscriber: Some(subscriber), batch }
+        Intake {
+            env: Arc::new(env),
+            subscriber: Some(subscriber),
+            batch,
+        }
     }
 }
 
@@ -99,10 +103,12 @@ impl IntakeEnv {
             Err(e) => {
                 // Core NATS has no redelivery: the application learns it must retry.
                 tracing::error!(cause = %e, count, "journal append failed");
-                let refusal = Refusal::new(ErrorCode::StoreUnavailable, format!("not journaled: {e}"));
+                let refusal =
+                    Refusal::new(ErrorCode::StoreUnavailable, format!("not journaled: {e}"));
                 for reply in replies.into_iter().flatten() {
                     self.metrics.refused("intake", refusal.code);
-                    self.send(reply, json!({"ok": false, "error": refusal.to_json()})).await;
+                    self.send(reply, json!({"ok": false, "error": refusal.to_json()}))
+                        .await;
                 }
             }
         }
@@ -119,9 +125,11 @@ impl IntakeEnv {
         );
         self.metrics.refused("intake", refusal.code);
         let error_event = event::error_event(refusal, event::SUBJECT_PROPAGATION, &msg.payload);
-        self.send(Subject::from_static(event::SUBJECT_ERROR), error_event).await;
+        self.send(Subject::from_static(event::SUBJECT_ERROR), error_event)
+            .await;
         if let Some(reply) = msg.reply.clone() {
-            self.send(reply, json!({"ok": false, "error": refusal.to_json()})).await;
+            self.send(reply, json!({"ok": false, "error": refusal.to_json()}))
+                .await;
         }
     }
 

@@ -67,7 +67,10 @@ pub struct LinkStatus {
 
 impl Default for LinkStatus {
     fn default() -> Self {
-        LinkStatus { acked: AtomicU64::new(0), inner: Mutex::new((LinkState::Connecting, None)) }
+        LinkStatus {
+            acked: AtomicU64::new(0),
+            inner: Mutex::new((LinkState::Connecting, None)),
+        }
     }
 }
 
@@ -79,8 +82,16 @@ pub struct StatusSnapshot {
 
 impl LinkStatus {
     pub fn snapshot(&self) -> StatusSnapshot {
-        let (state, last_error) = self.inner.lock().map(|g| g.clone()).unwrap_or((LinkState::Connecting, None));
-        StatusSnapshot { acked: self.acked.load(Ordering::Relaxed), state, last_error }
+        let (state, last_error) = self
+            .inner
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or((LinkState::Connecting, None));
+        StatusSnapshot {
+            acked: self.acked.load(Ordering::Relaxed),
+            state,
+            last_error,
+        }
     }
 
     fn set(&self, state: LinkState, error: Option<String>) {
@@ -98,7 +109,10 @@ enum LinkError {
     #[error(transparent)]
     Net(#[from] p2p::NetError),
     #[error("stream {kind:?}: {source}")]
-    Stream { kind: StreamKind, source: std::io::Error },
+    Stream {
+        kind: StreamKind,
+        source: std::io::Error,
+    },
     #[error("stream {0:?} closed by the partner")]
     Closed(StreamKind),
     #[error("partner refused the session: {code}: {message}")]
@@ -134,10 +148,21 @@ pub async fn run(
         if let Err(e) = outcome {
             let refused = matches!(e, LinkError::Refused { .. });
             tracing::warn!(%peer, cause = %e, retry_in = ?backoff, "partner session ended");
-            status.set(if refused { LinkState::Refused } else { LinkState::Connecting }, Some(e.to_string()));
+            status.set(
+                if refused {
+                    LinkState::Refused
+                } else {
+                    LinkState::Connecting
+                },
+                Some(e.to_string()),
+            );
         }
         // A session that moved the cursor was healthy: retry quickly.
-        backoff = if cursor.acked > before { env.tuning.backoff_min } else { (backoff * 2).min(env.tuning.backoff_max) };
+        backoff = if cursor.acked > before {
+            env.tuning.backoff_min
+        } else {
+            (backoff * 2).min(env.tuning.backoff_max)
+        };
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = crate::shutdown::signalled(&mut shutdown) => break,
@@ -160,7 +185,11 @@ impl Cursor {
             tracing::warn!(%peer, cause = %e, "cannot read cursor, starting from the partner's own report");
             0
         });
-        Cursor { acked, persisted: acked, persisted_at: Instant::now() }
+        Cursor {
+            acked,
+            persisted: acked,
+            persisted_at: Instant::now(),
+        }
     }
 
     async fn persist(&mut self, env: &LinkEnv, peer: PeerId) {
@@ -201,16 +230,26 @@ async fn session(
     head: &mut watch::Receiver<u64>,
 ) -> Result<(), LinkError> {
     let t = &env.tuning;
-    env.net.add_address(peer, addr.clone()).await?;
+    env.net.dial(peer, addr.clone(), t.io_timeout).await?;
     let (tx, mut rx) = mpsc::channel::<Inbound>(INBOX);
     let mut writers: Vec<Writer> = Vec::with_capacity(3);
     let mut readers = Readers(Vec::with_capacity(3));
     for kind in StreamKind::ALL {
-        let stream = env.net.open_stream(peer, kind.protocol(), t.io_timeout).await?;
+        let stream = env
+            .net
+            .open_stream(peer, kind.protocol(), t.io_timeout)
+            .await?;
         let (r, w) = stream.split();
-        readers.0.push(tokio::spawn(read_loop(kind, r, tx.clone(), t.max_frame_bytes)));
+        readers.0.push(tokio::spawn(read_loop(
+            kind,
+            r,
+            tx.clone(),
+            t.max_frame_bytes,
+        )));
         let mut w = futures::io::BufWriter::with_capacity(64 * 1024, w);
-        let hello = Frame::Hello { origin: env.own_id.clone() };
+        let hello = Frame::Hello {
+            origin: env.own_id.clone(),
+        };
         timed(t.io_timeout, kind, wire::write_frame(&mut w, &hello)).await?;
         writers.push(w);
     }
@@ -225,7 +264,9 @@ async fn session(
             .ok_or(LinkError::Closed(StreamKind::Create))?;
         match frame.map_err(LinkError::Frame)? {
             Some(Frame::Ack { seq }) => answered[kind as usize] = Some(seq),
-            Some(Frame::Error { code, message, .. }) => return Err(LinkError::Refused { code, message }),
+            Some(Frame::Error { code, message, .. }) => {
+                return Err(LinkError::Refused { code, message })
+            }
             Some(other) => tracing::debug!(%peer, ?other, "unexpected frame during handshake"),
             None => return Err(LinkError::Closed(kind)),
         }
@@ -263,7 +304,11 @@ async fn session(
                 let buf = &bufs[kind as usize];
                 if !buf.is_empty() {
                     let w = &mut writers[kind as usize];
-                    timed(t.io_timeout, kind, async { w.write_all(buf).await?; w.flush().await }).await?;
+                    timed(t.io_timeout, kind, async {
+                        w.write_all(buf).await?;
+                        w.flush().await
+                    })
+                    .await?;
                 }
             }
             Metrics::add(&env.metrics.events_sent, count);
@@ -320,13 +365,24 @@ fn on_frame(
             }
             Ok(())
         }
-        Ok(Some(Frame::Error { seq: Some(seq), code, message })) => {
+        Ok(Some(Frame::Error {
+            seq: Some(seq),
+            code,
+            message,
+        })) => {
             // The partner refused one entry and moved past it; the journal keeps it.
             tracing::warn!(%peer, seq, %code, %message, "partner refused an event");
-            env.metrics.refused("outbound", ErrorCode::parse(&code).unwrap_or(ErrorCode::InvalidField));
+            env.metrics.refused(
+                "outbound",
+                ErrorCode::parse(&code).unwrap_or(ErrorCode::InvalidField),
+            );
             Ok(())
         }
-        Ok(Some(Frame::Error { seq: None, code, message })) => Err(LinkError::Refused { code, message }),
+        Ok(Some(Frame::Error {
+            seq: None,
+            code,
+            message,
+        })) => Err(LinkError::Refused { code, message }),
         Ok(Some(other)) => {
             tracing::debug!(%peer, ?kind, ?other, "ignoring unexpected frame");
             Ok(())
@@ -340,7 +396,12 @@ fn on_frame(
     }
 }
 
-async fn read_loop(kind: StreamKind, mut r: ReadHalf<Stream>, tx: mpsc::Sender<Inbound>, max: usize) {
+async fn read_loop(
+    kind: StreamKind,
+    mut r: ReadHalf<Stream>,
+    tx: mpsc::Sender<Inbound>,
+    max: usize,
+) {
     loop {
         let frame = wire::read_frame(&mut r, max).await;
         let end = !matches!(&frame, Ok(Some(_))) && !matches!(&frame, Err(e) if e.is_recoverable());

@@ -71,7 +71,11 @@ impl StreamService {
     /// `head` is the journal head at start-up.
     pub fn new(env: LinkEnv, head: u64) -> Self {
         let (tx, _) = watch::channel(head);
-        StreamService { env: Arc::new(env), head: tx, links: BTreeMap::new() }
+        StreamService {
+            env: Arc::new(env),
+            head: tx,
+            links: BTreeMap::new(),
+        }
     }
 }
 
@@ -118,7 +122,14 @@ impl Handler<AddPartner> for StreamService {
             self.head.subscribe(),
         ));
         tracing::info!(peer = %msg.peer, addr = %msg.addr, "partner link started");
-        self.links.insert(msg.peer, Link { addr: msg.addr, status, task });
+        self.links.insert(
+            msg.peer,
+            Link {
+                addr: msg.addr,
+                status,
+                task,
+            },
+        );
     }
 }
 
@@ -151,7 +162,10 @@ impl Handler<Drain> for StreamService {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
-        let tasks: Vec<_> = std::mem::take(&mut self.links).into_values().map(|l| l.task).collect();
+        let tasks: Vec<_> = std::mem::take(&mut self.links)
+            .into_values()
+            .map(|l| l.task)
+            .collect();
         Box::pin(async move {
             for task in tasks {
                 let _ = task.await;

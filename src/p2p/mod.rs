@@ -7,7 +7,7 @@
 
 pub mod wire;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +18,8 @@ use libp2p::core::transport::upgrade::Version;
 use libp2p::core::Transport;
 use libp2p::identity::Keypair;
 use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -26,7 +27,8 @@ pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/reso
 pub const PROTOCOL_UPDATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/update/1.0");
 pub const PROTOCOL_DELETE: StreamProtocol = StreamProtocol::new("/opencloud/resource/delete/1.0");
 /// The three resource streams, in the index order used by [`StreamKind`].
-pub const RESOURCE_PROTOCOLS: [StreamProtocol; 3] = [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
+pub const RESOURCE_PROTOCOLS: [StreamProtocol; 3] =
+    [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
 
 /// identify's protocol version: peers of another network are easy to spot in logs.
 const IDENTIFY_PROTOCOL: &str = "/opencloud/1.0";
@@ -76,7 +78,13 @@ pub enum NetError {
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
     #[error("cannot open {protocol} to {peer}: {reason}")]
-    Open { peer: PeerId, protocol: StreamProtocol, reason: String },
+    Open {
+        peer: PeerId,
+        protocol: StreamProtocol,
+        reason: String,
+    },
+    #[error("cannot connect to {peer}: {reason}")]
+    Dial { peer: PeerId, reason: String },
     #[error("the network loop has stopped")]
     Stopped,
 }
@@ -95,17 +103,30 @@ impl NetState {
     }
 
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
-        self.listen_addrs.lock().map(|a| a.clone()).unwrap_or_default()
+        self.listen_addrs
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
     }
 
     pub fn is_connected(&self, peer: &PeerId) -> bool {
-        self.connected.lock().map(|c| c.contains(peer)).unwrap_or(false)
+        self.connected
+            .lock()
+            .map(|c| c.contains(peer))
+            .unwrap_or(false)
     }
 }
 
 enum Command {
-    AddAddress { peer: PeerId, addr: Multiaddr },
-    ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
+    /// Connect to a peer at an address unless already connected.
+    Dial {
+        peer: PeerId,
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
 }
 
 /// Cloneable handle on the network.
@@ -126,12 +147,29 @@ impl Client {
         &self.state
     }
 
-    /// Teaches the swarm where a peer can be dialed.
+    /// Connects to `peer` at `addr` (returns at once when already connected).
     ///
     /// # Errors
-    /// The network loop has stopped.
-    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), NetError> {
-        self.commands.send(Command::AddAddress { peer, addr }).await.map_err(|_| NetError::Stopped)
+    /// [`NetError::Dial`] when the dial fails or does not finish within `timeout`.
+    pub async fn dial(
+        &self,
+        peer: PeerId,
+        addr: Multiaddr,
+        timeout: Duration,
+    ) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Dial { peer, addr, reply })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(NetError::Stopped),
+            Err(_) => Err(NetError::Dial {
+                peer,
+                reason: format!("not connected within {timeout:?}"),
+            }),
+        }
     }
 
     /// The addresses the swarm listens on (ports resolved).
@@ -140,7 +178,10 @@ impl Client {
     /// The network loop has stopped.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::ListenAddrs { reply }).await.map_err(|_| NetError::Stopped)?;
+        self.commands
+            .send(Command::ListenAddrs { reply })
+            .await
+            .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
     }
 
@@ -158,8 +199,16 @@ impl Client {
         let open = control.open_stream(peer, protocol.clone());
         match tokio::time::timeout(timeout, open).await {
             Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => Err(NetError::Open { peer, protocol, reason: e.to_string() }),
-            Err(_) => Err(NetError::Open { peer, protocol, reason: format!("no answer within {timeout:?}") }),
+            Ok(Err(e)) => Err(NetError::Open {
+                peer,
+                protocol,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(NetError::Open {
+                peer,
+                protocol,
+                reason: format!("no answer within {timeout:?}"),
+            }),
         }
     }
 
@@ -174,37 +223,50 @@ impl Client {
 /// # Errors
 /// The file is unreadable or not in that format.
 pub fn read_psk(path: &std::path::Path) -> Result<PreSharedKey, NetError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| NetError::Transport(format!("cannot read PSK file {}: {e}", path.display())))?;
-    text.trim()
-        .parse::<PreSharedKey>()
-        .map_err(|e| NetError::Transport(format!("PSK file {} is not a swarm.key: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        NetError::Transport(format!("cannot read PSK file {}: {e}", path.display()))
+    })?;
+    text.trim().parse::<PreSharedKey>().map_err(|e| {
+        NetError::Transport(format!(
+            "PSK file {} is not a swarm.key: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Builds the swarm and starts listening; returns the client and the loop to run.
 ///
 /// # Errors
 /// The transport cannot be built or a listen address is refused.
-pub fn build(key: Keypair, psk: Option<PreSharedKey>, listen: &[Multiaddr]) -> Result<(Client, EventLoop), NetError> {
+pub fn build(
+    key: Keypair,
+    psk: Option<PreSharedKey>,
+    listen: &[Multiaddr],
+) -> Result<(Client, EventLoop), NetError> {
     let local = key.public().to_peer_id();
     let transport_err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-            // With a PSK, the pnet handshake wraps the socket before anything else.
-            let maybe_private = tcp.and_then(move |socket, _| async move {
-                match psk {
-                    Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(Either::Left),
-                    None => Ok::<_, PnetError>(Either::Right(socket)),
-                }
-            });
-            Ok(maybe_private
-                .upgrade(Version::V1Lazy)
-                .authenticate(noise::Config::new(key)?)
-                .multiplex(yamux::Config::default())
-                .timeout(TRANSPORT_TIMEOUT))
-        })
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+                // With a PSK, the pnet handshake wraps the socket before anything else.
+                let maybe_private = tcp.and_then(move |socket, _| async move {
+                    match psk {
+                        Some(psk) => PnetConfig::new(psk)
+                            .handshake(socket)
+                            .await
+                            .map(Either::Left),
+                        None => Ok::<_, PnetError>(Either::Right(socket)),
+                    }
+                });
+                Ok(maybe_private
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .timeout(TRANSPORT_TIMEOUT))
+            },
+        )
         .map_err(|e| transport_err(&e))?
         .with_behaviour(|key| Behaviour {
             stream: libp2p_stream::Behaviour::new(),
@@ -220,13 +282,29 @@ pub fn build(key: Keypair, psk: Option<PreSharedKey>, listen: &[Multiaddr]) -> R
     for addr in listen {
         swarm
             .listen_on(addr.clone())
-            .map_err(|e| NetError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let state = Arc::new(NetState::default());
     let control = swarm.behaviour().stream.new_control();
-    let client = Client { local, commands: tx, control, state: state.clone() };
-    Ok((client, EventLoop { swarm, commands: rx, state }))
+    let client = Client {
+        local,
+        commands: tx,
+        control,
+        state: state.clone(),
+    };
+    Ok((
+        client,
+        EventLoop {
+            swarm,
+            commands: rx,
+            state,
+            pending_dial: HashMap::new(),
+        },
+    ))
 }
 
 /// The one owner of the `Swarm`.
@@ -234,6 +312,8 @@ pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     state: Arc<NetState>,
+    /// Callers waiting for a connection to a peer.
+    pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
 }
 
 impl EventLoop {
@@ -254,8 +334,27 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::AddAddress { peer, addr } => {
-                self.swarm.add_peer_address(peer, addr);
+            Command::Dial { peer, addr, reply } => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                match self.swarm.dial(opts) {
+                    // Already dialing: this caller waits for the dial in flight.
+                    Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                        self.pending_dial.entry(peer).or_default().push(reply)
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial {
+                            peer,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
             }
             Command::ListenAddrs { reply } => {
                 // The asker may have given up; nothing to do then.
@@ -278,13 +377,27 @@ impl EventLoop {
                     addrs.retain(|a| a != &address);
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
                 if let Ok(mut c) = self.state.connected.lock() {
                     c.insert(peer_id);
                 }
+                for reply in self.pending_dial.remove(&peer_id).unwrap_or_default() {
+                    // The caller may have timed out already.
+                    let _ = reply.send(Ok(()));
+                }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, num_established, cause = ?cause, "connection closed");
                 if num_established == 0 {
                     if let Ok(mut c) = self.state.connected.lock() {
@@ -294,12 +407,28 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, cause = %error, "dial failed");
+                if let Some(peer) = peer_id {
+                    if !self.swarm.is_connected(&peer) {
+                        for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
+                            let _ = reply.send(Err(NetError::Dial {
+                                peer,
+                                reason: error.to_string(),
+                            }));
+                        }
+                    }
+                }
             }
-            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
                 // A peer without our PSK ends here, after the transport timeout.
                 tracing::warn!(addr = %send_back_addr, cause = %error, "inbound connection refused");
             }
-            SwarmEvent::ListenerError { error, .. } => tracing::warn!(cause = %error, "listener error"),
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(cause = %error, "listener error")
+            }
             other => tracing::trace!(event = ?other, "swarm event"),
         }
     }

@@ -103,7 +103,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     let mut body = vec![0u8; size];
     r.read_exact(&mut body).await?;
-    serde_json::from_slice(&body).map(Some).map_err(FrameError::Decode)
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(FrameError::Decode)
 }
 
 #[cfg(test)]
@@ -127,16 +129,32 @@ mod tests {
     async fn frames_round_trip_and_oversized_frames_are_skipped() {
         let mut buf = Vec::new();
         encode_frame(&Frame::Event(entry(1)), &mut buf);
-        let big = Frame::Error { seq: None, code: "x".into(), message: "y".repeat(500) };
+        let big = Frame::Error {
+            seq: None,
+            code: "x".into(),
+            message: "y".repeat(500),
+        };
         encode_frame(&big, &mut buf);
         encode_frame(&Frame::Ack { seq: 7 }, &mut buf);
         buf.extend_from_slice(&3u32.to_be_bytes());
         buf.extend_from_slice(b"{{{");
         let mut r = futures::io::Cursor::new(buf);
-        assert_eq!(read_frame(&mut r, 200).await.unwrap(), Some(Frame::Event(entry(1))));
-        assert!(matches!(read_frame(&mut r, 200).await, Err(FrameError::TooLarge { .. })));
-        assert_eq!(read_frame(&mut r, 200).await.unwrap(), Some(Frame::Ack { seq: 7 }));
-        assert!(matches!(read_frame(&mut r, 200).await, Err(FrameError::Decode(_))));
+        assert_eq!(
+            read_frame(&mut r, 200).await.unwrap(),
+            Some(Frame::Event(entry(1)))
+        );
+        assert!(matches!(
+            read_frame(&mut r, 200).await,
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert_eq!(
+            read_frame(&mut r, 200).await.unwrap(),
+            Some(Frame::Ack { seq: 7 })
+        );
+        assert!(matches!(
+            read_frame(&mut r, 200).await,
+            Err(FrameError::Decode(_))
+        ));
         assert_eq!(read_frame(&mut r, 200).await.unwrap(), None);
     }
 }

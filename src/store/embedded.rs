@@ -63,12 +63,19 @@ impl EmbeddedStore {
         F: FnOnce(&Database) -> StoreResult<T> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(unavailable)?
     }
 }
 
-fn last_seq(table: &impl ReadableTable<(&'static str, u64), &'static [u8]>, origin: &str) -> StoreResult<u64> {
-    let mut range = table.range((origin, 0u64)..=(origin, u64::MAX)).map_err(unavailable)?;
+fn last_seq(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    origin: &str,
+) -> StoreResult<u64> {
+    let mut range = table
+        .range((origin, 0u64)..=(origin, u64::MAX))
+        .map_err(unavailable)?;
     match range.next_back() {
         Some(item) => Ok(item.map_err(unavailable)?.0.value().1),
         None => Ok(0),
@@ -77,7 +84,11 @@ fn last_seq(table: &impl ReadableTable<(&'static str, u64), &'static [u8]>, orig
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
+    async fn append_journal(
+        &self,
+        origin: &str,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Vec<JournalEntry>> {
         let origin = origin.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
@@ -98,7 +109,9 @@ impl Store for EmbeddedStore {
                         time_ms,
                     };
                     let bytes = serde_json::to_vec(&entry).map_err(corrupt)?;
-                    table.insert((origin.as_str(), seq), bytes.as_slice()).map_err(unavailable)?;
+                    table
+                        .insert((origin.as_str(), seq), bytes.as_slice())
+                        .map_err(unavailable)?;
                     out.push(entry);
                 }
             }
@@ -108,12 +121,19 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
+    async fn read_journal(
+        &self,
+        origin: &str,
+        from: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<JournalEntry>> {
         let origin = origin.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            let range = table.range((origin.as_str(), from)..=(origin.as_str(), u64::MAX)).map_err(unavailable)?;
+            let range = table
+                .range((origin.as_str(), from)..=(origin.as_str(), u64::MAX))
+                .map_err(unavailable)?;
             let mut out = Vec::new();
             for item in range.take(limit) {
                 let (_, v) = item.map_err(unavailable)?;
@@ -142,7 +162,10 @@ impl Store for EmbeddedStore {
         let peer = peer.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(CURSORS).map_err(unavailable)?.insert(peer.as_str(), seq).map_err(unavailable)?;
+            txn.open_table(CURSORS)
+                .map_err(unavailable)?
+                .insert(peer.as_str(), seq)
+                .map_err(unavailable)?;
             txn.commit().map_err(unavailable)
         })
         .await
@@ -176,26 +199,37 @@ impl Store for EmbeddedStore {
                         continue;
                     };
                     let key = (entry.data_type.as_str(), id);
-                    let existing: Option<StoredResource> = match resources.get(key).map_err(unavailable)? {
-                        Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
-                        None => None,
-                    };
+                    let existing: Option<StoredResource> =
+                        match resources.get(key).map_err(unavailable)? {
+                            Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+                            None => None,
+                        };
                     let outcome = decide(existing.as_ref(), entry);
                     if outcome == ApplyOutcome::Applied {
                         let (stored, row) = applied_state(entry, id, next_id);
                         next_id += 1;
                         let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
-                        resources.insert(key, bytes.as_slice()).map_err(unavailable)?;
+                        resources
+                            .insert(key, bytes.as_slice())
+                            .map_err(unavailable)?;
                         let row_bytes = serde_json::to_vec(&row).map_err(corrupt)?;
-                        outbox.insert(row.id, row_bytes.as_slice()).map_err(unavailable)?;
+                        outbox
+                            .insert(row.id, row_bytes.as_slice())
+                            .map_err(unavailable)?;
                         rows.push(row);
                     }
                     outcomes.push(outcome);
                 }
                 let mut applied = txn.open_table(APPLIED).map_err(unavailable)?;
-                let current = applied.get(origin.as_str()).map_err(unavailable)?.map(|v| v.value()).unwrap_or(0);
+                let current = applied
+                    .get(origin.as_str())
+                    .map_err(unavailable)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
                 if up_to > current {
-                    applied.insert(origin.as_str(), up_to).map_err(unavailable)?;
+                    applied
+                        .insert(origin.as_str(), up_to)
+                        .map_err(unavailable)?;
                 }
             }
             txn.commit().map_err(unavailable)?;
@@ -240,7 +274,10 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RESOURCES).map_err(unavailable)?;
-            match table.get((data_type.as_str(), id.as_str())).map_err(unavailable)? {
+            match table
+                .get((data_type.as_str(), id.as_str()))
+                .map_err(unavailable)?
+            {
                 Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
                 None => Ok(None),
             }
@@ -261,7 +298,10 @@ impl Store for EmbeddedStore {
             let start = after.clone().unwrap_or_default();
             let mut out = Vec::new();
             // Keys sort by data_type then id; stop at the first key of another data type.
-            for item in table.range((data_type.as_str(), start.as_str())..).map_err(unavailable)? {
+            for item in table
+                .range((data_type.as_str(), start.as_str())..)
+                .map_err(unavailable)?
+            {
                 let (k, v) = item.map_err(unavailable)?;
                 let (dt, id) = k.value();
                 if dt != data_type || out.len() >= limit {
@@ -288,7 +328,11 @@ async fn read_u64(
         .blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(def).map_err(unavailable)?;
-            Ok(table.get(key.as_str()).map_err(unavailable)?.map(|v| v.value()).unwrap_or(0))
+            Ok(table
+                .get(key.as_str())
+                .map_err(unavailable)?
+                .map(|v| v.value())
+                .unwrap_or(0))
         })
         .await
 }

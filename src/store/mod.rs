@@ -56,17 +56,28 @@ pub enum ApplyOutcome {
     /// Already at this version or newer: nothing changed.
     Stale,
     /// The resource exists with another creator.
-    Conflict { owner: String },
+    Conflict {
+        owner: String,
+    },
 }
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Appends the events to `origin`'s journal in one durable commit and returns their
     /// entries, with consecutive seqs following the current head.
-    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>>;
+    async fn append_journal(
+        &self,
+        origin: &str,
+        events: Vec<NewEvent>,
+    ) -> StoreResult<Vec<JournalEntry>>;
 
     /// Up to `limit` entries of `origin`'s journal with `seq >= from`, in seq order.
-    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>>;
+    async fn read_journal(
+        &self,
+        origin: &str,
+        from: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<JournalEntry>>;
 
     /// Highest seq in `origin`'s journal, 0 when empty.
     async fn journal_head(&self, origin: &str) -> StoreResult<u64>;
@@ -93,8 +104,12 @@ pub trait Store: Send + Sync + 'static {
 
     async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
     /// Resources (tombstones included) of a data type, ordered by id, after `after`.
-    async fn resources(&self, data_type: &str, after: Option<String>, limit: usize)
-        -> StoreResult<Vec<StoredResource>>;
+    async fn resources(
+        &self,
+        data_type: &str,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredResource>>;
 }
 
 /// The version rule shared by every backend (ARCHITECTURE invariant 3): apply iff the
@@ -102,14 +117,20 @@ pub trait Store: Send + Sync + 'static {
 pub fn decide(existing: Option<&StoredResource>, entry: &JournalEntry) -> ApplyOutcome {
     match existing {
         None => ApplyOutcome::Applied,
-        Some(s) if s.origin != entry.origin => ApplyOutcome::Conflict { owner: s.origin.clone() },
+        Some(s) if s.origin != entry.origin => ApplyOutcome::Conflict {
+            owner: s.origin.clone(),
+        },
         Some(s) if s.version >= entry.seq => ApplyOutcome::Stale,
         Some(_) => ApplyOutcome::Applied,
     }
 }
 
 /// The stored state and outbox row an applied entry produces.
-pub fn applied_state(entry: &JournalEntry, resource_id: &str, outbox_id: u64) -> (StoredResource, OutboxRow) {
+pub fn applied_state(
+    entry: &JournalEntry,
+    resource_id: &str,
+    outbox_id: u64,
+) -> (StoredResource, OutboxRow) {
     use crate::event::{Action, ResourceNotice};
     let stored = StoredResource {
         data_type: entry.data_type.clone(),

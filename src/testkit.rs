@@ -1,0 +1,355 @@
+//! Real servers for tests, the demo and benchmarks: `nats-server` and `oc-discovery`
+//! processes on free 127.0.0.1 ports, each killed when its handle is dropped.
+//!
+//! Nothing here is mocked. A missing `nats-server` is an error that says how to install
+//! it, never a skipped test.
+
+use std::fs::OpenOptions;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+pub const NATS_INSTALL_HINT: &str =
+    "nats-server not found: install it with `apt-get install -y nats-server` (or run ./scripts/test.sh, which does)";
+
+/// A port that was free a moment ago on 127.0.0.1.
+///
+/// # Errors
+/// No port could be bound.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds a binary on PATH or in the usual sbin directories.
+pub fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+///
+/// # Errors
+/// The condition did not hold in time; the message says what was awaited.
+pub async fn wait_until<F: FnMut() -> bool>(
+    what: &str,
+    timeout: Duration,
+    mut cond: F,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A `nats-server` on a free port; restartable on the same port.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    binary: PathBuf,
+}
+
+impl NatsServer {
+    /// # Errors
+    /// nats-server is not installed or does not start.
+    pub fn start() -> anyhow::Result<Self> {
+        let binary = find_binary("nats-server").context(NATS_INSTALL_HINT)?;
+        let mut server = NatsServer {
+            child: None,
+            port: free_port()?,
+            binary,
+        };
+        server.restart()?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server on its port.
+    ///
+    /// # Errors
+    /// The server does not come up within 10 s.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let child = Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {}", self.binary.display()))?;
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An `oc-discovery run` process with its own data directory, ports and log file.
+pub struct NodeProcess {
+    binary: PathBuf,
+    data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    pub peer_id: String,
+    pub p2p_port: u16,
+    pub admin_port: u16,
+    pub nats_url: String,
+    pub partners: Vec<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl NodeProcess {
+    /// Prepares a node (identity created, ports chosen) without starting it.
+    ///
+    /// # Errors
+    /// The binary cannot run `id`.
+    pub fn new(binary: &Path, nats_url: &str) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("oc-node-").tempdir()?;
+        let data_dir = tmp.path().to_path_buf();
+        let mut node = Self::in_dir(binary, nats_url, &data_dir)?;
+        node._tmp = Some(tmp);
+        Ok(node)
+    }
+
+    /// Like [`NodeProcess::new`] but in a directory that outlives the handle (the demo).
+    ///
+    /// # Errors
+    /// The binary cannot run `id`.
+    pub fn in_dir(binary: &Path, nats_url: &str, data_dir: &Path) -> anyhow::Result<Self> {
+        let out = Command::new(binary)
+            .args(["id", "--data-dir"])
+            .arg(data_dir)
+            .output()
+            .with_context(|| format!("running {} id", binary.display()))?;
+        if !out.status.success() {
+            bail!(
+                "`oc-discovery id` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(NodeProcess {
+            binary: binary.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+            child: None,
+            peer_id: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            p2p_port: free_port()?,
+            admin_port: free_port()?,
+            nats_url: nats_url.to_owned(),
+            partners: Vec::new(),
+            extra_args: Vec::new(),
+        })
+    }
+
+    /// The multiaddr partners dial: `/ip4/127.0.0.1/tcp/<port>/p2p/<peer id>`.
+    pub fn addr(&self) -> String {
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.p2p_port, self.peer_id)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.join("node.log")
+    }
+
+    /// The node's log so far (stderr of every run).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the process; see [`NodeProcess::wait_healthy`].
+    ///
+    /// # Errors
+    /// The process cannot be spawned.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--nats-url", &self.nats_url])
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.p2p_port)])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)]);
+        for p in &self.partners {
+            cmd.args(["--partner", p]);
+        }
+        cmd.args(&self.extra_args);
+        // Keep a caller's RUST_LOG (debugging), default to info.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info,oc_discovery=debug");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts and waits for `/healthz` to answer 200.
+    ///
+    /// # Errors
+    /// Not healthy within 30 s; the error carries the log's tail.
+    pub async fn start_healthy(&mut self) -> anyhow::Result<()> {
+        self.start()?;
+        self.wait_healthy(Duration::from_secs(30)).await
+    }
+
+    /// # Errors
+    /// Not healthy in time, or the process exited.
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!("node exited with {status}; log:\n{}", self.log_tail(40));
+                }
+            }
+            if let Ok((200, _)) = self.get("/healthz").await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node not healthy after {timeout:?}; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to 15 s before killing.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            #[cfg(unix)]
+            // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// GET on the admin API: (status, body).
+    ///
+    /// # Errors
+    /// The admin API is unreachable.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let base = self.admin_url();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || crate::cli::http_get(&base, &path)).await?
+    }
+
+    /// GET returning JSON; any status other than 200 is an error.
+    ///
+    /// # Errors
+    /// Unreachable, not 200, or not JSON.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.get(path).await?;
+        if status != 200 {
+            bail!("GET {path} answered {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Value of a counter on `/metrics` (0 when absent). `name` includes labels if any.
+    ///
+    /// # Errors
+    /// The admin API is unreachable.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let (_, body) = self.get("/metrics").await?;
+        Ok(body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of node {} ---\n{}",
+                self.peer_id,
+                self.log_tail(60)
+            );
+        }
+    }
+}

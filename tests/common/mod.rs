@@ -1,0 +1,160 @@
+//! Helpers shared by the integration tests: sites (a nats-server plus a node), collectors of
+//! what a site's NATS sees, and event builders.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use oc_discovery::testkit::{NatsServer, NodeProcess};
+use serde_json::{json, Value};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_oc-discovery"))
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info")
+        .try_init();
+}
+
+/// One site: its NATS, its node (not started), and a NATS client for the "application".
+pub struct Site {
+    pub node: NodeProcess,
+    pub app: async_nats::Client,
+    pub nats: NatsServer,
+}
+
+impl Site {
+    pub async fn new() -> Site {
+        let nats = NatsServer::start().expect("nats-server");
+        let node = NodeProcess::new(&bin(), &nats.url()).expect("node");
+        let app = async_nats::connect(nats.url())
+            .await
+            .expect("connect to NATS");
+        Site { node, app, nats }
+    }
+
+    pub fn id(&self) -> String {
+        self.node.peer_id.clone()
+    }
+
+    /// Publishes an event as a request and returns the node's reply.
+    pub async fn request(&self, body: &Value) -> Value {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.app
+                .request("PROPALGATION_EVENT", body.to_string().into()),
+        )
+        .await
+        .expect("reply within 30 s")
+        .expect("request");
+        serde_json::from_slice(&reply.payload).expect("JSON reply")
+    }
+
+    /// Publishes an event and expects `ok`; returns its seq.
+    pub async fn publish_ok(&self, body: &Value) -> u64 {
+        let reply = self.request(body).await;
+        assert_eq!(reply["ok"], true, "refused: {reply}");
+        reply["seq"].as_u64().expect("seq")
+    }
+
+    pub async fn collect(&self, subjects: &[&str]) -> Collector {
+        Collector::start(&self.app, subjects).await
+    }
+
+    /// The resources this site's node stored for a data type.
+    pub async fn stored(&self, data_type: &str) -> Vec<Value> {
+        let v = self
+            .node
+            .get_json(&format!("/api/resources/{data_type}?limit=10000"))
+            .await
+            .expect("resources");
+        v.as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Makes `a` replicate to each of `others` and each of them accept `a`.
+pub fn partner(a: &mut Site, others: &mut [&mut Site]) {
+    for o in others.iter_mut() {
+        a.node.partners.push(o.node.addr());
+        o.node.partners.push(a.node.addr());
+    }
+}
+
+/// A received NATS message, decoded.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub subject: String,
+    pub msg_id: Option<String>,
+    pub body: Value,
+}
+
+/// Everything a site's NATS shows on some subjects, in arrival order per subject.
+#[derive(Clone, Default)]
+pub struct Collector(pub Arc<Mutex<Vec<Seen>>>);
+
+impl Collector {
+    pub async fn start(client: &async_nats::Client, subjects: &[&str]) -> Collector {
+        let c = Collector::default();
+        for s in subjects {
+            let mut sub = client.subscribe(s.to_string()).await.expect("subscribe");
+            let sink = c.0.clone();
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    let msg_id = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Id"))
+                        .map(|v| v.to_string());
+                    let body = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+                    sink.lock().unwrap().push(Seen {
+                        subject: m.subject.to_string(),
+                        msg_id,
+                        body,
+                    });
+                }
+            });
+        }
+        // Make sure the subscriptions reached the server before anything is published.
+        client.flush().await.expect("flush");
+        c
+    }
+
+    pub fn all(&self) -> Vec<Seen> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    pub fn distinct_msg_ids(&self) -> usize {
+        let all = self.all();
+        let ids: std::collections::HashSet<_> =
+            all.iter().filter_map(|s| s.msg_id.clone()).collect();
+        ids.len()
+    }
+
+    pub async fn wait_for(&self, what: &str, mut cond: impl FnMut(&[Seen]) -> bool) {
+        let inner = self.0.clone();
+        oc_discovery::testkit::wait_until(what, WAIT, || cond(&inner.lock().unwrap()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}; seen {} messages", self.len()));
+    }
+}
+
+pub fn event(action: &str, id: &str, creator: &str, extra: Value) -> Value {
+    let mut payload = json!({"id": id, "creator_id": creator});
+    if let (Some(p), Some(e)) = (payload.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            p.insert(k.clone(), v.clone());
+        }
+    }
+    json!({"action": action, "data_type": "COMPUTE_RESOURCE", "user": "alice", "from_app": "oc-catalog", "payload": payload})
+}
