@@ -16,6 +16,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::actors::intake::{IntakeMode, IntakeStatus};
 use crate::actors::stream_service::{GetPeers, StreamService};
 use crate::metrics::Metrics;
 use crate::p2p;
@@ -30,6 +31,7 @@ pub struct AdminState {
     pub store: Arc<dyn Store>,
     pub links: Addr<StreamService>,
     pub metrics: Arc<Metrics>,
+    pub intake: Arc<IntakeStatus>,
 }
 
 /// Binds the admin API; the returned server runs until stopped.
@@ -62,11 +64,23 @@ async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
     if !s.net.state().is_listening() {
         reasons.push("libp2p swarm not listening yet");
     }
+    let intake = s.intake.mode();
+    match intake {
+        IntakeMode::Starting => reasons.push("intake not subscribed yet"),
+        IntakeMode::Stopped => reasons.push("intake stopped"),
+        IntakeMode::Core | IntakeMode::JetStream => {}
+    }
+    let mut body = json!({"peer_id": s.own_id, "intake": intake.as_str()});
+    if intake == IntakeMode::Core {
+        body["warning"] = json!("NATS has no JetStream: events published while this node is down are lost");
+    }
     if reasons.is_empty() {
-        HttpResponse::Ok().json(json!({"status": "ok", "peer_id": s.own_id}))
+        body["status"] = json!("ok");
+        HttpResponse::Ok().json(body)
     } else {
-        HttpResponse::ServiceUnavailable()
-            .json(json!({"status": "unavailable", "reasons": reasons}))
+        body["status"] = json!("unavailable");
+        body["reasons"] = json!(reasons);
+        HttpResponse::ServiceUnavailable().json(body)
     }
 }
 
@@ -86,8 +100,7 @@ async fn node(s: web::Data<AdminState>) -> HttpResponse {
         .iter()
         .map(ToString::to_string)
         .collect();
-    HttpResponse::Ok()
-        .json(json!({"peer_id": s.own_id, "listen_addrs": addrs, "journal_head": head}))
+    HttpResponse::Ok().json(json!({"peer_id": s.own_id, "listen_addrs": addrs, "journal_head": head}))
 }
 
 #[derive(Deserialize)]

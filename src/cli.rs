@@ -37,15 +37,8 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<String> {
 }
 
 fn render_table(peers: &[PeerStatus]) -> String {
-    let mut rows = vec![[
-        "PEER ID",
-        "STATE",
-        "CONNECTED",
-        "ACKED SEQ",
-        "PENDING",
-        "ADDRESS",
-    ]
-    .map(String::from)];
+    let mut rows =
+        vec![["PEER ID", "STATE", "CONNECTED", "ACKED SEQ", "PENDING", "ADDRESS"].map(String::from)];
     for p in peers {
         rows.push([
             p.peer_id.clone(),
@@ -61,11 +54,7 @@ fn render_table(peers: &[PeerStatus]) -> String {
         .collect();
     let mut out = String::new();
     for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -85,8 +74,8 @@ pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
         .with_context(|| format!("resolving {hostport}"))?
         .next()
         .with_context(|| format!("no address for {hostport}"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
-        .with_context(|| format!("connecting to {base}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).with_context(|| format!("connecting to {base}"))?;
     stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
     stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
     write!(
@@ -96,9 +85,7 @@ pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("response without headers")?;
+    let (head, body) = text.split_once("\r\n\r\n").context("response without headers")?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)
@@ -108,11 +95,7 @@ pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
     Ok((status, body))
 }
 

@@ -18,6 +18,8 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4001";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_INTAKE_STREAM: &str = "OC_PROPAGATION";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,11 +55,7 @@ pub struct IdArgs {
 #[derive(Debug, Args)]
 pub struct PeersArgs {
     /// Base URL of the node's admin API.
-    #[arg(
-        long,
-        env = "OC_DISCOVERY_ADMIN",
-        default_value = "http://127.0.0.1:8650"
-    )]
+    #[arg(long, env = "OC_DISCOVERY_ADMIN", default_value = "http://127.0.0.1:8650")]
     pub admin: String,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -90,6 +88,50 @@ pub struct RunArgs {
     /// Largest PROPALGATION_EVENT accepted, in bytes; larger ones get payload_too_large.
     #[arg(long, env = "OC_DISCOVERY_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES)]
     pub max_event_bytes: usize,
+    /// Largest frame on partner streams and journal sync parts; bigger entries are split.
+    #[arg(long, env = "OC_DISCOVERY_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// JetStream stream capturing PROPALGATION_EVENT (when the NATS server has JetStream).
+    #[arg(long, env = "OC_DISCOVERY_INTAKE_STREAM", default_value = DEFAULT_INTAKE_STREAM)]
+    pub intake_stream: String,
+    /// Heartbeat period towards each partner (e.g. 10s, 500ms).
+    #[arg(long, env = "OC_DISCOVERY_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// A partner that has not answered for this long is offline.
+    #[arg(long, env = "OC_DISCOVERY_PONG_DISCARD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub pong_discard_timeout: Duration,
+    /// A journal sync request not completed within this keeps its progress and re-requests the rest.
+    #[arg(long, env = "OC_DISCOVERY_SYNC_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub sync_timeout: Duration,
+    /// Period of the safety-net journal sync with each partner.
+    #[arg(long, env = "OC_DISCOVERY_SYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub sync_interval: Duration,
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 10s, 500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Keys accepted in the `--config` file.
@@ -108,21 +150,34 @@ struct FileConfig {
     psk_file: Option<PathBuf>,
     #[serde(alias = "max-event-bytes")]
     max_event_bytes: Option<usize>,
+    #[serde(alias = "max-frame-bytes")]
+    max_frame_bytes: Option<usize>,
+    #[serde(alias = "intake-stream")]
+    intake_stream: Option<String>,
+    #[serde(alias = "ping-interval")]
+    ping_interval: Option<String>,
+    #[serde(alias = "pong-discard-timeout")]
+    pong_discard_timeout: Option<String>,
+    #[serde(alias = "sync-timeout")]
+    sync_timeout: Option<String>,
+    #[serde(alias = "sync-interval")]
+    sync_interval: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("partner address {0} must end in /p2p/<peer id>")]
     PartnerWithoutPeerId(Multiaddr),
     #[error("--max-event-bytes must be at least 64")]
     MaxEventBytes,
+    #[error("--max-frame-bytes must be at least 4096")]
+    MaxFrameBytes,
+    #[error("--ping-interval must be shorter than --pong-discard-timeout")]
+    Heartbeat,
 }
 
 /// Parses the process arguments, then fills `run` options left at their default from
@@ -206,6 +261,18 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(listen, addrs);
     fill!(partner, addrs);
     fill!(psk_file, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(max_frame_bytes);
+    fill!(intake_stream);
+    let duration = |v: String| {
+        parse_duration(&v).map_err(|reason| ConfigError::Parse {
+            path: path.clone(),
+            reason,
+        })
+    };
+    fill!(ping_interval, duration);
+    fill!(pong_discard_timeout, duration);
+    fill!(sync_timeout, duration);
+    fill!(sync_interval, duration);
     Ok(())
 }
 
@@ -219,6 +286,7 @@ pub struct NodeConfig {
     pub partners: Vec<(PeerId, Multiaddr)>,
     pub psk_file: Option<PathBuf>,
     pub max_event_bytes: usize,
+    pub intake_stream: String,
     pub tuning: Tuning,
 }
 
@@ -233,8 +301,16 @@ pub struct Tuning {
     pub read_chunk: usize,
     /// Most inbound events applied in one commit.
     pub apply_batch: usize,
-    /// Largest frame accepted on a resource stream.
+    /// Largest frame on partner streams and sync parts; larger journal entries travel split.
     pub max_frame_bytes: usize,
+    /// Most JetStream intake messages delivered and not yet acknowledged.
+    pub max_ack_pending: i64,
+    pub ping_interval: Duration,
+    pub pong_discard_timeout: Duration,
+    pub sync_timeout: Duration,
+    pub sync_interval: Duration,
+    /// Most journal entries one sync request covers.
+    pub sync_max_entries: usize,
     /// Wait for a peer's answer (stream open, hello ack, NATS flush).
     pub io_timeout: Duration,
     /// Reconnect backoff bounds.
@@ -251,7 +327,13 @@ impl Default for Tuning {
             send_window: 8192,
             read_chunk: 1024,
             apply_batch: 2048,
-            max_frame_bytes: 4 * 1024 * 1024,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_ack_pending: 65_536,
+            ping_interval: Duration::from_secs(10),
+            pong_discard_timeout: Duration::from_secs(30),
+            sync_timeout: Duration::from_secs(30),
+            sync_interval: Duration::from_secs(60),
+            sync_max_entries: 4096,
             io_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
@@ -275,9 +357,20 @@ impl TryFrom<RunArgs> for NodeConfig {
                 _ => Err(ConfigError::PartnerWithoutPeerId(addr)),
             })
             .collect::<Result<_, _>>()?;
-        let mut tuning = Tuning::default();
-        // A frame must hold the largest event plus its envelope.
-        tuning.max_frame_bytes = tuning.max_frame_bytes.max(run.max_event_bytes + 64 * 1024);
+        if run.max_frame_bytes < 4096 {
+            return Err(ConfigError::MaxFrameBytes);
+        }
+        if run.ping_interval >= run.pong_discard_timeout {
+            return Err(ConfigError::Heartbeat);
+        }
+        let tuning = Tuning {
+            max_frame_bytes: run.max_frame_bytes,
+            ping_interval: run.ping_interval,
+            pong_discard_timeout: run.pong_discard_timeout,
+            sync_timeout: run.sync_timeout,
+            sync_interval: run.sync_interval,
+            ..Tuning::default()
+        };
         Ok(NodeConfig {
             data_dir: run.data_dir,
             nats_url: run.nats_url,
@@ -286,6 +379,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             partners,
             psk_file: run.psk_file,
             max_event_bytes: run.max_event_bytes,
+            intake_stream: run.intake_stream,
             tuning,
         })
     }
@@ -322,6 +416,16 @@ mod tests {
             vec!["/ip4/127.0.0.1/tcp/9".parse::<Multiaddr>().unwrap()]
         );
         assert_eq!(r.admin_listen, DEFAULT_ADMIN_LISTEN);
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
     }
 
     #[test]

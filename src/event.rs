@@ -43,12 +43,7 @@ impl Action {
 }
 
 /// Actions that exist in OpenCloud but are served by later parts of the node.
-const KNOWN_UNSUPPORTED: &[&str] = &[
-    "PB_SEARCH",
-    "PB_CONSIDERS",
-    "PB_PLANNER",
-    "PB_CLOSE_PLANNER",
-];
+const KNOWN_UNSUPPORTED: &[&str] = &["PB_SEARCH", "PB_CONSIDERS", "PB_PLANNER", "PB_CLOSE_PLANNER"];
 
 /// Stable error codes: a public contract (README, protocols/nats-subjects.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -199,10 +194,7 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
     let user = optional_string(&fields, "user")?.unwrap_or_default();
     let resource = match fields.get("payload") {
         None | Some(Value::Null) => {
-            return Err(Refusal::new(
-                ErrorCode::MissingField,
-                "missing field payload",
-            ))
+            return Err(Refusal::new(ErrorCode::MissingField, "missing field payload"))
         }
         Some(Value::Object(o)) => Value::Object(o.clone()),
         // Go producers marshal a pre-encoded payload as a JSON string.
@@ -398,10 +390,7 @@ mod tests {
     fn refusals_carry_codes() {
         assert_eq!(code("{nope"), ErrorCode::InvalidJson);
         assert_eq!(code("[1]"), ErrorCode::InvalidJson);
-        assert_eq!(
-            code(r#"{"data_type":"X","payload":{}}"#),
-            ErrorCode::MissingField
-        );
+        assert_eq!(code(r#"{"data_type":"X","payload":{}}"#), ErrorCode::MissingField);
         assert_eq!(
             code(r#"{"action":"PB_SEARCH","data_type":"X","payload":{}}"#),
             ErrorCode::UnsupportedAction
@@ -415,9 +404,7 @@ mod tests {
             ErrorCode::InvalidField
         );
         assert_eq!(
-            code(
-                r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":1,"creator_id":"12D3KooWme"}}"#
-            ),
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":1,"creator_id":"12D3KooWme"}}"#),
             ErrorCode::InvalidField
         );
         assert_eq!(
@@ -425,9 +412,7 @@ mod tests {
             ErrorCode::MissingField
         );
         assert_eq!(
-            code(
-                r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":"a","creator_id":"other"}}"#
-            ),
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":"a","creator_id":"other"}}"#),
             ErrorCode::NotCreator
         );
         let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000));

@@ -11,10 +11,7 @@ pub const IDENTITY_FILE: &str = "identity.key";
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot read or write {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a libp2p key: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -37,18 +34,14 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
             let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| IdentityError::Invalid {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+            let bytes = key.to_protobuf_encoding().map_err(|e| IdentityError::Invalid {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
             // Write to a temporary file and rename, so a crash never leaves half a key.
             let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
             let mut f = open_private(&tmp).map_err(io)?;
-            f.write_all(&bytes)
-                .and_then(|()| f.sync_all())
-                .map_err(io)?;
+            f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)?;
             Ok(key)
         }

@@ -98,10 +98,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP oc_refusals_total Refused inputs by place and error code\n# TYPE oc_refusals_total counter");
         if let Ok(map) = self.refusals.lock() {
             for ((place, code), n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "oc_refusals_total{{place=\"{place}\",code=\"{code}\"}} {n}"
-                );
+                let _ = writeln!(out, "oc_refusals_total{{place=\"{place}\",code=\"{code}\"}} {n}");
             }
         }
         out

@@ -13,11 +13,10 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::actors::inbound::{InboundApply, InboundEnv, Partners};
-use crate::actors::intake::{Intake, IntakeEnv};
+use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::stream_service::{AddPartner, Drain, StreamService};
 use crate::config::NodeConfig;
-use crate::event::SUBJECT_PROPAGATION;
 use crate::metrics::Metrics;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::Store;
@@ -52,10 +51,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let nats = nats::connect(&cfg.nats_url, t.io_timeout)
         .await
         .context("connecting to NATS")?;
-    let subscriber = nats
-        .subscribe(SUBJECT_PROPAGATION)
-        .await
-        .context("subscribing to PROPALGATION_EVENT")?;
     let metrics = Arc::new(Metrics::default());
     tokio::spawn(drain_outbox(
         store.clone(),
@@ -97,18 +92,22 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         net.clone(),
     )
     .start();
-    let intake = Intake::new(
-        IntakeEnv {
-            own_id: own_id.clone(),
-            store: store.clone(),
-            nats: nats.clone(),
-            links: links.clone().recipient(),
-            metrics: metrics.clone(),
-            max_event_bytes: cfg.max_event_bytes,
-        },
-        subscriber,
-        t.intake_batch,
-    )
+    let intake_status = Arc::new(IntakeStatus::default());
+    let intake = Intake::new(IntakeEnv {
+        own_id: own_id.clone(),
+        store: store.clone(),
+        nats: nats.clone(),
+        links: links.clone().recipient(),
+        metrics: metrics.clone(),
+        status: intake_status.clone(),
+        max_event_bytes: cfg.max_event_bytes,
+        batch: t.intake_batch,
+        stream_name: cfg.intake_stream.clone(),
+        max_ack_pending: t.max_ack_pending,
+        backoff_max: t.backoff_max,
+        io_timeout: t.io_timeout,
+        consumer: Default::default(),
+    })
     .start();
     let server = admin::serve(
         &cfg.admin_listen,
@@ -119,6 +118,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             store: store.clone(),
             links: links.clone(),
             metrics,
+            intake: intake_status,
         },
     )
     .with_context(|| format!("binding the admin API on {}", cfg.admin_listen))?;
@@ -142,7 +142,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         .await
         .is_err()
     {
-        tracing::warn!("partner links did not stop in time; their cursors will be re-derived from the partners");
+        tracing::warn!(
+            "partner links did not stop in time; their cursors will be re-derived from the partners"
+        );
     }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, nats.flush()).await;
     admin_handle.stop(true).await;
@@ -150,8 +152,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     tracing::info!("stopped");
     Ok(())
 }
-
-use crate::actors::intake::StopIntake;
 
 /// Publishes outbox rows left by a previous run (a crash between commit and publish).
 async fn drain_outbox(
@@ -163,20 +163,14 @@ async fn drain_outbox(
     let mut delay = Duration::from_millis(200);
     loop {
         let round = async {
-            let rows = store
-                .outbox(OUTBOX_ROUND)
-                .await
-                .map_err(|e| e.to_string())?;
+            let rows = store.outbox(OUTBOX_ROUND).await.map_err(|e| e.to_string())?;
             if rows.is_empty() {
                 return Ok::<bool, String>(true);
             }
             nats::publish_rows(&nats, &rows, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            tracing::info!(
-                count = rows.len(),
-                "published outbox rows left by a previous run"
-            );
+            tracing::info!(count = rows.len(), "published outbox rows left by a previous run");
             store
                 .outbox_remove(rows.iter().map(|r| r.id).collect())
                 .await

@@ -68,17 +68,34 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     binary: PathBuf,
+    /// JetStream storage, when enabled.
+    jetstream: Option<tempfile::TempDir>,
 }
 
 impl NatsServer {
+    /// A core NATS server (no JetStream).
+    ///
     /// # Errors
     /// nats-server is not installed or does not start.
     pub fn start() -> anyhow::Result<Self> {
+        Self::launch(None)
+    }
+
+    /// A server with JetStream, its storage in a temporary directory kept across restarts.
+    ///
+    /// # Errors
+    /// nats-server is not installed or does not start.
+    pub fn start_jetstream() -> anyhow::Result<Self> {
+        Self::launch(Some(tempfile::Builder::new().prefix("oc-nats-js-").tempdir()?))
+    }
+
+    fn launch(jetstream: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server").context(NATS_INSTALL_HINT)?;
         let mut server = NatsServer {
             child: None,
             port: free_port()?,
             binary,
+            jetstream,
         };
         server.restart()?;
         Ok(server)
@@ -94,8 +111,12 @@ impl NatsServer {
     /// The server does not come up within 10 s.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        let child = Command::new(&self.binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(dir) = &self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(dir.path());
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -253,10 +274,7 @@ impl NodeProcess {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "node not healthy after {timeout:?}; log:\n{}",
-                    self.log_tail(40)
-                );
+                bail!("node not healthy after {timeout:?}; log:\n{}", self.log_tail(40));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -345,11 +363,7 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!(
-                "--- log of node {} ---\n{}",
-                self.peer_id,
-                self.log_tail(60)
-            );
+            eprintln!("--- log of node {} ---\n{}", self.peer_id, self.log_tail(60));
         }
     }
 }

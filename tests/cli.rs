@@ -7,10 +7,7 @@ use std::process::Command;
 use common::*;
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run oc-discovery");
+    let out = Command::new(bin()).args(args).output().expect("run oc-discovery");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -62,13 +59,7 @@ fn run_help_explains_every_flag() {
 fn bad_options_fail_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let (ok, _, err) = run(&[
-        "run",
-        "--data-dir",
-        d,
-        "--partner",
-        "/ip4/127.0.0.1/tcp/4001",
-    ]);
+    let (ok, _, err) = run(&["run", "--data-dir", d, "--partner", "/ip4/127.0.0.1/tcp/4001"]);
     assert!(!ok);
     assert!(err.contains("/p2p/<peer id>"), "{err}");
     let cfg = dir.path().join("bad.toml");
@@ -93,10 +84,9 @@ async fn peers_shows_partners_as_a_table_and_as_json() {
     assert!(table.starts_with("PEER ID"), "{table}");
     assert!(table.contains(&b_id), "{table}");
     let admin = a.node.admin_url();
-    let (ok, json, _) =
-        tokio::task::spawn_blocking(move || run(&["peers", "--admin", &admin, "--json"]))
-            .await
-            .unwrap();
+    let (ok, json, _) = tokio::task::spawn_blocking(move || run(&["peers", "--admin", &admin, "--json"]))
+        .await
+        .unwrap();
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let p = &v[0];

@@ -36,17 +36,13 @@ async fn create_update_delete_reach_every_partner_in_order() {
         json!({"name": "gpu-1", "cpus": 16}),
     ))
     .await;
-    a.publish_ok(&event("PB_DELETE", "r2", &me, json!({})))
-        .await;
+    a.publish_ok(&event("PB_DELETE", "r2", &me, json!({}))).await;
 
     for (site, seen) in [(&b, &seen_b), (&c, &seen_c)] {
         seen.wait_for("create, create, update, remove", |s| s.len() >= 4)
             .await;
         let all = seen.all();
-        let r1: Vec<_> = all
-            .iter()
-            .filter(|s| s.body["resource"]["id"] == "r1")
-            .collect();
+        let r1: Vec<_> = all.iter().filter(|s| s.body["resource"]["id"] == "r1").collect();
         assert_eq!(r1.len(), 2, "{all:?}");
         assert!(r1.iter().all(|s| s.subject == "CREATE_RESOURCE"));
         assert_eq!(r1[0].body["origin_seq"], 1);
@@ -56,10 +52,7 @@ async fn create_update_delete_reach_every_partner_in_order() {
         assert_eq!(r1[1].body["data_type"], "COMPUTE_RESOURCE");
         assert_eq!(r1[1].body["user"], "alice");
         assert_eq!(r1[1].msg_id.as_deref(), Some(format!("{me}:3").as_str()));
-        let removed: Vec<_> = all
-            .iter()
-            .filter(|s| s.subject == "REMOVE_RESOURCE")
-            .collect();
+        let removed: Vec<_> = all.iter().filter(|s| s.subject == "REMOVE_RESOURCE").collect();
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].body["resource"]["id"], "r2");
         assert_eq!(removed[0].body["origin_seq"], 4);
@@ -112,23 +105,16 @@ async fn a_partner_that_was_down_catches_up() {
     for i in 0..N {
         let body = event("PB_CREATE", &format!("res-{i}"), &me, json!({"n": i}));
         a.app
-            .publish_with_reply(
-                "PROPALGATION_EVENT",
-                "test.replies",
-                body.to_string().into(),
-            )
+            .publish_with_reply("PROPALGATION_EVENT", "test.replies", body.to_string().into())
             .await
             .unwrap();
     }
     let mut ok = 0;
     while ok < N {
-        let m = tokio::time::timeout(
-            Duration::from_secs(60),
-            futures::StreamExt::next(&mut inbox),
-        )
-        .await
-        .expect("all replies within 60 s")
-        .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(60), futures::StreamExt::next(&mut inbox))
+            .await
+            .expect("all replies within 60 s")
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(v["ok"], true, "{v}");
         ok += 1;

@@ -46,21 +46,15 @@ async fn every_error_code_is_reported_and_valid_events_still_flow() {
         let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
         assert_eq!(reply["ok"], false, "{reply}");
         assert_eq!(reply["error"]["code"], *code, "{reply}");
-        assert!(reply["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()));
+        assert!(reply["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
         // A valid event right behind each bad one.
         a.publish_ok(&event("PB_CREATE", &format!("ok-{i}"), &me, json!({})))
             .await;
         valid += 1;
     }
-    seen_b
-        .wait_for("valid events on B", |s| s.len() >= valid)
-        .await;
+    seen_b.wait_for("valid events on B", |s| s.len() >= valid).await;
     assert_eq!(b.stored("COMPUTE_RESOURCE").await.len(), valid);
-    errors_a
-        .wait_for("error events", |s| s.len() >= bad.len())
-        .await;
+    errors_a.wait_for("error events", |s| s.len() >= bad.len()).await;
     for (seen, (code, body)) in errors_a.all().iter().zip(&bad) {
         assert_eq!(seen.body["error"]["code"], *code);
         assert_eq!(seen.body["subject"], "PROPALGATION_EVENT");
@@ -99,11 +93,7 @@ async fn own_echoes_are_ignored_without_reply() {
     .await;
     assert!(!matches!(reply, Ok(Ok(_))), "an echo must not be answered");
     // The next event is seq 1: the echo was not journaled.
-    assert_eq!(
-        a.publish_ok(&event("PB_CREATE", "e2", &me, json!({})))
-            .await,
-        1
-    );
+    assert_eq!(a.publish_ok(&event("PB_CREATE", "e2", &me, json!({}))).await, 1);
     assert_eq!(a.node.metric("oc_intake_echoes_total").await.unwrap(), 1);
 }
 
@@ -117,8 +107,7 @@ async fn a_peer_that_is_not_a_partner_is_refused() {
     a.node.start_healthy().await.unwrap();
     b.node.start_healthy().await.unwrap();
     let me = a.id();
-    a.publish_ok(&event("PB_CREATE", "r1", &me, json!({})))
-        .await;
+    a.publish_ok(&event("PB_CREATE", "r1", &me, json!({}))).await;
 
     let mut refused = false;
     for _ in 0..300 {
@@ -163,32 +152,23 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
     let mut b = Site::new().await;
     let rogue_key = libp2p::identity::Keypair::generate_ed25519();
     let rogue = rogue_key.public().to_peer_id().to_string();
-    b.node
-        .partners
-        .push(format!("/ip4/127.0.0.1/tcp/9/p2p/{rogue}"));
+    b.node.partners.push(format!("/ip4/127.0.0.1/tcp/9/p2p/{rogue}"));
     let seen_b = b.collect(&["CREATE_RESOURCE"]).await;
     b.node.start_healthy().await.unwrap();
 
-    let (net, event_loop) =
-        p2p::build(rogue_key, None, &["/ip4/127.0.0.1/tcp/0".parse().unwrap()]).unwrap();
+    let (net, event_loop) = p2p::build(rogue_key, None, &["/ip4/127.0.0.1/tcp/0".parse().unwrap()]).unwrap();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(event_loop.run(stop_rx));
     let b_peer = b.id().parse().unwrap();
     net.dial(
         b_peer,
-        format!("/ip4/127.0.0.1/tcp/{}", b.node.p2p_port)
-            .parse()
-            .unwrap(),
+        format!("/ip4/127.0.0.1/tcp/{}", b.node.p2p_port).parse().unwrap(),
         Duration::from_secs(10),
     )
     .await
     .unwrap();
     let stream = net
-        .open_stream(
-            b_peer,
-            StreamKind::Create.protocol(),
-            Duration::from_secs(10),
-        )
+        .open_stream(b_peer, StreamKind::Create.protocol(), Duration::from_secs(10))
         .await
         .unwrap();
     let (mut r, mut w) = stream.split();
@@ -229,9 +209,7 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
     while acked < 3 {
         match read(&mut r).await {
             Frame::Error {
-                seq: Some(seq),
-                code,
-                ..
+                seq: Some(seq), code, ..
             } => errors.push((seq, code)),
             Frame::Ack { seq } => acked = seq,
             other => panic!("unexpected {other:?}"),
@@ -240,10 +218,7 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
     errors.sort();
     assert_eq!(
         errors,
-        vec![
-            (1, "not_creator".to_owned()),
-            (2, "forged_origin".to_owned())
-        ]
+        vec![(1, "not_creator".to_owned()), (2, "forged_origin".to_owned())]
     );
     seen_b.wait_for("the honest event", |s| !s.is_empty()).await;
     let stored = b.stored("COMPUTE_RESOURCE").await;

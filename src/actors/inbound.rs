@@ -125,8 +125,7 @@ impl Handler<IncomingStream> for InboundApply {
                     let frame = Frame::Error {
                         seq: None,
                         code: ErrorCode::NotPartner.as_str().to_owned(),
-                        message: "this node does not accept events from you: not a partner"
-                            .to_owned(),
+                        message: "this node does not accept events from you: not a partner".to_owned(),
                     };
                     let _ = tokio::time::timeout(timeout, async {
                         let _ = wire::write_frame(&mut stream, &frame).await;
@@ -256,8 +255,7 @@ impl Session {
         match frame {
             Ok(Some(Frame::Hello { origin })) => {
                 if origin == self.origin {
-                    self.write_to(kind, &[Frame::Ack { seq: self.applied }])
-                        .await;
+                    self.write_to(kind, &[Frame::Ack { seq: self.applied }]).await;
                 } else {
                     tracing::warn!(peer = %self.peer, claimed = %origin, code = "forged_origin", "hello for another origin refused");
                     self.env.metrics.refused("inbound", ErrorCode::ForgedOrigin);
@@ -289,11 +287,8 @@ impl Session {
                 };
                 tracing::warn!(peer = %self.peer, ?kind, code = code.as_str(), cause = %e, "unreadable frame skipped");
                 self.env.metrics.refused("inbound", code);
-                self.write_to(
-                    kind,
-                    &[error_frame(None, &Refusal::new(code, e.to_string()))],
-                )
-                .await;
+                self.write_to(kind, &[error_frame(None, &Refusal::new(code, e.to_string()))])
+                    .await;
             }
             Ok(None) | Err(_) => {
                 if matches!(&self.writers[kind as usize], Some((g, _)) if *g == generation) {
@@ -345,10 +340,8 @@ impl Session {
                 ApplyOutcome::Applied => Metrics::add(&env.metrics.events_applied, 1),
                 ApplyOutcome::Stale => Metrics::add(&env.metrics.events_stale, 1),
                 ApplyOutcome::Conflict { owner } => {
-                    let refusal = Refusal::new(
-                        ErrorCode::Conflict,
-                        format!("the resource belongs to {owner}"),
-                    );
+                    let refusal =
+                        Refusal::new(ErrorCode::Conflict, format!("the resource belongs to {owner}"));
                     tracing::warn!(peer = %self.peer, seq, code = "conflict", %owner, "event refused");
                     env.metrics.refused("inbound", ErrorCode::Conflict);
                     replies.push(error_frame(Some(*seq), &refusal));
@@ -382,10 +375,7 @@ impl Session {
         if entry.origin != self.origin {
             return Err(Refusal::new(
                 ErrorCode::ForgedOrigin,
-                format!(
-                    "origin {} is not the sending peer {}",
-                    entry.origin, self.peer
-                ),
+                format!("origin {} is not the sending peer {}", entry.origin, self.peer),
             ));
         }
         match entry.creator_id() {
@@ -398,10 +388,7 @@ impl Session {
             }
         }
         if entry.resource_id().is_none_or(str::is_empty) {
-            return Err(Refusal::new(
-                ErrorCode::InvalidField,
-                "resource has no string id",
-            ));
+            return Err(Refusal::new(ErrorCode::InvalidField, "resource has no string id"));
         }
         Ok(())
     }

@@ -2,14 +2,28 @@
 //! the journal in batches (one durable commit per batch), then answers each application
 //! and tells the StreamService the journal grew.
 //!
+//! Two sources, chosen at start-up:
+//! - **JetStream** (when the server has it): a stream captures the subject and a durable
+//!   pull consumer feeds the actor. A message is acknowledged only after its journal commit
+//!   (or its error event), so events published while the node is down wait in the stream.
+//!   The stream sequences of journaled messages are committed with the journal, so a
+//!   redelivery after a crash (its ack lost) is recognised and not journaled twice.
+//! - **Core NATS** otherwise: a plain subscription; the node says so at start-up and on
+//!   `/healthz`, since events published while it is down are lost.
+//!
 //! Messages are handled one batch at a time (`ctx.wait`): while a batch is being committed
 //! the actor reads nothing else, so a slow disk slows intake instead of growing memory.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::{Client, Message, Subject, Subscriber};
-use futures::StreamExt;
+use async_nats::jetstream::{self, consumer::pull, stream::RetentionPolicy, AckKind};
+use async_nats::{Client, Subject};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use serde_json::json;
 
 use super::stream_service::JournalAdvanced;
@@ -17,10 +31,81 @@ use crate::event::{self, Decoded, ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
+/// Durable consumer name of the node on its intake stream.
+pub const CONSUMER_NAME: &str = "oc-discovery";
+/// Unacknowledged JetStream intake messages are redelivered after this (a crashed node's).
+const JS_ACK_WAIT: Duration = Duration::from_secs(10);
+/// Messages asked for by one pull request.
+const JS_PULL_BATCH: usize = 512;
+/// Lifetime of one pull request.
+const JS_PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How often journaled stream sequences below the consumer's ack floor are forgotten.
+const INTAKE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long core-NATS intake retries a failing journal before answering `store_unavailable`.
+const CORE_RETRY_BUDGET: Duration = Duration::from_secs(5);
+
+/// Where events come from; shown on `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IntakeMode {
+    Starting = 0,
+    Core = 1,
+    JetStream = 2,
+    Stopped = 3,
+}
+
+impl IntakeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntakeMode::Starting => "starting",
+            IntakeMode::Core => "core",
+            IntakeMode::JetStream => "jetstream",
+            IntakeMode::Stopped => "stopped",
+        }
+    }
+}
+
+/// The intake's mode, readable by the admin API.
+#[derive(Default)]
+pub struct IntakeStatus(AtomicU8);
+
+impl IntakeStatus {
+    pub fn mode(&self) -> IntakeMode {
+        match self.0.load(Ordering::Relaxed) {
+            1 => IntakeMode::Core,
+            2 => IntakeMode::JetStream,
+            3 => IntakeMode::Stopped,
+            _ => IntakeMode::Starting,
+        }
+    }
+
+    fn set(&self, mode: IntakeMode) {
+        self.0.store(mode as u8, Ordering::Relaxed);
+    }
+}
+
+/// One message from either source.
+struct Incoming {
+    subject: Subject,
+    payload: Bytes,
+    /// Where to answer (core NATS requests only: with JetStream the server's PubAck answers).
+    reply: Option<Subject>,
+    /// The JetStream message to acknowledge.
+    js: Option<JsDelivery>,
+}
+
+struct JsDelivery {
+    message: jetstream::Message,
+    stream_seq: u64,
+    /// Delivered before: it may have been journaled by a run that died before acking.
+    redelivered: bool,
+}
+
+type Source = Pin<Box<dyn Stream<Item = Incoming> + Send>>;
+
 pub struct Intake {
     env: Arc<IntakeEnv>,
-    subscriber: Option<Subscriber>,
-    batch: usize,
+    stopping: bool,
 }
 
 /// What processing a batch needs; shared with the batch futures.
@@ -30,16 +115,36 @@ pub struct IntakeEnv {
     pub nats: Client,
     pub links: Recipient<JournalAdvanced>,
     pub metrics: Arc<Metrics>,
+    pub status: Arc<IntakeStatus>,
     pub max_event_bytes: usize,
+    pub batch: usize,
+    /// JetStream stream capturing `PROPALGATION_EVENT`.
+    pub stream_name: String,
+    pub max_ack_pending: i64,
+    pub backoff_max: Duration,
+    pub io_timeout: Duration,
+    /// The JetStream consumer, once set up (to read its ack floor).
+    pub consumer: std::sync::Mutex<Option<jetstream::consumer::PullConsumer>>,
 }
 
 impl Intake {
-    pub fn new(env: IntakeEnv, subscriber: Subscriber, batch: usize) -> Self {
+    pub fn new(env: IntakeEnv) -> Self {
         Intake {
             env: Arc::new(env),
-            subscriber: Some(subscriber),
-            batch,
+            stopping: false,
         }
+    }
+
+    fn open_source(&mut self, ctx: &mut Context<Self>) {
+        let env = self.env.clone();
+        ctx.wait(
+            async move { env.open_source().await }
+                .into_actor(self)
+                .map(|(mode, source), act, ctx| {
+                    act.env.status.set(mode);
+                    ctx.add_stream(source.ready_chunks(act.env.batch));
+                }),
+        );
     }
 }
 
@@ -47,46 +152,267 @@ impl Actor for Intake {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if let Some(sub) = self.subscriber.take() {
-            // ready_chunks: whatever is already buffered forms one batch, never waiting
-            // for more, so a lone event is journaled at once.
-            ctx.add_stream(sub.ready_chunks(self.batch));
-        }
-        tracing::info!(subject = event::SUBJECT_PROPAGATION, "intake started");
+        self.open_source(ctx);
+        ctx.run_interval(INTAKE_PRUNE_EVERY, |act, _| {
+            let env = act.env.clone();
+            actix::spawn(async move { env.prune().await });
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.env.status.set(IntakeMode::Stopped);
     }
 }
 
-impl StreamHandler<Vec<Message>> for Intake {
-    fn handle(&mut self, batch: Vec<Message>, ctx: &mut Self::Context) {
+impl StreamHandler<Vec<Incoming>> for Intake {
+    fn handle(&mut self, batch: Vec<Incoming>, ctx: &mut Self::Context) {
         let env = self.env.clone();
         ctx.wait(async move { env.process(batch).await }.into_actor(self));
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        tracing::warn!("intake subscription ended");
+        if self.stopping {
+            return;
+        }
+        // A JetStream consumer stream ends when the server loses it; set it up again.
+        tracing::warn!("intake source ended; reopening");
+        self.env.status.set(IntakeMode::Starting);
+        self.open_source(ctx);
+    }
+}
+
+/// Stop consuming `PROPALGATION_EVENT` (shutdown); the batch in progress completes first.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopIntake;
+
+impl Handler<StopIntake> for Intake {
+    type Result = ();
+
+    fn handle(&mut self, _: StopIntake, ctx: &mut Self::Context) {
+        tracing::info!("intake stopping");
+        self.stopping = true;
         ctx.stop();
     }
 }
 
 impl IntakeEnv {
-    async fn process(&self, batch: Vec<Message>) {
+    /// Waits for NATS, then picks JetStream when the server has it, core NATS otherwise.
+    async fn open_source(&self) -> (IntakeMode, Source) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if crate::nats::is_connected(&self.nats) {
+                if !self.nats.server_info().jetstream {
+                    match self.nats.subscribe(event::SUBJECT_PROPAGATION).await {
+                        Ok(sub) => {
+                            tracing::warn!(
+                                subject = event::SUBJECT_PROPAGATION,
+                                "NATS has no JetStream: core subscription, events published while this node is down are lost"
+                            );
+                            let source = sub.map(|m| Incoming {
+                                subject: m.subject,
+                                payload: m.payload,
+                                reply: m.reply,
+                                js: None,
+                            });
+                            return (IntakeMode::Core, Box::pin(source));
+                        }
+                        Err(e) => tracing::warn!(cause = %e, "cannot subscribe"),
+                    }
+                } else {
+                    match self.open_jetstream().await {
+                        Ok(source) => return (IntakeMode::JetStream, source),
+                        Err(e) => {
+                            tracing::warn!(cause = %e, stream = %self.stream_name, retry_in = ?delay, "cannot set up JetStream intake")
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.backoff_max);
+        }
+    }
+
+    async fn open_jetstream(&self) -> Result<Source, Box<dyn std::error::Error + Send + Sync>> {
+        let js = jetstream::new(self.nats.clone());
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: self.stream_name.clone(),
+                subjects: vec![event::SUBJECT_PROPAGATION.to_owned()],
+                // Kept until every consumer (ours, and any an operator adds) acknowledged.
+                retention: RetentionPolicy::Interest,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                CONSUMER_NAME,
+                pull::Config {
+                    durable_name: Some(CONSUMER_NAME.to_owned()),
+                    filter_subject: event::SUBJECT_PROPAGATION.to_owned(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: JS_ACK_WAIT,
+                    max_ack_pending: self.max_ack_pending,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        // Small, short-lived pull requests: after a crash, what the server had handed to the
+        // dead client's request comes back after `JS_ACK_WAIT`, and nothing else is held.
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(JS_PULL_BATCH)
+            .expires(JS_PULL_EXPIRES)
+            .messages()
+            .await?;
+        if let Ok(mut slot) = self.consumer.lock() {
+            *slot = Some(consumer);
+        }
+        tracing::info!(stream = %self.stream_name, consumer = CONSUMER_NAME, "JetStream intake ready");
+        let source = messages.filter_map(|m| async move {
+            match m {
+                Ok(message) => {
+                    let (stream_seq, redelivered) = message
+                        .info()
+                        .map(|i| (i.stream_sequence, i.delivered > 1))
+                        .unwrap_or((0, true));
+                    Some(Incoming {
+                        subject: message.subject.clone(),
+                        payload: message.payload.clone(),
+                        reply: None,
+                        js: Some(JsDelivery {
+                            message,
+                            stream_seq,
+                            redelivered,
+                        }),
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(cause = %e, "JetStream intake error");
+                    None
+                }
+            }
+        });
+        Ok(Box::pin(source))
+    }
+
+    async fn process(&self, batch: Vec<Incoming>) {
+        let journaled_before = self.journaled_before(&batch).await;
         let mut events = Vec::with_capacity(batch.len());
         let mut replies: Vec<Option<Subject>> = Vec::with_capacity(batch.len());
+        let mut stream_seqs = Vec::new();
         for msg in &batch {
+            if let Some(js) = &msg.js {
+                if journaled_before.contains(&js.stream_seq) {
+                    tracing::debug!(
+                        stream_seq = js.stream_seq,
+                        "redelivered event was journaled already"
+                    );
+                    continue;
+                }
+            }
             match event::decode_intake(&msg.payload, &self.own_id, self.max_event_bytes) {
                 Ok(Decoded::Accept(e)) => {
                     events.push(e);
                     replies.push(msg.reply.clone());
+                    stream_seqs.extend(msg.js.as_ref().map(|js| js.stream_seq));
                 }
                 Ok(Decoded::OwnEcho) => Metrics::add(&self.metrics.intake_echoes, 1),
                 Err(refusal) => self.refuse(msg, &refusal).await,
             }
         }
-        if events.is_empty() {
-            return;
+        let durable = batch.iter().any(|m| m.js.is_some());
+        if !events.is_empty() {
+            self.journal(events, replies, stream_seqs, durable).await;
         }
+        if durable {
+            // Error events must be on the server before their messages are acknowledged.
+            if tokio::time::timeout(self.io_timeout, self.nats.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("NATS flush timed out; intake messages stay unacknowledged and come back");
+                return;
+            }
+        }
+        for msg in batch {
+            if let Some(js) = msg.js {
+                if let Err(e) = js.message.ack_with(AckKind::Ack).await {
+                    // Redelivered later, and recognised as journaled.
+                    tracing::debug!(cause = %e, "cannot acknowledge intake message");
+                }
+            }
+        }
+    }
+
+    /// Stream sequences of redelivered messages in `batch` that were journaled already.
+    async fn journaled_before(&self, batch: &[Incoming]) -> Vec<u64> {
+        let redelivered: Vec<u64> = batch
+            .iter()
+            .filter_map(|m| m.js.as_ref())
+            .filter(|js| js.redelivered)
+            .map(|js| js.stream_seq)
+            .collect();
+        if redelivered.is_empty() {
+            return Vec::new();
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.store.intake_seen(redelivered.clone()).await {
+                Ok(seen) => return seen,
+                Err(e) => {
+                    tracing::error!(cause = %e, retry_in = ?delay, "cannot check redelivered events; intake waits");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.backoff_max);
+                }
+            }
+        }
+    }
+
+    /// Forgets journaled stream sequences the server will never redeliver.
+    async fn prune(&self) {
+        let consumer = self.consumer.lock().ok().and_then(|c| c.clone());
+        let Some(mut consumer) = consumer else { return };
+        match consumer.info().await {
+            Ok(info) => {
+                let floor = info.ack_floor.stream_sequence;
+                if let Err(e) = self.store.intake_forget_below(floor).await {
+                    tracing::debug!(cause = %e, "cannot prune intake records");
+                }
+            }
+            Err(e) => tracing::debug!(cause = %e, "cannot read the intake consumer's ack floor"),
+        }
+    }
+
+    /// Appends the batch; retries while the store is down (JetStream keeps the messages, so
+    /// waiting is lossless), within a budget for core NATS whose messages cannot wait.
+    async fn journal(
+        &self,
+        events: Vec<event::NewEvent>,
+        replies: Vec<Option<Subject>>,
+        stream_seqs: Vec<u64>,
+        durable_source: bool,
+    ) {
         let count = events.len();
-        match self.store.append_journal(&self.own_id, events).await {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(50);
+        let entries = loop {
+            match self
+                .store
+                .append_journal_marked(&self.own_id, events.clone(), stream_seqs.clone())
+                .await
+            {
+                Ok(entries) => break Ok(entries),
+                Err(e) if durable_source || started.elapsed() < CORE_RETRY_BUDGET => {
+                    tracing::error!(cause = %e, count, retry_in = ?delay, "journal append failed; intake waits");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.backoff_max);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match entries {
             Ok(entries) => {
                 Metrics::add(&self.metrics.intake_accepted, count as u64);
                 for (entry, reply) in entries.iter().zip(replies) {
@@ -102,9 +428,8 @@ impl IntakeEnv {
             }
             Err(e) => {
                 // Core NATS has no redelivery: the application learns it must retry.
-                tracing::error!(cause = %e, count, "journal append failed");
-                let refusal =
-                    Refusal::new(ErrorCode::StoreUnavailable, format!("not journaled: {e}"));
+                tracing::error!(cause = %e, count, "journal append failed; events refused");
+                let refusal = Refusal::new(ErrorCode::StoreUnavailable, format!("not journaled: {e}"));
                 for reply in replies.into_iter().flatten() {
                     self.metrics.refused("intake", refusal.code);
                     self.send(reply, json!({"ok": false, "error": refusal.to_json()}))
@@ -115,7 +440,7 @@ impl IntakeEnv {
     }
 
     /// Reply (when asked), error event, log line and metric for one refused message.
-    async fn refuse(&self, msg: &Message, refusal: &Refusal) {
+    async fn refuse(&self, msg: &Incoming, refusal: &Refusal) {
         tracing::warn!(
             subject = %msg.subject,
             code = refusal.code.as_str(),
@@ -138,19 +463,5 @@ impl IntakeEnv {
         if let Err(e) = self.nats.publish(subject.clone(), bytes.into()).await {
             tracing::warn!(%subject, cause = %e, "cannot publish answer");
         }
-    }
-}
-
-/// Stop consuming `PROPALGATION_EVENT` (shutdown); the batch in progress completes first.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct StopIntake;
-
-impl Handler<StopIntake> for Intake {
-    type Result = ();
-
-    fn handle(&mut self, _: StopIntake, ctx: &mut Self::Context) {
-        tracing::info!("intake stopping");
-        ctx.stop();
     }
 }

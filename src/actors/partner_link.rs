@@ -235,17 +235,11 @@ async fn session(
     let mut writers: Vec<Writer> = Vec::with_capacity(3);
     let mut readers = Readers(Vec::with_capacity(3));
     for kind in StreamKind::ALL {
-        let stream = env
-            .net
-            .open_stream(peer, kind.protocol(), t.io_timeout)
-            .await?;
+        let stream = env.net.open_stream(peer, kind.protocol(), t.io_timeout).await?;
         let (r, w) = stream.split();
-        readers.0.push(tokio::spawn(read_loop(
-            kind,
-            r,
-            tx.clone(),
-            t.max_frame_bytes,
-        )));
+        readers
+            .0
+            .push(tokio::spawn(read_loop(kind, r, tx.clone(), t.max_frame_bytes)));
         let mut w = futures::io::BufWriter::with_capacity(64 * 1024, w);
         let hello = Frame::Hello {
             origin: env.own_id.clone(),
@@ -264,9 +258,7 @@ async fn session(
             .ok_or(LinkError::Closed(StreamKind::Create))?;
         match frame.map_err(LinkError::Frame)? {
             Some(Frame::Ack { seq }) => answered[kind as usize] = Some(seq),
-            Some(Frame::Error { code, message, .. }) => {
-                return Err(LinkError::Refused { code, message })
-            }
+            Some(Frame::Error { code, message, .. }) => return Err(LinkError::Refused { code, message }),
             Some(other) => tracing::debug!(%peer, ?other, "unexpected frame during handshake"),
             None => return Err(LinkError::Closed(kind)),
         }
@@ -396,12 +388,7 @@ fn on_frame(
     }
 }
 
-async fn read_loop(
-    kind: StreamKind,
-    mut r: ReadHalf<Stream>,
-    tx: mpsc::Sender<Inbound>,
-    max: usize,
-) {
+async fn read_loop(kind: StreamKind, mut r: ReadHalf<Stream>, tx: mpsc::Sender<Inbound>, max: usize) {
     loop {
         let frame = wire::read_frame(&mut r, max).await;
         let end = !matches!(&frame, Ok(Some(_))) && !matches!(&frame, Err(e) if e.is_recoverable());

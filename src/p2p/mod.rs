@@ -27,8 +27,7 @@ pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/reso
 pub const PROTOCOL_UPDATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/update/1.0");
 pub const PROTOCOL_DELETE: StreamProtocol = StreamProtocol::new("/opencloud/resource/delete/1.0");
 /// The three resource streams, in the index order used by [`StreamKind`].
-pub const RESOURCE_PROTOCOLS: [StreamProtocol; 3] =
-    [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
+pub const RESOURCE_PROTOCOLS: [StreamProtocol; 3] = [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
 
 /// identify's protocol version: peers of another network are easy to spot in logs.
 const IDENTIFY_PROTOCOL: &str = "/opencloud/1.0";
@@ -103,17 +102,11 @@ impl NetState {
     }
 
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
-        self.listen_addrs
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default()
+        self.listen_addrs.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     pub fn is_connected(&self, peer: &PeerId) -> bool {
-        self.connected
-            .lock()
-            .map(|c| c.contains(peer))
-            .unwrap_or(false)
+        self.connected.lock().map(|c| c.contains(peer)).unwrap_or(false)
     }
 }
 
@@ -151,12 +144,7 @@ impl Client {
     ///
     /// # Errors
     /// [`NetError::Dial`] when the dial fails or does not finish within `timeout`.
-    pub async fn dial(
-        &self,
-        peer: PeerId,
-        addr: Multiaddr,
-        timeout: Duration,
-    ) -> Result<(), NetError> {
+    pub async fn dial(&self, peer: PeerId, addr: Multiaddr, timeout: Duration) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Dial { peer, addr, reply })
@@ -223,15 +211,11 @@ impl Client {
 /// # Errors
 /// The file is unreadable or not in that format.
 pub fn read_psk(path: &std::path::Path) -> Result<PreSharedKey, NetError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        NetError::Transport(format!("cannot read PSK file {}: {e}", path.display()))
-    })?;
-    text.trim().parse::<PreSharedKey>().map_err(|e| {
-        NetError::Transport(format!(
-            "PSK file {} is not a swarm.key: {e}",
-            path.display()
-        ))
-    })
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NetError::Transport(format!("cannot read PSK file {}: {e}", path.display())))?;
+    text.trim()
+        .parse::<PreSharedKey>()
+        .map_err(|e| NetError::Transport(format!("PSK file {} is not a swarm.key: {e}", path.display())))
 }
 
 /// Builds the swarm and starts listening; returns the client and the loop to run.
@@ -247,26 +231,21 @@ pub fn build(
     let transport_err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-                // With a PSK, the pnet handshake wraps the socket before anything else.
-                let maybe_private = tcp.and_then(move |socket, _| async move {
-                    match psk {
-                        Some(psk) => PnetConfig::new(psk)
-                            .handshake(socket)
-                            .await
-                            .map(Either::Left),
-                        None => Ok::<_, PnetError>(Either::Right(socket)),
-                    }
-                });
-                Ok(maybe_private
-                    .upgrade(Version::V1Lazy)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default())
-                    .timeout(TRANSPORT_TIMEOUT))
-            },
-        )
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            // With a PSK, the pnet handshake wraps the socket before anything else.
+            let maybe_private = tcp.and_then(move |socket, _| async move {
+                match psk {
+                    Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(Either::Left),
+                    None => Ok::<_, PnetError>(Either::Right(socket)),
+                }
+            });
+            Ok(maybe_private
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default())
+                .timeout(TRANSPORT_TIMEOUT))
+        })
         .map_err(|e| transport_err(&e))?
         .with_behaviour(|key| Behaviour {
             stream: libp2p_stream::Behaviour::new(),
@@ -280,12 +259,10 @@ pub fn build(
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
     for addr in listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| NetError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let state = Arc::new(NetState::default());

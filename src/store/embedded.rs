@@ -10,9 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{
-    applied_state, decide, ApplyOutcome, OutboxRow, Store, StoreError, StoreResult, StoredResource,
-};
+use super::{applied_state, decide, ApplyOutcome, OutboxRow, Store, StoreError, StoreResult, StoredResource};
 use crate::event::{now_ms, JournalEntry, NewEvent};
 
 /// (origin, seq) → JSON of [`JournalEntry`].
@@ -23,6 +21,8 @@ const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
 /// (data_type, id) → JSON of [`StoredResource`] (tombstones included).
 const RESOURCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("resources");
+/// JetStream stream sequence of a journaled intake message → its journal seq.
+const INTAKE: TableDefinition<u64, u64> = TableDefinition::new("intake");
 /// outbox id → JSON of [`OutboxRow`].
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
@@ -52,6 +52,7 @@ impl EmbeddedStore {
             txn.open_table(APPLIED).map_err(unavailable)?;
             txn.open_table(RESOURCES).map_err(unavailable)?;
             txn.open_table(OUTBOX).map_err(unavailable)?;
+            txn.open_table(INTAKE).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
@@ -84,10 +85,15 @@ fn last_seq(
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn append_journal(
+    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
+        self.append_journal_marked(origin, events, Vec::new()).await
+    }
+
+    async fn append_journal_marked(
         &self,
         origin: &str,
         events: Vec<NewEvent>,
+        intake_seqs: Vec<u64>,
     ) -> StoreResult<Vec<JournalEntry>> {
         let origin = origin.to_owned();
         self.blocking(move |db| {
@@ -115,18 +121,19 @@ impl Store for EmbeddedStore {
                     out.push(entry);
                 }
             }
+            if let Some(last) = out.last() {
+                let mut intake = txn.open_table(INTAKE).map_err(unavailable)?;
+                for stream_seq in intake_seqs {
+                    intake.insert(stream_seq, last.seq).map_err(unavailable)?;
+                }
+            }
             txn.commit().map_err(unavailable)?;
             Ok(out)
         })
         .await
     }
 
-    async fn read_journal(
-        &self,
-        origin: &str,
-        from: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<JournalEntry>> {
+    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
         let origin = origin.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
@@ -171,6 +178,33 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn intake_seen(&self, seqs: Vec<u64>) -> StoreResult<Vec<u64>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(INTAKE).map_err(unavailable)?;
+            let mut seen = Vec::new();
+            for seq in seqs {
+                if table.get(seq).map_err(unavailable)?.is_some() {
+                    seen.push(seq);
+                }
+            }
+            Ok(seen)
+        })
+        .await
+    }
+
+    async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(INTAKE)
+                .map_err(unavailable)?
+                .retain_in(..below, |_, _| false)
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
     async fn applied(&self, origin: &str) -> StoreResult<u64> {
         read_u64(self, APPLIED, origin).await
     }
@@ -199,23 +233,18 @@ impl Store for EmbeddedStore {
                         continue;
                     };
                     let key = (entry.data_type.as_str(), id);
-                    let existing: Option<StoredResource> =
-                        match resources.get(key).map_err(unavailable)? {
-                            Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
-                            None => None,
-                        };
+                    let existing: Option<StoredResource> = match resources.get(key).map_err(unavailable)? {
+                        Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+                        None => None,
+                    };
                     let outcome = decide(existing.as_ref(), entry);
                     if outcome == ApplyOutcome::Applied {
                         let (stored, row) = applied_state(entry, id, next_id);
                         next_id += 1;
                         let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
-                        resources
-                            .insert(key, bytes.as_slice())
-                            .map_err(unavailable)?;
+                        resources.insert(key, bytes.as_slice()).map_err(unavailable)?;
                         let row_bytes = serde_json::to_vec(&row).map_err(corrupt)?;
-                        outbox
-                            .insert(row.id, row_bytes.as_slice())
-                            .map_err(unavailable)?;
+                        outbox.insert(row.id, row_bytes.as_slice()).map_err(unavailable)?;
                         rows.push(row);
                     }
                     outcomes.push(outcome);
@@ -227,9 +256,7 @@ impl Store for EmbeddedStore {
                     .map(|v| v.value())
                     .unwrap_or(0);
                 if up_to > current {
-                    applied
-                        .insert(origin.as_str(), up_to)
-                        .map_err(unavailable)?;
+                    applied.insert(origin.as_str(), up_to).map_err(unavailable)?;
                 }
             }
             txn.commit().map_err(unavailable)?;

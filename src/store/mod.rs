@@ -65,19 +65,37 @@ pub enum ApplyOutcome {
 pub trait Store: Send + Sync + 'static {
     /// Appends the events to `origin`'s journal in one durable commit and returns their
     /// entries, with consecutive seqs following the current head.
-    async fn append_journal(
+    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>>;
+
+    /// [`Store::append_journal`] that also records, in the same commit, the JetStream stream
+    /// sequences of the intake messages journaled, so a redelivery is recognised
+    /// ([`Store::intake_seen`]). A backend that does not record them journals redeliveries
+    /// again (at-least-once intake).
+    async fn append_journal_marked(
         &self,
         origin: &str,
         events: Vec<NewEvent>,
-    ) -> StoreResult<Vec<JournalEntry>>;
+        intake_seqs: Vec<u64>,
+    ) -> StoreResult<Vec<JournalEntry>> {
+        let _ = intake_seqs;
+        self.append_journal(origin, events).await
+    }
+
+    /// Which of these JetStream stream sequences were journaled already.
+    async fn intake_seen(&self, seqs: Vec<u64>) -> StoreResult<Vec<u64>> {
+        let _ = seqs;
+        Ok(Vec::new())
+    }
+
+    /// Forgets recorded stream sequences below `seq` (the consumer's ack floor: the server
+    /// never redelivers those).
+    async fn intake_forget_below(&self, seq: u64) -> StoreResult<()> {
+        let _ = seq;
+        Ok(())
+    }
 
     /// Up to `limit` entries of `origin`'s journal with `seq >= from`, in seq order.
-    async fn read_journal(
-        &self,
-        origin: &str,
-        from: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<JournalEntry>>;
+    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>>;
 
     /// Highest seq in `origin`'s journal, 0 when empty.
     async fn journal_head(&self, origin: &str) -> StoreResult<u64>;
@@ -126,11 +144,7 @@ pub fn decide(existing: Option<&StoredResource>, entry: &JournalEntry) -> ApplyO
 }
 
 /// The stored state and outbox row an applied entry produces.
-pub fn applied_state(
-    entry: &JournalEntry,
-    resource_id: &str,
-    outbox_id: u64,
-) -> (StoredResource, OutboxRow) {
+pub fn applied_state(entry: &JournalEntry, resource_id: &str, outbox_id: u64) -> (StoredResource, OutboxRow) {
     use crate::event::{Action, ResourceNotice};
     let stored = StoredResource {
         data_type: entry.data_type.clone(),

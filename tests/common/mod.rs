@@ -31,12 +31,19 @@ pub struct Site {
 }
 
 impl Site {
+    /// A site whose NATS has no JetStream: the node answers requests itself.
     pub async fn new() -> Site {
-        let nats = NatsServer::start().expect("nats-server");
+        Site::on(NatsServer::start().expect("nats-server")).await
+    }
+
+    /// A site whose NATS has JetStream: durable intake, the server answers requests.
+    pub async fn jetstream() -> Site {
+        Site::on(NatsServer::start_jetstream().expect("nats-server")).await
+    }
+
+    async fn on(nats: NatsServer) -> Site {
         let node = NodeProcess::new(&bin(), &nats.url()).expect("node");
-        let app = async_nats::connect(nats.url())
-            .await
-            .expect("connect to NATS");
+        let app = async_nats::connect(nats.url()).await.expect("connect to NATS");
         Site { node, app, nats }
     }
 
@@ -48,8 +55,7 @@ impl Site {
     pub async fn request(&self, body: &Value) -> Value {
         let reply = tokio::time::timeout(
             Duration::from_secs(30),
-            self.app
-                .request("PROPALGATION_EVENT", body.to_string().into()),
+            self.app.request("PROPALGATION_EVENT", body.to_string().into()),
         )
         .await
         .expect("reply within 30 s")
@@ -66,6 +72,14 @@ impl Site {
 
     pub async fn collect(&self, subjects: &[&str]) -> Collector {
         Collector::start(&self.app, subjects).await
+    }
+
+    /// Publishes without waiting for anything but the client's buffer.
+    pub async fn publish(&self, body: &Value) {
+        self.app
+            .publish("PROPALGATION_EVENT", body.to_string().into())
+            .await
+            .expect("publish");
     }
 
     /// The resources this site's node stored for a data type.
@@ -136,8 +150,7 @@ impl Collector {
 
     pub fn distinct_msg_ids(&self) -> usize {
         let all = self.all();
-        let ids: std::collections::HashSet<_> =
-            all.iter().filter_map(|s| s.msg_id.clone()).collect();
+        let ids: std::collections::HashSet<_> = all.iter().filter_map(|s| s.msg_id.clone()).collect();
         ids.len()
     }
 
