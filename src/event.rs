@@ -323,6 +323,9 @@ pub struct ResourceNotice {
     pub resource: Value,
     pub from_peer: String,
     pub origin_seq: u64,
+    /// Always `oc-discovery`: marks the node's own publishes for every reader.
+    #[serde(default)]
+    pub from_app: String,
 }
 
 impl ResourceNotice {
@@ -333,6 +336,7 @@ impl ResourceNotice {
             resource: e.resource.clone(),
             from_peer: e.origin.clone(),
             origin_seq: e.seq,
+            from_app: OWN_APP.to_owned(),
         }
     }
 

@@ -12,6 +12,7 @@
 //! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
 //! - [`p2p`]: libp2p transport, event loop, client handle and stream framing.
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
+//! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
 //! - [`nats`]: NATS connection and the confirmed publisher.
 //! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
 //! - [`node`]: wires everything together and runs until shutdown.
@@ -30,4 +31,5 @@ pub mod node;
 pub mod p2p;
 pub mod shutdown;
 pub mod store;
+pub mod sync;
 pub mod testkit;

@@ -52,13 +52,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         .await
         .context("connecting to NATS")?;
     let metrics = Arc::new(Metrics::default());
-    tokio::spawn(drain_outbox(
-        store.clone(),
-        nats.clone(),
-        t.io_timeout,
-        stop_rx.clone(),
-    ));
-
     let head = store.journal_head(&own_id).await?;
     let links = StreamService::new(
         LinkEnv {
@@ -74,24 +67,30 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     .start();
     let partners = Arc::new(Partners::default());
     for (peer, addr) in &cfg.partners {
-        partners.insert(*peer);
+        partners.insert(*peer, Some(addr.clone()));
         links.do_send(AddPartner {
             peer: *peer,
             addr: addr.clone(),
         });
     }
-    let _inbound = InboundApply::new(
-        InboundEnv {
-            store: store.clone(),
-            nats: nats.clone(),
-            partners,
-            metrics: metrics.clone(),
-            tuning: t.clone(),
-            shutdown: stop_rx.clone(),
-        },
-        net.clone(),
-    )
-    .start();
+    // Inbound apply starts once the publishes a previous run left in the outbox are out, so
+    // notices of one origin reach NATS in order.
+    let inbound_env = InboundEnv {
+        own_id: own_id.clone(),
+        store: store.clone(),
+        nats: nats.clone(),
+        net: net.clone(),
+        partners,
+        metrics: metrics.clone(),
+        tuning: t.clone(),
+        shutdown: stop_rx.clone(),
+    };
+    let drain = drain_outbox(store.clone(), nats.clone(), t.io_timeout, stop_rx.clone());
+    actix::spawn(async move {
+        if drain.await {
+            InboundApply::new(inbound_env).start();
+        }
+    });
     let intake_status = Arc::new(IntakeStatus::default());
     let intake = Intake::new(IntakeEnv {
         own_id: own_id.clone(),
@@ -154,12 +153,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
 }
 
 /// Publishes outbox rows left by a previous run (a crash between commit and publish).
+/// Returns false when shutdown came first.
 async fn drain_outbox(
     store: Arc<dyn Store>,
     nats: async_nats::Client,
     timeout: Duration,
     mut stop: watch::Receiver<bool>,
-) {
+) -> bool {
     let mut delay = Duration::from_millis(200);
     loop {
         let round = async {
@@ -178,13 +178,13 @@ async fn drain_outbox(
             Ok(false)
         };
         match round.await {
-            Ok(true) => return,
+            Ok(true) => return true,
             Ok(false) => continue,
             Err(e) => tracing::warn!(cause = %e, retry_in = ?delay, "outbox drain failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = crate::shutdown::signalled(&mut stop) => return,
+            _ = crate::shutdown::signalled(&mut stop) => return false,
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }

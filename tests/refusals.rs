@@ -176,6 +176,7 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
         &mut w,
         &Frame::Hello {
             origin: rogue.clone(),
+            head: 3,
         },
     )
     .await

@@ -1,10 +1,11 @@
-//! Inbound apply: receives partners' journals on the resource streams, applies them to the
-//! store by version, publishes them on the local NATS, and only then acknowledges.
+//! Inbound apply: receives partners' journals, applies them to the store by version,
+//! publishes them on the local NATS, and only then acknowledges. Also answers partners'
+//! heartbeats and serves this node's journal to partners that pull it (journal sync).
 //!
 //! The [`InboundApply`] actor routes each accepted stream to its peer's session task. A
-//! session merges the three streams of one origin back into seq order (a reorder buffer,
-//! bounded by the sender's window), so entries are applied exactly in the order the origin
-//! journaled them. For each contiguous run:
+//! session merges the three resource streams of one origin back into seq order (a reorder
+//! buffer, bounded by the sender's window), so entries are applied exactly in the order
+//! the origin journaled them. For each contiguous run:
 //! 1. refuse what is forged (origin or creator is not the sending peer) with an `error`
 //!    frame, a log line and a metric — the run goes on;
 //! 2. one store commit: resources by version, outbox rows, the origin's applied mark;
@@ -13,48 +14,68 @@
 //!
 //! A failure at 2 or 3 is retried with backoff while the streams wait (backpressure):
 //! nothing is acknowledged that is not both stored and published.
+//!
+//! Gaps are filled by pulling the origin's journal (`crate::sync`): when the origin's
+//! `hello` shows it is far ahead, when it announces an entry too large for a frame, when a
+//! hole in the reorder buffer persists, and every `sync_interval` as a safety net.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::io::{BufWriter, ReadHalf, WriteHalf};
+use futures::io::{BufWriter, WriteHalf};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{PeerId, Stream};
-use tokio::sync::{mpsc, watch};
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::Tuning;
 use crate::event::{ErrorCode, JournalEntry, Refusal};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};
-use crate::p2p::{self, StreamKind};
+use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
 use crate::store::{ApplyOutcome, Store};
+use crate::sync::{self, PROTOCOL_SYNC};
 
 /// Inputs buffered between the stream readers and a session.
 const SESSION_INBOX: usize = 4096;
-/// Concurrent refusals being written to peers that are not partners.
-const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+/// Concurrent helper tasks (refusals, heartbeat answers, sync answers) across all peers.
+const MAX_HELPERS: usize = 256;
+/// A hole in the reorder buffer still there after this is filled by a pull.
+const GAP_GRACE: Duration = Duration::from_secs(1);
 
-/// The set of peers this node accepts events from.
+/// The peers this node accepts events from, with the address to reach each.
 #[derive(Default)]
-pub struct Partners(RwLock<HashSet<PeerId>>);
+pub struct Partners(RwLock<HashMap<PeerId, Option<Multiaddr>>>);
 
 impl Partners {
-    pub fn insert(&self, peer: PeerId) {
+    pub fn insert(&self, peer: PeerId, addr: Option<Multiaddr>) {
         if let Ok(mut s) = self.0.write() {
-            s.insert(peer);
+            s.insert(peer, addr);
         }
     }
 
     pub fn contains(&self, peer: &PeerId) -> bool {
-        self.0.read().map(|s| s.contains(peer)).unwrap_or(false)
+        self.0.read().map(|s| s.contains_key(peer)).unwrap_or(false)
+    }
+
+    pub fn addr(&self, peer: &PeerId) -> Option<Multiaddr> {
+        self.0.read().ok().and_then(|s| s.get(peer).cloned().flatten())
+    }
+
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.0
+            .read()
+            .map(|s| s.keys().copied().collect())
+            .unwrap_or_default()
     }
 }
 
 pub struct InboundEnv {
+    pub own_id: String,
     pub store: Arc<dyn Store>,
     pub nats: async_nats::Client,
+    pub net: p2p::Client,
     pub partners: Arc<Partners>,
     pub metrics: Arc<Metrics>,
     pub tuning: Tuning,
@@ -63,28 +84,51 @@ pub struct InboundEnv {
 
 pub struct InboundApply {
     env: Arc<InboundEnv>,
-    net: p2p::Client,
     sessions: HashMap<PeerId, mpsc::UnboundedSender<Attach>>,
-    refusals: Arc<tokio::sync::Semaphore>,
+    helpers: Arc<Semaphore>,
 }
 
 impl InboundApply {
-    pub fn new(env: InboundEnv, net: p2p::Client) -> Self {
+    pub fn new(env: InboundEnv) -> Self {
         InboundApply {
             env: Arc::new(env),
-            net,
             sessions: HashMap::new(),
-            refusals: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            helpers: Arc::new(Semaphore::new(MAX_HELPERS)),
+        }
+    }
+
+    fn session(&mut self, peer: PeerId) -> &mpsc::UnboundedSender<Attach> {
+        let alive = self.sessions.get(&peer).is_some_and(|s| !s.is_closed());
+        if !alive {
+            self.sessions.insert(peer, spawn_session(self.env.clone(), peer));
+        }
+        // Inserted just above when missing.
+        &self.sessions[&peer]
+    }
+
+    /// Runs `work` on a helper permit, or drops the stream when too many are running.
+    fn helper<F>(&self, peer: PeerId, what: &'static str, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.helpers.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
+            }
+            Err(_) => tracing::warn!(%peer, what, "too many inbound helper tasks; stream dropped"),
         }
     }
 }
 
-/// A resource stream opened by a peer.
+/// A stream opened by a peer on one of the protocols this actor serves.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct IncomingStream {
     pub peer: PeerId,
-    pub kind: StreamKind,
+    pub protocol: StreamProtocol,
     pub stream: Stream,
 }
 
@@ -92,21 +136,39 @@ impl Actor for InboundApply {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        for kind in StreamKind::ALL {
-            let Some(mut incoming) = self.net.accept(kind.protocol()) else {
-                tracing::error!(protocol = %kind.protocol(), "protocol already registered");
+        let protocols = StreamKind::ALL
+            .map(StreamKind::protocol)
+            .into_iter()
+            .chain([PROTOCOL_HEARTBEAT, PROTOCOL_SYNC]);
+        for protocol in protocols {
+            let Some(mut incoming) = self.env.net.accept(protocol.clone()) else {
+                tracing::error!(%protocol, "protocol already registered");
                 continue;
             };
             let me = ctx.address();
-            // Hand each stream over at once: libp2p-stream drops streams we are slow to take.
+            // Hand each stream over at once: libp2p-stream drops streams we are slow to
+            // take. `send` waits for room in the mailbox instead of failing.
             tokio::spawn(async move {
                 while let Some((peer, stream)) = incoming.next().await {
-                    if me.try_send(IncomingStream { peer, kind, stream }).is_err() {
+                    if me
+                        .send(IncomingStream {
+                            peer,
+                            protocol: protocol.clone(),
+                            stream,
+                        })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
             });
         }
+        ctx.run_interval(self.env.tuning.sync_interval, |act, _| {
+            for peer in act.env.partners.peers() {
+                let _ = act.session(peer).send(Attach::PeriodicSync);
+            }
+        });
     }
 }
 
@@ -114,60 +176,109 @@ impl Handler<IncomingStream> for InboundApply {
     type Result = ();
 
     fn handle(&mut self, msg: IncomingStream, _: &mut Self::Context) {
-        let IncomingStream { peer, kind, stream } = msg;
+        let IncomingStream {
+            peer,
+            protocol,
+            mut stream,
+        } = msg;
+        let timeout = self.env.tuning.io_timeout;
         if !self.env.partners.contains(&peer) {
-            tracing::warn!(%peer, protocol = %kind.protocol(), code = "not_partner", "stream from a peer that is not a partner refused");
+            tracing::warn!(%peer, %protocol, code = "not_partner", "stream from a peer that is not a partner refused");
             self.env.metrics.refused("inbound", ErrorCode::NotPartner);
-            if let Ok(permit) = self.refusals.clone().try_acquire_owned() {
-                let timeout = self.env.tuning.io_timeout;
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let frame = Frame::Error {
-                        seq: None,
-                        code: ErrorCode::NotPartner.as_str().to_owned(),
-                        message: "this node does not accept events from you: not a partner".to_owned(),
-                    };
-                    let _ = tokio::time::timeout(timeout, async {
-                        let _ = wire::write_frame(&mut stream, &frame).await;
-                        let _ = stream.close().await;
-                    })
-                    .await;
-                    drop(permit);
-                });
-            }
+            self.helper(peer, "refusal", async move {
+                let frame = Frame::Error {
+                    seq: None,
+                    code: ErrorCode::NotPartner.as_str().to_owned(),
+                    message: "this node does not accept events from you: not a partner".to_owned(),
+                };
+                let _ = tokio::time::timeout(timeout, async {
+                    let _ = wire::write_frame(&mut stream, &frame).await;
+                    let _ = stream.close().await;
+                })
+                .await;
+            });
             return;
         }
+        if protocol == PROTOCOL_HEARTBEAT {
+            let idle = self.env.tuning.pong_discard_timeout * 2;
+            let max = self.env.tuning.max_frame_bytes;
+            self.helper(peer, "heartbeat", answer_heartbeats(stream, idle, timeout, max));
+            return;
+        }
+        if protocol == PROTOCOL_SYNC {
+            let env = self.env.clone();
+            self.helper(peer, "sync", async move {
+                let t = &env.tuning;
+                let served = sync::serve(
+                    env.store.as_ref(),
+                    &env.own_id,
+                    stream,
+                    t.max_frame_bytes,
+                    t.sync_max_entries,
+                    t.sync_timeout,
+                )
+                .await;
+                if let Err(e) = served {
+                    tracing::debug!(%peer, cause = %e, "sync request not served");
+                }
+            });
+            return;
+        }
+        let Some(kind) = StreamKind::ALL.into_iter().find(|k| k.protocol() == protocol) else {
+            return;
+        };
         let (r, w) = stream.split();
-        let attach = Attach {
+        let attach = Attach::Stream {
             kind,
             reader: r,
             writer: BufWriter::with_capacity(16 * 1024, w),
         };
-        let sender = self
-            .sessions
-            .entry(peer)
-            .or_insert_with(|| spawn_session(self.env.clone(), peer));
-        if let Err(mpsc::error::SendError(attach)) = sender.send(attach) {
-            // The session ended (shutdown in progress, or a crash): start a fresh one.
-            let sender = spawn_session(self.env.clone(), peer);
-            let _ = sender.send(attach);
-            self.sessions.insert(peer, sender);
+        let _ = self.session(peer).send(attach);
+    }
+}
+
+/// Answers `ping` with `pong` until the stream ends or stays idle too long.
+async fn answer_heartbeats(mut stream: Stream, idle: Duration, timeout: Duration, max: usize) {
+    loop {
+        match tokio::time::timeout(idle, wire::read_frame(&mut stream, max)).await {
+            Ok(Ok(Some(Frame::Ping { nonce }))) => {
+                let pong = Frame::Pong { nonce };
+                let written = tokio::time::timeout(timeout, wire::write_frame(&mut stream, &pong)).await;
+                if !matches!(written, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            Ok(Ok(Some(_))) => {}
+            Ok(Err(e)) if e.is_recoverable() => {}
+            _ => return,
         }
     }
 }
 
-struct Attach {
-    kind: StreamKind,
-    reader: ReadHalf<Stream>,
-    writer: BufWriter<WriteHalf<Stream>>,
+/// What the actor hands to a session.
+enum Attach {
+    Stream {
+        kind: StreamKind,
+        reader: futures::io::ReadHalf<Stream>,
+        writer: BufWriter<WriteHalf<Stream>>,
+    },
+    /// Time for the safety-net sync.
+    PeriodicSync,
 }
 
-/// What a stream reader hands to its session; `generation` tells a replaced stream's
-/// leftovers from the current one.
-struct Input {
-    kind: StreamKind,
-    generation: u64,
-    frame: Result<Option<Frame>, FrameError>,
+/// What a session's inputs carry.
+enum Input {
+    /// A frame from a resource stream; `generation` tells a replaced stream's leftovers
+    /// from the current one.
+    Frame {
+        kind: StreamKind,
+        generation: u64,
+        frame: Result<Option<Frame>, FrameError>,
+    },
+    /// Entries pulled by journal sync.
+    Synced(Vec<JournalEntry>),
+    /// The pull task ended.
+    SyncDone(Result<(), String>),
 }
 
 fn spawn_session(env: Arc<InboundEnv>, peer: PeerId) -> mpsc::UnboundedSender<Attach> {
@@ -186,48 +297,71 @@ struct Session {
     peer: PeerId,
     origin: String,
     applied: u64,
+    /// `applied`, for the pull task.
+    applied_tx: watch::Sender<u64>,
     /// Entries above `applied`, waiting for the ones before them.
     pending: BTreeMap<u64, JournalEntry>,
     writers: [Option<(u64, BufWriter<WriteHalf<Stream>>)>; 3],
     generation: u64,
     ack_owed: bool,
+    /// Pull wanted up to here (`u64::MAX`: up to the origin's head).
+    sync_target: u64,
+    sync_running: bool,
+    /// A hole seen at the last check: (applied, first pending seq).
+    gap_seen: Option<(u64, u64)>,
+    inputs: mpsc::Sender<Input>,
+    inputs_rx: Option<mpsc::Receiver<Input>>,
 }
 
 impl Session {
     async fn start(env: Arc<InboundEnv>, peer: PeerId) -> Option<Session> {
         let origin = peer.to_string();
         let applied = retry(&env, "read applied mark", || env.store.applied(&origin)).await?;
+        let (inputs, inputs_rx) = mpsc::channel(SESSION_INBOX);
         Some(Session {
             env,
             peer,
             origin,
             applied,
+            applied_tx: watch::channel(applied).0,
             pending: BTreeMap::new(),
             writers: Default::default(),
             generation: 0,
             ack_owed: false,
+            sync_target: 0,
+            sync_running: false,
+            gap_seen: None,
+            inputs,
+            inputs_rx: Some(inputs_rx),
         })
     }
 
     async fn run(mut self, mut attach: mpsc::UnboundedReceiver<Attach>) {
-        let (tx, mut rx) = mpsc::channel::<Input>(SESSION_INBOX);
+        let Some(mut rx) = self.inputs_rx.take() else {
+            return;
+        };
         let mut shutdown = self.env.shutdown.clone();
         let mut readers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        let mut gap_check = tokio::time::interval(GAP_GRACE);
         loop {
             tokio::select! {
                 a = attach.recv() => match a {
-                    Some(a) => {
+                    Some(Attach::Stream { kind, reader, writer }) => {
                         self.generation += 1;
+                        let generation = self.generation;
                         readers.retain(|r| !r.is_finished());
-                        readers.push(tokio::spawn(read_loop(a.kind, self.generation, a.reader, tx.clone(), self.env.tuning.max_frame_bytes)));
-                        self.writers[a.kind as usize] = Some((self.generation, a.writer));
+                        let wrap = move |frame| Input::Frame { kind, generation, frame };
+                        let max = self.env.tuning.max_frame_bytes;
+                        readers.push(tokio::spawn(wire::forward_frames(reader, max, self.inputs.clone(), wrap)));
+                        self.writers[kind as usize] = Some((generation, writer));
                     }
+                    Some(Attach::PeriodicSync) => self.want_sync(u64::MAX),
                     None => break,
                 },
                 input = rx.recv() => {
                     let Some(input) = input else { break };
                     self.on_input(input).await;
-                    // Take what else is already there, then apply it as one batch.
+                    // Take what else is already there, then apply it in batches.
                     while self.pending.len() < self.env.tuning.apply_batch {
                         match rx.try_recv() {
                             Ok(input) => self.on_input(input).await,
@@ -238,6 +372,7 @@ impl Session {
                         break;
                     }
                 }
+                _ = gap_check.tick() => self.check_gap(),
                 _ = crate::shutdown::signalled(&mut shutdown) => break,
             }
         }
@@ -247,15 +382,46 @@ impl Session {
     }
 
     async fn on_input(&mut self, input: Input) {
-        let Input {
-            kind,
-            generation,
-            frame,
-        } = input;
+        match input {
+            Input::Frame {
+                kind,
+                generation,
+                frame,
+            } => self.on_frame(kind, generation, frame).await,
+            Input::Synced(entries) => {
+                for entry in entries {
+                    self.buffer(entry);
+                }
+            }
+            Input::SyncDone(result) => {
+                self.sync_running = false;
+                match result {
+                    Ok(()) if self.sync_target != u64::MAX && self.applied < self.sync_target => {
+                        self.start_sync()
+                    }
+                    Ok(()) => self.sync_target = 0,
+                    Err(e) => {
+                        tracing::warn!(peer = %self.peer, cause = %e, applied = self.applied, "journal sync failed; retried at the next trigger");
+                        self.sync_target = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        kind: StreamKind,
+        generation: u64,
+        frame: Result<Option<Frame>, FrameError>,
+    ) {
         match frame {
-            Ok(Some(Frame::Hello { origin })) => {
+            Ok(Some(Frame::Hello { origin, head })) => {
                 if origin == self.origin {
                     self.write_to(kind, &[Frame::Ack { seq: self.applied }]).await;
+                    if head > self.applied + self.env.tuning.send_window / 2 {
+                        self.want_sync(head);
+                    }
                 } else {
                     tracing::warn!(peer = %self.peer, claimed = %origin, code = "forged_origin", "hello for another origin refused");
                     self.env.metrics.refused("inbound", ErrorCode::ForgedOrigin);
@@ -266,29 +432,17 @@ impl Session {
                     self.write_to(kind, &[error_frame(None, &refusal)]).await;
                 }
             }
-            Ok(Some(Frame::Event(entry))) => {
-                if entry.seq <= self.applied {
-                    // A resend of something handled: only the ack was missing.
-                    Metrics::add(&self.env.metrics.events_stale, 1);
-                    self.ack_owed = true;
-                } else if entry.seq <= self.applied + 2 * self.env.tuning.send_window {
-                    self.pending.insert(entry.seq, entry);
-                } else {
-                    tracing::warn!(peer = %self.peer, seq = entry.seq, applied = self.applied, "event beyond the window dropped; it will be resent");
-                }
-            }
-            Ok(Some(other)) => {
-                tracing::debug!(peer = %self.peer, ?other, "unexpected frame from sender")
-            }
+            Ok(Some(Frame::Event(entry))) => self.buffer(entry),
+            Ok(Some(Frame::Large { seq })) => self.want_sync(seq),
+            Ok(Some(other)) => tracing::debug!(peer = %self.peer, ?other, "unexpected frame from sender"),
             Err(e) if e.is_recoverable() => {
                 let code = match e {
                     FrameError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
                     _ => ErrorCode::InvalidJson,
                 };
+                // The entry it held (if any) leaves a hole that a pull fills.
                 tracing::warn!(peer = %self.peer, ?kind, code = code.as_str(), cause = %e, "unreadable frame skipped");
                 self.env.metrics.refused("inbound", code);
-                self.write_to(kind, &[error_frame(None, &Refusal::new(code, e.to_string()))])
-                    .await;
             }
             Ok(None) | Err(_) => {
                 if matches!(&self.writers[kind as usize], Some((g, _)) if *g == generation) {
@@ -298,19 +452,79 @@ impl Session {
         }
     }
 
-    /// Applies the contiguous run after `applied`. Returns false on shutdown.
+    fn buffer(&mut self, entry: JournalEntry) {
+        if entry.seq <= self.applied {
+            // A resend of something handled: only the ack was missing.
+            Metrics::add(&self.env.metrics.events_stale, 1);
+            self.ack_owed = true;
+        } else if entry.seq <= self.applied + 2 * self.env.tuning.send_window {
+            self.pending.insert(entry.seq, entry);
+        } else {
+            tracing::debug!(peer = %self.peer, seq = entry.seq, applied = self.applied, "entry beyond the reorder window dropped; it comes again");
+        }
+    }
+
+    /// A hole that outlived one check is filled by a pull.
+    fn check_gap(&mut self) {
+        let hole = self
+            .pending
+            .keys()
+            .next()
+            .copied()
+            .filter(|first| *first > self.applied + 1);
+        match hole {
+            Some(first) if self.gap_seen == Some((self.applied, first)) => {
+                tracing::info!(peer = %self.peer, applied = self.applied, next_buffered = first, "filling a gap by journal sync");
+                self.want_sync(first - 1);
+            }
+            Some(first) => self.gap_seen = Some((self.applied, first)),
+            None => self.gap_seen = None,
+        }
+    }
+
+    fn want_sync(&mut self, target: u64) {
+        self.sync_target = self.sync_target.max(target);
+        if !self.sync_running {
+            self.start_sync();
+        }
+    }
+
+    /// Pulls rounds of the origin's journal until `sync_target` is applied.
+    fn start_sync(&mut self) {
+        self.sync_running = true;
+        let (env, peer, target) = (self.env.clone(), self.peer, self.sync_target);
+        let mut applied = self.applied_tx.subscribe();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let result = pull_until(&env, peer, target, &mut applied, &inputs).await;
+            let _ = inputs.send(Input::SyncDone(result)).await;
+        });
+    }
+
+    /// Applies every contiguous run after `applied`. Returns false on shutdown.
     async fn apply_ready(&mut self) -> bool {
-        let mut run = Vec::new();
-        while run.len() < self.env.tuning.apply_batch {
-            match self.pending.remove(&(self.applied + 1 + run.len() as u64)) {
-                Some(entry) => run.push(entry),
-                None => break,
+        loop {
+            let mut run = Vec::new();
+            while run.len() < self.env.tuning.apply_batch {
+                match self.pending.remove(&(self.applied + 1 + run.len() as u64)) {
+                    Some(entry) => run.push(entry),
+                    None => break,
+                }
+            }
+            if run.is_empty() {
+                if std::mem::take(&mut self.ack_owed) {
+                    self.send_ack(Vec::new()).await;
+                }
+                return true;
+            }
+            if !self.apply_run(run).await {
+                return false;
             }
         }
+    }
+
+    async fn apply_run(&mut self, run: Vec<JournalEntry>) -> bool {
         let Some(up_to) = run.last().map(|e| e.seq) else {
-            if std::mem::take(&mut self.ack_owed) {
-                self.send_ack(Vec::new()).await;
-            }
             return true;
         };
         let mut replies = Vec::new();
@@ -350,8 +564,8 @@ impl Session {
         }
         if !rows.is_empty() {
             let timeout = env.tuning.io_timeout;
-            if retry(&env, "publish", || async {
-                crate::nats::publish_rows(&env.nats, &rows, timeout).await
+            if retry(&env, "publish", || {
+                crate::nats::publish_rows(&env.nats, &rows, timeout)
             })
             .await
             .is_none()
@@ -366,6 +580,7 @@ impl Session {
             }
         }
         self.applied = up_to;
+        self.applied_tx.send_replace(up_to);
         self.ack_owed = false;
         self.send_ack(replies).await;
         true
@@ -380,10 +595,16 @@ impl Session {
         }
         match entry.creator_id() {
             Some(c) if c == self.origin => {}
-            other => {
+            Some(c) => {
                 return Err(Refusal::new(
                     ErrorCode::NotCreator,
-                    format!("creator_id {other:?} is not the sending peer {}", self.peer),
+                    format!("creator_id {c} is not the sending peer {}", self.peer),
+                ))
+            }
+            None => {
+                return Err(Refusal::new(
+                    ErrorCode::NotCreator,
+                    "resource has no string creator_id",
                 ))
             }
         }
@@ -425,36 +646,56 @@ impl Session {
     }
 }
 
+/// Pull rounds from `peer` until `target` (or its head, for `u64::MAX`) is applied.
+async fn pull_until(
+    env: &InboundEnv,
+    peer: PeerId,
+    target: u64,
+    applied: &mut watch::Receiver<u64>,
+    inputs: &mpsc::Sender<Input>,
+) -> Result<(), String> {
+    let t = &env.tuning;
+    if let Some(addr) = env.partners.addr(&peer) {
+        env.net
+            .dial(peer, addr, t.io_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    loop {
+        let since = *applied.borrow_and_update();
+        if since >= target {
+            return Ok(());
+        }
+        let pulled = sync::pull(&env.net, peer, since, t.max_frame_bytes, t.sync_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (until, head, count) = (pulled.until, pulled.head, pulled.entries.len());
+        tracing::debug!(%peer, since, until, head, count, "journal sync round");
+        if count > 0 {
+            inputs
+                .send(Input::Synced(pulled.entries))
+                .await
+                .map_err(|_| "session ended".to_owned())?;
+            // The next round starts where this one was applied (memory stays bounded).
+            let reached = tokio::time::timeout(t.sync_timeout, applied.wait_for(|a| *a >= until)).await;
+            if !matches!(reached, Ok(Ok(_))) {
+                return Err(format!(
+                    "round up to {until} not applied within {:?}",
+                    t.sync_timeout
+                ));
+            }
+        }
+        if until >= head || count == 0 {
+            return Ok(());
+        }
+    }
+}
+
 fn error_frame(seq: Option<u64>, refusal: &Refusal) -> Frame {
     Frame::Error {
         seq,
         code: refusal.code.as_str().to_owned(),
         message: refusal.message.clone(),
-    }
-}
-
-async fn read_loop(
-    kind: StreamKind,
-    generation: u64,
-    mut r: ReadHalf<Stream>,
-    tx: mpsc::Sender<Input>,
-    max: usize,
-) {
-    loop {
-        let frame = wire::read_frame(&mut r, max).await;
-        let end = !matches!(&frame, Ok(Some(_))) && !matches!(&frame, Err(e) if e.is_recoverable());
-        if tx
-            .send(Input {
-                kind,
-                generation,
-                frame,
-            })
-            .await
-            .is_err()
-            || end
-        {
-            return;
-        }
     }
 }
 
@@ -478,6 +719,6 @@ where
             _ = tokio::time::sleep(delay) => {}
             _ = crate::shutdown::signalled(&mut shutdown) => return None,
         }
-        delay = (delay * 2).min(env.tuning.backoff_max.max(Duration::from_millis(1)));
+        delay = (delay * 2).min(env.tuning.backoff_max);
     }
 }

@@ -430,8 +430,11 @@ impl IntakeEnv {
                 // Core NATS has no redelivery: the application learns it must retry.
                 tracing::error!(cause = %e, count, "journal append failed; events refused");
                 let refusal = Refusal::new(ErrorCode::StoreUnavailable, format!("not journaled: {e}"));
+                self.metrics.refused("intake", refusal.code);
+                let error_event = json!({"error": refusal.to_json(), "subject": event::SUBJECT_PROPAGATION, "count": count});
+                self.send(Subject::from_static(event::SUBJECT_ERROR), error_event)
+                    .await;
                 for reply in replies.into_iter().flatten() {
-                    self.metrics.refused("intake", refusal.code);
                     self.send(reply, json!({"ok": false, "error": refusal.to_json()}))
                         .await;
                 }

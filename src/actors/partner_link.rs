@@ -1,33 +1,35 @@
 //! A partner link: replicates this node's journal to one partner over the three resource
-//! streams, with a window of unacknowledged events, and resumes after any failure.
+//! streams, with a window of unacknowledged events, watches the partner's liveness over the
+//! heartbeat stream, and resumes after any failure.
 //!
-//! Session: open the three streams, say `hello` on each; the partner answers each with an
-//! `ack` of what it already handled, and we send from there (so a partner that lost its
-//! data gets everything again, and one that is ahead is not sent anything twice). Then
-//! entries are read from the journal in chunks, written to the stream of their action,
-//! at most `send_window` beyond the last ack. Acks move the cursor, persisted every
-//! `cursor_persist_every` and at the end of each session. Any failure ends the session;
-//! the link retries with exponential backoff.
+//! Session: open the resource streams and the heartbeat stream, say `hello` (with our
+//! journal head) on each resource stream; the partner answers each with an `ack` of what it
+//! already handled. When the partner is less than a window behind, we send from there;
+//! further behind, the partner pulls the gap with the journal sync protocol (in parts) and
+//! we send only what comes after our head, once its acks open the window. Entries are read
+//! from the journal in chunks and written to the stream of their action, at most
+//! `send_window` beyond the last ack; an entry too large for a frame goes as a `large`
+//! marker and the partner pulls it. Acks move the cursor, persisted every
+//! `cursor_persist_every` and at the end of each session. A ping goes out every
+//! `ping_interval`; a partner silent for `pong_discard_timeout` is offline and the session
+//! restarts. Any failure ends the session; the link retries with exponential backoff.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::io::{ReadHalf, WriteHalf};
+use futures::io::WriteHalf;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{Multiaddr, PeerId, Stream};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Tuning;
-use crate::event::ErrorCode;
+use crate::event::{now_ms, ErrorCode};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};
-use crate::p2p::{self, StreamKind};
+use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
 use crate::store::{Store, StoreError};
 
-/// A session with unacknowledged events and no frame from the partner for this long is
-/// presumed dead and restarted.
-const ACK_SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// Frames from the partner buffered between the stream readers and the session.
 const INBOX: usize = 1024;
 
@@ -43,8 +45,11 @@ pub struct LinkEnv {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkState {
+    /// Not (yet) answering, for less than `pong_discard_timeout`.
     Connecting,
     Online,
+    /// No answer for `pong_discard_timeout` or more.
+    Offline,
     /// The partner refused us (we are not its partner, or a stream-level error).
     Refused,
 }
@@ -54,6 +59,7 @@ impl LinkState {
         match self {
             LinkState::Connecting => "connecting",
             LinkState::Online => "online",
+            LinkState::Offline => "offline",
             LinkState::Refused => "refused",
         }
     }
@@ -62,43 +68,96 @@ impl LinkState {
 /// Live state of a link, read by the admin API without asking the link.
 pub struct LinkStatus {
     acked: AtomicU64,
-    inner: Mutex<(LinkState, Option<String>)>,
+    /// Last heartbeat round trip, microseconds (0: none yet).
+    rtt_us: AtomicU64,
+    inner: Mutex<StatusInner>,
+    pong_discard_timeout: Duration,
 }
 
-impl Default for LinkStatus {
-    fn default() -> Self {
-        LinkStatus {
-            acked: AtomicU64::new(0),
-            inner: Mutex::new((LinkState::Connecting, None)),
-        }
-    }
+struct StatusInner {
+    state: LinkState,
+    /// When `state` last changed (ms since the epoch).
+    since_ms: u64,
+    /// Last time the partner answered anything.
+    last_heard: Option<Instant>,
+    created: Instant,
+    last_error: Option<String>,
 }
 
 pub struct StatusSnapshot {
     pub acked: u64,
     pub state: LinkState,
+    pub since_ms: u64,
+    pub rtt_ms: Option<f64>,
     pub last_error: Option<String>,
 }
 
 impl LinkStatus {
+    pub fn new(pong_discard_timeout: Duration) -> Self {
+        LinkStatus {
+            acked: AtomicU64::new(0),
+            rtt_us: AtomicU64::new(0),
+            inner: Mutex::new(StatusInner {
+                state: LinkState::Connecting,
+                since_ms: now_ms(),
+                last_heard: None,
+                created: Instant::now(),
+                last_error: None,
+            }),
+            pong_discard_timeout,
+        }
+    }
+
     pub fn snapshot(&self) -> StatusSnapshot {
-        let (state, last_error) = self
-            .inner
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or((LinkState::Connecting, None));
+        let rtt = self.rtt_us.load(Ordering::Relaxed);
+        let acked = self.acked.load(Ordering::Relaxed);
+        let Ok(mut g) = self.inner.lock() else {
+            return StatusSnapshot {
+                acked,
+                state: LinkState::Connecting,
+                since_ms: 0,
+                rtt_ms: None,
+                last_error: None,
+            };
+        };
+        // "Connecting" turns "offline" once the partner has been silent too long.
+        let silent_for = g.last_heard.unwrap_or(g.created).elapsed();
+        if g.state == LinkState::Connecting && silent_for >= self.pong_discard_timeout {
+            g.state = LinkState::Offline;
+            g.since_ms = now_ms().saturating_sub((silent_for - self.pong_discard_timeout).as_millis() as u64);
+        }
         StatusSnapshot {
-            acked: self.acked.load(Ordering::Relaxed),
-            state,
-            last_error,
+            acked,
+            state: g.state,
+            since_ms: g.since_ms,
+            rtt_ms: (rtt > 0).then(|| rtt as f64 / 1000.0),
+            last_error: g.last_error.clone(),
         }
     }
 
     fn set(&self, state: LinkState, error: Option<String>) {
         if let Ok(mut g) = self.inner.lock() {
-            g.0 = state;
+            let effective = if state == LinkState::Connecting && g.state == LinkState::Offline {
+                LinkState::Offline
+            } else {
+                state
+            };
+            if g.state != effective {
+                g.state = effective;
+                g.since_ms = now_ms();
+            }
             if error.is_some() || state == LinkState::Online {
-                g.1 = error;
+                g.last_error = error;
+            }
+        }
+    }
+
+    fn heard(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.last_heard = Some(Instant::now());
+            if g.state != LinkState::Online {
+                g.state = LinkState::Online;
+                g.since_ms = now_ms();
             }
         }
     }
@@ -108,13 +167,13 @@ impl LinkStatus {
 enum LinkError {
     #[error(transparent)]
     Net(#[from] p2p::NetError),
-    #[error("stream {kind:?}: {source}")]
+    #[error("stream {kind}: {source}")]
     Stream {
-        kind: StreamKind,
+        kind: &'static str,
         source: std::io::Error,
     },
-    #[error("stream {0:?} closed by the partner")]
-    Closed(StreamKind),
+    #[error("stream {0} closed by the partner")]
+    Closed(&'static str),
     #[error("partner refused the session: {code}: {message}")]
     Refused { code: String, message: String },
     #[error("no answer from the partner within {0:?}")]
@@ -138,13 +197,18 @@ pub async fn run(
     status.acked.store(cursor.acked, Ordering::Relaxed);
     let mut backoff = env.tuning.backoff_min;
     loop {
-        status.set(LinkState::Connecting, None);
         let before = cursor.acked;
         let outcome = tokio::select! {
             r = session(&env, peer, &addr, &status, &mut cursor, &mut head) => r,
             _ = crate::shutdown::signalled(&mut shutdown) => break,
         };
         cursor.persist(&env, peer).await;
+        // A session that moved the cursor was healthy: retry quickly.
+        backoff = if cursor.acked > before {
+            env.tuning.backoff_min
+        } else {
+            backoff
+        };
         if let Err(e) = outcome {
             let refused = matches!(e, LinkError::Refused { .. });
             tracing::warn!(%peer, cause = %e, retry_in = ?backoff, "partner session ended");
@@ -157,16 +221,11 @@ pub async fn run(
                 Some(e.to_string()),
             );
         }
-        // A session that moved the cursor was healthy: retry quickly.
-        backoff = if cursor.acked > before {
-            env.tuning.backoff_min
-        } else {
-            (backoff * 2).min(env.tuning.backoff_max)
-        };
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = crate::shutdown::signalled(&mut shutdown) => break,
         }
+        backoff = (backoff * 2).min(env.tuning.backoff_max);
     }
     cursor.persist(&env, peer).await;
     tracing::debug!(%peer, acked = cursor.acked, "partner link stopped");
@@ -196,7 +255,8 @@ impl Cursor {
         if self.acked == self.persisted {
             return;
         }
-        // A cursor written late only causes resends, which the partner ignores.
+        // A cursor written late only shows an older position in /api/peers: the partner's
+        // own report at the next hello is what sending resumes from.
         match env.store.set_cursor(&peer.to_string(), self.acked).await {
             Ok(()) => {
                 self.persisted = self.acked;
@@ -205,10 +265,18 @@ impl Cursor {
             Err(e) => tracing::warn!(%peer, cause = %e, "cannot persist cursor"),
         }
     }
+
+    async fn persist_if_due(&mut self, env: &LinkEnv, peer: PeerId) {
+        if self.persisted_at.elapsed() >= env.tuning.cursor_persist_every {
+            self.persist(env, peer).await;
+        }
+    }
 }
 
 type Writer = futures::io::BufWriter<WriteHalf<Stream>>;
-type Inbound = (StreamKind, Result<Option<Frame>, FrameError>);
+/// A frame from one of the session's streams: the resource streams by kind, `None` for
+/// the heartbeat stream.
+type Inbound = (Option<StreamKind>, Result<Option<Frame>, FrameError>);
 
 /// Aborts the stream readers when the session ends, whatever the way.
 struct Readers(Vec<tokio::task::JoinHandle<()>>);
@@ -218,6 +286,15 @@ impl Drop for Readers {
         for r in &self.0 {
             r.abort();
         }
+    }
+}
+
+fn stream_name(kind: Option<StreamKind>) -> &'static str {
+    match kind {
+        Some(StreamKind::Create) => "create",
+        Some(StreamKind::Update) => "update",
+        Some(StreamKind::Delete) => "delete",
+        None => "heartbeat",
     }
 }
 
@@ -232,21 +309,35 @@ async fn session(
     let t = &env.tuning;
     env.net.dial(peer, addr.clone(), t.io_timeout).await?;
     let (tx, mut rx) = mpsc::channel::<Inbound>(INBOX);
+    let mut readers = Readers(Vec::with_capacity(4));
+    let mut open = |stream: Stream, kind: Option<StreamKind>| {
+        let (r, w) = stream.split();
+        let tx = tx.clone();
+        readers.0.push(tokio::spawn(wire::forward_frames(
+            r,
+            t.max_frame_bytes,
+            tx,
+            move |f| (kind, f),
+        )));
+        futures::io::BufWriter::with_capacity(64 * 1024, w)
+    };
+    let head_at_hello = *head.borrow_and_update();
     let mut writers: Vec<Writer> = Vec::with_capacity(3);
-    let mut readers = Readers(Vec::with_capacity(3));
     for kind in StreamKind::ALL {
         let stream = env.net.open_stream(peer, kind.protocol(), t.io_timeout).await?;
-        let (r, w) = stream.split();
-        readers
-            .0
-            .push(tokio::spawn(read_loop(kind, r, tx.clone(), t.max_frame_bytes)));
-        let mut w = futures::io::BufWriter::with_capacity(64 * 1024, w);
+        let mut w = open(stream, Some(kind));
         let hello = Frame::Hello {
             origin: env.own_id.clone(),
+            head: head_at_hello,
         };
-        timed(t.io_timeout, kind, wire::write_frame(&mut w, &hello)).await?;
+        timed(t.io_timeout, Some(kind), wire::write_frame(&mut w, &hello)).await?;
         writers.push(w);
     }
+    let stream = env
+        .net
+        .open_stream(peer, PROTOCOL_HEARTBEAT, t.io_timeout)
+        .await?;
+    let mut heartbeat = open(stream, None);
     drop(tx);
 
     // The partner answers each hello with what it already handled.
@@ -255,12 +346,14 @@ async fn session(
         let (kind, frame) = tokio::time::timeout(t.io_timeout, rx.recv())
             .await
             .map_err(|_| LinkError::Silent(t.io_timeout))?
-            .ok_or(LinkError::Closed(StreamKind::Create))?;
-        match frame.map_err(LinkError::Frame)? {
-            Some(Frame::Ack { seq }) => answered[kind as usize] = Some(seq),
-            Some(Frame::Error { code, message, .. }) => return Err(LinkError::Refused { code, message }),
-            Some(other) => tracing::debug!(%peer, ?other, "unexpected frame during handshake"),
-            None => return Err(LinkError::Closed(kind)),
+            .ok_or(LinkError::Closed("all"))?;
+        match (kind, frame.map_err(LinkError::Frame)?) {
+            (Some(kind), Some(Frame::Ack { seq })) => answered[kind as usize] = Some(seq),
+            (_, Some(Frame::Error { code, message, .. })) => {
+                return Err(LinkError::Refused { code, message })
+            }
+            (_, None) => return Err(LinkError::Closed(stream_name(kind))),
+            (_, Some(other)) => tracing::debug!(%peer, ?other, "unexpected frame during handshake"),
         }
     }
     let start = answered.iter().flatten().copied().min().unwrap_or(0);
@@ -269,12 +362,22 @@ async fn session(
     }
     cursor.acked = start;
     status.acked.store(start, Ordering::Relaxed);
+    status.heard();
     status.set(LinkState::Online, None);
     Metrics::add(&env.metrics.sessions_opened, 1);
-    tracing::info!(%peer, from = start + 1, "partner session open");
+    // Far behind: the partner pulls up to our head by journal sync; we push what follows.
+    let mut next = if head_at_hello > start + t.send_window {
+        head_at_hello + 1
+    } else {
+        start + 1
+    };
+    tracing::info!(%peer, partner_has = start, push_from = next, head = head_at_hello, "partner session open");
 
-    let mut next = start + 1;
+    let mut ping = tokio::time::interval(t.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let mut nonce = 0u64;
+    let mut pings: std::collections::VecDeque<(u64, Instant)> = Default::default();
     loop {
         let head_now = *head.borrow_and_update();
         let window_end = cursor.acked + t.send_window;
@@ -290,13 +393,20 @@ async fn session(
             let mut bufs: [Vec<u8>; 3] = Default::default();
             for entry in entries {
                 let kind = StreamKind::for_action(entry.action);
-                wire::encode_frame(&Frame::Event(entry), &mut bufs[kind as usize]);
+                let buf = &mut bufs[kind as usize];
+                let before = buf.len();
+                let seq = entry.seq;
+                wire::encode_frame(&Frame::Event(entry), buf);
+                if buf.len() - before > t.max_frame_bytes {
+                    buf.truncate(before);
+                    wire::encode_frame(&Frame::Large { seq }, buf);
+                }
             }
             for kind in StreamKind::ALL {
                 let buf = &bufs[kind as usize];
                 if !buf.is_empty() {
                     let w = &mut writers[kind as usize];
-                    timed(t.io_timeout, kind, async {
+                    timed(t.io_timeout, Some(kind), async {
                         w.write_all(buf).await?;
                         w.flush().await
                     })
@@ -307,20 +417,17 @@ async fn session(
             next = last + 1;
             // Take the acks that arrived meanwhile without waiting.
             while let Ok((kind, frame)) = rx.try_recv() {
-                on_frame(env, peer, status, cursor, kind, frame)?;
+                on_frame(env, peer, status, cursor, &mut pings, kind, frame)?;
                 last_heard = Instant::now();
             }
-            if cursor.persisted_at.elapsed() >= t.cursor_persist_every {
-                cursor.persist(env, peer).await;
-            }
+            cursor.persist_if_due(env, peer).await;
             continue;
         }
-        let waiting_for_acks = cursor.acked + 1 < next;
-        let silence = ACK_SILENCE_LIMIT.saturating_sub(last_heard.elapsed());
+        let silence = t.pong_discard_timeout.saturating_sub(last_heard.elapsed());
         tokio::select! {
             received = rx.recv() => {
-                let (kind, frame) = received.ok_or(LinkError::Closed(StreamKind::Create))?;
-                on_frame(env, peer, status, cursor, kind, frame)?;
+                let (kind, frame) = received.ok_or(LinkError::Closed("all"))?;
+                on_frame(env, peer, status, cursor, &mut pings, kind, frame)?;
                 last_heard = Instant::now();
             }
             changed = head.changed() => {
@@ -328,16 +435,20 @@ async fn session(
                     return Ok(());
                 }
             }
-            _ = tokio::time::sleep(silence), if waiting_for_acks => {
-                return Err(LinkError::Silent(ACK_SILENCE_LIMIT));
+            _ = ping.tick() => {
+                nonce += 1;
+                pings.push_back((nonce, Instant::now()));
+                if pings.len() > 16 {
+                    pings.pop_front();
+                }
+                timed(t.io_timeout, None, wire::write_frame(&mut heartbeat, &Frame::Ping { nonce })).await?;
+            }
+            _ = tokio::time::sleep(silence) => {
+                status.set(LinkState::Offline, Some(format!("no answer for {:?}", t.pong_discard_timeout)));
+                return Err(LinkError::Silent(t.pong_discard_timeout));
             }
         }
-        if cursor.persisted_at.elapsed() >= t.cursor_persist_every {
-            cursor.persist(env, peer).await;
-        }
-        if !waiting_for_acks {
-            last_heard = Instant::now();
-        }
+        cursor.persist_if_due(env, peer).await;
     }
 }
 
@@ -346,14 +457,26 @@ fn on_frame(
     peer: PeerId,
     status: &LinkStatus,
     cursor: &mut Cursor,
-    kind: StreamKind,
+    pings: &mut std::collections::VecDeque<(u64, Instant)>,
+    kind: Option<StreamKind>,
     frame: Result<Option<Frame>, FrameError>,
 ) -> Result<(), LinkError> {
+    status.heard();
     match frame {
         Ok(Some(Frame::Ack { seq })) => {
             if seq > cursor.acked {
                 cursor.acked = seq;
                 status.acked.store(seq, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        Ok(Some(Frame::Pong { nonce })) => {
+            if let Some(pos) = pings.iter().position(|(n, _)| *n == nonce) {
+                let (_, sent) = pings[pos];
+                status
+                    .rtt_us
+                    .store(sent.elapsed().as_micros().max(1) as u64, Ordering::Relaxed);
+                pings.drain(..=pos);
             }
             Ok(())
         }
@@ -376,35 +499,28 @@ fn on_frame(
             message,
         })) => Err(LinkError::Refused { code, message }),
         Ok(Some(other)) => {
-            tracing::debug!(%peer, ?kind, ?other, "ignoring unexpected frame");
+            tracing::debug!(%peer, stream = stream_name(kind), ?other, "ignoring unexpected frame");
             Ok(())
         }
-        Ok(None) => Err(LinkError::Closed(kind)),
+        Ok(None) => Err(LinkError::Closed(stream_name(kind))),
         Err(e) if e.is_recoverable() => {
-            tracing::warn!(%peer, ?kind, cause = %e, "skipping unreadable frame from partner");
+            tracing::warn!(%peer, stream = stream_name(kind), cause = %e, "skipping unreadable frame from partner");
             Ok(())
         }
         Err(e) => Err(LinkError::Frame(e)),
     }
 }
 
-async fn read_loop(kind: StreamKind, mut r: ReadHalf<Stream>, tx: mpsc::Sender<Inbound>, max: usize) {
-    loop {
-        let frame = wire::read_frame(&mut r, max).await;
-        let end = !matches!(&frame, Ok(Some(_))) && !matches!(&frame, Err(e) if e.is_recoverable());
-        if tx.send((kind, frame)).await.is_err() || end {
-            return;
-        }
-    }
-}
-
-async fn timed<F>(timeout: Duration, kind: StreamKind, f: F) -> Result<(), LinkError>
+async fn timed<F>(timeout: Duration, kind: Option<StreamKind>, f: F) -> Result<(), LinkError>
 where
     F: std::future::Future<Output = std::io::Result<()>>,
 {
     match tokio::time::timeout(timeout, f).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(source)) => Err(LinkError::Stream { kind, source }),
+        Ok(Err(source)) => Err(LinkError::Stream {
+            kind: stream_name(kind),
+            source,
+        }),
         Err(_) => Err(LinkError::Silent(timeout)),
     }
 }

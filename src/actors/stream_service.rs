@@ -48,8 +48,17 @@ pub struct PeerStatus {
     pub acked_seq: u64,
     /// Own journal entries the partner has not acknowledged yet.
     pub pending: u64,
-    /// `connecting`, `online` or `refused`.
+    /// The same figure under the name of the liveness contract.
+    #[serde(default)]
+    pub lag: u64,
+    /// `connecting`, `online`, `offline` or `refused`.
     pub state: String,
+    /// When `state` last changed, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub since: u64,
+    /// Last heartbeat round trip in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
     /// Last error of the link, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -113,7 +122,7 @@ impl Handler<AddPartner> for StreamService {
         if self.links.contains_key(&msg.peer) {
             return;
         }
-        let status = Arc::new(LinkStatus::default());
+        let status = Arc::new(LinkStatus::new(self.env.tuning.pong_discard_timeout));
         let task = tokio::spawn(partner_link::run(
             self.env.clone(),
             msg.peer,
@@ -149,7 +158,10 @@ impl Handler<GetPeers> for StreamService {
                         connected: self.env.net.state().is_connected(peer),
                         acked_seq: snap.acked,
                         pending: head.saturating_sub(snap.acked),
+                        lag: head.saturating_sub(snap.acked),
                         state: snap.state.as_str().to_owned(),
+                        since: snap.since_ms,
+                        rtt_ms: snap.rtt_ms,
                         last_error: snap.last_error,
                     }
                 })

@@ -26,6 +26,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
 pub const PROTOCOL_UPDATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/update/1.0");
 pub const PROTOCOL_DELETE: StreamProtocol = StreamProtocol::new("/opencloud/resource/delete/1.0");
+/// Partner liveness: `ping` / `pong` frames (`protocols/heartbeat.md`).
+pub const PROTOCOL_HEARTBEAT: StreamProtocol =
+    StreamProtocol::new("/opencloud/resource/heartbeat/partner/1.0");
 /// The three resource streams, in the index order used by [`StreamKind`].
 pub const RESOURCE_PROTOCOLS: [StreamProtocol; 3] = [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
 

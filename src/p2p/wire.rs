@@ -17,13 +17,59 @@ pub const ABSOLUTE_MAX_FRAME: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Frame {
-    /// Sender → receiver, first frame on each stream: whose journal follows.
-    Hello { origin: String },
+    /// Sender → receiver, first frame on each stream: whose journal follows, and how far it
+    /// goes (a receiver far behind pulls the gap with the journal sync protocol).
+    Hello {
+        origin: String,
+        #[serde(default)]
+        head: u64,
+    },
     /// Sender → receiver: one journal entry.
     Event(JournalEntry),
+    /// Sender → receiver: the entry `seq` is larger than a frame may be; pull it with the
+    /// journal sync protocol, which splits it.
+    Large {
+        seq: u64,
+    },
+    /// Heartbeat, either way: the peer answers `pong` with the same nonce.
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// Journal sync, puller → owner: entries `since < seq <= until` of `origin` (until
+    /// chosen by the owner when absent), cut in parts of at most `part_bytes`; `parts`
+    /// asks again for only those parts of an answer already begun.
+    SyncRequest {
+        origin: String,
+        since: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<u64>,
+        part_bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parts: Option<Vec<u32>>,
+    },
+    /// Journal sync, owner → puller: what the parts that follow hold.
+    SyncHeader {
+        since: u64,
+        until: u64,
+        head: u64,
+        total: u32,
+        bytes: u64,
+    },
+    /// Journal sync, owner → puller: part `index` of `total` (base64 of a slice of the JSON
+    /// lines of the entries).
+    SyncPart {
+        index: u32,
+        total: u32,
+        data: String,
+    },
     /// Receiver → sender: every entry of the origin up to and including `seq` is handled
     /// (applied, or refused with an `Error` frame). Cumulative.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     /// Receiver → sender: a refusal, about one entry (`seq`) or about the stream.
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +149,28 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
     serde_json::from_slice(&body)
         .map(Some)
         .map_err(FrameError::Decode)
+}
+
+/// Reads frames until the stream ends or fails for good, handing each result to `tx`
+/// (wrapped by `wrap`); the final `Ok(None)` or fatal error is handed over too. Stops early
+/// when the receiver is gone. The channel bound is the backpressure: a slow consumer stops
+/// the reading, and the peer's writes block on the transport window.
+pub async fn forward_frames<R, T, F>(mut r: R, max: usize, tx: tokio::sync::mpsc::Sender<T>, wrap: F)
+where
+    R: AsyncRead + Unpin,
+    F: Fn(Result<Option<Frame>, FrameError>) -> T,
+{
+    loop {
+        let frame = read_frame(&mut r, max).await;
+        let end = match &frame {
+            Ok(Some(_)) => false,
+            Ok(None) => true,
+            Err(e) => !e.is_recoverable(),
+        };
+        if tx.send(wrap(frame)).await.is_err() || end {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
