@@ -134,11 +134,10 @@ async fn main() -> anyhow::Result<()> {
         // Each accepted event reaches the two other sites.
         if String::from_utf8_lossy(&reply.payload).contains("\"ok\":true") {
             for _ in 0..2 {
-                let (name, subject, payload) =
-                    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                        .await
-                        .context("event did not propagate within 10 s")?
-                        .context("collectors stopped")?;
+                let (name, subject, payload) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .context("event did not propagate within 10 s")?
+                    .context("collectors stopped")?;
                 println!("    {name} app ← {subject} {payload}");
             }
         }
