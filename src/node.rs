@@ -75,17 +75,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     }
     // Inbound apply starts once the publishes a previous run left in the outbox are out, so
     // notices of one origin reach NATS in order.
+    let publisher = Arc::new(nats::Publisher::new(nats.clone()));
     let inbound_env = InboundEnv {
         own_id: own_id.clone(),
         store: store.clone(),
-        nats: nats.clone(),
+        publisher: publisher.clone(),
         net: net.clone(),
         partners,
         metrics: metrics.clone(),
         tuning: t.clone(),
         shutdown: stop_rx.clone(),
     };
-    let drain = drain_outbox(store.clone(), nats.clone(), t.io_timeout, stop_rx.clone());
+    let drain = drain_outbox(store.clone(), publisher, t.io_timeout, stop_rx.clone());
     actix::spawn(async move {
         if drain.await {
             InboundApply::new(inbound_env).start();
@@ -156,7 +157,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
 /// Returns false when shutdown came first.
 async fn drain_outbox(
     store: Arc<dyn Store>,
-    nats: async_nats::Client,
+    publisher: Arc<nats::Publisher>,
     timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> bool {
@@ -167,7 +168,8 @@ async fn drain_outbox(
             if rows.is_empty() {
                 return Ok::<bool, String>(true);
             }
-            nats::publish_rows(&nats, &rows, timeout)
+            publisher
+                .publish_rows(&rows, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
             tracing::info!(count = rows.len(), "published outbox rows left by a previous run");

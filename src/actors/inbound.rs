@@ -74,7 +74,7 @@ impl Partners {
 pub struct InboundEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
-    pub nats: async_nats::Client,
+    pub publisher: Arc<crate::nats::Publisher>,
     pub net: p2p::Client,
     pub partners: Arc<Partners>,
     pub metrics: Arc<Metrics>,
@@ -564,11 +564,9 @@ impl Session {
         }
         if !rows.is_empty() {
             let timeout = env.tuning.io_timeout;
-            if retry(&env, "publish", || {
-                crate::nats::publish_rows(&env.nats, &rows, timeout)
-            })
-            .await
-            .is_none()
+            if retry(&env, "publish", || env.publisher.publish_rows(&rows, timeout))
+                .await
+                .is_none()
             {
                 return false;
             }

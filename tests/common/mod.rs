@@ -82,14 +82,26 @@ impl Site {
             .expect("publish");
     }
 
-    /// The resources this site's node stored for a data type.
+    /// The resources this site's node stored for a data type (all pages).
     pub async fn stored(&self, data_type: &str) -> Vec<Value> {
-        let v = self
-            .node
-            .get_json(&format!("/api/resources/{data_type}?limit=10000"))
-            .await
-            .expect("resources");
-        v.as_array().cloned().unwrap_or_default()
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let after = all
+                .last()
+                .and_then(|r| r["id"].as_str())
+                .map(|id| format!("&after={id}"))
+                .unwrap_or_default();
+            let page = self
+                .node
+                .get_json(&format!("/api/resources/{data_type}?limit=10000{after}"))
+                .await
+                .expect("resources");
+            let page = page.as_array().cloned().unwrap_or_default();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
     }
 }
 
@@ -170,4 +182,91 @@ pub fn event(action: &str, id: &str, creator: &str, extra: Value) -> Value {
         }
     }
     json!({"action": action, "data_type": "COMPUTE_RESOURCE", "user": "alice", "from_app": "oc-catalog", "payload": payload})
+}
+
+/// A JetStream stream on `site`'s NATS capturing what its node publishes, deduplicated on
+/// `Nats-Msg-Id`: its message count is the number of distinct events published.
+pub async fn capture_notices(site: &Site) -> async_nats::jetstream::stream::Stream {
+    let js = async_nats::jetstream::new(site.app.clone());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "TEST_NOTICES".into(),
+        subjects: vec!["CREATE_RESOURCE".into(), "REMOVE_RESOURCE".into()],
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .expect("notices stream")
+}
+
+pub async fn stream_count(stream: &mut async_nats::jetstream::stream::Stream) -> u64 {
+    match stream.info().await {
+        Ok(info) => info.state.messages,
+        Err(_) => 0,
+    }
+}
+
+/// A TCP relay in front of a node's libp2p port that the test can cut (a network
+/// partition: bytes stop flowing, connections hang) and restore (hung connections are
+/// dropped, new ones flow).
+pub struct Relay {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    pub async fn start(target: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let port = listener.local_addr().unwrap().port();
+        // Even epochs flow, odd epochs are cut; a connection lives in one epoch only.
+        let (cut, epochs) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let mut epochs = epochs.clone();
+                tokio::spawn(async move {
+                    let epoch = *epochs.borrow_and_update();
+                    if epoch % 2 == 1 {
+                        // Cut: accept and hold, never forward; dropped at restore.
+                        let _ = epochs.changed().await;
+                        return;
+                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = outbound.into_split();
+                    let copying = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut ri, &mut wo) => {}
+                            _ = tokio::io::copy(&mut ro, &mut wi) => {}
+                        }
+                    };
+                    let cut = async {
+                        let _ = epochs.wait_for(|e| *e != epoch).await;
+                    };
+                    tokio::select! {
+                        _ = copying => return,
+                        _ = cut => {}
+                    }
+                    // Cut: nothing flows, the sockets stay open until the network is back.
+                    let _ = epochs.changed().await;
+                    drop((ri, wi, ro, wo));
+                });
+            }
+        });
+        Relay { port, cut }
+    }
+
+    pub fn addr(&self, peer_id: &str) -> String {
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer_id}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_modify(|e| *e |= 1);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_modify(|e| *e = (*e | 1) + 1);
+    }
 }
