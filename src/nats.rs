@@ -49,16 +49,17 @@ pub fn is_connected(client: &Client) -> bool {
 ///
 /// A subject captured by a JetStream stream is published through JetStream and confirmed
 /// by its PubAck (persisted, deduplicated on `Nats-Msg-Id`); a subject no stream captures
-/// falls back to a core publish confirmed by a flush round trip, and is probed again later.
+/// gets a core publish confirmed by a flush round trip. Which is which is asked of the
+/// server and remembered for `CAPTURE_RECHECK`.
 pub struct Publisher {
     client: Client,
     js: async_nats::jetstream::Context,
-    /// Subjects without a stream, until when to publish them core-style.
-    core_until: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Subject → (captured by a stream, when that was learned).
+    captured: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
 }
 
-/// How long a subject found without a stream is published core-style before probing again.
-const CORE_RECHECK: Duration = Duration::from_secs(30);
+/// How long what was learned about a subject's stream is trusted.
+const CAPTURE_RECHECK: Duration = Duration::from_secs(30);
 
 impl Publisher {
     pub fn new(client: Client) -> Self {
@@ -66,24 +67,26 @@ impl Publisher {
         Publisher {
             client,
             js,
-            core_until: Default::default(),
+            captured: Default::default(),
         }
     }
 
-    fn is_core(&self, subject: &str) -> bool {
-        self.core_until
-            .lock()
-            .map(|m| {
-                m.get(subject)
-                    .is_some_and(|until| *until > std::time::Instant::now())
-            })
-            .unwrap_or(false)
-    }
-
-    fn mark_core(&self, subject: &str) {
-        if let Ok(mut m) = self.core_until.lock() {
-            m.insert(subject.to_owned(), std::time::Instant::now() + CORE_RECHECK);
+    async fn is_captured(&self, subject: &str, timeout: Duration) -> bool {
+        let known = self.captured.lock().ok().and_then(|m| m.get(subject).copied());
+        if let Some((captured, at)) = known {
+            if at.elapsed() < CAPTURE_RECHECK {
+                return captured;
+            }
         }
+        // A server without JetStream, or no stream on the subject: core publish.
+        let captured = matches!(
+            tokio::time::timeout(timeout, self.js.stream_by_subject(subject)).await,
+            Ok(Ok(_))
+        );
+        if let Ok(mut m) = self.captured.lock() {
+            m.insert(subject.to_owned(), (captured, std::time::Instant::now()));
+        }
+        captured
     }
 
     /// Publishes outbox rows with their `Nats-Msg-Id` and waits until the server has them.
@@ -94,39 +97,28 @@ impl Publisher {
         let failed = |e: &dyn std::fmt::Display| PublishError::Publish(e.to_string());
         let work = async {
             let mut acks = Vec::new();
-            let mut core = Vec::new();
+            let mut core = false;
             for row in rows {
-                if self.is_core(&row.subject) {
-                    core.push(row);
-                    continue;
-                }
-                let ack = self
-                    .js
-                    .publish_with_headers(row.subject.clone(), headers(row), row.payload.clone().into())
-                    .await
-                    .map_err(|e| failed(&e))?;
-                acks.push((row, ack));
-            }
-            // Pipelined: every publish is out before the first acknowledgement is awaited.
-            for (row, ack) in acks {
-                match ack.await {
-                    Ok(_) => {}
-                    Err(e)
-                        if e.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound =>
-                    {
-                        self.mark_core(&row.subject);
-                        core.push(row);
-                    }
-                    Err(e) => return Err(failed(&e)),
-                }
-            }
-            if !core.is_empty() {
-                for row in core {
+                if self.is_captured(&row.subject, timeout).await {
+                    let ack = self
+                        .js
+                        .publish_with_headers(row.subject.clone(), headers(row), row.payload.clone().into())
+                        .await
+                        .map_err(|e| failed(&e))?;
+                    acks.push(ack);
+                } else {
                     self.client
                         .publish_with_headers(row.subject.clone(), headers(row), row.payload.clone().into())
                         .await
                         .map_err(|e| failed(&e))?;
+                    core = true;
                 }
+            }
+            // Pipelined: every publish is out before the first confirmation is awaited.
+            for ack in acks {
+                ack.await.map_err(|e| failed(&e))?;
+            }
+            if core {
                 self.client.flush().await.map_err(|e| failed(&e))?;
             }
             Ok(())

@@ -294,24 +294,25 @@ impl NodeProcess {
         }
     }
 
-    /// SIGTERM, then waits up to 15 s before killing.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            #[cfg(unix)]
-            // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+    /// SIGTERM, then waits up to 15 s before killing. Returns the exit status when the
+    /// process stopped by itself.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        #[cfg(unix)]
+        // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
         }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
     pub fn is_running(&mut self) -> bool {

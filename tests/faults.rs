@@ -349,3 +349,29 @@ async fn a_30_second_network_cut_loses_nothing() {
     assert_eq!(peers[0]["state"], "online", "{peers}");
     assert!(peers[0]["rtt_ms"].as_f64().is_some(), "{peers}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_a_restart_resumes_where_it_stopped() {
+    init_tracing();
+    const N: usize = 5_000;
+    let (mut a, mut b) = (Site::jetstream().await, Site::jetstream().await);
+    partner(&mut a, &mut [&mut b]);
+    let mut notices = capture_notices(&b).await;
+    a.node.start_healthy().await.unwrap();
+    b.node.start_healthy().await.unwrap();
+    publish_many(&a, "r", N / 2).await;
+    wait_applied_some(&b).await;
+    for site in [&mut a, &mut b] {
+        let status = site.node.stop().expect("stopped by itself within 15 s");
+        assert!(status.success(), "exit status {status}");
+        assert!(site.node.log().contains("stopped"), "{}", site.node.log_tail(20));
+    }
+    publish_many(&a, "s", N / 2).await;
+    a.node.start_healthy().await.unwrap();
+    b.node.start_healthy().await.unwrap();
+    expect_exactly("SIGTERM and restart", &b, &mut notices, N).await;
+    let head = a.node.get_json("/api/node").await.unwrap()["journal_head"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(head, N as u64);
+}
