@@ -42,8 +42,34 @@ impl Action {
     }
 }
 
-/// Actions that exist in OpenCloud but are served by later parts of the node.
-const KNOWN_UNSUPPORTED: &[&str] = &["PB_SEARCH", "PB_CONSIDERS", "PB_PLANNER", "PB_CLOSE_PLANNER"];
+/// Application requests that are not journaled: searches and messages to chosen peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandAction {
+    Search,
+    Considers,
+    Planner,
+    ClosePlanner,
+}
+
+impl CommandAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandAction::Search => "PB_SEARCH",
+            CommandAction::Considers => "PB_CONSIDERS",
+            CommandAction::Planner => "PB_PLANNER",
+            CommandAction::ClosePlanner => "PB_CLOSE_PLANNER",
+        }
+    }
+}
+
+/// A validated command from the local application.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppCommand {
+    pub action: CommandAction,
+    pub data_type: String,
+    pub user: String,
+    pub payload: Value,
+}
 
 /// Stable error codes: a public contract (README, protocols/nats-subjects.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,10 +87,16 @@ pub enum ErrorCode {
     ForgedOrigin,
     /// Inbound only: the resource exists with another creator.
     Conflict,
+    /// A peer named by a command could not be reached.
+    Unreachable,
+    /// A bounded queue is full; retry later.
+    Busy,
+    /// The receiving node could not republish on its NATS.
+    NatsUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidJson,
         ErrorCode::MissingField,
         ErrorCode::InvalidField,
@@ -75,6 +107,9 @@ impl ErrorCode {
         ErrorCode::NotPartner,
         ErrorCode::ForgedOrigin,
         ErrorCode::Conflict,
+        ErrorCode::Unreachable,
+        ErrorCode::Busy,
+        ErrorCode::NatsUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +124,9 @@ impl ErrorCode {
             ErrorCode::NotPartner => "not_partner",
             ErrorCode::ForgedOrigin => "forged_origin",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Unreachable => "unreachable",
+            ErrorCode::Busy => "busy",
+            ErrorCode::NatsUnavailable => "nats_unavailable",
         }
     }
 
@@ -135,6 +173,8 @@ pub struct NewEvent {
 pub enum Decoded {
     /// A change to journal and propagate.
     Accept(NewEvent),
+    /// A search or a message to chosen peers.
+    Command(AppCommand),
     /// The node's own publish coming back: ignored without a reply.
     OwnEcho,
 }
@@ -168,19 +208,20 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
     }
     let action = required_string(&fields, "action")?;
     let action = match action.to_ascii_uppercase().as_str() {
-        "PB_CREATE" => Action::Create,
-        "PB_UPDATE" => Action::Update,
-        "PB_DELETE" => Action::Delete,
-        other if KNOWN_UNSUPPORTED.contains(&other) => {
-            return Err(Refusal::new(
-                ErrorCode::UnsupportedAction,
-                format!("action {other} is not supported by this node version"),
-            ))
-        }
+        "PB_CREATE" => Ok(Action::Create),
+        "PB_UPDATE" => Ok(Action::Update),
+        "PB_DELETE" => Ok(Action::Delete),
+        "PB_SEARCH" => Err(CommandAction::Search),
+        "PB_CONSIDERS" => Err(CommandAction::Considers),
+        "PB_PLANNER" => Err(CommandAction::Planner),
+        "PB_CLOSE_PLANNER" => Err(CommandAction::ClosePlanner),
         other => {
             return Err(Refusal::new(
                 ErrorCode::UnsupportedAction,
-                format!("unknown action {other:?}; expected PB_CREATE, PB_UPDATE or PB_DELETE"),
+                format!(
+                    "unknown action {other:?}; expected PB_CREATE, PB_UPDATE, PB_DELETE, PB_SEARCH, \
+                     PB_CONSIDERS, PB_PLANNER or PB_CLOSE_PLANNER"
+                ),
             ))
         }
     };
@@ -192,26 +233,16 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
         ));
     }
     let user = optional_string(&fields, "user")?.unwrap_or_default();
-    let resource = match fields.get("payload") {
-        None | Some(Value::Null) => {
-            return Err(Refusal::new(ErrorCode::MissingField, "missing field payload"))
-        }
-        Some(Value::Object(o)) => Value::Object(o.clone()),
-        // Go producers marshal a pre-encoded payload as a JSON string.
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(Value::Object(o)) => Value::Object(o),
-            _ => {
-                return Err(Refusal::new(
-                    ErrorCode::InvalidField,
-                    "payload must be a JSON object (or a string holding one)",
-                ))
-            }
-        },
-        Some(_) => {
-            return Err(Refusal::new(
-                ErrorCode::InvalidField,
-                "payload must be a JSON object",
-            ))
+    let resource = payload_object(&fields)?;
+    let action = match action {
+        Ok(action) => action,
+        Err(command) => {
+            return Ok(Decoded::Command(AppCommand {
+                action: command,
+                data_type,
+                user,
+                payload: resource,
+            }))
         }
     };
     let resource_id = payload_string(&resource, "id")?;
@@ -238,6 +269,25 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
         resource,
         resource_id,
     }))
+}
+
+/// `payload` as an object; Go producers send it as a string holding the JSON.
+fn payload_object(fields: &Map<String, Value>) -> Result<Value, Refusal> {
+    match fields.get("payload") {
+        None | Some(Value::Null) => Err(Refusal::new(ErrorCode::MissingField, "missing field payload")),
+        Some(Value::Object(o)) => Ok(Value::Object(o.clone())),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Object(o)) => Ok(Value::Object(o)),
+            _ => Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "payload must be a JSON object (or a string holding one)",
+            )),
+        },
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidField,
+            "payload must be a JSON object",
+        )),
+    }
 }
 
 /// Lower-cases top-level keys and folds the `datatype` spelling into `data_type`,
@@ -395,10 +445,13 @@ mod tests {
         assert_eq!(code("{nope"), ErrorCode::InvalidJson);
         assert_eq!(code("[1]"), ErrorCode::InvalidJson);
         assert_eq!(code(r#"{"data_type":"X","payload":{}}"#), ErrorCode::MissingField);
-        assert_eq!(
-            code(r#"{"action":"PB_SEARCH","data_type":"X","payload":{}}"#),
-            ErrorCode::UnsupportedAction
-        );
+        assert!(matches!(
+            decode(r#"{"action":"PB_SEARCH","data_type":"X","payload":{}}"#),
+            Ok(Decoded::Command(AppCommand {
+                action: CommandAction::Search,
+                ..
+            }))
+        ));
         assert_eq!(
             code(r#"{"action":"PB_FLY","data_type":"X","payload":{}}"#),
             ErrorCode::UnsupportedAction

@@ -12,6 +12,7 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
+use crate::actors::commands::{CommandEnv, CommandRouter};
 use crate::actors::inbound::{InboundApply, InboundEnv, Partners};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
@@ -80,8 +81,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         own_id: own_id.clone(),
         store: store.clone(),
         publisher: publisher.clone(),
+        nats: nats.clone(),
         net: net.clone(),
-        partners,
+        partners: partners.clone(),
         metrics: metrics.clone(),
         tuning: t.clone(),
         shutdown: stop_rx.clone(),
@@ -92,12 +94,24 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             InboundApply::new(inbound_env).start();
         }
     });
+    let commands = CommandRouter::new(CommandEnv {
+        own_id: own_id.clone(),
+        nats: nats.clone(),
+        net: net.clone(),
+        partners: partners.clone(),
+        resolver: None,
+        search: None,
+        metrics: metrics.clone(),
+        tuning: t.clone(),
+    })
+    .start();
     let intake_status = Arc::new(IntakeStatus::default());
     let intake = Intake::new(IntakeEnv {
         own_id: own_id.clone(),
         store: store.clone(),
         nats: nats.clone(),
         links: links.clone().recipient(),
+        commands: commands.recipient(),
         metrics: metrics.clone(),
         status: intake_status.clone(),
         max_event_bytes: cfg.max_event_bytes,

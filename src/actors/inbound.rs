@@ -37,6 +37,8 @@ use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
 use crate::store::{ApplyOutcome, Store};
 use crate::sync::{self, PROTOCOL_SYNC};
 
+use super::commands::{forward_to_nats, PLANNER_IDLE, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
+
 /// Inputs buffered between the stream readers and a session.
 const SESSION_INBOX: usize = 4096;
 /// Concurrent helper tasks (refusals, heartbeat answers, sync answers) across all peers.
@@ -75,6 +77,8 @@ pub struct InboundEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
     pub publisher: Arc<crate::nats::Publisher>,
+    /// For republishing considers / planner messages.
+    pub nats: async_nats::Client,
     pub net: p2p::Client,
     pub partners: Arc<Partners>,
     pub metrics: Arc<Metrics>,
@@ -136,10 +140,12 @@ impl Actor for InboundApply {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let protocols = StreamKind::ALL
-            .map(StreamKind::protocol)
-            .into_iter()
-            .chain([PROTOCOL_HEARTBEAT, PROTOCOL_SYNC]);
+        let protocols = StreamKind::ALL.map(StreamKind::protocol).into_iter().chain([
+            PROTOCOL_HEARTBEAT,
+            PROTOCOL_SYNC,
+            PROTOCOL_CONSIDERS,
+            PROTOCOL_PLANNER,
+        ]);
         for protocol in protocols {
             let Some(mut incoming) = self.env.net.accept(protocol.clone()) else {
                 tracing::error!(%protocol, "protocol already registered");
@@ -182,6 +188,18 @@ impl Handler<IncomingStream> for InboundApply {
             mut stream,
         } = msg;
         let timeout = self.env.tuning.io_timeout;
+        // Considers and planner messages come from any peer of the network (not only
+        // partners); a blacklisted peer never gets this far.
+        if protocol == PROTOCOL_CONSIDERS || protocol == PROTOCOL_PLANNER {
+            let idle = if protocol == PROTOCOL_PLANNER {
+                PLANNER_IDLE
+            } else {
+                timeout
+            };
+            let work = forward_to_nats(stream, peer, self.env.nats.clone(), self.env.tuning.clone(), idle);
+            self.helper(peer, "forward", work);
+            return;
+        }
         if !self.env.partners.contains(&peer) {
             tracing::warn!(%peer, %protocol, code = "not_partner", "stream from a peer that is not a partner refused");
             self.env.metrics.refused("inbound", ErrorCode::NotPartner);

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde_json::json;
 
+use super::commands::Dispatch;
 use super::stream_service::JournalAdvanced;
 use crate::event::{self, Decoded, ErrorCode, Refusal};
 use crate::metrics::Metrics;
@@ -114,6 +115,8 @@ pub struct IntakeEnv {
     pub store: Arc<dyn Store>,
     pub nats: Client,
     pub links: Recipient<JournalAdvanced>,
+    /// Where searches and messages to chosen peers go.
+    pub commands: Recipient<Dispatch>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<IntakeStatus>,
     pub max_event_bytes: usize,
@@ -319,6 +322,16 @@ impl IntakeEnv {
                     stream_seqs.extend(msg.js.as_ref().map(|js| js.stream_seq));
                 }
                 Ok(Decoded::OwnEcho) => Metrics::add(&self.metrics.intake_echoes, 1),
+                Ok(Decoded::Command(command)) => {
+                    // Waits for room in the router's mailbox: intake slows, nothing is dropped.
+                    let dispatch = Dispatch {
+                        command,
+                        reply: msg.reply.clone(),
+                    };
+                    if self.commands.send(dispatch).await.is_err() {
+                        tracing::error!("command router stopped; command dropped");
+                    }
+                }
                 Err(refusal) => self.refuse(msg, &refusal).await,
             }
         }

@@ -31,6 +31,14 @@ pub enum Frame {
     Large {
         seq: u64,
     },
+    /// Considers / planner: an application message for the receiver to republish on its
+    /// NATS as `PROPALGATION_EVENT` (answered by `ack`, or `error`).
+    Forward {
+        action: String,
+        data_type: String,
+        user: String,
+        payload: serde_json::Value,
+    },
     /// Heartbeat, either way: the peer answers `pong` with the same nonce.
     Ping {
         nonce: u64,
