@@ -10,7 +10,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{applied_state, decide, ApplyOutcome, OutboxRow, Store, StoreError, StoreResult, StoredResource};
+use super::{
+    applied_state, decide, ApplyOutcome, OutboxRow, PeerRow, Store, StoreError, StoreResult, StoredResource,
+};
 use crate::event::{now_ms, JournalEntry, NewEvent};
 
 /// (origin, seq) → JSON of [`JournalEntry`].
@@ -21,6 +23,10 @@ const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
 /// (data_type, id) → JSON of [`StoredResource`] (tombstones included).
 const RESOURCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("resources");
+/// (data_type, id) → JSON of this node's own resource, as its journal last left it.
+const OWN: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("own");
+/// peer id → JSON of [`PeerRow`].
+const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 /// JetStream stream sequence of a journaled intake message → its journal seq.
 const INTAKE: TableDefinition<u64, u64> = TableDefinition::new("intake");
 /// outbox id → JSON of [`OutboxRow`].
@@ -53,6 +59,8 @@ impl EmbeddedStore {
             txn.open_table(RESOURCES).map_err(unavailable)?;
             txn.open_table(OUTBOX).map_err(unavailable)?;
             txn.open_table(INTAKE).map_err(unavailable)?;
+            txn.open_table(OWN).map_err(unavailable)?;
+            txn.open_table(PEERS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
@@ -101,6 +109,7 @@ impl Store for EmbeddedStore {
             let mut out = Vec::with_capacity(events.len());
             {
                 let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+                let mut own = txn.open_table(OWN).map_err(unavailable)?;
                 let mut seq = last_seq(&table, &origin)?;
                 let time_ms = now_ms();
                 for e in events {
@@ -118,6 +127,14 @@ impl Store for EmbeddedStore {
                     table
                         .insert((origin.as_str(), seq), bytes.as_slice())
                         .map_err(unavailable)?;
+                    // The own-resources index follows the journal in the same commit.
+                    let key = (entry.data_type.as_str(), e.resource_id.as_str());
+                    if entry.action == crate::event::Action::Delete {
+                        own.remove(key).map_err(unavailable)?;
+                    } else {
+                        let state = serde_json::to_vec(&entry.resource).map_err(corrupt)?;
+                        own.insert(key, state.as_slice()).map_err(unavailable)?;
+                    }
                     out.push(entry);
                 }
             }
@@ -172,6 +189,64 @@ impl Store for EmbeddedStore {
             txn.open_table(CURSORS)
                 .map_err(unavailable)?
                 .insert(peer.as_str(), seq)
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn own_resources(&self, _origin: &str, data_type: &str) -> StoreResult<Vec<serde_json::Value>> {
+        let data_type = data_type.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(OWN).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in table.range((data_type.as_str(), "")..).map_err(unavailable)? {
+                let (k, v) = item.map_err(unavailable)?;
+                if k.value().0 != data_type {
+                    break;
+                }
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn peers(&self) -> StoreResult<Vec<PeerRow>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(PEERS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(unavailable)? {
+                let (_, v) = item.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_peer(&self, row: PeerRow) -> StoreResult<()> {
+        self.blocking(move |db| {
+            let bytes = serde_json::to_vec(&row).map_err(corrupt)?;
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(PEERS)
+                .map_err(unavailable)?
+                .insert(row.peer_id.as_str(), bytes.as_slice())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn remove_peer(&self, peer_id: &str) -> StoreResult<()> {
+        let peer_id = peer_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(PEERS)
+                .map_err(unavailable)?
+                .remove(peer_id.as_str())
                 .map_err(unavailable)?;
             txn.commit().map_err(unavailable)
         })

@@ -128,6 +128,72 @@ pub trait Store: Send + Sync + 'static {
         after: Option<String>,
         limit: usize,
     ) -> StoreResult<Vec<StoredResource>>;
+
+    /// The current state of this node's own resources of a data type (deleted ones left
+    /// out), derived from its journal: what a search responder offers.
+    ///
+    /// The default folds the whole journal; backends keep an index instead.
+    async fn own_resources(&self, origin: &str, data_type: &str) -> StoreResult<Vec<serde_json::Value>> {
+        let mut latest: std::collections::BTreeMap<String, Option<serde_json::Value>> = Default::default();
+        let mut next = 1;
+        loop {
+            let chunk = self.read_journal(origin, next, 4096).await?;
+            let Some(last) = chunk.last().map(|e| e.seq) else {
+                break;
+            };
+            for e in chunk.into_iter().filter(|e| e.data_type == data_type) {
+                if let Some(id) = e.resource_id().map(str::to_owned) {
+                    let alive = e.action != crate::event::Action::Delete;
+                    latest.insert(id, alive.then_some(e.resource));
+                }
+            }
+            next = last + 1;
+        }
+        Ok(latest.into_values().flatten().collect())
+    }
+
+    /// Peers this node met, with their relation.
+    async fn peers(&self) -> StoreResult<Vec<PeerRow>>;
+    async fn put_peer(&self, row: PeerRow) -> StoreResult<()>;
+    async fn remove_peer(&self, peer_id: &str) -> StoreResult<()>;
+}
+
+/// How this node relates to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Relation {
+    /// Replicated to and accepted from.
+    Partner,
+    /// Met (search, DHT, considers) but no partnership.
+    Known,
+    /// Refused at connection time.
+    Blacklist,
+}
+
+impl Relation {
+    pub fn parse(s: &str) -> Option<Relation> {
+        match s.to_ascii_lowercase().as_str() {
+            "partner" => Some(Relation::Partner),
+            "known" => Some(Relation::Known),
+            "blacklist" => Some(Relation::Blacklist),
+            _ => None,
+        }
+    }
+}
+
+/// A peer this node met.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub peer_id: String,
+    pub relation: Relation,
+    #[serde(default)]
+    pub addrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The peer's last verified signed record, when it came from the DHT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
+    pub updated_ms: u64,
 }
 
 /// The version rule shared by every backend (ARCHITECTURE invariant 3): apply iff the
