@@ -17,9 +17,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::intake::{IntakeMode, IntakeStatus};
+use crate::actors::peers::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::actors::stream_service::{GetPeers, StreamService};
+use crate::event::{ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::p2p;
+use crate::store::Relation;
 use crate::store::Store;
 
 const MAX_LIST_LIMIT: usize = 10_000;
@@ -30,6 +33,7 @@ pub struct AdminState {
     pub net: p2p::Client,
     pub store: Arc<dyn Store>,
     pub links: Addr<StreamService>,
+    pub peers: Addr<PeerManager>,
     pub metrics: Arc<Metrics>,
     pub intake: Arc<IntakeStatus>,
 }
@@ -49,6 +53,9 @@ pub fn serve(addr: &str, state: AdminState) -> std::io::Result<actix_web::dev::S
             .route("/api/resources/{data_type}", web::get().to(resources))
             .route("/api/resources/{data_type}/{id}", web::get().to(resource))
             .route("/metrics", web::get().to(metrics))
+            .route("/api/partners", web::get().to(list_partners))
+            .route("/api/partners", web::post().to(add_partner))
+            .route("/api/partners/{peer_id}", web::delete().to(remove_partner))
     })
     .workers(1)
     .disable_signals()
@@ -135,4 +142,84 @@ async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(s.metrics.render())
+}
+
+async fn list_partners(s: web::Data<AdminState>) -> HttpResponse {
+    match s.peers.send(ListPeers).await {
+        Ok(Ok(list)) => HttpResponse::Ok().json(list),
+        Ok(Err(r)) => HttpResponse::ServiceUnavailable().json(refusal_json(&r)),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+    }
+}
+
+/// Body of `POST /api/partners`.
+#[derive(Deserialize)]
+struct PartnerBody {
+    /// Multiaddr ending in `/p2p/<peer id>` (or give `peer_id` apart).
+    addr: Option<String>,
+    peer_id: Option<String>,
+    /// `partner` (default), `known` or `blacklist`.
+    relation: Option<String>,
+}
+
+async fn add_partner(s: web::Data<AdminState>, body: web::Json<PartnerBody>) -> HttpResponse {
+    let bad = |r: Refusal| HttpResponse::BadRequest().json(refusal_json(&r));
+    let body = body.into_inner();
+    let addr: Option<libp2p::Multiaddr> = match body.addr.as_deref().map(str::parse) {
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => return bad(Refusal::new(ErrorCode::InvalidField, format!("addr: {e}"))),
+        None => None,
+    };
+    let from_addr = addr.as_ref().and_then(|a| match a.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+        _ => None,
+    });
+    let peer = match (
+        body.peer_id.as_deref().map(str::parse::<libp2p::PeerId>),
+        from_addr,
+    ) {
+        (Some(Ok(p)), _) => p,
+        (Some(Err(_)), _) => return bad(Refusal::new(ErrorCode::InvalidField, "peer_id is not a peer id")),
+        (None, Some(p)) => p,
+        (None, None) => {
+            return bad(Refusal::new(
+                ErrorCode::MissingField,
+                "give addr ending in /p2p/<peer id>, or peer_id",
+            ))
+        }
+    };
+    let relation = match body.relation.as_deref().map(Relation::parse) {
+        None => Relation::Partner,
+        Some(Some(r)) => r,
+        Some(None) => {
+            return bad(Refusal::new(
+                ErrorCode::InvalidField,
+                "relation: partner, known or blacklist",
+            ))
+        }
+    };
+    match s.peers.send(SetRelation { peer, addr, relation }).await {
+        Ok(Ok(row)) => HttpResponse::Ok().json(json!({"ok": true, "peer": row})),
+        Ok(Err(r)) if r.code == ErrorCode::StoreUnavailable => {
+            HttpResponse::ServiceUnavailable().json(refusal_json(&r))
+        }
+        Ok(Err(r)) => bad(r),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+    }
+}
+
+async fn remove_partner(s: web::Data<AdminState>, path: web::Path<String>) -> HttpResponse {
+    let Ok(peer) = path.parse::<libp2p::PeerId>() else {
+        return HttpResponse::BadRequest().json(refusal_json(&Refusal::new(
+            ErrorCode::InvalidField,
+            "not a peer id",
+        )));
+    };
+    match s.peers.send(Forget { peer }).await {
+        Ok(Ok(existed)) => {
+            HttpResponse::Ok().json(json!({"ok": true, "peer_id": peer.to_string(), "existed": existed}))
+        }
+        Ok(Err(r)) => HttpResponse::ServiceUnavailable().json(refusal_json(&r)),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+    }
 }

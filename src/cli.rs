@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::actors::stream_service::PeerStatus;
-use crate::config::{IdArgs, PeersArgs};
+use crate::config::{IdArgs, PartnersAction, PartnersArgs, PeersArgs};
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,11 +64,64 @@ fn render_table(peers: &[PeerStatus]) -> String {
     out
 }
 
+/// `oc-discovery partners add|remove|list`.
+///
+/// # Errors
+/// The admin API is unreachable or refuses the change (its error is shown).
+pub fn partners(args: &PartnersArgs) -> anyhow::Result<String> {
+    let (status, body) = match &args.action {
+        PartnersAction::Add { addr, relation } => {
+            let body = serde_json::json!({"addr": addr, "relation": relation}).to_string();
+            http_request("POST", &args.admin, "/api/partners", Some(&body))?
+        }
+        PartnersAction::Remove { peer_id } => {
+            http_request("DELETE", &args.admin, &format!("/api/partners/{peer_id}"), None)?
+        }
+        PartnersAction::List { json } => {
+            let (status, body) = http_get(&args.admin, "/api/partners")?;
+            if status == 200 && !json {
+                let list: Vec<crate::actors::peers::PeerEntry> = serde_json::from_str(&body)?;
+                let mut out = format!("{:<54}  {:<9}  {:<7}  ADDRESS\n", "PEER ID", "RELATION", "SOURCE");
+                for p in &list {
+                    let relation = serde_json::to_value(p.relation)?
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let addr = p.addrs.first().cloned().unwrap_or_default();
+                    out.push_str(&format!(
+                        "{:<54}  {:<9}  {:<7}  {addr}\n",
+                        p.peer_id, relation, p.source
+                    ));
+                }
+                return Ok(out);
+            }
+            (status, body)
+        }
+    };
+    if status != 200 {
+        bail!("the node answered {status}: {body}");
+    }
+    Ok(format!("{body}\n"))
+}
+
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the status and the body.
 ///
 /// # Errors
 /// Connection failure, timeout, or a response that is not HTTP.
 pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request("GET", base, path, None)
+}
+
+/// A plain HTTP/1.1 request with an optional JSON body and `Connection: close`.
+///
+/// # Errors
+/// Connection failure, timeout, or a response that is not HTTP.
+pub fn http_request(
+    method: &str,
+    base: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let hostport = base.trim_start_matches("http://").trim_end_matches('/');
     let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
         .with_context(|| format!("resolving {hostport}"))?
@@ -78,10 +131,18 @@ pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
         TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).with_context(|| format!("connecting to {base}"))?;
     stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
     stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    )?;
+    match body {
+        Some(body) => write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?,
+        None => write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+        )?,
+    }
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);

@@ -20,6 +20,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_INTAKE_STREAM: &str = "OC_PROPAGATION";
+/// Shortest period accepted for intervals and timeouts (zero would spin).
+const MIN_PERIOD: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +45,45 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show the partners of a running node and their state.
     Peers(PeersArgs),
+    /// Make, end and list partnerships (and the blacklist) of a running node.
+    Partners(PartnersArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PartnersArgs {
+    /// Base URL of the node's admin API.
+    #[arg(
+        long,
+        env = "OC_DISCOVERY_ADMIN",
+        default_value = "http://127.0.0.1:8650",
+        global = true
+    )]
+    pub admin: String,
+    #[command(subcommand)]
+    pub action: PartnersAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PartnersAction {
+    /// Make a peer a partner (or blacklist it with --relation blacklist).
+    Add {
+        /// Multiaddr ending in /p2p/<peer id>.
+        addr: String,
+        /// partner, known or blacklist.
+        #[arg(long, default_value = "partner")]
+        relation: String,
+    },
+    /// End any relation with a peer.
+    Remove {
+        /// The peer id.
+        peer_id: String,
+    },
+    /// List partners and blacklisted peers.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +219,8 @@ pub enum ConfigError {
     MaxFrameBytes,
     #[error("--ping-interval must be shorter than --pong-discard-timeout")]
     Heartbeat,
+    #[error("{0} must be at least 10ms")]
+    TooShort(&'static str),
 }
 
 /// Parses the process arguments, then fills `run` options left at their default from
@@ -362,6 +405,15 @@ impl TryFrom<RunArgs> for NodeConfig {
         }
         if run.ping_interval >= run.pong_discard_timeout {
             return Err(ConfigError::Heartbeat);
+        }
+        for (flag, d) in [
+            ("--ping-interval", run.ping_interval),
+            ("--sync-timeout", run.sync_timeout),
+            ("--sync-interval", run.sync_interval),
+        ] {
+            if d < MIN_PERIOD {
+                return Err(ConfigError::TooShort(flag));
+            }
         }
         let tuning = Tuning {
             max_frame_bytes: run.max_frame_bytes,

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Id(args) => cli::id(&args).map(|id| println!("{id}")),
         Command::Peers(args) => cli::peers(&args).map(|out| print!("{out}")),
+        Command::Partners(args) => cli::partners(&args).map(|out| print!("{out}")),
         Command::Run(args) => run(*args),
     };
     match result {

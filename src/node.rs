@@ -16,6 +16,7 @@ use crate::actors::commands::{CommandEnv, CommandRouter};
 use crate::actors::inbound::{InboundApply, InboundEnv, Partners};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
+use crate::actors::peers::{PeerEnv, PeerManager};
 use crate::actors::stream_service::{AddPartner, Drain, StreamService};
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
@@ -94,6 +95,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             InboundApply::new(inbound_env).start();
         }
     });
+    let peers = PeerManager::new(PeerEnv {
+        store: store.clone(),
+        net: net.clone(),
+        nats: nats.clone(),
+        partners: partners.clone(),
+        links: links.clone(),
+        metrics: metrics.clone(),
+        configured: cfg.partners.clone(),
+    })
+    .start();
     let commands = CommandRouter::new(CommandEnv {
         own_id: own_id.clone(),
         nats: nats.clone(),
@@ -131,6 +142,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             net: net.clone(),
             store: store.clone(),
             links: links.clone(),
+            peers,
             metrics,
             intake: intake_status,
         },

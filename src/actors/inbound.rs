@@ -43,6 +43,8 @@ use super::commands::{forward_to_nats, PLANNER_IDLE, PROTOCOL_CONSIDERS, PROTOCO
 const SESSION_INBOX: usize = 4096;
 /// Concurrent helper tasks (refusals, heartbeat answers, sync answers) across all peers.
 const MAX_HELPERS: usize = 256;
+/// Concurrent considers / planner streams across all peers.
+const MAX_FORWARDS: usize = 64;
 /// A hole in the reorder buffer still there after this is filled by a pull.
 const GAP_GRACE: Duration = Duration::from_secs(1);
 
@@ -54,6 +56,12 @@ impl Partners {
     pub fn insert(&self, peer: PeerId, addr: Option<Multiaddr>) {
         if let Ok(mut s) = self.0.write() {
             s.insert(peer, addr);
+        }
+    }
+
+    pub fn remove(&self, peer: &PeerId) {
+        if let Ok(mut s) = self.0.write() {
+            s.remove(peer);
         }
     }
 
@@ -90,6 +98,9 @@ pub struct InboundApply {
     env: Arc<InboundEnv>,
     sessions: HashMap<PeerId, mpsc::UnboundedSender<Attach>>,
     helpers: Arc<Semaphore>,
+    /// Considers / planner streams, which any peer may open and keep: their own bound, so
+    /// they can never starve partners' heartbeats and syncs.
+    forwards: Arc<Semaphore>,
 }
 
 impl InboundApply {
@@ -98,6 +109,7 @@ impl InboundApply {
             env: Arc::new(env),
             sessions: HashMap::new(),
             helpers: Arc::new(Semaphore::new(MAX_HELPERS)),
+            forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
         }
     }
 
@@ -115,7 +127,12 @@ impl InboundApply {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match self.helpers.clone().try_acquire_owned() {
+        let pool = if what == "forward" {
+            &self.forwards
+        } else {
+            &self.helpers
+        };
+        match pool.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
                     work.await;
@@ -325,6 +342,8 @@ struct Session {
     /// Pull wanted up to here (`u64::MAX`: up to the origin's head).
     sync_target: u64,
     sync_running: bool,
+    /// The target the running (or last) pull was started for.
+    sync_pulled_for: u64,
     /// A hole seen at the last check: (applied, first pending seq).
     gap_seen: Option<(u64, u64)>,
     inputs: mpsc::Sender<Input>,
@@ -348,6 +367,7 @@ impl Session {
             ack_owed: false,
             sync_target: 0,
             sync_running: false,
+            sync_pulled_for: 0,
             gap_seen: None,
             inputs,
             inputs_rx: Some(inputs_rx),
@@ -414,7 +434,9 @@ impl Session {
             Input::SyncDone(result) => {
                 self.sync_running = false;
                 match result {
-                    Ok(()) if self.sync_target != u64::MAX && self.applied < self.sync_target => {
+                    // Raised while the pull ran: another pass. Otherwise the owner had
+                    // nothing more (its head is below the target): done, no busy loop.
+                    Ok(()) if self.sync_target > self.sync_pulled_for && self.applied < self.sync_target => {
                         self.start_sync()
                     }
                     Ok(()) => self.sync_target = 0,
@@ -510,6 +532,7 @@ impl Session {
     /// Pulls rounds of the origin's journal until `sync_target` is applied.
     fn start_sync(&mut self) {
         self.sync_running = true;
+        self.sync_pulled_for = self.sync_target;
         let (env, peer, target) = (self.env.clone(), self.peer, self.sync_target);
         let mut applied = self.applied_tx.subscribe();
         let inputs = self.inputs.clone();
@@ -545,6 +568,19 @@ impl Session {
         let Some(up_to) = run.last().map(|e| e.seq) else {
             return true;
         };
+        if !self.env.partners.contains(&self.peer) {
+            // The partnership ended while its streams were open: stop taking its events.
+            tracing::warn!(peer = %self.peer, code = "not_partner", "no longer a partner; its streams are closed");
+            self.env.metrics.refused("inbound", ErrorCode::NotPartner);
+            let refusal = Refusal::new(
+                ErrorCode::NotPartner,
+                "this node no longer accepts events from you",
+            );
+            self.send_ack(vec![error_frame(None, &refusal)]).await;
+            self.writers = Default::default();
+            self.pending.clear();
+            return true;
+        }
         let mut replies = Vec::new();
         let mut valid = Vec::with_capacity(run.len());
         for entry in run {

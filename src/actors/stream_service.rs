@@ -28,6 +28,13 @@ pub struct AddPartner {
     pub addr: Multiaddr,
 }
 
+/// Stop replicating to a peer (no-op if it is not a partner).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemovePartner {
+    pub peer: PeerId,
+}
+
 /// Wait until every link has stopped and persisted its cursor (after the shutdown signal).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -183,5 +190,18 @@ impl Handler<Drain> for StreamService {
                 let _ = task.await;
             }
         })
+    }
+}
+
+impl Handler<RemovePartner> for StreamService {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemovePartner, _: &mut Self::Context) {
+        if let Some(link) = self.links.remove(&msg.peer) {
+            // Its cursor stays in the store: a partnership made again resumes from the
+            // partner's own report anyway.
+            link.task.abort();
+            tracing::info!(peer = %msg.peer, "partner link stopped");
+        }
     }
 }

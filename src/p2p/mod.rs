@@ -20,7 +20,9 @@ use libp2p::identity::Keypair;
 use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm};
+use libp2p::{
+    allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
@@ -67,6 +69,8 @@ impl StreamKind {
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// The connection gater: blacklisted peers are refused and disconnected.
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -122,6 +126,11 @@ enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    /// Refuse a peer (blacklist) or accept it again.
+    Block {
+        peer: PeerId,
+        blocked: bool,
     },
 }
 
@@ -203,6 +212,17 @@ impl Client {
         }
     }
 
+    /// Blacklists a peer (refused, disconnected) or lifts it.
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn set_blocked(&self, peer: PeerId, blocked: bool) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Block { peer, blocked })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
     /// Starts accepting inbound streams of a protocol.
     pub fn accept(&self, protocol: StreamProtocol) -> Option<libp2p_stream::IncomingStreams> {
         self.control.clone().accept(protocol).ok()
@@ -257,6 +277,7 @@ pub fn build(
                 key.public(),
             )),
             ping: ping::Behaviour::new(ping::Config::new()),
+            blocked: Default::default(),
         })
         .map_err(|e| transport_err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
@@ -339,6 +360,16 @@ impl EventLoop {
             Command::ListenAddrs { reply } => {
                 // The asker may have given up; nothing to do then.
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Block { peer, blocked } => {
+                let gater = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    // Also closes the connections already open.
+                    gater.block_peer(peer);
+                    tracing::info!(%peer, "peer blacklisted");
+                } else {
+                    gater.unblock_peer(peer);
+                }
             }
         }
     }
