@@ -1,0 +1,425 @@
+//! Propagation benchmark: the node against the thinnest NATS → NATS relay, in one run.
+//!
+//! `cargo bench --bench propagation` (full) or `cargo bench --bench propagation -- --smoke`
+//! (a few seconds; CI). Other flags: `--store embedded|mongodb` (repeatable; default
+//! embedded), `--json PATH` (default target/bench/propagation.json).
+//!
+//! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. A
+//! scenario that loses an event makes the run fail; speed is printed, never asserted.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use oc_discovery::testkit::{NatsServer, NodeProcess};
+use serde_json::{json, Value};
+
+/// Payload padding so each event is about 1 KiB on the wire.
+const PAD: usize = 880;
+/// A delivery that makes no progress for this long is over (what is missing is lost).
+const STALL: Duration = Duration::from_secs(20);
+
+struct Sizes {
+    throughput: usize,
+    rates: Vec<u64>,
+    rate_window: Duration,
+    fanout_partners: usize,
+    fanout_events: usize,
+    catchup: usize,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    scenario: String,
+    store: String,
+    metric: String,
+    value: f64,
+    unit: String,
+    /// The same figure for the core-NATS relay, when there is one.
+    baseline: Option<f64>,
+    lost: u64,
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_oc-discovery"))
+}
+
+fn body(creator: &str, i: usize) -> Vec<u8> {
+    let micros = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    json!({"action": "PB_CREATE", "data_type": "COMPUTE_RESOURCE", "user": "bench", "from_app": "bench",
+           "payload": {"id": format!("r-{i}"), "creator_id": creator, "t": micros as u64, "pad": "x".repeat(PAD)}})
+    .to_string()
+    .into_bytes()
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Counts distinct deliveries on a subject and records publish → receipt latencies.
+#[derive(Clone, Default)]
+struct Receiver {
+    seen: Arc<Mutex<HashSet<u64>>>,
+    latencies_us: Arc<Mutex<Vec<u64>>>,
+    last_progress: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Receiver {
+    /// `key` extracts the delivery's identity and its publish time from a message body.
+    async fn start(client: &async_nats::Client, subject: &str, key: fn(&Value) -> Option<(u64, u64)>) -> anyhow::Result<Self> {
+        let r = Receiver::default();
+        let mut sub = client.subscribe(subject.to_owned()).await?;
+        client.flush().await?;
+        let me = r.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else { continue };
+                let Some((id, t)) = key(&v) else { continue };
+                let fresh = me.seen.lock().map(|mut s| s.insert(id)).unwrap_or(false);
+                if fresh {
+                    if let Ok(mut l) = me.latencies_us.lock() {
+                        l.push(now_micros().saturating_sub(t));
+                    }
+                    if let Ok(mut p) = me.last_progress.lock() {
+                        *p = Some(Instant::now());
+                    }
+                }
+            }
+        });
+        Ok(r)
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Waits until `n` distinct deliveries or a stall; returns when the last one arrived.
+    async fn wait(&self, n: usize, since: Instant) -> (usize, Duration) {
+        loop {
+            let count = self.count();
+            let last = self.last_progress.lock().ok().and_then(|p| *p).unwrap_or(since);
+            if count >= n || last.elapsed() > STALL && since.elapsed() > STALL {
+                return (count, last.saturating_duration_since(since));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn percentiles(&self) -> (f64, f64, f64) {
+        let mut l = self.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
+        if l.is_empty() {
+            return (0.0, 0.0, 0.0);
+        }
+        l.sort_unstable();
+        let at = |q: f64| l[((l.len() as f64 * q) as usize).min(l.len() - 1)] as f64 / 1000.0;
+        (at(0.50), at(0.99), at(0.999))
+    }
+}
+
+/// Node notices: identity = origin seq, time = the `t` the publisher embedded.
+fn notice_key(v: &Value) -> Option<(u64, u64)> {
+    Some((v["origin_seq"].as_u64()?, v["resource"]["t"].as_u64()?))
+}
+
+/// Relay copies: identity = the resource index, time = `t`.
+fn relay_key(v: &Value) -> Option<(u64, u64)> {
+    let id = v["payload"]["id"].as_str()?.trim_start_matches("r-").parse().ok()?;
+    Some((id, v["payload"]["t"].as_u64()?))
+}
+
+/// Publishes `n` events at `rate` per second (0: as fast as possible).
+async fn publish(client: &async_nats::Client, subject: &str, creator: &str, n: usize, rate: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for i in 0..n {
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        client.publish(subject.to_owned(), body(creator, i).into()).await?;
+    }
+    client.flush().await?;
+    Ok(())
+}
+
+struct Site {
+    nats: NatsServer,
+    node: NodeProcess,
+    app: async_nats::Client,
+}
+
+async fn site(jetstream: bool, store: &str, mongo_uri: Option<&str>) -> anyhow::Result<Site> {
+    let nats = if jetstream { NatsServer::start_jetstream()? } else { NatsServer::start()? };
+    let mut node = NodeProcess::new(&bin(), &nats.url())?;
+    if let Some(uri) = mongo_uri {
+        node.extra_args.extend(["--store".into(), store.into()]);
+        node.extra_args.extend(["--mongo-uri".into(), uri.into(), "--mongo-db".into(), format!("bench{}", node.p2p_port)]);
+    }
+    let app = async_nats::connect(nats.url()).await?;
+    Ok(Site { nats, node, app })
+}
+
+/// The thinnest relay: subscribe on A, publish on B.
+async fn baseline(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(f64, (f64, f64, f64))> {
+    let (a, b) = (NatsServer::start()?, NatsServer::start()?);
+    let (ca, cb) = (async_nats::connect(a.url()).await?, async_nats::connect(b.url()).await?);
+    let relay_in = async_nats::connect(a.url()).await?;
+    let mut sub = relay_in.subscribe("bench").await?;
+    relay_in.flush().await?;
+    let relay_out = cb.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let _ = relay_out.publish("bench.out", m.payload).await;
+        }
+    });
+    let rx = Receiver::start(&cb, "bench.out", relay_key).await?;
+    let n = sizes.throughput;
+    let t0 = Instant::now();
+    publish(&ca, "bench", "relay", n, 0).await?;
+    let (got, took) = rx.wait(n, t0).await;
+    let rate = got as f64 / took.as_secs_f64().max(1e-9);
+    println!("baseline relay: {got}/{n} in {took:?} = {rate:.0} events/s, lost {}", n - got);
+    rows.push(Row { scenario: "throughput".into(), store: "core-nats-relay".into(), metric: "events_per_s".into(), value: rate, unit: "events/s".into(), baseline: None, lost: (n - got) as u64 });
+    // Latency of the relay at the highest pace, for the ratio.
+    let rate_hi = *sizes.rates.last().unwrap_or(&1000);
+    let n_hi = (rate_hi as f64 * sizes.rate_window.as_secs_f64()) as usize;
+    let rx = Receiver::start(&cb, "bench.out2", relay_key).await?;
+    let relay_in2 = async_nats::connect(a.url()).await?;
+    let mut sub2 = relay_in2.subscribe("bench2").await?;
+    relay_in2.flush().await?;
+    let out2 = cb.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub2.next().await {
+            let _ = out2.publish("bench.out2", m.payload).await;
+        }
+    });
+    let t0 = Instant::now();
+    publish(&ca, "bench2", "relay", n_hi, rate_hi).await?;
+    rx.wait(n_hi, t0).await;
+    Ok((rate, rx.percentiles()))
+}
+
+async fn throughput_and_latency(
+    store: &str,
+    mongo: Option<&str>,
+    sizes: &Sizes,
+    base: (f64, (f64, f64, f64)),
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let (mut a, mut b) = (site(true, store, mongo).await?, site(false, store, mongo).await?);
+    a.node.partners.push(b.node.addr());
+    b.node.partners.push(a.node.addr());
+    a.node.start_healthy().await?;
+    b.node.start_healthy().await?;
+    let idle_rss = b.node.rss_bytes().unwrap_or(0) as f64 / 1048576.0;
+    rows.push(Row { scenario: "memory".into(), store: store.into(), metric: "idle_rss".into(), value: idle_rss, unit: "MiB".into(), baseline: None, lost: 0 });
+    let creator = a.node.peer_id.clone();
+
+    let rx = Receiver::start(&b.app, "CREATE_RESOURCE", notice_key).await?;
+    let n = sizes.throughput;
+    let t0 = Instant::now();
+    publish(&a.app, "PROPALGATION_EVENT", &creator, n, 0).await?;
+    let (got, took) = rx.wait(n, t0).await;
+    let rate = got as f64 / took.as_secs_f64().max(1e-9);
+    println!("[{store}] throughput: {got}/{n} in {took:?} = {rate:.0} events/s");
+    rows.push(Row { scenario: "throughput".into(), store: store.into(), metric: "events_per_s".into(), value: rate, unit: "events/s".into(), baseline: Some(base.0), lost: (n - got) as u64 });
+
+    let mut sent = n;
+    for &pace in &sizes.rates {
+        let count = (pace as f64 * sizes.rate_window.as_secs_f64()) as usize;
+        // A fresh receiver per pace so the percentiles are of that pace alone.
+        let before = rx.count();
+        let rx_pace = Receiver::start(&b.app, "CREATE_RESOURCE", notice_key).await?;
+        let t0 = Instant::now();
+        publish(&a.app, "PROPALGATION_EVENT", &creator, count, pace).await?;
+        let (got, _) = rx_pace.wait(count, t0).await;
+        sent += count;
+        let (p50, p99, p999) = rx_pace.percentiles();
+        println!("[{store}] latency at {pace}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms ({got}/{count})");
+        let lost = (count - got) as u64;
+        let (_, (b50, b99, b999)) = base;
+        let last = pace == *sizes.rates.last().unwrap_or(&0);
+        for (metric, value, bvalue) in [("p50_ms", p50, b50), ("p99_ms", p99, b99), ("p999_ms", p999, b999)] {
+            rows.push(Row { scenario: format!("latency@{pace}/s"), store: store.into(), metric: metric.into(), value, unit: "ms".into(), baseline: last.then_some(bvalue), lost });
+        }
+        let _ = before;
+    }
+    let (got, _) = rx.wait(sent, Instant::now()).await;
+    if got < sent {
+        bail!("[{store}] lost {} of {sent} events", sent - got);
+    }
+    drop((a.nats, b.nats));
+    Ok(())
+}
+
+async fn fanout(store: &str, mongo: Option<&str>, sizes: &Sizes, base: f64, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let mut a = site(true, store, mongo).await?;
+    let mut partners = Vec::new();
+    for _ in 0..sizes.fanout_partners {
+        let mut p = site(false, store, mongo).await?;
+        p.node.partners.push(a.node.addr());
+        a.node.partners.push(p.node.addr());
+        partners.push(p);
+    }
+    a.node.start_healthy().await?;
+    let mut receivers = Vec::new();
+    for p in &mut partners {
+        p.node.start_healthy().await?;
+        receivers.push(Receiver::start(&p.app, "CREATE_RESOURCE", notice_key).await?);
+    }
+    let n = sizes.fanout_events;
+    let creator = a.node.peer_id.clone();
+    let t0 = Instant::now();
+    publish(&a.app, "PROPALGATION_EVENT", &creator, n, 0).await?;
+    let mut worst = f64::MAX;
+    let mut lost = 0;
+    for rx in &receivers {
+        let (got, took) = rx.wait(n, t0).await;
+        lost += (n - got) as u64;
+        worst = worst.min(got as f64 / took.as_secs_f64().max(1e-9));
+    }
+    println!("[{store}] fan-out to {}: slowest partner {worst:.0} events/s, lost {lost}", sizes.fanout_partners);
+    rows.push(Row { scenario: format!("fanout x{}", sizes.fanout_partners), store: store.into(), metric: "events_per_s_per_partner".into(), value: worst, unit: "events/s".into(), baseline: Some(base), lost });
+    if lost > 0 {
+        bail!("[{store}] fan-out lost {lost} deliveries");
+    }
+    Ok(())
+}
+
+async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let (mut a, mut b) = (site(true, store, mongo).await?, site(false, store, mongo).await?);
+    a.node.partners.push(b.node.addr());
+    b.node.partners.push(a.node.addr());
+    a.node.start_healthy().await?;
+    let n = sizes.catchup;
+    let creator = a.node.peer_id.clone();
+    publish(&a.app, "PROPALGATION_EVENT", &creator, n, 0).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let head = a.node.get_json("/api/node").await?["journal_head"].as_u64().unwrap_or(0);
+        if head >= n as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("[{store}] A journaled only {head} of {n}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rx = Receiver::start(&b.app, "CREATE_RESOURCE", notice_key).await?;
+    let t0 = Instant::now();
+    b.node.start_healthy().await?;
+    let peak = Arc::new(Mutex::new((0u64, 0u64)));
+    let sampler = {
+        let peak = peak.clone();
+        let (pa, pb) = (node_pid_rss(&a.node), node_pid_rss(&b.node));
+        tokio::spawn(async move {
+            loop {
+                let (ra, rb) = (rss_of(pa), rss_of(pb));
+                if let Ok(mut p) = peak.lock() {
+                    p.0 = p.0.max(ra);
+                    p.1 = p.1.max(rb);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (got, took) = rx.wait(n, t0).await;
+    sampler.abort();
+    let (peak_a, peak_b) = peak.lock().map(|p| *p).unwrap_or_default();
+    println!("[{store}] catch-up of {n}: {got} in {took:?}; peak RSS source {} MiB, partner {} MiB", peak_a >> 20, peak_b >> 20);
+    rows.push(Row { scenario: format!("catch-up {n}"), store: store.into(), metric: "seconds".into(), value: took.as_secs_f64(), unit: "s".into(), baseline: None, lost: (n - got) as u64 });
+    rows.push(Row { scenario: format!("catch-up {n}"), store: store.into(), metric: "peak_rss_source".into(), value: peak_a as f64 / 1048576.0, unit: "MiB".into(), baseline: None, lost: 0 });
+    rows.push(Row { scenario: format!("catch-up {n}"), store: store.into(), metric: "peak_rss_partner".into(), value: peak_b as f64 / 1048576.0, unit: "MiB".into(), baseline: None, lost: 0 });
+    if got < n {
+        bail!("[{store}] catch-up lost {} events", n - got);
+    }
+    Ok(())
+}
+
+fn node_pid_rss(node: &NodeProcess) -> Option<u32> {
+    node.pid()
+}
+
+fn rss_of(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn print_table(rows: &[Row]) {
+    println!("\n{:<22} {:<16} {:<26} {:>12} {:>12} {:>8} {:>6}", "scenario", "store", "metric", "value", "relay", "ratio", "lost");
+    for r in rows {
+        let (b, ratio) = match r.baseline {
+            Some(b) if b > 0.0 => (format!("{b:.2}"), format!("{:.2}", r.value / b)),
+            _ => ("-".into(), "-".into()),
+        };
+        println!("{:<22} {:<16} {:<26} {:>12.2} {:>12} {:>8} {:>6}", r.scenario, r.store, r.metric, r.value, b, ratio, r.lost);
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let mut stores: Vec<String> = args.windows(2).filter(|w| w[0] == "--store").map(|w| w[1].clone()).collect();
+    if stores.is_empty() {
+        stores.push("embedded".into());
+    }
+    let json_path = args
+        .windows(2)
+        .find(|w| w[0] == "--json")
+        .map(|w| PathBuf::from(&w[1]))
+        .unwrap_or_else(|| PathBuf::from("target/bench/propagation.json"));
+    let sizes = if smoke {
+        Sizes { throughput: 2_000, rates: vec![1_000], rate_window: Duration::from_secs(1), fanout_partners: 2, fanout_events: 500, catchup: 2_000 }
+    } else {
+        Sizes {
+            throughput: 100_000,
+            rates: vec![1_000, 10_000, 20_000],
+            rate_window: Duration::from_secs(5),
+            fanout_partners: 8,
+            fanout_events: 20_000,
+            catchup: 1_000_000,
+        }
+    };
+    let mut rows = Vec::new();
+    let base = baseline(&sizes, &mut rows).await.context("baseline relay")?;
+    for store in &stores {
+        let mongo_uri: Option<String> = match store.as_str() {
+            "embedded" => None,
+            other => bail!("store {other} is not available in this build"),
+        };
+        throughput_and_latency(store, mongo_uri.as_deref(), &sizes, base, &mut rows).await?;
+        fanout(store, mongo_uri.as_deref(), &sizes, base.0, &mut rows).await?;
+        catchup(store, mongo_uri.as_deref(), &sizes, &mut rows).await?;
+    }
+    print_table(&rows);
+    if let Some(dir) = json_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let report = json!({"smoke": smoke, "rows": rows, "machine": machine()});
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    println!("\nJSON written to {}", json_path.display());
+    let lost: u64 = rows.iter().filter(|r| r.store != "core-nats-relay").map(|r| r.lost).sum();
+    if lost > 0 {
+        bail!("{lost} events lost");
+    }
+    println!("bench: 1 passed, 0 failed");
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()));
+    json!({"cpus": cpus, "cpu": model})
+}
