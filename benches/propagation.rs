@@ -1,7 +1,8 @@
 //! Propagation benchmark: the node against the thinnest NATS → NATS relay, in one run.
 //!
 //! `cargo bench --bench propagation` (full) or `cargo bench --bench propagation -- --smoke`
-//! (a few seconds; CI). Other flags: `--store embedded|mongodb` (repeatable; default
+//! (a few seconds). `cargo test --all-targets` runs the smoke too (that is how CI runs it).
+//! Other flags: `--store embedded|mongodb` (repeatable; default
 //! embedded), `--json PATH` (default target/bench/propagation.json).
 //!
 //! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. A
@@ -153,6 +154,23 @@ struct Site {
     app: async_nats::Client,
 }
 
+/// Waits until every partner link of `node` is online, so a measurement never includes
+/// connection set-up or reconnect backoff.
+async fn links_online(node: &NodeProcess, partners: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let peers = node.get_json("/api/peers").await?;
+        let online = peers.as_array().map(|a| a.iter().filter(|p| p["state"] == "online").count()).unwrap_or(0);
+        if online >= partners {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {online} of {partners} partner links online: {peers}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn site(jetstream: bool, store: &str, mongo_uri: Option<&str>) -> anyhow::Result<Site> {
     let nats = if jetstream { NatsServer::start_jetstream()? } else { NatsServer::start()? };
     let mut node = NodeProcess::new(&bin(), &nats.url())?;
@@ -216,6 +234,7 @@ async fn throughput_and_latency(
     b.node.partners.push(a.node.addr());
     a.node.start_healthy().await?;
     b.node.start_healthy().await?;
+    links_online(&a.node, 1).await?;
     let idle_rss = b.node.rss_bytes().unwrap_or(0) as f64 / 1048576.0;
     rows.push(Row { scenario: "memory".into(), store: store.into(), metric: "idle_rss".into(), value: idle_rss, unit: "MiB".into(), baseline: None, lost: 0 });
     let creator = a.node.peer_id.clone();
@@ -272,6 +291,7 @@ async fn fanout(store: &str, mongo: Option<&str>, sizes: &Sizes, base: f64, rows
         p.node.start_healthy().await?;
         receivers.push(Receiver::start(&p.app, "CREATE_RESOURCE", notice_key).await?);
     }
+    links_online(&a.node, sizes.fanout_partners).await?;
     let n = sizes.fanout_events;
     let creator = a.node.peer_id.clone();
     let t0 = Instant::now();
@@ -368,7 +388,9 @@ fn print_table(rows: &[Row]) {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let smoke = args.iter().any(|a| a == "--smoke");
+    // `cargo bench` passes `--bench`; under `cargo test --all-targets` it is absent and the
+    // smoke runs, so CI exercises the benchmark without timing anything.
+    let smoke = args.iter().any(|a| a == "--smoke") || !args.iter().any(|a| a == "--bench");
     let mut stores: Vec<String> = args.windows(2).filter(|w| w[0] == "--store").map(|w| w[1].clone()).collect();
     if stores.is_empty() {
         stores.push("embedded".into());

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
     applied_state, decide, ApplyOutcome, OutboxRow, PeerRow, Store, StoreError, StoreResult, StoredResource,
@@ -185,7 +185,9 @@ impl Store for EmbeddedStore {
     async fn set_cursor(&self, peer: &str, seq: u64) -> StoreResult<()> {
         let peer = peer.to_owned();
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
+            let mut txn = db.begin_write().map_err(unavailable)?;
+            // A cursor lost in a crash only shows an older position: no fsync needed.
+            txn.set_durability(Durability::None).map_err(unavailable)?;
             txn.open_table(CURSORS)
                 .map_err(unavailable)?
                 .insert(peer.as_str(), seq)
@@ -359,7 +361,10 @@ impl Store for EmbeddedStore {
             return Ok(());
         }
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
+            let mut txn = db.begin_write().map_err(unavailable)?;
+            // A removal lost in a crash republishes those rows at start-up (a duplicate the
+            // Nats-Msg-Id header absorbs), so it is not worth an fsync on the hot path.
+            txn.set_durability(Durability::None).map_err(unavailable)?;
             {
                 let mut table = txn.open_table(OUTBOX).map_err(unavailable)?;
                 for id in ids {
