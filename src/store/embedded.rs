@@ -15,6 +15,9 @@ use super::{
 };
 use crate::event::{now_ms, JournalEntry, NewEvent};
 
+/// redb's page cache. Its default (1 GiB) made a node catching up on a million events
+/// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// (origin, seq) → JSON of [`JournalEntry`].
 const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
 /// partner peer id → seq acknowledged by that partner.
@@ -50,7 +53,7 @@ impl EmbeddedStore {
     /// # Errors
     /// The file cannot be opened, typically because another process holds it.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(unavailable)?;
         let txn = db.begin_write().map_err(unavailable)?;
         {
             txn.open_table(JOURNAL).map_err(unavailable)?;
