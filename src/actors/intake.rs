@@ -37,7 +37,7 @@ pub const CONSUMER_NAME: &str = "oc-discovery";
 /// Unacknowledged JetStream intake messages are redelivered after this (a crashed node's).
 const JS_ACK_WAIT: Duration = Duration::from_secs(10);
 /// Messages asked for by one pull request.
-const JS_PULL_BATCH: usize = 512;
+const JS_PULL_BATCH: usize = 2048;
 /// Lifetime of one pull request.
 const JS_PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How often journaled stream sequences below the consumer's ack floor are forgotten.
