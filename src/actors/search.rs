@@ -80,7 +80,7 @@ pub const QUERY_SIGNING_DOMAIN: &[u8] = b"/opencloud/search-query/1";
 pub enum Scope {
     /// Everyone, over the gossip topic.
     All,
-    /// Peers with relation `known` in the peers table.
+    /// Peers with relation `known` in the peers table (configured partners excluded).
     Known,
     /// Partners: relation `partner` in the peers table and configured partners.
     Partner,
@@ -607,6 +607,10 @@ impl Shared {
             .filter(|r| r.relation == wanted)
             .filter_map(|r| r.peer_id.parse().ok())
             .collect();
+        if scope == Scope::Known {
+            // A configured partner met through the DHT is a partner, not merely known.
+            out.retain(|p| !self.env.partners.contains(p));
+        }
         if scope == Scope::Partner {
             out.extend(
                 self.env
