@@ -92,12 +92,12 @@ impl Directory {
         PeerRecord::sign(&self.env.key, &self.env.name, &addrs, expires_at)
     }
 
-    /// Signs and puts this node's record under both keys. Returns how many peers took the
-    /// record under its id key.
+    /// Signs and puts this node's record under both keys.
     ///
     /// # Errors
-    /// Nobody took it (it stays in the local store), or the network loop has stopped.
-    pub async fn publish(&self) -> Result<usize, NetError> {
+    /// No peer took it under its id key (it stays in the local store), or the network
+    /// loop has stopped.
+    pub async fn publish(&self) -> Result<(), NetError> {
         let record = self
             .own_record()
             .map_err(|e| NetError::Dht(e.to_string()))?;
@@ -116,13 +116,13 @@ impl Directory {
         if let Err(e) = &by_name {
             tracing::debug!(name = %self.env.name, cause = %e, "peer record not put under its name");
         }
-        let stored = by_id?;
+        by_id?;
         Metrics::add(
             &self.counters().records_published,
             1 + u64::from(by_name.is_ok()),
         );
-        tracing::debug!(peers = stored, expires_at = record.expires_at, "peer record published");
-        Ok(stored)
+        tracing::debug!(expires_at = record.expires_at, "peer record published");
+        Ok(())
     }
 
     /// Dials the bootstrap nodes, then publishes the record until shutdown and keeps the
@@ -241,7 +241,7 @@ impl Directory {
             }
         }
         // Newest first when a name has several, or a peer's record several versions.
-        found.sort_by(|a, b| b.record.expires_at.cmp(&a.record.expires_at));
+        found.sort_by_key(|v| std::cmp::Reverse(v.record.expires_at));
         found
     }
 

@@ -229,17 +229,17 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
     let rogue = TestPeer::start();
     rogue.client.bootstrap(hub.parse().unwrap()).await.unwrap();
     let rogue_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", rogue.port).parse().unwrap();
-    let mut forged = PeerRecord::sign(&rogue.key, "forged-site", &[rogue_addr.clone()], now_ms() + 60_000).unwrap();
+    let mut forged = PeerRecord::sign(&rogue.key, "forged-site", std::slice::from_ref(&rogue_addr), now_ms() + 60_000).unwrap();
     forged.addrs = vec!["/ip4/127.0.0.1/tcp/1".into()];
     rogue
         .put_raw(records::name_key("forged-site"), forged.encode())
         .await;
-    let expired = PeerRecord::sign(&rogue.key, "expired-site", &[rogue_addr.clone()], now_ms() - 1_000).unwrap();
+    let expired = PeerRecord::sign(&rogue.key, "expired-site", std::slice::from_ref(&rogue_addr), now_ms() - 1_000).unwrap();
     rogue
         .put_raw(records::name_key("expired-site"), expired.encode())
         .await;
     // C's identity with the rogue's key and address.
-    let mut stolen = PeerRecord::sign(&rogue.key, "site-c", &[rogue_addr.clone()], now_ms() + 60_000).unwrap();
+    let mut stolen = PeerRecord::sign(&rogue.key, "site-c", std::slice::from_ref(&rogue_addr), now_ms() + 60_000).unwrap();
     stolen.peer_id = c.id();
     let c_peer: PeerId = c.id().parse().unwrap();
     rogue

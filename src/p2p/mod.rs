@@ -198,9 +198,9 @@ enum Command {
     /// Store a record locally and at the peers closest to its key.
     PutRecord {
         record: kad::Record,
-        reply: oneshot::Sender<Result<usize, NetError>>,
+        reply: oneshot::Sender<Result<(), NetError>>,
     },
-    /// Look a key up in the DHT; answers every value found (unverified).
+    /// Look a key up in the DHT; answers every distinct value found (unverified).
     GetRecord {
         key: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>,
@@ -326,8 +326,8 @@ impl Client {
             .map_err(|_| NetError::Stopped)
     }
 
-    /// Puts a record in the DHT: stored locally, then at the peers closest to `key`.
-    /// Returns how many peers took it. `expires` bounds its life in every store.
+    /// Puts a record in the DHT: stored locally, then at the peers closest to `key`; done
+    /// once at least one peer took it. `expires` bounds its life in every store.
     ///
     /// # Errors
     /// [`NetError::Dht`] when no peer took it (it stays in the local store) or the put did
@@ -338,7 +338,7 @@ impl Client {
         value: Vec<u8>,
         expires: Option<std::time::Instant>,
         timeout: Duration,
-    ) -> Result<usize, NetError> {
+    ) -> Result<(), NetError> {
         let mut record = kad::Record::new(key, value);
         record.expires = expires;
         let (reply, rx) = oneshot::channel();
@@ -526,6 +526,8 @@ fn build_gossip(key: &Keypair) -> Result<gossipsub::Behaviour, Box<dyn std::erro
     )?)
 }
 
+type GetReply = oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>;
+
 /// The one owner of the `Swarm`.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -534,9 +536,9 @@ pub struct EventLoop {
     /// Callers waiting for a connection to a peer.
     pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
     /// Callers waiting for a DHT put to finish.
-    pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<usize, NetError>>>,
+    pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
     /// Callers waiting for a DHT lookup to finish, with the values found so far.
-    pending_get: HashMap<kad::QueryId, (Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>)>,
+    pending_get: HashMap<kad::QueryId, (Vec<Vec<u8>>, GetReply)>,
     record_events: Option<mpsc::Sender<RecordEvent>>,
     gossip_events: Option<mpsc::Sender<GossipMessage>>,
 }
@@ -685,12 +687,12 @@ impl EventLoop {
                 kad::QueryResult::PutRecord(result) => {
                     if let Some(reply) = self.pending_put.remove(&id) {
                         let result = match result {
-                            Ok(_) => Ok(1),
+                            Ok(_) => Ok(()),
                             Err(kad::PutRecordError::QuorumFailed { success, .. })
                             | Err(kad::PutRecordError::Timeout { success, .. })
                                 if !success.is_empty() =>
                             {
-                                Ok(success.len())
+                                Ok(())
                             }
                             Err(e) => Err(NetError::Dht(e.to_string())),
                         };
