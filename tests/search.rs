@@ -347,7 +347,13 @@ async fn partner_known_and_all_searches_follow_access_rules_and_limits() {
     let errors = a.collect(&["PROPALGATION_ERROR"]).await;
 
     // partner: B only, partners-only resources included, private never, case-insensitive.
-    let p = search(a, &events, "COMPUTE_RESOURCE", json!({"type": "partner", "search": "GPU"})).await;
+    let p = search(
+        a,
+        &events,
+        "COMPUTE_RESOURCE",
+        json!({"type": "partner", "search": "GPU", "timeout_ms": 20_000}),
+    )
+    .await;
     let mut want: Vec<String> = ["b-pub", "b-partners"].map(String::from).to_vec();
     want.extend((0..5).map(|i| format!("b-extra-{i}")));
     want.sort();
@@ -355,7 +361,7 @@ async fn partner_known_and_all_searches_follow_access_rules_and_limits() {
     assert_eq!(p.done["peers_answered"], 1, "{:?}", p.done);
     assert_eq!(p.done["peers_targeted"], 1);
     assert!(p.batches.iter().all(|x| x["from_peer"] == b.id().as_str() && x["data_type"] == "COMPUTE_RESOURCE"));
-    assert!(p.elapsed < Duration::from_millis(2900), "ends when every partner answered: {:?}", p.elapsed);
+    assert!(p.elapsed < Duration::from_secs(15), "ends when every partner answered: {:?}", p.elapsed);
 
     // known: C and D (met through the DHT), public resources only.
     let k = search_until(
@@ -489,12 +495,12 @@ async fn a_silent_peer_ends_at_the_deadline_and_large_answers_come_in_batches() 
         &a,
         &events,
         "COMPUTE_RESOURCE",
-        json!({"type": "partner", "search": "bulk", "timeout_ms": 2000}),
+        json!({"type": "partner", "search": "bulk", "timeout_ms": 4000}),
     )
     .await;
     // The silent partner holds the search until its deadline.
-    assert!(o.elapsed >= Duration::from_millis(1900), "{:?}", o.elapsed);
-    assert!(o.elapsed < Duration::from_secs(10), "{:?}", o.elapsed);
+    assert!(o.elapsed >= Duration::from_millis(3900), "{:?}", o.elapsed);
+    assert!(o.elapsed < Duration::from_secs(12), "{:?}", o.elapsed);
     assert_eq!(o.done["peers_targeted"], 3, "{:?}", o.done);
     assert_eq!(o.done["peers_answered"], 2, "{:?}", o.done);
     // B's 60 results do not fit in one 4 KiB frame: several batches, each under the cap.
