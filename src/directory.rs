@@ -98,9 +98,7 @@ impl Directory {
     /// No peer took it under its id key (it stays in the local store), or the network
     /// loop has stopped.
     pub async fn publish(&self) -> Result<(), NetError> {
-        let record = self
-            .own_record()
-            .map_err(|e| NetError::Dht(e.to_string()))?;
+        let record = self.own_record().map_err(|e| NetError::Dht(e.to_string()))?;
         let value = record.encode();
         let expires = Some(Instant::now() + self.env.ttl);
         let t = self.env.tuning.io_timeout;
@@ -117,17 +115,18 @@ impl Directory {
             tracing::debug!(name = %self.env.name, cause = %e, "peer record not put under its name");
         }
         by_id?;
-        Metrics::add(
-            &self.counters().records_published,
-            1 + u64::from(by_name.is_ok()),
-        );
+        Metrics::add(&self.counters().records_published, 1 + u64::from(by_name.is_ok()));
         tracing::debug!(expires_at = record.expires_at, "peer record published");
         Ok(())
     }
 
     /// Dials the bootstrap nodes, then publishes the record until shutdown and keeps the
     /// store's copies of the records other nodes put here.
-    pub async fn run(self: Arc<Self>, mut events: mpsc::Receiver<RecordEvent>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<RecordEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         self.dial_bootstrap().await;
         let refresh = self.env.ttl / 2;
         let mut retry = PUBLISH_RETRY;
@@ -311,13 +310,15 @@ impl Directory {
     }
 
     /// Known addresses of `peer` without asking the network: partner configuration, the
-    /// store's row and its record.
+    /// store's row and its record (when still valid).
     pub async fn known_addresses(&self, peer: PeerId) -> Vec<Multiaddr> {
         let mut addrs: Vec<Multiaddr> = self.env.partners.addr(&peer).into_iter().collect();
         if let Ok(Some(row)) = self.env.store.peer(&peer.to_string()).await {
             addrs.extend(row.addrs.iter().filter_map(|a| a.parse().ok()));
+            addrs.extend(self.stored_record(&row).into_iter().flat_map(|v| v.addrs));
         }
-        addrs.dedup();
+        let mut seen = std::collections::HashSet::new();
+        addrs.retain(|a| seen.insert(records::strip_peer_id(a)));
         addrs
     }
 

@@ -66,11 +66,31 @@ impl Discovery {
 
     fn render(&self, out: &mut String) {
         let counters: [(&str, &str, &AtomicU64); 5] = [
-            ("oc_peer_records_published_total", "Own peer record puts into the DHT", &self.records_published),
-            ("oc_peer_records_met_total", "Valid peer records met", &self.records_met),
-            ("oc_searches_total", "Searches started by the local application", &self.searches),
-            ("oc_search_queries_answered_total", "Search queries answered for other peers", &self.queries_answered),
-            ("oc_search_results_forwarded_total", "Search results published on SEARCH_EVENT", &self.results_forwarded),
+            (
+                "oc_peer_records_published_total",
+                "Own peer record puts into the DHT",
+                &self.records_published,
+            ),
+            (
+                "oc_peer_records_met_total",
+                "Valid peer records met",
+                &self.records_met,
+            ),
+            (
+                "oc_searches_total",
+                "Searches started by the local application",
+                &self.searches,
+            ),
+            (
+                "oc_search_queries_answered_total",
+                "Search queries answered for other peers",
+                &self.queries_answered,
+            ),
+            (
+                "oc_search_results_forwarded_total",
+                "Search results published on SEARCH_EVENT",
+                &self.results_forwarded,
+            ),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(
@@ -82,7 +102,10 @@ impl Discovery {
         let _ = writeln!(out, "# HELP oc_peer_records_rejected_total Peer records ignored, by source and reason\n# TYPE oc_peer_records_rejected_total counter");
         if let Ok(map) = self.records_rejected.lock() {
             for ((via, reason), n) in map.iter() {
-                let _ = writeln!(out, "oc_peer_records_rejected_total{{via=\"{via}\",reason=\"{reason}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "oc_peer_records_rejected_total{{via=\"{via}\",reason=\"{reason}\"}} {n}"
+                );
             }
         }
         let _ = writeln!(out, "# HELP oc_search_queries_rejected_total Gossip search queries refused, by reason\n# TYPE oc_search_queries_rejected_total counter");

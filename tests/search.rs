@@ -92,7 +92,10 @@ async fn search_until(
         if good(&outcome) {
             return outcome;
         }
-        assert!(Instant::now() < deadline, "no {what} within {WAIT:?}; last: {outcome:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {WAIT:?}; last: {outcome:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -197,9 +200,14 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
     let events_d = d.collect(&["SEARCH_EVENT"]).await;
 
     // D knows only the hub, yet finds C by id and by name.
-    let by_id = search_until(d, &events_d, "PEER", json!({"search": c.id()}), "record of C", |o| {
-        !peer_results(o).is_empty()
-    })
+    let by_id = search_until(
+        d,
+        &events_d,
+        "PEER",
+        json!({"search": c.id()}),
+        "record of C",
+        |o| !peer_results(o).is_empty(),
+    )
     .await;
     let first = PeerRecord::from_value(&peer_results(&by_id)[0]).unwrap();
     let verified = first.verify(now_ms()).expect("a valid signed record");
@@ -217,9 +225,14 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
     e.node.start_healthy().await.unwrap();
     let e = &e;
     let events_e = e.collect(&["SEARCH_EVENT"]).await;
-    let b_by_name = search_until(e, &events_e, "PEER", json!({"search": "site-b"}), "record of B", |o| {
-        !peer_results(o).is_empty()
-    })
+    let b_by_name = search_until(
+        e,
+        &events_e,
+        "PEER",
+        json!({"search": "site-b"}),
+        "record of B",
+        |o| !peer_results(o).is_empty(),
+    )
     .await;
     assert_eq!(peer_results(&b_by_name)[0]["peer_id"], b.id().as_str());
     let b_by_id = search(e, &events_e, "PEER", json!({"search": b.id()})).await;
@@ -229,22 +242,38 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
     let rogue = TestPeer::start();
     rogue.client.bootstrap(hub.parse().unwrap()).await.unwrap();
     let rogue_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", rogue.port).parse().unwrap();
-    let mut forged = PeerRecord::sign(&rogue.key, "forged-site", std::slice::from_ref(&rogue_addr), now_ms() + 60_000).unwrap();
+    let mut forged = PeerRecord::sign(
+        &rogue.key,
+        "forged-site",
+        std::slice::from_ref(&rogue_addr),
+        now_ms() + 60_000,
+    )
+    .unwrap();
     forged.addrs = vec!["/ip4/127.0.0.1/tcp/1".into()];
     rogue
         .put_raw(records::name_key("forged-site"), forged.encode())
         .await;
-    let expired = PeerRecord::sign(&rogue.key, "expired-site", std::slice::from_ref(&rogue_addr), now_ms() - 1_000).unwrap();
+    let expired = PeerRecord::sign(
+        &rogue.key,
+        "expired-site",
+        std::slice::from_ref(&rogue_addr),
+        now_ms() - 1_000,
+    )
+    .unwrap();
     rogue
         .put_raw(records::name_key("expired-site"), expired.encode())
         .await;
     // C's identity with the rogue's key and address.
-    let mut stolen = PeerRecord::sign(&rogue.key, "site-c", std::slice::from_ref(&rogue_addr), now_ms() + 60_000).unwrap();
+    let mut stolen = PeerRecord::sign(
+        &rogue.key,
+        "site-c",
+        std::slice::from_ref(&rogue_addr),
+        now_ms() + 60_000,
+    )
+    .unwrap();
     stolen.peer_id = c.id();
     let c_peer: PeerId = c.id().parse().unwrap();
-    rogue
-        .put_raw(records::peer_key(&c_peer), stolen.encode())
-        .await;
+    rogue.put_raw(records::peer_key(&c_peer), stolen.encode()).await;
 
     let deadline = Instant::now() + WAIT;
     loop {
@@ -307,10 +336,30 @@ async fn offer(site: &Site, id: &str, extra: Value) {
 
 /// Each site offers a public, a partners-only and a private GPU, and a CPU.
 async fn offer_catalog(site: &Site, tag: &str) {
-    offer(site, &format!("{tag}-pub"), json!({"name": "GPU box", "access": "public"})).await;
-    offer(site, &format!("{tag}-partners"), json!({"name": "gpu for partners", "access": "partners"})).await;
-    offer(site, &format!("{tag}-private"), json!({"name": "gpu secret", "access": "private"})).await;
-    offer(site, &format!("{tag}-cpu"), json!({"name": "cpu only", "cores": 8})).await;
+    offer(
+        site,
+        &format!("{tag}-pub"),
+        json!({"name": "GPU box", "access": "public"}),
+    )
+    .await;
+    offer(
+        site,
+        &format!("{tag}-partners"),
+        json!({"name": "gpu for partners", "access": "partners"}),
+    )
+    .await;
+    offer(
+        site,
+        &format!("{tag}-private"),
+        json!({"name": "gpu secret", "access": "private"}),
+    )
+    .await;
+    offer(
+        site,
+        &format!("{tag}-cpu"),
+        json!({"name": "cpu only", "cores": 8}),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +388,12 @@ async fn partner_known_and_all_searches_follow_access_rules_and_limits() {
     let (a, b, c, d) = (&sites[0], &sites[1], &sites[2], &sites[3]);
     offer_catalog(b, "b").await;
     for i in 0..5 {
-        offer(b, &format!("b-extra-{i}"), json!({"name": format!("spare gpu {i}")})).await;
+        offer(
+            b,
+            &format!("b-extra-{i}"),
+            json!({"name": format!("spare gpu {i}")}),
+        )
+        .await;
     }
     offer_catalog(c, "c").await;
     offer_catalog(d, "d").await;
@@ -360,8 +414,15 @@ async fn partner_known_and_all_searches_follow_access_rules_and_limits() {
     assert_eq!(p.ids(), want, "{p:?}");
     assert_eq!(p.done["peers_answered"], 1, "{:?}", p.done);
     assert_eq!(p.done["peers_targeted"], 1);
-    assert!(p.batches.iter().all(|x| x["from_peer"] == b.id().as_str() && x["data_type"] == "COMPUTE_RESOURCE"));
-    assert!(p.elapsed < Duration::from_secs(15), "ends when every partner answered: {:?}", p.elapsed);
+    assert!(p
+        .batches
+        .iter()
+        .all(|x| x["from_peer"] == b.id().as_str() && x["data_type"] == "COMPUTE_RESOURCE"));
+    assert!(
+        p.elapsed < Duration::from_secs(15),
+        "ends when every partner answered: {:?}",
+        p.elapsed
+    );
 
     // known: C and D (met through the DHT), public resources only.
     let k = search_until(
@@ -378,7 +439,13 @@ async fn partner_known_and_all_searches_follow_access_rules_and_limits() {
     assert_eq!(k.from(&d.id()).len(), 1);
 
     // The limit holds across peers.
-    let l = search(a, &events, "COMPUTE_RESOURCE", json!({"type": "partner", "search": "gpu", "limit": 3})).await;
+    let l = search(
+        a,
+        &events,
+        "COMPUTE_RESOURCE",
+        json!({"type": "partner", "search": "gpu", "limit": 3}),
+    )
+    .await;
     assert_eq!(l.results().len(), 3, "{l:?}");
     assert_eq!(l.done["results_total"], 3);
 
@@ -396,14 +463,15 @@ async fn partner_known_and_all_searches_follow_access_rules_and_limits() {
     )
     .await;
     assert_eq!(all.done["peers_answered"], 3, "{:?}", all.done);
-    assert!(all.elapsed >= Duration::from_millis(1900), "all waits for its deadline");
-    assert!(!all.ids().iter().any(|i| i.ends_with("private") || i.ends_with("cpu")));
-    assert!(a
-        .node
-        .metric("oc_search_queries_answered_total")
-        .await
-        .unwrap()
-        == 0);
+    assert!(
+        all.elapsed >= Duration::from_millis(1900),
+        "all waits for its deadline"
+    );
+    assert!(!all
+        .ids()
+        .iter()
+        .any(|i| i.ends_with("private") || i.ends_with("cpu")));
+    assert!(a.node.metric("oc_search_queries_answered_total").await.unwrap() == 0);
     assert!(c.node.metric("oc_search_queries_answered_total").await.unwrap() > 0);
 
     // Bad input: the reply and the error event say what is wrong.
@@ -447,11 +515,16 @@ fn duplicating_responder(peer: &TestPeer) {
     tokio::spawn(async move {
         while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
             tokio::spawn(async move {
-                let Ok(Some(Frame::SearchQuery { query_id, .. })) = wire::read_frame(&mut stream, 1 << 20).await else {
+                let Ok(Some(Frame::SearchQuery { query_id, .. })) =
+                    wire::read_frame(&mut stream, 1 << 20).await
+                else {
                     return;
                 };
                 let r = |id: &str| json!({"id": id, "name": "bulk from the echo"});
-                for results in [vec![r("dup-1"), r("dup-1"), r("dup-2")], vec![r("dup-2"), r("dup-3")]] {
+                for results in [
+                    vec![r("dup-1"), r("dup-1"), r("dup-2")],
+                    vec![r("dup-2"), r("dup-3")],
+                ] {
                     let frame = Frame::SearchResults {
                         query_id: query_id.clone(),
                         results,
@@ -487,7 +560,12 @@ async fn a_silent_peer_ends_at_the_deadline_and_large_answers_come_in_batches() 
     a.node.start_healthy().await.unwrap();
     b.node.start_healthy().await.unwrap();
     for i in 0..60 {
-        offer(&b, &format!("bulk-{i:02}"), json!({"name": format!("bulk storage unit {i}"), "pad": "z".repeat(80)})).await;
+        offer(
+            &b,
+            &format!("bulk-{i:02}"),
+            json!({"name": format!("bulk storage unit {i}"), "pad": "z".repeat(80)}),
+        )
+        .await;
     }
     let events = a.collect(&["SEARCH_EVENT"]).await;
 

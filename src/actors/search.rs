@@ -468,7 +468,12 @@ struct Summary {
 
 impl Shared {
     async fn publish(&self, subject: Subject, body: &Value) {
-        if let Err(e) = self.env.nats.publish(subject.clone(), body.to_string().into()).await {
+        if let Err(e) = self
+            .env
+            .nats
+            .publish(subject.clone(), body.to_string().into())
+            .await
+        {
             tracing::warn!(%subject, cause = %e, "cannot publish");
         }
     }
@@ -497,7 +502,8 @@ impl Shared {
             records.len() as u64,
         );
         let results: Vec<Value> = records.iter().map(|r| r.to_value()).collect();
-        let body = json!({"query_id": query_id, "data_type": PEER_DATA_TYPE, "results": results, "done": true});
+        let body =
+            json!({"query_id": query_id, "data_type": PEER_DATA_TYPE, "results": results, "done": true});
         self.publish(Subject::from_static(SUBJECT_SEARCH_EVENT), &body)
             .await;
     }
@@ -664,14 +670,8 @@ impl Shared {
             let Frame::SearchQuery { query_id, .. } = &frame else {
                 return Err("not a query".to_owned());
             };
-            let outcome = read_answers(
-                &mut stream,
-                peer,
-                query_id,
-                self.env.tuning.max_frame_bytes,
-                &tx,
-            )
-            .await;
+            let outcome =
+                read_answers(&mut stream, peer, query_id, self.env.tuning.max_frame_bytes, &tx).await;
             let _ = stream.close().await;
             outcome
         };
@@ -724,10 +724,7 @@ impl Shared {
                         continue;
                     }
                     summary.forwarded += fresh.len() as u64;
-                    Metrics::add(
-                        &self.env.metrics.discovery.results_forwarded,
-                        fresh.len() as u64,
-                    );
+                    Metrics::add(&self.env.metrics.discovery.results_forwarded, fresh.len() as u64);
                     let body = json!({
                         "query_id": query_id, "data_type": query.data_type, "from_peer": peer.to_string(),
                         "results": fresh, "done": false,
@@ -761,7 +758,13 @@ impl Shared {
 
     /// This node's own resources of `data_type` that `searcher` may see and that contain
     /// `search`, at most `limit`.
-    async fn matches(&self, searcher: PeerId, data_type: &str, search: &str, limit: u64) -> Result<Vec<Value>, String> {
+    async fn matches(
+        &self,
+        searcher: PeerId,
+        data_type: &str,
+        search: &str,
+        limit: u64,
+    ) -> Result<Vec<Value>, String> {
         let partner = self.is_partner(searcher).await;
         let all = self
             .env
@@ -779,7 +782,10 @@ impl Shared {
 
     /// An `all` query from the gossip topic: verified (and the verdict reported, so
     /// gossipsub forwards only valid queries), then answered when something matches.
-    async fn on_gossip_query(&self, msg: &GossipMessage) -> Result<GossipQuery, (GossipVerdict, &'static str)> {
+    async fn on_gossip_query(
+        &self,
+        msg: &GossipMessage,
+    ) -> Result<GossipQuery, (GossipVerdict, &'static str)> {
         let q: GossipQuery =
             serde_json::from_slice(&msg.data).map_err(|_| (GossipVerdict::Reject, "undecodable"))?;
         let searcher: PeerId = q
@@ -801,6 +807,13 @@ impl Shared {
         }
         if q.expires_at <= now_ms() {
             return Err((GossipVerdict::Ignore, "expired"));
+        }
+        if matches!(
+            self.env.store.peer(&q.searcher).await,
+            Ok(Some(row)) if row.relation == Relation::Blacklist
+        ) {
+            // Relayed by others: the gater keeps the peer itself away.
+            return Err((GossipVerdict::Ignore, "blacklisted"));
         }
         let Some(record) = self
             .env
@@ -889,7 +902,10 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
             limit,
             max_frame_bytes,
         } => {
-            if query_id.len() > MAX_QUERY_ID || search.len() > MAX_SEARCH_BYTES || data_type.len() > MAX_DATA_TYPE {
+            if query_id.len() > MAX_QUERY_ID
+                || search.len() > MAX_SEARCH_BYTES
+                || data_type.len() > MAX_DATA_TYPE
+            {
                 let refusal = Refusal::new(ErrorCode::InvalidField, "query outside limits");
                 let _ = tokio::time::timeout(t, wire::write_frame(&mut stream, &error_frame(&refusal))).await;
                 return;
@@ -905,7 +921,8 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
                 }
                 Err(e) => {
                     let refusal = Refusal::new(ErrorCode::StoreUnavailable, e.clone());
-                    let _ = tokio::time::timeout(t, wire::write_frame(&mut stream, &error_frame(&refusal))).await;
+                    let _ =
+                        tokio::time::timeout(t, wire::write_frame(&mut stream, &error_frame(&refusal))).await;
                     Err(e)
                 }
             };
@@ -934,7 +951,9 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
             let rest = read_answers(&mut stream, peer, &query_id, max, &tx);
             match tokio::time::timeout_at(waiting.deadline, rest).await {
                 Ok(Ok(())) => {}
-                Ok(Err(reason)) => tracing::debug!(%peer, query_id, cause = %reason, "answer stream ended early"),
+                Ok(Err(reason)) => {
+                    tracing::debug!(%peer, query_id, cause = %reason, "answer stream ended early")
+                }
                 Err(_) => tracing::debug!(%peer, query_id, "answer stream still open at the deadline"),
             }
         }
@@ -1113,7 +1132,10 @@ mod tests {
         assert_eq!(code("PEER", json!({})), ErrorCode::MissingField);
         assert_eq!(code("PEER", json!({"search": " "})), ErrorCode::InvalidField);
         assert_eq!(code("PEER", json!({"search": 3})), ErrorCode::InvalidField);
-        assert_eq!(code("DATA_RESOURCE", json!({"search": "x"})), ErrorCode::MissingField);
+        assert_eq!(
+            code("DATA_RESOURCE", json!({"search": "x"})),
+            ErrorCode::MissingField
+        );
         assert_eq!(
             code("DATA_RESOURCE", json!({"search": "x", "type": "friends"})),
             ErrorCode::InvalidField
@@ -1123,7 +1145,10 @@ mod tests {
             ErrorCode::InvalidField
         );
         assert_eq!(
-            code("DATA_RESOURCE", json!({"search": "x", "type": "all", "timeout_ms": -5})),
+            code(
+                "DATA_RESOURCE",
+                json!({"search": "x", "type": "all", "timeout_ms": -5})
+            ),
             ErrorCode::InvalidField
         );
         assert_eq!(

@@ -18,13 +18,13 @@ use futures::StreamExt;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::core::Transport;
 use libp2p::identity::Keypair;
+use libp2p::kad::store::RecordStore as _;
 use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm,
 };
-use libp2p::kad::store::RecordStore as _;
 use libp2p::{gossipsub, kad};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -306,7 +306,12 @@ impl Client {
             .map_err(|_| NetError::Stopped)
     }
 
-    async fn ask<T>(&self, command: Command, rx: oneshot::Receiver<T>, timeout: Duration) -> Result<T, NetError> {
+    async fn ask<T>(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<T>,
+        timeout: Duration,
+    ) -> Result<T, NetError> {
         self.commands.send(command).await.map_err(|_| NetError::Stopped)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
@@ -353,8 +358,7 @@ impl Client {
     /// The network loop has stopped or did not answer in time.
     pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>, NetError> {
         let (reply, rx) = oneshot::channel();
-        self.ask(Command::GetRecord { key, reply }, rx, timeout)
-            .await?
+        self.ask(Command::GetRecord { key, reply }, rx, timeout).await?
     }
 
     /// Publishes on the search gossip topic.
@@ -368,7 +372,12 @@ impl Client {
     }
 
     /// Reports the verdict on a received gossip message (see [`GossipVerdict`]).
-    pub async fn report_gossip(&self, message_id: gossipsub::MessageId, source: PeerId, verdict: GossipVerdict) {
+    pub async fn report_gossip(
+        &self,
+        message_id: gossipsub::MessageId,
+        source: PeerId,
+        verdict: GossipVerdict,
+    ) {
         // A stopped loop has no message to report on.
         let _ = self
             .commands
@@ -599,7 +608,12 @@ impl EventLoop {
             }
             Command::Bootstrap { addr } => self.add_bootstrap(addr),
             Command::PutRecord { record, reply } => {
-                match self.swarm.behaviour_mut().kad.put_record(record, kad::Quorum::One) {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .put_record(record, kad::Quorum::One)
+                {
                     Ok(id) => {
                         self.pending_put.insert(id, reply);
                     }
@@ -609,7 +623,11 @@ impl EventLoop {
                 }
             }
             Command::GetRecord { key, reply } => {
-                let id = self.swarm.behaviour_mut().kad.get_record(kad::RecordKey::new(&key));
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_record(kad::RecordKey::new(&key));
                 self.pending_get.insert(id, (Vec::new(), reply));
             }
             Command::PublishGossip { data, reply } => {
@@ -715,7 +733,9 @@ impl EventLoop {
                 }
                 other => tracing::trace!(result = ?other, "DHT query progressed"),
             },
-            kad::Event::RoutingUpdated { peer, is_new_peer, .. } if is_new_peer => {
+            kad::Event::RoutingUpdated {
+                peer, is_new_peer, ..
+            } if is_new_peer => {
                 tracing::debug!(%peer, "DHT routing table: peer added");
             }
             other => tracing::trace!(event = ?other, "DHT event"),
@@ -775,11 +795,15 @@ impl EventLoop {
                     .is_some_and(|tx| tx.try_send(msg).is_ok());
                 if !handed {
                     tracing::debug!(peer = %propagation_source, "gossip message ignored: no room to handle it");
-                    let _ = self.swarm.behaviour_mut().gossip.report_message_validation_result(
-                        &message_id,
-                        &propagation_source,
-                        gossipsub::MessageAcceptance::Ignore,
-                    );
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossip
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            gossipsub::MessageAcceptance::Ignore,
+                        );
                 }
             }
             gossipsub::Event::Subscribed { peer_id, topic } => {
@@ -868,9 +892,11 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                self.on_identify(peer_id, info)
-            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => self.on_identify(peer_id, info),
             other => tracing::trace!(event = ?other, "swarm event"),
         }
     }

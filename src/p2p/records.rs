@@ -129,7 +129,13 @@ fn push_field(out: &mut Vec<u8>, field: &str) {
 /// ```
 /// where `field(s)` is the 4-byte big-endian length of the UTF-8 bytes of `s` followed by
 /// them. Every string is taken exactly as it appears in the JSON.
-pub fn signing_bytes(peer_id: &str, name: &str, addrs: &[String], public_key: &str, expires_at: u64) -> Vec<u8> {
+pub fn signing_bytes(
+    peer_id: &str,
+    name: &str,
+    addrs: &[String],
+    public_key: &str,
+    expires_at: u64,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(SIGNING_DOMAIN);
     push_field(&mut out, peer_id);
@@ -157,7 +163,12 @@ impl PeerRecord {
     ///
     /// # Errors
     /// The name or address list is outside the limits, or the key cannot sign.
-    pub fn sign(key: &Keypair, name: &str, addrs: &[Multiaddr], expires_at: u64) -> Result<Self, RecordError> {
+    pub fn sign(
+        key: &Keypair,
+        name: &str,
+        addrs: &[Multiaddr],
+        expires_at: u64,
+    ) -> Result<Self, RecordError> {
         let peer_id = key.public().to_peer_id().to_string();
         let public_key = B64.encode(key.public().encode_protobuf());
         let mut addrs: Vec<String> = addrs.iter().map(|a| strip_peer_id(a).to_string()).collect();
@@ -228,8 +239,8 @@ impl PeerRecord {
         let key_bytes = B64
             .decode(&self.public_key)
             .map_err(|e| RecordError::BadPublicKey(e.to_string()))?;
-        let public_key =
-            PublicKey::try_decode_protobuf(&key_bytes).map_err(|e| RecordError::BadPublicKey(e.to_string()))?;
+        let public_key = PublicKey::try_decode_protobuf(&key_bytes)
+            .map_err(|e| RecordError::BadPublicKey(e.to_string()))?;
         let actual = public_key.to_peer_id();
         if actual.to_string() != self.peer_id {
             return Err(RecordError::PeerIdMismatch {

@@ -269,7 +269,7 @@ impl Store for EmbeddedStore {
                     None => None,
                 };
                 if let Some(existing) = existing {
-                    row.relation = existing.relation;
+                    super::keep_relation(&mut row, existing);
                 }
                 let bytes = serde_json::to_vec(&row).map_err(corrupt)?;
                 table
@@ -493,7 +493,7 @@ mod tests {
         PeerRow {
             peer_id: id.into(),
             relation,
-            addrs: vec![],
+            addrs: vec![format!("/dns4/{name}/tcp/4001")],
             name: Some(name.into()),
             record: None,
             updated_ms: 1,
@@ -509,6 +509,18 @@ mod tests {
         assert_eq!(kept, Relation::Partner);
         let p = store.peer("p").await.unwrap().unwrap();
         assert_eq!((p.relation, p.name.as_deref()), (Relation::Partner, Some("new")));
+        assert_eq!(
+            p.addrs,
+            vec!["/dns4/old/tcp/4001"],
+            "the partnership's address stays"
+        );
+        store.meet_peer(row("q", Relation::Known, "q2")).await.unwrap();
+        let q = store.peer("q").await.unwrap().unwrap();
+        assert_eq!(
+            q.addrs,
+            vec!["/dns4/q2/tcp/4001"],
+            "a known peer's addresses follow its record"
+        );
         assert_eq!(
             store.meet_peer(row("q", Relation::Known, "q")).await.unwrap(),
             Relation::Known

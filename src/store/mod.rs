@@ -162,19 +162,28 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.peers().await?.into_iter().find(|r| r.peer_id == peer_id))
     }
 
-    /// Records a peer met through the DHT or a search: its name, addresses and record
-    /// replace what was known, its relation stays what it was (a partner or a blacklisted
-    /// peer stays so; a new peer is `known`). Returns the relation kept.
+    /// Records a peer met through the DHT or a search: its name and record replace what
+    /// was known; its relation stays what it was (a partner or a blacklisted peer stays so;
+    /// a new peer is `known`), and so do the addresses of a partner or blacklisted peer
+    /// (set with the partnership). Returns the relation kept.
     ///
     /// The default reads then writes; backends make it one transaction so a relation set
     /// meanwhile (`put_peer`) is never overwritten.
     async fn meet_peer(&self, mut row: PeerRow) -> StoreResult<Relation> {
         if let Some(existing) = self.peer(&row.peer_id).await? {
-            row.relation = existing.relation;
+            keep_relation(&mut row, existing);
         }
         let relation = row.relation;
         self.put_peer(row).await?;
         Ok(relation)
+    }
+}
+
+/// What [`Store::meet_peer`] keeps of an existing row.
+pub fn keep_relation(met: &mut PeerRow, existing: PeerRow) {
+    met.relation = existing.relation;
+    if existing.relation != Relation::Known {
+        met.addrs = existing.addrs;
     }
 }
 
