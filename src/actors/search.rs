@@ -480,7 +480,7 @@ impl Shared {
 
     async fn refuse(&self, payload: &Value, reply: Option<Subject>, refusal: &Refusal) {
         tracing::warn!(code = refusal.code.as_str(), reason = %refusal.message, "search refused");
-        self.env.metrics.refused("search", refusal.code);
+        self.env.metrics.refused("commands", refusal.code);
         let body = json!({"error": refusal.to_json(), "subject": event::SUBJECT_PROPAGATION, "action": "PB_SEARCH", "event": payload.to_string()});
         self.publish(Subject::from_static(event::SUBJECT_ERROR), &body)
             .await;
