@@ -22,6 +22,11 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_INTAKE_STREAM: &str = "OC_PROPAGATION";
 /// Shortest period accepted for intervals and timeouts (zero would spin).
 const MIN_PERIOD: Duration = Duration::from_millis(10);
+/// Life of this node's signed peer record in the DHT; it is re-signed every half of it.
+pub const DEFAULT_RECORD_TTL: &str = "2m";
+/// Bounds of `--record-ttl` (the upper one is what other nodes accept).
+pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
+pub const MAX_RECORD_TTL: Duration = crate::p2p::records::MAX_AHEAD;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -147,6 +152,16 @@ pub struct RunArgs {
     /// Period of the safety-net journal sync with each partner.
     #[arg(long, env = "OC_DISCOVERY_SYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sync_interval: Duration,
+    /// This node's name in its peer record (searchable); default: the host name.
+    #[arg(long, env = "OC_DISCOVERY_NAME")]
+    pub name: Option<String>,
+    /// Validity of this node's signed peer record; it is re-signed and republished every half of it.
+    #[arg(long, env = "OC_DISCOVERY_RECORD_TTL", default_value = DEFAULT_RECORD_TTL, value_parser = parse_duration)]
+    pub record_ttl: Duration,
+    /// A DHT bootstrap node (multiaddr, ideally ending in /p2p/<peer id>); repeat for several.
+    /// Partners are bootstrap nodes too.
+    #[arg(long = "bootstrap", env = "OC_DISCOVERY_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<Multiaddr>,
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
@@ -173,6 +188,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is not a valid duration"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// The host name, or `oc-discovery` when it cannot be read.
+fn default_name() -> String {
+    hostname::get()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "oc-discovery".to_owned())
 }
 
 /// Keys accepted in the `--config` file.
@@ -203,6 +227,10 @@ struct FileConfig {
     sync_timeout: Option<String>,
     #[serde(alias = "sync-interval")]
     sync_interval: Option<String>,
+    name: Option<String>,
+    #[serde(alias = "record-ttl")]
+    record_ttl: Option<String>,
+    bootstrap: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +249,10 @@ pub enum ConfigError {
     Heartbeat,
     #[error("{0} must be at least 10ms")]
     TooShort(&'static str),
+    #[error("--name must be 1 to {} bytes", crate::p2p::records::MAX_NAME_BYTES)]
+    Name,
+    #[error("--record-ttl must be between {MIN_RECORD_TTL:?} and {MAX_RECORD_TTL:?}")]
+    RecordTtl,
 }
 
 /// Parses the process arguments, then fills `run` options left at their default from
@@ -316,6 +348,9 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(pong_discard_timeout, duration);
     fill!(sync_timeout, duration);
     fill!(sync_interval, duration);
+    fill!(name, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(record_ttl, duration);
+    fill!(bootstrap, addrs);
     Ok(())
 }
 
@@ -330,6 +365,11 @@ pub struct NodeConfig {
     pub psk_file: Option<PathBuf>,
     pub max_event_bytes: usize,
     pub intake_stream: String,
+    /// Name in this node's peer record.
+    pub name: String,
+    pub record_ttl: Duration,
+    /// DHT bootstrap nodes (partners are added to them at start).
+    pub bootstrap: Vec<Multiaddr>,
     pub tuning: Tuning,
 }
 
@@ -415,6 +455,13 @@ impl TryFrom<RunArgs> for NodeConfig {
                 return Err(ConfigError::TooShort(flag));
             }
         }
+        let name = run.name.unwrap_or_else(default_name);
+        if name.is_empty() || name.len() > crate::p2p::records::MAX_NAME_BYTES {
+            return Err(ConfigError::Name);
+        }
+        if run.record_ttl < MIN_RECORD_TTL || run.record_ttl > MAX_RECORD_TTL {
+            return Err(ConfigError::RecordTtl);
+        }
         let tuning = Tuning {
             max_frame_bytes: run.max_frame_bytes,
             ping_interval: run.ping_interval,
@@ -432,6 +479,9 @@ impl TryFrom<RunArgs> for NodeConfig {
             psk_file: run.psk_file,
             max_event_bytes: run.max_event_bytes,
             intake_stream: run.intake_stream,
+            name,
+            record_ttl: run.record_ttl,
+            bootstrap: run.bootstrap,
             tuning,
         })
     }
@@ -478,6 +528,29 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn discovery_options_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "name = \"site-file\"\nrecord-ttl = \"30s\"\nbootstrap = [\"/ip4/127.0.0.1/tcp/7\"]\n",
+        )
+        .unwrap();
+        let r = run_args(&["--config", file.to_str().unwrap(), "--record-ttl", "10s"]);
+        let cfg = NodeConfig::try_from(r).unwrap();
+        assert_eq!(cfg.name, "site-file");
+        assert_eq!(cfg.record_ttl, Duration::from_secs(10));
+        assert_eq!(cfg.bootstrap.len(), 1);
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert!(!cfg.name.is_empty(), "defaults to the host name");
+        assert_eq!(cfg.record_ttl, Duration::from_secs(120));
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--record-ttl", "1s"])),
+            Err(ConfigError::RecordTtl)
+        ));
     }
 
     #[test]

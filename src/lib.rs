@@ -10,7 +10,10 @@
 //! - [`actors::intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
 //! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait.
 //! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
-//! - [`p2p`]: libp2p transport, event loop, client handle and stream framing.
+//! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
+//!   the search gossip topic; [`p2p::records`]: signed peer records.
+//! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
+//! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
 //! - [`nats`]: NATS connection and the confirmed publisher.
@@ -23,6 +26,7 @@ pub mod actors;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod directory;
 pub mod event;
 pub mod identity;
 pub mod metrics;

@@ -28,6 +28,93 @@ pub struct Metrics {
     pub sessions_opened: AtomicU64,
     /// Refusals by where they happened ("intake", "inbound", "outbound") and code.
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Peer records and searches.
+    pub discovery: Discovery,
+}
+
+/// Counters of the peer directory and the search service.
+#[derive(Default)]
+pub struct Discovery {
+    /// This node's record put in the DHT (per key).
+    pub records_published: AtomicU64,
+    /// Valid peer records met (DHT puts and lookups).
+    pub records_met: AtomicU64,
+    /// Searches started by the local application.
+    pub searches: AtomicU64,
+    /// Queries answered for other peers (streams and gossip).
+    pub queries_answered: AtomicU64,
+    /// Results published on `SEARCH_EVENT`.
+    pub results_forwarded: AtomicU64,
+    /// Peer records ignored, by where they came from (`put`, `get`, `store`) and why.
+    records_rejected: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Gossip search queries refused, by why.
+    queries_rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Discovery {
+    pub fn record_rejected(&self, via: &'static str, reason: &'static str) {
+        if let Ok(mut map) = self.records_rejected.lock() {
+            *map.entry((via, reason)).or_default() += 1;
+        }
+    }
+
+    pub fn query_rejected(&self, reason: &'static str) {
+        if let Ok(mut map) = self.queries_rejected.lock() {
+            *map.entry(reason).or_default() += 1;
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let counters: [(&str, &str, &AtomicU64); 5] = [
+            (
+                "oc_peer_records_published_total",
+                "Own peer record puts into the DHT",
+                &self.records_published,
+            ),
+            (
+                "oc_peer_records_met_total",
+                "Valid peer records met",
+                &self.records_met,
+            ),
+            (
+                "oc_searches_total",
+                "Searches started by the local application",
+                &self.searches,
+            ),
+            (
+                "oc_search_queries_answered_total",
+                "Search queries answered for other peers",
+                &self.queries_answered,
+            ),
+            (
+                "oc_search_results_forwarded_total",
+                "Search results published on SEARCH_EVENT",
+                &self.results_forwarded,
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP oc_peer_records_rejected_total Peer records ignored, by source and reason\n# TYPE oc_peer_records_rejected_total counter");
+        if let Ok(map) = self.records_rejected.lock() {
+            for ((via, reason), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "oc_peer_records_rejected_total{{via=\"{via}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP oc_search_queries_rejected_total Gossip search queries refused, by reason\n# TYPE oc_search_queries_rejected_total counter");
+        if let Ok(map) = self.queries_rejected.lock() {
+            for (reason, n) in map.iter() {
+                let _ = writeln!(out, "oc_search_queries_rejected_total{{reason=\"{reason}\"}} {n}");
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -101,6 +188,7 @@ impl Metrics {
                 let _ = writeln!(out, "oc_refusals_total{{place=\"{place}\",code=\"{code}\"}} {n}");
             }
         }
+        self.discovery.render(&mut out);
         out
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Start order follows the data flow backwards, so nothing is produced before its
 //! consumer exists: store → network loop → NATS → outbox drain → StreamService (links) →
-//! inbound apply → intake → admin API.
+//! inbound apply → peer directory (record publishing) → search service → command router →
+//! intake → admin API.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use crate::actors::inbound::{InboundApply, InboundEnv, Partners};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
+use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::actors::stream_service::{AddPartner, Drain, StreamService};
 use crate::config::NodeConfig;
+use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::metrics::Metrics;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::Store;
@@ -45,7 +48,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     );
     let psk = cfg.psk_file.as_deref().map(p2p::read_psk).transpose()?;
     let private = psk.is_some();
-    let (net, event_loop) = p2p::build(key, psk, &cfg.listen)?;
+    // The directory signs the node's peer record and the search service its gossip queries.
+    let (net, event_loop) = p2p::build(key.clone(), psk, &cfg.listen)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let net_task = tokio::spawn(event_loop.run(stop_rx.clone()));
 
@@ -105,13 +109,44 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         configured: cfg.partners.clone(),
     })
     .start();
+    let directory = Directory::new(DirectoryEnv {
+        key: key.clone(),
+        name: cfg.name.clone(),
+        ttl: cfg.record_ttl,
+        bootstrap: cfg.bootstrap.clone(),
+        net: net.clone(),
+        store: store.clone(),
+        partners: partners.clone(),
+        metrics: metrics.clone(),
+        tuning: t.clone(),
+    });
+    let (records_tx, records_rx) = tokio::sync::mpsc::channel(RECORD_EVENTS);
+    let (gossip_tx, gossip_rx) = tokio::sync::mpsc::channel(GOSSIP_QUEUE);
+    net.subscribe(p2p::Subscription::Records(records_tx)).await?;
+    net.subscribe(p2p::Subscription::Gossip(gossip_tx)).await?;
+    tokio::spawn(directory.clone().run(records_rx, stop_rx.clone()));
+    let search = SearchService::new(
+        SearchEnv {
+            key,
+            nats: nats.clone(),
+            net: net.clone(),
+            store: store.clone(),
+            directory: directory.clone(),
+            partners: partners.clone(),
+            metrics: metrics.clone(),
+            tuning: t.clone(),
+            shutdown: stop_rx.clone(),
+        },
+        gossip_rx,
+    )
+    .start();
     let commands = CommandRouter::new(CommandEnv {
         own_id: own_id.clone(),
         nats: nats.clone(),
         net: net.clone(),
         partners: partners.clone(),
-        resolver: None,
-        search: None,
+        resolver: Some(directory.clone()),
+        search: Some(search.recipient()),
         metrics: metrics.clone(),
         tuning: t.clone(),
     })
@@ -154,6 +189,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         peer_id = %own_id,
         journal_head = head,
         partners = cfg.partners.len(),
+        name = %cfg.name,
+        bootstrap = cfg.bootstrap.len(),
         private_network = private,
         admin = %cfg.admin_listen,
         "node started"

@@ -208,6 +208,14 @@ impl IntakeEnv {
                 if !self.nats.server_info().jetstream {
                     match self.nats.subscribe(event::SUBJECT_PROPAGATION).await {
                         Ok(sub) => {
+                            // The SUB must reach the server before /healthz says ready, or
+                            // a request sent right after gets "no responders".
+                            if !matches!(
+                                tokio::time::timeout(self.io_timeout, self.nats.flush()).await,
+                                Ok(Ok(()))
+                            ) {
+                                tracing::warn!("subscription not confirmed by the server in time");
+                            }
                             tracing::warn!(
                                 subject = event::SUBJECT_PROPAGATION,
                                 "NATS has no JetStream: core subscription, events published while this node is down are lost"

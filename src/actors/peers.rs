@@ -195,7 +195,9 @@ impl PeerEnv {
                 return;
             }
         };
-        for row in rows {
+        // `known` rows are peers met through the DHT (`Store::meet_peer`): no relation to
+        // restore, and a configured partner may be one of them.
+        for row in rows.into_iter().filter(|r| r.relation != Relation::Known) {
             let Ok(peer) = row.peer_id.parse::<PeerId>() else {
                 continue;
             };

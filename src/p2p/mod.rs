@@ -5,6 +5,7 @@
 //! Streams are opened and accepted through `libp2p-stream`'s `Control`, which talks to the
 //! behaviour through channels: no other component touches the Swarm.
 
+pub mod records;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -17,12 +18,14 @@ use futures::StreamExt;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::core::Transport;
 use libp2p::identity::Keypair;
+use libp2p::kad::store::RecordStore as _;
 use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm,
 };
+use libp2p::{gossipsub, kad};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
@@ -42,6 +45,56 @@ const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections without open streams are closed after this.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 const COMMAND_QUEUE: usize = 64;
+
+/// Kademlia protocol of the OpenCloud DHT (peer records, `protocols/dht-peer-records.md`).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/opencloud/kad/1.0.0");
+/// gossipsub topic of `all` searches (`protocols/search.md`).
+pub const SEARCH_TOPIC: &str = "/opencloud/search/1.0";
+/// A DHT query (get or put) not finished by then reports what it has.
+const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records this node holds for others; peer records are small (< 4 KiB).
+const DHT_MAX_RECORDS: usize = 16_384;
+const DHT_MAX_VALUE_BYTES: usize = 8 * 1024;
+/// Largest gossip message (gossipsub's own default).
+const GOSSIP_MAX_BYTES: usize = 64 * 1024;
+
+/// What the loop reports about peer records put into this node's share of the DHT. The
+/// records were verified by the loop before it stored them (`records::check`).
+#[derive(Debug, Clone)]
+pub enum RecordEvent {
+    /// A valid record a peer put here.
+    Met(records::PeerRecord),
+    /// A record refused at put time: `reason` is [`records::RecordError::reason`].
+    Rejected { from: PeerId, reason: &'static str },
+}
+
+/// A search query received on the gossip topic, waiting for validation
+/// ([`Client::report_gossip`]) before gossipsub forwards it further.
+#[derive(Debug, Clone)]
+pub struct GossipMessage {
+    pub message_id: gossipsub::MessageId,
+    /// The neighbour that handed it over (not necessarily the author).
+    pub propagation_source: PeerId,
+    /// The author, from gossipsub's own signature.
+    pub author: Option<PeerId>,
+    pub data: Vec<u8>,
+}
+
+/// Verdict on a gossip message: accepted messages are forwarded, rejected ones count
+/// against the neighbour, ignored ones are dropped quietly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GossipVerdict {
+    Accept,
+    Reject,
+    Ignore,
+}
+
+/// Where the loop hands discovery events; without a subscriber they are dropped (gossip
+/// messages are then ignored).
+pub enum Subscription {
+    Records(mpsc::Sender<RecordEvent>),
+    Gossip(mpsc::Sender<GossipMessage>),
+}
 
 /// Which resource stream an event travels on: one per action, as oc-discovery does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,6 +127,8 @@ pub struct Behaviour {
     stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossip: gossipsub::Behaviour,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +148,10 @@ pub enum NetError {
     Dial { peer: PeerId, reason: String },
     #[error("the network loop has stopped")]
     Stopped,
+    #[error("DHT: {0}")]
+    Dht(String),
+    #[error("gossip: {0}")]
+    Gossip(String),
 }
 
 /// What the rest of the node can see of the network without asking the loop.
@@ -132,6 +191,30 @@ enum Command {
         peer: PeerId,
         blocked: bool,
     },
+    /// Add a DHT bootstrap peer (dialed; with `/p2p/<id>` also put in the routing table).
+    Bootstrap {
+        addr: Multiaddr,
+    },
+    /// Store a record locally and at the peers closest to its key.
+    PutRecord {
+        record: kad::Record,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    /// Look a key up in the DHT; answers every distinct value found (unverified).
+    GetRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>,
+    },
+    PublishGossip {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    ReportGossip {
+        message_id: gossipsub::MessageId,
+        source: PeerId,
+        verdict: GossipVerdict,
+    },
+    Subscribe(Subscription),
 }
 
 /// Cloneable handle on the network.
@@ -223,6 +306,100 @@ impl Client {
             .map_err(|_| NetError::Stopped)
     }
 
+    async fn ask<T>(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<T>,
+        timeout: Duration,
+    ) -> Result<T, NetError> {
+        self.commands.send(command).await.map_err(|_| NetError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(NetError::Stopped),
+            Err(_) => Err(NetError::Dht(format!("no answer within {timeout:?}"))),
+        }
+    }
+
+    /// Adds a DHT bootstrap peer and dials it (returns once the loop took it).
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn bootstrap(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Bootstrap { addr })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Puts a record in the DHT: stored locally, then at the peers closest to `key`; done
+    /// once at least one peer took it. `expires` bounds its life in every store.
+    ///
+    /// # Errors
+    /// [`NetError::Dht`] when no peer took it (it stays in the local store) or the put did
+    /// not finish within `timeout`.
+    pub async fn put_record(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expires: Option<std::time::Instant>,
+        timeout: Duration,
+    ) -> Result<(), NetError> {
+        let mut record = kad::Record::new(key, value);
+        record.expires = expires;
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::PutRecord { record, reply }, rx, timeout)
+            .await?
+    }
+
+    /// Every value stored under `key` that the DHT returns within `timeout` (the local
+    /// store included). Values are not verified: callers check them.
+    ///
+    /// # Errors
+    /// The network loop has stopped or did not answer in time.
+    pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::GetRecord { key, reply }, rx, timeout).await?
+    }
+
+    /// Publishes on the search gossip topic.
+    ///
+    /// # Errors
+    /// [`NetError::Gossip`]: no peer subscribed, message too large.
+    pub async fn publish_gossip(&self, data: Vec<u8>, timeout: Duration) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::PublishGossip { data, reply }, rx, timeout)
+            .await?
+    }
+
+    /// Reports the verdict on a received gossip message (see [`GossipVerdict`]).
+    pub async fn report_gossip(
+        &self,
+        message_id: gossipsub::MessageId,
+        source: PeerId,
+        verdict: GossipVerdict,
+    ) {
+        // A stopped loop has no message to report on.
+        let _ = self
+            .commands
+            .send(Command::ReportGossip {
+                message_id,
+                source,
+                verdict,
+            })
+            .await;
+    }
+
+    /// Hands discovery events of one kind to `sub` from now on.
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn subscribe(&self, sub: Subscription) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Subscribe(sub))
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
     /// Starts accepting inbound streams of a protocol.
     pub fn accept(&self, protocol: StreamProtocol) -> Option<libp2p_stream::IncomingStreams> {
         self.control.clone().accept(protocol).ok()
@@ -270,18 +447,29 @@ pub fn build(
                 .timeout(TRANSPORT_TIMEOUT))
         })
         .map_err(|e| transport_err(&e))?
-        .with_behaviour(|key| Behaviour {
-            stream: libp2p_stream::Behaviour::new(),
-            identify: identify::Behaviour::new(identify::Config::new(
-                IDENTIFY_PROTOCOL.to_owned(),
-                key.public(),
-            )),
-            ping: ping::Behaviour::new(ping::Config::new()),
-            blocked: Default::default(),
+        .with_behaviour(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(Behaviour {
+                stream: libp2p_stream::Behaviour::new(),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL.to_owned(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                kad: build_kad(key.public().to_peer_id()),
+                gossip: build_gossip(key)?,
+                blocked: Default::default(),
+            })
         })
         .map_err(|e| transport_err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
+    // Server mode whatever our reachability looks like: every node serves the DHT.
+    swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
+    swarm
+        .behaviour_mut()
+        .gossip
+        .subscribe(&gossipsub::IdentTopic::new(SEARCH_TOPIC))
+        .map_err(|e| transport_err(&e))?;
     for addr in listen {
         swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
             addr: addr.clone(),
@@ -304,9 +492,50 @@ pub fn build(
             commands: rx,
             state,
             pending_dial: HashMap::new(),
+            pending_put: HashMap::new(),
+            pending_get: HashMap::new(),
+            record_events: None,
+            gossip_events: None,
         },
     ))
 }
+
+fn build_kad(local: PeerId) -> kad::Behaviour<kad::store::MemoryStore> {
+    let mut config = kad::Config::new(KAD_PROTOCOL);
+    config
+        .set_query_timeout(KAD_QUERY_TIMEOUT)
+        // Every inbound record is verified before it is stored (`on_kad_event`).
+        .set_record_filtering(kad::StoreInserts::FilterBoth)
+        // Records carry their own expiry and their owners republish them; nobody else does.
+        .set_replication_interval(None)
+        .set_publication_interval(None)
+        .set_caching(kad::Caching::Disabled);
+    let store = kad::store::MemoryStore::with_config(
+        local,
+        kad::store::MemoryStoreConfig {
+            max_records: DHT_MAX_RECORDS,
+            max_value_bytes: DHT_MAX_VALUE_BYTES,
+            ..Default::default()
+        },
+    );
+    kad::Behaviour::with_config(local, store, config)
+}
+
+fn build_gossip(key: &Keypair) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        // Messages are forwarded only once the application verified them.
+        .validate_messages()
+        .max_transmit_size(GOSSIP_MAX_BYTES)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        config,
+    )?)
+}
+
+type GetReply = oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>;
 
 /// The one owner of the `Swarm`.
 pub struct EventLoop {
@@ -315,6 +544,12 @@ pub struct EventLoop {
     state: Arc<NetState>,
     /// Callers waiting for a connection to a peer.
     pending_dial: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
+    /// Callers waiting for a DHT put to finish.
+    pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
+    /// Callers waiting for a DHT lookup to finish, with the values found so far.
+    pending_get: HashMap<kad::QueryId, (Vec<Vec<u8>>, GetReply)>,
+    record_events: Option<mpsc::Sender<RecordEvent>>,
+    gossip_events: Option<mpsc::Sender<GossipMessage>>,
 }
 
 impl EventLoop {
@@ -369,6 +604,221 @@ impl EventLoop {
                     tracing::info!(%peer, "peer blacklisted");
                 } else {
                     gater.unblock_peer(peer);
+                }
+            }
+            Command::Bootstrap { addr } => self.add_bootstrap(addr),
+            Command::PutRecord { record, reply } => {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .put_record(record, kad::Quorum::One)
+                {
+                    Ok(id) => {
+                        self.pending_put.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dht(format!("not stored locally: {e}"))));
+                    }
+                }
+            }
+            Command::GetRecord { key, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_record(kad::RecordKey::new(&key));
+                self.pending_get.insert(id, (Vec::new(), reply));
+            }
+            Command::PublishGossip { data, reply } => {
+                let topic = gossipsub::IdentTopic::new(SEARCH_TOPIC);
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .publish(topic, data)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Gossip(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::ReportGossip {
+                message_id,
+                source,
+                verdict,
+            } => {
+                let acceptance = match verdict {
+                    GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
+                    GossipVerdict::Reject => gossipsub::MessageAcceptance::Reject,
+                    GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+                };
+                // False when the message left the cache meanwhile: nothing to forward then.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .report_message_validation_result(&message_id, &source, acceptance);
+            }
+            Command::Subscribe(Subscription::Records(tx)) => self.record_events = Some(tx),
+            Command::Subscribe(Subscription::Gossip(tx)) => self.gossip_events = Some(tx),
+        }
+    }
+
+    fn add_bootstrap(&mut self, addr: Multiaddr) {
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        };
+        let opts = match peer {
+            Some(peer) => {
+                let bare = records::strip_peer_id(&addr);
+                self.swarm.behaviour_mut().kad.add_address(&peer, bare);
+                DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build()
+            }
+            // Without a peer id the routing table learns the peer from identify.
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        if let Err(e) = self.swarm.dial(opts) {
+            if !matches!(e, DialError::DialPeerConditionFalse(_)) {
+                tracing::warn!(%addr, cause = %e, "cannot dial bootstrap peer");
+            }
+        }
+        if peer.is_some() {
+            // Fails only with an empty routing table; automatic bootstrap covers that.
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => self.on_record_put(source, record),
+            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+                kad::QueryResult::PutRecord(result) => {
+                    if let Some(reply) = self.pending_put.remove(&id) {
+                        let result = match result {
+                            Ok(_) => Ok(()),
+                            Err(kad::PutRecordError::QuorumFailed { success, .. })
+                            | Err(kad::PutRecordError::Timeout { success, .. })
+                                if !success.is_empty() =>
+                            {
+                                Ok(())
+                            }
+                            Err(e) => Err(NetError::Dht(e.to_string())),
+                        };
+                        let _ = reply.send(result);
+                    }
+                }
+                kad::QueryResult::GetRecord(result) => {
+                    if let (Ok(kad::GetRecordOk::FoundRecord(found)), Some((values, _))) =
+                        (&result, self.pending_get.get_mut(&id))
+                    {
+                        if !values.contains(&found.record.value) {
+                            values.push(found.record.value.clone());
+                        }
+                    }
+                    if step.last {
+                        if let Some((values, reply)) = self.pending_get.remove(&id) {
+                            let _ = reply.send(Ok(values));
+                        }
+                    }
+                }
+                other => tracing::trace!(result = ?other, "DHT query progressed"),
+            },
+            kad::Event::RoutingUpdated {
+                peer, is_new_peer, ..
+            } if is_new_peer => {
+                tracing::debug!(%peer, "DHT routing table: peer added");
+            }
+            other => tracing::trace!(event = ?other, "DHT event"),
+        }
+    }
+
+    /// A peer put a record here: stored only if it verifies (signature, identity, expiry,
+    /// and the key names it), with its own expiry as the store's.
+    fn on_record_put(&mut self, source: PeerId, mut record: kad::Record) {
+        let now = crate::event::now_ms();
+        match records::check(record.key.as_ref(), &record.value, now) {
+            Ok(verified) => {
+                let left = Duration::from_millis(verified.record.expires_at.saturating_sub(now));
+                let expires = std::time::Instant::now() + left;
+                record.expires = Some(record.expires.map_or(expires, |e| e.min(expires)));
+                if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
+                    tracing::warn!(%source, cause = %e, "DHT store full: peer record not kept");
+                }
+                self.report_record(RecordEvent::Met(verified.record));
+            }
+            Err(e) => {
+                tracing::warn!(%source, reason = e.reason(), cause = %e, "peer record refused");
+                self.report_record(RecordEvent::Rejected {
+                    from: source,
+                    reason: e.reason(),
+                });
+            }
+        }
+    }
+
+    fn report_record(&mut self, event: RecordEvent) {
+        if let Some(tx) = &self.record_events {
+            // Best effort: the record stays in the DHT; a full queue only delays the
+            // store's copy until the peer republishes.
+            if tx.try_send(event).is_err() {
+                tracing::debug!("record events queue full; event dropped");
+            }
+        }
+    }
+
+    fn on_gossip_event(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let msg = GossipMessage {
+                    message_id: message_id.clone(),
+                    propagation_source,
+                    author: message.source,
+                    data: message.data,
+                };
+                let handed = self
+                    .gossip_events
+                    .as_ref()
+                    .is_some_and(|tx| tx.try_send(msg).is_ok());
+                if !handed {
+                    tracing::debug!(peer = %propagation_source, "gossip message ignored: no room to handle it");
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossip
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            gossipsub::MessageAcceptance::Ignore,
+                        );
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } => {
+                tracing::debug!(peer = %peer_id, %topic, "peer subscribed to gossip topic");
+            }
+            other => tracing::trace!(event = ?other, "gossip event"),
+        }
+    }
+
+    fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
+        // The DHT needs dialable addresses; identify is where a listener learns them.
+        if info.protocols.contains(&KAD_PROTOCOL) {
+            for addr in info.listen_addrs {
+                if !addr.is_empty() {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
                 }
             }
         }
@@ -440,6 +890,13 @@ impl EventLoop {
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!(cause = %error, "listener error")
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => self.on_identify(peer_id, info),
             other => tracing::trace!(event = ?other, "swarm event"),
         }
     }

@@ -85,6 +85,33 @@ pub enum Frame {
         code: String,
         message: String,
     },
+    /// Search (`protocols/search.md`), searcher → responder, first frame of a `known` /
+    /// `partner` search stream: the responder's own resources of `data_type` whose values
+    /// contain `search`, at most `limit`, in frames of at most `max_frame_bytes`.
+    SearchQuery {
+        query_id: String,
+        data_type: String,
+        search: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_frame_bytes: Option<u64>,
+    },
+    /// Search, responder → searcher: one batch of results (for an `all` search it is the
+    /// first frame of the stream the responder opens).
+    SearchResults {
+        query_id: String,
+        results: Vec<serde_json::Value>,
+    },
+    /// Search, responder → searcher: the last frame. `count` results were sent; `skipped`
+    /// matches were left out because one alone exceeds a frame.
+    SearchDone {
+        query_id: String,
+        #[serde(default)]
+        count: u64,
+        #[serde(default)]
+        skipped: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

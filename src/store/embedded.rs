@@ -245,6 +245,43 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
+        let peer_id = peer_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(PEERS).map_err(unavailable)?;
+            match table.get(peer_id.as_str()).map_err(unavailable)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn meet_peer(&self, mut row: PeerRow) -> StoreResult<super::Relation> {
+        self.blocking(move |db| {
+            // Read and write in one transaction: a relation set meanwhile is kept.
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(PEERS).map_err(unavailable)?;
+                let existing: Option<PeerRow> = match table.get(row.peer_id.as_str()).map_err(unavailable)? {
+                    Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+                    None => None,
+                };
+                if let Some(existing) = existing {
+                    super::keep_relation(&mut row, existing);
+                }
+                let bytes = serde_json::to_vec(&row).map_err(corrupt)?;
+                table
+                    .insert(row.peer_id.as_str(), bytes.as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(row.relation)
+        })
+        .await
+    }
+
     async fn remove_peer(&self, peer_id: &str) -> StoreResult<()> {
         let peer_id = peer_id.to_owned();
         self.blocking(move |db| {
@@ -445,4 +482,49 @@ async fn read_u64(
                 .unwrap_or(0))
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Relation;
+
+    fn row(id: &str, relation: Relation, name: &str) -> PeerRow {
+        PeerRow {
+            peer_id: id.into(),
+            relation,
+            addrs: vec![format!("/dns4/{name}/tcp/4001")],
+            name: Some(name.into()),
+            record: None,
+            updated_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn meeting_a_peer_keeps_its_relation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        store.put_peer(row("p", Relation::Partner, "old")).await.unwrap();
+        let kept = store.meet_peer(row("p", Relation::Known, "new")).await.unwrap();
+        assert_eq!(kept, Relation::Partner);
+        let p = store.peer("p").await.unwrap().unwrap();
+        assert_eq!((p.relation, p.name.as_deref()), (Relation::Partner, Some("new")));
+        assert_eq!(
+            p.addrs,
+            vec!["/dns4/old/tcp/4001"],
+            "the partnership's address stays"
+        );
+        store.meet_peer(row("q", Relation::Known, "q2")).await.unwrap();
+        let q = store.peer("q").await.unwrap().unwrap();
+        assert_eq!(
+            q.addrs,
+            vec!["/dns4/q2/tcp/4001"],
+            "a known peer's addresses follow its record"
+        );
+        assert_eq!(
+            store.meet_peer(row("q", Relation::Known, "q")).await.unwrap(),
+            Relation::Known
+        );
+        assert!(store.peer("nobody").await.unwrap().is_none());
+    }
 }

@@ -156,6 +156,35 @@ pub trait Store: Send + Sync + 'static {
     async fn peers(&self) -> StoreResult<Vec<PeerRow>>;
     async fn put_peer(&self, row: PeerRow) -> StoreResult<()>;
     async fn remove_peer(&self, peer_id: &str) -> StoreResult<()>;
+
+    /// One peer's row.
+    async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
+        Ok(self.peers().await?.into_iter().find(|r| r.peer_id == peer_id))
+    }
+
+    /// Records a peer met through the DHT or a search: its name and record replace what
+    /// was known; its relation stays what it was (a partner or a blacklisted peer stays so;
+    /// a new peer is `known`), and so do the addresses of a partner or blacklisted peer
+    /// (set with the partnership). Returns the relation kept.
+    ///
+    /// The default reads then writes; backends make it one transaction so a relation set
+    /// meanwhile (`put_peer`) is never overwritten.
+    async fn meet_peer(&self, mut row: PeerRow) -> StoreResult<Relation> {
+        if let Some(existing) = self.peer(&row.peer_id).await? {
+            keep_relation(&mut row, existing);
+        }
+        let relation = row.relation;
+        self.put_peer(row).await?;
+        Ok(relation)
+    }
+}
+
+/// What [`Store::meet_peer`] keeps of an existing row.
+pub fn keep_relation(met: &mut PeerRow, existing: PeerRow) {
+    met.relation = existing.relation;
+    if existing.relation != Relation::Known {
+        met.addrs = existing.addrs;
+    }
 }
 
 /// How this node relates to another.

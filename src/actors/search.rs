@@ -1,0 +1,1240 @@
+//! Search service: the application's `PB_SEARCH`, and this node's answers to other nodes'
+//! searches (`protocols/search.md`, `protocols/nats-search-event.md`).
+//!
+//! Searcher side, one task per search, at most [`MAX_ACTIVE`] at once:
+//! - data type `PEER`, `{"search": "<peer id or name>"}`: the peer directory (store, then
+//!   DHT) → one `SEARCH_EVENT` with the records, `done: true`.
+//! - other data types, `{"type": "all|known|partner", "search", "limit", "timeout_ms"}`:
+//!   `known` / `partner` open `/opencloud/resource/search/1.0` to each targeted peer (at most
+//!   [`FANOUT`] at once) and send a `search_query` frame; `all` publishes the query, signed
+//!   with the node's key, on the gossip topic, and responders with matches open the stream
+//!   back. Every batch becomes a `SEARCH_EVENT` (`done: false`), duplicates (same peer, same
+//!   resource id) dropped and the limit honoured; the final event (`done: true`) goes out
+//!   when every targeted peer answered, the limit is reached, or at the deadline.
+//!
+//! Responder side: inbound search streams and gossip queries are served by helper tasks
+//! bounded by one semaphore ([`MAX_RESPONDERS`]); beyond it they are dropped (gossip:
+//! ignored). Only the node's own resources of the data type are offered, never those with
+//! `"access": "private"`, those with `"access": "partners"` only to partners. A gossip query
+//! is answered (and forwarded by gossipsub) only once its signature verifies against the
+//! searcher's peer record.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use async_nats::Subject;
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::identity::{Keypair, PublicKey};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::commands::SearchRequest;
+use super::inbound::Partners;
+use crate::config::Tuning;
+use crate::directory::Directory;
+use crate::event::{self, now_ms, AppCommand, ErrorCode, Refusal};
+use crate::metrics::Metrics;
+use crate::p2p::wire::{self, Frame};
+use crate::p2p::{self, GossipMessage, GossipVerdict};
+use crate::store::{Relation, Store};
+
+pub const PROTOCOL_SEARCH: StreamProtocol = StreamProtocol::new("/opencloud/resource/search/1.0");
+/// NATS subject of search results (node → application).
+pub const SUBJECT_SEARCH_EVENT: &str = "SEARCH_EVENT";
+/// The data type whose search looks up peer records instead of resources.
+pub const PEER_DATA_TYPE: &str = "PEER";
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(3000);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_LIMIT: u64 = 1000;
+pub const MAX_LIMIT: u64 = 10_000;
+/// Longest search text, in bytes.
+pub const MAX_SEARCH_BYTES: usize = 1024;
+/// Longest query id accepted from a peer.
+const MAX_QUERY_ID: usize = 64;
+const MAX_DATA_TYPE: usize = 128;
+/// Searches of the local application in flight; beyond, `busy`.
+pub const MAX_ACTIVE: usize = 64;
+/// Inbound search streams and gossip queries served at once.
+pub const MAX_RESPONDERS: usize = 64;
+/// Peers asked at once by one `known` / `partner` search.
+pub const FANOUT: usize = 32;
+/// Batches buffered between the peers' streams and a search's aggregator.
+const ANSWERS_QUEUE: usize = 64;
+/// Gossip queries buffered between the network loop and the service.
+pub const GOSSIP_QUEUE: usize = 256;
+/// Room for a `search_results` frame's JSON around its results (plus the query id).
+const FRAME_ENVELOPE: usize = 128;
+/// Smallest frame a searcher may ask for.
+const MIN_FRAME: usize = 4096;
+/// First bytes of the byte string a gossip query's signature covers.
+pub const QUERY_SIGNING_DOMAIN: &[u8] = b"/opencloud/search-query/1";
+
+/// Who a resource search goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everyone, over the gossip topic.
+    All,
+    /// Peers with relation `known` in the peers table (configured partners excluded).
+    Known,
+    /// Partners: relation `partner` in the peers table and configured partners.
+    Partner,
+}
+
+impl Scope {
+    fn parse(s: &str) -> Option<Scope> {
+        match s.to_ascii_lowercase().as_str() {
+            "all" => Some(Scope::All),
+            "known" => Some(Scope::Known),
+            "partner" => Some(Scope::Partner),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Scope::All => "all",
+            Scope::Known => "known",
+            Scope::Partner => "partner",
+        }
+    }
+}
+
+/// A validated `PB_SEARCH`.
+#[derive(Debug, Clone, PartialEq)]
+enum Parsed {
+    Peer { search: String, timeout: Duration },
+    Resources(Query),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Query {
+    data_type: String,
+    search: String,
+    scope: Scope,
+    limit: u64,
+    timeout: Duration,
+}
+
+fn parse(command: &AppCommand) -> Result<Parsed, Refusal> {
+    let p = &command.payload;
+    let search = match p.get("search") {
+        None | Some(Value::Null) => {
+            return Err(Refusal::new(
+                ErrorCode::MissingField,
+                "missing string field payload.search",
+            ))
+        }
+        Some(Value::String(s)) if s.len() <= MAX_SEARCH_BYTES => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                format!("payload.search is longer than {MAX_SEARCH_BYTES} bytes"),
+            ))
+        }
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "payload.search must be a string",
+            ))
+        }
+    };
+    let timeout = match optional_u64(p, "timeout_ms")? {
+        None => DEFAULT_TIMEOUT,
+        Some(ms) if ms >= 1 && ms <= MAX_TIMEOUT.as_millis() as u64 => Duration::from_millis(ms),
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "payload.timeout_ms must be between 1 and {}",
+                    MAX_TIMEOUT.as_millis()
+                ),
+            ))
+        }
+    };
+    if command.data_type.eq_ignore_ascii_case(PEER_DATA_TYPE) {
+        let search = search.trim().to_owned();
+        if search.is_empty() {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "payload.search must name a peer id or a peer name",
+            ));
+        }
+        return Ok(Parsed::Peer { search, timeout });
+    }
+    if command.data_type.len() > MAX_DATA_TYPE {
+        return Err(Refusal::new(ErrorCode::InvalidField, "data_type is too long"));
+    }
+    let scope = match p.get("type") {
+        None | Some(Value::Null) => {
+            return Err(Refusal::new(
+                ErrorCode::MissingField,
+                "missing string field payload.type (all, known or partner)",
+            ))
+        }
+        Some(Value::String(s)) => Scope::parse(s).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::InvalidField,
+                format!("payload.type {s:?} is not all, known or partner"),
+            )
+        })?,
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "payload.type must be a string (all, known or partner)",
+            ))
+        }
+    };
+    let limit = match optional_u64(p, "limit")? {
+        None => DEFAULT_LIMIT,
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => n,
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                format!("payload.limit must be between 1 and {MAX_LIMIT}"),
+            ))
+        }
+    };
+    Ok(Parsed::Resources(Query {
+        data_type: command.data_type.clone(),
+        search,
+        scope,
+        limit,
+        timeout,
+    }))
+}
+
+fn optional_u64(p: &Value, name: &str) -> Result<Option<u64>, Refusal> {
+    match p.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::InvalidField,
+                format!("payload.{name} must be a positive integer"),
+            )
+        }),
+    }
+}
+
+/// 16 random hex digits.
+pub fn new_query_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The message of an `all` search on the gossip topic, signed by the searcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipQuery {
+    pub query_id: String,
+    /// The searcher's peer id: responders open the search stream back to it.
+    pub searcher: String,
+    pub data_type: String,
+    pub search: String,
+    pub limit: u64,
+    pub max_frame_bytes: u64,
+    /// Milliseconds since the Unix epoch: the searcher's deadline; later, nobody answers.
+    pub expires_at: u64,
+    /// Base64 of the searcher's signature over [`GossipQuery::signing_bytes`].
+    pub signature: String,
+}
+
+impl GossipQuery {
+    /// `"/opencloud/search-query/1"`, then `query_id`, `searcher`, `data_type`, `search` each
+    /// as a 4-byte big-endian length and the UTF-8 bytes, then `limit`, `max_frame_bytes`,
+    /// `expires_at` as 8-byte big-endian integers.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.search.len());
+        out.extend_from_slice(QUERY_SIGNING_DOMAIN);
+        for f in [&self.query_id, &self.searcher, &self.data_type, &self.search] {
+            out.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            out.extend_from_slice(f.as_bytes());
+        }
+        for n in [self.limit, self.max_frame_bytes, self.expires_at] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        out
+    }
+
+    /// Fills `signature` with `key`'s.
+    ///
+    /// # Errors
+    /// The key cannot sign.
+    pub fn sign(mut self, key: &Keypair) -> Result<Self, libp2p::identity::SigningError> {
+        use base64::Engine;
+        let sig = key.sign(&self.signing_bytes())?;
+        self.signature = base64::engine::general_purpose::STANDARD.encode(sig);
+        Ok(self)
+    }
+
+    pub fn verify(&self, key: &PublicKey) -> bool {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.signature)
+            .is_ok_and(|sig| key.verify(&self.signing_bytes(), &sig))
+    }
+}
+
+/// What a search's aggregator receives from the peers' streams.
+#[derive(Debug)]
+enum Answer {
+    Batch { peer: PeerId, results: Vec<Value> },
+    Done { peer: PeerId },
+    Failed { peer: PeerId, reason: String },
+}
+
+/// `all` searches in flight, by query id: where responders' streams deliver.
+#[derive(Clone)]
+struct Waiting {
+    tx: mpsc::Sender<Answer>,
+    deadline: Instant,
+}
+
+type Registry = Arc<Mutex<HashMap<String, Waiting>>>;
+
+pub struct SearchEnv {
+    pub key: Keypair,
+    pub nats: async_nats::Client,
+    pub net: p2p::Client,
+    pub store: Arc<dyn Store>,
+    pub directory: Arc<Directory>,
+    pub partners: Arc<Partners>,
+    pub metrics: Arc<Metrics>,
+    pub tuning: Tuning,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+struct Shared {
+    env: SearchEnv,
+    own: PeerId,
+    own_id: String,
+    registry: Registry,
+}
+
+pub struct SearchService {
+    shared: Arc<Shared>,
+    active: Arc<Semaphore>,
+    responders: Arc<Semaphore>,
+    gossip: Option<mpsc::Receiver<GossipMessage>>,
+}
+
+impl SearchService {
+    /// `gossip` is the receiving end of the network loop's gossip subscription.
+    pub fn new(env: SearchEnv, gossip: mpsc::Receiver<GossipMessage>) -> Self {
+        let own = env.key.public().to_peer_id();
+        SearchService {
+            shared: Arc::new(Shared {
+                own,
+                own_id: own.to_string(),
+                env,
+                registry: Arc::new(Mutex::new(HashMap::new())),
+            }),
+            active: Arc::new(Semaphore::new(MAX_ACTIVE)),
+            responders: Arc::new(Semaphore::new(MAX_RESPONDERS)),
+            gossip: Some(gossip),
+        }
+    }
+}
+
+impl Actor for SearchService {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Self::Context) {
+        let shared = self.shared.clone();
+        let responders = self.responders.clone();
+        match shared.env.net.accept(PROTOCOL_SEARCH) {
+            Some(mut incoming) => {
+                let mut shutdown = shared.env.shutdown.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let next = tokio::select! {
+                            next = incoming.next() => next,
+                            _ = crate::shutdown::signalled(&mut shutdown) => None,
+                        };
+                        let Some((peer, stream)) = next else { break };
+                        // Taken at once: libp2p-stream drops streams we are slow to take.
+                        let Ok(permit) = responders.clone().try_acquire_owned() else {
+                            tracing::warn!(%peer, "too many search streams being served; stream dropped");
+                            continue;
+                        };
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            serve_stream(&shared, peer, stream).await;
+                            drop(permit);
+                        });
+                    }
+                });
+            }
+            None => tracing::error!(protocol = %PROTOCOL_SEARCH, "protocol already registered"),
+        }
+        if let Some(mut gossip) = self.gossip.take() {
+            let shared = self.shared.clone();
+            let responders = self.responders.clone();
+            let mut shutdown = shared.env.shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let msg = tokio::select! {
+                        msg = gossip.recv() => msg,
+                        _ = crate::shutdown::signalled(&mut shutdown) => None,
+                    };
+                    let Some(msg) = msg else { break };
+                    let Ok(permit) = responders.clone().try_acquire_owned() else {
+                        tracing::warn!(peer = %msg.propagation_source, "too many search queries being served; gossip query ignored");
+                        shared.env.metrics.discovery.query_rejected("busy");
+                        shared
+                            .env
+                            .net
+                            .report_gossip(msg.message_id, msg.propagation_source, GossipVerdict::Ignore)
+                            .await;
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        on_gossip(&shared, msg).await;
+                        drop(permit);
+                    });
+                }
+            });
+        }
+    }
+}
+
+impl Handler<SearchRequest> for SearchService {
+    type Result = ();
+
+    fn handle(&mut self, msg: SearchRequest, _: &mut Self::Context) {
+        let SearchRequest { command, reply } = msg;
+        let shared = self.shared.clone();
+        Metrics::add(&shared.env.metrics.discovery.searches, 1);
+        let parsed = match parse(&command) {
+            Ok(p) => p,
+            Err(refusal) => {
+                tokio::spawn(async move { shared.refuse(&command.payload, reply, &refusal).await });
+                return;
+            }
+        };
+        let Ok(permit) = self.active.clone().try_acquire_owned() else {
+            let refusal = Refusal::new(
+                ErrorCode::Busy,
+                format!("{MAX_ACTIVE} searches already running; retry"),
+            );
+            tokio::spawn(async move { shared.refuse(&command.payload, reply, &refusal).await });
+            return;
+        };
+        let query_id = new_query_id();
+        tokio::spawn(async move {
+            // The reply goes first, so the application knows the id of the events to come.
+            if let Some(reply) = reply {
+                shared
+                    .publish(reply, &json!({"ok": true, "query_id": query_id}))
+                    .await;
+            }
+            match parsed {
+                Parsed::Peer { search, timeout } => shared.search_peer(&query_id, &search, timeout).await,
+                Parsed::Resources(query) => shared.search_resources(&query_id, query).await,
+            }
+            if let Err(e) = shared.env.nats.flush().await {
+                tracing::warn!(query_id, cause = %e, "search events not flushed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Removes an `all` search from the registry whichever way it ends.
+struct Unregister<'a> {
+    registry: &'a Registry,
+    query_id: &'a str,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.registry.lock() {
+            r.remove(self.query_id);
+        }
+    }
+}
+
+/// How a search ended.
+#[derive(Debug, Default)]
+struct Summary {
+    answered: HashSet<PeerId>,
+    unreachable: Vec<(PeerId, String)>,
+    forwarded: u64,
+}
+
+impl Shared {
+    async fn publish(&self, subject: Subject, body: &Value) {
+        if let Err(e) = self
+            .env
+            .nats
+            .publish(subject.clone(), body.to_string().into())
+            .await
+        {
+            tracing::warn!(%subject, cause = %e, "cannot publish");
+        }
+    }
+
+    async fn refuse(&self, payload: &Value, reply: Option<Subject>, refusal: &Refusal) {
+        tracing::warn!(code = refusal.code.as_str(), reason = %refusal.message, "search refused");
+        self.env.metrics.refused("commands", refusal.code);
+        let body = json!({"error": refusal.to_json(), "subject": event::SUBJECT_PROPAGATION, "action": "PB_SEARCH", "event": payload.to_string()});
+        self.publish(Subject::from_static(event::SUBJECT_ERROR), &body)
+            .await;
+        if let Some(reply) = reply {
+            self.publish(reply, &json!({"ok": false, "error": refusal.to_json()}))
+                .await;
+        }
+    }
+
+    async fn search_peer(&self, query_id: &str, search: &str, timeout: Duration) {
+        let directory = &self.env.directory;
+        let records = match search.parse::<PeerId>() {
+            Ok(peer) => directory.find_by_id(peer, timeout).await,
+            Err(_) => directory.find_by_name(search, timeout).await,
+        };
+        tracing::info!(query_id, search, found = records.len(), "peer search done");
+        Metrics::add(
+            &self.env.metrics.discovery.results_forwarded,
+            records.len() as u64,
+        );
+        let results: Vec<Value> = records.iter().map(|r| r.to_value()).collect();
+        let body =
+            json!({"query_id": query_id, "data_type": PEER_DATA_TYPE, "results": results, "done": true});
+        self.publish(Subject::from_static(SUBJECT_SEARCH_EVENT), &body)
+            .await;
+    }
+
+    async fn search_resources(self: &Arc<Self>, query_id: &str, query: Query) {
+        let deadline = Instant::now() + query.timeout;
+        let (tx, rx) = mpsc::channel(ANSWERS_QUEUE);
+        let mut tasks = JoinSet::new();
+        let mut _unregister = None;
+        let targeted = match query.scope {
+            Scope::Known | Scope::Partner => {
+                let targets = self.targets(query.scope).await;
+                let frame = Frame::SearchQuery {
+                    query_id: query_id.to_owned(),
+                    data_type: query.data_type.clone(),
+                    search: query.search.clone(),
+                    limit: Some(query.limit),
+                    max_frame_bytes: Some(self.env.tuning.max_frame_bytes as u64),
+                };
+                let fanout = Arc::new(Semaphore::new(FANOUT));
+                for peer in &targets {
+                    let (me, frame, tx, fanout, peer) =
+                        (self.clone(), frame.clone(), tx.clone(), fanout.clone(), *peer);
+                    tasks.spawn(async move {
+                        let Ok(_permit) = fanout.acquire_owned().await else {
+                            return;
+                        };
+                        me.ask_peer(peer, frame, tx, deadline).await;
+                    });
+                }
+                Some(targets.len())
+            }
+            Scope::All => {
+                if let Ok(mut r) = self.registry.lock() {
+                    r.insert(
+                        query_id.to_owned(),
+                        Waiting {
+                            tx: tx.clone(),
+                            deadline,
+                        },
+                    );
+                }
+                _unregister = Some(Unregister {
+                    registry: &self.registry,
+                    query_id,
+                });
+                match self.publish_gossip(query_id, &query).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(query_id, cause = %e, "search not published on the gossip topic");
+                        Some(0)
+                    }
+                }
+            }
+        };
+        drop(tx);
+        tracing::info!(query_id, scope = query.scope.as_str(), data_type = %query.data_type, targeted = ?targeted, "search started");
+        let summary = self.aggregate(query_id, &query, rx, targeted, deadline).await;
+        drop(_unregister);
+        tasks.abort_all();
+        tracing::info!(
+            query_id,
+            answered = summary.answered.len(),
+            unreachable = summary.unreachable.len(),
+            results = summary.forwarded,
+            "search done"
+        );
+        let unreachable: Vec<Value> = summary
+            .unreachable
+            .iter()
+            .map(|(p, reason)| json!({"peer_id": p.to_string(), "reason": reason}))
+            .collect();
+        let mut body = json!({
+            "query_id": query_id, "data_type": query.data_type, "done": true,
+            "peers_answered": summary.answered.len(), "results_total": summary.forwarded,
+        });
+        if let Some(n) = targeted {
+            body["peers_targeted"] = json!(n);
+        }
+        if !unreachable.is_empty() {
+            body["unreachable"] = json!(unreachable);
+        }
+        self.publish(Subject::from_static(SUBJECT_SEARCH_EVENT), &body)
+            .await;
+    }
+
+    /// The peers a `known` / `partner` search goes to.
+    async fn targets(&self, scope: Scope) -> Vec<PeerId> {
+        let rows = match self.env.store.peers().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(cause = %e, "peers table unreadable; searching configured partners only");
+                Vec::new()
+            }
+        };
+        let blacklisted: HashSet<&str> = rows
+            .iter()
+            .filter(|r| r.relation == Relation::Blacklist)
+            .map(|r| r.peer_id.as_str())
+            .collect();
+        let wanted = match scope {
+            Scope::Known => Relation::Known,
+            _ => Relation::Partner,
+        };
+        let mut out: Vec<PeerId> = rows
+            .iter()
+            .filter(|r| r.relation == wanted)
+            .filter_map(|r| r.peer_id.parse().ok())
+            .collect();
+        if scope == Scope::Known {
+            // A configured partner met through the DHT is a partner, not merely known.
+            out.retain(|p| !self.env.partners.contains(p));
+        }
+        if scope == Scope::Partner {
+            out.extend(
+                self.env
+                    .partners
+                    .peers()
+                    .into_iter()
+                    .filter(|p| !blacklisted.contains(p.to_string().as_str())),
+            );
+        }
+        out.sort();
+        out.dedup();
+        out.retain(|p| *p != self.own);
+        out
+    }
+
+    async fn publish_gossip(&self, query_id: &str, query: &Query) -> Result<(), String> {
+        let message = GossipQuery {
+            query_id: query_id.to_owned(),
+            searcher: self.own_id.clone(),
+            data_type: query.data_type.clone(),
+            search: query.search.clone(),
+            limit: query.limit,
+            max_frame_bytes: self.env.tuning.max_frame_bytes as u64,
+            expires_at: now_ms() + query.timeout.as_millis() as u64,
+            signature: String::new(),
+        }
+        .sign(&self.env.key)
+        .map_err(|e| e.to_string())?;
+        let data = serde_json::to_vec(&message).map_err(|e| e.to_string())?;
+        self.env
+            .net
+            .publish_gossip(data, self.env.tuning.io_timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Asks one peer over a search stream; everything it says goes to `tx`.
+    async fn ask_peer(&self, peer: PeerId, frame: Frame, tx: mpsc::Sender<Answer>, deadline: Instant) {
+        let t = self.env.tuning.io_timeout;
+        let exchange = async {
+            self.env.directory.reach(peer, t).await?;
+            let mut stream = self
+                .env
+                .net
+                .open_stream(peer, PROTOCOL_SEARCH, t)
+                .await
+                .map_err(|e| e.to_string())?;
+            wire::write_frame(&mut stream, &frame)
+                .await
+                .map_err(|e| format!("cannot send the query: {e}"))?;
+            let Frame::SearchQuery { query_id, .. } = &frame else {
+                return Err("not a query".to_owned());
+            };
+            let outcome =
+                read_answers(&mut stream, peer, query_id, self.env.tuning.max_frame_bytes, &tx).await;
+            let _ = stream.close().await;
+            outcome
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                tracing::debug!(%peer, cause = %reason, "peer not searched");
+                // The aggregator may be gone already (deadline, limit).
+                let _ = tx.send(Answer::Failed { peer, reason }).await;
+            }
+            // Deadline: the aggregator ends by itself.
+            Err(_) => tracing::debug!(%peer, "peer silent until the search deadline"),
+        }
+    }
+
+    /// Forwards answers as `SEARCH_EVENT` batches until every targeted peer settled (when
+    /// `targeted` is known), the limit is reached, or the deadline.
+    async fn aggregate(
+        &self,
+        query_id: &str,
+        query: &Query,
+        mut rx: mpsc::Receiver<Answer>,
+        targeted: Option<usize>,
+        deadline: Instant,
+    ) -> Summary {
+        let mut summary = Summary::default();
+        let mut settled: HashSet<PeerId> = HashSet::new();
+        let mut seen: HashSet<(PeerId, String)> = HashSet::new();
+        let sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(sleep);
+        loop {
+            if targeted.is_some_and(|n| settled.len() >= n) || summary.forwarded >= query.limit {
+                break;
+            }
+            let answer = tokio::select! {
+                _ = &mut sleep => break,
+                a = rx.recv() => a,
+            };
+            match answer {
+                // Every asker ended (known / partner); `all` keeps a sender registered.
+                None => break,
+                Some(Answer::Batch { peer, results }) => {
+                    let room = (query.limit - summary.forwarded) as usize;
+                    let fresh: Vec<Value> = results
+                        .into_iter()
+                        .filter(|r| seen.insert((peer, dedupe_key(r))))
+                        .take(room)
+                        .collect();
+                    if fresh.is_empty() {
+                        continue;
+                    }
+                    summary.forwarded += fresh.len() as u64;
+                    Metrics::add(&self.env.metrics.discovery.results_forwarded, fresh.len() as u64);
+                    let body = json!({
+                        "query_id": query_id, "data_type": query.data_type, "from_peer": peer.to_string(),
+                        "results": fresh, "done": false,
+                    });
+                    self.publish(Subject::from_static(SUBJECT_SEARCH_EVENT), &body)
+                        .await;
+                }
+                Some(Answer::Done { peer }) => {
+                    summary.answered.insert(peer);
+                    settled.insert(peer);
+                }
+                Some(Answer::Failed { peer, reason }) => {
+                    if settled.insert(peer) {
+                        summary.unreachable.push((peer, reason));
+                    }
+                }
+            }
+        }
+        summary
+    }
+
+    async fn is_partner(&self, peer: PeerId) -> bool {
+        if self.env.partners.contains(&peer) {
+            return true;
+        }
+        matches!(
+            self.env.store.peer(&peer.to_string()).await,
+            Ok(Some(row)) if row.relation == Relation::Partner
+        )
+    }
+
+    /// This node's own resources of `data_type` that `searcher` may see and that contain
+    /// `search`, at most `limit`.
+    async fn matches(
+        &self,
+        searcher: PeerId,
+        data_type: &str,
+        search: &str,
+        limit: u64,
+    ) -> Result<Vec<Value>, String> {
+        let partner = self.is_partner(searcher).await;
+        let all = self
+            .env
+            .store
+            .own_resources(&self.own_id, data_type)
+            .await
+            .map_err(|e| e.to_string())?;
+        let needle = search.to_lowercase();
+        Ok(all
+            .into_iter()
+            .filter(|r| visible(r, partner) && contains(r, &needle))
+            .take(limit.min(MAX_LIMIT) as usize)
+            .collect())
+    }
+
+    /// An `all` query from the gossip topic: verified (and the verdict reported, so
+    /// gossipsub forwards only valid queries), then answered when something matches.
+    async fn on_gossip_query(
+        &self,
+        msg: &GossipMessage,
+    ) -> Result<GossipQuery, (GossipVerdict, &'static str)> {
+        let q: GossipQuery =
+            serde_json::from_slice(&msg.data).map_err(|_| (GossipVerdict::Reject, "undecodable"))?;
+        let searcher: PeerId = q
+            .searcher
+            .parse()
+            .map_err(|_| (GossipVerdict::Reject, "bad_searcher"))?;
+        if msg.author != Some(searcher) {
+            return Err((GossipVerdict::Reject, "author_mismatch"));
+        }
+        if searcher == self.own {
+            return Err((GossipVerdict::Ignore, "own"));
+        }
+        if q.query_id.is_empty()
+            || q.query_id.len() > MAX_QUERY_ID
+            || q.search.len() > MAX_SEARCH_BYTES
+            || q.data_type.len() > MAX_DATA_TYPE
+        {
+            return Err((GossipVerdict::Reject, "limits"));
+        }
+        if q.expires_at <= now_ms() {
+            return Err((GossipVerdict::Ignore, "expired"));
+        }
+        if matches!(
+            self.env.store.peer(&q.searcher).await,
+            Ok(Some(row)) if row.relation == Relation::Blacklist
+        ) {
+            // Relayed by others: the gater keeps the peer itself away.
+            return Err((GossipVerdict::Ignore, "blacklisted"));
+        }
+        let Some(record) = self
+            .env
+            .directory
+            .record_of(searcher, self.env.tuning.io_timeout)
+            .await
+        else {
+            return Err((GossipVerdict::Ignore, "no_peer_record"));
+        };
+        if !q.verify(&record.public_key) {
+            return Err((GossipVerdict::Reject, "bad_signature"));
+        }
+        Ok(q)
+    }
+
+    async fn answer_gossip(&self, q: GossipQuery) -> Result<(), String> {
+        let searcher: PeerId = q.searcher.parse().map_err(|_| "bad searcher".to_owned())?;
+        let results = self.matches(searcher, &q.data_type, &q.search, q.limit).await?;
+        Metrics::add(&self.env.metrics.discovery.queries_answered, 1);
+        if results.is_empty() {
+            // Only responders with matches answer an `all` search.
+            return Ok(());
+        }
+        let t = self.env.tuning.io_timeout;
+        let left = Duration::from_millis(q.expires_at.saturating_sub(now_ms()));
+        let send = async {
+            self.env.directory.reach(searcher, t).await?;
+            let mut stream = self
+                .env
+                .net
+                .open_stream(searcher, PROTOCOL_SEARCH, t)
+                .await
+                .map_err(|e| e.to_string())?;
+            let cap = frame_cap(self.env.tuning.max_frame_bytes, Some(q.max_frame_bytes));
+            let sent = send_results(&mut stream, &q.query_id, results, cap, t).await;
+            let _ = stream.close().await;
+            sent.map(|_| ()).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(left, send)
+            .await
+            .unwrap_or_else(|_| Err("the search's deadline passed".to_owned()))
+    }
+}
+
+async fn on_gossip(shared: &Shared, msg: GossipMessage) {
+    let net = &shared.env.net;
+    match shared.on_gossip_query(&msg).await {
+        Ok(q) => {
+            net.report_gossip(msg.message_id, msg.propagation_source, GossipVerdict::Accept)
+                .await;
+            let query_id = q.query_id.clone();
+            let searcher = q.searcher.clone();
+            match shared.answer_gossip(q).await {
+                Ok(()) => tracing::debug!(query_id, searcher, "gossip search answered"),
+                Err(e) => tracing::info!(query_id, searcher, cause = %e, "gossip search not answered"),
+            }
+        }
+        Err((verdict, reason)) => {
+            if reason != "own" {
+                tracing::warn!(peer = %msg.propagation_source, author = ?msg.author, reason, "gossip search query refused");
+                shared.env.metrics.discovery.query_rejected(reason);
+            }
+            net.report_gossip(msg.message_id, msg.propagation_source, verdict)
+                .await;
+        }
+    }
+}
+
+/// Serves one inbound search stream: a query (answered on it) or the answer of a
+/// responder to one of this node's `all` searches.
+async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
+    let t = shared.env.tuning.io_timeout;
+    let max = shared.env.tuning.max_frame_bytes;
+    let first = match tokio::time::timeout(t, wire::read_frame(&mut stream, max)).await {
+        Ok(Ok(Some(frame))) => frame,
+        other => {
+            tracing::debug!(%peer, outcome = ?other.map(|r| r.map(|_| ())), "search stream without a first frame");
+            return;
+        }
+    };
+    match first {
+        Frame::SearchQuery {
+            query_id,
+            data_type,
+            search,
+            limit,
+            max_frame_bytes,
+        } => {
+            if query_id.len() > MAX_QUERY_ID
+                || search.len() > MAX_SEARCH_BYTES
+                || data_type.len() > MAX_DATA_TYPE
+            {
+                let refusal = Refusal::new(ErrorCode::InvalidField, "query outside limits");
+                let _ = tokio::time::timeout(t, wire::write_frame(&mut stream, &error_frame(&refusal))).await;
+                return;
+            }
+            let limit = limit.unwrap_or(DEFAULT_LIMIT);
+            let outcome = match shared.matches(peer, &data_type, &search, limit).await {
+                Ok(results) => {
+                    Metrics::add(&shared.env.metrics.discovery.queries_answered, 1);
+                    let cap = frame_cap(max, max_frame_bytes);
+                    send_results(&mut stream, &query_id, results, cap, t)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => {
+                    let refusal = Refusal::new(ErrorCode::StoreUnavailable, e.clone());
+                    let _ =
+                        tokio::time::timeout(t, wire::write_frame(&mut stream, &error_frame(&refusal))).await;
+                    Err(e)
+                }
+            };
+            match outcome {
+                Ok((count, skipped)) => {
+                    tracing::debug!(%peer, query_id, data_type, count, skipped, "search query answered")
+                }
+                Err(e) => tracing::info!(%peer, query_id, cause = %e, "search query not answered"),
+            }
+            let _ = tokio::time::timeout(t, stream.close()).await;
+        }
+        Frame::SearchResults { query_id, results } => {
+            let waiting = shared
+                .registry
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&query_id).cloned());
+            let Some(waiting) = waiting else {
+                tracing::debug!(%peer, query_id, "answer to no search in flight; dropped");
+                return;
+            };
+            if waiting.tx.send(Answer::Batch { peer, results }).await.is_err() {
+                return;
+            }
+            let tx = waiting.tx.clone();
+            let rest = read_answers(&mut stream, peer, &query_id, max, &tx);
+            match tokio::time::timeout_at(waiting.deadline, rest).await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => {
+                    tracing::debug!(%peer, query_id, cause = %reason, "answer stream ended early")
+                }
+                Err(_) => tracing::debug!(%peer, query_id, "answer stream still open at the deadline"),
+            }
+        }
+        Frame::SearchDone { query_id, .. } => {
+            let waiting = shared
+                .registry
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&query_id).cloned());
+            if let Some(w) = waiting {
+                let _ = w.tx.send(Answer::Done { peer }).await;
+            }
+        }
+        other => tracing::debug!(%peer, frame = ?other, "unexpected first frame on a search stream"),
+    }
+}
+
+/// Reads `search_results` frames of `query_id` into `tx` until `search_done`.
+///
+/// # Errors
+/// The stream ended or failed before `search_done`, the peer refused, or the search ended.
+async fn read_answers<R: AsyncRead + Unpin>(
+    r: &mut R,
+    peer: PeerId,
+    query_id: &str,
+    max: usize,
+    tx: &mpsc::Sender<Answer>,
+) -> Result<(), String> {
+    loop {
+        match wire::read_frame(r, max).await {
+            Ok(Some(Frame::SearchResults { query_id: q, results })) if q == query_id => {
+                tx.send(Answer::Batch { peer, results })
+                    .await
+                    .map_err(|_| "search ended".to_owned())?;
+            }
+            Ok(Some(Frame::SearchDone { query_id: q, .. })) if q == query_id => {
+                let _ = tx.send(Answer::Done { peer }).await;
+                return Ok(());
+            }
+            Ok(Some(Frame::Error { code, message, .. })) => return Err(format!("{code}: {message}")),
+            Ok(Some(other)) => tracing::debug!(%peer, frame = ?other, "unexpected frame on a search stream"),
+            Ok(None) => return Err("stream ended before search_done".to_owned()),
+            Err(e) if e.is_recoverable() => {
+                tracing::warn!(%peer, query_id, cause = %e, "unreadable search answer skipped")
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// The frame size a responder writes: its own cap, lowered to the searcher's.
+fn frame_cap(own: usize, searcher: Option<u64>) -> usize {
+    let asked = searcher.map_or(own, |s| usize::try_from(s).unwrap_or(usize::MAX));
+    own.min(asked).max(MIN_FRAME)
+}
+
+/// Writes `results` as `search_results` frames of at most `cap` bytes each, then
+/// `search_done`. A result too large for a frame alone is left out and counted.
+///
+/// # Errors
+/// A write failed or took longer than `timeout`.
+async fn send_results<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    query_id: &str,
+    results: Vec<Value>,
+    cap: usize,
+    timeout: Duration,
+) -> std::io::Result<(u64, u64)> {
+    let room = cap.saturating_sub(FRAME_ENVELOPE + query_id.len());
+    let (mut count, mut skipped) = (0u64, 0u64);
+    let mut batch: Vec<Value> = Vec::new();
+    let mut size = 0usize;
+    for r in results {
+        // Its size in the frame's array, with the separating comma.
+        let len = serde_json::to_vec(&r).map(|b| b.len()).unwrap_or(usize::MAX) + 1;
+        if len > room {
+            skipped += 1;
+            continue;
+        }
+        if size + len > room {
+            count += batch.len() as u64;
+            write(w, &results_frame(query_id, std::mem::take(&mut batch)), timeout).await?;
+            size = 0;
+        }
+        size += len;
+        batch.push(r);
+    }
+    if !batch.is_empty() {
+        count += batch.len() as u64;
+        write(w, &results_frame(query_id, batch), timeout).await?;
+    }
+    let done = Frame::SearchDone {
+        query_id: query_id.to_owned(),
+        count,
+        skipped,
+    };
+    write(w, &done, timeout).await?;
+    Ok((count, skipped))
+}
+
+fn results_frame(query_id: &str, results: Vec<Value>) -> Frame {
+    Frame::SearchResults {
+        query_id: query_id.to_owned(),
+        results,
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame, timeout: Duration) -> std::io::Result<()> {
+    match tokio::time::timeout(timeout, wire::write_frame(w, frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+fn error_frame(refusal: &Refusal) -> Frame {
+    Frame::Error {
+        seq: None,
+        code: refusal.code.as_str().to_owned(),
+        message: refusal.message.clone(),
+    }
+}
+
+/// `private` never, `partners` to partners only, anything else to everyone.
+fn visible(resource: &Value, searcher_is_partner: bool) -> bool {
+    match resource.get("access").and_then(Value::as_str) {
+        Some(a) if a.eq_ignore_ascii_case("private") => false,
+        Some(a) if a.eq_ignore_ascii_case("partners") => searcher_is_partner,
+        _ => true,
+    }
+}
+
+/// Whether any value in `v` (strings, numbers, booleans, at any depth; keys excluded)
+/// contains `needle`, already lower-cased. The empty text matches everything.
+fn contains(v: &Value, needle: &str) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    match v {
+        Value::String(s) => s.to_lowercase().contains(needle),
+        Value::Number(n) => n.to_string().contains(needle),
+        Value::Bool(b) => b.to_string().contains(needle),
+        Value::Array(a) => a.iter().any(|x| contains(x, needle)),
+        Value::Object(o) => o.values().any(|x| contains(x, needle)),
+        Value::Null => false,
+    }
+}
+
+/// A result's identity for duplicate detection: its `id`, else its whole JSON.
+fn dedupe_key(r: &Value) -> String {
+    match r.get("id").and_then(Value::as_str) {
+        Some(id) => id.to_owned(),
+        None => r.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::CommandAction;
+
+    fn command(data_type: &str, payload: Value) -> AppCommand {
+        AppCommand {
+            action: CommandAction::Search,
+            data_type: data_type.into(),
+            user: "u".into(),
+            payload,
+        }
+    }
+
+    fn code(data_type: &str, payload: Value) -> ErrorCode {
+        parse(&command(data_type, payload)).unwrap_err().code
+    }
+
+    #[test]
+    fn payloads_are_validated() {
+        assert_eq!(code("PEER", json!({})), ErrorCode::MissingField);
+        assert_eq!(code("PEER", json!({"search": " "})), ErrorCode::InvalidField);
+        assert_eq!(code("PEER", json!({"search": 3})), ErrorCode::InvalidField);
+        assert_eq!(
+            code("DATA_RESOURCE", json!({"search": "x"})),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code("DATA_RESOURCE", json!({"search": "x", "type": "friends"})),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code("DATA_RESOURCE", json!({"search": "x", "type": "all", "limit": 0})),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(
+                "DATA_RESOURCE",
+                json!({"search": "x", "type": "all", "timeout_ms": -5})
+            ),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            parse(&command("peer", json!({"search": "site-a"}))).unwrap(),
+            Parsed::Peer {
+                search: "site-a".into(),
+                timeout: DEFAULT_TIMEOUT
+            }
+        );
+        let Parsed::Resources(q) = parse(&command(
+            "DATA_RESOURCE",
+            json!({"search": "gpu", "type": "Known", "limit": 5, "timeout_ms": 700}),
+        ))
+        .unwrap() else {
+            panic!("not a resource search")
+        };
+        assert_eq!(
+            (q.scope, q.limit, q.timeout),
+            (Scope::Known, 5, Duration::from_millis(700))
+        );
+    }
+
+    #[test]
+    fn access_and_text_matching() {
+        let public = json!({"id": "a", "name": "Big GPU box", "specs": {"cores": 64}});
+        let partners = json!({"id": "b", "name": "gpu", "access": "partners"});
+        let private = json!({"id": "c", "name": "gpu", "access": "PRIVATE"});
+        assert!(visible(&public, false) && visible(&partners, true) && !visible(&partners, false));
+        assert!(!visible(&private, true));
+        assert!(contains(&public, "gpu"));
+        assert!(contains(&public, "64"));
+        assert!(!contains(&public, "specs"), "keys do not match");
+        assert!(contains(&public, ""));
+    }
+
+    #[test]
+    fn gossip_queries_verify_against_the_signer() {
+        let key = Keypair::generate_ed25519();
+        let q = GossipQuery {
+            query_id: new_query_id(),
+            searcher: key.public().to_peer_id().to_string(),
+            data_type: "DATA_RESOURCE".into(),
+            search: "gpu".into(),
+            limit: 10,
+            max_frame_bytes: 4096,
+            expires_at: 1,
+            signature: String::new(),
+        }
+        .sign(&key)
+        .unwrap();
+        assert_eq!(q.query_id.len(), 16);
+        assert!(q.verify(&key.public()));
+        assert!(!q.verify(&Keypair::generate_ed25519().public()));
+        let mut widened = q.clone();
+        widened.limit = 10_000;
+        assert!(!widened.verify(&key.public()));
+    }
+
+    #[tokio::test]
+    async fn results_are_cut_into_frames_under_the_cap() {
+        let results: Vec<Value> = (0..100)
+            .map(|i| json!({"id": format!("r{i}"), "pad": "x".repeat(100)}))
+            .collect();
+        let mut huge = results.clone();
+        huge.push(json!({"id": "huge", "pad": "y".repeat(10_000)}));
+        let mut buf = futures::io::Cursor::new(Vec::new());
+        let (count, skipped) = send_results(&mut buf, "q1", huge, 4096, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!((count, skipped), (100, 1));
+        let mut r = futures::io::Cursor::new(buf.into_inner());
+        let (mut frames, mut got) = (0, 0);
+        loop {
+            match wire::read_frame(&mut r, 4096).await.unwrap() {
+                Some(Frame::SearchResults { results, .. }) => {
+                    frames += 1;
+                    got += results.len();
+                }
+                Some(Frame::SearchDone { count, skipped, .. }) => {
+                    assert_eq!((count, skipped), (100, 1));
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, 100);
+        assert!(frames >= 3, "{frames} frames");
+    }
+}
