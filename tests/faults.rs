@@ -158,6 +158,16 @@ async fn with_jetstream_events_published_while_the_node_is_down_are_not_lost() {
     );
 }
 
+/// Two partnered sites on JetStream NATS, running, with B's notices captured in a stream.
+async fn running_jetstream_pair() -> (Site, Site, async_nats::jetstream::stream::Stream) {
+    let (mut a, mut b) = (Site::jetstream().await, Site::jetstream().await);
+    partner(&mut a, &mut [&mut b]);
+    let notices = capture_notices(&b).await;
+    a.node.start_healthy().await.unwrap();
+    b.node.start_healthy().await.unwrap();
+    (a, b, notices)
+}
+
 /// Publishes `n` events on `site`'s NATS without waiting (JetStream captures them).
 async fn publish_many(site: &Site, prefix: &str, n: usize) {
     let me = site.id();
@@ -216,11 +226,7 @@ async fn wait_applied_some(b: &Site) {
 async fn partner_killed_in_the_middle_of_20000_events() {
     init_tracing();
     const N: usize = 20_000;
-    let (mut a, mut b) = (Site::jetstream().await, Site::jetstream().await);
-    partner(&mut a, &mut [&mut b]);
-    let mut notices = capture_notices(&b).await;
-    a.node.start_healthy().await.unwrap();
-    b.node.start_healthy().await.unwrap();
+    let (a, mut b, mut notices) = running_jetstream_pair().await;
     let publisher = {
         let app = a.app.clone();
         let me = a.id();
@@ -248,11 +254,7 @@ async fn partner_killed_in_the_middle_of_20000_events() {
 async fn source_killed_in_the_middle_of_20000_events() {
     init_tracing();
     const N: usize = 20_000;
-    let (mut a, mut b) = (Site::jetstream().await, Site::jetstream().await);
-    partner(&mut a, &mut [&mut b]);
-    let mut notices = capture_notices(&b).await;
-    a.node.start_healthy().await.unwrap();
-    b.node.start_healthy().await.unwrap();
+    let (mut a, b, mut notices) = running_jetstream_pair().await;
     publish_many(&a, "r", N / 2).await;
     wait_applied_some(&b).await;
     a.node.kill();
@@ -269,11 +271,7 @@ async fn source_killed_in_the_middle_of_20000_events() {
 async fn nats_restarted_on_either_side() {
     init_tracing();
     const N: usize = 6_000;
-    let (mut a, mut b) = (Site::jetstream().await, Site::jetstream().await);
-    partner(&mut a, &mut [&mut b]);
-    let mut notices = capture_notices(&b).await;
-    a.node.start_healthy().await.unwrap();
-    b.node.start_healthy().await.unwrap();
+    let (mut a, mut b, mut notices) = running_jetstream_pair().await;
     publish_many(&a, "r", N / 3).await;
     wait_applied_some(&b).await;
     // The partner's NATS goes away while events are being applied and published there.
@@ -354,11 +352,7 @@ async fn a_30_second_network_cut_loses_nothing() {
 async fn sigterm_stops_cleanly_and_a_restart_resumes_where_it_stopped() {
     init_tracing();
     const N: usize = 5_000;
-    let (mut a, mut b) = (Site::jetstream().await, Site::jetstream().await);
-    partner(&mut a, &mut [&mut b]);
-    let mut notices = capture_notices(&b).await;
-    a.node.start_healthy().await.unwrap();
-    b.node.start_healthy().await.unwrap();
+    let (mut a, mut b, mut notices) = running_jetstream_pair().await;
     publish_many(&a, "r", N / 2).await;
     wait_applied_some(&b).await;
     for site in [&mut a, &mut b] {

@@ -5,10 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::AsyncReadExt;
 use oc_discovery::event::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
-use oc_discovery::p2p::{self, StreamKind};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,31 +154,8 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
     let seen_b = b.collect(&["CREATE_RESOURCE"]).await;
     b.node.start_healthy().await.unwrap();
 
-    let (net, event_loop) = p2p::build(rogue_key, None, &["/ip4/127.0.0.1/tcp/0".parse().unwrap()]).unwrap();
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(event_loop.run(stop_rx));
-    let b_peer = b.id().parse().unwrap();
-    net.dial(
-        b_peer,
-        format!("/ip4/127.0.0.1/tcp/{}", b.node.p2p_port).parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let stream = net
-        .open_stream(b_peer, StreamKind::Create.protocol(), Duration::from_secs(10))
-        .await
-        .unwrap();
-    let (mut r, mut w) = stream.split();
-    wire::write_frame(
-        &mut w,
-        &Frame::Hello {
-            origin: rogue.clone(),
-            head: 3,
-        },
-    )
-    .await
-    .unwrap();
+    let hand = HandPeer::start(rogue_key);
+    let (mut r, mut w) = hand.hello(&b, 3).await;
     assert_eq!(read(&mut r).await, Frame::Ack { seq: 0 });
 
     let entry = |seq: u64, origin: &str, creator: &str| {

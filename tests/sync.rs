@@ -7,10 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use futures::{AsyncReadExt, StreamExt};
+use futures::StreamExt;
 use oc_discovery::event::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
-use oc_discovery::p2p::{self, StreamKind};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::Store;
 use oc_discovery::sync::{Answer, PROTOCOL_SYNC};
@@ -73,11 +72,9 @@ async fn a_missing_part_is_asked_for_again_after_the_sync_timeout() {
         .collect();
     journal.append_journal(&rogue, events).await.unwrap();
 
-    let (net, event_loop) = p2p::build(rogue_key, None, &["/ip4/127.0.0.1/tcp/0".parse().unwrap()]).unwrap();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(event_loop.run(stop_rx));
+    let hand = HandPeer::start(rogue_key);
     let requests: Arc<Mutex<Vec<Frame>>> = Arc::default();
-    let mut incoming = net.accept(PROTOCOL_SYNC).unwrap();
+    let mut incoming = hand.net.accept(PROTOCOL_SYNC).unwrap();
     {
         let (requests, journal, rogue) = (requests.clone(), journal.clone(), rogue.clone());
         tokio::spawn(async move {
@@ -114,28 +111,7 @@ async fn a_missing_part_is_asked_for_again_after_the_sync_timeout() {
             }
         });
     }
-    let b_peer = b.id().parse().unwrap();
-    net.dial(
-        b_peer,
-        format!("/ip4/127.0.0.1/tcp/{}", b.node.p2p_port).parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let stream = net
-        .open_stream(b_peer, StreamKind::Create.protocol(), Duration::from_secs(10))
-        .await
-        .unwrap();
-    let (mut r, mut w) = stream.split();
-    wire::write_frame(
-        &mut w,
-        &Frame::Hello {
-            origin: rogue.clone(),
-            head: 40,
-        },
-    )
-    .await
-    .unwrap();
+    let (mut r, mut w) = hand.hello(&b, 40).await;
     // "Entry 40 is too large for a frame": the node pulls 1..=40.
     wire::write_frame(&mut w, &Frame::Large { seq: 40 })
         .await

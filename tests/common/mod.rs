@@ -270,3 +270,58 @@ impl Relay {
         self.cut.send_modify(|e| *e = (*e | 1) + 1);
     }
 }
+
+/// A peer that speaks the node's protocols by hand, inside the test process (a rogue
+/// partner, a scripted journal owner).
+pub struct HandPeer {
+    pub net: oc_discovery::p2p::Client,
+    pub id: String,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl HandPeer {
+    pub fn start(key: libp2p::identity::Keypair) -> HandPeer {
+        let id = key.public().to_peer_id().to_string();
+        let listen = ["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        let (net, event_loop) = oc_discovery::p2p::build(key, None, &listen).unwrap();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(event_loop.run(stop_rx));
+        HandPeer { net, id, _stop: stop }
+    }
+
+    /// Opens the create stream to `site`'s node and says `hello` with `head`; the node's
+    /// answer is left to the caller.
+    pub async fn hello(
+        &self,
+        site: &Site,
+        head: u64,
+    ) -> (
+        futures::io::ReadHalf<libp2p::Stream>,
+        futures::io::WriteHalf<libp2p::Stream>,
+    ) {
+        use futures::AsyncReadExt;
+        use oc_discovery::p2p::wire::{self, Frame};
+        let peer = site.id().parse().unwrap();
+        let addr = format!("/ip4/127.0.0.1/tcp/{}", site.node.p2p_port)
+            .parse()
+            .unwrap();
+        self.net.dial(peer, addr, Duration::from_secs(10)).await.unwrap();
+        let protocol = oc_discovery::p2p::StreamKind::Create.protocol();
+        let stream = self
+            .net
+            .open_stream(peer, protocol, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let (r, mut w) = stream.split();
+        wire::write_frame(
+            &mut w,
+            &Frame::Hello {
+                origin: self.id.clone(),
+                head,
+            },
+        )
+        .await
+        .unwrap();
+        (r, w)
+    }
+}
