@@ -49,7 +49,10 @@ fn bin() -> PathBuf {
 }
 
 fn body(creator: &str, i: usize) -> Vec<u8> {
-    let micros = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
     json!({"action": "PB_CREATE", "data_type": "COMPUTE_RESOURCE", "user": "bench", "from_app": "bench",
            "payload": {"id": format!("r-{i}"), "creator_id": creator, "t": micros as u64, "pad": "x".repeat(PAD)}})
     .to_string()
@@ -57,7 +60,10 @@ fn body(creator: &str, i: usize) -> Vec<u8> {
 }
 
 fn now_micros() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// Counts distinct deliveries on a subject and records publish → receipt latencies.
@@ -70,14 +76,20 @@ struct Receiver {
 
 impl Receiver {
     /// `key` extracts the delivery's identity and its publish time from a message body.
-    async fn start(client: &async_nats::Client, subject: &str, key: fn(&Value) -> Option<(u64, u64)>) -> anyhow::Result<Self> {
+    async fn start(
+        client: &async_nats::Client,
+        subject: &str,
+        key: fn(&Value) -> Option<(u64, u64)>,
+    ) -> anyhow::Result<Self> {
         let r = Receiver::default();
         let mut sub = client.subscribe(subject.to_owned()).await?;
         client.flush().await?;
         let me = r.clone();
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
-                let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else { continue };
+                let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+                    continue;
+                };
                 let Some((id, t)) = key(&v) else { continue };
                 let fresh = me.seen.lock().map(|mut s| s.insert(id)).unwrap_or(false);
                 if fresh {
@@ -127,12 +139,22 @@ fn notice_key(v: &Value) -> Option<(u64, u64)> {
 
 /// Relay copies: identity = the resource index, time = `t`.
 fn relay_key(v: &Value) -> Option<(u64, u64)> {
-    let id = v["payload"]["id"].as_str()?.trim_start_matches("r-").parse().ok()?;
+    let id = v["payload"]["id"]
+        .as_str()?
+        .trim_start_matches("r-")
+        .parse()
+        .ok()?;
     Some((id, v["payload"]["t"].as_u64()?))
 }
 
 /// Publishes `n` events at `rate` per second (0: as fast as possible).
-async fn publish(client: &async_nats::Client, subject: &str, creator: &str, n: usize, rate: u64) -> anyhow::Result<()> {
+async fn publish(
+    client: &async_nats::Client,
+    subject: &str,
+    creator: &str,
+    n: usize,
+    rate: u64,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 0..n {
         if rate > 0 {
@@ -142,7 +164,9 @@ async fn publish(client: &async_nats::Client, subject: &str, creator: &str, n: u
                 tokio::time::sleep(due - now).await;
             }
         }
-        client.publish(subject.to_owned(), body(creator, i).into()).await?;
+        client
+            .publish(subject.to_owned(), body(creator, i).into())
+            .await?;
     }
     client.flush().await?;
     Ok(())
@@ -160,7 +184,10 @@ async fn links_online(node: &NodeProcess, partners: usize) -> anyhow::Result<()>
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let peers = node.get_json("/api/peers").await?;
-        let online = peers.as_array().map(|a| a.iter().filter(|p| p["state"] == "online").count()).unwrap_or(0);
+        let online = peers
+            .as_array()
+            .map(|a| a.iter().filter(|p| p["state"] == "online").count())
+            .unwrap_or(0);
         if online >= partners {
             return Ok(());
         }
@@ -172,11 +199,20 @@ async fn links_online(node: &NodeProcess, partners: usize) -> anyhow::Result<()>
 }
 
 async fn site(jetstream: bool, store: &str, mongo_uri: Option<&str>) -> anyhow::Result<Site> {
-    let nats = if jetstream { NatsServer::start_jetstream()? } else { NatsServer::start()? };
+    let nats = if jetstream {
+        NatsServer::start_jetstream()?
+    } else {
+        NatsServer::start()?
+    };
     let mut node = NodeProcess::new(&bin(), &nats.url())?;
     if let Some(uri) = mongo_uri {
         node.extra_args.extend(["--store".into(), store.into()]);
-        node.extra_args.extend(["--mongo-uri".into(), uri.into(), "--mongo-db".into(), format!("bench{}", node.p2p_port)]);
+        node.extra_args.extend([
+            "--mongo-uri".into(),
+            uri.into(),
+            "--mongo-db".into(),
+            format!("bench{}", node.p2p_port),
+        ]);
     }
     let app = async_nats::connect(nats.url()).await?;
     Ok(Site { nats, node, app })
@@ -185,7 +221,10 @@ async fn site(jetstream: bool, store: &str, mongo_uri: Option<&str>) -> anyhow::
 /// The thinnest relay: subscribe on A, publish on B.
 async fn baseline(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(f64, (f64, f64, f64))> {
     let (a, b) = (NatsServer::start()?, NatsServer::start()?);
-    let (ca, cb) = (async_nats::connect(a.url()).await?, async_nats::connect(b.url()).await?);
+    let (ca, cb) = (
+        async_nats::connect(a.url()).await?,
+        async_nats::connect(b.url()).await?,
+    );
     let relay_in = async_nats::connect(a.url()).await?;
     let mut sub = relay_in.subscribe("bench").await?;
     relay_in.flush().await?;
@@ -201,8 +240,19 @@ async fn baseline(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(f64, (f
     publish(&ca, "bench", "relay", n, 0).await?;
     let (got, took) = rx.wait(n, t0).await;
     let rate = got as f64 / took.as_secs_f64().max(1e-9);
-    println!("baseline relay: {got}/{n} in {took:?} = {rate:.0} events/s, lost {}", n - got);
-    rows.push(Row { scenario: "throughput".into(), store: "core-nats-relay".into(), metric: "events_per_s".into(), value: rate, unit: "events/s".into(), baseline: None, lost: (n - got) as u64 });
+    println!(
+        "baseline relay: {got}/{n} in {took:?} = {rate:.0} events/s, lost {}",
+        n - got
+    );
+    rows.push(Row {
+        scenario: "throughput".into(),
+        store: "core-nats-relay".into(),
+        metric: "events_per_s".into(),
+        value: rate,
+        unit: "events/s".into(),
+        baseline: None,
+        lost: (n - got) as u64,
+    });
     // Latency of the relay at the highest pace, for the ratio.
     let rate_hi = *sizes.rates.last().unwrap_or(&1000);
     let n_hi = (rate_hi as f64 * sizes.rate_window.as_secs_f64()) as usize;
@@ -236,7 +286,15 @@ async fn throughput_and_latency(
     b.node.start_healthy().await?;
     links_online(&a.node, 1).await?;
     let idle_rss = b.node.rss_bytes().unwrap_or(0) as f64 / 1048576.0;
-    rows.push(Row { scenario: "memory".into(), store: store.into(), metric: "idle_rss".into(), value: idle_rss, unit: "MiB".into(), baseline: None, lost: 0 });
+    rows.push(Row {
+        scenario: "memory".into(),
+        store: store.into(),
+        metric: "idle_rss".into(),
+        value: idle_rss,
+        unit: "MiB".into(),
+        baseline: None,
+        lost: 0,
+    });
     let creator = a.node.peer_id.clone();
 
     let rx = Receiver::start(&b.app, "CREATE_RESOURCE", notice_key).await?;
@@ -246,7 +304,15 @@ async fn throughput_and_latency(
     let (got, took) = rx.wait(n, t0).await;
     let rate = got as f64 / took.as_secs_f64().max(1e-9);
     println!("[{store}] throughput: {got}/{n} in {took:?} = {rate:.0} events/s");
-    rows.push(Row { scenario: "throughput".into(), store: store.into(), metric: "events_per_s".into(), value: rate, unit: "events/s".into(), baseline: Some(base.0), lost: (n - got) as u64 });
+    rows.push(Row {
+        scenario: "throughput".into(),
+        store: store.into(),
+        metric: "events_per_s".into(),
+        value: rate,
+        unit: "events/s".into(),
+        baseline: Some(base.0),
+        lost: (n - got) as u64,
+    });
 
     let mut sent = n;
     for &pace in &sizes.rates {
@@ -263,8 +329,20 @@ async fn throughput_and_latency(
         let lost = (count - got) as u64;
         let (_, (b50, b99, b999)) = base;
         let last = pace == *sizes.rates.last().unwrap_or(&0);
-        for (metric, value, bvalue) in [("p50_ms", p50, b50), ("p99_ms", p99, b99), ("p999_ms", p999, b999)] {
-            rows.push(Row { scenario: format!("latency@{pace}/s"), store: store.into(), metric: metric.into(), value, unit: "ms".into(), baseline: last.then_some(bvalue), lost });
+        for (metric, value, bvalue) in [
+            ("p50_ms", p50, b50),
+            ("p99_ms", p99, b99),
+            ("p999_ms", p999, b999),
+        ] {
+            rows.push(Row {
+                scenario: format!("latency@{pace}/s"),
+                store: store.into(),
+                metric: metric.into(),
+                value,
+                unit: "ms".into(),
+                baseline: last.then_some(bvalue),
+                lost,
+            });
         }
         let _ = before;
     }
@@ -276,7 +354,13 @@ async fn throughput_and_latency(
     Ok(())
 }
 
-async fn fanout(store: &str, mongo: Option<&str>, sizes: &Sizes, base: f64, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+async fn fanout(
+    store: &str,
+    mongo: Option<&str>,
+    sizes: &Sizes,
+    base: f64,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     let mut a = site(true, store, mongo).await?;
     let mut partners = Vec::new();
     for _ in 0..sizes.fanout_partners {
@@ -303,8 +387,19 @@ async fn fanout(store: &str, mongo: Option<&str>, sizes: &Sizes, base: f64, rows
         lost += (n - got) as u64;
         worst = worst.min(got as f64 / took.as_secs_f64().max(1e-9));
     }
-    println!("[{store}] fan-out to {}: slowest partner {worst:.0} events/s, lost {lost}", sizes.fanout_partners);
-    rows.push(Row { scenario: format!("fanout x{}", sizes.fanout_partners), store: store.into(), metric: "events_per_s_per_partner".into(), value: worst, unit: "events/s".into(), baseline: Some(base), lost });
+    println!(
+        "[{store}] fan-out to {}: slowest partner {worst:.0} events/s, lost {lost}",
+        sizes.fanout_partners
+    );
+    rows.push(Row {
+        scenario: format!("fanout x{}", sizes.fanout_partners),
+        store: store.into(),
+        metric: "events_per_s_per_partner".into(),
+        value: worst,
+        unit: "events/s".into(),
+        baseline: Some(base),
+        lost,
+    });
     if lost > 0 {
         bail!("[{store}] fan-out lost {lost} deliveries");
     }
@@ -321,7 +416,9 @@ async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec
     publish(&a.app, "PROPALGATION_EVENT", &creator, n, 0).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let head = a.node.get_json("/api/node").await?["journal_head"].as_u64().unwrap_or(0);
+        let head = a.node.get_json("/api/node").await?["journal_head"]
+            .as_u64()
+            .unwrap_or(0);
         if head >= n as u64 {
             break;
         }
@@ -351,10 +448,38 @@ async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec
     let (got, took) = rx.wait(n, t0).await;
     sampler.abort();
     let (peak_a, peak_b) = peak.lock().map(|p| *p).unwrap_or_default();
-    println!("[{store}] catch-up of {n}: {got} in {took:?}; peak RSS source {} MiB, partner {} MiB", peak_a >> 20, peak_b >> 20);
-    rows.push(Row { scenario: format!("catch-up {n}"), store: store.into(), metric: "seconds".into(), value: took.as_secs_f64(), unit: "s".into(), baseline: None, lost: (n - got) as u64 });
-    rows.push(Row { scenario: format!("catch-up {n}"), store: store.into(), metric: "peak_rss_source".into(), value: peak_a as f64 / 1048576.0, unit: "MiB".into(), baseline: None, lost: 0 });
-    rows.push(Row { scenario: format!("catch-up {n}"), store: store.into(), metric: "peak_rss_partner".into(), value: peak_b as f64 / 1048576.0, unit: "MiB".into(), baseline: None, lost: 0 });
+    println!(
+        "[{store}] catch-up of {n}: {got} in {took:?}; peak RSS source {} MiB, partner {} MiB",
+        peak_a >> 20,
+        peak_b >> 20
+    );
+    rows.push(Row {
+        scenario: format!("catch-up {n}"),
+        store: store.into(),
+        metric: "seconds".into(),
+        value: took.as_secs_f64(),
+        unit: "s".into(),
+        baseline: None,
+        lost: (n - got) as u64,
+    });
+    rows.push(Row {
+        scenario: format!("catch-up {n}"),
+        store: store.into(),
+        metric: "peak_rss_source".into(),
+        value: peak_a as f64 / 1048576.0,
+        unit: "MiB".into(),
+        baseline: None,
+        lost: 0,
+    });
+    rows.push(Row {
+        scenario: format!("catch-up {n}"),
+        store: store.into(),
+        metric: "peak_rss_partner".into(),
+        value: peak_b as f64 / 1048576.0,
+        unit: "MiB".into(),
+        baseline: None,
+        lost: 0,
+    });
     if got < n {
         bail!("[{store}] catch-up lost {} events", n - got);
     }
@@ -369,19 +494,29 @@ fn rss_of(pid: Option<u32>) -> u64 {
     let Some(pid) = pid else { return 0 };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
 
 fn print_table(rows: &[Row]) {
-    println!("\n{:<22} {:<16} {:<26} {:>12} {:>12} {:>8} {:>6}", "scenario", "store", "metric", "value", "relay", "ratio", "lost");
+    println!(
+        "\n{:<22} {:<16} {:<26} {:>12} {:>12} {:>8} {:>6}",
+        "scenario", "store", "metric", "value", "relay", "ratio", "lost"
+    );
     for r in rows {
         let (b, ratio) = match r.baseline {
             Some(b) if b > 0.0 => (format!("{b:.2}"), format!("{:.2}", r.value / b)),
             _ => ("-".into(), "-".into()),
         };
-        println!("{:<22} {:<16} {:<26} {:>12.2} {:>12} {:>8} {:>6}", r.scenario, r.store, r.metric, r.value, b, ratio, r.lost);
+        println!(
+            "{:<22} {:<16} {:<26} {:>12.2} {:>12} {:>8} {:>6}",
+            r.scenario, r.store, r.metric, r.value, b, ratio, r.lost
+        );
     }
 }
 
@@ -391,7 +526,11 @@ async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` it is absent and the
     // smoke runs, so CI exercises the benchmark without timing anything.
     let smoke = args.iter().any(|a| a == "--smoke") || !args.iter().any(|a| a == "--bench");
-    let mut stores: Vec<String> = args.windows(2).filter(|w| w[0] == "--store").map(|w| w[1].clone()).collect();
+    let mut stores: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == "--store")
+        .map(|w| w[1].clone())
+        .collect();
     if stores.is_empty() {
         stores.push("embedded".into());
     }
@@ -401,7 +540,14 @@ async fn main() -> anyhow::Result<()> {
         .map(|w| PathBuf::from(&w[1]))
         .unwrap_or_else(|| PathBuf::from("target/bench/propagation.json"));
     let sizes = if smoke {
-        Sizes { throughput: 2_000, rates: vec![1_000], rate_window: Duration::from_secs(1), fanout_partners: 2, fanout_events: 500, catchup: 2_000 }
+        Sizes {
+            throughput: 2_000,
+            rates: vec![1_000],
+            rate_window: Duration::from_secs(1),
+            fanout_partners: 2,
+            fanout_events: 500,
+            catchup: 2_000,
+        }
     } else {
         Sizes {
             throughput: 100_000,
@@ -430,7 +576,11 @@ async fn main() -> anyhow::Result<()> {
     let report = json!({"smoke": smoke, "rows": rows, "machine": machine()});
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     println!("\nJSON written to {}", json_path.display());
-    let lost: u64 = rows.iter().filter(|r| r.store != "core-nats-relay").map(|r| r.lost).sum();
+    let lost: u64 = rows
+        .iter()
+        .filter(|r| r.store != "core-nats-relay")
+        .map(|r| r.lost)
+        .sum();
     if lost > 0 {
         bail!("{lost} events lost");
     }
@@ -440,8 +590,10 @@ async fn main() -> anyhow::Result<()> {
 
 fn machine() -> Value {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()));
+    let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+    });
     json!({"cpus": cpus, "cpu": model})
 }
