@@ -26,8 +26,7 @@ use mongodb::error::{
     UNKNOWN_TRANSACTION_COMMIT_RESULT,
 };
 use mongodb::options::{
-    Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, ReadConcern, ReturnDocument,
-    WriteConcern,
+    Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, ReadConcern, ReturnDocument, WriteConcern,
 };
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
@@ -388,9 +387,7 @@ pub fn collection_for(db: &str, data_type: &str) -> Result<String, String> {
         ));
     }
     if name.starts_with("system.") || name.starts_with('.') || name.ends_with('.') {
-        return Err(format!(
-            "data type {data_type:?} is not a valid collection name"
-        ));
+        return Err(format!("data type {data_type:?} is not a valid collection name"));
     }
     if name.starts_with(RESERVED_PREFIX) {
         return Err(format!(
@@ -641,10 +638,7 @@ impl MongoStore {
         let mut planned = Vec::with_capacity(entries.len());
         for entry in entries {
             let Some(id) = entry.resource_id() else {
-                planned.push(Planned {
-                    entry,
-                    target: None,
-                });
+                planned.push(Planned { entry, target: None });
                 continue;
             };
             let target = match collection_for(self.db.name(), &entry.data_type) {
@@ -831,9 +825,8 @@ impl MongoStore {
                         let (now, _) = applied_state(p.entry, &t.key.id, 0);
                         state.insert(&t.key, now);
                         changes.push(i);
-                    } else if existing.is_some_and(|e| {
-                        e.origin == p.entry.origin && e.version == p.entry.seq
-                    }) {
+                    } else if existing.is_some_and(|e| e.origin == p.entry.origin && e.version == p.entry.seq)
+                    {
                         answered_before.push(i);
                     }
                     outcome
@@ -1005,7 +998,10 @@ impl MongoStore {
                 .session(&mut *s)
                 .await?;
             if let Some(docs) = docs_by_coll.get(coll) {
-                resources.insert_many(docs.iter().copied()).session(&mut *s).await?;
+                resources
+                    .insert_many(docs.iter().copied())
+                    .session(&mut *s)
+                    .await?;
             }
         }
         if !versions.is_empty() {
@@ -1139,11 +1135,7 @@ fn check_database_name(name: &str) -> Result<(), OpenError> {
 
 #[async_trait]
 impl Store for MongoStore {
-    async fn append_journal(
-        &self,
-        origin: &str,
-        events: Vec<NewEvent>,
-    ) -> StoreResult<Vec<JournalEntry>> {
+    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -1161,12 +1153,7 @@ impl Store for MongoStore {
         }
     }
 
-    async fn read_journal(
-        &self,
-        origin: &str,
-        from: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<JournalEntry>> {
+    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
         self.ready().await?;
         let from = to_i64(from, "seq").map_err(|e| self.failed(e))?;
         let docs: Vec<JournalDoc> = self
@@ -1315,10 +1302,7 @@ impl Store for MongoStore {
             .map(|v| v.key.id.as_str())
             .collect();
         let mut live = self.documents(&coll, live_ids).await?;
-        versions
-            .iter()
-            .map(|v| self.stored(v, &mut live))
-            .collect()
+        versions.iter().map(|v| self.stored(v, &mut live)).collect()
     }
 
     async fn peers(&self) -> StoreResult<Vec<PeerRow>> {
