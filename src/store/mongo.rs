@@ -174,9 +174,21 @@ fn server_code(e: &MongoError) -> Option<i32> {
 /// `Some(reason)` when MongoDB refused a document as such (not an outage).
 fn refused_document(e: &MongoError) -> Option<String> {
     let code = server_code(e)?;
-    REFUSED_DOCUMENT_CODES
-        .contains(&code)
-        .then(|| format!("MongoDB refused the document: {e}"))
+    if !REFUSED_DOCUMENT_CODES.contains(&code) {
+        return None;
+    }
+    let message = match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.message.clone(),
+        ErrorKind::InsertMany(m) => m
+            .write_errors
+            .as_ref()
+            .and_then(|errs| errs.first())
+            .map(|w| w.message.clone())
+            .unwrap_or_default(),
+        ErrorKind::Command(c) => c.message.clone(),
+        _ => e.to_string(),
+    };
+    Some(format!("MongoDB refused the document (code {code}): {message}"))
 }
 
 fn to_i64(n: u64, what: &str) -> Result<i64, Failure> {
