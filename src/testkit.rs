@@ -155,6 +155,8 @@ pub struct NodeProcess {
     pub nats_url: String,
     pub partners: Vec<String>,
     pub extra_args: Vec<String>,
+    /// Environment variables set for the process (e.g. `OC_DISCOVERY_STORE`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl NodeProcess {
@@ -197,6 +199,7 @@ impl NodeProcess {
             nats_url: nats_url.to_owned(),
             partners: Vec::new(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
         })
     }
 
@@ -242,6 +245,7 @@ impl NodeProcess {
             cmd.args(["--partner", p]);
         }
         cmd.args(&self.extra_args);
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         // Keep a caller's RUST_LOG (debugging), default to info.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,oc_discovery=debug");
