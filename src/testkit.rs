@@ -443,6 +443,8 @@ pub struct MongoServer {
     pub port: u16,
     binary: PathBuf,
     dir: tempfile::TempDir,
+    /// False only for [`MongoServer::start_standalone`].
+    replica_set: bool,
 }
 
 impl MongoServer {
@@ -452,6 +454,19 @@ impl MongoServer {
     /// mongod is not installed ([`MONGOD_INSTALL_HINT`]), does not start, or does not
     /// become primary in time; the error carries the tail of its log.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::launch(true).await
+    }
+
+    /// A standalone mongod (no replica set, so no transactions), to test that the node
+    /// refuses to use one. [`MongoServer::uri`] has no `replicaSet` then.
+    ///
+    /// # Errors
+    /// See [`MongoServer::start`].
+    pub async fn start_standalone() -> anyhow::Result<Self> {
+        Self::launch(false).await
+    }
+
+    async fn launch(replica_set: bool) -> anyhow::Result<Self> {
         let binary = find_mongod()?;
         let dir = tempfile::Builder::new().prefix("oc-mongod-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("db"))?;
@@ -460,6 +475,7 @@ impl MongoServer {
             port: free_port()?,
             binary,
             dir,
+            replica_set,
         };
         server.start_again().await?;
         Ok(server)
@@ -467,10 +483,14 @@ impl MongoServer {
 
     /// Connection string for the replica set, as a node would be given.
     pub fn uri(&self) -> String {
-        format!(
-            "mongodb://127.0.0.1:{}/?replicaSet={MONGO_REPLICA_SET}",
-            self.port
-        )
+        if self.replica_set {
+            format!(
+                "mongodb://127.0.0.1:{}/?replicaSet={MONGO_REPLICA_SET}",
+                self.port
+            )
+        } else {
+            format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -509,8 +529,12 @@ impl MongoServer {
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         self.kill();
         let log = self.log_path();
-        let child = Command::new(&self.binary)
-            .args(["--replSet", MONGO_REPLICA_SET, "--bind_ip", "127.0.0.1"])
+        let mut cmd = Command::new(&self.binary);
+        if self.replica_set {
+            cmd.args(["--replSet", MONGO_REPLICA_SET]);
+        }
+        let child = cmd
+            .args(["--bind_ip", "127.0.0.1"])
             .args(["--port", &self.port.to_string()])
             .arg("--dbpath")
             .arg(self.dir.path().join("db"))
@@ -569,7 +593,7 @@ impl MongoServer {
                 if hello.get_bool("isWritablePrimary").unwrap_or(false) {
                     return Ok(());
                 }
-                if hello.get_str("setName").is_err() {
+                if self.replica_set && hello.get_str("setName").is_err() {
                     // Not initiated yet (a fresh data directory). AlreadyInitialized is fine.
                     let _ = admin
                         .run_command(doc! {"replSetInitiate": config.clone()})

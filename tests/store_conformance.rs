@@ -587,3 +587,21 @@ async fn health_and_outage(b: &mut Mongo) {
     assert_eq!(o, vec![ApplyOutcome::Applied]);
     store.health().await.unwrap();
 }
+
+/// A standalone mongod has no transactions: the store says so instead of failing every
+/// commit, and `/healthz` would quote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_mongod_is_reported_not_used() {
+    common::init_tracing();
+    let server = MongoServer::start_standalone().await.unwrap();
+    let store = MongoStore::connect(&server.uri(), "standalone", MongoSettings::default())
+        .await
+        .unwrap();
+    let err = store.health().await.unwrap_err();
+    assert!(err.to_string().contains("replica set"), "{err}");
+    let err = store
+        .append_journal(A, vec![new_event(Action::Create, "r1", json!({}))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+}

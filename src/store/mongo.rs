@@ -123,6 +123,9 @@ enum Failure {
     Mongo(#[from] MongoError),
     #[error("{0}")]
     Corrupt(String),
+    /// The server cannot give the guarantees (a standalone server has no transactions).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl Failure {
@@ -133,7 +136,7 @@ impl Failure {
     fn refused_document(&self) -> Option<String> {
         match self {
             Failure::Mongo(e) => refused_document(e),
-            Failure::Corrupt(_) => None,
+            Failure::Corrupt(_) | Failure::Unsupported(_) => None,
         }
     }
 }
@@ -143,6 +146,8 @@ impl From<Failure> for StoreError {
         match f {
             Failure::Mongo(e) => classify(e),
             Failure::Corrupt(m) => StoreError::Corrupt(m),
+            // Retried like an outage: the operator can convert the server in place.
+            Failure::Unsupported(m) => StoreError::Unavailable(m),
         }
     }
 }
@@ -576,6 +581,7 @@ impl MongoStore {
     }
 
     async fn create_schema(&self) -> Result<(), Failure> {
+        self.check_topology().await?;
         for name in [JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS] {
             self.create_collection(name).await?;
         }
@@ -609,6 +615,28 @@ impl MongoStore {
             .await?;
         tracing::info!(db = %self.db.name(), "mongodb: collections and indexes ready");
         Ok(())
+    }
+
+    /// Transactions need a replica set member or a mongos; a standalone server would
+    /// fail every commit, so it is reported as such instead.
+    async fn check_topology(&self) -> Result<(), Failure> {
+        let hello = self
+            .client
+            .database("admin")
+            .run_command(doc! {"hello": 1})
+            .await?;
+        let replica_set = hello.get_str("setName").is_ok();
+        let mongos = hello.get_str("msg") == Ok("isdbgrid");
+        if replica_set || mongos {
+            Ok(())
+        } else {
+            Err(Failure::Unsupported(
+                "mongodb is a standalone server: the node needs transactions, so a replica set \
+                 (one member is enough: start mongod with --replSet and run rs.initiate()) or a \
+                 sharded cluster"
+                    .to_owned(),
+            ))
+        }
     }
 
     /// Creates a collection if missing; `NamespaceExists` is success.
