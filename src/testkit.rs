@@ -595,9 +595,7 @@ impl MongoServer {
                 }
                 if self.replica_set && hello.get_str("setName").is_err() {
                     // Not initiated yet (a fresh data directory). AlreadyInitialized is fine.
-                    let _ = admin
-                        .run_command(doc! {"replSetInitiate": config.clone()})
-                        .await;
+                    let _ = admin.run_command(doc! {"replSetInitiate": config.clone()}).await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -54,11 +54,7 @@ async fn publish_all(site: &Site, ids: std::ops::Range<usize>, inbox: &str) {
     for i in ids {
         let body = event("PB_CREATE", &format!("res-{i}"), &me, json!({"n": i}));
         site.app
-            .publish_with_reply(
-                "PROPALGATION_EVENT",
-                inbox.to_owned(),
-                body.to_string().into(),
-            )
+            .publish_with_reply("PROPALGATION_EVENT", inbox.to_owned(), body.to_string().into())
             .await
             .unwrap();
     }
@@ -102,8 +98,7 @@ async fn create_update_delete_land_in_mongodb_as_plain_documents() {
         json!({"name": "gpu-1", "cpus": 16, "spec": {"mem_gb": 128, "tags": ["a"]}}),
     ))
     .await;
-    a.publish_ok(&event("PB_DELETE", "r2", &me, json!({})))
-        .await;
+    a.publish_ok(&event("PB_DELETE", "r2", &me, json!({}))).await;
     for seen in [&seen_b, &seen_c] {
         seen.wait_for("create, create, update, remove", |s| s.len() >= 4)
             .await;
@@ -136,11 +131,7 @@ async fn create_update_delete_land_in_mongodb_as_plain_documents() {
         !r1.keys().any(|k| k.starts_with("oc_") || k == "version"),
         "no bookkeeping in the resource: {r1}"
     );
-    assert_eq!(
-        resources.count_documents(doc! {}).await.unwrap(),
-        1,
-        "r2 removed"
-    );
+    assert_eq!(resources.count_documents(doc! {}).await.unwrap(), 1, "r2 removed");
     // The tombstone and versions live in the bookkeeping.
     let versions = db.collection::<Document>("oc_versions");
     let tomb = versions
@@ -226,10 +217,7 @@ async fn mongod_restarted_mid_stream_every_event_exactly_once() {
         }
     })
     .await;
-    assert!(
-        !reason.contains("nats") && !reason.contains("libp2p"),
-        "{reason}"
-    );
+    assert!(!reason.contains("nats") && !reason.contains("libp2p"), "{reason}");
     // A keeps accepting; B holds its acks while MongoDB is down, long enough for the
     // driver to give up waiting and the inbound session to retry with backoff.
     publish_all(&a, N / 2..N, "replies.second").await;
@@ -258,10 +246,7 @@ async fn mongod_restarted_mid_stream_every_event_exactly_once() {
         N as u64,
         "each event once"
     );
-    assert_eq!(
-        count(&db, "oc_versions", doc! {"deleted": false}).await,
-        N as u64
-    );
+    assert_eq!(count(&db, "oc_versions", doc! {"deleted": false}).await, N as u64);
     for i in [0, N / 2 - 1, N / 2, N - 1] {
         assert_eq!(
             count(
@@ -327,10 +312,7 @@ async fn a_node_starts_while_mongodb_is_down_and_catches_up() {
         .wait_for("the events sent while MongoDB was down", |s| s.len() >= 10)
         .await;
     let client = mongo.client().await.unwrap();
-    assert_eq!(
-        count(&client.database(DB), "compute_resource", doc! {}).await,
-        10
-    );
+    assert_eq!(count(&client.database(DB), "compute_resource", doc! {}).await, 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,8 +326,7 @@ async fn a_document_mongodb_refuses_is_reported_and_the_rest_flows() {
     a.node.start_healthy().await.unwrap();
     b.node.start_healthy().await.unwrap();
     let me = a.id();
-    a.publish_ok(&event("PB_CREATE", "before", &me, json!({})))
-        .await;
+    a.publish_ok(&event("PB_CREATE", "before", &me, json!({}))).await;
     // A accepts it (its journal holds any JSON); B's MongoDB cannot.
     a.publish_ok(&event(
         "PB_CREATE",
@@ -373,10 +354,7 @@ async fn a_document_mongodb_refuses_is_reported_and_the_rest_flows() {
             .unwrap(),
         1
     );
-    assert!(seen_b
-        .all()
-        .iter()
-        .all(|m| m.body["resource"]["id"] != "bad"));
+    assert!(seen_b.all().iter().all(|m| m.body["resource"]["id"] != "bad"));
     let client = mongo.client().await.unwrap();
     let db = client.database(DB);
     assert_eq!(count(&db, "compute_resource", doc! {}).await, 6);

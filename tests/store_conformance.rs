@@ -128,10 +128,7 @@ async fn journal(b: &mut dyn Backend) {
         )
         .await
         .unwrap();
-    assert_eq!(
-        first.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(first[0].resource["$odd"], "kept");
     let other = store
         .append_journal(B, vec![new_event(Action::Create, "x", json!({}))])
@@ -219,12 +216,7 @@ async fn conflict_with_another_origin(b: &mut dyn Backend) {
         .apply_batch(B, 9, vec![entry(B, 9, Action::Update, "r1", json!({"n": 2}))])
         .await
         .unwrap();
-    assert_eq!(
-        o,
-        vec![ApplyOutcome::Conflict {
-            owner: A.to_owned()
-        }]
-    );
+    assert_eq!(o, vec![ApplyOutcome::Conflict { owner: A.to_owned() }]);
     assert!(rows.is_empty());
     assert_eq!(store.applied(B).await.unwrap(), 9, "passed over, not blocking");
     let r1 = get(&*store, "r1").await.unwrap();
@@ -262,12 +254,7 @@ async fn tombstones(b: &mut dyn Backend) {
         .apply_batch(B, 5, vec![entry(B, 5, Action::Create, "r1", json!({}))])
         .await
         .unwrap();
-    assert_eq!(
-        o,
-        vec![ApplyOutcome::Conflict {
-            owner: A.to_owned()
-        }]
-    );
+    assert_eq!(o, vec![ApplyOutcome::Conflict { owner: A.to_owned() }]);
     // The creator may create it again with a newer change.
     let (o, _) = store
         .apply_batch(A, 3, vec![entry(A, 3, Action::Create, "r1", json!({"n": 3}))])
@@ -327,10 +314,7 @@ async fn outbox_rows(b: &mut dyn Backend) {
     assert_eq!(body["from_peer"], A);
     assert_eq!(store.outbox(10).await.unwrap(), rows);
     assert_eq!(store.outbox(2).await.unwrap(), rows[..2].to_vec());
-    store
-        .outbox_remove(vec![rows[0].id, rows[1].id])
-        .await
-        .unwrap();
+    store.outbox_remove(vec![rows[0].id, rows[1].id]).await.unwrap();
     assert_eq!(store.outbox(10).await.unwrap(), rows[2..].to_vec());
     // Removing twice is harmless.
     store.outbox_remove(vec![rows[0].id]).await.unwrap();
@@ -370,10 +354,7 @@ async fn listing_and_fields(b: &mut dyn Backend) {
         vec!["a", "b", "c", "d", "e"],
         "ordered by id, tombstones included"
     );
-    assert_eq!(
-        ids(store.resources(DT, None, 2).await.unwrap()),
-        vec!["a", "b"]
-    );
+    assert_eq!(ids(store.resources(DT, None, 2).await.unwrap()), vec!["a", "b"]);
     assert_eq!(
         ids(store.resources(DT, Some("b".into()), 2).await.unwrap()),
         vec!["c", "d"]
@@ -506,7 +487,10 @@ async fn refused_documents(b: &mut Mongo) {
     ];
     let (o, rows) = store.apply_batch(A, 5, batch).await.unwrap();
     assert_eq!(o[0], ApplyOutcome::Applied);
-    assert!(matches!(&o[1], ApplyOutcome::Rejected { reason } if reason.contains("$where")), "{o:?}");
+    assert!(
+        matches!(&o[1], ApplyOutcome::Rejected { reason } if reason.contains("$where")),
+        "{o:?}"
+    );
     assert!(matches!(o[2], ApplyOutcome::Rejected { .. }), "{o:?}");
     assert!(matches!(o[3], ApplyOutcome::Rejected { .. }), "{o:?}");
     assert_eq!(o[4], ApplyOutcome::Applied);
@@ -534,7 +518,10 @@ async fn refused_by_the_server(b: &mut Mongo) {
     ];
     let (o, rows) = store.apply_batch(A, 4, batch).await.unwrap();
     assert_eq!(o[0], ApplyOutcome::Applied);
-    assert!(matches!(&o[1], ApplyOutcome::Rejected { reason } if reason.contains("validation")), "{o:?}");
+    assert!(
+        matches!(&o[1], ApplyOutcome::Rejected { reason } if reason.contains("validation")),
+        "{o:?}"
+    );
     assert_eq!(o[2..], [ApplyOutcome::Applied, ApplyOutcome::Applied]);
     assert_eq!(
         rows.iter().map(|r| r.msg_id.clone()).collect::<Vec<_>>(),

@@ -526,11 +526,14 @@ impl MongoStore {
         let mut options = ClientOptions::parse(uri)
             .await
             .map_err(|e| OpenError::Uri(e.to_string()))?;
+        // What the URI sets (maxPoolSize=, serverSelectionTimeoutMS=, ...) wins.
         options.app_name.get_or_insert_with(|| "oc-discovery".to_owned());
-        options.max_pool_size = Some(settings.max_pool_size);
-        options.min_pool_size = Some(settings.min_pool_size);
-        options.server_selection_timeout = Some(settings.server_selection_timeout);
-        options.connect_timeout = Some(settings.connect_timeout);
+        options.max_pool_size.get_or_insert(settings.max_pool_size);
+        options.min_pool_size.get_or_insert(settings.min_pool_size);
+        options
+            .server_selection_timeout
+            .get_or_insert(settings.server_selection_timeout);
+        options.connect_timeout.get_or_insert(settings.connect_timeout);
         let client = Client::with_options(options).map_err(|e| OpenError::Uri(e.to_string()))?;
         let mut db_options = DatabaseOptions::default();
         // Writes outside transactions (cursors, outbox removal) are as durable as commits.
