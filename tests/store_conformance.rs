@@ -159,6 +159,36 @@ async fn journal(b: &mut dyn Backend) {
     assert_eq!(store.read_journal(B, 1, 100).await.unwrap(), other);
 }
 
+/// JetStream stream sequences recorded with the journal commit recognise redeliveries.
+async fn intake_marks(b: &mut dyn Backend) {
+    let store = b.fresh("intake").await;
+    assert!(store.intake_seen(vec![1, 2]).await.unwrap().is_empty());
+    let entries = store
+        .append_journal_marked(
+            A,
+            vec![
+                new_event(Action::Create, "r1", json!({})),
+                new_event(Action::Create, "r2", json!({})),
+            ],
+            vec![10, 11],
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        store.intake_seen(vec![9, 10, 11, 12]).await.unwrap(),
+        vec![10, 11]
+    );
+    store.intake_forget_below(11).await.unwrap();
+    assert_eq!(store.intake_seen(vec![10, 11]).await.unwrap(), vec![11]);
+    // A plain append records nothing.
+    store
+        .append_journal(A, vec![new_event(Action::Create, "r3", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(store.intake_seen(vec![12, 13]).await.unwrap(), Vec::<u64>::new());
+}
+
 async fn cursors_and_applied_marks(b: &mut dyn Backend) {
     let store = b.fresh("cursors").await;
     assert_eq!(store.cursor(B).await.unwrap(), 0);
@@ -377,12 +407,13 @@ async fn listing_and_fields(b: &mut dyn Backend) {
 async fn restart_durability(b: &mut dyn Backend) {
     let store = b.fresh("durability").await;
     let journaled = store
-        .append_journal(
+        .append_journal_marked(
             A,
             vec![
                 new_event(Action::Create, "own1", json!({"x": 1})),
                 new_event(Action::Create, "own2", json!({})),
             ],
+            vec![7, 8],
         )
         .await
         .unwrap();
@@ -408,6 +439,7 @@ async fn restart_durability(b: &mut dyn Backend) {
     assert_eq!(store.applied(B).await.unwrap(), 2);
     assert_eq!(get(&*store, "r1").await.unwrap(), before);
     assert_eq!(store.outbox(10).await.unwrap(), rows, "unpublished rows survive");
+    assert_eq!(store.intake_seen(vec![6, 7, 8]).await.unwrap(), vec![7, 8]);
     // Appending goes on after the head.
     let next = store
         .append_journal(A, vec![new_event(Action::Create, "own3", json!({}))])
@@ -435,6 +467,7 @@ async fn embedded_backend() {
     run_cases!(
         &mut b,
         journal,
+        intake_marks,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,
@@ -456,6 +489,7 @@ async fn mongodb_backend() {
     run_cases!(
         &mut b,
         journal,
+        intake_marks,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,

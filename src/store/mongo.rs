@@ -49,6 +49,7 @@ const VERSIONS: &str = "oc_versions";
 const OUTBOX: &str = "oc_outbox";
 const COUNTERS: &str = "oc_counters";
 const PEERS: &str = "oc_peers";
+const INTAKE: &str = "oc_intake";
 /// No data type may map to a collection with this prefix.
 const RESERVED_PREFIX: &str = "oc_";
 /// `oc_counters` document holding the last outbox id handed out.
@@ -585,7 +586,7 @@ impl MongoStore {
 
     async fn create_schema(&self) -> Result<(), Failure> {
         self.check_topology().await?;
-        for name in [JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS] {
+        for name in [JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS, INTAKE] {
             self.create_collection(name).await?;
         }
         let unique = IndexOptions::builder()
@@ -782,6 +783,7 @@ impl MongoStore {
         session: &mut ClientSession,
         origin: &str,
         events: &[NewEvent],
+        intake_seqs: &[u64],
     ) -> Result<Vec<JournalEntry>, Failure> {
         let journal = self.coll::<JournalDoc>(JOURNAL);
         let head = journal
@@ -811,7 +813,28 @@ impl MongoStore {
             .map(JournalDoc::from_entry)
             .collect::<Result<Vec<_>, _>>()?;
         journal.insert_many(docs).session(&mut *session).await?;
+        if let (Some(last), false) = (entries.last(), intake_seqs.is_empty()) {
+            self.mark_intake(session, intake_seqs, last.seq).await?;
+        }
         Ok(entries)
+    }
+
+    /// Records which JetStream messages this journal commit holds; a record already there
+    /// (a redelivery journaled anyway) is replaced.
+    async fn mark_intake(&self, s: &mut ClientSession, stream_seqs: &[u64], seq: u64) -> Result<(), Failure> {
+        let seq = to_i64(seq, "seq")?;
+        let ids = stream_seqs
+            .iter()
+            .map(|&n| to_i64(n, "stream seq"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let intake = self.coll::<Document>(INTAKE);
+        intake
+            .delete_many(doc! {"_id": {"$in": &ids}})
+            .session(&mut *s)
+            .await?;
+        let docs: Vec<Document> = ids.iter().map(|id| doc! {"_id": id, "seq": seq}).collect();
+        intake.insert_many(docs).session(&mut *s).await?;
+        Ok(())
     }
 
     /// Runs [`Self::apply_txn`] as a transaction, again on transient errors.
@@ -1179,6 +1202,15 @@ fn check_database_name(name: &str) -> Result<(), OpenError> {
 #[async_trait]
 impl Store for MongoStore {
     async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
+        self.append_journal_marked(origin, events, Vec::new()).await
+    }
+
+    async fn append_journal_marked(
+        &self,
+        origin: &str,
+        events: Vec<NewEvent>,
+        intake_seqs: Vec<u64>,
+    ) -> StoreResult<Vec<JournalEntry>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -1187,13 +1219,49 @@ impl Store for MongoStore {
         let mut attempt = 1;
         loop {
             let mut session = self.begin().await.map_err(|e| self.failed(e))?;
-            let body = self.append_txn(&mut session, origin, &events).await;
+            let body = self.append_txn(&mut session, origin, &events, &intake_seqs).await;
             match self.finish(session, body, attempt).await {
                 Ok(Some(entries)) => return Ok(entries),
                 Ok(None) => attempt += 1,
                 Err(e) => return Err(self.failed(e)),
             }
         }
+    }
+
+    async fn intake_seen(&self, seqs: Vec<u64>) -> StoreResult<Vec<u64>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ready().await?;
+        let ids = seqs
+            .iter()
+            .map(|&n| to_i64(n, "stream seq"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.failed(e))?;
+        let found: Vec<Document> = self
+            .coll::<Document>(INTAKE)
+            .find(doc! {"_id": {"$in": ids}})
+            .projection(doc! {"_id": 1})
+            .await
+            .map_err(|e| self.failed(e))?
+            .try_collect()
+            .await
+            .map_err(|e| self.failed(e))?;
+        let found: HashSet<i64> = found.iter().filter_map(|d| d.get_i64("_id").ok()).collect();
+        Ok(seqs
+            .into_iter()
+            .filter(|&n| i64::try_from(n).is_ok_and(|n| found.contains(&n)))
+            .collect())
+    }
+
+    async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
+        self.ready().await?;
+        let below = i64::try_from(below).unwrap_or(i64::MAX);
+        self.coll::<Document>(INTAKE)
+            .delete_many(doc! {"_id": {"$lt": below}})
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
     }
 
     async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
