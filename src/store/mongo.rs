@@ -911,7 +911,7 @@ impl MongoStore {
             };
             new_rows.push((i, applied_state(plan[i].entry, &t.key.id, id).1));
         }
-        self.write_changes(s, plan, &changes).await?;
+        self.write_changes(s, plan, &changes, &stored).await?;
         if !new_rows.is_empty() {
             let docs = new_rows
                 .iter()
@@ -1023,6 +1023,7 @@ impl MongoStore {
         s: &mut ClientSession,
         plan: &[Planned<'_>],
         changes: &[usize],
+        stored: &HashMap<VersionKey, VersionDoc>,
     ) -> Result<(), Failure> {
         // The last change of each resource wins; earlier ones in the batch were
         // superseded before anyone could read them.
@@ -1047,7 +1048,10 @@ impl MongoStore {
             if let Some(d) = &t.doc {
                 docs_by_coll.entry(&t.key.coll).or_default().push(d);
             }
-            version_ids.push(t.key.to_bson());
+            // Only versions that exist need replacing: nothing else writes them.
+            if stored.contains_key(&t.key) {
+                version_ids.push(t.key.to_bson());
+            }
             versions.push(VersionDoc {
                 key: t.key.clone(),
                 data_type: entry.data_type.clone(),
@@ -1072,9 +1076,11 @@ impl MongoStore {
         }
         if !versions.is_empty() {
             let coll = self.coll::<VersionDoc>(VERSIONS);
-            coll.delete_many(doc! {"_id": {"$in": version_ids}})
-                .session(&mut *s)
-                .await?;
+            if !version_ids.is_empty() {
+                coll.delete_many(doc! {"_id": {"$in": version_ids}})
+                    .session(&mut *s)
+                    .await?;
+            }
             coll.insert_many(&versions).session(&mut *s).await?;
         }
         Ok(())
