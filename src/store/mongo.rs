@@ -870,58 +870,25 @@ impl MongoStore {
             .filter_map(|p| p.target.as_ref()?.as_ref().ok().map(|t| &t.key))
             .collect();
         let stored = self.load_versions(s, &keys).await?;
-        let mut state: HashMap<&VersionKey, StoredResource> = HashMap::new();
-        for (key, v) in &stored {
-            state.insert(key, v.to_stored(Value::Null)?);
-        }
-        let mut outcomes = Vec::with_capacity(plan.len());
-        // Entry indexes that change the store, and those an earlier attempt already stored.
-        let mut changes: Vec<usize> = Vec::new();
-        let mut answered_before: Vec<usize> = Vec::new();
-        for (i, p) in plan.iter().enumerate() {
-            let outcome = match &p.target {
-                None => ApplyOutcome::Stale,
-                Some(Err(reason)) => ApplyOutcome::Rejected {
-                    reason: reason.clone(),
-                },
-                Some(Ok(t)) => {
-                    let existing = state.get(&t.key);
-                    let outcome = decide(existing, p.entry);
-                    if outcome == ApplyOutcome::Applied {
-                        let (now, _) = applied_state(p.entry, &t.key.id, 0);
-                        state.insert(&t.key, now);
-                        changes.push(i);
-                    } else if existing.is_some_and(|e| e.origin == p.entry.origin && e.version == p.entry.seq)
-                    {
-                        answered_before.push(i);
-                    }
-                    outcome
-                }
-            };
-            outcomes.push(outcome);
-        }
+        let Decisions {
+            mut outcomes,
+            changes,
+            answered_before,
+        } = decide_batch(plan, &stored)?;
         let mut rows = self
             .recover_rows(s, plan, &answered_before, &mut outcomes)
             .await?;
         let first_id = self.allocate_outbox_ids(s, changes.len()).await?;
-        let mut new_rows = Vec::with_capacity(changes.len());
-        for (&i, id) in changes.iter().zip(first_id..) {
-            let Some(Ok(t)) = &plan[i].target else {
-                continue;
-            };
-            new_rows.push((i, applied_state(plan[i].entry, &t.key.id, id).1));
-        }
+        let new_rows: Vec<(usize, OutboxRow)> = changes
+            .iter()
+            .zip(first_id..)
+            .filter_map(|(&i, id)| {
+                let t = plan[i].target.as_ref()?.as_ref().ok()?;
+                Some((i, applied_state(plan[i].entry, &t.key.id, id).1))
+            })
+            .collect();
         self.write_changes(s, plan, &changes, &stored).await?;
-        if !new_rows.is_empty() {
-            let docs = new_rows
-                .iter()
-                .map(|(_, r)| OutboxDoc::from_row(r))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.coll::<OutboxDoc>(OUTBOX)
-                .insert_many(docs)
-                .session(&mut *s)
-                .await?;
-        }
+        self.insert_outbox(s, &new_rows).await?;
         rows.extend(new_rows);
         rows.sort_by_key(|(i, _)| *i);
         self.coll::<Document>(APPLIED)
@@ -933,6 +900,21 @@ impl MongoStore {
             .session(&mut *s)
             .await?;
         Ok((outcomes, rows.into_iter().map(|(_, r)| r).collect()))
+    }
+
+    async fn insert_outbox(&self, s: &mut ClientSession, rows: &[(usize, OutboxRow)]) -> Result<(), Failure> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let docs = rows
+            .iter()
+            .map(|(_, r)| OutboxDoc::from_row(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.coll::<OutboxDoc>(OUTBOX)
+            .insert_many(docs)
+            .session(&mut *s)
+            .await?;
+        Ok(())
     }
 
     async fn load_versions(
@@ -1171,6 +1153,54 @@ impl MongoStore {
         };
         v.to_stored(resource).map_err(|e| self.failed(e))
     }
+}
+
+/// What a batch does, decided before anything is written.
+struct Decisions {
+    outcomes: Vec<ApplyOutcome>,
+    /// Indexes of the entries that change the store, in order.
+    changes: Vec<usize>,
+    /// Indexes of the entries whose exact version is already stored (a lost answer?).
+    answered_before: Vec<usize>,
+}
+
+/// Decides every entry in order with the shared rule ([`decide`]), each against the state
+/// the entries before it in the batch produced.
+fn decide_batch(
+    plan: &[Planned<'_>],
+    stored: &HashMap<VersionKey, VersionDoc>,
+) -> Result<Decisions, Failure> {
+    let mut state: HashMap<&VersionKey, StoredResource> = HashMap::new();
+    for (key, v) in stored {
+        state.insert(key, v.to_stored(Value::Null)?);
+    }
+    let mut d = Decisions {
+        outcomes: Vec::with_capacity(plan.len()),
+        changes: Vec::new(),
+        answered_before: Vec::new(),
+    };
+    for (i, p) in plan.iter().enumerate() {
+        let outcome = match &p.target {
+            None => ApplyOutcome::Stale,
+            Some(Err(reason)) => ApplyOutcome::Rejected {
+                reason: reason.clone(),
+            },
+            Some(Ok(t)) => {
+                let existing = state.get(&t.key);
+                let outcome = decide(existing, p.entry);
+                if outcome == ApplyOutcome::Applied {
+                    let (now, _) = applied_state(p.entry, &t.key.id, 0);
+                    state.insert(&t.key, now);
+                    d.changes.push(i);
+                } else if existing.is_some_and(|e| e.origin == p.entry.origin && e.version == p.entry.seq) {
+                    d.answered_before.push(i);
+                }
+                outcome
+            }
+        };
+        d.outcomes.push(outcome);
+    }
+    Ok(d)
 }
 
 /// Write concern of every commit: acknowledged by a majority and in their on-disk
