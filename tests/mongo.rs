@@ -39,6 +39,19 @@ async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// `/healthz` answers 503 and every reason is the store's.
+async fn store_is_the_only_reason(site: &Site) -> bool {
+    let Ok((503, body)) = site.node.get("/healthz").await else {
+        return false;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let reasons = v["reasons"].as_array().cloned().unwrap_or_default();
+    !reasons.is_empty()
+        && reasons
+            .iter()
+            .all(|r| r.as_str().is_some_and(|r| r.starts_with("store unavailable: ")))
+}
+
 async fn count(db: &mongodb::Database, coll: &str, filter: Document) -> u64 {
     db.collection::<Document>(coll)
         .count_documents(filter)
@@ -205,19 +218,11 @@ async fn mongod_restarted_mid_stream_every_event_exactly_once() {
     })
     .await;
     mongo.kill();
-    // The node stays up and says why it is not healthy.
-    let mut reason = String::new();
-    wait_for("/healthz to report the store", async || {
-        match b.node.get("/healthz").await {
-            Ok((503, body)) if body.contains("store unavailable") => {
-                reason = body;
-                true
-            }
-            _ => false,
-        }
+    // The node stays up and says why it is not healthy: the store, and only the store.
+    wait_for("/healthz to report the store alone", async || {
+        store_is_the_only_reason(&b).await
     })
     .await;
-    assert!(!reason.contains("nats") && !reason.contains("libp2p"), "{reason}");
     // A keeps accepting; B holds its acks while MongoDB is down, long enough for the
     // driver to give up waiting and the inbound session to retry with backoff.
     publish_all(&a, N / 2..N, "replies.second").await;
@@ -288,17 +293,7 @@ async fn a_node_starts_while_mongodb_is_down_and_catches_up() {
     a.node.start_healthy().await.unwrap();
     b.node.start().unwrap();
     wait_for("B to answer 503 for its store only", async || {
-        match b.node.get("/healthz").await {
-            Ok((503, body)) => {
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                let reasons = v["reasons"].as_array().cloned().unwrap_or_default();
-                reasons.len() == 1
-                    && reasons[0]
-                        .as_str()
-                        .is_some_and(|r| r.starts_with("store unavailable"))
-            }
-            _ => false,
-        }
+        store_is_the_only_reason(&b).await
     })
     .await;
     let me = a.id();
