@@ -586,7 +586,9 @@ impl MongoStore {
 
     async fn create_schema(&self) -> Result<(), Failure> {
         self.check_topology().await?;
-        for name in [JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS, INTAKE] {
+        for name in [
+            JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS, INTAKE,
+        ] {
             self.create_collection(name).await?;
         }
         let unique = IndexOptions::builder()
