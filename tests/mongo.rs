@@ -362,3 +362,64 @@ async fn a_document_mongodb_refuses_is_reported_and_the_rest_flows() {
     .await;
     assert_eq!(b.node.metric("oc_events_applied_total").await.unwrap(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_partnership_lives_in_mongodb_and_survives_a_restart_during_an_outage() {
+    init_tracing();
+    let mut mongo = MongoServer::start().await.unwrap();
+    let (mut a, mut b) = (Site::new().await, Site::new().await);
+    // A replicates to B, but B accepts A only once told so at run time.
+    a.node.partners.push(b.node.addr());
+    on_mongodb(&mut b, &mongo);
+    let seen_b = b.collect(&["CREATE_RESOURCE"]).await;
+    a.node.start_healthy().await.unwrap();
+    b.node.start_healthy().await.unwrap();
+    let body = json!({"addr": a.node.addr(), "relation": "partner"}).to_string();
+    let admin = b.node.admin_url();
+    let (status, answer) = tokio::task::spawn_blocking(move || {
+        oc_discovery::cli::http_request("POST", &admin, "/api/partners", Some(&body))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let client = mongo.client().await.unwrap();
+    let peer = client
+        .database(DB)
+        .collection::<Document>("oc_peers")
+        .find_one(doc! {"_id": a.id()})
+        .await
+        .unwrap()
+        .expect("the partnership in oc_peers");
+    assert_eq!(peer.get_str("relation").unwrap(), "partner");
+    let me = a.id();
+    a.publish_ok(&event("PB_CREATE", "r1", &me, json!({}))).await;
+    seen_b.wait_for("r1 on B", |s| s.len() >= 1).await;
+
+    // B restarts while MongoDB is down: it comes up, then restores the partnership once
+    // MongoDB is back, and A's next event gets through.
+    b.node.stop();
+    mongo.kill();
+    b.node.start().unwrap();
+    wait_for("B up, waiting for its store", async || {
+        store_is_the_only_reason(&b).await
+    })
+    .await;
+    a.publish_ok(&event("PB_CREATE", "r2", &me, json!({}))).await;
+    wait_for("B to give up reading its partnerships for now", async || {
+        b.node.log().contains("cannot read persisted partnerships yet")
+    })
+    .await;
+    mongo.start_again().await.unwrap();
+    b.node.wait_healthy(WAIT).await.unwrap();
+    seen_b
+        .wait_for("r2 on B after the restart", |s| {
+            s.iter().any(|m| m.body["resource"]["id"] == "r2")
+        })
+        .await;
+    assert_eq!(count(&client.database(DB), "compute_resource", doc! {}).await, 2);
+    assert!(
+        b.node.log().contains("persisted partnerships restored"),
+        "restored by the retry"
+    );
+}
