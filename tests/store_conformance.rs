@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use oc_discovery::event::{Action, JournalEntry, NewEvent};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::mongo::{MongoSettings, MongoStore};
-use oc_discovery::store::{ApplyOutcome, Store, StoreError, StoredResource};
+use oc_discovery::store::{ApplyOutcome, PeerRow, Relation, Store, StoreError, StoredResource};
 use oc_discovery::testkit::MongoServer;
 use serde_json::{json, Value};
 
@@ -187,6 +187,42 @@ async fn intake_marks(b: &mut dyn Backend) {
         .await
         .unwrap();
     assert_eq!(store.intake_seen(vec![12, 13]).await.unwrap(), Vec::<u64>::new());
+}
+
+async fn peers(b: &mut dyn Backend) {
+    let store = b.fresh("peers").await;
+    assert!(store.peers().await.unwrap().is_empty());
+    let partner = PeerRow {
+        peer_id: B.to_owned(),
+        relation: Relation::Partner,
+        addrs: vec![format!("/ip4/127.0.0.1/tcp/4001/p2p/{B}")],
+        name: Some("site-b".to_owned()),
+        record: Some(json!({"sig": "abc", "n": 1})),
+        updated_ms: 1,
+    };
+    let blocked = PeerRow {
+        peer_id: A.to_owned(),
+        relation: Relation::Blacklist,
+        addrs: vec![],
+        name: None,
+        record: None,
+        updated_ms: 2,
+    };
+    store.put_peer(partner.clone()).await.unwrap();
+    store.put_peer(blocked.clone()).await.unwrap();
+    let mut all = store.peers().await.unwrap();
+    all.sort_by(|x, y| x.peer_id.cmp(&y.peer_id));
+    assert_eq!(all, vec![blocked.clone(), partner.clone()]);
+    // Putting again replaces.
+    let known = PeerRow {
+        relation: Relation::Known,
+        updated_ms: 3,
+        ..partner.clone()
+    };
+    store.put_peer(known.clone()).await.unwrap();
+    store.remove_peer(A).await.unwrap();
+    store.remove_peer("12D3KooWnobody").await.unwrap();
+    assert_eq!(store.peers().await.unwrap(), vec![known]);
 }
 
 async fn cursors_and_applied_marks(b: &mut dyn Backend) {
@@ -468,6 +504,7 @@ async fn embedded_backend() {
         &mut b,
         journal,
         intake_marks,
+        peers,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,
@@ -490,6 +527,7 @@ async fn mongodb_backend() {
         &mut b,
         journal,
         intake_marks,
+        peers,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,
