@@ -53,7 +53,10 @@ impl EmbeddedStore {
     /// # Errors
     /// The file cannot be opened, typically because another process holds it.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(unavailable)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(unavailable)?;
         let txn = db.begin_write().map_err(unavailable)?;
         {
             txn.open_table(JOURNAL).map_err(unavailable)?;

@@ -26,7 +26,8 @@ use mongodb::error::{
     UNKNOWN_TRANSACTION_COMMIT_RESULT,
 };
 use mongodb::options::{
-    Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, ReadConcern, ReturnDocument, WriteConcern,
+    Acknowledgment, ClientOptions, CollectionOptions, DatabaseOptions, IndexOptions, ReadConcern,
+    ReturnDocument, WriteConcern,
 };
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
@@ -537,7 +538,8 @@ impl MongoStore {
         options.connect_timeout.get_or_insert(settings.connect_timeout);
         let client = Client::with_options(options).map_err(|e| OpenError::Uri(e.to_string()))?;
         let mut db_options = DatabaseOptions::default();
-        // Writes outside transactions (cursors, outbox removal) are as durable as commits.
+        // Writes outside transactions (partnerships) are as durable as commits, except the
+        // few that use `relaxed` on purpose.
         db_options.write_concern = Some(durable(&settings));
         let database = client.database_with_options(db, db_options);
         Ok(MongoStore {
@@ -557,6 +559,22 @@ impl MongoStore {
 
     fn coll<T: Send + Sync>(&self, name: &str) -> Collection<T> {
         self.db.collection(name)
+    }
+
+    /// A collection whose writes wait for the primary only, not the majority's journals:
+    /// for writes whose loss in a crash or failover costs a resend or a duplicate notice
+    /// at most (cursors, outbox removals, intake pruning), like the embedded store's
+    /// unsynced commits for the same writes.
+    fn relaxed(&self, name: &str) -> Collection<Document> {
+        let options = CollectionOptions::builder()
+            .write_concern(
+                WriteConcern::builder()
+                    .w(Acknowledgment::Nodes(1))
+                    .journal(false)
+                    .build(),
+            )
+            .build();
+        self.db.collection_with_options(name, options)
     }
 
     /// Remembers an error for `/healthz` and turns it into a [`StoreError`].
@@ -1295,7 +1313,7 @@ impl Store for MongoStore {
     async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
         self.ready().await?;
         let below = i64::try_from(below).unwrap_or(i64::MAX);
-        self.coll::<Document>(INTAKE)
+        self.relaxed(INTAKE)
             .delete_many(doc! {"_id": {"$lt": below}})
             .await
             .map_err(|e| self.failed(e))?;
@@ -1341,7 +1359,7 @@ impl Store for MongoStore {
     async fn set_cursor(&self, peer: &str, seq: u64) -> StoreResult<()> {
         self.ready().await?;
         let seq = to_i64(seq, "cursor").map_err(|e| self.failed(e))?;
-        self.coll::<Document>(CURSORS)
+        self.relaxed(CURSORS)
             .update_one(doc! {"_id": peer}, doc! {"$set": {"seq": seq}})
             .upsert(true)
             .await
@@ -1392,7 +1410,7 @@ impl Store for MongoStore {
             .map(|id| to_i64(id, "outbox id"))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.failed(e))?;
-        self.coll::<Document>(OUTBOX)
+        self.relaxed(OUTBOX)
             .delete_many(doc! {"_id": {"$in": ids}})
             .await
             .map_err(|e| self.failed(e))?;
