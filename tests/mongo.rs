@@ -394,7 +394,7 @@ async fn a_runtime_partnership_lives_in_mongodb_and_survives_a_restart_during_an
     assert_eq!(peer.get_str("relation").unwrap(), "partner");
     let me = a.id();
     a.publish_ok(&event("PB_CREATE", "r1", &me, json!({}))).await;
-    seen_b.wait_for("r1 on B", |s| s.len() >= 1).await;
+    seen_b.wait_for("r1 on B", |s| !s.is_empty()).await;
 
     // B restarts while MongoDB is down: it comes up, then restores the partnership once
     // MongoDB is back, and A's next event gets through.
