@@ -225,6 +225,75 @@ async fn peers(b: &mut dyn Backend) {
     assert_eq!(store.peers().await.unwrap(), vec![known]);
 }
 
+/// This node's own resources as its journal leaves them (search answers).
+async fn own_resources(b: &mut dyn Backend) {
+    let store = b.fresh("own").await;
+    store
+        .append_journal(
+            A,
+            vec![
+                new_event(Action::Create, "r1", json!({"v": 1})),
+                new_event(Action::Create, "r2", json!({})),
+                new_event(Action::Update, "r1", json!({"v": 2})),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .append_journal(A, vec![new_event(Action::Delete, "r2", json!({}))])
+        .await
+        .unwrap();
+    let own = store.own_resources(A, DT).await.unwrap();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(own[0]["id"], "r1");
+    assert_eq!(own[0]["v"], 2);
+    assert!(store
+        .own_resources(A, "STORAGE_RESOURCE")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// A peer met later keeps the relation set with the partnership.
+async fn meeting_a_peer_keeps_its_relation(b: &mut dyn Backend) {
+    let store = b.fresh("meet").await;
+    let row = |relation, addr: &str, name: &str| PeerRow {
+        peer_id: B.to_owned(),
+        relation,
+        addrs: vec![addr.to_owned()],
+        name: Some(name.to_owned()),
+        record: None,
+        updated_ms: 1,
+    };
+    assert_eq!(
+        store
+            .meet_peer(row(Relation::Known, "/dns4/met", "first"))
+            .await
+            .unwrap(),
+        Relation::Known
+    );
+    store
+        .put_peer(row(Relation::Partner, "/dns4/set", "first"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .meet_peer(row(Relation::Known, "/dns4/met-again", "renamed"))
+            .await
+            .unwrap(),
+        Relation::Partner
+    );
+    let kept = store.peer(B).await.unwrap().unwrap();
+    assert_eq!(kept.relation, Relation::Partner);
+    assert_eq!(
+        kept.addrs,
+        vec!["/dns4/set".to_owned()],
+        "a partner's address stays"
+    );
+    assert_eq!(kept.name.as_deref(), Some("renamed"));
+    assert!(store.peer("12D3KooWnobody").await.unwrap().is_none());
+}
+
 async fn cursors_and_applied_marks(b: &mut dyn Backend) {
     let store = b.fresh("cursors").await;
     assert_eq!(store.cursor(B).await.unwrap(), 0);
@@ -505,6 +574,8 @@ async fn embedded_backend() {
         journal,
         intake_marks,
         peers,
+        own_resources,
+        meeting_a_peer_keeps_its_relation,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,
@@ -528,6 +599,8 @@ async fn mongodb_backend() {
         journal,
         intake_marks,
         peers,
+        own_resources,
+        meeting_a_peer_keeps_its_relation,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,

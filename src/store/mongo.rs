@@ -51,6 +51,7 @@ const OUTBOX: &str = "oc_outbox";
 const COUNTERS: &str = "oc_counters";
 const PEERS: &str = "oc_peers";
 const INTAKE: &str = "oc_intake";
+const OWN: &str = "oc_own";
 /// No data type may map to a collection with this prefix.
 const RESERVED_PREFIX: &str = "oc_";
 /// `oc_counters` document holding the last outbox id handed out.
@@ -605,7 +606,7 @@ impl MongoStore {
     async fn create_schema(&self) -> Result<(), Failure> {
         self.check_topology().await?;
         for name in [
-            JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS, INTAKE,
+            JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS, INTAKE, OWN,
         ] {
             self.create_collection(name).await?;
         }
@@ -626,6 +627,14 @@ impl MongoStore {
                 IndexModel::builder()
                     .keys(doc! {"_id.coll": 1, "_id.id": 1})
                     .options(IndexOptions::builder().name("coll_id".to_owned()).build())
+                    .build(),
+            )
+            .await?;
+        self.coll::<Document>(OWN)
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"_id.data_type": 1, "_id.id": 1})
+                    .options(IndexOptions::builder().name("data_type_id".to_owned()).build())
                     .build(),
             )
             .await?;
@@ -833,10 +842,45 @@ impl MongoStore {
             .map(JournalDoc::from_entry)
             .collect::<Result<Vec<_>, _>>()?;
         journal.insert_many(docs).session(&mut *session).await?;
+        self.index_own(session, &entries).await?;
         if let (Some(last), false) = (entries.last(), intake_seqs.is_empty()) {
             self.mark_intake(session, intake_seqs, last.seq).await?;
         }
         Ok(entries)
+    }
+
+    /// Keeps `oc_own` (this node's resources as its journal leaves them, for search
+    /// answers) in step with the journal, in the same transaction.
+    async fn index_own(&self, s: &mut ClientSession, entries: &[JournalEntry]) -> Result<(), Failure> {
+        // The last change of each resource in the batch wins.
+        let mut last: HashMap<(&str, &str), &JournalEntry> = HashMap::new();
+        for e in entries {
+            if let Some(id) = e.resource_id() {
+                last.insert((e.data_type.as_str(), id), e);
+            }
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Bson> = last
+            .keys()
+            .map(|(dt, id)| Bson::Document(doc! {"data_type": *dt, "id": *id}))
+            .collect();
+        let live: Vec<Document> = last
+            .iter()
+            .filter(|(_, e)| e.action != Action::Delete)
+            .map(|((dt, id), e)| {
+                doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.to_string()}
+            })
+            .collect();
+        let own = self.coll::<Document>(OWN);
+        own.delete_many(doc! {"_id": {"$in": keys}})
+            .session(&mut *s)
+            .await?;
+        if !live.is_empty() {
+            own.insert_many(live).session(&mut *s).await?;
+        }
+        Ok(())
     }
 
     /// Records which JetStream messages this journal commit holds; a record already there
@@ -855,6 +899,25 @@ impl MongoStore {
         let docs: Vec<Document> = ids.iter().map(|id| doc! {"_id": id, "seq": seq}).collect();
         intake.insert_many(docs).session(&mut *s).await?;
         Ok(())
+    }
+
+    async fn meet_txn(&self, s: &mut ClientSession, mut row: PeerRow) -> Result<Relation, Failure> {
+        let peers = self.coll::<PeerDoc>(PEERS);
+        if let Some(existing) = peers
+            .find_one(doc! {"_id": &row.peer_id})
+            .session(&mut *s)
+            .await?
+        {
+            super::keep_relation(&mut row, existing.into_row()?);
+        }
+        let relation = row.relation;
+        let doc = PeerDoc::from_row(row)?;
+        peers
+            .replace_one(doc! {"_id": &doc.peer_id}, &doc)
+            .upsert(true)
+            .session(&mut *s)
+            .await?;
+        Ok(relation)
     }
 
     /// Runs [`Self::apply_txn`] as a transaction, again on transient errors.
@@ -1470,6 +1533,53 @@ impl Store for MongoStore {
             .collect();
         let mut live = self.documents(&coll, live_ids).await?;
         versions.iter().map(|v| self.stored(v, &mut live)).collect()
+    }
+
+    async fn own_resources(&self, _origin: &str, data_type: &str) -> StoreResult<Vec<Value>> {
+        self.ready().await?;
+        let docs: Vec<Document> = self
+            .coll::<Document>(OWN)
+            .find(doc! {"_id.data_type": data_type})
+            .sort(doc! {"_id.data_type": 1, "_id.id": 1})
+            .await
+            .map_err(|e| self.failed(e))?
+            .try_collect()
+            .await
+            .map_err(|e| self.failed(e))?;
+        docs.iter()
+            .map(|d| {
+                let text = d
+                    .get_str("resource")
+                    .map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))?;
+                serde_json::from_str(text).map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))
+            })
+            .collect()
+    }
+
+    async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
+        self.ready().await?;
+        let doc = self
+            .coll::<PeerDoc>(PEERS)
+            .find_one(doc! {"_id": peer_id})
+            .await
+            .map_err(|e| self.failed(e))?;
+        doc.map(|d| d.into_row().map_err(|e| self.failed(e))).transpose()
+    }
+
+    /// Read and write in one transaction, so a relation set meanwhile is kept.
+    async fn meet_peer(&self, row: PeerRow) -> StoreResult<Relation> {
+        self.ready().await?;
+        let _writer = self.writer.lock().await;
+        let mut attempt = 1;
+        loop {
+            let mut session = self.begin().await.map_err(|e| self.failed(e))?;
+            let body = self.meet_txn(&mut session, row.clone()).await;
+            match self.finish(session, body, attempt).await {
+                Ok(Some(relation)) => return Ok(relation),
+                Ok(None) => attempt += 1,
+                Err(e) => return Err(self.failed(e)),
+            }
+        }
     }
 
     async fn peers(&self) -> StoreResult<Vec<PeerRow>> {
