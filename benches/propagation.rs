@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use oc_discovery::testkit::{NatsServer, NodeProcess};
+use oc_discovery::testkit::{MongoServer, NatsServer, NodeProcess};
 use serde_json::{json, Value};
 
 /// Payload padding so each event is about 1 KiB on the wire.
@@ -561,9 +561,14 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let base = baseline(&sizes, &mut rows).await.context("baseline relay")?;
     for store in &stores {
-        let mongo_uri: Option<String> = match store.as_str() {
-            "embedded" => None,
-            other => bail!("store {other} is not available in this build"),
+        // One mongod per store run, shared by its nodes (each node has its own database).
+        let (mongo_uri, _mongod): (Option<String>, Option<MongoServer>) = match store.as_str() {
+            "embedded" => (None, None),
+            "mongodb" => {
+                let server = MongoServer::start().await.context("starting mongod")?;
+                (Some(server.uri()), Some(server))
+            }
+            other => bail!("unknown store {other}: expected embedded or mongodb"),
         };
         throughput_and_latency(store, mongo_uri.as_deref(), &sizes, base, &mut rows).await?;
         fanout(store, mongo_uri.as_deref(), &sizes, base.0, &mut rows).await?;

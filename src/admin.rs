@@ -2,7 +2,7 @@
 //!
 //! | path | answer |
 //! |---|---|
-//! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected and the swarm listens; 503 with `reasons` before |
+//! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`) otherwise |
 //! | `GET /api/peers` | partners: `peer_id, addrs, connected, acked_seq, pending, state` |
 //! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
 //! | `GET /api/resources/{data_type}?after=ID&limit=N` | stored resources (tombstones included) |
@@ -66,15 +66,19 @@ pub fn serve(addr: &str, state: AdminState) -> std::io::Result<actix_web::dev::S
 async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
     let mut reasons = Vec::new();
     if !crate::nats::is_connected(&s.nats) {
-        reasons.push("nats not connected");
+        reasons.push("nats not connected".to_owned());
     }
     if !s.net.state().is_listening() {
-        reasons.push("libp2p swarm not listening yet");
+        reasons.push("libp2p swarm not listening yet".to_owned());
+    }
+    // StoreError's display already reads "store unavailable: ...".
+    if let Err(e) = s.store.health().await {
+        reasons.push(e.to_string());
     }
     let intake = s.intake.mode();
     match intake {
-        IntakeMode::Starting => reasons.push("intake not subscribed yet"),
-        IntakeMode::Stopped => reasons.push("intake stopped"),
+        IntakeMode::Starting => reasons.push("intake not subscribed yet".to_owned()),
+        IntakeMode::Stopped => reasons.push("intake stopped".to_owned()),
         IntakeMode::Core | IntakeMode::JetStream => {}
     }
     let mut body = json!({"peer_id": s.own_id, "intake": intake.as_str()});

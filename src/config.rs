@@ -27,6 +27,18 @@ pub const DEFAULT_RECORD_TTL: &str = "2m";
 /// Bounds of `--record-ttl` (the upper one is what other nodes accept).
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
 pub const MAX_RECORD_TTL: Duration = crate::p2p::records::MAX_AHEAD;
+pub const DEFAULT_MONGO_DB: &str = crate::store::mongo::DEFAULT_DB;
+
+/// Which [`crate::store::Store`] backend holds the node's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One redb file in the data directory.
+    #[default]
+    Embedded,
+    /// The site's MongoDB (`--mongo-uri`, `--mongo-db`).
+    Mongodb,
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -162,6 +174,15 @@ pub struct RunArgs {
     /// Partners are bootstrap nodes too.
     #[arg(long = "bootstrap", env = "OC_DISCOVERY_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Vec<Multiaddr>,
+    /// Where the journal, cursors and received resources live.
+    #[arg(long, env = "OC_DISCOVERY_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+    /// MongoDB connection string (with `--store mongodb`), e.g. mongodb://host:27017/?replicaSet=rs0.
+    #[arg(long, env = "OC_DISCOVERY_MONGO_URI")]
+    pub mongo_uri: Option<String>,
+    /// MongoDB database holding the resource collections and the node's `oc_*` bookkeeping.
+    #[arg(long, env = "OC_DISCOVERY_MONGO_DB", default_value = DEFAULT_MONGO_DB)]
+    pub mongo_db: String,
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
@@ -231,6 +252,11 @@ struct FileConfig {
     #[serde(alias = "record-ttl")]
     record_ttl: Option<String>,
     bootstrap: Option<Vec<String>>,
+    store: Option<StoreKind>,
+    #[serde(alias = "mongo-uri")]
+    mongo_uri: Option<String>,
+    #[serde(alias = "mongo-db")]
+    mongo_db: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +279,8 @@ pub enum ConfigError {
     Name,
     #[error("--record-ttl must be between {MIN_RECORD_TTL:?} and {MAX_RECORD_TTL:?}")]
     RecordTtl,
+    #[error("--store mongodb needs --mongo-uri (or OC_DISCOVERY_MONGO_URI)")]
+    MongoUriMissing,
 }
 
 /// Parses the process arguments, then fills `run` options left at their default from
@@ -351,6 +379,9 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(name, |v| Ok::<_, ConfigError>(Some(v)));
     fill!(record_ttl, duration);
     fill!(bootstrap, addrs);
+    fill!(store);
+    fill!(mongo_uri, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(mongo_db);
     Ok(())
 }
 
@@ -370,7 +401,19 @@ pub struct NodeConfig {
     pub record_ttl: Duration,
     /// DHT bootstrap nodes (partners are added to them at start).
     pub bootstrap: Vec<Multiaddr>,
+    pub store: StoreConfig,
     pub tuning: Tuning,
+}
+
+/// The store backend with its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// `<data-dir>/store.redb`.
+    Embedded,
+    Mongodb {
+        uri: String,
+        db: String,
+    },
 }
 
 /// Limits and intervals with defaults sized for the performance targets.
@@ -470,6 +513,13 @@ impl TryFrom<RunArgs> for NodeConfig {
             sync_interval: run.sync_interval,
             ..Tuning::default()
         };
+        let store = match run.store {
+            StoreKind::Embedded => StoreConfig::Embedded,
+            StoreKind::Mongodb => StoreConfig::Mongodb {
+                uri: run.mongo_uri.ok_or(ConfigError::MongoUriMissing)?,
+                db: run.mongo_db,
+            },
+        };
         Ok(NodeConfig {
             data_dir: run.data_dir,
             nats_url: run.nats_url,
@@ -478,6 +528,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             partners,
             psk_file: run.psk_file,
             max_event_bytes: run.max_event_bytes,
+            store,
             intake_stream: run.intake_stream,
             name,
             record_ttl: run.record_ttl,
@@ -550,6 +601,36 @@ mod tests {
         assert!(matches!(
             NodeConfig::try_from(run_args(&["--record-ttl", "1s"])),
             Err(ConfigError::RecordTtl)
+        ));
+    }
+
+    #[test]
+    fn store_from_file_env_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "store = \"mongodb\"\nmongo-uri = \"mongodb://file:27017\"\nmongo_db = \"site\"\n",
+        )
+        .unwrap();
+        let cfg = file.to_str().unwrap();
+        let r = run_args(&["--config", cfg, "--mongo-db", "flagged"]);
+        assert_eq!(r.store, StoreKind::Mongodb);
+        assert_eq!(
+            NodeConfig::try_from(r).unwrap().store,
+            StoreConfig::Mongodb {
+                uri: "mongodb://file:27017".into(),
+                db: "flagged".into()
+            }
+        );
+        let r = run_args(&[]);
+        assert_eq!(r.store, StoreKind::Embedded);
+        assert_eq!(r.mongo_db, "opencloud");
+        assert_eq!(NodeConfig::try_from(r).unwrap().store, StoreConfig::Embedded);
+        let r = run_args(&["--store", "mongodb"]);
+        assert!(matches!(
+            NodeConfig::try_from(r),
+            Err(ConfigError::MongoUriMissing)
         ));
     }
 

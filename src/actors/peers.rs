@@ -25,7 +25,11 @@ use super::stream_service::{AddPartner, RemovePartner, StreamService};
 use crate::event::{self, now_ms, ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::p2p;
-use crate::store::{PeerRow, Relation, Store};
+use crate::store::{PeerRow, Relation, Store, StoreResult};
+
+/// Backoff bounds while the persisted relations cannot be read at start-up.
+const RESTORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+const RESTORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct PeerEnv {
     pub store: Arc<dyn Store>,
@@ -186,17 +190,37 @@ fn with_peer_id(addr: Multiaddr, peer: PeerId) -> Result<Multiaddr, Refusal> {
 }
 
 impl PeerEnv {
-    /// Re-applies the persisted relations at start-up.
-    async fn restore(&self) {
-        let rows = match self.store.peers().await {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(cause = %e, "cannot read persisted partnerships");
-                return;
-            }
+    /// Re-applies the persisted relations at start-up. A store that cannot be read yet
+    /// (MongoDB down) is retried in the background with backoff, so the manager serves
+    /// NATS and commands meanwhile; nothing can be persisted until the store is back.
+    async fn restore(self: &Arc<Self>) {
+        let Err(e) = self.restore_once().await else {
+            return;
         };
+        tracing::warn!(cause = %e, "cannot read persisted partnerships yet; retrying in the background");
+        let env = self.clone();
+        tokio::spawn(async move {
+            let mut delay = RESTORE_RETRY_MIN;
+            loop {
+                tokio::time::sleep(delay).await;
+                match env.restore_once().await {
+                    Ok(()) => {
+                        tracing::info!("persisted partnerships restored");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, retry_in = ?delay, "cannot read persisted partnerships")
+                    }
+                }
+                delay = (delay * 2).min(RESTORE_RETRY_MAX);
+            }
+        });
+    }
+
+    async fn restore_once(&self) -> StoreResult<()> {
         // `known` rows are peers met through the DHT (`Store::meet_peer`): no relation to
         // restore, and a configured partner may be one of them.
+        let rows = self.store.peers().await?;
         for row in rows.into_iter().filter(|r| r.relation != Relation::Known) {
             let Ok(peer) = row.peer_id.parse::<PeerId>() else {
                 continue;
@@ -204,6 +228,7 @@ impl PeerEnv {
             let addr = row.addrs.first().and_then(|a| a.parse::<Multiaddr>().ok());
             self.enact(peer, addr, row.relation).await;
         }
+        Ok(())
     }
 
     /// Makes the running node follow a relation (no persistence).

@@ -5,6 +5,7 @@
 //! mark, the per-partner send cursor, and the outbox of NATS publishes not yet confirmed.
 
 pub mod embedded;
+pub mod mongo;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,11 @@ pub enum ApplyOutcome {
     /// The resource exists with another creator.
     Conflict {
         owner: String,
+    },
+    /// The backend cannot hold this resource as it is (MongoDB: a field name starting
+    /// with `$`, a document over 16 MiB, ...). Nothing was stored for it; the batch goes on.
+    Rejected {
+        reason: String,
     },
 }
 
@@ -121,6 +127,14 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_remove(&self, ids: Vec<u64>) -> StoreResult<()>;
 
     async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
+
+    /// Whether the backend answers now (`/healthz`). A local file is always there.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] with the reason the backend cannot be used.
+    async fn health(&self) -> StoreResult<()> {
+        Ok(())
+    }
     /// Resources (tombstones included) of a data type, ordered by id, after `after`.
     async fn resources(
         &self,

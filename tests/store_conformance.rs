@@ -1,0 +1,739 @@
+//! One suite of store behaviours, run against every backend: the embedded redb file and a
+//! real mongod (one-member replica set). Each case starts from an empty store; the
+//! MongoDB cases each get their own database on one shared mongod.
+
+mod common;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use oc_discovery::event::{Action, JournalEntry, NewEvent};
+use oc_discovery::store::embedded::EmbeddedStore;
+use oc_discovery::store::mongo::{MongoSettings, MongoStore};
+use oc_discovery::store::{ApplyOutcome, PeerRow, Relation, Store, StoreError, StoredResource};
+use oc_discovery::testkit::MongoServer;
+use serde_json::{json, Value};
+
+const A: &str = "12D3KooWorigin-a";
+const B: &str = "12D3KooWorigin-b";
+const DT: &str = "COMPUTE_RESOURCE";
+
+/// A backend under test.
+#[async_trait]
+trait Backend: Send {
+    /// A store on a fresh, empty location for the case `name`.
+    async fn fresh(&mut self, name: &str) -> Arc<dyn Store>;
+    /// Restarts what is behind the store (the server, or nothing for a file) and opens
+    /// the same location again. The caller has dropped its store.
+    async fn reopen(&mut self) -> Arc<dyn Store>;
+}
+
+struct Embedded {
+    dir: tempfile::TempDir,
+    current: std::path::PathBuf,
+}
+
+#[async_trait]
+impl Backend for Embedded {
+    async fn fresh(&mut self, name: &str) -> Arc<dyn Store> {
+        self.current = self.dir.path().join(format!("{name}.redb"));
+        Arc::new(EmbeddedStore::open(&self.current).unwrap())
+    }
+
+    async fn reopen(&mut self) -> Arc<dyn Store> {
+        Arc::new(EmbeddedStore::open(&self.current).unwrap())
+    }
+}
+
+struct Mongo {
+    server: MongoServer,
+    db: String,
+}
+
+impl Mongo {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(
+            MongoStore::connect(&self.server.uri(), &self.db, MongoSettings::default())
+                .await
+                .unwrap(),
+        )
+    }
+}
+
+#[async_trait]
+impl Backend for Mongo {
+    async fn fresh(&mut self, name: &str) -> Arc<dyn Store> {
+        self.db = format!("conformance_{name}");
+        self.store().await
+    }
+
+    async fn reopen(&mut self) -> Arc<dyn Store> {
+        // SIGKILL: only what was committed durably may come back.
+        self.server.kill();
+        self.server.start_again().await.unwrap();
+        self.store().await
+    }
+}
+
+fn new_event(action: Action, id: &str, extra: Value) -> NewEvent {
+    let mut resource = json!({"id": id, "creator_id": A});
+    if let (Some(r), Some(e)) = (resource.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
+    }
+    NewEvent {
+        action,
+        data_type: DT.to_owned(),
+        user: "alice".to_owned(),
+        from_app: "test".to_owned(),
+        resource,
+        resource_id: id.to_owned(),
+    }
+}
+
+/// An inbound entry from `origin` (its creator is the origin).
+fn entry(origin: &str, seq: u64, action: Action, id: &str, extra: Value) -> JournalEntry {
+    let mut resource = json!({"id": id, "creator_id": origin});
+    if let (Some(r), Some(e)) = (resource.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
+    }
+    JournalEntry {
+        origin: origin.to_owned(),
+        seq,
+        action,
+        data_type: DT.to_owned(),
+        user: "alice".to_owned(),
+        resource,
+        time_ms: 1_700_000_000_000 + seq,
+    }
+}
+
+async fn get(store: &dyn Store, id: &str) -> Option<StoredResource> {
+    store.resource(DT, id).await.unwrap()
+}
+
+async fn journal(b: &mut dyn Backend) {
+    let store = b.fresh("journal").await;
+    assert_eq!(store.journal_head(A).await.unwrap(), 0);
+    assert!(store.read_journal(A, 1, 10).await.unwrap().is_empty());
+    // The journal keeps whatever the intake accepted, even what BSON cannot hold.
+    let odd = json!({"nested": {"list": [1, 2.5, null, true]}, "$odd": "kept", "big": u64::MAX});
+    let first = store
+        .append_journal(
+            A,
+            vec![
+                new_event(Action::Create, "r1", odd.clone()),
+                new_event(Action::Update, "r1", json!({"v": 2})),
+                new_event(Action::Delete, "r1", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(first[0].resource["$odd"], "kept");
+    let other = store
+        .append_journal(B, vec![new_event(Action::Create, "x", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(other[0].seq, 1, "each origin has its own sequence");
+    let more = store
+        .append_journal(
+            A,
+            vec![
+                new_event(Action::Create, "r2", json!({})),
+                new_event(Action::Create, "r3", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(more.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+    assert_eq!(store.journal_head(A).await.unwrap(), 5);
+    assert_eq!(store.journal_head(B).await.unwrap(), 1);
+
+    let all = store.read_journal(A, 1, 100).await.unwrap();
+    assert_eq!(all, [first.clone(), more.clone()].concat());
+    let seqs = |v: Vec<JournalEntry>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.read_journal(A, 2, 2).await.unwrap()), vec![2, 3]);
+    assert_eq!(seqs(store.read_journal(A, 4, 100).await.unwrap()), vec![4, 5]);
+    assert_eq!(seqs(store.read_journal(A, 0, 1).await.unwrap()), vec![1]);
+    assert!(store.read_journal(A, 6, 100).await.unwrap().is_empty());
+    assert_eq!(store.read_journal(B, 1, 100).await.unwrap(), other);
+}
+
+/// JetStream stream sequences recorded with the journal commit recognise redeliveries.
+async fn intake_marks(b: &mut dyn Backend) {
+    let store = b.fresh("intake").await;
+    assert!(store.intake_seen(vec![1, 2]).await.unwrap().is_empty());
+    let entries = store
+        .append_journal_marked(
+            A,
+            vec![
+                new_event(Action::Create, "r1", json!({})),
+                new_event(Action::Create, "r2", json!({})),
+            ],
+            vec![10, 11],
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        store.intake_seen(vec![9, 10, 11, 12]).await.unwrap(),
+        vec![10, 11]
+    );
+    store.intake_forget_below(11).await.unwrap();
+    assert_eq!(store.intake_seen(vec![10, 11]).await.unwrap(), vec![11]);
+    // A plain append records nothing.
+    store
+        .append_journal(A, vec![new_event(Action::Create, "r3", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(store.intake_seen(vec![12, 13]).await.unwrap(), Vec::<u64>::new());
+}
+
+async fn peers(b: &mut dyn Backend) {
+    let store = b.fresh("peers").await;
+    assert!(store.peers().await.unwrap().is_empty());
+    let partner = PeerRow {
+        peer_id: B.to_owned(),
+        relation: Relation::Partner,
+        addrs: vec![format!("/ip4/127.0.0.1/tcp/4001/p2p/{B}")],
+        name: Some("site-b".to_owned()),
+        record: Some(json!({"sig": "abc", "n": 1})),
+        updated_ms: 1,
+    };
+    let blocked = PeerRow {
+        peer_id: A.to_owned(),
+        relation: Relation::Blacklist,
+        addrs: vec![],
+        name: None,
+        record: None,
+        updated_ms: 2,
+    };
+    store.put_peer(partner.clone()).await.unwrap();
+    store.put_peer(blocked.clone()).await.unwrap();
+    let mut all = store.peers().await.unwrap();
+    all.sort_by(|x, y| x.peer_id.cmp(&y.peer_id));
+    assert_eq!(all, vec![blocked.clone(), partner.clone()]);
+    // Putting again replaces.
+    let known = PeerRow {
+        relation: Relation::Known,
+        updated_ms: 3,
+        ..partner.clone()
+    };
+    store.put_peer(known.clone()).await.unwrap();
+    store.remove_peer(A).await.unwrap();
+    store.remove_peer("12D3KooWnobody").await.unwrap();
+    assert_eq!(store.peers().await.unwrap(), vec![known]);
+}
+
+/// This node's own resources as its journal leaves them (search answers).
+async fn own_resources(b: &mut dyn Backend) {
+    let store = b.fresh("own").await;
+    store
+        .append_journal(
+            A,
+            vec![
+                new_event(Action::Create, "r1", json!({"v": 1})),
+                new_event(Action::Create, "r2", json!({})),
+                new_event(Action::Update, "r1", json!({"v": 2})),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .append_journal(A, vec![new_event(Action::Delete, "r2", json!({}))])
+        .await
+        .unwrap();
+    let own = store.own_resources(A, DT).await.unwrap();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(own[0]["id"], "r1");
+    assert_eq!(own[0]["v"], 2);
+    assert!(store
+        .own_resources(A, "STORAGE_RESOURCE")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// A peer met later keeps the relation set with the partnership.
+async fn meeting_a_peer_keeps_its_relation(b: &mut dyn Backend) {
+    let store = b.fresh("meet").await;
+    let row = |relation, addr: &str, name: &str| PeerRow {
+        peer_id: B.to_owned(),
+        relation,
+        addrs: vec![addr.to_owned()],
+        name: Some(name.to_owned()),
+        record: None,
+        updated_ms: 1,
+    };
+    assert_eq!(
+        store
+            .meet_peer(row(Relation::Known, "/dns4/met", "first"))
+            .await
+            .unwrap(),
+        Relation::Known
+    );
+    store
+        .put_peer(row(Relation::Partner, "/dns4/set", "first"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .meet_peer(row(Relation::Known, "/dns4/met-again", "renamed"))
+            .await
+            .unwrap(),
+        Relation::Partner
+    );
+    let kept = store.peer(B).await.unwrap().unwrap();
+    assert_eq!(kept.relation, Relation::Partner);
+    assert_eq!(
+        kept.addrs,
+        vec!["/dns4/set".to_owned()],
+        "a partner's address stays"
+    );
+    assert_eq!(kept.name.as_deref(), Some("renamed"));
+    assert!(store.peer("12D3KooWnobody").await.unwrap().is_none());
+}
+
+async fn cursors_and_applied_marks(b: &mut dyn Backend) {
+    let store = b.fresh("cursors").await;
+    assert_eq!(store.cursor(B).await.unwrap(), 0);
+    store.set_cursor(B, 5).await.unwrap();
+    store.set_cursor(B, 7).await.unwrap();
+    store.set_cursor(A, 1).await.unwrap();
+    assert_eq!(store.cursor(B).await.unwrap(), 7);
+    assert_eq!(store.cursor(A).await.unwrap(), 1);
+
+    assert_eq!(store.applied(A).await.unwrap(), 0);
+    store.apply_batch(A, 4, vec![]).await.unwrap();
+    assert_eq!(store.applied(A).await.unwrap(), 4);
+    // The mark never goes back.
+    store.apply_batch(A, 2, vec![]).await.unwrap();
+    assert_eq!(store.applied(A).await.unwrap(), 4);
+    assert_eq!(store.applied(B).await.unwrap(), 0);
+}
+
+async fn idempotent_apply(b: &mut dyn Backend) {
+    let store = b.fresh("idempotent").await;
+    let create = entry(A, 1, Action::Create, "r1", json!({"cpus": 8}));
+    let (outcomes, rows) = store.apply_batch(A, 1, vec![create.clone()]).await.unwrap();
+    assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
+    assert_eq!(rows.len(), 1);
+    // As the inbound session does: publish, then clear the rows.
+    store
+        .outbox_remove(rows.iter().map(|r| r.id).collect())
+        .await
+        .unwrap();
+    let (outcomes, rows) = store.apply_batch(A, 1, vec![create.clone()]).await.unwrap();
+    assert_eq!(outcomes, vec![ApplyOutcome::Stale], "same entry twice");
+    assert!(rows.is_empty());
+
+    let update = entry(A, 3, Action::Update, "r1", json!({"cpus": 16}));
+    let (outcomes, _) = store.apply_batch(A, 3, vec![update]).await.unwrap();
+    assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
+    let older = entry(A, 2, Action::Update, "r1", json!({"cpus": 1}));
+    let (outcomes, rows) = store.apply_batch(A, 3, vec![older]).await.unwrap();
+    assert_eq!(outcomes, vec![ApplyOutcome::Stale], "older seq");
+    assert!(rows.is_empty());
+    let r1 = get(&*store, "r1").await.unwrap();
+    assert_eq!((r1.version, r1.deleted), (3, false));
+    assert_eq!(r1.resource["cpus"], 16);
+    assert_eq!(r1.origin, A);
+}
+
+async fn conflict_with_another_origin(b: &mut dyn Backend) {
+    let store = b.fresh("conflict").await;
+    let (o, _) = store
+        .apply_batch(A, 1, vec![entry(A, 1, Action::Create, "r1", json!({"n": 1}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Applied]);
+    let (o, rows) = store
+        .apply_batch(B, 9, vec![entry(B, 9, Action::Update, "r1", json!({"n": 2}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Conflict { owner: A.to_owned() }]);
+    assert!(rows.is_empty());
+    assert_eq!(store.applied(B).await.unwrap(), 9, "passed over, not blocking");
+    let r1 = get(&*store, "r1").await.unwrap();
+    assert_eq!((r1.origin.as_str(), r1.version), (A, 1));
+    assert_eq!(r1.resource["n"], 1);
+}
+
+async fn tombstones(b: &mut dyn Backend) {
+    let store = b.fresh("tombstones").await;
+    let (o, rows) = store
+        .apply_batch(
+            A,
+            2,
+            vec![
+                entry(A, 1, Action::Create, "r1", json!({"n": 1})),
+                entry(A, 2, Action::Delete, "r1", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Applied, ApplyOutcome::Applied]);
+    assert_eq!(rows[1].subject, "REMOVE_RESOURCE");
+    let r1 = get(&*store, "r1").await.unwrap();
+    assert_eq!((r1.version, r1.deleted), (2, true), "delete keeps the version");
+    // A stale create (a resend of seq 1) does not resurrect it.
+    let (o, rows) = store
+        .apply_batch(A, 2, vec![entry(A, 1, Action::Create, "r1", json!({"n": 1}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Stale]);
+    assert!(rows.is_empty());
+    assert!(get(&*store, "r1").await.unwrap().deleted);
+    // Nor can another origin take the id over.
+    let (o, _) = store
+        .apply_batch(B, 5, vec![entry(B, 5, Action::Create, "r1", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Conflict { owner: A.to_owned() }]);
+    // The creator may create it again with a newer change.
+    let (o, _) = store
+        .apply_batch(A, 3, vec![entry(A, 3, Action::Create, "r1", json!({"n": 3}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Applied]);
+    let r1 = get(&*store, "r1").await.unwrap();
+    assert_eq!((r1.version, r1.deleted), (3, false));
+    assert_eq!(r1.resource["n"], 3);
+}
+
+async fn one_batch_many_changes(b: &mut dyn Backend) {
+    let store = b.fresh("batch").await;
+    let batch = vec![
+        entry(A, 1, Action::Create, "r1", json!({"v": 1})),
+        entry(A, 2, Action::Update, "r1", json!({"v": 2})),
+        entry(A, 3, Action::Create, "r2", json!({})),
+        entry(A, 4, Action::Delete, "r2", json!({})),
+        entry(A, 5, Action::Create, "r3", json!({"v": 5})),
+    ];
+    let (o, rows) = store.apply_batch(A, 5, batch).await.unwrap();
+    assert!(o.iter().all(|o| *o == ApplyOutcome::Applied), "{o:?}");
+    assert_eq!(
+        rows.iter().map(|r| r.msg_id.clone()).collect::<Vec<_>>(),
+        (1..=5).map(|s| format!("{A}:{s}")).collect::<Vec<_>>()
+    );
+    let r1 = get(&*store, "r1").await.unwrap();
+    assert_eq!((r1.version, r1.resource["v"].clone()), (2, json!(2)));
+    let r2 = get(&*store, "r2").await.unwrap();
+    assert_eq!((r2.version, r2.deleted), (4, true));
+    assert_eq!(get(&*store, "r3").await.unwrap().version, 5);
+    assert_eq!(store.applied(A).await.unwrap(), 5);
+}
+
+async fn outbox_rows(b: &mut dyn Backend) {
+    let store = b.fresh("outbox").await;
+    assert!(store.outbox(10).await.unwrap().is_empty());
+    let (_, rows) = store
+        .apply_batch(
+            A,
+            3,
+            vec![
+                entry(A, 1, Action::Create, "r1", json!({})),
+                entry(A, 2, Action::Create, "r2", json!({})),
+                entry(A, 3, Action::Delete, "r1", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "ids ascend");
+    assert_eq!(rows[0].subject, "CREATE_RESOURCE");
+    assert_eq!(rows[2].subject, "REMOVE_RESOURCE");
+    let body: Value = serde_json::from_slice(&rows[0].payload).unwrap();
+    assert_eq!(body["resource"]["id"], "r1");
+    assert_eq!(body["origin_seq"], 1);
+    assert_eq!(body["from_peer"], A);
+    assert_eq!(store.outbox(10).await.unwrap(), rows);
+    assert_eq!(store.outbox(2).await.unwrap(), rows[..2].to_vec());
+    store.outbox_remove(vec![rows[0].id, rows[1].id]).await.unwrap();
+    assert_eq!(store.outbox(10).await.unwrap(), rows[2..].to_vec());
+    // Removing twice is harmless.
+    store.outbox_remove(vec![rows[0].id]).await.unwrap();
+    store.outbox_remove(vec![]).await.unwrap();
+    // Later rows get higher ids.
+    let (_, later) = store
+        .apply_batch(A, 4, vec![entry(A, 4, Action::Create, "r4", json!({}))])
+        .await
+        .unwrap();
+    assert!(later[0].id > rows[2].id);
+}
+
+async fn listing_and_fields(b: &mut dyn Backend) {
+    let store = b.fresh("listing").await;
+    let fields = json!({"name": "gpu", "cpus": 8, "ratio": 0.75, "ok": true, "none": null,
+        "tags": ["a", "b"], "spec": {"mem": {"gb": 64}, "list": [{"x": -1}]}});
+    let mut batch = Vec::new();
+    for (i, id) in ["c", "a", "e", "b", "d"].iter().enumerate() {
+        batch.push(entry(A, i as u64 + 1, Action::Create, id, fields.clone()));
+    }
+    batch.push(entry(A, 6, Action::Delete, "b", json!({})));
+    let mut other = entry(A, 7, Action::Create, "z", json!({}));
+    other.data_type = "STORAGE_RESOURCE".to_owned();
+    batch.push(other);
+    store.apply_batch(A, 7, batch).await.unwrap();
+
+    let a = get(&*store, "a").await.unwrap();
+    let mut expected = fields.clone();
+    expected["id"] = json!("a");
+    expected["creator_id"] = json!(A);
+    assert_eq!(a.resource, expected, "fields come back as sent");
+    assert_eq!(a.data_type, DT);
+
+    let ids = |v: Vec<StoredResource>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.resources(DT, None, 100).await.unwrap()),
+        vec!["a", "b", "c", "d", "e"],
+        "ordered by id, tombstones included"
+    );
+    assert_eq!(ids(store.resources(DT, None, 2).await.unwrap()), vec!["a", "b"]);
+    assert_eq!(
+        ids(store.resources(DT, Some("b".into()), 2).await.unwrap()),
+        vec!["c", "d"]
+    );
+    let listed = store.resources(DT, None, 100).await.unwrap();
+    assert!(listed[1].deleted && !listed[0].deleted);
+    assert_eq!(listed[2].resource["spec"]["mem"]["gb"], 64);
+    assert_eq!(
+        ids(store.resources("STORAGE_RESOURCE", None, 100).await.unwrap()),
+        vec!["z"]
+    );
+    assert!(store.resource(DT, "nope").await.unwrap().is_none());
+    assert!(store
+        .resources("NO_SUCH_TYPE", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn restart_durability(b: &mut dyn Backend) {
+    let store = b.fresh("durability").await;
+    let journaled = store
+        .append_journal_marked(
+            A,
+            vec![
+                new_event(Action::Create, "own1", json!({"x": 1})),
+                new_event(Action::Create, "own2", json!({})),
+            ],
+            vec![7, 8],
+        )
+        .await
+        .unwrap();
+    store.set_cursor(B, 2).await.unwrap();
+    let (_, rows) = store
+        .apply_batch(
+            B,
+            2,
+            vec![
+                entry(B, 1, Action::Create, "r1", json!({"n": 1})),
+                entry(B, 2, Action::Delete, "r1", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    let before = get(&*store, "r1").await.unwrap();
+    drop(store);
+
+    let store = b.reopen().await;
+    assert_eq!(store.journal_head(A).await.unwrap(), 2);
+    assert_eq!(store.read_journal(A, 1, 10).await.unwrap(), journaled);
+    assert_eq!(store.cursor(B).await.unwrap(), 2);
+    assert_eq!(store.applied(B).await.unwrap(), 2);
+    assert_eq!(get(&*store, "r1").await.unwrap(), before);
+    assert_eq!(store.outbox(10).await.unwrap(), rows, "unpublished rows survive");
+    assert_eq!(store.intake_seen(vec![6, 7, 8]).await.unwrap(), vec![7, 8]);
+    // Appending goes on after the head.
+    let next = store
+        .append_journal(A, vec![new_event(Action::Create, "own3", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq, 3);
+}
+
+macro_rules! run_cases {
+    ($backend:expr, $($case:ident),+ $(,)?) => {
+        $(
+            eprintln!("case {}", stringify!($case));
+            $case($backend).await;
+        )+
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_backend() {
+    common::init_tracing();
+    let mut b = Embedded {
+        dir: tempfile::tempdir().unwrap(),
+        current: Default::default(),
+    };
+    run_cases!(
+        &mut b,
+        journal,
+        intake_marks,
+        peers,
+        own_resources,
+        meeting_a_peer_keeps_its_relation,
+        cursors_and_applied_marks,
+        idempotent_apply,
+        conflict_with_another_origin,
+        tombstones,
+        one_batch_many_changes,
+        outbox_rows,
+        listing_and_fields,
+        restart_durability,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_backend() {
+    common::init_tracing();
+    let mut b = Mongo {
+        server: MongoServer::start().await.unwrap(),
+        db: String::new(),
+    };
+    run_cases!(
+        &mut b,
+        journal,
+        intake_marks,
+        peers,
+        own_resources,
+        meeting_a_peer_keeps_its_relation,
+        cursors_and_applied_marks,
+        idempotent_apply,
+        conflict_with_another_origin,
+        tombstones,
+        one_batch_many_changes,
+        outbox_rows,
+        listing_and_fields,
+        restart_durability,
+        refused_documents,
+        refused_by_the_server,
+        lost_commit_answer,
+        health_and_outage,
+    );
+}
+
+// MongoDB only: what the embedded file cannot meet.
+
+/// Documents MongoDB cannot hold are rejected one by one; the rest of the batch applies.
+async fn refused_documents(b: &mut Mongo) {
+    let store = b.fresh("refused").await;
+    let mut reserved = entry(A, 4, Action::Create, "r4", json!({}));
+    reserved.data_type = "OC_JOURNAL".to_owned();
+    let batch = vec![
+        entry(A, 1, Action::Create, "r1", json!({})),
+        entry(A, 2, Action::Create, "r2", json!({"spec": {"$where": "1"}})),
+        entry(A, 3, Action::Create, "r3", json!({"n": u64::MAX})),
+        reserved,
+        entry(A, 5, Action::Create, "r5", json!({})),
+    ];
+    let (o, rows) = store.apply_batch(A, 5, batch).await.unwrap();
+    assert_eq!(o[0], ApplyOutcome::Applied);
+    assert!(
+        matches!(&o[1], ApplyOutcome::Rejected { reason } if reason.contains("$where")),
+        "{o:?}"
+    );
+    assert!(matches!(o[2], ApplyOutcome::Rejected { .. }), "{o:?}");
+    assert!(matches!(o[3], ApplyOutcome::Rejected { .. }), "{o:?}");
+    assert_eq!(o[4], ApplyOutcome::Applied);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(store.applied(A).await.unwrap(), 5);
+    assert!(get(&*store, "r2").await.is_none());
+}
+
+/// A document only the server refuses (here: a validator the site put on a collection) is
+/// found by applying the batch entry by entry; only that entry is rejected.
+async fn refused_by_the_server(b: &mut Mongo) {
+    let store = b.fresh("validator").await;
+    let client = b.server.client().await.unwrap();
+    client
+        .database(&b.db)
+        .create_collection("compute_resource")
+        .validator(mongodb::bson::doc! {"name": {"$type": "string"}})
+        .await
+        .unwrap();
+    let batch = vec![
+        entry(A, 1, Action::Create, "r1", json!({"name": "one"})),
+        entry(A, 2, Action::Create, "r2", json!({"name": 2})),
+        entry(A, 3, Action::Create, "r3", json!({"name": "three"})),
+        entry(A, 4, Action::Update, "r1", json!({"name": "one again"})),
+    ];
+    let (o, rows) = store.apply_batch(A, 4, batch).await.unwrap();
+    assert_eq!(o[0], ApplyOutcome::Applied);
+    assert!(
+        matches!(&o[1], ApplyOutcome::Rejected { reason } if reason.contains("validation")),
+        "{o:?}"
+    );
+    assert_eq!(o[2..], [ApplyOutcome::Applied, ApplyOutcome::Applied]);
+    assert_eq!(
+        rows.iter().map(|r| r.msg_id.clone()).collect::<Vec<_>>(),
+        [1, 3, 4].map(|s| format!("{A}:{s}")).to_vec()
+    );
+    assert_eq!(store.applied(A).await.unwrap(), 4);
+    assert_eq!(get(&*store, "r1").await.unwrap().resource["name"], "one again");
+    assert!(get(&*store, "r2").await.is_none());
+}
+
+/// A batch applied by an attempt whose answer was lost (so its rows are still in the
+/// outbox) is reported applied again with the same rows, and published once.
+async fn lost_commit_answer(b: &mut Mongo) {
+    let store = b.fresh("lost_answer").await;
+    let batch = vec![
+        entry(A, 1, Action::Create, "r1", json!({})),
+        entry(A, 2, Action::Create, "r2", json!({})),
+    ];
+    let (_, rows) = store.apply_batch(A, 2, batch.clone()).await.unwrap();
+    let (o, again) = store.apply_batch(A, 2, batch.clone()).await.unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Applied, ApplyOutcome::Applied]);
+    assert_eq!(again, rows, "the same rows, not new ones");
+    store
+        .outbox_remove(rows.iter().map(|r| r.id).collect())
+        .await
+        .unwrap();
+    let (o, none) = store.apply_batch(A, 2, batch).await.unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Stale, ApplyOutcome::Stale]);
+    assert!(none.is_empty());
+}
+
+async fn health_and_outage(b: &mut Mongo) {
+    let store = b.fresh("health").await;
+    store.health().await.unwrap();
+    b.server.kill();
+    let err = store.health().await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(err.to_string().starts_with("store unavailable: "), "{err}");
+    let err = store
+        .apply_batch(A, 1, vec![entry(A, 1, Action::Create, "r1", json!({}))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    b.server.start_again().await.unwrap();
+    // The driver reconnects by itself; the same store works again.
+    let (o, _) = store
+        .apply_batch(A, 1, vec![entry(A, 1, Action::Create, "r1", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Applied]);
+    store.health().await.unwrap();
+}
+
+/// A standalone mongod has no transactions: the store says so instead of failing every
+/// commit, and `/healthz` would quote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_mongod_is_reported_not_used() {
+    common::init_tracing();
+    let server = MongoServer::start_standalone().await.unwrap();
+    let store = MongoStore::connect(&server.uri(), "standalone", MongoSettings::default())
+        .await
+        .unwrap();
+    let err = store.health().await.unwrap_err();
+    assert!(err.to_string().contains("replica set"), "{err}");
+    let err = store
+        .append_journal(A, vec![new_event(Action::Create, "r1", json!({}))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+}
