@@ -2,7 +2,7 @@
 //!
 //! `cargo bench --bench propagation` (full) or `cargo bench --bench propagation -- --smoke`
 //! (a few seconds). `cargo test --all-targets` runs the smoke too (that is how CI runs it).
-//! Other flags: `--store embedded|mongodb` (repeatable; default
+//! Other flags: `--only throughput|fanout|catchup` (repeatable), `--store embedded|mongodb` (repeatable; default
 //! embedded), `--json PATH` (default target/bench/propagation.json).
 //!
 //! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. A
@@ -558,6 +558,9 @@ async fn main() -> anyhow::Result<()> {
             catchup: 1_000_000,
         }
     };
+    // `--only throughput|fanout|catchup` (repeatable) runs a subset; the relay always runs.
+    let only: Vec<String> = args.windows(2).filter(|w| w[0] == "--only").map(|w| w[1].clone()).collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut rows = Vec::new();
     let base = baseline(&sizes, &mut rows).await.context("baseline relay")?;
     for store in &stores {
@@ -570,9 +573,15 @@ async fn main() -> anyhow::Result<()> {
             }
             other => bail!("unknown store {other}: expected embedded or mongodb"),
         };
-        throughput_and_latency(store, mongo_uri.as_deref(), &sizes, base, &mut rows).await?;
-        fanout(store, mongo_uri.as_deref(), &sizes, base.0, &mut rows).await?;
-        catchup(store, mongo_uri.as_deref(), &sizes, &mut rows).await?;
+        if wanted("throughput") {
+            throughput_and_latency(store, mongo_uri.as_deref(), &sizes, base, &mut rows).await?;
+        }
+        if wanted("fanout") {
+            fanout(store, mongo_uri.as_deref(), &sizes, base.0, &mut rows).await?;
+        }
+        if wanted("catchup") {
+            catchup(store, mongo_uri.as_deref(), &sizes, &mut rows).await?;
+        }
     }
     print_table(&rows);
     if let Some(dir) = json_path.parent() {
