@@ -116,7 +116,7 @@ build_image() {
   local start=$SECONDS out old
   old="$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
   out="$(mktemp)"
-  if ! docker build -q -t "$tag" -f "$dockerfile" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+  if ! docker build -q --force-rm -t "$tag" -f "$dockerfile" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
       --label "oc.recipe=$recipe" "$ctx" >"$out" 2>&1; then
     cat "$out" >&2; rm -f "$out"; exit 1
   fi
