@@ -95,13 +95,9 @@ fn docker(args: &[&str], limit: Duration) -> anyhow::Result<String> {
     run_ok(&a, &[], limit)
 }
 
+/// `docker info` answers (within 30 s: a hung daemon counts as none).
 fn docker_engine_present() -> bool {
-    Command::new("docker")
-        .arg("info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    run(&argv(&["docker", "info"]), &[], Duration::from_secs(30)).is_ok_and(|o| o.status.success())
 }
 
 /// `docker-compose` (v1) when installed, else the `docker compose` plugin (v2).
