@@ -11,8 +11,7 @@
 #   4. oc-discovery:local        ./Dockerfile: the node, with the release binary built here
 #                                (`cargo build --release --bin oc-discovery`)
 #   5. docker/cluster/site{1,2,3}/identity.key (`oc-discovery id --data-dir`) and, in .env
-#      beside docker-compose.yml, the peer ids NODE{1,2,3}_ID the partner addresses use and
-#      SITE3_STORE (mongodb when the binary has `--store`, embedded otherwise).
+#      beside docker-compose.yml, the peer ids NODE{1,2,3}_ID the partner addresses use.
 #
 # Idempotent: an image is rebuilt only when what goes into it changed (a hash of its build
 # context and base is kept in the image label oc.recipe); identities are kept.
@@ -24,7 +23,7 @@
 # here), OC_DOCKER_NODE_BIN (node binary to put in the image instead of building one; the
 # cluster test gives the one cargo built for the tests), OC_DOCKER_NODE_TAG (default
 # oc-discovery:local; the cluster test uses oc-discovery:test), SITE3_STORE (embedded or
-# mongodb, written to .env; default: mongodb when the binary has --store),
+# mongodb: written to .env when given; docker-compose.yml defaults to mongodb),
 # DEBIAN_MIRROR (default http://deb.debian.org/debian), CARGO_TARGET_DIR.
 # Needs Docker; installs debootstrap with apt-get when missing (root or sudo).
 set -euo pipefail
@@ -206,17 +205,19 @@ for n in 1 2 3; do
     chmod 644 "$dir/identity.key"
   fi
 done
-if [ -n "${SITE3_STORE:-}" ]; then site3_store="$SITE3_STORE"
-elif "$node_bin" run --help 2>/dev/null | grep -q -- '--store'; then site3_store=mongodb; else site3_store=embedded; fi
 touch .env
-grep -v -E '^(NODE[123]_ID|SITE3_STORE)=' .env > .env.tmp || true
+grep -v -E '^(NODE[123]_ID)=' .env > .env.tmp || true
+if [ -n "${SITE3_STORE:-}" ]; then
+  grep -v -E '^SITE3_STORE=' .env.tmp > .env.tmp2 || true
+  mv .env.tmp2 .env.tmp
+  echo "SITE3_STORE=$SITE3_STORE" >> .env.tmp
+fi
 {
   cat .env.tmp
   echo "NODE1_ID=${ids[1]}"
   echo "NODE2_ID=${ids[2]}"
   echo "NODE3_ID=${ids[3]}"
-  echo "SITE3_STORE=$site3_store"
 } > .env
 rm -f .env.tmp
-log "peer ids: site1 ${ids[1]}, site2 ${ids[2]}, site3 ${ids[3]}; site 3 store: $site3_store (.env)"
+log "peer ids (.env): site1 ${ids[1]}, site2 ${ids[2]}, site3 ${ids[3]}"
 log "ready: docker-compose up -d   (or: docker compose up -d)"
