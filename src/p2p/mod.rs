@@ -447,6 +447,10 @@ pub fn build(
                 .timeout(TRANSPORT_TIMEOUT))
         })
         .map_err(|e| transport_err(&e))?
+        // Partner addresses may name hosts (/dns4/site-b.example/tcp/4001/p2p/...): resolved
+        // at each dial with the system's resolver configuration.
+        .with_dns()
+        .map_err(|e| transport_err(&e))?
         .with_behaviour(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             Ok(Behaviour {
                 stream: libp2p_stream::Behaviour::new(),
