@@ -559,7 +559,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     // `--only throughput|fanout|catchup` (repeatable) runs a subset; the relay always runs.
-    let only: Vec<String> = args.windows(2).filter(|w| w[0] == "--only").map(|w| w[1].clone()).collect();
+    let only: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == "--only")
+        .map(|w| w[1].clone())
+        .collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut rows = Vec::new();
     let base = baseline(&sizes, &mut rows).await.context("baseline relay")?;
