@@ -14,6 +14,8 @@
 //! `ping_interval`; a partner silent for `pong_discard_timeout` is offline and the session
 //! restarts. Any failure ends the session; the link retries with exponential backoff.
 
+// `LinkError` wraps `NetError`, large but only on failure paths.
+#![allow(clippy::result_large_err)]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
