@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench propagation` (full) or `cargo bench --bench propagation -- --smoke`
 //! (a few seconds). `cargo test --all-targets` runs the smoke too (that is how CI runs it).
-//! Other flags: `--only throughput|fanout|catchup` (repeatable), `--store embedded|mongodb` (repeatable; default
+//! Other flags: `--only throughput|fanout|catchup` (repeatable), `--core-intake` (the
+//! source reads core NATS instead of a JetStream stream), `--store embedded|mongodb` (repeatable; default
 //! embedded), `--json PATH` (default target/bench/propagation.json).
 //!
 //! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. A
@@ -178,6 +179,12 @@ struct Site {
     app: async_nats::Client,
 }
 
+/// The source site's NATS has JetStream (durable intake), unless `--core-intake` asks for
+/// core NATS: that isolates the node's own pipeline from JetStream's persistence.
+fn source_jetstream() -> bool {
+    !std::env::args().any(|a| a == "--core-intake")
+}
+
 /// Waits until every partner link of `node` is online, so a measurement never includes
 /// connection set-up or reconnect backoff.
 async fn links_online(node: &NodeProcess, partners: usize) -> anyhow::Result<()> {
@@ -279,7 +286,7 @@ async fn throughput_and_latency(
     base: (f64, (f64, f64, f64)),
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    let (mut a, mut b) = (site(true, store, mongo).await?, site(false, store, mongo).await?);
+    let (mut a, mut b) = (site(source_jetstream(), store, mongo).await?, site(false, store, mongo).await?);
     a.node.partners.push(b.node.addr());
     b.node.partners.push(a.node.addr());
     a.node.start_healthy().await?;
@@ -361,7 +368,7 @@ async fn fanout(
     base: f64,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    let mut a = site(true, store, mongo).await?;
+    let mut a = site(source_jetstream(), store, mongo).await?;
     let mut partners = Vec::new();
     for _ in 0..sizes.fanout_partners {
         let mut p = site(false, store, mongo).await?;
@@ -407,7 +414,7 @@ async fn fanout(
 }
 
 async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let (mut a, mut b) = (site(true, store, mongo).await?, site(false, store, mongo).await?);
+    let (mut a, mut b) = (site(source_jetstream(), store, mongo).await?, site(false, store, mongo).await?);
     a.node.partners.push(b.node.addr());
     b.node.partners.push(a.node.addr());
     a.node.start_healthy().await?;
