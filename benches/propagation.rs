@@ -286,7 +286,10 @@ async fn throughput_and_latency(
     base: (f64, (f64, f64, f64)),
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    let (mut a, mut b) = (site(source_jetstream(), store, mongo).await?, site(false, store, mongo).await?);
+    let (mut a, mut b) = (
+        site(source_jetstream(), store, mongo).await?,
+        site(false, store, mongo).await?,
+    );
     a.node.partners.push(b.node.addr());
     b.node.partners.push(a.node.addr());
     a.node.start_healthy().await?;
@@ -414,7 +417,10 @@ async fn fanout(
 }
 
 async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let (mut a, mut b) = (site(source_jetstream(), store, mongo).await?, site(false, store, mongo).await?);
+    let (mut a, mut b) = (
+        site(source_jetstream(), store, mongo).await?,
+        site(false, store, mongo).await?,
+    );
     a.node.partners.push(b.node.addr());
     b.node.partners.push(a.node.addr());
     a.node.start_healthy().await?;

@@ -49,17 +49,7 @@ async fn source_killed_mid_stream_loses_nothing_acknowledged() {
         }
     });
 
-    let b_admin = b.node.admin_url();
-    wait_until("B applied some events", WAIT, || {
-        oc_discovery::cli::http_get(&b_admin, "/metrics")
-            .map(|(_, m)| {
-                m.lines()
-                    .any(|l| l.starts_with("oc_events_applied_total ") && !l.ends_with(" 0"))
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap();
+    wait_applied_some(&b).await;
     a.node.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.node.start_healthy().await.unwrap();

@@ -610,42 +610,20 @@ impl MongoStore {
         ] {
             self.create_collection(name).await?;
         }
-        let unique = IndexOptions::builder()
-            .unique(true)
-            .name("origin_seq".to_owned())
-            .build();
-        self.coll::<Document>(JOURNAL)
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! {"origin": 1, "seq": 1})
-                    .options(unique)
-                    .build(),
-            )
-            .await?;
-        self.coll::<Document>(VERSIONS)
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! {"_id.coll": 1, "_id.id": 1})
-                    .options(IndexOptions::builder().name("coll_id".to_owned()).build())
-                    .build(),
-            )
-            .await?;
-        self.coll::<Document>(OWN)
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! {"_id.data_type": 1, "_id.id": 1})
-                    .options(IndexOptions::builder().name("data_type_id".to_owned()).build())
-                    .build(),
-            )
-            .await?;
-        self.coll::<Document>(OUTBOX)
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! {"msg_id": 1})
-                    .options(IndexOptions::builder().name("msg_id".to_owned()).build())
-                    .build(),
-            )
-            .await?;
+        let indexes = [
+            (JOURNAL, doc! {"origin": 1, "seq": 1}, "origin_seq", true),
+            (VERSIONS, doc! {"_id.coll": 1, "_id.id": 1}, "coll_id", false),
+            (OWN, doc! {"_id.data_type": 1, "_id.id": 1}, "data_type_id", false),
+            (OUTBOX, doc! {"msg_id": 1}, "msg_id", false),
+        ];
+        for (collection, keys, name, unique) in indexes {
+            let mut options = IndexOptions::builder().name(name.to_owned()).build();
+            // Only the journal's index is unique; the others leave the option unset, as
+            // indexes made by earlier versions have it.
+            options.unique = unique.then_some(true);
+            let index = IndexModel::builder().keys(keys).options(options).build();
+            self.coll::<Document>(collection).create_index(index).await?;
+        }
         tracing::info!(db = %self.db.name(), "mongodb: collections and indexes ready");
         Ok(())
     }
