@@ -446,10 +446,11 @@ async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec
     let peak = Arc::new(Mutex::new((0u64, 0u64)));
     let sampler = {
         let peak = peak.clone();
-        let (pa, pb) = (node_pid_rss(&a.node), node_pid_rss(&b.node));
+        let (pa, pb) = (a.node.pid(), b.node.pid());
         tokio::spawn(async move {
             loop {
-                let (ra, rb) = (rss_of(pa), rss_of(pb));
+                let rss = |pid: Option<u32>| pid.and_then(oc_discovery::testkit::rss_of_pid).unwrap_or(0);
+                let (ra, rb) = (rss(pa), rss(pb));
                 if let Ok(mut p) = peak.lock() {
                     p.0 = p.0.max(ra);
                     p.1 = p.1.max(rb);
@@ -497,23 +498,6 @@ async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec
         bail!("[{store}] catch-up lost {} events", n - got);
     }
     Ok(())
-}
-
-fn node_pid_rss(node: &NodeProcess) -> Option<u32> {
-    node.pid()
-}
-
-fn rss_of(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 fn print_table(rows: &[Row]) {

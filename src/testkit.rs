@@ -67,6 +67,19 @@ fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resident memory of a process in bytes (Linux `/proc`), if it exists.
+pub fn rss_of_pid(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 /// A `nats-server` on a free port; restartable on the same port.
 pub struct NatsServer {
     child: Option<Child>,
@@ -330,16 +343,7 @@ impl NodeProcess {
 
     /// Resident memory of the running process in bytes (Linux `/proc`), if running.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.pid()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kb: u64 = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
+        rss_of_pid(self.pid()?)
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -558,6 +558,16 @@ impl MongoStore {
         &self.db
     }
 
+    /// Runs a `find` and collects every document, mapping driver errors the store's way.
+    async fn collect<T, F>(&self, find: F) -> StoreResult<Vec<T>>
+    where
+        F: std::future::IntoFuture<Output = mongodb::error::Result<mongodb::Cursor<T>>>,
+        T: serde::de::DeserializeOwned + Send + Sync + Unpin,
+    {
+        let cursor = find.await.map_err(|e| self.failed(e))?;
+        cursor.try_collect().await.map_err(|e| self.failed(e))
+    }
+
     fn coll<T: Send + Sync>(&self, name: &str) -> Collection<T> {
         self.db.collection(name)
     }
@@ -1189,13 +1199,8 @@ impl MongoStore {
             return Ok(HashMap::new());
         }
         let docs: Vec<Document> = self
-            .coll::<Document>(coll)
-            .find(doc! {"_id": {"$in": ids}})
-            .await
-            .map_err(|e| self.failed(e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
+            .collect(self.coll::<Document>(coll).find(doc! {"_id": {"$in": ids}}))
+            .await?;
         Ok(docs
             .into_iter()
             .filter_map(|d| {
@@ -1336,14 +1341,12 @@ impl Store for MongoStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.failed(e))?;
         let found: Vec<Document> = self
-            .coll::<Document>(INTAKE)
-            .find(doc! {"_id": {"$in": ids}})
-            .projection(doc! {"_id": 1})
-            .await
-            .map_err(|e| self.failed(e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
+            .collect(
+                self.coll::<Document>(INTAKE)
+                    .find(doc! {"_id": {"$in": ids}})
+                    .projection(doc! {"_id": 1}),
+            )
+            .await?;
         let found: HashSet<i64> = found.iter().filter_map(|d| d.get_i64("_id").ok()).collect();
         Ok(seqs
             .into_iter()
@@ -1365,15 +1368,13 @@ impl Store for MongoStore {
         self.ready().await?;
         let from = to_i64(from, "seq").map_err(|e| self.failed(e))?;
         let docs: Vec<JournalDoc> = self
-            .coll::<JournalDoc>(JOURNAL)
-            .find(doc! {"origin": origin, "seq": {"$gte": from}})
-            .sort(doc! {"seq": 1})
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
-            .await
-            .map_err(|e| self.failed(e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
+            .collect(
+                self.coll::<JournalDoc>(JOURNAL)
+                    .find(doc! {"origin": origin, "seq": {"$gte": from}})
+                    .sort(doc! {"seq": 1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
         docs.into_iter()
             .map(|d| d.into_entry().map_err(|e| self.failed(e)))
             .collect()
@@ -1427,15 +1428,13 @@ impl Store for MongoStore {
     async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {
         self.ready().await?;
         let docs: Vec<OutboxDoc> = self
-            .coll::<OutboxDoc>(OUTBOX)
-            .find(doc! {})
-            .sort(doc! {"_id": 1})
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
-            .await
-            .map_err(|e| self.failed(e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
+            .collect(
+                self.coll::<OutboxDoc>(OUTBOX)
+                    .find(doc! {})
+                    .sort(doc! {"_id": 1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
         docs.into_iter()
             .map(|d| d.into_row().map_err(|e| self.failed(e)))
             .collect()
@@ -1495,15 +1494,13 @@ impl Store for MongoStore {
             filter.insert("_id.id", doc! {"$gt": after});
         }
         let versions: Vec<VersionDoc> = self
-            .coll::<VersionDoc>(VERSIONS)
-            .find(filter)
-            .sort(doc! {"_id.coll": 1, "_id.id": 1})
-            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
-            .await
-            .map_err(|e| self.failed(e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
+            .collect(
+                self.coll::<VersionDoc>(VERSIONS)
+                    .find(filter)
+                    .sort(doc! {"_id.coll": 1, "_id.id": 1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
         let live_ids = versions
             .iter()
             .filter(|v| !v.deleted)
@@ -1516,14 +1513,12 @@ impl Store for MongoStore {
     async fn own_resources(&self, _origin: &str, data_type: &str) -> StoreResult<Vec<Value>> {
         self.ready().await?;
         let docs: Vec<Document> = self
-            .coll::<Document>(OWN)
-            .find(doc! {"_id.data_type": data_type})
-            .sort(doc! {"_id.data_type": 1, "_id.id": 1})
-            .await
-            .map_err(|e| self.failed(e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
+            .collect(
+                self.coll::<Document>(OWN)
+                    .find(doc! {"_id.data_type": data_type})
+                    .sort(doc! {"_id.data_type": 1, "_id.id": 1}),
+            )
+            .await?;
         docs.iter()
             .map(|d| {
                 let text = d
@@ -1563,14 +1558,8 @@ impl Store for MongoStore {
     async fn peers(&self) -> StoreResult<Vec<PeerRow>> {
         self.ready().await?;
         let docs: Vec<PeerDoc> = self
-            .coll::<PeerDoc>(PEERS)
-            .find(doc! {})
-            .sort(doc! {"_id": 1})
-            .await
-            .map_err(|e| self.failed(e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
+            .collect(self.coll::<PeerDoc>(PEERS).find(doc! {}).sort(doc! {"_id": 1}))
+            .await?;
         docs.into_iter()
             .map(|d| d.into_row().map_err(|e| self.failed(e)))
             .collect()
