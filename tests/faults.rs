@@ -61,13 +61,7 @@ async fn source_killed_mid_stream_loses_nothing_acknowledged() {
     let acked_count = acked.lock().unwrap().len() as u64;
     assert!(acked_count <= head);
     seen_b
-        .wait_for("the whole journal on NATS B", |s| {
-            s.iter()
-                .filter_map(|m| m.msg_id.clone())
-                .collect::<HashSet<_>>()
-                .len() as u64
-                >= head
-        })
+        .wait_distinct("the whole journal on NATS B", head as usize)
         .await;
     let stored = b.stored("COMPUTE_RESOURCE").await;
     assert_eq!(stored.len() as u64, head, "each journaled event stored once");
@@ -128,13 +122,7 @@ async fn with_jetstream_events_published_while_the_node_is_down_are_not_lost() {
 
     let total = 2 * N + 1;
     seen_b
-        .wait_for("every event on NATS B", |s| {
-            s.iter()
-                .filter_map(|m| m.msg_id.clone())
-                .collect::<HashSet<_>>()
-                .len()
-                >= total
-        })
+        .wait_distinct("every event on NATS B", total as usize)
         .await;
     let stored = b.stored("COMPUTE_RESOURCE").await;
     assert_eq!(stored.len(), total, "every published event stored once");

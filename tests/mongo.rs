@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -236,15 +235,7 @@ async fn mongod_restarted_mid_stream_every_event_exactly_once() {
         count(&db, "compute_resource", doc! {}).await >= N as u64
     })
     .await;
-    seen_b
-        .wait_for("every event on NATS B", |s| {
-            s.iter()
-                .filter_map(|m| m.msg_id.clone())
-                .collect::<HashSet<_>>()
-                .len()
-                >= N
-        })
-        .await;
+    seen_b.wait_distinct("every event on NATS B", N as usize).await;
     b.node.wait_healthy(WAIT).await.unwrap();
     assert_eq!(
         count(&db, "compute_resource", doc! {}).await,

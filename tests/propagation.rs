@@ -123,15 +123,7 @@ async fn a_partner_that_was_down_catches_up() {
     assert_eq!(peers[0]["pending"], N as u64, "{peers}");
 
     b.node.start_healthy().await.unwrap();
-    seen_b
-        .wait_for("all events on NATS B", |s| {
-            s.iter()
-                .filter_map(|m| m.msg_id.clone())
-                .collect::<std::collections::HashSet<_>>()
-                .len()
-                >= N
-        })
-        .await;
+    seen_b.wait_distinct("all events on NATS B", N).await;
     let stored = b.stored("COMPUTE_RESOURCE").await;
     assert_eq!(stored.len(), N, "each event in B's store once");
     let applied = b.node.metric("oc_events_applied_total").await.unwrap();

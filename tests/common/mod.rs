@@ -121,6 +121,13 @@ pub struct Seen {
     pub body: Value,
 }
 
+fn distinct(seen: &[Seen]) -> usize {
+    seen.iter()
+        .filter_map(|s| s.msg_id.as_deref())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 /// Everything a site's NATS shows on some subjects, in arrival order per subject.
 #[derive(Clone, Default)]
 pub struct Collector(pub Arc<Mutex<Vec<Seen>>>);
@@ -161,9 +168,12 @@ impl Collector {
     }
 
     pub fn distinct_msg_ids(&self) -> usize {
-        let all = self.all();
-        let ids: std::collections::HashSet<_> = all.iter().filter_map(|s| s.msg_id.clone()).collect();
-        ids.len()
+        distinct(&self.all())
+    }
+
+    /// Waits until `n` distinct `Nats-Msg-Id`s were seen.
+    pub async fn wait_distinct(&self, what: &str, n: usize) {
+        self.wait_for(what, |s| distinct(s) >= n).await;
     }
 
     pub async fn wait_for(&self, what: &str, mut cond: impl FnMut(&[Seen]) -> bool) {
