@@ -212,6 +212,8 @@ async fn site(jetstream: bool, store: &str, mongo_uri: Option<&str>) -> anyhow::
         NatsServer::start()?
     };
     let mut node = NodeProcess::new(&bin(), &nats.url())?;
+    // What an operator runs: info, not the tests' debug logging.
+    node.extra_env.push(("RUST_LOG".into(), "info".into()));
     if let Some(uri) = mongo_uri {
         node.extra_args.extend(["--store".into(), store.into()]);
         node.extra_args.extend([

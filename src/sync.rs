@@ -90,12 +90,12 @@ impl Answer {
         let mut next = since + 1;
         while next <= until {
             let want = (until - next + 1).min(max_entries as u64) as usize;
-            let entries = store.read_journal(origin, next, want).await?;
+            let entries = store.read_journal_raw(origin, next, want).await?;
             let Some(last) = entries.last().map(|e| e.seq) else {
                 break;
             };
             for e in entries.iter().filter(|e| e.seq <= until) {
-                serde_json::to_writer(&mut blob, e).map_err(|e| SyncError::Invalid(e.to_string()))?;
+                blob.extend_from_slice(&e.json);
                 blob.push(b'\n');
             }
             next = last + 1;

@@ -259,8 +259,9 @@ impl NodeProcess {
         }
         cmd.args(&self.extra_args);
         cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
-        // Keep a caller's RUST_LOG (debugging), default to info.
-        if std::env::var_os("RUST_LOG").is_none() {
+        // A RUST_LOG in `extra_env` or the caller's (debugging) wins; default to debug.
+        let chosen = self.extra_env.iter().any(|(k, _)| k == "RUST_LOG");
+        if !chosen && std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,oc_discovery=debug");
         }
         let child = cmd

@@ -385,7 +385,7 @@ async fn session(
         let window_end = cursor.acked + t.send_window;
         if next <= head_now && next <= window_end {
             let limit = (head_now.min(window_end) - next + 1).min(t.read_chunk as u64) as usize;
-            let entries = env.store.read_journal(&env.own_id, next, limit).await?;
+            let entries = env.store.read_journal_raw(&env.own_id, next, limit).await?;
             let Some(last) = entries.last().map(|e| e.seq) else {
                 // The head was announced before the commit became visible; wait for more.
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -398,8 +398,10 @@ async fn session(
                 let buf = &mut bufs[kind as usize];
                 let before = buf.len();
                 let seq = entry.seq;
-                wire::encode_frame(&Frame::Event(entry), buf);
-                if buf.len() - before > t.max_frame_bytes {
+                if !wire::encode_event_json(&entry.json, buf) {
+                    tracing::error!(%peer, seq, "journal entry is not a JSON object; the partner pulls it");
+                    wire::encode_frame(&Frame::Large { seq }, buf);
+                } else if buf.len() - before > t.max_frame_bytes {
                     buf.truncate(before);
                     wire::encode_frame(&Frame::Large { seq }, buf);
                 }

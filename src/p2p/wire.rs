@@ -149,6 +149,22 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+/// Appends an `event` frame built from the JSON text of a [`JournalEntry`] without decoding
+/// it: the frame is that object with `"type":"event"` first. Returns false (and appends
+/// nothing) when `entry_json` is not a non-empty JSON object.
+pub fn encode_event_json(entry_json: &[u8], out: &mut Vec<u8>) -> bool {
+    const TAG: &[u8] = br#"{"type":"event","#;
+    let body = match entry_json.split_first() {
+        Some((b'{', rest)) if rest.first().is_some_and(|b| *b != b'}') => rest,
+        _ => return false,
+    };
+    let len = (TAG.len() + body.len()) as u32;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(TAG);
+    out.extend_from_slice(body);
+    true
+}
+
 /// Writes one frame and flushes.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(128);
@@ -212,6 +228,22 @@ where
 mod tests {
     use super::*;
     use crate::event::Action;
+
+    #[tokio::test]
+    async fn an_event_frame_from_entry_json_reads_back_as_the_entry() {
+        let mut buf = Vec::new();
+        assert!(encode_event_json(&serde_json::to_vec(&entry(5)).unwrap(), &mut buf));
+        let mut expected = Vec::new();
+        encode_frame(&Frame::Event(entry(5)), &mut expected);
+        assert_eq!(buf, expected, "the same bytes as encoding the frame");
+        let read = read_frame(&mut buf.as_slice(), 1 << 20).await.unwrap();
+        assert_eq!(read, Some(Frame::Event(entry(5))));
+        for not_an_object in [&b""[..], b"{}", b"[1]", b"null"] {
+            let mut out = Vec::new();
+            assert!(!encode_event_json(not_an_object, &mut out));
+            assert!(out.is_empty());
+        }
+    }
 
     fn entry(seq: u64) -> JournalEntry {
         JournalEntry {

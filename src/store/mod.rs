@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{JournalEntry, NewEvent};
+use crate::event::{Action, JournalEntry, NewEvent};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,6 +48,25 @@ pub struct OutboxRow {
     /// `Nats-Msg-Id`: `<origin>:<seq>`.
     pub msg_id: String,
     pub payload: Vec<u8>,
+}
+
+/// A journal entry as the JSON text of its [`JournalEntry`], for senders that pass entries
+/// on without decoding them (partner links, journal sync).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawEntry {
+    pub seq: u64,
+    pub action: Action,
+    pub json: Vec<u8>,
+}
+
+impl RawEntry {
+    pub fn encode(entry: &JournalEntry) -> StoreResult<RawEntry> {
+        Ok(RawEntry {
+            seq: entry.seq,
+            action: entry.action,
+            json: serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        })
+    }
 }
 
 /// Outcome of one inbound entry in [`Store::apply_batch`].
@@ -102,6 +121,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` entries of `origin`'s journal with `seq >= from`, in seq order.
     async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>>;
+
+    /// [`Store::read_journal`] as JSON text, which a backend that stores the text hands out
+    /// without decoding and encoding it again.
+    async fn read_journal_raw(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<RawEntry>> {
+        let entries = self.read_journal(origin, from, limit).await?;
+        entries.iter().map(RawEntry::encode).collect()
+    }
 
     /// Highest seq in `origin`'s journal, 0 when empty.
     async fn journal_head(&self, origin: &str) -> StoreResult<u64>;
