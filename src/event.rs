@@ -383,7 +383,32 @@ pub struct ResourceNotice {
     pub from_app: String,
 }
 
+/// [`ResourceNotice`] borrowing from its entry: the same JSON, without copying the resource.
+#[derive(Serialize)]
+struct NoticeRef<'a> {
+    data_type: &'a str,
+    user: &'a str,
+    resource: &'a Value,
+    from_peer: &'a str,
+    origin_seq: u64,
+    from_app: &'a str,
+}
+
 impl ResourceNotice {
+    /// The JSON body of the notice for `e`, as [`ResourceNotice::from_entry`] would give it.
+    pub fn body_of(e: &JournalEntry) -> Vec<u8> {
+        let notice = NoticeRef {
+            data_type: &e.data_type,
+            user: &e.user,
+            resource: &e.resource,
+            from_peer: &e.origin,
+            origin_seq: e.seq,
+            from_app: OWN_APP,
+        };
+        // Serializing strings and a JSON value into a Vec cannot fail.
+        serde_json::to_vec(&notice).unwrap_or_default()
+    }
+
     pub fn from_entry(e: &JournalEntry) -> Self {
         ResourceNotice {
             data_type: e.data_type.clone(),

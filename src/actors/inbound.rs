@@ -348,6 +348,10 @@ struct Session {
     sync_pulled_for: u64,
     /// A hole seen at the last check: (applied, first pending seq).
     gap_seen: Option<(u64, u64)>,
+    /// Outbox rows published and not yet removed: they go with the next apply commit, or
+    /// at the next gap check when no batch comes (a crash before then republishes them,
+    /// a duplicate that `Nats-Msg-Id` lets readers drop).
+    published: Vec<u64>,
     inputs: mpsc::Sender<Input>,
     inputs_rx: Option<mpsc::Receiver<Input>>,
 }
@@ -371,6 +375,7 @@ impl Session {
             sync_running: false,
             sync_pulled_for: 0,
             gap_seen: None,
+            published: Vec::new(),
             inputs,
             inputs_rx: Some(inputs_rx),
         })
@@ -412,12 +417,27 @@ impl Session {
                         break;
                     }
                 }
-                _ = gap_check.tick() => self.check_gap(),
+                _ = gap_check.tick() => {
+                    self.check_gap();
+                    self.clear_published().await;
+                }
                 _ = crate::shutdown::signalled(&mut shutdown) => break,
             }
         }
         for r in readers {
             r.abort();
+        }
+        self.clear_published().await;
+    }
+
+    /// Removes the published outbox rows no apply commit took along.
+    async fn clear_published(&mut self) {
+        if self.published.is_empty() {
+            return;
+        }
+        match self.env.store.outbox_remove(self.published.clone()).await {
+            Ok(()) => self.published.clear(),
+            Err(e) => tracing::warn!(cause = %e, rows = self.published.len(), "cannot clear published outbox rows"),
         }
     }
 
@@ -596,10 +616,13 @@ impl Session {
             }
         }
         let seqs: Vec<u64> = valid.iter().map(|e| e.seq).collect();
+        let valid: Arc<[JournalEntry]> = valid.into();
         let origin = self.origin.clone();
         let env = self.env.clone();
+        let published = std::mem::take(&mut self.published);
         let Some((outcomes, rows)) = retry(&env, "apply", || {
-            env.store.apply_batch(&origin, up_to, valid.clone())
+            env.store
+                .apply_batch_clearing(&origin, up_to, valid.clone(), published.clone())
         })
         .await
         else {
@@ -636,11 +659,9 @@ impl Session {
                 return false;
             }
             Metrics::add(&env.metrics.nats_published, rows.len() as u64);
-            let ids = rows.iter().map(|r| r.id).collect();
-            // A row left behind is published again at start-up: a duplicate, never a loss.
-            if let Err(e) = env.store.outbox_remove(ids).await {
-                tracing::warn!(cause = %e, "cannot clear published outbox rows");
-            }
+            // Removed with the next commit: a row left behind is published again at
+            // start-up, a duplicate, never a loss.
+            self.published.extend(rows.iter().map(|r| r.id));
         }
         self.applied = up_to;
         self.applied_tx.send_replace(up_to);

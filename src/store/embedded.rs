@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    applied_state, decide, ApplyOutcome, OutboxRow, PeerRow, RawEntry, Store, StoreError, StoreResult,
+    decide, outbox_row, ApplyOutcome, OutboxRow, PeerRow, RawEntry, Store, StoreError, StoreResult,
     StoredResource,
 };
 use crate::event::{now_ms, Action, JournalEntry, NewEvent};
@@ -37,7 +37,9 @@ const OWN_COPIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("o
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 /// JetStream stream sequence of a journaled intake message → its journal seq.
 const INTAKE: TableDefinition<u64, u64> = TableDefinition::new("intake");
-/// outbox id → [`OutboxRow`] in the layout of [`encode_outbox`].
+/// highest row id in the group → the outbox rows of one applied batch ([`encode_group`]):
+/// one B-tree insert and one removal per batch instead of one per event. Stores of earlier
+/// versions hold one row per key (row id → [`encode_outbox`] or JSON); both are read.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
 pub struct EmbeddedStore {
@@ -370,6 +372,17 @@ impl Store for EmbeddedStore {
         up_to: u64,
         entries: Vec<JournalEntry>,
     ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        self.apply_batch_clearing(origin, up_to, entries.into(), Vec::new())
+            .await
+    }
+
+    async fn apply_batch_clearing(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: Arc<[JournalEntry]>,
+        published: Vec<u64>,
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
         let origin = origin.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
@@ -378,11 +391,13 @@ impl Store for EmbeddedStore {
             {
                 let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
+                // Ids keep growing within the commit: taken before the removals.
                 let mut next_id = match outbox.last().map_err(unavailable)? {
                     Some((k, _)) => k.value() + 1,
                     None => 1,
                 };
-                for entry in &entries {
+                remove_outbox_rows(&mut outbox, published)?;
+                for entry in entries.iter() {
                     let Some(id) = entry.resource_id() else {
                         outcomes.push(ApplyOutcome::Stale);
                         continue;
@@ -394,14 +409,26 @@ impl Store for EmbeddedStore {
                     };
                     let outcome = decide(existing.as_ref(), entry);
                     if outcome == ApplyOutcome::Applied {
-                        let (stored, row) = applied_state(entry, id, next_id);
+                        let row = outbox_row(entry, next_id);
                         next_id += 1;
+                        let stored = StoredRef {
+                            data_type: &entry.data_type,
+                            id,
+                            origin: &entry.origin,
+                            version: entry.seq,
+                            deleted: entry.action == Action::Delete,
+                            resource: &entry.resource,
+                        };
                         let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
                         resources.insert(key, bytes.as_slice()).map_err(unavailable)?;
-                        outbox.insert(row.id, encode_outbox(&row).as_slice()).map_err(unavailable)?;
                         rows.push(row);
                     }
                     outcomes.push(outcome);
+                }
+                if let Some(last) = rows.last() {
+                    outbox
+                        .insert(last.id, encode_group(&rows).as_slice())
+                        .map_err(unavailable)?;
                 }
                 let mut applied = txn.open_table(APPLIED).map_err(unavailable)?;
                 let current = applied
@@ -424,10 +451,14 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(OUTBOX).map_err(unavailable)?;
             let mut out = Vec::new();
-            for item in table.range(0u64..).map_err(unavailable)?.take(limit) {
+            for item in table.range(0u64..).map_err(unavailable)? {
                 let (k, v) = item.map_err(unavailable)?;
-                out.push(decode_outbox(k.value(), v.value())?);
+                out.extend(decode_group(k.value(), v.value())?);
+                if out.len() >= limit {
+                    break;
+                }
             }
+            out.truncate(limit);
             Ok(out)
         })
         .await
@@ -442,12 +473,7 @@ impl Store for EmbeddedStore {
             // A removal lost in a crash republishes those rows at start-up (a duplicate the
             // Nats-Msg-Id header absorbs), so it is not worth an fsync on the hot path.
             txn.set_durability(Durability::None).map_err(unavailable)?;
-            {
-                let mut table = txn.open_table(OUTBOX).map_err(unavailable)?;
-                for id in ids {
-                    table.remove(id).map_err(unavailable)?;
-                }
-            }
+            remove_outbox_rows(&mut txn.open_table(OUTBOX).map_err(unavailable)?, ids)?;
             txn.commit().map_err(unavailable)
         })
         .await
@@ -529,6 +555,17 @@ fn decode_journal(value: &[u8]) -> StoreResult<JournalEntry> {
     serde_json::from_slice(split_journal_value(value).1).map_err(corrupt)
 }
 
+/// A [`StoredResource`] borrowing from its entry: the same JSON, without copying the resource.
+#[derive(serde::Serialize)]
+struct StoredRef<'a> {
+    data_type: &'a str,
+    id: &'a str,
+    origin: &'a str,
+    version: u64,
+    deleted: bool,
+    resource: &'a serde_json::Value,
+}
+
 /// First byte of an outbox row in the binary layout (a JSON row starts with `{`).
 const OUTBOX_BINARY: u8 = 1;
 
@@ -544,6 +581,71 @@ fn encode_outbox(row: &OutboxRow) -> Vec<u8> {
     }
     out.extend_from_slice(&row.payload);
     out
+}
+
+/// First byte of a group of outbox rows.
+const OUTBOX_GROUP: u8 = 2;
+
+/// `2`, then per row: u64 LE id, u32 LE length, the row in the layout of [`encode_outbox`].
+fn encode_group(rows: &[OutboxRow]) -> Vec<u8> {
+    let size: usize = rows.iter().map(|r| 24 + r.subject.len() + r.msg_id.len() + r.payload.len()).sum();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(OUTBOX_GROUP);
+    for row in rows {
+        let one = encode_outbox(row);
+        out.extend_from_slice(&row.id.to_le_bytes());
+        out.extend_from_slice(&(one.len() as u32).to_le_bytes());
+        out.extend_from_slice(&one);
+    }
+    out
+}
+
+/// The rows under one outbox key: a group, or the single row of an earlier version.
+fn decode_group(key: u64, bytes: &[u8]) -> StoreResult<Vec<OutboxRow>> {
+    let Some((&OUTBOX_GROUP, mut rest)) = bytes.split_first() else {
+        return Ok(vec![decode_outbox(key, bytes)?]);
+    };
+    let truncated = || corrupt(format!("outbox group {key} truncated"));
+    let mut rows = Vec::new();
+    while !rest.is_empty() {
+        let (id, tail) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;
+        let (len, tail) = tail.split_first_chunk::<4>().ok_or_else(truncated)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let one = tail.get(..len).ok_or_else(truncated)?;
+        rows.push(decode_outbox(u64::from_le_bytes(*id), one)?);
+        rest = &tail[len..];
+    }
+    Ok(rows)
+}
+
+/// Removes rows by id. A row lives under the smallest key at or above its id (keys are the
+/// highest id of their group); a group losing only some rows is written back without them.
+fn remove_outbox_rows(table: &mut redb::Table<u64, &[u8]>, mut ids: Vec<u64>) -> StoreResult<()> {
+    ids.sort_unstable();
+    ids.dedup();
+    let mut i = 0;
+    while i < ids.len() {
+        let found = table
+            .range(ids[i]..)
+            .map_err(unavailable)?
+            .next()
+            .transpose()
+            .map_err(unavailable)?
+            .map(|(k, v)| (k.value(), v.value().to_vec()));
+        let Some((key, value)) = found else { break };
+        let upto = ids[i..].partition_point(|id| *id <= key) + i;
+        let gone = &ids[i..upto];
+        i = upto;
+        let rows = decode_group(key, &value)?;
+        let before = rows.len();
+        let kept: Vec<OutboxRow> = rows.into_iter().filter(|r| gone.binary_search(&r.id).is_err()).collect();
+        if kept.is_empty() {
+            table.remove(key).map_err(unavailable)?;
+        } else if kept.len() < before {
+            table.insert(key, encode_group(&kept).as_slice()).map_err(unavailable)?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads a row written by [`encode_outbox`], or the JSON rows of earlier versions.
@@ -649,6 +751,37 @@ mod tests {
         assert_eq!(decode_outbox(7, &legacy).unwrap(), row);
         let cut = &encode_outbox(&row)[..10];
         assert!(matches!(decode_outbox(7, cut), Err(StoreError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn outbox_groups_lose_rows_one_by_one_beside_rows_of_earlier_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let row = |id: u64| OutboxRow {
+            id,
+            subject: "CREATE_RESOURCE".into(),
+            msg_id: format!("o:{id}"),
+            payload: format!("{{\"n\":{id}}}").into_bytes(),
+        };
+        // An earlier version's single row (JSON) under its own id, then two groups.
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(OUTBOX).unwrap();
+            t.insert(1, serde_json::to_vec(&row(1)).unwrap().as_slice()).unwrap();
+            t.insert(4, encode_group(&[row(2), row(3), row(4)]).as_slice()).unwrap();
+            t.insert(6, encode_group(&[row(5), row(6)]).as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let all: Vec<OutboxRow> = (1..=6).map(row).collect();
+        assert_eq!(store.outbox(100).await.unwrap(), all);
+        assert_eq!(store.outbox(3).await.unwrap(), all[..3].to_vec());
+        store.outbox_remove(vec![3, 1, 6, 42]).await.unwrap();
+        let left = [row(2), row(4), row(5)];
+        assert_eq!(store.outbox(100).await.unwrap(), left);
+        store.outbox_remove(vec![2, 4, 5, 5]).await.unwrap();
+        assert!(store.outbox(100).await.unwrap().is_empty());
+        let cut = &encode_group(&[row(7)])[..12];
+        assert!(matches!(decode_group(7, cut), Err(StoreError::Corrupt(_))));
     }
 
     #[tokio::test]

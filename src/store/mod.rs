@@ -152,6 +152,20 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>>;
     async fn outbox_remove(&self, ids: Vec<u64>) -> StoreResult<()>;
 
+    /// [`Store::apply_batch`] on shared entries (a caller that retries keeps them without a
+    /// copy) that also removes the outbox rows `published` since the last call, in the same
+    /// commit where the backend can: one commit per applied batch instead of two.
+    async fn apply_batch_clearing(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: std::sync::Arc<[JournalEntry]>,
+        published: Vec<u64>,
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        self.outbox_remove(published).await?;
+        self.apply_batch(origin, up_to, entries.to_vec()).await
+    }
+
     async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
 
     /// Whether the backend answers now (`/healthz`). A local file is always there.
@@ -280,7 +294,7 @@ pub fn decide(existing: Option<&StoredResource>, entry: &JournalEntry) -> ApplyO
 
 /// The stored state and outbox row an applied entry produces.
 pub fn applied_state(entry: &JournalEntry, resource_id: &str, outbox_id: u64) -> (StoredResource, OutboxRow) {
-    use crate::event::{Action, ResourceNotice};
+    use crate::event::Action;
     let stored = StoredResource {
         data_type: entry.data_type.clone(),
         id: resource_id.to_owned(),
@@ -289,13 +303,16 @@ pub fn applied_state(entry: &JournalEntry, resource_id: &str, outbox_id: u64) ->
         deleted: entry.action == Action::Delete,
         resource: entry.resource.clone(),
     };
-    let notice = ResourceNotice::from_entry(entry);
-    let row = OutboxRow {
+    (stored, outbox_row(entry, outbox_id))
+}
+
+/// The `CREATE_RESOURCE` / `REMOVE_RESOURCE` publish an applied entry owes NATS.
+pub fn outbox_row(entry: &JournalEntry, outbox_id: u64) -> OutboxRow {
+    use crate::event::ResourceNotice;
+    OutboxRow {
         id: outbox_id,
         subject: ResourceNotice::subject(entry.action).to_owned(),
         msg_id: entry.msg_id(),
-        // Serializing a struct of strings and JSON values cannot fail.
-        payload: serde_json::to_vec(&notice).unwrap_or_default(),
-    };
-    (stored, row)
+        payload: ResourceNotice::body_of(entry),
+    }
 }

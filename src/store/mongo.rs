@@ -1425,6 +1425,20 @@ impl Store for MongoStore {
         self.apply_isolating(origin, up_to, &plan).await
     }
 
+    async fn apply_batch_clearing(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: std::sync::Arc<[JournalEntry]>,
+        published: Vec<u64>,
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        self.outbox_remove(published).await?;
+        self.ready().await?;
+        let plan = self.plan(&entries).await?;
+        let _writer = self.writer.lock().await;
+        self.apply_isolating(origin, up_to, &plan).await
+    }
+
     async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {
         self.ready().await?;
         let docs: Vec<OutboxDoc> = self
