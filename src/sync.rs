@@ -278,7 +278,9 @@ pub async fn pull(
         }
         if let Some((until, head, total, bytes)) = header {
             if parts.len() == total as usize {
-                let blob: Vec<u8> = parts.into_values().flatten().collect();
+                // `concat` copies part by part; a flattening iterator went byte by byte and
+                // was a tenth of a catching-up node's CPU.
+                let blob: Vec<u8> = parts.into_values().collect::<Vec<_>>().concat();
                 if blob.len() as u64 != bytes {
                     return Err(SyncError::Invalid(format!(
                         "{} bytes, header said {bytes}",

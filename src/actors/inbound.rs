@@ -731,6 +731,9 @@ impl Session {
 }
 
 /// Pull rounds from `peer` until `target` (or its head, for `u64::MAX`) is applied.
+///
+/// Pipelined one round deep: round k+1 is fetched while the session applies round k, and
+/// handed over once round k is applied, so at most two rounds are held in memory.
 async fn pull_until(
     env: &InboundEnv,
     peer: PeerId,
@@ -745,33 +748,41 @@ async fn pull_until(
             .await
             .map_err(|e| e.to_string())?;
     }
-    loop {
-        let since = *applied.borrow_and_update();
-        if since >= target {
-            return Ok(());
-        }
+    let mut since = *applied.borrow_and_update();
+    // The round handed to the session and not yet known applied.
+    let mut handed: Option<u64> = None;
+    while since < target {
         let pulled = sync::pull(&env.net, peer, since, t.max_frame_bytes, t.sync_timeout)
             .await
             .map_err(|e| e.to_string())?;
         let (until, head, count) = (pulled.until, pulled.head, pulled.entries.len());
         tracing::debug!(%peer, since, until, head, count, "journal sync round");
+        if let Some(previous) = handed.take() {
+            applied_to(applied, previous, t.sync_timeout).await?;
+        }
         if count > 0 {
             inputs
                 .send(Input::Synced(pulled.entries))
                 .await
                 .map_err(|_| "session ended".to_owned())?;
-            // The next round starts where this one was applied (memory stays bounded).
-            let reached = tokio::time::timeout(t.sync_timeout, applied.wait_for(|a| *a >= until)).await;
-            if !matches!(reached, Ok(Ok(_))) {
-                return Err(format!(
-                    "round up to {until} not applied within {:?}",
-                    t.sync_timeout
-                ));
-            }
+            handed = Some(until);
         }
         if until >= head || count == 0 {
-            return Ok(());
+            break;
         }
+        since = until;
+    }
+    match handed {
+        Some(last) => applied_to(applied, last, t.sync_timeout).await,
+        None => Ok(()),
+    }
+}
+
+/// Waits until the session applied up to `until`.
+async fn applied_to(applied: &mut watch::Receiver<u64>, until: u64, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, applied.wait_for(|a| *a >= until)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(format!("round up to {until} not applied within {timeout:?}")),
     }
 }
 
