@@ -148,6 +148,54 @@ fn relay_key(v: &Value) -> Option<(u64, u64)> {
     Some((id, v["payload"]["t"].as_u64()?))
 }
 
+/// CPU time each process of a scenario spends per delivered event: where the cost goes.
+struct CpuMeter(Vec<(&'static str, u32, f64)>);
+
+impl CpuMeter {
+    fn start(processes: &[(&'static str, Option<u32>)]) -> Self {
+        CpuMeter(
+            processes
+                .iter()
+                .filter_map(|(name, pid)| {
+                    let pid = (*pid)?;
+                    Some((*name, pid, oc_discovery::testkit::cpu_seconds_of_pid(pid)?))
+                })
+                .collect(),
+        )
+    }
+
+    /// Prints and records microseconds of CPU per event for each process, and the total.
+    fn report(&self, store: &str, scenario: &str, events: usize, rows: &mut Vec<Row>) {
+        let mut line = format!("[{store}] {scenario} CPU per event:");
+        let mut total = 0.0;
+        for (name, pid, before) in &self.0 {
+            let Some(now) = oc_discovery::testkit::cpu_seconds_of_pid(*pid) else { continue };
+            let us = (now - before) * 1e6 / events.max(1) as f64;
+            total += us;
+            line.push_str(&format!(" {name} {us:.1} µs,"));
+            rows.push(Row {
+                scenario: format!("cpu {scenario}"),
+                store: store.into(),
+                metric: format!("{name}_us_per_event"),
+                value: us,
+                unit: "µs".into(),
+                baseline: None,
+                lost: 0,
+            });
+        }
+        println!("{line} total {total:.1} µs");
+        rows.push(Row {
+            scenario: format!("cpu {scenario}"),
+            store: store.into(),
+            metric: "total_us_per_event".into(),
+            value: total,
+            unit: "µs".into(),
+            baseline: None,
+            lost: 0,
+        });
+    }
+}
+
 /// Publishes `n` events at `rate` per second (0: as fast as possible).
 async fn publish(
     client: &async_nats::Client,
@@ -245,6 +293,12 @@ async fn baseline(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(f64, (f
     });
     let rx = Receiver::start(&cb, "bench.out", relay_key).await?;
     let n = sizes.throughput;
+    // The relay runs inside this process, with the load generator.
+    let cpu = CpuMeter::start(&[
+        ("nats_a", a.pid()),
+        ("nats_b", b.pid()),
+        ("relay_and_load_generator", Some(std::process::id())),
+    ]);
     let t0 = Instant::now();
     publish(&ca, "bench", "relay", n, 0).await?;
     let (got, took) = rx.wait(n, t0).await;
@@ -253,6 +307,7 @@ async fn baseline(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(f64, (f
         "baseline relay: {got}/{n} in {took:?} = {rate:.0} events/s, lost {}",
         n - got
     );
+    cpu.report("core-nats-relay", "throughput", got, rows);
     rows.push(Row {
         scenario: "throughput".into(),
         store: "core-nats-relay".into(),
@@ -311,11 +366,19 @@ async fn throughput_and_latency(
 
     let rx = Receiver::start(&b.app, "CREATE_RESOURCE", notice_key).await?;
     let n = sizes.throughput;
+    let cpu = CpuMeter::start(&[
+        ("node_a", a.node.pid()),
+        ("node_b", b.node.pid()),
+        ("nats_a", a.nats.pid()),
+        ("nats_b", b.nats.pid()),
+        ("load_generator", Some(std::process::id())),
+    ]);
     let t0 = Instant::now();
     publish(&a.app, "PROPALGATION_EVENT", &creator, n, 0).await?;
     let (got, took) = rx.wait(n, t0).await;
     let rate = got as f64 / took.as_secs_f64().max(1e-9);
     println!("[{store}] throughput: {got}/{n} in {took:?} = {rate:.0} events/s");
+    cpu.report(store, "throughput", got, rows);
     rows.push(Row {
         scenario: "throughput".into(),
         store: store.into(),

@@ -205,7 +205,7 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
             "the event must be a JSON object",
         ));
     };
-    let fields = normalize_keys(raw);
+    let mut fields = normalize_keys(raw);
 
     let from_app = optional_string(&fields, "from_app")?.unwrap_or_default();
     if from_app == OWN_APP {
@@ -238,7 +238,8 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
         ));
     }
     let user = optional_string(&fields, "user")?.unwrap_or_default();
-    let resource = payload_object(&fields)?;
+    // Moved out, not copied: the payload is most of the event.
+    let resource = payload_object(fields.remove("payload"))?;
     let action = match action {
         Ok(action) => action,
         Err(command) => {
@@ -277,11 +278,11 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
 }
 
 /// `payload` as an object; Go producers send it as a string holding the JSON.
-fn payload_object(fields: &Map<String, Value>) -> Result<Value, Refusal> {
-    match fields.get("payload") {
+fn payload_object(payload: Option<Value>) -> Result<Value, Refusal> {
+    match payload {
         None | Some(Value::Null) => Err(Refusal::new(ErrorCode::MissingField, "missing field payload")),
-        Some(Value::Object(o)) => Ok(Value::Object(o.clone())),
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+        Some(Value::Object(o)) => Ok(Value::Object(o)),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
             Ok(Value::Object(o)) => Ok(Value::Object(o)),
             _ => Err(Refusal::new(
                 ErrorCode::InvalidField,

@@ -80,6 +80,19 @@ pub fn rss_of_pid(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time (user + system, in seconds) a process has used so far, from `/proc/<pid>/stat`
+/// (Linux); `None` when the process is gone.
+pub fn cpu_seconds_of_pid(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12th and 13th after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
 /// A `nats-server` on a free port; restartable on the same port.
 pub struct NatsServer {
     child: Option<Child>,
@@ -90,6 +103,11 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// The server process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// A core NATS server (no JetStream).
     ///
     /// # Errors
