@@ -169,7 +169,9 @@ impl CpuMeter {
         let mut line = format!("[{store}] {scenario} CPU per event:");
         let mut total = 0.0;
         for (name, pid, before) in &self.0 {
-            let Some(now) = oc_discovery::testkit::cpu_seconds_of_pid(*pid) else { continue };
+            let Some(now) = oc_discovery::testkit::cpu_seconds_of_pid(*pid) else {
+                continue;
+            };
             let us = (now - before) * 1e6 / events.max(1) as f64;
             total += us;
             line.push_str(&format!(" {name} {us:.1} µs,"));

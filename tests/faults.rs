@@ -121,9 +121,7 @@ async fn with_jetstream_events_published_while_the_node_is_down_are_not_lost() {
     a.node.start_healthy().await.unwrap();
 
     let total = 2 * N + 1;
-    seen_b
-        .wait_distinct("every event on NATS B", total as usize)
-        .await;
+    seen_b.wait_distinct("every event on NATS B", total).await;
     let stored = b.stored("COMPUTE_RESOURCE").await;
     assert_eq!(stored.len(), total, "every published event stored once");
     let head = a.node.get_json("/api/node").await.unwrap()["journal_head"]

@@ -235,7 +235,7 @@ async fn mongod_restarted_mid_stream_every_event_exactly_once() {
         count(&db, "compute_resource", doc! {}).await >= N as u64
     })
     .await;
-    seen_b.wait_distinct("every event on NATS B", N as usize).await;
+    seen_b.wait_distinct("every event on NATS B", N).await;
     b.node.wait_healthy(WAIT).await.unwrap();
     assert_eq!(
         count(&db, "compute_resource", doc! {}).await,

@@ -159,9 +159,15 @@ async fn journal(b: &mut dyn Backend) {
     assert_eq!(store.read_journal(B, 1, 100).await.unwrap(), other);
     // The raw form is the same entries as JSON text, with their seq and action.
     let raw = store.read_journal_raw(A, 2, 3).await.unwrap();
-    let decoded: Vec<JournalEntry> = raw.iter().map(|r| serde_json::from_slice(&r.json).unwrap()).collect();
+    let decoded: Vec<JournalEntry> = raw
+        .iter()
+        .map(|r| serde_json::from_slice(&r.json).unwrap())
+        .collect();
     assert_eq!(decoded, all[1..4].to_vec());
-    assert!(raw.iter().zip(&decoded).all(|(r, e)| r.seq == e.seq && r.action == e.action));
+    assert!(raw
+        .iter()
+        .zip(&decoded)
+        .all(|(r, e)| r.seq == e.seq && r.action == e.action));
 }
 
 /// JetStream stream sequences recorded with the journal commit recognise redeliveries.

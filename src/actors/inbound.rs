@@ -437,7 +437,9 @@ impl Session {
         }
         match self.env.store.outbox_remove(self.published.clone()).await {
             Ok(()) => self.published.clear(),
-            Err(e) => tracing::warn!(cause = %e, rows = self.published.len(), "cannot clear published outbox rows"),
+            Err(e) => {
+                tracing::warn!(cause = %e, rows = self.published.len(), "cannot clear published outbox rows")
+            }
         }
     }
 

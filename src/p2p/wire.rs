@@ -232,7 +232,10 @@ mod tests {
     #[tokio::test]
     async fn an_event_frame_from_entry_json_reads_back_as_the_entry() {
         let mut buf = Vec::new();
-        assert!(encode_event_json(&serde_json::to_vec(&entry(5)).unwrap(), &mut buf));
+        assert!(encode_event_json(
+            &serde_json::to_vec(&entry(5)).unwrap(),
+            &mut buf
+        ));
         let mut expected = Vec::new();
         encode_frame(&Frame::Event(entry(5)), &mut expected);
         assert_eq!(buf, expected, "the same bytes as encoding the frame");

@@ -249,7 +249,10 @@ impl Store for EmbeddedStore {
                     break;
                 }
                 let Some(bytes) = journal.get((origin.as_str(), seq.value())).map_err(unavailable)? else {
-                    return Err(corrupt(format!("own resource points at missing journal seq {}", seq.value())));
+                    return Err(corrupt(format!(
+                        "own resource points at missing journal seq {}",
+                        seq.value()
+                    )));
                 };
                 out.push(decode_journal(bytes.value())?.resource);
             }
@@ -588,7 +591,10 @@ const OUTBOX_GROUP: u8 = 2;
 
 /// `2`, then per row: u64 LE id, u32 LE length, the row in the layout of [`encode_outbox`].
 fn encode_group(rows: &[OutboxRow]) -> Vec<u8> {
-    let size: usize = rows.iter().map(|r| 24 + r.subject.len() + r.msg_id.len() + r.payload.len()).sum();
+    let size: usize = rows
+        .iter()
+        .map(|r| 24 + r.subject.len() + r.msg_id.len() + r.payload.len())
+        .sum();
     let mut out = Vec::with_capacity(1 + size);
     out.push(OUTBOX_GROUP);
     for row in rows {
@@ -638,11 +644,16 @@ fn remove_outbox_rows(table: &mut redb::Table<u64, &[u8]>, mut ids: Vec<u64>) ->
         i = upto;
         let rows = decode_group(key, &value)?;
         let before = rows.len();
-        let kept: Vec<OutboxRow> = rows.into_iter().filter(|r| gone.binary_search(&r.id).is_err()).collect();
+        let kept: Vec<OutboxRow> = rows
+            .into_iter()
+            .filter(|r| gone.binary_search(&r.id).is_err())
+            .collect();
         if kept.is_empty() {
             table.remove(key).map_err(unavailable)?;
         } else if kept.len() < before {
-            table.insert(key, encode_group(&kept).as_slice()).map_err(unavailable)?;
+            table
+                .insert(key, encode_group(&kept).as_slice())
+                .map_err(unavailable)?;
         }
     }
     Ok(())
@@ -767,8 +778,10 @@ mod tests {
         let txn = store.db.begin_write().unwrap();
         {
             let mut t = txn.open_table(OUTBOX).unwrap();
-            t.insert(1, serde_json::to_vec(&row(1)).unwrap().as_slice()).unwrap();
-            t.insert(4, encode_group(&[row(2), row(3), row(4)]).as_slice()).unwrap();
+            t.insert(1, serde_json::to_vec(&row(1)).unwrap().as_slice())
+                .unwrap();
+            t.insert(4, encode_group(&[row(2), row(3), row(4)]).as_slice())
+                .unwrap();
             t.insert(6, encode_group(&[row(5), row(6)]).as_slice()).unwrap();
         }
         txn.commit().unwrap();
