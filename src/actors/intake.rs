@@ -114,6 +114,8 @@ type Source = Pin<Box<dyn Stream<Item = Incoming> + Send>>;
 struct ReadyBatches {
     source: Source,
     max: usize,
+    /// The source ended (after a last partial batch): it is not polled again.
+    ended: bool,
 }
 
 impl ReadyBatches {
@@ -121,6 +123,7 @@ impl ReadyBatches {
         ReadyBatches {
             source,
             max: max.max(1),
+            ended: false,
         }
     }
 }
@@ -133,19 +136,25 @@ impl Stream for ReadyBatches {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Vec<Incoming>>> {
         use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
         let mut batch = Vec::new();
         while batch.len() < self.max {
             let next = tokio::task::coop::unconstrained(self.source.next());
             match std::pin::pin!(next).poll(cx) {
                 Poll::Ready(Some(m)) => batch.push(m),
-                Poll::Ready(None) if batch.is_empty() => return Poll::Ready(None),
-                Poll::Ready(None) | Poll::Pending => break,
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    break;
+                }
+                Poll::Pending => break,
             }
         }
-        if batch.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(Some(batch))
+        match (batch.is_empty(), self.ended) {
+            (false, _) => Poll::Ready(Some(batch)),
+            (true, true) => Poll::Ready(None),
+            (true, false) => Poll::Pending,
         }
     }
 }
@@ -541,5 +550,45 @@ impl IntakeEnv {
         if let Err(e) = self.nats.publish(subject.clone(), bytes.into()).await {
             tracing::warn!(%subject, cause = %e, "cannot publish answer");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn incoming(i: usize) -> Incoming {
+        Incoming {
+            subject: Subject::from_static(event::SUBJECT_PROPAGATION),
+            payload: Bytes::from(i.to_string()),
+            reply: None,
+            js: None,
+        }
+    }
+
+    /// A source fed by a tokio channel, whose reads count against the cooperative budget.
+    fn channel_source(n: usize) -> Source {
+        let (tx, rx) = tokio::sync::mpsc::channel(n.max(1));
+        for i in 0..n {
+            tx.try_send(incoming(i)).unwrap();
+        }
+        drop(tx);
+        Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|m| (m, rx))
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_everything_waiting_not_cut_at_the_budget() {
+        let mut batches = ReadyBatches::new(channel_source(3000), 2048);
+        let sizes: Vec<usize> = std::iter::from_fn(|| batches.next().now_or_never().flatten())
+            .map(|b| b.len())
+            .collect();
+        assert_eq!(sizes, vec![2048, 952], "tokio's budget is 128 reads per poll");
+        assert!(
+            matches!(batches.next().now_or_never(), Some(None)),
+            "ended for good"
+        );
     }
 }
