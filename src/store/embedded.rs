@@ -80,6 +80,29 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
 
+    /// Up to `limit` journal values of `origin` from seq `from`, each read by `read(seq, value)`.
+    async fn journal_range<T, F>(&self, origin: &str, from: u64, limit: usize, read: F) -> StoreResult<Vec<T>>
+    where
+        T: Send + 'static,
+        F: Fn(u64, &[u8]) -> StoreResult<T> + Send + 'static,
+    {
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let range = table
+                .range((origin.as_str(), from)..=(origin.as_str(), u64::MAX))
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in range.take(limit) {
+                let (k, v) = item.map_err(unavailable)?;
+                out.push(read(k.value().1, v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -164,45 +187,20 @@ impl Store for EmbeddedStore {
     }
 
     async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
-        let origin = origin.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            let range = table
-                .range((origin.as_str(), from)..=(origin.as_str(), u64::MAX))
-                .map_err(unavailable)?;
-            let mut out = Vec::new();
-            for item in range.take(limit) {
-                let (_, v) = item.map_err(unavailable)?;
-                out.push(decode_journal(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.journal_range(origin, from, limit, |_, value| decode_journal(value))
+            .await
     }
 
     async fn read_journal_raw(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<RawEntry>> {
-        let origin = origin.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            let range = table
-                .range((origin.as_str(), from)..=(origin.as_str(), u64::MAX))
-                .map_err(unavailable)?;
-            let mut out = Vec::new();
-            for item in range.take(limit) {
-                let (k, v) = item.map_err(unavailable)?;
-                let seq = k.value().1;
-                out.push(match split_journal_value(v.value()) {
-                    (Some(action), json) => RawEntry {
-                        seq,
-                        action,
-                        json: json.to_vec(),
-                    },
-                    (None, json) => RawEntry::encode(&serde_json::from_slice(json).map_err(corrupt)?)?,
-                });
+        self.journal_range(origin, from, limit, |seq, value| {
+            match split_journal_value(value) {
+                (Some(action), json) => Ok(RawEntry {
+                    seq,
+                    action,
+                    json: json.to_vec(),
+                }),
+                (None, json) => RawEntry::encode(&serde_json::from_slice(json).map_err(corrupt)?),
             }
-            Ok(out)
         })
         .await
     }

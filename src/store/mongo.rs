@@ -518,6 +518,19 @@ pub struct MongoStore {
 }
 
 impl MongoStore {
+    /// [`Store::apply_batch`] on borrowed entries.
+    async fn apply_entries(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: &[JournalEntry],
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        self.ready().await?;
+        let plan = self.plan(entries).await?;
+        let _writer = self.writer.lock().await;
+        self.apply_isolating(origin, up_to, &plan).await
+    }
+
     /// Prepares a client for `uri` and database `db` without contacting MongoDB, so the
     /// node starts whether or not MongoDB is up.
     ///
@@ -1419,10 +1432,7 @@ impl Store for MongoStore {
         up_to: u64,
         entries: Vec<JournalEntry>,
     ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
-        self.ready().await?;
-        let plan = self.plan(&entries).await?;
-        let _writer = self.writer.lock().await;
-        self.apply_isolating(origin, up_to, &plan).await
+        self.apply_entries(origin, up_to, &entries).await
     }
 
     async fn apply_batch_clearing(
@@ -1432,11 +1442,10 @@ impl Store for MongoStore {
         entries: std::sync::Arc<[JournalEntry]>,
         published: Vec<u64>,
     ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        // One `delete_many` before the batch's transaction, outside it: a removal lost in a
+        // crash only republishes those rows.
         self.outbox_remove(published).await?;
-        self.ready().await?;
-        let plan = self.plan(&entries).await?;
-        let _writer = self.writer.lock().await;
-        self.apply_isolating(origin, up_to, &plan).await
+        self.apply_entries(origin, up_to, &entries).await
     }
 
     async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {
