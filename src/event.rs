@@ -396,7 +396,8 @@ struct NoticeRef<'a> {
 }
 
 impl ResourceNotice {
-    /// The JSON body of the notice for `e`, as [`ResourceNotice::from_entry`] would give it.
+    /// The JSON body of the notice for `e`: a [`ResourceNotice`] written from the entry
+    /// without copying it.
     pub fn body_of(e: &JournalEntry) -> Vec<u8> {
         let notice = NoticeRef {
             data_type: &e.data_type,
@@ -408,17 +409,6 @@ impl ResourceNotice {
         };
         // Serializing strings and a JSON value into a Vec cannot fail.
         serde_json::to_vec(&notice).unwrap_or_default()
-    }
-
-    pub fn from_entry(e: &JournalEntry) -> Self {
-        ResourceNotice {
-            data_type: e.data_type.clone(),
-            user: e.user.clone(),
-            resource: e.resource.clone(),
-            from_peer: e.origin.clone(),
-            origin_seq: e.seq,
-            from_app: OWN_APP.to_owned(),
-        }
     }
 
     pub fn subject(action: Action) -> &'static str {

@@ -35,8 +35,8 @@ use serde_json::Value;
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{
-    applied_state, decide, ApplyOutcome, OutboxRow, PeerRow, Relation, Store, StoreError, StoreResult,
-    StoredResource,
+    applied_state, decide, outbox_row, ApplyOutcome, OutboxRow, PeerRow, Relation, Store, StoreError,
+    StoreResult, StoredResource,
 };
 use crate::event::{now_ms, Action, JournalEntry, NewEvent};
 
@@ -967,8 +967,9 @@ impl MongoStore {
             .iter()
             .zip(first_id..)
             .filter_map(|(&i, id)| {
-                let t = plan[i].target.as_ref()?.as_ref().ok()?;
-                Some((i, applied_state(plan[i].entry, &t.key.id, id).1))
+                // Only entries with a document to write get a row.
+                plan[i].target.as_ref()?.as_ref().ok()?;
+                Some((i, outbox_row(plan[i].entry, id)))
             })
             .collect();
         self.write_changes(s, plan, &changes, &stored).await?;
