@@ -161,10 +161,7 @@ pub trait Store: Send + Sync + 'static {
         up_to: u64,
         entries: std::sync::Arc<[JournalEntry]>,
         published: Vec<u64>,
-    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
-        self.outbox_remove(published).await?;
-        self.apply_batch(origin, up_to, entries.to_vec()).await
-    }
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)>;
 
     async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
 
