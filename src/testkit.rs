@@ -132,8 +132,23 @@ impl NatsServer {
             binary,
             jetstream,
         };
-        server.restart()?;
-        Ok(server)
+        // A free port can be taken by a process of a concurrent test before the server
+        // binds it: then the server exits, and another port is tried.
+        let mut attempts = 0;
+        loop {
+            match server.restart() {
+                Ok(()) => return Ok(server),
+                Err(e) if attempts < 4 => {
+                    attempts += 1;
+                    eprintln!(
+                        "nats-server on port {} failed ({e:#}); trying another port",
+                        server.port
+                    );
+                    server.port = free_port()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
@@ -157,7 +172,15 @@ impl NatsServer {
             .spawn()
             .with_context(|| format!("spawning {}", self.binary.display()))?;
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10))
+        wait_for_port(self.port, Duration::from_secs(10))?;
+        // Something answers on the port; make sure it is this server, which exits at once
+        // when another process holds the port.
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            self.child = None;
+            bail!("nats-server exited with {status}: port {} is taken", self.port);
+        }
+        Ok(())
     }
 
     pub fn stop(&mut self) {
