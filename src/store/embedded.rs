@@ -165,12 +165,7 @@ impl Store for EmbeddedStore {
                         .insert((origin.as_str(), seq), bytes.as_slice())
                         .map_err(unavailable)?;
                     // The own-resources index follows the journal in the same commit.
-                    let key = (entry.data_type.as_str(), e.resource_id.as_str());
-                    if entry.action == crate::event::Action::Delete {
-                        own.remove(key).map_err(unavailable)?;
-                    } else {
-                        own.insert(key, seq).map_err(unavailable)?;
-                    }
+                    index_own(&mut own, &entry, &e.resource_id)?;
                     out.push(entry);
                 }
             }
@@ -679,6 +674,21 @@ fn decode_outbox(id: u64, bytes: &[u8]) -> StoreResult<OutboxRow> {
     })
 }
 
+/// Points the own-resources index at `entry` (or drops the resource, for a delete).
+fn index_own(
+    own: &mut redb::Table<(&'static str, &'static str), u64>,
+    entry: &JournalEntry,
+    resource_id: &str,
+) -> StoreResult<()> {
+    let key = (entry.data_type.as_str(), resource_id);
+    if entry.action == Action::Delete {
+        own.remove(key).map_err(unavailable)?;
+    } else {
+        own.insert(key, entry.seq).map_err(unavailable)?;
+    }
+    Ok(())
+}
+
 /// Stores written before the own-resources index became a pointer kept full copies in
 /// `OWN_COPIES`: rebuild `OWN_AT` from the journal (which holds only this node's events),
 /// then drop the copies.
@@ -698,12 +708,7 @@ fn migrate_own_copies(txn: &redb::WriteTransaction) -> StoreResult<()> {
         let (_, v) = item.map_err(unavailable)?;
         let entry = decode_journal(v.value())?;
         let Some(id) = entry.resource_id() else { continue };
-        let key = (entry.data_type.as_str(), id);
-        if entry.action == crate::event::Action::Delete {
-            own.remove(key).map_err(unavailable)?;
-        } else {
-            own.insert(key, entry.seq).map_err(unavailable)?;
-        }
+        index_own(&mut own, &entry, id)?;
         moved += 1;
     }
     drop((journal, own));
