@@ -5,8 +5,11 @@
 //! `DataType`, others `data_type`) and strict about *values*: every refusal names the
 //! field and carries a stable error code that applications can branch on.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 /// NATS subject applications publish resource changes on (typo kept: it is the wire name).
 pub const SUBJECT_PROPAGATION: &str = "PROPALGATION_EVENT";
@@ -169,7 +172,7 @@ pub struct NewEvent {
     pub data_type: String,
     pub user: String,
     pub from_app: String,
-    pub resource: Value,
+    pub resource: Resource,
     pub resource_id: String,
 }
 
@@ -197,14 +200,14 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
             format!("event is {} bytes, the limit is {max_bytes}", body.len()),
         ));
     }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| Refusal::new(ErrorCode::InvalidJson, format!("not valid JSON: {e}")))?;
-    let Value::Object(raw) = value else {
-        return Err(Refusal::new(
-            ErrorCode::InvalidJson,
-            "the event must be a JSON object",
-        ));
-    };
+    // The top level only: each value stays the text it was, so the payload (most of the
+    // event) is never built into a tree.
+    let raw: BTreeMap<String, &RawValue> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            Refusal::new(ErrorCode::InvalidJson, "the event must be a JSON object")
+        }
+        _ => Refusal::new(ErrorCode::InvalidJson, format!("not valid JSON: {e}")),
+    })?;
     let mut fields = normalize_keys(raw);
 
     let from_app = optional_string(&fields, "from_app")?.unwrap_or_default();
@@ -238,27 +241,31 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
         ));
     }
     let user = optional_string(&fields, "user")?.unwrap_or_default();
-    // Moved out, not copied: the payload is most of the event.
-    let resource = payload_object(fields.remove("payload"))?;
+    let payload = payload_object(fields.remove("payload"))?;
     let action = match action {
         Ok(action) => action,
         Err(command) => {
+            // Commands read their payload's fields: a tree, built only for them.
+            let payload = serde_json::from_str(payload.get()).map_err(|e| {
+                Refusal::new(ErrorCode::InvalidJson, format!("payload is not valid JSON: {e}"))
+            })?;
             return Ok(Decoded::Command(AppCommand {
                 action: command,
                 data_type,
                 user,
-                payload: resource,
-            }))
+                payload,
+            }));
         }
     };
-    let resource_id = payload_string(&resource, "id")?;
+    let resource = Resource::from_raw(payload);
+    let resource_id = resource.id.required("id")?.to_owned();
     if resource_id.is_empty() {
         return Err(Refusal::new(
             ErrorCode::InvalidField,
             "payload.id must not be empty",
         ));
     }
-    let creator = payload_string(&resource, "creator_id")?;
+    let creator = resource.creator_id.required("creator_id")?;
     if creator != own_peer_id {
         return Err(Refusal::new(
             ErrorCode::NotCreator,
@@ -277,19 +284,29 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
     }))
 }
 
-/// `payload` as an object; Go producers send it as a string holding the JSON.
-fn payload_object(payload: Option<Value>) -> Result<Value, Refusal> {
-    match payload {
-        None | Some(Value::Null) => Err(Refusal::new(ErrorCode::MissingField, "missing field payload")),
-        Some(Value::Object(o)) => Ok(Value::Object(o)),
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
-            Ok(Value::Object(o)) => Ok(Value::Object(o)),
-            _ => Err(Refusal::new(
-                ErrorCode::InvalidField,
-                "payload must be a JSON object (or a string holding one)",
-            )),
-        },
-        Some(_) => Err(Refusal::new(
+/// `payload` as the JSON text of an object; Go producers send it as a string holding the JSON.
+fn payload_object(payload: Option<&RawValue>) -> Result<Box<RawValue>, Refusal> {
+    let not_object = || {
+        Refusal::new(
+            ErrorCode::InvalidField,
+            "payload must be a JSON object (or a string holding one)",
+        )
+    };
+    let Some(raw) = payload else {
+        return Err(Refusal::new(ErrorCode::MissingField, "missing field payload"));
+    };
+    match raw.get().as_bytes().first() {
+        Some(b'{') => Ok(raw.to_owned()),
+        Some(b'"') => {
+            let text: String = serde_json::from_str(raw.get()).map_err(|_| not_object())?;
+            let inner = RawValue::from_string(text.trim().to_owned()).map_err(|_| not_object())?;
+            match inner.get().as_bytes().first() {
+                Some(b'{') => Ok(inner),
+                _ => Err(not_object()),
+            }
+        }
+        Some(b'n') => Err(Refusal::new(ErrorCode::MissingField, "missing field payload")),
+        _ => Err(Refusal::new(
             ErrorCode::InvalidField,
             "payload must be a JSON object",
         )),
@@ -298,7 +315,7 @@ fn payload_object(payload: Option<Value>) -> Result<Value, Refusal> {
 
 /// Lower-cases top-level keys and folds the `datatype` spelling into `data_type`,
 /// `fromapp` into `from_app`, so `DataType`, `dataType` and `data_type` are all accepted.
-fn normalize_keys(raw: Map<String, Value>) -> Map<String, Value> {
+fn normalize_keys<V>(raw: BTreeMap<String, V>) -> BTreeMap<String, V> {
     raw.into_iter()
         .map(|(k, v)| {
             let lower = k.to_ascii_lowercase();
@@ -312,33 +329,16 @@ fn normalize_keys(raw: Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
-fn required_string(fields: &Map<String, Value>, name: &str) -> Result<String, Refusal> {
+fn required_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<String, Refusal> {
     optional_string(fields, name)?
         .ok_or_else(|| Refusal::new(ErrorCode::MissingField, format!("missing field {name}")))
 }
 
-fn optional_string(fields: &Map<String, Value>, name: &str) -> Result<Option<String>, Refusal> {
+fn optional_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<Option<String>, Refusal> {
     match fields.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(Refusal::new(
-            ErrorCode::InvalidField,
-            format!("field {name} must be a string"),
-        )),
-    }
-}
-
-fn payload_string(resource: &Value, name: &str) -> Result<String, Refusal> {
-    match resource.get(name) {
-        None | Some(Value::Null) => Err(Refusal::new(
-            ErrorCode::MissingField,
-            format!("missing field payload.{name}"),
-        )),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(Refusal::new(
-            ErrorCode::InvalidField,
-            format!("field payload.{name} must be a string"),
-        )),
+        None => Ok(None),
+        Some(raw) => serde_json::from_str::<Option<String>>(raw.get())
+            .map_err(|_| Refusal::new(ErrorCode::InvalidField, format!("field {name} must be a string"))),
     }
 }
 
@@ -351,23 +351,253 @@ pub struct JournalEntry {
     pub data_type: String,
     #[serde(default)]
     pub user: String,
-    pub resource: Value,
+    pub resource: Resource,
     /// Milliseconds since the Unix epoch at which the origin accepted the event.
     pub time_ms: u64,
 }
 
 impl JournalEntry {
     pub fn resource_id(&self) -> Option<&str> {
-        self.resource.get("id").and_then(Value::as_str)
+        self.resource.id()
     }
 
     pub fn creator_id(&self) -> Option<&str> {
-        self.resource.get("creator_id").and_then(Value::as_str)
+        self.resource.creator_id()
     }
 
     /// `<origin>:<seq>`: the `Nats-Msg-Id` of every publish this entry causes.
     pub fn msg_id(&self) -> String {
         format!("{}:{}", self.origin, self.seq)
+    }
+}
+
+/// A resource as JSON text, exactly as the application sent it, with its `id` and
+/// `creator_id` read once.
+///
+/// The node never needs the resource's other fields: it journals, forwards, stores and
+/// republishes the text as it came. Keeping the text instead of a `serde_json::Value` tree
+/// spares each event a tree's allocations, its serialization and its freeing on both the
+/// source and every partner (docs/PERFORMANCE.md). Serialized through serde_json, it is
+/// written as the JSON it holds; it deserializes only from serde_json (a frame, a journal
+/// line, a stored value, or a [`Value`]).
+#[derive(Clone)]
+pub struct Resource {
+    raw: Box<RawValue>,
+    id: Field,
+    creator_id: Field,
+}
+
+/// A string field of a resource as found at the top level of its JSON.
+#[derive(Debug, Clone, PartialEq)]
+enum Field {
+    /// Absent, `null`, or the resource is not an object.
+    Missing,
+    Text(Box<str>),
+    /// Present, but not a string.
+    NotText,
+}
+
+impl Field {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Field::Text(s) => Some(s),
+            Field::Missing | Field::NotText => None,
+        }
+    }
+
+    /// The field as [`decode_intake`] requires it: a string, else the refusal naming it.
+    fn required(&self, name: &str) -> Result<&str, Refusal> {
+        match self {
+            Field::Text(s) => Ok(s),
+            Field::Missing => Err(Refusal::new(
+                ErrorCode::MissingField,
+                format!("missing field payload.{name}"),
+            )),
+            Field::NotText => Err(Refusal::new(
+                ErrorCode::InvalidField,
+                format!("field payload.{name} must be a string"),
+            )),
+        }
+    }
+}
+
+impl Resource {
+    /// Wraps JSON text already known to be valid (its `id` and `creator_id` are read here).
+    pub fn from_raw(raw: Box<RawValue>) -> Resource {
+        let (id, creator_id) = read_keys(raw.get());
+        Resource { raw, id, creator_id }
+    }
+
+    /// # Errors
+    /// `text` is not valid JSON.
+    pub fn from_json(text: &str) -> Result<Resource, serde_json::Error> {
+        RawValue::from_string(text.to_owned()).map(Resource::from_raw)
+    }
+
+    /// The JSON text of a value (for tests and for callers that built a tree).
+    pub fn from_value(value: &Value) -> Resource {
+        // A Value always serializes, and to valid JSON.
+        let text = serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned());
+        Resource::from_json(&text).unwrap_or_else(|_| Resource::from_raw(RawValue::NULL.to_owned()))
+    }
+
+    /// The JSON text, as received.
+    pub fn json(&self) -> &str {
+        self.raw.get()
+    }
+
+    /// The resource as a tree, for the rare readers of its other fields.
+    pub fn to_value(&self) -> Value {
+        // The text was valid JSON when wrapped; a tree of it cannot fail but past
+        // serde_json's recursion limit, which the text passed already.
+        serde_json::from_str(self.raw.get()).unwrap_or(Value::Null)
+    }
+
+    /// The top-level `id`, when it is a string.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_str()
+    }
+
+    /// The top-level `creator_id`, when it is a string.
+    pub fn creator_id(&self) -> Option<&str> {
+        self.creator_id.as_str()
+    }
+}
+
+impl From<Value> for Resource {
+    fn from(value: Value) -> Resource {
+        Resource::from_value(&value)
+    }
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Resource) -> bool {
+        self.raw.get() == other.raw.get()
+    }
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.raw.get())
+    }
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.raw.get())
+    }
+}
+
+impl Serialize for Resource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Resource, D::Error> {
+        Box::<RawValue>::deserialize(d).map(Resource::from_raw)
+    }
+}
+
+/// The top-level `id` and `creator_id` of JSON text, in one pass that builds nothing else.
+/// Like `serde_json::Value`, the last of duplicate keys wins.
+fn read_keys(json: &str) -> (Field, Field) {
+    use serde::de::{IgnoredAny, MapAccess, Visitor};
+
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = (Field, Field);
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(Field, Field), A::Error> {
+            let (mut id, mut creator) = (Field::Missing, Field::Missing);
+            while let Some(key) = map.next_key::<KeyName>()? {
+                match key {
+                    KeyName::Id => id = map.next_value::<FieldValue>()?.0,
+                    KeyName::CreatorId => creator = map.next_value::<FieldValue>()?.0,
+                    KeyName::Other => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok((id, creator))
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde::Deserializer::deserialize_map(&mut de, Keys).unwrap_or((Field::Missing, Field::Missing))
+}
+
+/// A key of a resource's top level, compared without being copied.
+enum KeyName {
+    Id,
+    CreatorId,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for KeyName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeyName, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = KeyName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<KeyName, E> {
+                Ok(match key {
+                    "id" => KeyName::Id,
+                    "creator_id" => KeyName::CreatorId,
+                    _ => KeyName::Other,
+                })
+            }
+        }
+        d.deserialize_str(Name)
+    }
+}
+
+/// The value of `id` or `creator_id`: its text when a string, else only whether it is set.
+struct FieldValue(Field);
+
+impl<'de> Deserialize<'de> for FieldValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FieldValue, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess};
+
+        struct Any;
+        impl<'de> serde::de::Visitor<'de> for Any {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Field, E> {
+                Ok(Field::Text(v.into()))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Field, E> {
+                Ok(Field::Missing)
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Field, E> {
+                Ok(Field::NotText)
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Field, E> {
+                Ok(Field::NotText)
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Field, E> {
+                Ok(Field::NotText)
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Field, E> {
+                Ok(Field::NotText)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Field::NotText)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::NotText)
+            }
+        }
+        d.deserialize_any(Any).map(FieldValue)
     }
 }
 
@@ -389,7 +619,7 @@ pub struct ResourceNotice {
 struct NoticeRef<'a> {
     data_type: &'a str,
     user: &'a str,
-    resource: &'a Value,
+    resource: &'a Resource,
     from_peer: &'a str,
     origin_seq: u64,
     from_app: &'a str,
@@ -495,6 +725,71 @@ mod tests {
         );
         let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000));
         assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn the_payload_is_journaled_as_sent() {
+        let d = decode(
+            r#"{"action":"PB_CREATE","data_type":"X","payload": {"z": 1, "id":"r1", "creator_id":"12D3KooWme"} }"#,
+        );
+        let Ok(Decoded::Accept(e)) = d else {
+            panic!("not accepted")
+        };
+        assert_eq!(
+            e.resource.json(),
+            r#"{"z": 1, "id":"r1", "creator_id":"12D3KooWme"}"#
+        );
+        // Go producers send the payload as a string holding the JSON.
+        let d = decode(
+            r#"{"action":"PB_CREATE","data_type":"X","payload":" {\"id\":\"r2\",\"creator_id\":\"12D3KooWme\"} "}"#,
+        );
+        let Ok(Decoded::Accept(e)) = d else {
+            panic!("string payload not accepted")
+        };
+        assert_eq!(
+            (e.resource_id.as_str(), e.resource.json()),
+            ("r2", r#"{"id":"r2","creator_id":"12D3KooWme"}"#)
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":"[1]"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":"{nope"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":null}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":7,"data_type":"X","payload":{}}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_CREATE","data_type":"X","payload":{"id":"a","creator_id":"#),
+            ErrorCode::InvalidJson
+        );
+    }
+
+    #[test]
+    fn a_resource_reads_its_top_level_id_and_creator_only() {
+        let r = |text: &str| Resource::from_json(text).unwrap();
+        let nested = r(r#"{"spec": {"id": "inner", "creator_id": "x"}, "id": "outer"}"#);
+        assert_eq!((nested.id(), nested.creator_id()), (Some("outer"), None));
+        let escaped = r(r#"{"i\u0064": "r\"1", "creator_id": "c"}"#);
+        assert_eq!((escaped.id(), escaped.creator_id()), (Some("r\"1"), Some("c")));
+        let last_wins = r(r#"{"id": "a", "id": "b"}"#);
+        assert_eq!(last_wins.id(), Some("b"));
+        let typed = r(r#"{"id": 7, "creator_id": null}"#);
+        assert_eq!((typed.id, typed.creator_id), (Field::NotText, Field::Missing));
+        for not_object in ["[1]", "\"id\"", "3", "null"] {
+            assert_eq!(r(not_object).id(), None, "{not_object}");
+        }
+        let from_tree = Resource::from(serde_json::json!({"id": "t", "n": [1, 2]}));
+        assert_eq!(from_tree.id(), Some("t"));
+        assert_eq!(from_tree.to_value()["n"][1], 2);
+        assert_eq!(serde_json::to_string(&from_tree).unwrap(), from_tree.json());
     }
 
     #[test]

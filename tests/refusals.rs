@@ -165,7 +165,7 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
             action: Action::Create,
             data_type: "COMPUTE_RESOURCE".into(),
             user: "mallory".into(),
-            resource: json!({"id": format!("r{seq}"), "creator_id": creator}),
+            resource: json!({"id": format!("r{seq}"), "creator_id": creator}).into(),
             time_ms: 0,
         })
     };

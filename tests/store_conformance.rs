@@ -85,7 +85,7 @@ fn new_event(action: Action, id: &str, extra: Value) -> NewEvent {
         data_type: DT.to_owned(),
         user: "alice".to_owned(),
         from_app: "test".to_owned(),
-        resource,
+        resource: resource.into(),
         resource_id: id.to_owned(),
     }
 }
@@ -102,7 +102,7 @@ fn entry(origin: &str, seq: u64, action: Action, id: &str, extra: Value) -> Jour
         action,
         data_type: DT.to_owned(),
         user: "alice".to_owned(),
-        resource,
+        resource: resource.into(),
         time_ms: 1_700_000_000_000 + seq,
     }
 }
@@ -129,7 +129,7 @@ async fn journal(b: &mut dyn Backend) {
         .await
         .unwrap();
     assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-    assert_eq!(first[0].resource["$odd"], "kept");
+    assert_eq!(first[0].resource.to_value()["$odd"], "kept");
     let other = store
         .append_journal(B, vec![new_event(Action::Create, "x", json!({}))])
         .await

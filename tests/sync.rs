@@ -66,7 +66,7 @@ async fn a_missing_part_is_asked_for_again_after_the_sync_timeout() {
             data_type: "COMPUTE_RESOURCE".into(),
             user: "r".into(),
             from_app: "test".into(),
-            resource: json!({"id": format!("r{i}"), "creator_id": rogue, "pad": "x".repeat(200)}),
+            resource: json!({"id": format!("r{i}"), "creator_id": rogue, "pad": "x".repeat(200)}).into(),
             resource_id: format!("r{i}"),
         })
         .collect();

@@ -197,9 +197,29 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
     }
     let mut body = vec![0u8; size];
     r.read_exact(&mut body).await?;
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(FrameError::Decode)
+    decode_frame(&body).map(Some).map_err(FrameError::Decode)
+}
+
+/// Decodes one frame's JSON. Frames must be decoded here, not by `Frame`'s `Deserialize`
+/// alone: serde reads a tagged enum by first copying the whole object into an intermediate
+/// tree, from which an `event` frame's [`Resource`](crate::event::Resource) (kept as JSON
+/// text) cannot be read. An `event` frame is therefore read straight into its
+/// [`JournalEntry`], which ignores the `type` key.
+///
+/// # Errors
+/// The body is not JSON, or not a frame.
+pub fn decode_frame(body: &[u8]) -> Result<Frame, serde_json::Error> {
+    /// How this node writes `event` frames ([`encode_event_json`], [`encode_frame`]).
+    const EVENT: &[u8] = br#"{"type":"event","#;
+    #[derive(Deserialize)]
+    struct Tag<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    if body.starts_with(EVENT) || serde_json::from_slice::<Tag>(body)?.kind == "event" {
+        return serde_json::from_slice::<JournalEntry>(body).map(Frame::Event);
+    }
+    serde_json::from_slice(body)
 }
 
 /// Reads frames until the stream ends or fails for good, handing each result to `tx`
@@ -255,9 +275,36 @@ mod tests {
             action: Action::Update,
             data_type: "D".into(),
             user: "u".into(),
-            resource: serde_json::json!({"id": "r", "creator_id": "o"}),
+            resource: serde_json::json!({"id": "r", "creator_id": "o"}).into(),
             time_ms: 1,
         }
+    }
+
+    #[test]
+    fn an_event_frame_decodes_whatever_its_key_order_and_spacing() {
+        let written = r#"{ "origin": "o", "seq": 1, "action": "PB_UPDATE", "data_type": "D",
+            "user": "u", "resource": {"id": "r", "creator_id": "o"}, "type": "event", "time_ms": 1 }"#;
+        let Ok(Frame::Event(e)) = decode_frame(written.as_bytes()) else {
+            panic!("not an event frame")
+        };
+        assert_eq!(
+            (e.seq, e.resource_id(), e.creator_id()),
+            (1, Some("r"), Some("o"))
+        );
+        assert_eq!(
+            e.resource.json(),
+            r#"{"id": "r", "creator_id": "o"}"#,
+            "kept as sent"
+        );
+        assert!(decode_frame(br#"{"seq": 1}"#).is_err(), "no type");
+        assert!(
+            decode_frame(br#"{"type":"event","seq":1}"#).is_err(),
+            "missing fields"
+        );
+        assert_eq!(
+            decode_frame(br#"{"seq":3,"type":"ack"}"#).unwrap(),
+            Frame::Ack { seq: 3 }
+        );
     }
 
     #[tokio::test]

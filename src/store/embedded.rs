@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    decide, outbox_row, ApplyOutcome, OutboxRow, PeerRow, RawEntry, Store, StoreError, StoreResult,
+    decide, outbox_row, ApplyOutcome, Holder, OutboxRow, PeerRow, RawEntry, Store, StoreError, StoreResult,
     StoredResource,
 };
-use crate::event::{now_ms, Action, JournalEntry, NewEvent};
+use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource};
 
 /// redb's page cache. Its default (1 GiB) made a node catching up on a million events
 /// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.
@@ -247,7 +247,7 @@ impl Store for EmbeddedStore {
                         seq.value()
                     )));
                 };
-                out.push(decode_journal(bytes.value())?.resource);
+                out.push(decode_journal(bytes.value())?.resource.to_value());
             }
             Ok(out)
         })
@@ -399,7 +399,7 @@ impl Store for EmbeddedStore {
                         continue;
                     };
                     let key = (entry.data_type.as_str(), id);
-                    let existing: Option<StoredResource> = match resources.get(key).map_err(unavailable)? {
+                    let existing: Option<Holder> = match resources.get(key).map_err(unavailable)? {
                         Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
                         None => None,
                     };
@@ -559,7 +559,7 @@ struct StoredRef<'a> {
     origin: &'a str,
     version: u64,
     deleted: bool,
-    resource: &'a serde_json::Value,
+    resource: &'a Resource,
 }
 
 /// First byte of an outbox row in the binary layout (a JSON row starts with `{`).

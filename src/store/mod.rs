@@ -195,7 +195,7 @@ pub trait Store: Send + Sync + 'static {
             for e in chunk.into_iter().filter(|e| e.data_type == data_type) {
                 if let Some(id) = e.resource_id().map(str::to_owned) {
                     let alive = e.action != crate::event::Action::Delete;
-                    latest.insert(id, alive.then_some(e.resource));
+                    latest.insert(id, alive.then(|| e.resource.to_value()));
                 }
             }
             next = last + 1;
@@ -276,9 +276,17 @@ pub struct PeerRow {
     pub updated_ms: u64,
 }
 
+/// Who holds a stored resource and at which version: all the version rule reads. It
+/// deserializes from a stored [`StoredResource`] without building its resource.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Holder {
+    pub origin: String,
+    pub version: u64,
+}
+
 /// The version rule shared by every backend (ARCHITECTURE invariant 3): apply iff the
 /// incoming seq is higher than what is stored, and only the creator may change a resource.
-pub fn decide(existing: Option<&StoredResource>, entry: &JournalEntry) -> ApplyOutcome {
+pub fn decide(existing: Option<&Holder>, entry: &JournalEntry) -> ApplyOutcome {
     match existing {
         None => ApplyOutcome::Applied,
         Some(s) if s.origin != entry.origin => ApplyOutcome::Conflict {
@@ -287,20 +295,6 @@ pub fn decide(existing: Option<&StoredResource>, entry: &JournalEntry) -> ApplyO
         Some(s) if s.version >= entry.seq => ApplyOutcome::Stale,
         Some(_) => ApplyOutcome::Applied,
     }
-}
-
-/// The stored state and outbox row an applied entry produces.
-pub fn applied_state(entry: &JournalEntry, resource_id: &str, outbox_id: u64) -> (StoredResource, OutboxRow) {
-    use crate::event::Action;
-    let stored = StoredResource {
-        data_type: entry.data_type.clone(),
-        id: resource_id.to_owned(),
-        origin: entry.origin.clone(),
-        version: entry.seq,
-        deleted: entry.action == Action::Delete,
-        resource: entry.resource.clone(),
-    };
-    (stored, outbox_row(entry, outbox_id))
 }
 
 /// The `CREATE_RESOURCE` / `REMOVE_RESOURCE` publish an applied entry owes NATS.

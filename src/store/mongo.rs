@@ -35,10 +35,10 @@ use serde_json::Value;
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{
-    applied_state, decide, outbox_row, ApplyOutcome, OutboxRow, PeerRow, Relation, Store, StoreError,
-    StoreResult, StoredResource,
+    decide, outbox_row, ApplyOutcome, Holder, OutboxRow, PeerRow, Relation, Store, StoreError, StoreResult,
+    StoredResource,
 };
-use crate::event::{now_ms, Action, JournalEntry, NewEvent};
+use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource};
 
 pub const DEFAULT_DB: &str = "opencloud";
 
@@ -233,13 +233,13 @@ impl JournalDoc {
             action: e.action,
             data_type: e.data_type.clone(),
             user: e.user.clone(),
-            resource: e.resource.to_string(),
+            resource: e.resource.json().to_owned(),
             time_ms: to_i64(e.time_ms, "time_ms")?,
         })
     }
 
     fn into_entry(self) -> Result<JournalEntry, Failure> {
-        let resource = serde_json::from_str(&self.resource)
+        let resource = Resource::from_json(&self.resource)
             .map_err(|e| Failure::Corrupt(format!("journal {}: resource: {e}", self.id)))?;
         Ok(JournalEntry {
             origin: self.origin,
@@ -740,7 +740,7 @@ impl MongoStore {
     fn target(&self, entry: &JournalEntry, coll: String, id: &str) -> Result<Target, String> {
         let doc = match entry.action {
             Action::Delete => None,
-            Action::Create | Action::Update => Some(resource_document(id, &entry.resource)?),
+            Action::Create | Action::Update => Some(resource_document(id, &entry.resource.to_value())?),
         };
         Ok(Target {
             key: VersionKey {
@@ -871,7 +871,7 @@ impl MongoStore {
             .iter()
             .filter(|(_, e)| e.action != Action::Delete)
             .map(|((dt, id), e)| {
-                doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.to_string()}
+                doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json()}
             })
             .collect();
         let own = self.coll::<Document>(OWN);
@@ -1125,7 +1125,7 @@ impl MongoStore {
                 origin: entry.origin.clone(),
                 version: to_i64(entry.seq, "seq")?,
                 deleted: t.doc.is_none(),
-                tombstone: t.doc.is_none().then(|| entry.resource.to_string()),
+                tombstone: t.doc.is_none().then(|| entry.resource.json().to_owned()),
             });
         }
         for (coll, ids) in &ids_by_coll {
@@ -1250,9 +1250,13 @@ fn decide_batch(
     plan: &[Planned<'_>],
     stored: &HashMap<VersionKey, VersionDoc>,
 ) -> Result<Decisions, Failure> {
-    let mut state: HashMap<&VersionKey, StoredResource> = HashMap::new();
+    let mut state: HashMap<&VersionKey, Holder> = HashMap::new();
     for (key, v) in stored {
-        state.insert(key, v.to_stored(Value::Null)?);
+        let holder = Holder {
+            origin: v.origin.clone(),
+            version: to_u64(v.version, "version")?,
+        };
+        state.insert(key, holder);
     }
     let mut d = Decisions {
         outcomes: Vec::with_capacity(plan.len()),
@@ -1269,7 +1273,10 @@ fn decide_batch(
                 let existing = state.get(&t.key);
                 let outcome = decide(existing, p.entry);
                 if outcome == ApplyOutcome::Applied {
-                    let (now, _) = applied_state(p.entry, &t.key.id, 0);
+                    let now = Holder {
+                        origin: p.entry.origin.clone(),
+                        version: p.entry.seq,
+                    };
                     state.insert(&t.key, now);
                     d.changes.push(i);
                 } else if existing.is_some_and(|e| e.origin == p.entry.origin && e.version == p.entry.seq) {
