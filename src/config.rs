@@ -164,6 +164,14 @@ pub struct RunArgs {
     /// Period of the safety-net journal sync with each partner.
     #[arg(long, env = "OC_DISCOVERY_SYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sync_interval: Duration,
+    /// First wait before a partner link retries after a failed session; it doubles with
+    /// each failure in a row, up to --backoff-max.
+    #[arg(long, env = "OC_DISCOVERY_BACKOFF_MIN", default_value = "200ms", value_parser = parse_duration)]
+    pub backoff_min: Duration,
+    /// Longest wait between a partner link's attempts. A partner that connects (as it does
+    /// when it starts) ends the wait at once.
+    #[arg(long, env = "OC_DISCOVERY_BACKOFF_MAX", default_value = "10s", value_parser = parse_duration)]
+    pub backoff_max: Duration,
     /// This node's name in its peer record (searchable); default: the host name.
     #[arg(long, env = "OC_DISCOVERY_NAME")]
     pub name: Option<String>,
@@ -248,6 +256,10 @@ struct FileConfig {
     sync_timeout: Option<String>,
     #[serde(alias = "sync-interval")]
     sync_interval: Option<String>,
+    #[serde(alias = "backoff-min")]
+    backoff_min: Option<String>,
+    #[serde(alias = "backoff-max")]
+    backoff_max: Option<String>,
     name: Option<String>,
     #[serde(alias = "record-ttl")]
     record_ttl: Option<String>,
@@ -273,6 +285,8 @@ pub enum ConfigError {
     MaxFrameBytes,
     #[error("--ping-interval must be shorter than --pong-discard-timeout")]
     Heartbeat,
+    #[error("--backoff-min must not be longer than --backoff-max")]
+    Backoff,
     #[error("{0} must be at least 10ms")]
     TooShort(&'static str),
     #[error("--name must be 1 to {} bytes", crate::p2p::records::MAX_NAME_BYTES)]
@@ -376,6 +390,8 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(pong_discard_timeout, duration);
     fill!(sync_timeout, duration);
     fill!(sync_interval, duration);
+    fill!(backoff_min, duration);
+    fill!(backoff_max, duration);
     fill!(name, |v| Ok::<_, ConfigError>(Some(v)));
     fill!(record_ttl, duration);
     fill!(bootstrap, addrs);
@@ -493,10 +509,14 @@ impl TryFrom<RunArgs> for NodeConfig {
             ("--ping-interval", run.ping_interval),
             ("--sync-timeout", run.sync_timeout),
             ("--sync-interval", run.sync_interval),
+            ("--backoff-min", run.backoff_min),
         ] {
             if d < MIN_PERIOD {
                 return Err(ConfigError::TooShort(flag));
             }
+        }
+        if run.backoff_min > run.backoff_max {
+            return Err(ConfigError::Backoff);
         }
         let name = run.name.unwrap_or_else(default_name);
         if name.is_empty() || name.len() > crate::p2p::records::MAX_NAME_BYTES {
@@ -511,6 +531,8 @@ impl TryFrom<RunArgs> for NodeConfig {
             pong_discard_timeout: run.pong_discard_timeout,
             sync_timeout: run.sync_timeout,
             sync_interval: run.sync_interval,
+            backoff_min: run.backoff_min,
+            backoff_max: run.backoff_max,
             ..Tuning::default()
         };
         let store = match run.store {
@@ -631,6 +653,31 @@ mod tests {
         assert!(matches!(
             NodeConfig::try_from(r),
             Err(ConfigError::MongoUriMissing)
+        ));
+    }
+
+    #[test]
+    fn backoff_bounds_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "backoff-min = \"1s\"\nbackoff_max = \"1m\"\n").unwrap();
+        let cfg = NodeConfig::try_from(run_args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(
+            (cfg.tuning.backoff_min, cfg.tuning.backoff_max),
+            (Duration::from_secs(1), Duration::from_secs(60))
+        );
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(
+            (cfg.tuning.backoff_min, cfg.tuning.backoff_max),
+            (Duration::from_millis(200), Duration::from_secs(10))
+        );
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--backoff-min", "20s"])),
+            Err(ConfigError::Backoff)
+        ));
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--backoff-min", "1ms"])),
+            Err(ConfigError::TooShort("--backoff-min"))
         ));
     }
 

@@ -137,3 +137,50 @@ async fn a_partner_that_was_down_catches_up() {
     }
     panic!("A's cursor for B did not reach the end");
 }
+
+/// A partner back after a long absence is caught up at once, and then gets new events live,
+/// though the source's link to it was deep in its backoff (5 minutes here) and the
+/// safety-net sync is as far away: the partner pulls at start-up, and its connection ends
+/// the source link's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_partner_does_not_wait_out_the_backoff() {
+    init_tracing();
+    let (mut a, mut b) = (Site::new().await, Site::new().await);
+    partner(&mut a, &mut [&mut b]);
+    let slow = [
+        "--backoff-min",
+        "300s",
+        "--backoff-max",
+        "300s",
+        "--sync-interval",
+        "300s",
+    ];
+    for node in [&mut a.node, &mut b.node] {
+        node.extra_args.extend(slow.map(String::from));
+    }
+    let seen_b = b.collect(&["CREATE_RESOURCE"]).await;
+    a.node.start_healthy().await.unwrap();
+    let me = a.id();
+    for i in 0..100 {
+        a.publish_ok(&event("PB_CREATE", &format!("early-{i}"), &me, json!({})))
+            .await;
+    }
+    // A's link has failed to reach B: its next attempt is 300 s away.
+    oc_discovery::testkit::wait_until(
+        "A's link to fail while B is down",
+        Duration::from_secs(30),
+        || a.node.log().contains("partner session ended"),
+    )
+    .await
+    .unwrap();
+
+    b.node.start_healthy().await.unwrap();
+    seen_b.wait_distinct("the backlog, pulled at start-up", 100).await;
+    for i in 0..100 {
+        a.publish_ok(&event("PB_CREATE", &format!("live-{i}"), &me, json!({})))
+            .await;
+    }
+    seen_b.wait_distinct("new events, over A's link", 200).await;
+    let peers = a.node.get_json("/api/peers").await.unwrap();
+    assert_eq!(peers[0]["state"], "online", "{peers}");
+}

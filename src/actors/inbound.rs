@@ -19,7 +19,7 @@
 //!
 //! Gaps are filled by pulling the origin's journal (`crate::sync`): when the origin's
 //! `hello` shows it is far ahead, when it announces an entry too large for a frame, when a
-//! hole in the reorder buffer persists, and every `sync_interval` as a safety net.
+//! hole in the reorder buffer persists, at start-up, and every `sync_interval` as a safety net.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -188,6 +188,11 @@ impl Actor for InboundApply {
                     }
                 }
             });
+        }
+        // A node coming back pulls what its partners journaled meanwhile at once, without
+        // waiting for their links to reconnect or for the first safety-net tick.
+        for peer in self.env.partners.peers() {
+            let _ = self.session(peer).send(Attach::PeriodicSync);
         }
         ctx.run_interval(self.env.tuning.sync_interval, |act, _| {
             for peer in act.env.partners.peers() {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use futures::io::WriteHalf;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{Multiaddr, PeerId, Stream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::Tuning;
 use crate::event::{now_ms, ErrorCode};
@@ -198,6 +198,7 @@ pub async fn run(
     let mut cursor = Cursor::load(&env, peer).await;
     status.acked.store(cursor.acked, Ordering::Relaxed);
     let mut backoff = env.tuning.backoff_min;
+    let mut arrivals = env.net.state().arrivals();
     loop {
         let before = cursor.acked;
         let outcome = tokio::select! {
@@ -223,14 +224,36 @@ pub async fn run(
                 Some(e.to_string()),
             );
         }
+        // Only a connection made while the link waits cuts the wait short (one the
+        // session made itself must not, or a partner that drops us would be retried
+        // without backoff).
+        arrivals = arrivals.resubscribe();
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            _ = arrived(&mut arrivals, peer) => {
+                tracing::debug!(%peer, "partner connected: retrying now");
+            }
             _ = crate::shutdown::signalled(&mut shutdown) => break,
         }
         backoff = (backoff * 2).min(env.tuning.backoff_max);
     }
     cursor.persist(&env, peer).await;
     tracing::debug!(%peer, acked = cursor.acked, "partner link stopped");
+}
+
+/// Returns when `peer` connects: a partner that comes back (it dials its own partners as it
+/// starts) is caught up at once instead of after the rest of the backoff, which reaches
+/// `backoff_max` during a long absence. Never returns when the network is gone.
+async fn arrived(arrivals: &mut broadcast::Receiver<PeerId>, peer: PeerId) {
+    loop {
+        match arrivals.recv().await {
+            Ok(p) if p == peer => return,
+            Ok(_) => {}
+            // Some arrivals were missed: one of them may have been this peer.
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
 }
 
 /// The partner's acknowledged position and when it was last written down.

@@ -29,7 +29,7 @@ use libp2p::{
     allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm,
 };
 use libp2p::{gossipsub, kad};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
 pub const PROTOCOL_UPDATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/update/1.0");
@@ -160,14 +160,35 @@ pub enum NetError {
 }
 
 /// What the rest of the node can see of the network without asking the loop.
-#[derive(Default)]
 pub struct NetState {
     listening: AtomicBool,
     listen_addrs: Mutex<Vec<Multiaddr>>,
     connected: Mutex<HashSet<PeerId>>,
+    /// Each peer we had no connection with as it gets its first.
+    arrivals: broadcast::Sender<PeerId>,
+}
+
+/// Arrivals a slow listener may fall behind by before it is told it lagged.
+const ARRIVALS_QUEUE: usize = 256;
+
+impl Default for NetState {
+    fn default() -> Self {
+        NetState {
+            listening: AtomicBool::new(false),
+            listen_addrs: Mutex::default(),
+            connected: Mutex::default(),
+            arrivals: broadcast::channel(ARRIVALS_QUEUE).0,
+        }
+    }
 }
 
 impl NetState {
+    /// Peers as they connect (a peer already connected is not announced again until it
+    /// has been disconnected). A receiver that lagged gets `RecvError::Lagged`.
+    pub fn arrivals(&self) -> broadcast::Receiver<PeerId> {
+        self.arrivals.subscribe()
+    }
+
     pub fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
     }
@@ -856,6 +877,10 @@ impl EventLoop {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
                 if let Ok(mut c) = self.state.connected.lock() {
                     c.insert(peer_id);
+                }
+                if num_established.get() == 1 {
+                    // No listener is an answer too: nobody waits for this peer.
+                    let _ = self.state.arrivals.send(peer_id);
                 }
                 for reply in self.pending_dial.remove(&peer_id).unwrap_or_default() {
                     // The caller may have timed out already.
