@@ -381,6 +381,31 @@ async fn throughput_and_latency(
     let rate = got as f64 / took.as_secs_f64().max(1e-9);
     println!("[{store}] throughput: {got}/{n} in {took:?} = {rate:.0} events/s");
     cpu.report(store, "throughput", got, rows);
+    // How many events each fsynced commit carried: the node's group commit at work.
+    let per_commit = |events: u64, commits: u64| events as f64 / commits.max(1) as f64;
+    let journal = per_commit(
+        a.node.metric("oc_intake_accepted_total").await?,
+        a.node.metric("oc_journal_commits_total").await?,
+    );
+    let apply = per_commit(
+        b.node.metric("oc_events_applied_total").await?,
+        b.node.metric("oc_apply_commits_total").await?,
+    );
+    println!("[{store}] throughput batches: {journal:.0} events per journal commit (A), {apply:.0} per apply commit (B)");
+    for (metric, value) in [
+        ("events_per_journal_commit", journal),
+        ("events_per_apply_commit", apply),
+    ] {
+        rows.push(Row {
+            scenario: "batches throughput".into(),
+            store: store.into(),
+            metric: metric.into(),
+            value,
+            unit: "events".into(),
+            baseline: None,
+            lost: 0,
+        });
+    }
     rows.push(Row {
         scenario: "throughput".into(),
         store: store.into(),

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub nats_published: AtomicU64,
     /// Partner sessions opened (first connect and every reconnect).
     pub sessions_opened: AtomicU64,
+    /// Store commits of the intake (`intake_accepted / journal_commits` is the mean batch).
+    pub journal_commits: AtomicU64,
+    /// Store commits of inbound sessions (`events_applied + events_stale` per commit, about).
+    pub apply_commits: AtomicU64,
     /// Refusals by where they happened ("intake", "inbound", "outbound") and code.
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Peer records and searches.
@@ -138,7 +142,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             (
                 "oc_intake_accepted_total",
                 "Events accepted from the local application",
@@ -173,6 +177,16 @@ impl Metrics {
                 "oc_sessions_opened_total",
                 "Partner sessions opened",
                 &self.sessions_opened,
+            ),
+            (
+                "oc_journal_commits_total",
+                "Journal commits of the intake",
+                &self.journal_commits,
+            ),
+            (
+                "oc_apply_commits_total",
+                "Store commits of inbound entries",
+                &self.apply_commits,
             ),
         ];
         for (name, help, c) in counters {

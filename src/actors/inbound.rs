@@ -635,6 +635,7 @@ impl Session {
         else {
             return false;
         };
+        Metrics::add(&env.metrics.apply_commits, 1);
         for (seq, outcome) in seqs.iter().zip(&outcomes) {
             match outcome {
                 ApplyOutcome::Applied => Metrics::add(&env.metrics.events_applied, 1),

@@ -497,6 +497,7 @@ impl IntakeEnv {
         match entries {
             Ok(entries) => {
                 Metrics::add(&self.metrics.intake_accepted, count as u64);
+                Metrics::add(&self.metrics.journal_commits, 1);
                 for (entry, reply) in entries.iter().zip(replies) {
                     if let Some(reply) = reply {
                         let body = json!({"ok": true, "origin": entry.origin, "seq": entry.seq});
