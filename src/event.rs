@@ -446,6 +446,10 @@ impl Resource {
         self.raw.get()
     }
 
+    pub fn raw(&self) -> &RawValue {
+        &self.raw
+    }
+
     /// The resource as a tree, for the rare readers of its other fields.
     pub fn to_value(&self) -> Value {
         // The text was valid JSON when wrapped; a tree of it cannot fail but past
@@ -619,7 +623,7 @@ pub struct ResourceNotice {
 struct NoticeRef<'a> {
     data_type: &'a str,
     user: &'a str,
-    resource: &'a Resource,
+    resource: &'a RawValue,
     from_peer: &'a str,
     origin_seq: u64,
     from_app: &'a str,
@@ -629,15 +633,27 @@ impl ResourceNotice {
     /// The JSON body of the notice for `e`: a [`ResourceNotice`] written from the entry
     /// without copying it.
     pub fn body_of(e: &JournalEntry) -> Vec<u8> {
+        ResourceNotice::body(&e.data_type, &e.user, e.resource.raw(), &e.origin, e.seq)
+    }
+
+    /// The JSON body of a notice from its parts; the same bytes as [`Self::body_of`] for
+    /// the entry they come from.
+    pub fn body(
+        data_type: &str,
+        user: &str,
+        resource: &RawValue,
+        from_peer: &str,
+        origin_seq: u64,
+    ) -> Vec<u8> {
         let notice = NoticeRef {
-            data_type: &e.data_type,
-            user: &e.user,
-            resource: &e.resource,
-            from_peer: &e.origin,
-            origin_seq: e.seq,
+            data_type,
+            user,
+            resource,
+            from_peer,
+            origin_seq,
             from_app: OWN_APP,
         };
-        // Serializing strings and a JSON value into a Vec cannot fail.
+        // Serializing strings and a JSON text into a Vec cannot fail.
         serde_json::to_vec(&notice).unwrap_or_default()
     }
 

@@ -372,6 +372,13 @@ impl IntakeEnv {
         let mut published = false;
         for msg in &batch {
             if let Some(js) = &msg.js {
+                if js.redelivered {
+                    tracing::debug!(
+                        stream_seq = js.stream_seq,
+                        seen = journaled_before.contains(&js.stream_seq),
+                        "redelivered"
+                    );
+                }
                 if journaled_before.contains(&js.stream_seq) {
                     tracing::debug!(
                         stream_seq = js.stream_seq,
@@ -477,6 +484,10 @@ impl IntakeEnv {
         durable_source: bool,
     ) -> bool {
         let count = events.len();
+        let stream_range = (
+            stream_seqs.iter().min().copied(),
+            stream_seqs.iter().max().copied(),
+        );
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(50);
         let entries = loop {
@@ -505,7 +516,7 @@ impl IntakeEnv {
                     }
                 }
                 if let Some(last) = entries.last() {
-                    tracing::debug!(count, head = last.seq, "journaled");
+                    tracing::debug!(count, head = last.seq, stream_first = ?stream_range.0, stream_last = ?stream_range.1, "journaled");
                     self.links.do_send(JournalAdvanced { head: last.seq });
                 }
                 true

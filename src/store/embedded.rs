@@ -14,7 +14,7 @@ use super::{
     decide, outbox_row, ApplyOutcome, Holder, OutboxRow, PeerRow, RawEntry, Store, StoreError, StoreResult,
     StoredResource,
 };
-use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource};
+use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
 /// redb's page cache. Its default (1 GiB) made a node catching up on a million events
 /// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.
@@ -384,6 +384,8 @@ impl Store for EmbeddedStore {
             let txn = db.begin_write().map_err(unavailable)?;
             let mut outcomes = Vec::with_capacity(entries.len());
             let mut rows = Vec::new();
+            // (data_type, id, version) of each row's resource.
+            let mut keys: Vec<(&str, &str, u64)> = Vec::new();
             {
                 let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
@@ -413,17 +415,19 @@ impl Store for EmbeddedStore {
                             origin: &entry.origin,
                             version: entry.seq,
                             deleted: entry.action == Action::Delete,
+                            user: &entry.user,
                             resource: &entry.resource,
                         };
                         let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
                         resources.insert(key, bytes.as_slice()).map_err(unavailable)?;
                         rows.push(row);
+                        keys.push((&entry.data_type, id, entry.seq));
                     }
                     outcomes.push(outcome);
                 }
                 if let Some(last) = rows.last() {
                     outbox
-                        .insert(last.id, encode_group(&rows).as_slice())
+                        .insert(last.id, encode_group(&stored_rows(&rows, &keys)).as_slice())
                         .map_err(unavailable)?;
                 }
                 let mut applied = txn.open_table(APPLIED).map_err(unavailable)?;
@@ -446,10 +450,13 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(OUTBOX).map_err(unavailable)?;
+            let resources = txn.open_table(RESOURCES).map_err(unavailable)?;
             let mut out = Vec::new();
             for item in table.range(0u64..).map_err(unavailable)? {
                 let (k, v) = item.map_err(unavailable)?;
-                out.extend(decode_group(k.value(), v.value())?);
+                for row in decode_group(k.value(), v.value())? {
+                    out.extend(resolve(row, &resources)?);
+                }
                 if out.len() >= limit {
                     break;
                 }
@@ -559,7 +566,114 @@ struct StoredRef<'a> {
     origin: &'a str,
     version: u64,
     deleted: bool,
+    /// Not part of [`StoredResource`]: kept so an outbox row can point at this state
+    /// instead of holding a copy of its notice ([`StoredRow::Ref`]).
+    user: &'a str,
     resource: &'a Resource,
+}
+
+/// What a notice needs of a stored state.
+#[derive(serde::Deserialize)]
+struct StoredNotice {
+    origin: String,
+    version: u64,
+    #[serde(default)]
+    user: String,
+    resource: Box<serde_json::value::RawValue>,
+}
+
+/// An outbox row as stored: with its payload, or pointing at the state of the resource whose
+/// notice it is.
+///
+/// A row points when its resource is not changed again in its batch: the state stays as it
+/// is until a later batch changes it, and a later batch is applied only after this one's
+/// notices are confirmed, in a commit that also removes their rows. A resource changed twice
+/// in one batch keeps its earlier notices whole. Pointing halves what a receiver writes per
+/// event, since the notice holds the resource again (docs/PERFORMANCE.md).
+#[derive(Debug, Clone, PartialEq)]
+enum StoredRow {
+    Full(OutboxRow),
+    Ref {
+        id: u64,
+        subject: String,
+        msg_id: String,
+        data_type: String,
+        resource_id: String,
+        version: u64,
+    },
+}
+
+impl StoredRow {
+    fn id(&self) -> u64 {
+        match self {
+            StoredRow::Full(row) => row.id,
+            StoredRow::Ref { id, .. } => *id,
+        }
+    }
+}
+
+/// The stored form of a batch's rows; `keys[i]` is the resource and version of `rows[i]`.
+fn stored_rows(rows: &[OutboxRow], keys: &[(&str, &str, u64)]) -> Vec<StoredRow> {
+    let mut later: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
+    let mut out: Vec<StoredRow> = rows
+        .iter()
+        .zip(keys)
+        .rev()
+        .map(|(row, &(data_type, resource_id, version))| {
+            if later.insert((data_type, resource_id)) {
+                StoredRow::Ref {
+                    id: row.id,
+                    subject: row.subject.clone(),
+                    msg_id: row.msg_id.clone(),
+                    data_type: data_type.to_owned(),
+                    resource_id: resource_id.to_owned(),
+                    version,
+                }
+            } else {
+                StoredRow::Full(row.clone())
+            }
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+/// The row to publish; `None` (logged) for a row pointing at a state that has changed since,
+/// which the rule in [`StoredRow`] rules out: a notice is never rebuilt from another state.
+fn resolve(
+    row: StoredRow,
+    resources: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+) -> StoreResult<Option<OutboxRow>> {
+    let (id, subject, msg_id, data_type, resource_id, version) = match row {
+        StoredRow::Full(row) => return Ok(Some(row)),
+        StoredRow::Ref {
+            id,
+            subject,
+            msg_id,
+            data_type,
+            resource_id,
+            version,
+        } => (id, subject, msg_id, data_type, resource_id, version),
+    };
+    let state: Option<StoredNotice> = match resources
+        .get((data_type.as_str(), resource_id.as_str()))
+        .map_err(unavailable)?
+    {
+        Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+        None => None,
+    };
+    match state {
+        Some(s) if s.version == version => Ok(Some(OutboxRow {
+            id,
+            subject,
+            msg_id,
+            payload: ResourceNotice::body(&data_type, &s.user, &s.resource, &s.origin, version),
+        })),
+        other => {
+            tracing::error!(row = id, %msg_id, %data_type, %resource_id, version, stored_version = other.map(|s| s.version), "outbox row points at a state that changed: skipped");
+            Ok(None)
+        }
+    }
 }
 
 /// First byte of an outbox row in the binary layout (a JSON row starts with `{`).
@@ -581,18 +695,65 @@ fn encode_outbox(row: &OutboxRow) -> Vec<u8> {
 
 /// First byte of a group of outbox rows.
 const OUTBOX_GROUP: u8 = 2;
+/// First byte of a row pointing at a resource state ([`StoredRow::Ref`]).
+const OUTBOX_REF: u8 = 3;
 
-/// `2`, then per row: u64 LE id, u32 LE length, the row in the layout of [`encode_outbox`].
-fn encode_group(rows: &[OutboxRow]) -> Vec<u8> {
-    let size: usize = rows
-        .iter()
-        .map(|r| 24 + r.subject.len() + r.msg_id.len() + r.payload.len())
-        .sum();
-    let mut out = Vec::with_capacity(1 + size);
+/// `3, u64 LE version`, then subject, msg id, data type and resource id, each as a u32 LE
+/// length and the text.
+fn encode_row(row: &StoredRow) -> Vec<u8> {
+    let (subject, msg_id, data_type, resource_id, version) = match row {
+        StoredRow::Full(full) => return encode_outbox(full),
+        StoredRow::Ref {
+            subject,
+            msg_id,
+            data_type,
+            resource_id,
+            version,
+            ..
+        } => (subject, msg_id, data_type, resource_id, version),
+    };
+    let fields = [subject, msg_id, data_type, resource_id];
+    let mut out = Vec::with_capacity(9 + fields.iter().map(|f| 4 + f.len()).sum::<usize>());
+    out.push(OUTBOX_REF);
+    out.extend_from_slice(&version.to_le_bytes());
+    for field in fields {
+        out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out
+}
+
+/// Reads a row of any layout: [`encode_row`]'s, [`encode_outbox`]'s, or JSON.
+fn decode_row(id: u64, bytes: &[u8]) -> StoreResult<StoredRow> {
+    let Some((&OUTBOX_REF, rest)) = bytes.split_first() else {
+        return decode_outbox(id, bytes).map(StoredRow::Full);
+    };
+    let truncated = || corrupt(format!("outbox row {id} truncated"));
+    let (version, mut rest) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;
+    let mut field = || -> StoreResult<String> {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let text = tail.get(..len).ok_or_else(truncated)?;
+        rest = &tail[len..];
+        String::from_utf8(text.to_vec()).map_err(corrupt)
+    };
+    Ok(StoredRow::Ref {
+        id,
+        subject: field()?,
+        msg_id: field()?,
+        data_type: field()?,
+        resource_id: field()?,
+        version: u64::from_le_bytes(*version),
+    })
+}
+
+/// `2`, then per row: u64 LE id, u32 LE length, the row in the layout of [`encode_row`].
+fn encode_group(rows: &[StoredRow]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + rows.len() * 128);
     out.push(OUTBOX_GROUP);
     for row in rows {
-        let one = encode_outbox(row);
-        out.extend_from_slice(&row.id.to_le_bytes());
+        let one = encode_row(row);
+        out.extend_from_slice(&row.id().to_le_bytes());
         out.extend_from_slice(&(one.len() as u32).to_le_bytes());
         out.extend_from_slice(&one);
     }
@@ -600,9 +761,9 @@ fn encode_group(rows: &[OutboxRow]) -> Vec<u8> {
 }
 
 /// The rows under one outbox key: a group, or the single row of an earlier version.
-fn decode_group(key: u64, bytes: &[u8]) -> StoreResult<Vec<OutboxRow>> {
+fn decode_group(key: u64, bytes: &[u8]) -> StoreResult<Vec<StoredRow>> {
     let Some((&OUTBOX_GROUP, mut rest)) = bytes.split_first() else {
-        return Ok(vec![decode_outbox(key, bytes)?]);
+        return Ok(vec![decode_row(key, bytes)?]);
     };
     let truncated = || corrupt(format!("outbox group {key} truncated"));
     let mut rows = Vec::new();
@@ -611,7 +772,7 @@ fn decode_group(key: u64, bytes: &[u8]) -> StoreResult<Vec<OutboxRow>> {
         let (len, tail) = tail.split_first_chunk::<4>().ok_or_else(truncated)?;
         let len = u32::from_le_bytes(*len) as usize;
         let one = tail.get(..len).ok_or_else(truncated)?;
-        rows.push(decode_outbox(u64::from_le_bytes(*id), one)?);
+        rows.push(decode_row(u64::from_le_bytes(*id), one)?);
         rest = &tail[len..];
     }
     Ok(rows)
@@ -637,9 +798,9 @@ fn remove_outbox_rows(table: &mut redb::Table<u64, &[u8]>, mut ids: Vec<u64>) ->
         i = upto;
         let rows = decode_group(key, &value)?;
         let before = rows.len();
-        let kept: Vec<OutboxRow> = rows
+        let kept: Vec<StoredRow> = rows
             .into_iter()
-            .filter(|r| gone.binary_search(&r.id).is_err())
+            .filter(|r| gone.binary_search(&r.id()).is_err())
             .collect();
         if kept.is_empty() {
             table.remove(key).map_err(unavailable)?;
@@ -777,15 +938,16 @@ mod tests {
             msg_id: format!("o:{id}"),
             payload: format!("{{\"n\":{id}}}").into_bytes(),
         };
+        let full = |id: u64| StoredRow::Full(row(id));
         // An earlier version's single row (JSON) under its own id, then two groups.
         let txn = store.db.begin_write().unwrap();
         {
             let mut t = txn.open_table(OUTBOX).unwrap();
             t.insert(1, serde_json::to_vec(&row(1)).unwrap().as_slice())
                 .unwrap();
-            t.insert(4, encode_group(&[row(2), row(3), row(4)]).as_slice())
+            t.insert(4, encode_group(&[full(2), full(3), full(4)]).as_slice())
                 .unwrap();
-            t.insert(6, encode_group(&[row(5), row(6)]).as_slice()).unwrap();
+            t.insert(6, encode_group(&[full(5), full(6)]).as_slice()).unwrap();
         }
         txn.commit().unwrap();
         let all: Vec<OutboxRow> = (1..=6).map(row).collect();
@@ -796,8 +958,74 @@ mod tests {
         assert_eq!(store.outbox(100).await.unwrap(), left);
         store.outbox_remove(vec![2, 4, 5, 5]).await.unwrap();
         assert!(store.outbox(100).await.unwrap().is_empty());
-        let cut = &encode_group(&[row(7)])[..12];
+        let cut = &encode_group(&[full(7)])[..12];
         assert!(matches!(decode_group(7, cut), Err(StoreError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn outbox_rows_point_at_the_state_unless_it_changes_again_in_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let entry = |seq: u64, action: Action, id: &str| JournalEntry {
+            origin: "o".into(),
+            seq,
+            action,
+            data_type: "D".into(),
+            user: format!("u{seq}"),
+            resource: Resource::from_json(&format!(r#"{{ "id": "{id}", "creator_id": "o", "v": {seq} }}"#))
+                .unwrap(),
+            time_ms: 1,
+        };
+        let batch = vec![
+            entry(1, Action::Create, "a"),
+            entry(2, Action::Create, "b"),
+            entry(3, Action::Update, "a"),
+            entry(4, Action::Delete, "b"),
+            entry(5, Action::Update, "a"),
+        ];
+        let (_, rows) = store.apply_batch("o", 5, batch.clone()).await.unwrap();
+        assert_eq!(rows.len(), 5);
+        for (row, e) in rows.iter().zip(&batch) {
+            assert_eq!(row.payload, ResourceNotice::body_of(e), "seq {}", e.seq);
+        }
+        assert_eq!(store.outbox(100).await.unwrap(), rows, "rebuilt byte for byte");
+        let stored = {
+            let txn = store.db.begin_read().unwrap();
+            let table = txn.open_table(OUTBOX).unwrap();
+            let (k, v) = table.last().unwrap().unwrap();
+            decode_group(k.value(), v.value()).unwrap()
+        };
+        let pointing: Vec<bool> = stored
+            .iter()
+            .map(|r| matches!(r, StoredRow::Ref { .. }))
+            .collect();
+        assert_eq!(
+            pointing,
+            [false, false, false, true, true],
+            "only each resource's last change points"
+        );
+
+        // A pointer whose state changed (which the apply order rules out) is skipped, not
+        // published with another state's resource.
+        store
+            .outbox_remove(rows.iter().map(|r| r.id).collect())
+            .await
+            .unwrap();
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(OUTBOX).unwrap();
+            let stale = StoredRow::Ref {
+                id: 40,
+                subject: "CREATE_RESOURCE".into(),
+                msg_id: "o:3".into(),
+                data_type: "D".into(),
+                resource_id: "a".into(),
+                version: 3,
+            };
+            t.insert(40, encode_group(&[stale]).as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        assert!(store.outbox(100).await.unwrap().is_empty());
     }
 
     #[tokio::test]
