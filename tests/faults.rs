@@ -127,6 +127,18 @@ async fn with_jetstream_events_published_while_the_node_is_down_are_not_lost() {
     let head = a.node.get_json("/api/node").await.unwrap()["journal_head"]
         .as_u64()
         .unwrap();
+    if head != total as u64 {
+        // Which stream sequences each batch journaled, and which came back redelivered.
+        let log = a.node.log();
+        let intake = log.lines().filter(|l| {
+            ["intake", "redeliver", "journaled", "node started"]
+                .iter()
+                .any(|w| l.contains(w))
+        });
+        for line in intake {
+            println!("A: {line}");
+        }
+    }
     assert_eq!(head, total as u64, "nothing journaled twice after the redelivery");
     println!(
         "published {total}, journaled {head}, stored on B {}",
