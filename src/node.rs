@@ -187,6 +187,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         backoff_max: t.backoff_max,
         io_timeout: t.io_timeout,
         consumer: Default::default(),
+        journaled_high: Default::default(),
     })
     .start();
     let server = admin::serve(

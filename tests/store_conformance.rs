@@ -174,6 +174,7 @@ async fn journal(b: &mut dyn Backend) {
 async fn intake_marks(b: &mut dyn Backend) {
     let store = b.fresh("intake").await;
     assert!(store.intake_seen(vec![1, 2]).await.unwrap().is_empty());
+    assert_eq!(store.intake_high().await.unwrap(), 0);
     let entries = store
         .append_journal_marked(
             A,
@@ -190,8 +191,10 @@ async fn intake_marks(b: &mut dyn Backend) {
         store.intake_seen(vec![9, 10, 11, 12]).await.unwrap(),
         vec![10, 11]
     );
+    assert_eq!(store.intake_high().await.unwrap(), 11, "a restarted intake checks up to here");
     store.intake_forget_below(11).await.unwrap();
     assert_eq!(store.intake_seen(vec![10, 11]).await.unwrap(), vec![11]);
+    assert_eq!(store.intake_high().await.unwrap(), 11);
     // A plain append records nothing.
     store
         .append_journal(A, vec![new_event(Action::Create, "r3", json!({}))])

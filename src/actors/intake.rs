@@ -16,8 +16,9 @@
 //! What arrived meanwhile is the next batch ([`ReadyBatches`]): the slower the commit, the
 //! bigger the group it makes.
 
+use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,6 +184,10 @@ pub struct IntakeEnv {
     pub io_timeout: Duration,
     /// The JetStream consumer, once set up (to read its ack floor).
     pub consumer: std::sync::Mutex<Option<jetstream::consumer::PullConsumer>>,
+    /// Highest stream sequence known journaled (`Store::intake_high` when the JetStream
+    /// intake opens, then each journaled batch): a message at or below it is checked
+    /// against the store whatever its delivery count says.
+    pub journaled_high: AtomicU64,
 }
 
 impl Intake {
@@ -335,6 +340,9 @@ impl IntakeEnv {
         if let Ok(mut slot) = self.consumer.lock() {
             *slot = Some(consumer);
         }
+        // Unknown: check every message against the store rather than risk a duplicate.
+        let high = self.store.intake_high().await.unwrap_or(u64::MAX);
+        self.journaled_high.fetch_max(high, Ordering::Relaxed);
         tracing::info!(stream = %self.stream_name, consumer = CONSUMER_NAME, "JetStream intake ready");
         let source = messages.filter_map(|m| async move {
             match m {
@@ -365,6 +373,9 @@ impl IntakeEnv {
 
     async fn process(&self, batch: Vec<Incoming>) {
         let journaled_before = self.journaled_before(&batch).await;
+        // A redelivery can share a batch with its first delivery (one that waited past the
+        // ack wait in the client): only the first is journaled.
+        let mut in_batch = HashSet::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         let mut replies: Vec<Option<Subject>> = Vec::with_capacity(batch.len());
         let mut stream_seqs = Vec::new();
@@ -373,16 +384,12 @@ impl IntakeEnv {
         for msg in &batch {
             if let Some(js) = &msg.js {
                 if js.redelivered {
-                    tracing::debug!(
-                        stream_seq = js.stream_seq,
-                        seen = journaled_before.contains(&js.stream_seq),
-                        "redelivered"
-                    );
+                    tracing::debug!(stream_seq = js.stream_seq, "redelivered");
                 }
-                if journaled_before.contains(&js.stream_seq) {
+                if journaled_before.contains(&js.stream_seq) || !in_batch.insert(js.stream_seq) {
                     tracing::debug!(
                         stream_seq = js.stream_seq,
-                        "redelivered event was journaled already"
+                        "event journaled already (a redelivery, or a second delivery in this batch)"
                     );
                     continue;
                 }
@@ -434,12 +441,16 @@ impl IntakeEnv {
         }
     }
 
-    /// Stream sequences of redelivered messages in `batch` that were journaled already.
+    /// Stream sequences of messages in `batch` that were journaled already. Checked: every
+    /// redelivery, and every message at or below the highest stream sequence journaled
+    /// (whatever its delivery count: a message a crashed node journaled must never be
+    /// taken again); a first delivery above it cannot have been journaled.
     async fn journaled_before(&self, batch: &[Incoming]) -> Vec<u64> {
+        let high = self.journaled_high.load(Ordering::Relaxed);
         let redelivered: Vec<u64> = batch
             .iter()
             .filter_map(|m| m.js.as_ref())
-            .filter(|js| js.redelivered)
+            .filter(|js| js.redelivered || js.stream_seq <= high)
             .map(|js| js.stream_seq)
             .collect();
         if redelivered.is_empty() {
@@ -507,6 +518,9 @@ impl IntakeEnv {
         };
         match entries {
             Ok(entries) => {
+                if let Some(last) = stream_range.1 {
+                    self.journaled_high.fetch_max(last, Ordering::Relaxed);
+                }
                 Metrics::add(&self.metrics.intake_accepted, count as u64);
                 Metrics::add(&self.metrics.journal_commits, 1);
                 for (entry, reply) in entries.iter().zip(replies) {

@@ -346,6 +346,16 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn intake_high(&self) -> StoreResult<u64> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(INTAKE).map_err(unavailable)?;
+            let high = table.last().map_err(unavailable)?.map(|(k, _)| k.value());
+            Ok(high.unwrap_or(0))
+        })
+        .await
+    }
+
     async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;

@@ -112,6 +112,11 @@ pub trait Store: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The highest stream sequence recorded as journaled (0 when none).
+    async fn intake_high(&self) -> StoreResult<u64> {
+        Ok(0)
+    }
+
     /// Forgets recorded stream sequences below `seq` (the consumer's ack floor: the server
     /// never redelivers those).
     async fn intake_forget_below(&self, seq: u64) -> StoreResult<()> {

@@ -1375,6 +1375,21 @@ impl Store for MongoStore {
             .collect())
     }
 
+    async fn intake_high(&self) -> StoreResult<u64> {
+        self.ready().await?;
+        let last = self
+            .coll::<Document>(INTAKE)
+            .find_one(doc! {})
+            .sort(doc! {"_id": -1})
+            .projection(doc! {"_id": 1})
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(last
+            .and_then(|d| d.get_i64("_id").ok())
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0))
+    }
+
     async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
         self.ready().await?;
         let below = i64::try_from(below).unwrap_or(i64::MAX);
