@@ -423,7 +423,17 @@ impl Field {
 
 impl Resource {
     /// Wraps JSON text already known to be valid (its `id` and `creator_id` are read here).
+    ///
+    /// Line breaks become spaces: journal sync carries entries as JSON lines, so an entry's
+    /// JSON must hold none. Valid JSON has line breaks only between tokens (inside strings
+    /// they are escaped), where a space means the same.
     pub fn from_raw(raw: Box<RawValue>) -> Resource {
+        let raw = if raw.get().contains(['\n', '\r']) {
+            let flat = raw.get().replace(['\n', '\r'], " ");
+            RawValue::from_string(flat).unwrap_or(raw)
+        } else {
+            raw
+        };
         let (id, creator_id) = read_keys(raw.get());
         Resource { raw, id, creator_id }
     }
@@ -802,6 +812,13 @@ mod tests {
         for not_object in ["[1]", "\"id\"", "3", "null"] {
             assert_eq!(r(not_object).id(), None, "{not_object}");
         }
+        let pretty = r("{\n  \"id\": \"p\",\r\n  \"note\": \"two\\nlines\"\n}");
+        assert!(
+            !pretty.json().contains('\n') && !pretty.json().contains('\r'),
+            "one JSON line"
+        );
+        assert_eq!(pretty.to_value()["note"], "two\nlines", "escaped breaks stay");
+        assert_eq!(pretty.id(), Some("p"));
         let from_tree = Resource::from(serde_json::json!({"id": "t", "n": [1, 2]}));
         assert_eq!(from_tree.id(), Some("t"));
         assert_eq!(from_tree.to_value()["n"][1], 2);

@@ -311,6 +311,35 @@ pub async fn pull(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn an_answer_holds_one_line_per_entry_however_its_resource_was_spaced() {
+        use crate::event::{Action, NewEvent, Resource};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("j.redb")).unwrap();
+        let pretty = "{\n  \"id\": \"r1\",\r\n  \"creator_id\": \"o\"\n}";
+        let event = NewEvent {
+            action: Action::Create,
+            data_type: "D".into(),
+            user: "u".into(),
+            from_app: "app".into(),
+            resource: Resource::from_json(pretty).unwrap(),
+            resource_id: "r1".into(),
+        };
+        store
+            .append_journal("o", vec![event.clone(), event])
+            .await
+            .unwrap();
+        let answer = Answer::build(&store, "o", 0, None, 1 << 20, 100).await.unwrap();
+        let entries: Vec<JournalEntry> = answer
+            .blob
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).unwrap())
+            .collect();
+        assert_eq!(entries.len(), 2);
+        assert_eq!((entries[1].seq, entries[1].resource_id()), (2, Some("r1")));
+    }
+
     #[test]
     fn parts_fit_in_frames_and_cover_the_blob() {
         let blob: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();

@@ -191,7 +191,11 @@ async fn intake_marks(b: &mut dyn Backend) {
         store.intake_seen(vec![9, 10, 11, 12]).await.unwrap(),
         vec![10, 11]
     );
-    assert_eq!(store.intake_high().await.unwrap(), 11, "a restarted intake checks up to here");
+    assert_eq!(
+        store.intake_high().await.unwrap(),
+        11,
+        "a restarted intake checks up to here"
+    );
     store.intake_forget_below(11).await.unwrap();
     assert_eq!(store.intake_seen(vec![10, 11]).await.unwrap(), vec![11]);
     assert_eq!(store.intake_high().await.unwrap(), 11);
