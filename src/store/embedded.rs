@@ -695,9 +695,8 @@ const OUTBOX_BINARY: u8 = 1;
 fn encode_outbox(row: &OutboxRow) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + row.subject.len() + row.msg_id.len() + row.payload.len());
     out.push(OUTBOX_BINARY);
-    for field in [row.subject.as_bytes(), row.msg_id.as_bytes()] {
-        out.extend_from_slice(&(field.len() as u32).to_le_bytes());
-        out.extend_from_slice(field);
+    for field in [&row.subject, &row.msg_id] {
+        put_field(&mut out, field);
     }
     out.extend_from_slice(&row.payload);
     out
@@ -727,8 +726,7 @@ fn encode_row(row: &StoredRow) -> Vec<u8> {
     out.push(OUTBOX_REF);
     out.extend_from_slice(&version.to_le_bytes());
     for field in fields {
-        out.extend_from_slice(&(field.len() as u32).to_le_bytes());
-        out.extend_from_slice(field.as_bytes());
+        put_field(&mut out, field);
     }
     out
 }
@@ -738,15 +736,10 @@ fn decode_row(id: u64, bytes: &[u8]) -> StoreResult<StoredRow> {
     let Some((&OUTBOX_REF, rest)) = bytes.split_first() else {
         return decode_outbox(id, bytes).map(StoredRow::Full);
     };
-    let truncated = || corrupt(format!("outbox row {id} truncated"));
-    let (version, mut rest) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;
-    let mut field = || -> StoreResult<String> {
-        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
-        let len = u32::from_le_bytes(*len) as usize;
-        let text = tail.get(..len).ok_or_else(truncated)?;
-        rest = &tail[len..];
-        String::from_utf8(text.to_vec()).map_err(corrupt)
-    };
+    let (version, mut rest) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| corrupt(format!("outbox row {id} truncated")))?;
+    let mut field = || take_field(&mut rest, id);
     Ok(StoredRow::Ref {
         id,
         subject: field()?,
@@ -823,20 +816,28 @@ fn remove_outbox_rows(table: &mut redb::Table<u64, &[u8]>, mut ids: Vec<u64>) ->
     Ok(())
 }
 
+/// Appends a u32 LE length and the text: the fields of both row layouts.
+fn put_field(out: &mut Vec<u8>, field: &str) {
+    out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+    out.extend_from_slice(field.as_bytes());
+}
+
+/// Reads a field written by [`put_field`] off the front of `rest` (of row `id`).
+fn take_field(rest: &mut &[u8], id: u64) -> StoreResult<String> {
+    let truncated = || corrupt(format!("outbox row {id} truncated"));
+    let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
+    let len = u32::from_le_bytes(*len) as usize;
+    let text = tail.get(..len).ok_or_else(truncated)?;
+    *rest = &tail[len..];
+    String::from_utf8(text.to_vec()).map_err(corrupt)
+}
+
 /// Reads a row written by [`encode_outbox`], or the JSON rows of earlier versions.
 fn decode_outbox(id: u64, bytes: &[u8]) -> StoreResult<OutboxRow> {
     let Some((&OUTBOX_BINARY, mut rest)) = bytes.split_first() else {
         return serde_json::from_slice(bytes).map_err(corrupt);
     };
-    let mut field = || -> StoreResult<String> {
-        let truncated = || corrupt(format!("outbox row {id} truncated"));
-        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
-        let len = u32::from_le_bytes(*len) as usize;
-        let text = tail.get(..len).ok_or_else(truncated)?;
-        rest = &tail[len..];
-        String::from_utf8(text.to_vec()).map_err(corrupt)
-    };
-    let (subject, msg_id) = (field()?, field()?);
+    let (subject, msg_id) = (take_field(&mut rest, id)?, take_field(&mut rest, id)?);
     Ok(OutboxRow {
         id,
         subject,
