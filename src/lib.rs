@@ -17,6 +17,7 @@
 //! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
+//! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
 //! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
 //! - [`node`]: wires everything together and runs until shutdown.
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod event;
+pub mod guard;
 pub mod identity;
 pub mod metrics;
 pub mod nats;
