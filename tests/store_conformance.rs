@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use oc_discovery::event::{Action, JournalEntry, NewEvent};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::mongo::{MongoSettings, MongoStore};
-use oc_discovery::store::{ApplyOutcome, PeerRow, Relation, Store, StoreError, StoredResource};
+use oc_discovery::store::{ApplyOutcome, Owner, PeerRow, Relation, Store, StoreError, StoredResource};
 use oc_discovery::testkit::MongoServer;
 use serde_json::{json, Value};
 
@@ -369,12 +369,90 @@ async fn conflict_with_another_origin(b: &mut dyn Backend) {
         .apply_batch(B, 9, vec![entry(B, 9, Action::Update, "r1", json!({"n": 2}))])
         .await
         .unwrap();
-    assert_eq!(o, vec![ApplyOutcome::Conflict { owner: A.to_owned() }]);
+    assert_eq!(
+        o,
+        vec![ApplyOutcome::Conflict {
+            owner: Owner::Origin(A.to_owned())
+        }]
+    );
     assert!(rows.is_empty());
     assert_eq!(store.applied(B).await.unwrap(), 9, "passed over, not blocking");
     let r1 = get(&*store, "r1").await.unwrap();
     assert_eq!((r1.origin.as_str(), r1.version), (A, 1));
     assert_eq!(r1.resource["n"], 1);
+}
+
+/// One of this node's own resources (its journal holds it) is no partner's to change,
+/// whatever the origin claims: `conflict`, nothing stored, no notice, the mark moves on.
+async fn own_resources_are_no_partners(b: &mut dyn Backend) {
+    let store = b.fresh("own_conflict").await;
+    // A is this node: its application published own1 (and own2, then deleted it).
+    store
+        .append_journal(
+            A,
+            vec![
+                new_event(Action::Create, "own1", json!({"v": 1})),
+                new_event(Action::Create, "own2", json!({})),
+                new_event(Action::Delete, "own2", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    let this_node = ApplyOutcome::Conflict {
+        owner: Owner::ThisNode,
+    };
+    let (o, rows) = store
+        .apply_batch(
+            B,
+            4,
+            vec![
+                entry(B, 1, Action::Create, "own1", json!({"v": "B's"})),
+                entry(B, 2, Action::Update, "own1", json!({"v": "B's"})),
+                entry(B, 3, Action::Delete, "own1", json!({})),
+                entry(B, 4, Action::Create, "b1", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        vec![
+            this_node.clone(),
+            this_node.clone(),
+            this_node.clone(),
+            ApplyOutcome::Applied
+        ]
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.msg_id.clone()).collect::<Vec<_>>(),
+        vec![format!("{B}:4")],
+        "a notice for b1 only"
+    );
+    assert_eq!(store.applied(B).await.unwrap(), 4, "passed over, not blocking");
+    assert!(get(&*store, "own1").await.is_none(), "nothing stored for own1");
+    // Even an entry claiming this node's own origin is refused by the store.
+    let (o, rows) = store
+        .apply_batch(A, 9, vec![entry(A, 9, Action::Delete, "own1", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!((o, rows.len()), (vec![this_node], 0));
+    let own = store.own_resources(A, DT).await.unwrap();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(
+        (own[0]["id"].clone(), own[0]["v"].clone()),
+        (json!("own1"), json!(1))
+    );
+    assert_eq!(
+        store.journal_head(A).await.unwrap(),
+        3,
+        "the journal is untouched"
+    );
+    // An id the own application deleted is free again (the journal no longer holds it).
+    let (o, _) = store
+        .apply_batch(B, 5, vec![entry(B, 5, Action::Create, "own2", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Applied]);
 }
 
 async fn tombstones(b: &mut dyn Backend) {
@@ -407,7 +485,12 @@ async fn tombstones(b: &mut dyn Backend) {
         .apply_batch(B, 5, vec![entry(B, 5, Action::Create, "r1", json!({}))])
         .await
         .unwrap();
-    assert_eq!(o, vec![ApplyOutcome::Conflict { owner: A.to_owned() }]);
+    assert_eq!(
+        o,
+        vec![ApplyOutcome::Conflict {
+            owner: Owner::Origin(A.to_owned())
+        }]
+    );
     // The creator may create it again with a newer change.
     let (o, _) = store
         .apply_batch(A, 3, vec![entry(A, 3, Action::Create, "r1", json!({"n": 3}))])
@@ -597,6 +680,7 @@ async fn embedded_backend() {
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,
+        own_resources_are_no_partners,
         tombstones,
         one_batch_many_changes,
         outbox_rows,
@@ -622,12 +706,14 @@ async fn mongodb_backend() {
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,
+        own_resources_are_no_partners,
         tombstones,
         one_batch_many_changes,
         outbox_rows,
         listing_and_fields,
         restart_durability,
         refused_documents,
+        site_documents_are_not_overwritten,
         refused_by_the_server,
         lost_commit_answer,
         health_and_outage,
@@ -660,6 +746,119 @@ async fn refused_documents(b: &mut Mongo) {
     assert_eq!(rows.len(), 2);
     assert_eq!(store.applied(A).await.unwrap(), 5);
     assert!(get(&*store, "r2").await.is_none());
+}
+
+/// The site's applications write documents straight into MongoDB: a partner's entry never
+/// overwrites or removes one the node did not write for that partner.
+async fn site_documents_are_not_overwritten(b: &mut Mongo) {
+    use mongodb::bson::{doc, Document};
+    let store = b.fresh("site_documents").await;
+    let client = b.server.client().await.unwrap();
+    let coll = client.database(&b.db).collection::<Document>("compute_resource");
+    let read = |id: &'static str| {
+        let coll = coll.clone();
+        async move { coll.find_one(doc! {"_id": id}).await.unwrap() }
+    };
+    // Written by the site's applications, never by the node: one even names A as creator.
+    let app1 = doc! {"_id": "app1", "id": "app1", "creator_id": A, "name": "the site's"};
+    let app2 = doc! {"_id": "app2", "id": "app2", "creator_id": "site-app", "n": 7};
+    coll.insert_many([app1.clone(), app2.clone()]).await.unwrap();
+    let site = ApplyOutcome::Conflict {
+        owner: Owner::SiteDocument,
+    };
+    let (o, rows) = store
+        .apply_batch(
+            A,
+            4,
+            vec![
+                entry(A, 1, Action::Create, "app1", json!({"name": "A's"})),
+                entry(A, 2, Action::Update, "app2", json!({})),
+                entry(A, 3, Action::Delete, "app1", json!({})),
+                entry(A, 4, Action::Create, "r1", json!({"n": 1})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        vec![site.clone(), site.clone(), site.clone(), ApplyOutcome::Applied]
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.msg_id.clone()).collect::<Vec<_>>(),
+        vec![format!("{A}:4")]
+    );
+    assert_eq!(read("app1").await, Some(app1.clone()), "unchanged");
+    assert_eq!(read("app2").await, Some(app2), "unchanged");
+    assert!(get(&*store, "app1").await.is_none(), "no version row for app1");
+    assert_eq!(store.applied(A).await.unwrap(), 4, "passed over, not blocking");
+
+    // r1 is A's, written by the node; an application then makes it its own.
+    let taken = doc! {"_id": "r1", "id": "r1", "creator_id": "site-app", "n": 100};
+    coll.replace_one(doc! {"_id": "r1"}, taken.clone()).await.unwrap();
+    let (o, rows) = store
+        .apply_batch(A, 5, vec![entry(A, 5, Action::Update, "r1", json!({"n": 5}))])
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        vec![ApplyOutcome::Conflict {
+            owner: Owner::OtherCreator
+        }]
+    );
+    assert!(rows.is_empty());
+    assert_eq!(read("r1").await, Some(taken), "unchanged");
+    let bare = doc! {"_id": "r1", "id": "r1", "n": 101};
+    coll.replace_one(doc! {"_id": "r1"}, bare.clone()).await.unwrap();
+    let (o, _) = store
+        .apply_batch(A, 6, vec![entry(A, 6, Action::Delete, "r1", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        vec![ApplyOutcome::Conflict {
+            owner: Owner::OtherCreator
+        }],
+        "no creator_id"
+    );
+    assert_eq!(read("r1").await, Some(bare), "not removed");
+
+    // r2 was A's and A deleted it; an application wrote a document under the id since.
+    store
+        .apply_batch(
+            A,
+            8,
+            vec![
+                entry(A, 7, Action::Create, "r2", json!({})),
+                entry(A, 8, Action::Delete, "r2", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    let again = doc! {"_id": "r2", "id": "r2", "creator_id": A, "by": "an application"};
+    coll.insert_one(again.clone()).await.unwrap();
+    let (o, _) = store
+        .apply_batch(A, 9, vec![entry(A, 9, Action::Create, "r2", json!({}))])
+        .await
+        .unwrap();
+    assert_eq!(o, vec![site]);
+    assert_eq!(read("r2").await, Some(again), "unchanged");
+
+    // What the node wrote for A stays A's to change, within one batch too.
+    let (o, _) = store
+        .apply_batch(
+            A,
+            12,
+            vec![
+                entry(A, 10, Action::Create, "r3", json!({"n": 10})),
+                entry(A, 11, Action::Update, "r3", json!({"n": 11})),
+                entry(A, 12, Action::Update, "r3", json!({"n": 12})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(o, vec![ApplyOutcome::Applied; 3]);
+    assert_eq!(read("r3").await.unwrap().get_i64("n").unwrap(), 12);
+    assert_eq!(read("app1").await, Some(app1), "still unchanged");
 }
 
 /// A document only the server refuses (here: a validator the site put on a collection) is

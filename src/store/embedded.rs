@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    decide, outbox_row, ApplyOutcome, Holder, OutboxRow, PeerRow, RawEntry, Store, StoreError, StoreResult,
-    StoredResource,
+    decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, PeerRow, RawEntry, Store, StoreError,
+    StoreResult, StoredResource,
 };
 use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
@@ -398,6 +398,9 @@ impl Store for EmbeddedStore {
             let mut keys: Vec<(&str, &str, u64)> = Vec::new();
             {
                 let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
+                // This node's own resources: no partner may change them. Read in the same
+                // transaction as the journal appends that write it, so none slips between.
+                let own = txn.open_table(OWN_AT).map_err(unavailable)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
                 // Ids keep growing within the commit: taken before the removals.
                 let mut next_id = match outbox.last().map_err(unavailable)? {
@@ -415,7 +418,12 @@ impl Store for EmbeddedStore {
                         Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
                         None => None,
                     };
-                    let outcome = decide(existing.as_ref(), entry);
+                    // Only the node writes `resources`: no site document to consider.
+                    let local = Local {
+                        own: own.get(key).map_err(unavailable)?.is_some(),
+                        document: None,
+                    };
+                    let outcome = decide_at(existing.as_ref(), &local, entry);
                     if outcome == ApplyOutcome::Applied {
                         let row = outbox_row(entry, next_id);
                         next_id += 1;

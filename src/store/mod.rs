@@ -75,9 +75,10 @@ pub enum ApplyOutcome {
     Applied,
     /// Already at this version or newer: nothing changed.
     Stale,
-    /// The resource exists with another creator.
+    /// The sending origin does not own the resource at this site ([`decide_at`]): nothing
+    /// changed, the entry counts as handled.
     Conflict {
-        owner: String,
+        owner: Owner,
     },
     /// The backend cannot hold this resource as it is (MongoDB: a field name starting
     /// with `$`, a document over 16 MiB, ...). Nothing was stored for it; the batch goes on.
@@ -287,6 +288,57 @@ pub struct PeerRow {
 pub struct Holder {
     pub origin: String,
     pub version: u64,
+    /// A tombstone: the node's last write of this resource removed it.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// Who keeps an inbound entry from changing a resource ([`ApplyOutcome::Conflict`]). Its
+/// `Display` completes "the resource belongs to ...", the message of the `conflict` frame;
+/// it never quotes what the site's applications wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Another origin created it here: its peer id.
+    Origin(String),
+    /// One of this node's own resources: its journal holds it (`own_at`, `oc_own`).
+    ThisNode,
+    /// MongoDB: a document in the data type's collection that this node did not write (no
+    /// version row for it, or a tombstone: the node's last write removed it).
+    SiteDocument,
+    /// MongoDB: the stored document's `creator_id` is not the sending origin (absent, or
+    /// changed by an application after the node wrote it).
+    OtherCreator,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Origin(peer) => f.write_str(peer),
+            Owner::ThisNode => f.write_str("this node: it is one of its own resources"),
+            Owner::SiteDocument => f.write_str("this site: a document this node did not write"),
+            Owner::OtherCreator => {
+                f.write_str("this site: the stored document's creator_id is not the sending origin")
+            }
+        }
+    }
+}
+
+/// What the site holds under a resource's key besides the node's version row: what
+/// [`decide_at`] reads on top of the [`Holder`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Local {
+    /// The key (same data type and id) is one of this node's own live resources.
+    pub own: bool,
+    /// MongoDB: the document under the resource's id in its collection, if any. Always
+    /// `None` in the embedded store, where only the node writes resources.
+    pub document: Option<SiteDoc>,
+}
+
+/// A document found in a resource collection, as far as the rule cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteDoc {
+    /// Its `creator_id` when that is a string.
+    pub creator_id: Option<String>,
 }
 
 /// The version rule shared by every backend (ARCHITECTURE invariant 3): apply iff the
@@ -295,10 +347,38 @@ pub fn decide(existing: Option<&Holder>, entry: &JournalEntry) -> ApplyOutcome {
     match existing {
         None => ApplyOutcome::Applied,
         Some(s) if s.origin != entry.origin => ApplyOutcome::Conflict {
-            owner: s.origin.clone(),
+            owner: Owner::Origin(s.origin.clone()),
         },
         Some(s) if s.version >= entry.seq => ApplyOutcome::Stale,
         Some(_) => ApplyOutcome::Applied,
+    }
+}
+
+/// The full rule for an inbound entry: no foreign writes, then [`decide`]. The sending
+/// origin owns a resource at this site only if it is not one of this node's own (whatever
+/// the origin claims), no other origin holds it, and any document under its id is one the
+/// node wrote for that origin: a version row that is not a tombstone, and the document's
+/// `creator_id` equal to the origin. Anything else is a [`ApplyOutcome::Conflict`]: an
+/// application's document is never overwritten or removed by a partner.
+pub fn decide_at(existing: Option<&Holder>, local: &Local, entry: &JournalEntry) -> ApplyOutcome {
+    if local.own {
+        return ApplyOutcome::Conflict {
+            owner: Owner::ThisNode,
+        };
+    }
+    let by_version = decide(existing, entry);
+    if matches!(by_version, ApplyOutcome::Conflict { .. }) {
+        return by_version;
+    }
+    match &local.document {
+        None => by_version,
+        Some(_) if existing.is_none_or(|h| h.deleted) => ApplyOutcome::Conflict {
+            owner: Owner::SiteDocument,
+        },
+        Some(doc) if doc.creator_id.as_deref() != Some(entry.origin.as_str()) => ApplyOutcome::Conflict {
+            owner: Owner::OtherCreator,
+        },
+        Some(_) => by_version,
     }
 }
 
@@ -310,5 +390,158 @@ pub fn outbox_row(entry: &JournalEntry, outbox_id: u64) -> OutboxRow {
         subject: ResourceNotice::subject(entry.action).to_owned(),
         msg_id: entry.msg_id(),
         payload: ResourceNotice::body_of(entry),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "12D3KooWorigin";
+    const OTHER: &str = "12D3KooWother";
+
+    fn entry(seq: u64) -> JournalEntry {
+        JournalEntry {
+            origin: ORIGIN.into(),
+            seq,
+            action: Action::Update,
+            data_type: "COMPUTE_RESOURCE".into(),
+            user: "u".into(),
+            resource: serde_json::json!({"id": "r1", "creator_id": ORIGIN}).into(),
+            time_ms: 1,
+        }
+    }
+
+    fn holder(origin: &str, version: u64, deleted: bool) -> Holder {
+        Holder {
+            origin: origin.into(),
+            version,
+            deleted,
+        }
+    }
+
+    fn doc(creator: Option<&str>) -> Option<SiteDoc> {
+        Some(SiteDoc {
+            creator_id: creator.map(str::to_owned),
+        })
+    }
+
+    fn conflict(owner: Owner) -> ApplyOutcome {
+        ApplyOutcome::Conflict { owner }
+    }
+
+    #[test]
+    fn foreign_writes_are_conflicts() {
+        let e = entry(5);
+        let local = |own, document| Local { own, document };
+        let live = holder(ORIGIN, 3, false);
+        // Nothing at this site: the origin's.
+        assert_eq!(decide_at(None, &Local::default(), &e), ApplyOutcome::Applied);
+        // One of this node's own resources, whatever the origin's history with it.
+        for existing in [None, Some(&live)] {
+            assert_eq!(
+                decide_at(existing, &local(true, None), &e),
+                conflict(Owner::ThisNode)
+            );
+            assert_eq!(
+                decide_at(existing, &local(true, doc(Some(ORIGIN))), &e),
+                conflict(Owner::ThisNode)
+            );
+        }
+        // Another origin's: its peer id, document or not.
+        let theirs = holder(OTHER, 9, false);
+        assert_eq!(
+            decide_at(Some(&theirs), &local(false, doc(Some(OTHER))), &e),
+            conflict(Owner::Origin(OTHER.into()))
+        );
+        // A document the node never wrote, even one claiming the origin as creator.
+        for creator in [None, Some(ORIGIN), Some(OTHER)] {
+            assert_eq!(
+                decide_at(None, &local(false, doc(creator)), &e),
+                conflict(Owner::SiteDocument)
+            );
+            let tomb = holder(ORIGIN, 3, true);
+            assert_eq!(
+                decide_at(Some(&tomb), &local(false, doc(creator)), &e),
+                conflict(Owner::SiteDocument),
+                "the node's last write removed it"
+            );
+        }
+        // The node wrote it, then an application changed its creator.
+        for creator in [None, Some(OTHER)] {
+            assert_eq!(
+                decide_at(Some(&live), &local(false, doc(creator)), &e),
+                conflict(Owner::OtherCreator)
+            );
+        }
+        // The node's document for this origin: the version rule decides.
+        assert_eq!(
+            decide_at(Some(&live), &local(false, doc(Some(ORIGIN))), &e),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            decide_at(Some(&live), &local(false, doc(Some(ORIGIN))), &entry(2)),
+            ApplyOutcome::Stale
+        );
+        // Removed behind the node's back: nothing to overwrite, the origin writes it again.
+        assert_eq!(
+            decide_at(Some(&live), &Local::default(), &e),
+            ApplyOutcome::Applied
+        );
+    }
+
+    /// Every combination: an entry is applied only where the origin owns the resource, and
+    /// without local claims the rule is the version rule.
+    #[test]
+    fn applied_only_where_the_origin_owns_the_resource() {
+        let holders = [
+            None,
+            Some(holder(ORIGIN, 4, false)),
+            Some(holder(ORIGIN, 4, true)),
+            Some(holder(OTHER, 4, false)),
+            Some(holder(OTHER, 4, true)),
+        ];
+        let documents = [None, doc(None), doc(Some(ORIGIN)), doc(Some(OTHER))];
+        for existing in &holders {
+            for own in [false, true] {
+                for document in &documents {
+                    for seq in [3, 4, 5] {
+                        let e = entry(seq);
+                        let local = Local {
+                            own,
+                            document: document.clone(),
+                        };
+                        let outcome = decide_at(existing.as_ref(), &local, &e);
+                        let case = format!("{existing:?} {local:?} seq {seq}: {outcome:?}");
+                        if outcome == ApplyOutcome::Applied {
+                            assert!(!own, "{case}");
+                            assert!(existing.as_ref().is_none_or(|h| h.origin == ORIGIN), "{case}");
+                            if let Some(d) = document {
+                                let h = existing.as_ref().expect(&case);
+                                assert!(!h.deleted && d.creator_id.as_deref() == Some(ORIGIN), "{case}");
+                            }
+                        }
+                        if !own && document.is_none() {
+                            assert_eq!(outcome, decide(existing.as_ref(), &e), "{case}");
+                        }
+                        if own {
+                            assert_eq!(outcome, conflict(Owner::ThisNode), "{case}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conflict_messages_name_the_owner_without_site_data() {
+        let said = |o: Owner| format!("the resource belongs to {o}");
+        assert_eq!(
+            said(Owner::Origin(OTHER.into())),
+            format!("the resource belongs to {OTHER}")
+        );
+        assert!(said(Owner::ThisNode).contains("own resources"));
+        assert!(said(Owner::SiteDocument).contains("did not write"));
+        assert!(said(Owner::OtherCreator).contains("creator_id"));
     }
 }

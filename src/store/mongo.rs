@@ -35,8 +35,8 @@ use serde_json::Value;
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{
-    decide, outbox_row, ApplyOutcome, Holder, OutboxRow, PeerRow, Relation, Store, StoreError, StoreResult,
-    StoredResource,
+    decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, PeerRow, Relation, SiteDoc, Store,
+    StoreError, StoreResult, StoredResource,
 };
 use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource};
 
@@ -954,11 +954,15 @@ impl MongoStore {
             .filter_map(|p| p.target.as_ref()?.as_ref().ok().map(|t| &t.key))
             .collect();
         let stored = self.load_versions(s, &keys).await?;
+        let site = Site {
+            own: self.load_own(s, plan).await?,
+            documents: self.load_documents(s, &keys).await?,
+        };
         let Decisions {
             mut outcomes,
             changes,
             answered_before,
-        } = decide_batch(plan, &stored)?;
+        } = decide_batch(plan, &stored, site)?;
         let mut rows = self
             .recover_rows(s, plan, &answered_before, &mut outcomes)
             .await?;
@@ -1019,6 +1023,82 @@ impl MongoStore {
         let mut out = HashMap::new();
         while let Some(v) = cursor.next(&mut *s).await.transpose()? {
             out.insert(v.key.clone(), v);
+        }
+        Ok(out)
+    }
+
+    /// Which of the batch's (data type, id) are this node's own live resources (`oc_own`):
+    /// read in the apply transaction, and appends take the same writer lock, so none slips
+    /// between the read and the commit.
+    async fn load_own(
+        &self,
+        s: &mut ClientSession,
+        plan: &[Planned<'_>],
+    ) -> Result<HashSet<(String, String)>, Failure> {
+        let mut keys: Vec<Bson> = Vec::new();
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        for p in plan {
+            let Some(Ok(t)) = &p.target else { continue };
+            if seen.insert((p.entry.data_type.as_str(), t.key.id.as_str())) {
+                // Field order as `index_own` writes the `_id`: an `_id` matches exactly.
+                keys.push(Bson::Document(
+                    doc! {"data_type": &p.entry.data_type, "id": &t.key.id},
+                ));
+            }
+        }
+        let mut own = HashSet::new();
+        if keys.is_empty() {
+            return Ok(own);
+        }
+        let mut cursor = self
+            .coll::<Document>(OWN)
+            .find(doc! {"_id": {"$in": keys}})
+            .projection(doc! {"_id": 1})
+            .session(&mut *s)
+            .await?;
+        while let Some(d) = cursor.next(&mut *s).await.transpose()? {
+            let key = d.get_document("_id").ok().and_then(|k| {
+                Some((
+                    k.get_str("data_type").ok()?.to_owned(),
+                    k.get_str("id").ok()?.to_owned(),
+                ))
+            });
+            if let Some(key) = key {
+                own.insert(key);
+            }
+        }
+        Ok(own)
+    }
+
+    /// The documents under the batch's ids in their collections, whoever wrote them, by
+    /// their `creator_id` (one `find` per collection, only `creator_id` fetched).
+    async fn load_documents(
+        &self,
+        s: &mut ClientSession,
+        keys: &[&VersionKey],
+    ) -> Result<HashMap<VersionKey, SiteDoc>, Failure> {
+        let mut by_coll: HashMap<&str, Vec<&str>> = HashMap::new();
+        for k in keys {
+            by_coll.entry(&k.coll).or_default().push(&k.id);
+        }
+        let mut out = HashMap::new();
+        for (coll, ids) in by_coll {
+            let mut cursor = self
+                .coll::<Document>(coll)
+                .find(doc! {"_id": {"$in": ids}})
+                .projection(doc! {"creator_id": 1})
+                .session(&mut *s)
+                .await?;
+            while let Some(d) = cursor.next(&mut *s).await.transpose()? {
+                // Only string `_id`s can match the `$in` of string ids.
+                let Ok(id) = d.get_str("_id") else { continue };
+                let key = VersionKey {
+                    coll: coll.to_owned(),
+                    id: id.to_owned(),
+                };
+                let creator_id = d.get_str("creator_id").ok().map(str::to_owned);
+                out.insert(key, SiteDoc { creator_id });
+            }
         }
         Ok(out)
     }
@@ -1244,17 +1324,28 @@ struct Decisions {
     answered_before: Vec<usize>,
 }
 
-/// Decides every entry in order with the shared rule ([`decide`]), each against the state
-/// the entries before it in the batch produced.
+/// What the site holds under the batch's keys besides the version rows, read before
+/// deciding ([`decide_at`]).
+struct Site {
+    /// (data type, id) of this node's own live resources.
+    own: HashSet<(String, String)>,
+    /// The documents in the collections, whoever wrote them.
+    documents: HashMap<VersionKey, SiteDoc>,
+}
+
+/// Decides every entry in order with the shared rule ([`decide_at`]), each against the
+/// state the entries before it in the batch produced.
 fn decide_batch(
     plan: &[Planned<'_>],
     stored: &HashMap<VersionKey, VersionDoc>,
+    mut site: Site,
 ) -> Result<Decisions, Failure> {
     let mut state: HashMap<&VersionKey, Holder> = HashMap::new();
     for (key, v) in stored {
         let holder = Holder {
             origin: v.origin.clone(),
             version: to_u64(v.version, "version")?,
+            deleted: v.deleted,
         };
         state.insert(key, holder);
     }
@@ -1271,15 +1362,32 @@ fn decide_batch(
             },
             Some(Ok(t)) => {
                 let existing = state.get(&t.key);
-                let outcome = decide(existing, p.entry);
+                let local = Local {
+                    own: site.own.contains(&(p.entry.data_type.clone(), t.key.id.clone())),
+                    document: site.documents.get(&t.key).cloned(),
+                };
+                let outcome = decide_at(existing, &local, p.entry);
                 if outcome == ApplyOutcome::Applied {
                     let now = Holder {
                         origin: p.entry.origin.clone(),
                         version: p.entry.seq,
+                        deleted: t.doc.is_none(),
                     };
                     state.insert(&t.key, now);
+                    // The entries after it see the document this one leaves.
+                    match &t.doc {
+                        Some(_) => site.documents.insert(
+                            t.key.clone(),
+                            SiteDoc {
+                                creator_id: Some(p.entry.origin.clone()),
+                            },
+                        ),
+                        None => site.documents.remove(&t.key),
+                    };
                     d.changes.push(i);
-                } else if existing.is_some_and(|e| e.origin == p.entry.origin && e.version == p.entry.seq) {
+                } else if outcome == ApplyOutcome::Stale
+                    && existing.is_some_and(|e| e.origin == p.entry.origin && e.version == p.entry.seq)
+                {
                     d.answered_before.push(i);
                 }
                 outcome
