@@ -35,6 +35,7 @@ struct Hostile {
     hand: HandPeer,
     acks: Reader,
     writers: [Writer; 3],
+    messages: std::collections::BTreeMap<u64, String>,
 }
 
 impl Hostile {
@@ -49,6 +50,7 @@ impl Hostile {
             hand,
             acks,
             writers: [create, update, delete],
+            messages: Default::default(),
         }
     }
 
@@ -71,7 +73,8 @@ impl Hostile {
     }
 
     /// Sends the entries, each on its action's stream, then reads the answers until the
-    /// cumulative ack covers the last one; returns the `(seq, code)` of the error frames.
+    /// cumulative ack covers the last one; returns the `(seq, code)` of the error frames
+    /// (their messages are kept in `messages`, by seq).
     async fn send(&mut self, entries: Vec<JournalEntry>) -> Vec<(u64, String)> {
         let last = entries.last().map(|e| e.seq).unwrap_or(0);
         for e in entries {
@@ -88,8 +91,13 @@ impl Hostile {
         loop {
             match read(&mut self.acks).await {
                 Frame::Error {
-                    seq: Some(seq), code, ..
-                } => errors.push((seq, code)),
+                    seq: Some(seq),
+                    code,
+                    message,
+                } => {
+                    errors.push((seq, code));
+                    self.messages.insert(seq, message);
+                }
                 Frame::Ack { seq } if seq >= last => break,
                 Frame::Ack { .. } => {}
                 other => panic!("unexpected {other:?}"),
@@ -284,6 +292,12 @@ async fn a_partner_cannot_write_the_victims_own_resources() {
         [1, 2, 3].map(|s| (s, "conflict".to_owned())).to_vec(),
         "the attacker gets conflict for each foreign write"
     );
+    for m in hostile.messages.values() {
+        assert_eq!(
+            m,
+            "the resource belongs to this node: it is one of its own resources"
+        );
+    }
     peak = peak.max(scene.rss());
 
     // The mark moved on: a later valid entry is applied and announced.
@@ -339,7 +353,11 @@ async fn a_partner_cannot_write_the_victims_own_resources() {
         })
         .await;
     peak = peak.max(scene.rss());
-    eprintln!("victim peak RSS {} KiB; attacker got {errors:?}", peak / 1024);
+    eprintln!(
+        "victim peak RSS {} KiB; attacker got {errors:?} {:?}",
+        peak / 1024,
+        hostile.messages
+    );
     assert!(peak < RSS_LIMIT, "victim RSS {peak}");
 }
 
@@ -380,6 +398,17 @@ async fn a_partner_cannot_write_the_sites_mongodb_documents() {
         errors,
         (1..=5).map(|s| (s, "conflict".to_owned())).collect::<Vec<_>>()
     );
+    let said = |seq: u64| hostile.messages[&seq].clone();
+    for seq in 1..=3 {
+        assert!(
+            said(seq).ends_with("a document this node did not write"),
+            "{}",
+            said(seq)
+        );
+    }
+    for seq in 4..=5 {
+        assert!(said(seq).ends_with("one of its own resources"), "{}", said(seq));
+    }
     peak = peak.max(scene.rss());
     assert!(hostile
         .send(vec![hostile.entry(7, Action::Create, "rogue-later", json!({}))])
