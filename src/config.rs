@@ -20,6 +20,18 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_INTAKE_STREAM: &str = "OC_PROPAGATION";
+/// Bytes the JetStream intake stream holds at most (`discard: new` beyond).
+pub const DEFAULT_INTAKE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// Age after which the JetStream intake stream drops a message nobody consumed.
+pub const DEFAULT_INTAKE_MAX_AGE: &str = "7d";
+/// Smallest `--intake-max-bytes` accepted.
+pub const MIN_INTAKE_MAX_BYTES: u64 = 1024;
+/// Forwarded commands (considers / planner) one peer may make this node republish, per second.
+pub const DEFAULT_FORWARD_RATE: f64 = 50.0;
+/// Forwarded commands one peer may send at once above its rate.
+pub const DEFAULT_FORWARD_BURST: u32 = 100;
+/// A planner stream that carried nothing for this long is closed (both sides).
+pub const DEFAULT_PLANNER_IDLE: &str = "10m";
 /// Shortest period accepted for intervals and timeouts (zero would spin).
 const MIN_PERIOD: Duration = Duration::from_millis(10);
 /// Life of this node's signed peer record in the DHT; it is re-signed every half of it.
@@ -152,6 +164,22 @@ pub struct RunArgs {
     /// JetStream stream capturing PROPALGATION_EVENT (when the NATS server has JetStream).
     #[arg(long, env = "OC_DISCOVERY_INTAKE_STREAM", default_value = DEFAULT_INTAKE_STREAM)]
     pub intake_stream: String,
+    /// Bytes the JetStream intake stream holds at most; when full, the server refuses new
+    /// publishes (discard new) until the node drained it.
+    #[arg(long, env = "OC_DISCOVERY_INTAKE_MAX_BYTES", default_value_t = DEFAULT_INTAKE_MAX_BYTES)]
+    pub intake_max_bytes: u64,
+    /// Age after which the JetStream intake stream drops a message the node never consumed.
+    #[arg(long, env = "OC_DISCOVERY_INTAKE_MAX_AGE", default_value = DEFAULT_INTAKE_MAX_AGE, value_parser = parse_duration)]
+    pub intake_max_age: Duration,
+    /// Considers / planner messages one peer may make this node republish per second.
+    #[arg(long, env = "OC_DISCOVERY_FORWARD_RATE", default_value_t = DEFAULT_FORWARD_RATE)]
+    pub forward_rate: f64,
+    /// Considers / planner messages one peer may send at once above --forward-rate.
+    #[arg(long, env = "OC_DISCOVERY_FORWARD_BURST", default_value_t = DEFAULT_FORWARD_BURST)]
+    pub forward_burst: u32,
+    /// A planner stream idle for this long is closed (reopened on the next message).
+    #[arg(long, env = "OC_DISCOVERY_PLANNER_IDLE", default_value = DEFAULT_PLANNER_IDLE, value_parser = parse_duration)]
+    pub planner_idle: Duration,
     /// Heartbeat period towards each partner (e.g. 10s, 500ms).
     #[arg(long, env = "OC_DISCOVERY_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub ping_interval: Duration,
@@ -193,7 +221,7 @@ pub struct RunArgs {
     pub mongo_db: String,
 }
 
-/// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+/// Parses `250ms`, `10s`, `2m`, `1h`, `7d`, or a bare number of seconds.
 ///
 /// # Errors
 /// Anything else.
@@ -211,7 +239,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+        "d" => n * 86_400.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m, h or d)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} is not a valid duration"));
@@ -248,6 +277,16 @@ struct FileConfig {
     max_frame_bytes: Option<usize>,
     #[serde(alias = "intake-stream")]
     intake_stream: Option<String>,
+    #[serde(alias = "intake-max-bytes")]
+    intake_max_bytes: Option<u64>,
+    #[serde(alias = "intake-max-age")]
+    intake_max_age: Option<String>,
+    #[serde(alias = "forward-rate")]
+    forward_rate: Option<f64>,
+    #[serde(alias = "forward-burst")]
+    forward_burst: Option<u32>,
+    #[serde(alias = "planner-idle")]
+    planner_idle: Option<String>,
     #[serde(alias = "ping-interval")]
     ping_interval: Option<String>,
     #[serde(alias = "pong-discard-timeout")]
@@ -295,6 +334,12 @@ pub enum ConfigError {
     RecordTtl,
     #[error("--store mongodb needs --mongo-uri (or OC_DISCOVERY_MONGO_URI)")]
     MongoUriMissing,
+    #[error("--intake-max-bytes must be at least {MIN_INTAKE_MAX_BYTES}")]
+    IntakeMaxBytes,
+    #[error("--intake-max-age must be at least 1s")]
+    IntakeMaxAge,
+    #[error("--forward-rate must be a number above 0 and --forward-burst at least 1")]
+    ForwardRate,
 }
 
 /// Parses the process arguments, then fills `run` options left at their default from
@@ -380,6 +425,9 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(psk_file, |v| Ok::<_, ConfigError>(Some(v)));
     fill!(max_frame_bytes);
     fill!(intake_stream);
+    fill!(intake_max_bytes);
+    fill!(forward_rate);
+    fill!(forward_burst);
     let duration = |v: String| {
         parse_duration(&v).map_err(|reason| ConfigError::Parse {
             path: path.clone(),
@@ -394,6 +442,8 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(backoff_max, duration);
     fill!(name, |v| Ok::<_, ConfigError>(Some(v)));
     fill!(record_ttl, duration);
+    fill!(intake_max_age, duration);
+    fill!(planner_idle, duration);
     fill!(bootstrap, addrs);
     fill!(store);
     fill!(mongo_uri, |v| Ok::<_, ConfigError>(Some(v)));
@@ -412,6 +462,9 @@ pub struct NodeConfig {
     pub psk_file: Option<PathBuf>,
     pub max_event_bytes: usize,
     pub intake_stream: String,
+    /// Limits of the JetStream intake stream (`discard: new`).
+    pub intake_max_bytes: u64,
+    pub intake_max_age: Duration,
     /// Name in this node's peer record.
     pub name: String,
     pub record_ttl: Duration,
@@ -460,6 +513,11 @@ pub struct Tuning {
     pub backoff_max: Duration,
     /// How often a partner's cursor is persisted while acks arrive.
     pub cursor_persist_every: Duration,
+    /// Per-peer token bucket of forwarded commands (considers / planner) republished.
+    pub forward_rate: f64,
+    pub forward_burst: u32,
+    /// A planner stream idle this long is closed by either side.
+    pub planner_idle: Duration,
 }
 
 impl Default for Tuning {
@@ -480,6 +538,9 @@ impl Default for Tuning {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             cursor_persist_every: Duration::from_millis(200),
+            forward_rate: DEFAULT_FORWARD_RATE,
+            forward_burst: DEFAULT_FORWARD_BURST,
+            planner_idle: Duration::from_secs(600),
         }
     }
 }
@@ -510,6 +571,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             ("--sync-timeout", run.sync_timeout),
             ("--sync-interval", run.sync_interval),
             ("--backoff-min", run.backoff_min),
+            ("--planner-idle", run.planner_idle),
         ] {
             if d < MIN_PERIOD {
                 return Err(ConfigError::TooShort(flag));
@@ -525,8 +587,20 @@ impl TryFrom<RunArgs> for NodeConfig {
         if run.record_ttl < MIN_RECORD_TTL || run.record_ttl > MAX_RECORD_TTL {
             return Err(ConfigError::RecordTtl);
         }
+        if run.intake_max_bytes < MIN_INTAKE_MAX_BYTES || run.intake_max_bytes > i64::MAX as u64 {
+            return Err(ConfigError::IntakeMaxBytes);
+        }
+        if run.intake_max_age < Duration::from_secs(1) {
+            return Err(ConfigError::IntakeMaxAge);
+        }
+        if !(run.forward_rate.is_finite() && run.forward_rate > 0.0) || run.forward_burst == 0 {
+            return Err(ConfigError::ForwardRate);
+        }
         let tuning = Tuning {
             max_frame_bytes: run.max_frame_bytes,
+            forward_rate: run.forward_rate,
+            forward_burst: run.forward_burst,
+            planner_idle: run.planner_idle,
             ping_interval: run.ping_interval,
             pong_discard_timeout: run.pong_discard_timeout,
             sync_timeout: run.sync_timeout,
@@ -552,6 +626,8 @@ impl TryFrom<RunArgs> for NodeConfig {
             max_event_bytes: run.max_event_bytes,
             store,
             intake_stream: run.intake_stream,
+            intake_max_bytes: run.intake_max_bytes,
+            intake_max_age: run.intake_max_age,
             name,
             record_ttl: run.record_ttl,
             bootstrap: run.bootstrap,
@@ -679,6 +755,38 @@ mod tests {
             NodeConfig::try_from(run_args(&["--backoff-min", "1ms"])),
             Err(ConfigError::TooShort("--backoff-min"))
         ));
+    }
+
+    #[test]
+    fn intake_and_forward_limits_from_flags_and_file() {
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(cfg.intake_max_bytes, DEFAULT_INTAKE_MAX_BYTES);
+        assert_eq!(cfg.intake_max_age, Duration::from_secs(7 * 86_400));
+        assert_eq!(cfg.tuning.forward_rate, DEFAULT_FORWARD_RATE);
+        assert_eq!(cfg.tuning.forward_burst, DEFAULT_FORWARD_BURST);
+        assert_eq!(cfg.tuning.planner_idle, Duration::from_secs(600));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "intake-max-bytes = 4096\nintake_max_age = \"1h\"\nforward-rate = 2.5\nforward_burst = 3\nplanner-idle = \"30s\"\n",
+        )
+        .unwrap();
+        let r = run_args(&["--config", file.to_str().unwrap(), "--forward-burst", "7"]);
+        let cfg = NodeConfig::try_from(r).unwrap();
+        assert_eq!(cfg.intake_max_bytes, 4096);
+        assert_eq!(cfg.intake_max_age, Duration::from_secs(3600));
+        assert_eq!(cfg.tuning.forward_rate, 2.5);
+        assert_eq!(cfg.tuning.forward_burst, 7);
+        assert_eq!(cfg.tuning.planner_idle, Duration::from_secs(30));
+        for bad in [
+            &["--intake-max-bytes", "10"][..],
+            &["--intake-max-age", "10ms"],
+            &["--forward-rate", "0"],
+            &["--forward-burst", "0"],
+        ] {
+            assert!(NodeConfig::try_from(run_args(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub const SUBJECT_REMOVE: &str = "REMOVE_RESOURCE";
 pub const OWN_APP: &str = "oc-discovery";
 /// Offending messages are echoed on `PROPALGATION_ERROR` cut at this size.
 pub const ERROR_ECHO_BYTES: usize = 4096;
+/// Most peers one `PB_CONSIDERS` (or `PB_PLANNER`) names in `payload.peer_ids`: each
+/// listed peer costs a dial and a stream, so an application cannot make the node fan out
+/// without bound (protocols/nats-propagation-event.md).
+pub const MAX_COMMAND_PEERS: usize = 256;
 
 /// What an application asks the node to do with a resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
@@ -99,10 +103,12 @@ pub enum ErrorCode {
     /// Inbound only: the receiver's store cannot hold the resource as it is (MongoDB: a
     /// field name starting with `$`, a document over 16 MiB, a number beyond 64 bits).
     InvalidDocument,
+    /// A peer sent more than its rate allows (forwarded commands); retry later.
+    RateLimited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidJson,
         ErrorCode::MissingField,
         ErrorCode::InvalidField,
@@ -117,6 +123,7 @@ impl ErrorCode {
         ErrorCode::Busy,
         ErrorCode::NatsUnavailable,
         ErrorCode::InvalidDocument,
+        ErrorCode::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -135,6 +142,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::NatsUnavailable => "nats_unavailable",
             ErrorCode::InvalidDocument => "invalid_document",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -249,6 +257,7 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
             let payload = serde_json::from_str(payload.get()).map_err(|e| {
                 Refusal::new(ErrorCode::InvalidJson, format!("payload is not valid JSON: {e}"))
             })?;
+            check_command_peers(command, &payload)?;
             return Ok(Decoded::Command(AppCommand {
                 action: command,
                 data_type,
@@ -282,6 +291,35 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
         resource,
         resource_id,
     }))
+}
+
+/// `payload.peer_ids` of `PB_CONSIDERS` (required) and `PB_PLANNER` (optional, carried
+/// along): an array of at most [`MAX_COMMAND_PEERS`] entries.
+fn check_command_peers(command: CommandAction, payload: &Value) -> Result<(), Refusal> {
+    let required = match command {
+        CommandAction::Considers => true,
+        CommandAction::Planner => false,
+        CommandAction::Search | CommandAction::ClosePlanner => return Ok(()),
+    };
+    match payload.get("peer_ids") {
+        None if required => Err(Refusal::new(
+            ErrorCode::MissingField,
+            "missing array field payload.peer_ids",
+        )),
+        None => Ok(()),
+        Some(Value::Array(list)) if list.len() > MAX_COMMAND_PEERS => Err(Refusal::new(
+            ErrorCode::InvalidField,
+            format!(
+                "payload.peer_ids names {} peers, the limit is {MAX_COMMAND_PEERS}",
+                list.len()
+            ),
+        )),
+        Some(Value::Array(_)) => Ok(()),
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidField,
+            "payload.peer_ids must be an array of peer ids",
+        )),
+    }
 }
 
 /// `payload` as the JSON text of an object; Go producers send it as a string holding the JSON.
@@ -715,6 +753,37 @@ mod tests {
         assert_eq!(e.action, Action::Create);
         assert_eq!(e.data_type, "COMPUTE_RESOURCE");
         assert_eq!(e.resource_id, "r1");
+    }
+
+    #[test]
+    fn considers_name_at_most_the_peer_cap() {
+        let body = |n: usize, action: &str| {
+            let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+            serde_json::json!({"action": action, "data_type": "X", "payload": {"peer_ids": ids}}).to_string()
+        };
+        let big = 1 << 20;
+        let decode_big = |v: &str| decode_intake(v.as_bytes(), ME, big);
+        assert!(matches!(
+            decode_big(&body(MAX_COMMAND_PEERS, "PB_CONSIDERS")),
+            Ok(Decoded::Command(_))
+        ));
+        for action in ["PB_CONSIDERS", "PB_PLANNER"] {
+            let refused = decode_big(&body(MAX_COMMAND_PEERS + 1, action)).expect_err(action);
+            assert_eq!(refused.code, ErrorCode::InvalidField, "{action}");
+            assert!(refused.message.contains("257"), "{}", refused.message);
+        }
+        assert_eq!(
+            code(r#"{"action":"PB_CONSIDERS","data_type":"X","payload":{}}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"PB_CONSIDERS","data_type":"X","payload":{"peer_ids":"p1"}}"#),
+            ErrorCode::InvalidField
+        );
+        assert!(matches!(
+            decode(r#"{"action":"PB_PLANNER","data_type":"X","payload":{"peer_id":"p1"}}"#),
+            Ok(Decoded::Command(_))
+        ));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::actors::commands::{CommandEnv, CommandRouter};
+use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
 use crate::actors::inbound::{InboundApply, InboundEnv, Partners};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
@@ -107,6 +107,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         store: store.clone(),
         publisher: publisher.clone(),
         nats: nats.clone(),
+        forwarder: Forwarder::new(nats.clone(), metrics.clone(), t.clone()),
         net: net.clone(),
         partners: partners.clone(),
         metrics: metrics.clone(),
@@ -183,6 +184,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         max_event_bytes: cfg.max_event_bytes,
         batch: t.intake_batch,
         stream_name: cfg.intake_stream.clone(),
+        stream_max_bytes: cfg.intake_max_bytes,
+        stream_max_age: cfg.intake_max_age,
         max_ack_pending: t.max_ack_pending,
         backoff_max: t.backoff_max,
         io_timeout: t.io_timeout,

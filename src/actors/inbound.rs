@@ -39,7 +39,7 @@ use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
 use crate::store::{ApplyOutcome, Store};
 use crate::sync::{self, PROTOCOL_SYNC};
 
-use super::commands::{forward_to_nats, PLANNER_IDLE, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
+use super::commands::{Forwarder, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
 
 /// Inputs buffered between the stream readers and a session.
 const SESSION_INBOX: usize = 4096;
@@ -89,6 +89,8 @@ pub struct InboundEnv {
     pub publisher: Arc<crate::nats::Publisher>,
     /// For republishing considers / planner messages.
     pub nats: async_nats::Client,
+    /// Serves considers / planner streams (its own bounds and per-peer rate).
+    pub forwarder: Arc<Forwarder>,
     pub net: p2p::Client,
     pub partners: Arc<Partners>,
     pub metrics: Arc<Metrics>,
@@ -215,13 +217,9 @@ impl Handler<IncomingStream> for InboundApply {
         // Considers and planner messages come from any peer of the network (not only
         // partners); a blacklisted peer never gets this far.
         if protocol == PROTOCOL_CONSIDERS || protocol == PROTOCOL_PLANNER {
-            let idle = if protocol == PROTOCOL_PLANNER {
-                PLANNER_IDLE
-            } else {
-                timeout
-            };
-            let work = forward_to_nats(stream, peer, self.env.nats.clone(), self.env.tuning.clone(), idle);
-            self.helper(peer, "forward", work);
+            // Not on a helper permit: an idle planner stream must hold none (the forwarder
+            // bounds its streams itself and closes idle ones to make room).
+            self.env.forwarder.accept(peer, &protocol, stream);
             return;
         }
         if !self.env.partners.contains(&peer) {

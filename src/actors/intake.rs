@@ -4,7 +4,10 @@
 //!
 //! Two sources, chosen at start-up:
 //! - **JetStream** (when the server has it): a stream captures the subject and a durable
-//!   pull consumer feeds the actor. A message is acknowledged only after its journal commit
+//!   pull consumer feeds the actor. The stream is bounded (`--intake-max-bytes`,
+//!   `--intake-max-age`) with `discard: new`: when full, the server refuses a publish (the
+//!   application's request gets an error instead of a PubAck) rather than the disk filling;
+//!   an existing stream gets these limits at start-up. A message is acknowledged only after its journal commit
 //!   (or its error event), so events published while the node is down wait in the stream.
 //!   The stream sequences of journaled messages are committed with the journal, so a
 //!   redelivery after a crash (its ack lost) is recognised and not journaled twice.
@@ -23,7 +26,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::jetstream::{self, consumer::pull, stream::RetentionPolicy, AckKind};
+use async_nats::jetstream::{
+    self,
+    consumer::pull,
+    stream::{DiscardPolicy, RetentionPolicy},
+    AckKind,
+};
 use async_nats::{Client, Subject};
 use bytes::Bytes;
 use futures::{Future, Stream, StreamExt};
@@ -179,6 +187,9 @@ pub struct IntakeEnv {
     pub batch: usize,
     /// JetStream stream capturing `PROPALGATION_EVENT`.
     pub stream_name: String,
+    /// Its limits: bytes held, age of a message never consumed (`discard: new`).
+    pub stream_max_bytes: u64,
+    pub stream_max_age: Duration,
     pub max_ack_pending: i64,
     pub backoff_max: Duration,
     pub io_timeout: Duration,
@@ -306,6 +317,7 @@ impl IntakeEnv {
 
     async fn open_jetstream(&self) -> Result<Source, Box<dyn std::error::Error + Send + Sync>> {
         let js = jetstream::new(self.nats.clone());
+        let max_bytes = i64::try_from(self.stream_max_bytes).unwrap_or(i64::MAX);
         let stream = js
             .get_or_create_stream(jetstream::stream::Config {
                 name: self.stream_name.clone(),
@@ -313,9 +325,15 @@ impl IntakeEnv {
                 // Kept until every consumer (ours, and any an operator adds) acknowledged.
                 retention: RetentionPolicy::Interest,
                 storage: jetstream::stream::StorageType::File,
+                // Full: the server refuses the publish and the application learns it.
+                max_bytes,
+                max_age: self.stream_max_age,
+                discard: DiscardPolicy::New,
                 ..Default::default()
             })
             .await?;
+        self.bound_existing(&js, stream.cached_info().config.clone(), max_bytes)
+            .await;
         let consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 CONSUMER_NAME,
@@ -369,6 +387,45 @@ impl IntakeEnv {
             }
         });
         Ok(Box::pin(source))
+    }
+
+    /// A stream made by an earlier version (or an operator) keeps its subjects, retention
+    /// and storage, and gets this node's limits; when the server refuses the update, it
+    /// is used as it is, and the log says so.
+    async fn bound_existing(
+        &self,
+        js: &jetstream::Context,
+        config: jetstream::stream::Config,
+        max_bytes: i64,
+    ) {
+        if config.max_bytes == max_bytes
+            && config.max_age == self.stream_max_age
+            && config.discard == DiscardPolicy::New
+        {
+            return;
+        }
+        let was = (config.max_bytes, config.max_age, config.discard);
+        let updated = jetstream::stream::Config {
+            max_bytes,
+            max_age: self.stream_max_age,
+            discard: DiscardPolicy::New,
+            ..config
+        };
+        match js.update_stream(updated).await {
+            Ok(_) => tracing::info!(
+                stream = %self.stream_name,
+                max_bytes,
+                max_age = ?self.stream_max_age,
+                was = ?was,
+                "intake stream limits updated"
+            ),
+            Err(e) => tracing::warn!(
+                stream = %self.stream_name,
+                cause = %e,
+                was = ?was,
+                "cannot update the intake stream's limits; it keeps its own"
+            ),
+        }
     }
 
     async fn process(&self, batch: Vec<Incoming>) {
