@@ -101,3 +101,41 @@ async fn planner_messages_share_one_stream_until_closed() {
     .await;
     assert_eq!(reply["error"]["code"], "invalid_field", "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_planner_stream_is_forgotten_and_the_next_message_opens_a_new_one() {
+    init_tracing();
+    let (mut a, mut b) = (Site::new().await, Site::new().await);
+    partner(&mut a, &mut [&mut b]);
+    a.node
+        .extra_args
+        .extend(["--planner-idle", "1s"].map(String::from));
+    let seen_b = b.collect(&["PROPALGATION_EVENT"]).await;
+    a.node.start_healthy().await.unwrap();
+    b.node.start_healthy().await.unwrap();
+    let planner = |step: u32| {
+        json!({"action": "PB_PLANNER", "data_type": "BOOKING", "user": "alice",
+               "payload": {"peer_id": b.id(), "step": step}})
+    };
+    assert_eq!(request(&a, planner(0)).await["ok"], true);
+    seen_b
+        .wait_for("the first planner message", |s| s.len() == 1)
+        .await;
+    oc_discovery::testkit::wait_until("the idle planner stream closed", WAIT, || {
+        a.node.log().contains("idle planner stream closed")
+    })
+    .await
+    .unwrap();
+    // Its queue is forgotten: nothing left to close.
+    let reply = request(
+        &a,
+        json!({"action": "PB_CLOSE_PLANNER", "data_type": "BOOKING", "payload": {"peer_id": b.id()}}),
+    )
+    .await;
+    assert_eq!(reply, json!({"ok": true, "peer_id": b.id(), "closed": false}));
+    assert_eq!(request(&a, planner(1)).await["ok"], true);
+    seen_b
+        .wait_for("the second planner message", |s| s.len() == 2)
+        .await;
+    assert_eq!(seen_b.all()[1].body["payload"]["step"], 1);
+}
