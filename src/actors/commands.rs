@@ -531,8 +531,8 @@ pub enum StreamsFull {
 
 /// The considers / planner streams open on the receiving side, bounded in total and per
 /// peer. A stream waiting for its next frame is *idle*: it holds no work permit, and it
-/// is closed to make room when a new stream would not fit, the longest idle first (the
-/// peer's own when the peer is at its share). Only streams busy with a frame are never
+/// is closed to make room when a new stream would not fit: the peer's own when the peer is
+/// at its share, else one of the peer holding the most streams, the longest idle first. Only streams busy with a frame are never
 /// taken away, so idle planner streams of any number of peers cannot lock others out.
 ///
 /// Pure bookkeeping, generic over the handle that closes a stream (unit-tested).
@@ -592,13 +592,23 @@ impl<H> OpenStreams<H> {
         Ok((id, evicted))
     }
 
+    /// The idle stream to close: of `of` when given, else of the peer holding the most
+    /// streams (so a peer with few keeps them), the longest idle first.
     fn oldest_idle(&self, of: Option<PeerId>) -> Option<u64> {
+        let mut held: HashMap<PeerId, usize> = HashMap::new();
+        for s in self.open.values() {
+            let n = held.entry(s.peer).or_default();
+            *n = n.saturating_add(1);
+        }
         self.open
             .iter()
             .filter(|(_, s)| of.is_none_or(|p| s.peer == p))
-            .filter_map(|(id, s)| s.idle_since.map(|t| (t, *id)))
+            .filter_map(|(id, s)| {
+                let count = held.get(&s.peer).copied().unwrap_or(0);
+                s.idle_since.map(|t| (std::cmp::Reverse(count), t, *id))
+            })
             .min()
-            .map(|(_, id)| id)
+            .map(|(_, _, id)| id)
     }
 
     /// The stream waits for its next frame (it may be closed to make room).
@@ -904,6 +914,23 @@ mod tests {
         assert_eq!(evicted, Some(2));
         s.remove(c);
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn the_peer_holding_the_most_streams_makes_room_first() {
+        let t0 = Instant::now();
+        let mut s: OpenStreams<&str> = OpenStreams::new(4, 3);
+        let (good, greedy) = (PeerId::random(), PeerId::random());
+        // The good peer's stream is the longest idle, yet the greedy peer's go first.
+        s.admit(good, "good", t0).unwrap();
+        for (i, name) in ["g1", "g2", "g3"].into_iter().enumerate() {
+            s.admit(greedy, name, t0 + Duration::from_millis(1 + i as u64))
+                .unwrap();
+        }
+        let (_, evicted) = s
+            .admit(PeerId::random(), "new", t0 + Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(evicted, Some("g1"));
     }
 
     #[test]
