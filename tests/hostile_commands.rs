@@ -230,7 +230,7 @@ async fn a_hostile_forward_is_republished_as_considers_from_its_real_id_and_a_fl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_planner_streams_of_many_peers_do_not_lock_out_a_good_partner() {
+async fn idle_planner_streams_of_many_peers_stalled_mid_frame_do_not_lock_out_a_good_partner() {
     init_tracing();
     let (mut victim, mut good) = (Site::new().await, Site::new().await);
     partner(&mut victim, &mut [&mut good]);
@@ -240,6 +240,7 @@ async fn idle_planner_streams_of_many_peers_do_not_lock_out_a_good_partner() {
     exchange_both_ways(&victim, &good, "before").await;
 
     // Enough hostile peers, each at its share, to fill every forwarding stream and more.
+    const PARTIAL_BODY: usize = 768 * 1024;
     let peers = MAX_FORWARD_STREAMS / FORWARD_STREAMS_PER_PEER + 2;
     let closed = Arc::new(AtomicUsize::new(0));
     let mut hostiles = Vec::new();
@@ -252,9 +253,15 @@ async fn idle_planner_streams_of_many_peers_do_not_lock_out_a_good_partner() {
                 .open_stream(target, PROTOCOL_PLANNER, T)
                 .await
                 .expect("planner stream");
-            // Idle: never sends; notes when the victim closes it.
+            // Idle: announces a frame of almost 1 MiB, sends three quarters of it and stalls;
+            // notes when the victim closes the stream.
             let closed = closed.clone();
             tokio::spawn(async move {
+                use futures::AsyncWriteExt;
+                let mut partial = ((1u32 << 20) - 64).to_be_bytes().to_vec();
+                partial.extend(std::iter::repeat_n(b' ', PARTIAL_BODY));
+                let _ = tokio::time::timeout(T, stream.write_all(&partial)).await;
+                let _ = tokio::time::timeout(T, stream.flush()).await;
                 if let Ok(Ok(None) | Err(_)) =
                     tokio::time::timeout(WAIT * 2, wire::read_frame(&mut stream, 1 << 20)).await
                 {
@@ -306,7 +313,8 @@ async fn idle_planner_streams_of_many_peers_do_not_lock_out_a_good_partner() {
     let rss = rss_mib(&victim);
     assert!(rss * 1024 * 1024 < RSS_CAP, "victim RSS {rss} MiB");
     println!(
-        "idle planner streams: {opened} opened by {peers} peers, {} closed by the victim, victim RSS {rss} MiB",
+        "idle planner streams: {opened} opened by {peers} peers, each stalled {} KiB into a 1 MiB frame, {} closed by the victim, victim RSS {rss} MiB",
+        PARTIAL_BODY / 1024,
         closed.load(Ordering::Relaxed)
     );
     drop(hostiles);

@@ -644,7 +644,7 @@ impl<H> OpenStreams<H> {
 }
 
 /// Considers / planner streams served at once, across all peers.
-pub const MAX_FORWARD_STREAMS: usize = 128;
+pub const MAX_FORWARD_STREAMS: usize = 64;
 /// Considers / planner streams one peer has open at once.
 pub const FORWARD_STREAMS_PER_PEER: usize = 4;
 /// Peers whose forwarding token buckets are remembered at once.
