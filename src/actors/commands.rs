@@ -13,6 +13,7 @@
 //! as `from_peer` ([`Forwarder`]), within a per-peer rate.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,49 @@ pub const PROTOCOL_PLANNER: StreamProtocol = StreamProtocol::new("/opencloud/res
 const PLANNER_QUEUE: usize = 256;
 /// Peers with a planner stream at once; beyond, `PB_PLANNER` to a new peer is `busy`.
 pub const MAX_PLANNERS: usize = 256;
+/// Bytes of planner messages queued across all peers; beyond, `PB_PLANNER` is `busy`.
+pub const PLANNER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A frame encoded once (length prefix included), shared by every peer it goes to.
+type Encoded = Arc<[u8]>;
+
+fn encode(frame: &Frame) -> Encoded {
+    let mut buf = Vec::new();
+    wire::encode_frame(frame, &mut buf);
+    buf.into()
+}
+
+/// A planner message waiting in a queue, with its share of [`PLANNER_QUEUE_BYTES`], given
+/// back when it is dropped (sent, refused, or its queue gone).
+struct Queued {
+    bytes: Encoded,
+    _reserved: Reserved,
+}
+
+struct Reserved {
+    total: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl Reserved {
+    fn take(total: &Arc<AtomicUsize>, n: usize, max: usize) -> Option<Reserved> {
+        total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|sum| *sum <= max)
+            })
+            .ok()
+            .map(|_| Reserved {
+                total: total.clone(),
+                n,
+            })
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
 
 /// Finds addresses for a peer this node is not connected to (the DHT's peer records).
 #[async_trait::async_trait]
@@ -74,8 +118,10 @@ pub struct CommandRouter {
     env: Arc<CommandEnv>,
     /// Each peer's planner queue and the generation of the task writing it: a task that
     /// ends (idle, closed, failed) removes its own entry, never a newer one.
-    planners: HashMap<PeerId, (u64, mpsc::Sender<Frame>)>,
+    planners: HashMap<PeerId, (u64, mpsc::Sender<Queued>)>,
     generation: u64,
+    /// Bytes of planner messages queued, all peers together.
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl CommandRouter {
@@ -84,12 +130,23 @@ impl CommandRouter {
             env: Arc::new(env),
             planners: HashMap::new(),
             generation: 0,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// Queues `frame` on `peer`'s planner stream, starting its task when it has none.
-    fn queue_planner(&mut self, peer: PeerId, frame: Frame, ctx: &mut Context<Self>) -> Result<(), Refusal> {
-        let mut frame = frame;
+    fn queue_planner(&mut self, peer: PeerId, frame: &Frame, ctx: &mut Context<Self>) -> Result<(), Refusal> {
+        let bytes = encode(frame);
+        let Some(reserved) = Reserved::take(&self.queued_bytes, bytes.len(), PLANNER_QUEUE_BYTES) else {
+            return Err(Refusal::new(
+                ErrorCode::Busy,
+                format!("{PLANNER_QUEUE_BYTES} bytes of planner messages are queued; retry"),
+            ));
+        };
+        let mut frame = Queued {
+            bytes,
+            _reserved: reserved,
+        };
         // Twice: a task may end (idle) between the lookup and the send.
         for _ in 0..2 {
             let queue = match self.planners.get(&peer).filter(|(_, q)| !q.is_closed()) {
@@ -187,7 +244,7 @@ impl Handler<Dispatch> for CommandRouter {
             }
             CommandAction::Planner => match peer_field(&command.payload) {
                 Ok(peer) => {
-                    let queued = self.queue_planner(peer, forward_frame(&command), ctx);
+                    let queued = self.queue_planner(peer, &forward_frame(&command), ctx);
                     actix::spawn(async move {
                         match queued {
                             Ok(()) => {
@@ -287,7 +344,8 @@ impl CommandEnv {
         // A peer listed twice gets the message once.
         let mut seen = HashSet::with_capacity(list.len());
         let list: Vec<&Value> = list.iter().filter(|raw| seen.insert(raw.to_string())).collect();
-        let frame = forward_frame(&command);
+        // Encoded once: 256 peers share one copy of the payload.
+        let frame = encode(&forward_frame(&command));
         let sends = list.into_iter().map(|raw| {
             let frame = frame.clone();
             async move {
@@ -332,7 +390,7 @@ impl CommandEnv {
     }
 
     /// Opens a stream, sends one frame, waits for the peer's `ack`.
-    async fn send_once(&self, peer: PeerId, protocol: StreamProtocol, frame: Frame) -> Result<(), String> {
+    async fn send_once(&self, peer: PeerId, protocol: StreamProtocol, frame: Encoded) -> Result<(), String> {
         let t = self.tuning.io_timeout;
         self.reach(peer).await?;
         let mut stream = self
@@ -341,7 +399,7 @@ impl CommandEnv {
             .await
             .map_err(|e| e.to_string())?;
         let exchange = async {
-            wire::write_frame(&mut stream, &frame)
+            write_encoded(&mut stream, &frame)
                 .await
                 .map_err(|e| e.to_string())?;
             match wire::read_frame(&mut stream, self.tuning.max_frame_bytes).await {
@@ -387,7 +445,7 @@ impl CommandEnv {
 async fn planner_stream(
     env: Arc<CommandEnv>,
     peer: PeerId,
-    mut queue: mpsc::Receiver<Frame>,
+    mut queue: mpsc::Receiver<Queued>,
     ended: Recipient<PlannerEnded>,
     generation: u64,
 ) {
@@ -434,7 +492,7 @@ async fn planner_stream(
                 }
             }
             let Some(s) = stream.as_mut() else { continue };
-            match tokio::time::timeout(t, exchange(s, &frame, env.tuning.max_frame_bytes)).await {
+            match tokio::time::timeout(t, exchange(s, &frame.bytes, env.tuning.max_frame_bytes)).await {
                 Ok(Ok(answer)) => {
                     // The peer answered: its refusal stands, it is not resent.
                     outcome = answer;
@@ -473,10 +531,8 @@ async fn planner_stream(
 
 /// Writes one frame and reads the peer's answer: `Ok(Ok)` acked, `Ok(Err)` refused by the
 /// peer (its code), `Err` the stream failed.
-async fn exchange(stream: &mut Stream, frame: &Frame, max: usize) -> Result<Result<(), Refusal>, String> {
-    wire::write_frame(stream, frame)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn exchange(stream: &mut Stream, frame: &[u8], max: usize) -> Result<Result<(), Refusal>, String> {
+    write_encoded(stream, frame).await.map_err(|e| e.to_string())?;
     loop {
         match wire::read_frame(stream, max).await {
             Ok(Some(Frame::Ack { .. })) => return Ok(Ok(())),
@@ -490,6 +546,11 @@ async fn exchange(stream: &mut Stream, frame: &Frame, max: usize) -> Result<Resu
             Err(e) => return Err(e.to_string()),
         }
     }
+}
+
+async fn write_encoded(stream: &mut Stream, frame: &[u8]) -> std::io::Result<()> {
+    stream.write_all(frame).await?;
+    stream.flush().await
 }
 
 /// Which forwarding protocol a stream speaks: it, not the frame, decides the action
@@ -931,6 +992,19 @@ mod tests {
             .admit(PeerId::random(), "new", t0 + Duration::from_secs(1))
             .unwrap();
         assert_eq!(evicted, Some("g1"));
+    }
+
+    #[test]
+    fn queued_planner_bytes_are_bounded_and_given_back() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let a = Reserved::take(&total, 60, 100).unwrap();
+        assert!(Reserved::take(&total, 41, 100).is_none(), "over the budget");
+        let b = Reserved::take(&total, 40, 100).unwrap();
+        assert!(Reserved::take(&total, usize::MAX, 100).is_none(), "no overflow");
+        drop(a);
+        assert_eq!(total.load(Ordering::Acquire), 40);
+        drop(b);
+        assert_eq!(total.load(Ordering::Acquire), 0);
     }
 
     #[test]
