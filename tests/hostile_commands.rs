@@ -76,6 +76,63 @@ async fn exchange_both_ways(victim: &Site, good: &Site, tag: &str) {
     eventually(&format!("{g} stored by the victim"), || has_resource(victim, &g)).await;
 }
 
+/// Events published on both sides while an attack runs: one each way every 100 ms until
+/// [`Traffic::finish`], which waits until every one is stored on the other side.
+struct Traffic {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(Vec<String>, Vec<String>)>,
+}
+
+impl Traffic {
+    fn start(victim: &Site, good: &Site, tag: &str) -> Traffic {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (va, vid) = (victim.app.clone(), victim.id());
+        let (ga, gid) = (good.app.clone(), good.id());
+        let tag = tag.to_owned();
+        let task = tokio::spawn(async move {
+            let (mut from_victim, mut from_good) = (Vec::new(), Vec::new());
+            for i in 0..600 {
+                for (app, id, sent) in [(&va, &vid, &mut from_victim), (&ga, &gid, &mut from_good)] {
+                    let rid = format!("{tag}-{}-{i}", &id[id.len() - 6..]);
+                    let body = event("PB_CREATE", &rid, id, json!({}));
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        app.request("PROPALGATION_EVENT", body.to_string().into()),
+                    )
+                    .await
+                    .expect("answer in time")
+                    .expect("request");
+                    let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
+                    assert!(accepted(&answer), "refused during the attack: {answer}");
+                    sent.push(rid);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stopped.changed() => break,
+                }
+            }
+            (from_victim, from_good)
+        });
+        Traffic { stop, task }
+    }
+
+    /// Stops publishing; every event published is stored on the other side.
+    async fn finish(self, victim: &Site, good: &Site) -> usize {
+        let _ = self.stop.send(true);
+        let (from_victim, from_good) = self.task.await.expect("traffic task");
+        for id in &from_victim {
+            eventually(&format!("{id} stored by the good partner"), || {
+                has_resource(good, id)
+            })
+            .await;
+        }
+        for id in &from_good {
+            eventually(&format!("{id} stored by the victim"), || has_resource(victim, id)).await;
+        }
+        from_victim.len() + from_good.len()
+    }
+}
+
 async fn dial(hand: &HandPeer, site: &Site) -> PeerId {
     let peer: PeerId = site.id().parse().unwrap();
     let addr = format!("/ip4/127.0.0.1/tcp/{}", site.node.p2p_port)
@@ -131,6 +188,7 @@ async fn a_hostile_forward_is_republished_as_considers_from_its_real_id_and_a_fl
     victim.node.start_healthy().await.unwrap();
     good.node.start_healthy().await.unwrap();
     exchange_both_ways(&victim, &good, "before").await;
+    let traffic = Traffic::start(&victim, &good, "during");
 
     let hostile = HandPeer::start(libp2p::identity::Keypair::generate_ed25519());
     let target = dial(&hostile, &victim).await;
@@ -221,11 +279,12 @@ async fn a_hostile_forward_is_republished_as_considers_from_its_real_id_and_a_fl
         })
     })
     .await;
+    let exchanged = traffic.finish(&victim, &good).await;
     exchange_both_ways(&victim, &good, "after").await;
     let rss = rss_mib(&victim);
     assert!(rss * 1024 * 1024 < RSS_CAP, "victim RSS {rss} MiB");
     println!(
-        "forward flood: {acks} acked, {limited} rate_limited, victim RSS {rss} MiB, good partner exchanging both ways"
+        "forward flood: {acks} acked, {limited} rate_limited, victim RSS {rss} MiB, {exchanged} events exchanged both ways during the attack"
     );
 }
 
@@ -238,6 +297,7 @@ async fn idle_planner_streams_of_many_peers_stalled_mid_frame_do_not_lock_out_a_
     victim.node.start_healthy().await.unwrap();
     good.node.start_healthy().await.unwrap();
     exchange_both_ways(&victim, &good, "before").await;
+    let traffic = Traffic::start(&victim, &good, "during");
 
     // Enough hostile peers, each at its share, to fill every forwarding stream and more.
     const PARTIAL_BODY: usize = 768 * 1024;
@@ -309,11 +369,12 @@ async fn idle_planner_streams_of_many_peers_stalled_mid_frame_do_not_lock_out_a_
             && from_good.iter().any(|m| m.body["action"] == "PB_CONSIDERS")
     })
     .await;
+    let exchanged = traffic.finish(&victim, &good).await;
     exchange_both_ways(&victim, &good, "after").await;
     let rss = rss_mib(&victim);
     assert!(rss * 1024 * 1024 < RSS_CAP, "victim RSS {rss} MiB");
     println!(
-        "idle planner streams: {opened} opened by {peers} peers, each stalled {} KiB into a 1 MiB frame, {} closed by the victim, victim RSS {rss} MiB",
+        "{exchanged} events exchanged during the attack; idle planner streams: {opened} opened by {peers} peers, each stalled {} KiB into a 1 MiB frame, {} closed by the victim, victim RSS {rss} MiB",
         PARTIAL_BODY / 1024,
         closed.load(Ordering::Relaxed)
     );
@@ -366,6 +427,14 @@ async fn a_full_intake_stream_refuses_publishes_until_the_node_drains_it() {
             break;
         }
     }
+    // The good partner keeps publishing meanwhile: its events wait for the victim.
+    let mut from_good = Vec::new();
+    for i in 0..5 {
+        let id = format!("good-while-down-{i}");
+        let answer = request(&good, &event("PB_CREATE", &id, &good.id(), json!({}))).await;
+        assert!(accepted(&answer), "{answer}");
+        from_good.push(id);
+    }
     let refusal = refusal.expect("the full stream refused a publish");
     let description = refusal["error"]["description"].as_str().unwrap_or_default();
     assert!(description.contains("maximum bytes"), "{refusal}");
@@ -378,6 +447,9 @@ async fn a_full_intake_stream_refuses_publishes_until_the_node_drains_it() {
             has_resource(&good, id)
         })
         .await;
+    }
+    for id in &from_good {
+        eventually(&format!("{id} reaches the victim"), || has_resource(&victim, id)).await;
     }
     eventually("the stream drained", || {
         let js = js.clone();
