@@ -7,8 +7,9 @@
 //!   pull consumer feeds the actor. The stream is bounded (`--intake-max-bytes`,
 //!   `--intake-max-age`) with `discard: new`: when full, the server refuses a publish (the
 //!   application's request gets an error instead of a PubAck) rather than the disk filling;
-//!   an existing stream gets these limits at start-up. A message is acknowledged only after its journal commit
-//!   (or its error event), so events published while the node is down wait in the stream.
+//!   an existing stream gets these limits at start-up. A message is acknowledged only after
+//!   its journal commit (or its error event), so events published while the node is down
+//!   wait in the stream.
 //!   The stream sequences of journaled messages are committed with the journal, so a
 //!   redelivery after a crash (its ack lost) is recognised and not journaled twice.
 //! - **Core NATS** otherwise: a plain subscription; the node says so at start-up and on
