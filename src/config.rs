@@ -32,6 +32,11 @@ pub const DEFAULT_FORWARD_RATE: f64 = 50.0;
 pub const DEFAULT_FORWARD_BURST: u32 = 100;
 /// A planner stream that carried nothing for this long is closed (both sides).
 pub const DEFAULT_PLANNER_IDLE: &str = "10m";
+/// Bytes of one journal sync round (`--sync-max-bytes`).
+pub const DEFAULT_SYNC_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Room for an entry's fields around its resource: `--sync-max-bytes` must exceed
+/// `--max-event-bytes` by this much, so that one entry always fits in a round.
+const SYNC_ENTRY_ROOM: u64 = 64 * 1024;
 /// Shortest period accepted for intervals and timeouts (zero would spin).
 const MIN_PERIOD: Duration = Duration::from_millis(10);
 /// Life of this node's signed peer record in the DHT; it is re-signed every half of it.
@@ -192,6 +197,11 @@ pub struct RunArgs {
     /// Period of the safety-net journal sync with each partner.
     #[arg(long, env = "OC_DISCOVERY_SYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sync_interval: Duration,
+    /// Most bytes of one journal sync round (entries as JSON lines), on both sides: the
+    /// owner cuts a round there, the puller refuses an answer announcing more. At least
+    /// --max-event-bytes + 64 KiB, so one entry always fits.
+    #[arg(long, env = "OC_DISCOVERY_SYNC_MAX_BYTES", default_value_t = DEFAULT_SYNC_MAX_BYTES)]
+    pub sync_max_bytes: u64,
     /// First wait before a partner link retries after a failed session; it doubles with
     /// each failure in a row, up to --backoff-max.
     #[arg(long, env = "OC_DISCOVERY_BACKOFF_MIN", default_value = "200ms", value_parser = parse_duration)]
@@ -295,6 +305,8 @@ struct FileConfig {
     sync_timeout: Option<String>,
     #[serde(alias = "sync-interval")]
     sync_interval: Option<String>,
+    #[serde(alias = "sync-max-bytes")]
+    sync_max_bytes: Option<u64>,
     #[serde(alias = "backoff-min")]
     backoff_min: Option<String>,
     #[serde(alias = "backoff-max")]
@@ -322,6 +334,8 @@ pub enum ConfigError {
     MaxEventBytes,
     #[error("--max-frame-bytes must be at least 4096")]
     MaxFrameBytes,
+    #[error("--sync-max-bytes must be at least --max-event-bytes + 65536")]
+    SyncMaxBytes,
     #[error("--ping-interval must be shorter than --pong-discard-timeout")]
     Heartbeat,
     #[error("--backoff-min must not be longer than --backoff-max")]
@@ -438,6 +452,7 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(pong_discard_timeout, duration);
     fill!(sync_timeout, duration);
     fill!(sync_interval, duration);
+    fill!(sync_max_bytes);
     fill!(backoff_min, duration);
     fill!(backoff_max, duration);
     fill!(name, |v| Ok::<_, ConfigError>(Some(v)));
@@ -506,6 +521,8 @@ pub struct Tuning {
     pub sync_interval: Duration,
     /// Most journal entries one sync request covers.
     pub sync_max_entries: usize,
+    /// Most bytes (JSON lines) one sync round holds, on the owner and the puller.
+    pub sync_max_bytes: u64,
     /// Wait for a peer's answer (stream open, hello ack, NATS flush).
     pub io_timeout: Duration,
     /// Reconnect backoff bounds.
@@ -534,6 +551,7 @@ impl Default for Tuning {
             sync_timeout: Duration::from_secs(30),
             sync_interval: Duration::from_secs(60),
             sync_max_entries: 4096,
+            sync_max_bytes: DEFAULT_SYNC_MAX_BYTES,
             io_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
@@ -562,6 +580,9 @@ impl TryFrom<RunArgs> for NodeConfig {
             .collect::<Result<_, _>>()?;
         if run.max_frame_bytes < 4096 {
             return Err(ConfigError::MaxFrameBytes);
+        }
+        if run.sync_max_bytes < (run.max_event_bytes as u64).saturating_add(SYNC_ENTRY_ROOM) {
+            return Err(ConfigError::SyncMaxBytes);
         }
         if run.ping_interval >= run.pong_discard_timeout {
             return Err(ConfigError::Heartbeat);
@@ -605,6 +626,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             pong_discard_timeout: run.pong_discard_timeout,
             sync_timeout: run.sync_timeout,
             sync_interval: run.sync_interval,
+            sync_max_bytes: run.sync_max_bytes,
             backoff_min: run.backoff_min,
             backoff_max: run.backoff_max,
             ..Tuning::default()

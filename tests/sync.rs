@@ -12,7 +12,7 @@ use oc_discovery::event::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::Store;
-use oc_discovery::sync::{Answer, PROTOCOL_SYNC};
+use oc_discovery::sync::{Answer, RoundCap, PROTOCOL_SYNC};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +92,11 @@ async fn a_missing_part_is_asked_for_again_after_the_sync_timeout() {
                 else {
                     panic!()
                 };
-                let answer = Answer::build(journal.as_ref(), &rogue, since, until, part_bytes, 4096)
+                let cap = RoundCap {
+                    entries: 4096,
+                    bytes: 64 << 20,
+                };
+                let answer = Answer::build(journal.as_ref(), &rogue, since, until, part_bytes, cap)
                     .await
                     .unwrap();
                 wire::write_frame(&mut stream, &answer.header()).await.unwrap();

@@ -249,15 +249,8 @@ impl Handler<IncomingStream> for InboundApply {
             let env = self.env.clone();
             self.helper(peer, "sync", async move {
                 let t = &env.tuning;
-                let served = sync::serve(
-                    env.store.as_ref(),
-                    &env.own_id,
-                    stream,
-                    t.max_frame_bytes,
-                    t.sync_max_entries,
-                    t.sync_timeout,
-                )
-                .await;
+                let served =
+                    sync::serve(env.store.as_ref(), &env.own_id, peer, stream, t, &env.metrics).await;
                 if let Err(e) = served {
                     tracing::debug!(%peer, cause = %e, "sync request not served");
                 }
@@ -758,7 +751,7 @@ async fn pull_until(
     // The round handed to the session and not yet known applied.
     let mut handed: Option<u64> = None;
     while since < target {
-        let pulled = sync::pull(&env.net, peer, since, t.max_frame_bytes, t.sync_timeout)
+        let pulled = sync::pull(&env.net, peer, since, t, &env.metrics)
             .await
             .map_err(|e| e.to_string())?;
         let (until, head, count) = (pulled.until, pulled.head, pulled.entries.len());

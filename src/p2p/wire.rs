@@ -3,6 +3,14 @@
 //! A frame is a 4-byte big-endian length followed by that many bytes of JSON. Frames
 //! above the reader's cap are skipped (read and discarded) and reported, so one oversized
 //! frame never kills a stream that carries good events behind it.
+//!
+//! A length prefix is a claim, not a reservation: the body buffer grows only once body bytes
+//! arrive (one [`READ_CHUNK`] at first, then doubling, never beyond twice what arrived plus
+//! one chunk), so a peer that sends a 4-byte prefix of 1 MiB and stalls costs nothing. [`read_frame_budgeted`] also
+//! charges the growing buffer to a [`ByteBudget`] shared by all of one peer's streams, so
+//! the owner of those streams bounds the bytes that peer holds in half-read frames.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
@@ -12,6 +20,11 @@ use crate::event::JournalEntry;
 /// Hard ceiling for any frame, whatever the configuration: a length above it means the
 /// peer does not speak our framing, and the stream is closed.
 pub const ABSOLUTE_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// First growth step of a frame's body buffer; later steps double with what arrived.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read into the reader's own small buffer before a frame's body buffer grows.
+const FIRST_READ: usize = 256;
 
 /// One message on a resource stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,14 +60,18 @@ pub enum Frame {
         nonce: u64,
     },
     /// Journal sync, puller → owner: entries `since < seq <= until` of `origin` (until
-    /// chosen by the owner when absent), cut in parts of at most `part_bytes`; `parts`
-    /// asks again for only those parts of an answer already begun.
+    /// chosen by the owner when absent; either way at most one round), cut in parts of at
+    /// most `part_bytes`, the whole answer at most `max_bytes` (the puller's round byte
+    /// cap; the owner's own cap when absent); `parts` asks again for only those parts of an
+    /// answer already begun.
     SyncRequest {
         origin: String,
         since: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         until: Option<u64>,
         part_bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         parts: Option<Vec<u32>>,
     },
@@ -114,6 +131,28 @@ pub enum Frame {
     },
 }
 
+impl Frame {
+    /// The frame's `type` on the wire, for log lines (a whole frame may be large).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Event(_) => "event",
+            Frame::Large { .. } => "large",
+            Frame::Forward { .. } => "forward",
+            Frame::Ping { .. } => "ping",
+            Frame::Pong { .. } => "pong",
+            Frame::SyncRequest { .. } => "sync_request",
+            Frame::SyncHeader { .. } => "sync_header",
+            Frame::SyncPart { .. } => "sync_part",
+            Frame::Ack { .. } => "ack",
+            Frame::Error { .. } => "error",
+            Frame::SearchQuery { .. } => "search_query",
+            Frame::SearchResults { .. } => "search_results",
+            Frame::SearchDone { .. } => "search_done",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("i/o: {0}")]
@@ -127,6 +166,10 @@ pub enum FrameError {
     /// The length prefix is absurd: the stream cannot be trusted any more.
     #[error("frame length {0} is beyond any sane limit")]
     Corrupt(usize),
+    /// The peer's [`ByteBudget`] is spent by frames being read on its other streams; the
+    /// stream is left in the middle of a frame and must be dropped.
+    #[error("frame of {size} bytes: the peer's budget of {limit} bytes in flight is spent")]
+    OverBudget { size: usize, limit: usize },
 }
 
 impl FrameError {
@@ -145,8 +188,14 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
         out.truncate(start);
         return;
     }
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    // A frame beyond 4 GiB cannot be framed: appended nothing rather than a wrong length.
+    let Ok(len) = u32::try_from(out.len().saturating_sub(start + 4)) else {
+        out.truncate(start);
+        return;
+    };
+    if let Some(prefix) = out.get_mut(start..start + 4) {
+        prefix.copy_from_slice(&len.to_be_bytes());
+    }
 }
 
 /// Appends an `event` frame built from the JSON text of a [`JournalEntry`] without decoding
@@ -158,7 +207,13 @@ pub fn encode_event_json(entry_json: &[u8], out: &mut Vec<u8>) -> bool {
         Some((b'{', rest)) if rest.first().is_some_and(|b| *b != b'}') => rest,
         _ => return false,
     };
-    let len = (TAG.len() + body.len()) as u32;
+    let Some(len) = TAG
+        .len()
+        .checked_add(body.len())
+        .and_then(|n| u32::try_from(n).ok())
+    else {
+        return false;
+    };
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(TAG);
     out.extend_from_slice(body);
@@ -173,11 +228,117 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std
     w.flush().await
 }
 
+/// Bytes one peer may hold in frames being read, across all of its streams.
+///
+/// Shared (in an `Arc`) by whoever owns a peer's streams, and passed to
+/// [`read_frame_budgeted`] / [`forward_frames_budgeted`] for each of them. A frame's body
+/// buffer is charged as it grows and released as soon as the frame is decoded (or fails):
+/// the budget bounds the bytes of half-read frames, whatever the length prefixes claim.
+/// What the caller keeps after a frame is decoded is the caller's to bound.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl ByteBudget {
+    pub fn new(limit: usize) -> ByteBudget {
+        ByteBudget {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes currently charged.
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Charges `n` bytes, or nothing and false when that would pass the limit.
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        // Never below zero: only what was taken is given back.
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(n))
+            });
+    }
+}
+
+/// The part of a [`ByteBudget`] one frame holds; given back when dropped.
+struct Charge<'a> {
+    budget: Option<&'a ByteBudget>,
+    held: usize,
+}
+
+impl Charge<'_> {
+    /// Raises the charge to `to` bytes; false when the budget does not allow it.
+    fn raise(&mut self, to: usize) -> bool {
+        let Some(budget) = self.budget else {
+            return true;
+        };
+        let more = to.saturating_sub(self.held);
+        if more == 0 {
+            return true;
+        }
+        if !budget.try_take(more) {
+            return false;
+        }
+        self.held = to;
+        true
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if let Some(budget) = self.budget {
+            budget.give(self.held);
+        }
+    }
+}
+
 /// Reads one frame. `Ok(None)` is a clean end of stream.
+///
+/// The body is read as it arrives, its buffer grown only once bytes are there and at most
+/// twice the bytes received plus [`READ_CHUNK`]: the length prefix alone allocates nothing.
 ///
 /// # Errors
 /// See [`FrameError`]; recoverable errors leave the stream positioned at the next frame.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>, FrameError> {
+    read_frame_inner(r, max, None).await
+}
+
+/// [`read_frame`], charging the body buffer to `budget` while the frame is read (the
+/// budget of the peer that owns the stream, shared by its other streams).
+///
+/// # Errors
+/// As [`read_frame`], and [`FrameError::OverBudget`] (not recoverable: the stream is in the
+/// middle of a frame) when the peer's frames being read already hold the whole budget.
+pub async fn read_frame_budgeted<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    budget: &ByteBudget,
+) -> Result<Option<Frame>, FrameError> {
+    read_frame_inner(r, max, Some(budget)).await
+}
+
+async fn read_frame_inner<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    budget: Option<&ByteBudget>,
+) -> Result<Option<Frame>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(()) => {}
@@ -195,8 +356,53 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
         }
         return Err(FrameError::TooLarge { size, max });
     }
-    let mut body = vec![0u8; size];
-    r.read_exact(&mut body).await?;
+    let mut charge = Charge { budget, held: 0 };
+    let mut body: Vec<u8> = Vec::new();
+    let mut filled = 0usize;
+    while filled < size {
+        let eof = || FrameError::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        if filled < body.len() {
+            let got = match body.get_mut(filled..) {
+                Some(room) => r.read(room).await?,
+                None => 0,
+            };
+            if got == 0 {
+                return Err(eof());
+            }
+            filled = filled.saturating_add(got);
+            continue;
+        }
+        // The buffer is full: grow it only once more bytes are there, so a stream that
+        // stalls (right after its length prefix, or anywhere) holds only what it sent.
+        let mut first = [0u8; FIRST_READ];
+        let n = size.saturating_sub(filled).min(FIRST_READ);
+        let got = match first.get_mut(..n) {
+            Some(room) => r.read(room).await?,
+            None => 0,
+        };
+        if got == 0 {
+            return Err(eof());
+        }
+        // One chunk, or as much as already arrived (doubling, so a large frame is not
+        // copied over and over): never more than twice what arrived plus one chunk, and
+        // charged to the budget before it exists.
+        let step = READ_CHUNK.max(filled).min(size.saturating_sub(filled));
+        let want = filled.saturating_add(step);
+        if !charge.raise(want) {
+            return Err(FrameError::OverBudget {
+                size,
+                limit: budget.map_or(0, ByteBudget::limit),
+            });
+        }
+        body.reserve_exact(step);
+        body.resize(want, 0);
+        let end = filled.saturating_add(got);
+        match (body.get_mut(filled..end), first.get(..got)) {
+            (Some(to), Some(from)) => to.copy_from_slice(from),
+            _ => return Err(eof()),
+        }
+        filled = end;
+    }
     decode_frame(&body).map(Some).map_err(FrameError::Decode)
 }
 
@@ -226,13 +432,41 @@ pub fn decode_frame(body: &[u8]) -> Result<Frame, serde_json::Error> {
 /// (wrapped by `wrap`); the final `Ok(None)` or fatal error is handed over too. Stops early
 /// when the receiver is gone. The channel bound is the backpressure: a slow consumer stops
 /// the reading, and the peer's writes block on the transport window.
-pub async fn forward_frames<R, T, F>(mut r: R, max: usize, tx: tokio::sync::mpsc::Sender<T>, wrap: F)
+pub async fn forward_frames<R, T, F>(r: R, max: usize, tx: tokio::sync::mpsc::Sender<T>, wrap: F)
 where
     R: AsyncRead + Unpin,
     F: Fn(Result<Option<Frame>, FrameError>) -> T,
 {
+    forward_frames_inner(r, max, None, tx, wrap).await
+}
+
+/// [`forward_frames`], each frame read with [`read_frame_budgeted`] against the peer's
+/// `budget` (an [`FrameError::OverBudget`] is handed over and ends the reading).
+pub async fn forward_frames_budgeted<R, T, F>(
+    r: R,
+    max: usize,
+    budget: std::sync::Arc<ByteBudget>,
+    tx: tokio::sync::mpsc::Sender<T>,
+    wrap: F,
+) where
+    R: AsyncRead + Unpin,
+    F: Fn(Result<Option<Frame>, FrameError>) -> T,
+{
+    forward_frames_inner(r, max, Some(&budget), tx, wrap).await
+}
+
+async fn forward_frames_inner<R, T, F>(
+    mut r: R,
+    max: usize,
+    budget: Option<&ByteBudget>,
+    tx: tokio::sync::mpsc::Sender<T>,
+    wrap: F,
+) where
+    R: AsyncRead + Unpin,
+    F: Fn(Result<Option<Frame>, FrameError>) -> T,
+{
     loop {
-        let frame = read_frame(&mut r, max).await;
+        let frame = read_frame_inner(&mut r, max, budget).await;
         let end = match &frame {
             Ok(Some(_)) => false,
             Ok(None) => true,
