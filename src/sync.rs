@@ -838,4 +838,325 @@ mod tests {
         assert_eq!(joined, blob);
         assert!(answer.part(answer.total()).is_none());
     }
+    fn journal_entry(seq: u64, pad: usize) -> JournalEntry {
+        JournalEntry {
+            origin: "o".into(),
+            seq,
+            action: crate::event::Action::Create,
+            data_type: "D".into(),
+            user: "u".into(),
+            resource: serde_json::json!({"id": format!("r{seq}"), "creator_id": "o", "pad": "x".repeat(pad)})
+                .into(),
+            time_ms: 1,
+        }
+    }
+
+    async fn journal(n: u64, pad: usize) -> (tempfile::TempDir, crate::store::embedded::EmbeddedStore) {
+        use crate::event::{Action, NewEvent, Resource};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("j.redb")).unwrap();
+        let events = (1..=n)
+            .map(|i| NewEvent {
+                action: Action::Create,
+                data_type: "D".into(),
+                user: "u".into(),
+                from_app: "app".into(),
+                resource: Resource::from_json(&format!(
+                    r#"{{"id":"r{i}","creator_id":"o","pad":"{}"}}"#,
+                    "x".repeat(pad)
+                ))
+                .unwrap(),
+                resource_id: format!("r{i}"),
+            })
+            .collect();
+        store.append_journal("o", events).await.unwrap();
+        (dir, store)
+    }
+
+    fn header_of(answer: &Answer) -> Header {
+        Header {
+            since: answer.since,
+            until: answer.until,
+            head: answer.head,
+            total: answer.total(),
+            bytes: answer.bytes(),
+        }
+    }
+
+    fn parts_of(answer: &Answer) -> Vec<(u32, u32, String)> {
+        (0..answer.total())
+            .filter_map(|i| match answer.part(i) {
+                Some(Frame::SyncPart { index, total, data }) => Some((index, total, data)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ask(since: u64) -> Ask {
+        Ask {
+            since,
+            part_bytes: 2048,
+            max_entries: 100,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn until_is_capped_whatever_the_request_says() {
+        assert_eq!(plan_until(10, Some(u64::MAX), 1_000_000, 4096), 4106);
+        assert_eq!(plan_until(10, None, 1_000_000, 4096), 4106);
+        assert_eq!(plan_until(10, Some(20), 1_000_000, 4096), 20);
+        assert_eq!(plan_until(10, None, 15, 4096), 15, "capped at the head");
+        assert_eq!(plan_until(10, Some(3), 15, 4096), 10, "never below since");
+        assert_eq!(
+            plan_until(u64::MAX - 1, None, u64::MAX, 4096),
+            u64::MAX,
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn asked_parts_are_deduplicated_bounded_and_in_range() {
+        assert_eq!(wanted_parts(None, 3).unwrap(), vec![0, 1, 2]);
+        assert_eq!(wanted_parts(Some(vec![2, 0, 2, 9]), 4).unwrap(), vec![0, 2]);
+        assert_eq!(wanted_parts(Some(vec![1, 1, 1]), 3).unwrap(), vec![1]);
+        assert!(
+            wanted_parts(Some(vec![0; 100_000]), 3).is_err(),
+            "longer than total"
+        );
+        assert!(wanted_parts(Some(vec![0]), 0).is_err());
+        assert_eq!(wanted_parts(Some(vec![]), 0).unwrap(), Vec::<u32>::new());
+    }
+
+    #[tokio::test]
+    async fn a_round_is_cut_at_an_entry_boundary_by_the_byte_cap_but_holds_one_entry() {
+        let (_dir, store) = journal(50, 1000).await;
+        let line = store.read_journal_raw("o", 1, 1).await.unwrap()[0].json.len() as u64 + 1;
+        let cap = RoundCap {
+            entries: 4096,
+            bytes: line * 3 + line / 2,
+        };
+        let answer = Answer::build(&store, "o", 0, Some(u64::MAX), 2048, cap)
+            .await
+            .unwrap();
+        assert_eq!((answer.until, answer.head, answer.bytes()), (3, 50, line * 3));
+        let entries = assemble(
+            ask(0),
+            header_of(&answer),
+            parts_of(&answer).iter().map(|(i, t, d)| (*i, *t, d.as_str())),
+        )
+        .unwrap();
+        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        // The re-request with the header's until reproduces the same answer.
+        let again = Answer::build(&store, "o", 0, Some(3), 2048, cap).await.unwrap();
+        assert_eq!(header_of(&again), header_of(&answer));
+
+        let tiny = RoundCap {
+            entries: 4096,
+            bytes: 10,
+        };
+        let one = Answer::build(&store, "o", 7, None, 2048, tiny).await.unwrap();
+        assert_eq!(
+            (one.until, one.bytes()),
+            (8, line),
+            "one entry larger than the cap still travels"
+        );
+
+        let few = RoundCap {
+            entries: 5,
+            bytes: 1 << 30,
+        };
+        let capped = Answer::build(&store, "o", 0, Some(u64::MAX), 2048, few)
+            .await
+            .unwrap();
+        assert_eq!(capped.until, 5);
+    }
+
+    #[tokio::test]
+    async fn an_honest_answer_assembles_in_any_order() {
+        let (_dir, store) = journal(30, 300).await;
+        let cap = RoundCap {
+            entries: 100,
+            bytes: 1 << 20,
+        };
+        let answer = Answer::build(&store, "o", 4, None, 2048, cap).await.unwrap();
+        assert!(answer.total() > 3);
+        let mut parts = parts_of(&answer);
+        parts.reverse();
+        let entries = assemble(
+            ask(4),
+            header_of(&answer),
+            parts.iter().map(|(i, t, d)| (*i, *t, d.as_str())),
+        )
+        .unwrap();
+        assert_eq!(entries.len(), 26);
+        assert_eq!((entries[0].seq, entries[25].seq), (5, 30));
+        // Parts cut smaller by an owner with a smaller frame cap are fine too.
+        let small = Answer::build(&store, "o", 4, None, 1024, cap).await.unwrap();
+        let parts = parts_of(&small);
+        assert_eq!(
+            assemble(
+                ask(4),
+                header_of(&small),
+                parts.iter().map(|(i, t, d)| (*i, *t, d.as_str()))
+            )
+            .unwrap()
+            .len(),
+            26
+        );
+    }
+
+    #[test]
+    fn a_header_must_fit_what_was_asked() {
+        let good = Header {
+            since: 0,
+            until: 3,
+            head: 10,
+            total: 2,
+            bytes: 2000,
+        };
+        assert!(ask(0).check(&good).is_ok());
+        let bad = [
+            Header {
+                total: u32::MAX,
+                bytes: u64::MAX,
+                ..good
+            },
+            Header {
+                total: u32::MAX,
+                ..good
+            },
+            Header {
+                bytes: (1 << 20) + 1,
+                total: 1000,
+                ..good
+            },
+            Header { since: 1, ..good },
+            Header {
+                until: 101,
+                head: 200,
+                ..good
+            },
+            Header { head: 2, ..good },
+            Header { total: 0, ..good },
+            Header { total: 1, ..good },
+            Header {
+                total: 1,
+                bytes: 0,
+                ..good
+            },
+        ];
+        for h in bad {
+            assert!(
+                matches!(ask(0).check(&h), Err(SyncError::Invalid(_))),
+                "{h:?} accepted"
+            );
+        }
+        assert!(
+            ask(0)
+                .check(&Header {
+                    total: 0,
+                    bytes: 0,
+                    ..good
+                })
+                .is_ok(),
+            "nothing to send"
+        );
+    }
+
+    #[test]
+    fn parts_never_pass_what_the_header_announced() {
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![b'x'; n]);
+        let chunk = chunk_bytes(2048);
+        let header = Header {
+            since: 0,
+            until: 3,
+            head: 3,
+            total: 2,
+            bytes: (chunk + 10) as u64,
+        };
+        let fresh = || Assembly::new(ask(0), header).unwrap();
+        // Larger than a part may be: refused from its base64 length, before decoding.
+        assert!(fresh().add(0, 2, &b64(chunk + 1)).is_err());
+        assert!(fresh().add(0, 2, &"A".repeat(10_000_000)).is_err());
+        // More parts than announced, or another total.
+        assert!(fresh().add(2, 2, &b64(10)).is_err());
+        assert!(fresh().add(0, 3, &b64(chunk)).is_err());
+        // The same part twice.
+        let mut a = fresh();
+        a.add(0, 2, &b64(chunk)).unwrap();
+        assert!(a.add(0, 2, &b64(chunk)).is_err());
+        // The last part must be exactly the rest.
+        assert!(a.add(1, 2, &b64(11)).is_err());
+        a.add(1, 2, &b64(10)).unwrap();
+        assert!(a.is_complete());
+        // A first part that cannot cut `bytes` into `total` slices.
+        assert!(fresh().add(0, 2, &b64(5)).is_err());
+        // Not base64.
+        assert!(fresh().add(0, 2, "!!!!").is_err());
+    }
+
+    #[test]
+    fn assembled_entries_stay_in_their_range() {
+        let lines = |seqs: &[u64]| {
+            let mut blob = Vec::new();
+            for s in seqs {
+                blob.extend(serde_json::to_vec(&journal_entry(*s, 10)).unwrap());
+                blob.push(b'\n');
+            }
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        };
+        let run = |seqs: &[u64], until: u64| {
+            let data = lines(seqs);
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&data)
+                .unwrap()
+                .len() as u64;
+            let mut a = ask(0);
+            a.part_bytes = 1 << 20;
+            let header = Header {
+                since: 0,
+                until,
+                head: until,
+                total: 1,
+                bytes,
+            };
+            assemble(a, header, [(0, 1, data.as_str())])
+        };
+        assert_eq!(run(&[1, 2, 3], 3).unwrap().len(), 3);
+        assert!(run(&[1, 2, 3, 4], 3).is_err(), "more entries than the range");
+        assert!(run(&[2, 1], 3).is_err(), "not increasing");
+        assert!(run(&[0], 3).is_err(), "at or below since");
+        assert!(run(&[1, 1], 3).is_err(), "twice");
+    }
+
+    #[test]
+    fn assembling_never_panics_on_garbage() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        for _ in 0..2_000 {
+            let header = Header {
+                since: rng.gen_range(0..4),
+                until: rng.gen_range(0..8),
+                head: rng.gen_range(0..10),
+                total: rng.gen_range(0..4),
+                bytes: rng.gen_range(0..1500),
+            };
+            let parts: Vec<(u32, u32, String)> = (0..rng.gen_range(0..5))
+                .map(|_| {
+                    let n = rng.gen_range(0..400);
+                    let raw: Vec<u8> = (0..n)
+                        .map(|_| *b"{}\n\"a:1,seq".get(rng.gen_range(0..12)).unwrap_or(&b'x'))
+                        .collect();
+                    let data = if rng.gen_bool(0.9) {
+                        base64::engine::general_purpose::STANDARD.encode(raw)
+                    } else {
+                        String::from_utf8_lossy(&raw).into_owned()
+                    };
+                    (rng.gen_range(0..4), rng.gen_range(0..4), data)
+                })
+                .collect();
+            let _ = assemble(ask(0), header, parts.iter().map(|(i, t, d)| (*i, *t, d.as_str())));
+        }
+    }
 }

@@ -573,4 +573,134 @@ mod tests {
         ));
         assert_eq!(read_frame(&mut r, 200).await.unwrap(), None);
     }
+    /// Gives `data` in reads of at most `step` bytes, then never ends (a stalled peer).
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let at = self.at;
+            let n = self.step.min(buf.len()).min(self.data.len() - at);
+            if n == 0 {
+                return std::task::Poll::Pending;
+            }
+            buf[..n].copy_from_slice(&self.data[at..at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    fn trickle(data: Vec<u8>, step: usize) -> Trickle {
+        Trickle { data, at: 0, step }
+    }
+
+    #[tokio::test]
+    async fn a_length_prefix_alone_costs_nothing_and_the_buffer_follows_the_bytes() {
+        let budget = ByteBudget::new(1 << 30);
+        let mut prefix_only = trickle((1u32 << 20).to_be_bytes().to_vec(), 4);
+        {
+            let read = read_frame_budgeted(&mut prefix_only, 2 << 20, &budget);
+            futures::pin_mut!(read);
+            assert!(futures::poll!(read.as_mut()).is_pending());
+            assert_eq!(budget.in_use(), 0, "nothing held for a bare prefix");
+        }
+        let mut data = (1u32 << 20).to_be_bytes().to_vec();
+        data.extend(vec![b' '; 100_000]);
+        let mut partial = trickle(data, 1 << 20);
+        {
+            let read = read_frame_budgeted(&mut partial, 2 << 20, &budget);
+            futures::pin_mut!(read);
+            assert!(futures::poll!(read.as_mut()).is_pending());
+            let held = budget.in_use();
+            assert!(
+                (100_000..=2 * 100_000 + READ_CHUNK).contains(&held),
+                "{held} bytes held for 100 000 received"
+            );
+        }
+        assert_eq!(budget.in_use(), 0, "given back when the read is dropped");
+    }
+
+    #[tokio::test]
+    async fn a_frame_read_in_small_pieces_is_whole_and_the_budget_bounds_half_read_frames() {
+        let mut buf = Vec::new();
+        encode_frame(&Frame::Event(entry(9)), &mut buf);
+        let mut slow = trickle(buf.clone(), 3);
+        let budget = ByteBudget::new(1 << 20);
+        assert_eq!(
+            read_frame_budgeted(&mut slow, 1 << 20, &budget).await.unwrap(),
+            Some(Frame::Event(entry(9)))
+        );
+        assert_eq!(budget.in_use(), 0, "released once decoded");
+
+        // Two half-read frames of one peer: the second passes the budget.
+        let big = |n: usize| {
+            let mut d = (n as u32).to_be_bytes().to_vec();
+            d.extend(vec![b' '; n - 1]);
+            d
+        };
+        let budget = ByteBudget::new(150 * 1024);
+        let (mut one, mut two) = (
+            trickle(big(100 * 1024), 1 << 20),
+            trickle(big(100 * 1024), 1 << 20),
+        );
+        let first = read_frame_budgeted(&mut one, 1 << 20, &budget);
+        futures::pin_mut!(first);
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        let second = read_frame_budgeted(&mut two, 1 << 20, &budget).await;
+        assert!(matches!(second, Err(FrameError::OverBudget { .. })), "{second:?}");
+        assert!(!second.unwrap_err().is_recoverable());
+        assert!(budget.in_use() <= budget.limit());
+    }
+
+    #[tokio::test]
+    async fn decoding_and_reading_never_panic_on_garbage() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut valid = Vec::new();
+        encode_frame(&Frame::Event(entry(1)), &mut valid);
+        encode_frame(
+            &Frame::SyncRequest {
+                origin: "o".into(),
+                since: 1,
+                until: Some(2),
+                part_bytes: 3,
+                max_bytes: Some(4),
+                parts: Some(vec![1, 2]),
+            },
+            &mut valid,
+        );
+        for _ in 0..5_000 {
+            let mut bytes = if rng.gen_bool(0.5) {
+                valid.clone()
+            } else {
+                (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect()
+            };
+            for _ in 0..rng.gen_range(0..6) {
+                if let Some(len) = std::num::NonZeroUsize::new(bytes.len()) {
+                    let at = rng.gen_range(0..len.get());
+                    bytes[at] = rng.gen();
+                }
+            }
+            let _ = decode_frame(&bytes);
+            let _ = decode_frame(bytes.get(4..).unwrap_or_default());
+            let mut r = bytes.as_slice();
+            for _ in 0..4 {
+                if !matches!(read_frame(&mut r, 4096).await, Err(e) if e.is_recoverable()) {
+                    break;
+                }
+            }
+        }
+        let deep = "[".repeat(100_000);
+        assert!(
+            decode_frame(deep.as_bytes()).is_err(),
+            "nesting is bounded by serde_json"
+        );
+    }
 }
