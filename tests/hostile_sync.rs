@@ -303,7 +303,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
         let mut first = None;
         for _ in 0..20 {
             let mut s = open().await;
-            wire::write_frame(&mut s, &request(0, Some(u64::MAX), 1 << 20, None))
+            wire::write_frame(&mut s, &request(0, Some(u64::MAX), 65536, None))
                 .await
                 .unwrap();
             let ((until, head, total, bytes), indexes) = answer(&mut s).await;
@@ -320,7 +320,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
         assert!(total > 1);
         // 100 000 times one index: longer than the answer's parts, refused.
         let mut s = open().await;
-        wire::write_frame(&mut s, &request(0, Some(until), 1 << 20, Some(vec![0; 100_000])))
+        wire::write_frame(&mut s, &request(0, Some(until), 65536, Some(vec![0; 100_000])))
             .await
             .unwrap();
         match next_frame(&mut s).await {
@@ -331,7 +331,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
         let mut s = open().await;
         wire::write_frame(
             &mut s,
-            &request(0, Some(until), 1 << 20, Some(vec![1; total as usize])),
+            &request(0, Some(until), 65536, Some(vec![1; total as usize])),
         )
         .await
         .unwrap();
