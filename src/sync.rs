@@ -45,8 +45,12 @@ pub const MAX_ATTEMPTS: usize = 5;
 /// First journal read of an answer, in entries; later reads are sized from the largest
 /// entry seen so far and the bytes left under the round's cap.
 const FIRST_READ: u64 = 16;
-/// Most entries one journal read of an answer asks for.
-const MAX_READ: u64 = 256;
+/// Most entries one journal read of an answer asks for: with entries of at most the owner's
+/// `--max-event-bytes` (1 MiB), one read holds at most 64 MiB, whatever came before it.
+const MAX_READ: u64 = 64;
+/// Longest `code` and `message` of an owner's `error` frame kept (they end up in logs).
+const MAX_REFUSAL_CODE: usize = 64;
+const MAX_REFUSAL_MESSAGE: usize = 512;
 /// Bytes of answer written to the stream at once.
 const WRITE_BATCH: usize = 256 * 1024;
 /// A repeated refusal is logged once per this interval per peer and code.
@@ -58,8 +62,9 @@ static REFUSAL_LOG: LazyLock<LogThrottle> = LazyLock::new(|| LogThrottle::new(LO
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SyncError {
+    /// Boxed: the network error is large, and every rule of this module returns this type.
     #[error(transparent)]
-    Net(#[from] p2p::NetError),
+    Net(Box<p2p::NetError>),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("frame: {0}")]
@@ -78,6 +83,12 @@ pub enum SyncError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+impl From<p2p::NetError> for SyncError {
+    fn from(e: p2p::NetError) -> SyncError {
+        SyncError::Net(Box::new(e))
+    }
 }
 
 fn invalid(why: impl Into<String>) -> SyncError {
@@ -741,7 +752,10 @@ async fn pull_range(
                         None => return Err(invalid(format!("part {index}/{total} before any header"))),
                     },
                     Some(Frame::Error { code, message, .. }) => {
-                        return Err(SyncError::Refused { code, message })
+                        return Err(SyncError::Refused {
+                            code: clip(code, MAX_REFUSAL_CODE),
+                            message: clip(message, MAX_REFUSAL_MESSAGE),
+                        })
                     }
                     Some(other) => return Err(invalid(format!("unexpected {} frame", other.kind()))),
                 }
@@ -773,6 +787,19 @@ async fn pull_range(
         missing,
         total,
     })
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end = end.saturating_sub(1);
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 #[cfg(test)]
@@ -899,6 +926,13 @@ mod tests {
             max_entries: 100,
             max_bytes: 1 << 20,
         }
+    }
+
+    #[test]
+    fn refusal_texts_are_clipped_at_a_character_boundary() {
+        assert_eq!(clip("busy".into(), 64), "busy");
+        assert_eq!(clip("ééé".into(), 3), "é…");
+        assert!(clip("x".repeat(1 << 20), MAX_REFUSAL_MESSAGE).len() <= MAX_REFUSAL_MESSAGE + 3);
     }
 
     #[test]
