@@ -22,15 +22,20 @@ const RSS_LIMIT: u64 = 256 * 1024 * 1024;
 /// Longest wait for any one condition.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Peak resident memory of a process so far (`VmHWM`, Linux).
-fn peak_rss(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` field in bytes (Linux), 0 when absent.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Peak resident memory of a process so far (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -372,6 +377,8 @@ async fn stalled_length_prefixes_cost_nothing() {
     exchange(&scene, "before", 5).await;
     scene.connect_hand().await;
     let before = scene.victim.node.rss_bytes().unwrap_or(0);
+    let pid = scene.victim.node.pid().unwrap();
+    let data_before = status_bytes(pid, "VmData:");
     let peer = scene.victim_peer();
     let protocols = [
         StreamKind::Create.protocol(),
@@ -405,6 +412,7 @@ async fn stalled_length_prefixes_cost_nothing() {
     }
     exchange(&scene, "during", 20).await;
     let during = scene.victim.node.rss_bytes().unwrap_or(0);
+    let data_during = status_bytes(pid, "VmData:");
     // The sync streams are closed by the victim once its --sync-timeout passes.
     let mut closed = 0;
     for s in &mut syncs {
@@ -421,10 +429,12 @@ async fn stalled_length_prefixes_cost_nothing() {
     exchange(&scene, "after", 5).await;
     let peak = scene.peak_rss();
     eprintln!(
-        "stalled prefixes: {opened} streams opened, {closed} sync streams closed by the victim, RSS {:.1} MiB before, {:.1} MiB during, peak {:.1} MiB",
+        "stalled prefixes: {opened} streams opened, {closed} sync streams closed by the victim, RSS {:.1} MiB before, {:.1} MiB during, peak {:.1} MiB; data segment {:.1} MiB before, {:.1} MiB during",
         mib(before),
         mib(during),
-        mib(peak)
+        mib(peak),
+        mib(data_before),
+        mib(data_during)
     );
     assert!(peak < RSS_LIMIT, "victim peak RSS {:.1} MiB", mib(peak));
     assert!(
