@@ -390,17 +390,32 @@ async fn stalled_length_prefixes_cost_nothing() {
     let mut held = Vec::new();
     let mut syncs = Vec::new();
     let mut opened = 0;
-    for i in 0..200 {
+    let mut failures = Vec::new();
+    for i in 0..400 {
+        if opened == 200 {
+            break;
+        }
         let protocol = protocols[i % protocols.len()].clone();
-        let Ok(mut s) = scene
+        let mut s = match scene
             .hand
             .net
             .open_stream(peer, protocol.clone(), Duration::from_secs(10))
             .await
-        else {
-            continue;
+        {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(e.to_string());
+                scene.connect_hand().await;
+                continue;
+            }
         };
-        if s.write_all(&(1u32 << 20).to_be_bytes()).await.is_err() || s.flush().await.is_err() {
+        if let Err(e) = async {
+            s.write_all(&(1u32 << 20).to_be_bytes()).await?;
+            s.flush().await
+        }
+        .await
+        {
+            failures.push(e.to_string());
             continue;
         }
         opened += 1;
@@ -410,6 +425,12 @@ async fn stalled_length_prefixes_cost_nothing() {
             held.push(s);
         }
     }
+    eprintln!(
+        "stalled prefixes: {opened} streams opened, {} failures: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_eq!(opened, 200);
     exchange(&scene, "during", 20).await;
     let during = scene.victim.node.rss_bytes().unwrap_or(0);
     let data_during = status_bytes(pid, "VmData:");
