@@ -819,4 +819,22 @@ mod tests {
             Err(ConfigError::PartnerWithoutPeerId(_))
         ));
     }
+
+    #[test]
+    fn the_sync_round_byte_cap_comes_from_flag_or_file_and_fits_an_entry() {
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(cfg.tuning.sync_max_bytes, DEFAULT_SYNC_MAX_BYTES);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "sync-max-bytes = 2097152\n").unwrap();
+        let cfg = NodeConfig::try_from(run_args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(cfg.tuning.sync_max_bytes, 2 << 20);
+        let small = run_args(&["--sync-max-bytes", "65536", "--max-event-bytes", "1024"]);
+        assert!(matches!(
+            NodeConfig::try_from(small),
+            Err(ConfigError::SyncMaxBytes)
+        ));
+        let fits = run_args(&["--sync-max-bytes", "66560", "--max-event-bytes", "1024"]);
+        assert_eq!(NodeConfig::try_from(fits).unwrap().tuning.sync_max_bytes, 66560);
+    }
 }
