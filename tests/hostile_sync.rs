@@ -466,3 +466,57 @@ async fn stalled_length_prefixes_cost_nothing() {
     );
     drop(held);
 }
+
+/// The caps cost honest partners nothing: a partner more than a window behind catches up
+/// by pulling rounds that its owner cuts by bytes (`--sync-max-bytes` of 256 KiB, entries
+/// of about 1 KB: some forty rounds), and every entry arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_far_behind_catches_up_in_rounds_cut_by_bytes() {
+    init_tracing();
+    let (mut a, mut b) = (Site::new().await, Site::new().await);
+    partner(&mut a, &mut [&mut b]);
+    let args = ["--max-event-bytes", "65536", "--sync-max-bytes", "262144"];
+    for s in [&mut a, &mut b] {
+        s.node.extra_args = args.map(String::from).to_vec();
+    }
+    a.node.start_healthy().await.unwrap();
+    let me = a.id();
+    let (n, pad) = (9000, "p".repeat(1000));
+    for i in 0..n {
+        a.publish(&event(
+            "PB_CREATE",
+            &format!("far-{i}"),
+            &me,
+            json!({ "pad": pad }),
+        ))
+        .await;
+    }
+    a.app.flush().await.unwrap();
+    // The last one answered means all of them are journaled (one intake, in order).
+    a.publish_ok(&event("PB_CREATE", "far-last", &me, json!({})))
+        .await;
+    b.node.start_healthy().await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        let stored = b.stored("COMPUTE_RESOURCE").await.len();
+        if stored == n + 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stored} of {} caught up",
+            n + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refused = b
+        .node
+        .metric(r#"oc_refusals_total{place="sync",code="invalid_field"}"#)
+        .await
+        .unwrap();
+    assert_eq!(refused, 0, "no honest answer refused");
+    assert!(
+        b.node.log().contains("journal sync round"),
+        "caught up by pulling"
+    );
+}
