@@ -5,8 +5,9 @@
 //! frame never kills a stream that carries good events behind it.
 //!
 //! A length prefix is a claim, not a reservation: the body buffer grows only once body bytes
-//! arrive (one [`READ_CHUNK`] at first, then doubling, never beyond twice what arrived plus
-//! one chunk), so a peer that sends a 4-byte prefix of 1 MiB and stalls costs nothing. [`read_frame_budgeted`] also
+//! arrive, one [`READ_CHUNK`] ahead of them at most (its capacity doubling, so never beyond
+//! twice what arrived plus one chunk), so a peer that sends a 4-byte prefix of 1 MiB and
+//! stalls costs nothing. [`read_frame_budgeted`] also
 //! charges the growing buffer to a [`ByteBudget`] shared by all of one peer's streams, so
 //! the owner of those streams bounds the bytes that peer holds in half-read frames.
 
@@ -21,7 +22,7 @@ use crate::event::JournalEntry;
 /// peer does not speak our framing, and the stream is closed.
 pub const ABSOLUTE_MAX_FRAME: usize = 64 * 1024 * 1024;
 
-/// First growth step of a frame's body buffer; later steps double with what arrived.
+/// Most bytes of a frame's body buffer written ahead of the bytes received.
 pub const READ_CHUNK: usize = 64 * 1024;
 /// Bytes read into the reader's own small buffer before a frame's body buffer grows.
 const FIRST_READ: usize = 256;
@@ -383,18 +384,21 @@ async fn read_frame_inner<R: AsyncRead + Unpin>(
         if got == 0 {
             return Err(eof());
         }
-        // One chunk, or as much as already arrived (doubling, so a large frame is not
-        // copied over and over): never more than twice what arrived plus one chunk, and
-        // charged to the budget before it exists.
-        let step = READ_CHUNK.max(filled).min(size.saturating_sub(filled));
+        // Room for one more chunk. The capacity doubles (a large frame is not copied over
+        // and over) and is charged to the budget before it exists; only the chunk ahead is
+        // written (zeroed), so the memory touched stays within one chunk of what arrived.
+        let step = READ_CHUNK.min(size.saturating_sub(filled));
         let want = filled.saturating_add(step);
-        if !charge.raise(want) {
-            return Err(FrameError::OverBudget {
-                size,
-                limit: budget.map_or(0, ByteBudget::limit),
-            });
+        if body.capacity() < want {
+            let grown = body.capacity().saturating_mul(2).max(want).min(size);
+            if !charge.raise(grown) {
+                return Err(FrameError::OverBudget {
+                    size,
+                    limit: budget.map_or(0, ByteBudget::limit),
+                });
+            }
+            body.reserve_exact(grown.saturating_sub(body.len()));
         }
-        body.reserve_exact(step);
         body.resize(want, 0);
         let end = filled.saturating_add(got);
         match (body.get_mut(filled..end), first.get(..got)) {
