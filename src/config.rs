@@ -19,6 +19,8 @@ pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4001";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Default of `--max-partner-buffer-bytes`: 64 MiB per partner.
+pub const DEFAULT_MAX_PARTNER_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_INTAKE_STREAM: &str = "OC_PROPAGATION";
 /// Bytes the JetStream intake stream holds at most (`discard: new` beyond).
 pub const DEFAULT_INTAKE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
@@ -166,6 +168,10 @@ pub struct RunArgs {
     /// Largest frame on partner streams and journal sync parts; bigger entries are split.
     #[arg(long, env = "OC_DISCOVERY_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
+    /// Most bytes of one partner's entries held between its streams and the store (session
+    /// inbox and reorder buffer); beyond, reading stops or entries are dropped and pulled later.
+    #[arg(long, env = "OC_DISCOVERY_MAX_PARTNER_BUFFER_BYTES", default_value_t = DEFAULT_MAX_PARTNER_BUFFER_BYTES)]
+    pub max_partner_buffer_bytes: usize,
     /// JetStream stream capturing PROPALGATION_EVENT (when the NATS server has JetStream).
     #[arg(long, env = "OC_DISCOVERY_INTAKE_STREAM", default_value = DEFAULT_INTAKE_STREAM)]
     pub intake_stream: String,
@@ -285,6 +291,8 @@ struct FileConfig {
     max_event_bytes: Option<usize>,
     #[serde(alias = "max-frame-bytes")]
     max_frame_bytes: Option<usize>,
+    #[serde(alias = "max-partner-buffer-bytes")]
+    max_partner_buffer_bytes: Option<usize>,
     #[serde(alias = "intake-stream")]
     intake_stream: Option<String>,
     #[serde(alias = "intake-max-bytes")]
@@ -336,6 +344,8 @@ pub enum ConfigError {
     MaxFrameBytes,
     #[error("--sync-max-bytes must be at least --max-event-bytes + 65536")]
     SyncMaxBytes,
+    #[error("--max-partner-buffer-bytes must be at least --max-frame-bytes")]
+    MaxPartnerBufferBytes,
     #[error("--ping-interval must be shorter than --pong-discard-timeout")]
     Heartbeat,
     #[error("--backoff-min must not be longer than --backoff-max")]
@@ -438,6 +448,7 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(partner, addrs);
     fill!(psk_file, |v| Ok::<_, ConfigError>(Some(v)));
     fill!(max_frame_bytes);
+    fill!(max_partner_buffer_bytes);
     fill!(intake_stream);
     fill!(intake_max_bytes);
     fill!(forward_rate);
@@ -513,6 +524,8 @@ pub struct Tuning {
     pub apply_batch: usize,
     /// Largest frame on partner streams and sync parts; larger journal entries travel split.
     pub max_frame_bytes: usize,
+    /// Most bytes of one partner's entries in its session inbox and reorder buffer.
+    pub max_partner_buffer_bytes: usize,
     /// Most JetStream intake messages delivered and not yet acknowledged.
     pub max_ack_pending: i64,
     pub ping_interval: Duration,
@@ -545,6 +558,7 @@ impl Default for Tuning {
             read_chunk: 1024,
             apply_batch: 2048,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_partner_buffer_bytes: DEFAULT_MAX_PARTNER_BUFFER_BYTES,
             max_ack_pending: 65_536,
             ping_interval: Duration::from_secs(10),
             pong_discard_timeout: Duration::from_secs(30),
@@ -584,6 +598,9 @@ impl TryFrom<RunArgs> for NodeConfig {
         if run.sync_max_bytes < (run.max_event_bytes as u64).saturating_add(SYNC_ENTRY_ROOM) {
             return Err(ConfigError::SyncMaxBytes);
         }
+        if run.max_partner_buffer_bytes < run.max_frame_bytes {
+            return Err(ConfigError::MaxPartnerBufferBytes);
+        }
         if run.ping_interval >= run.pong_discard_timeout {
             return Err(ConfigError::Heartbeat);
         }
@@ -622,6 +639,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             forward_rate: run.forward_rate,
             forward_burst: run.forward_burst,
             planner_idle: run.planner_idle,
+            max_partner_buffer_bytes: run.max_partner_buffer_bytes,
             ping_interval: run.ping_interval,
             pong_discard_timeout: run.pong_discard_timeout,
             sync_timeout: run.sync_timeout,

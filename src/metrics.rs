@@ -22,6 +22,9 @@ pub struct Metrics {
     pub events_applied: AtomicU64,
     /// Inbound entries that were already applied (duplicates, resends).
     pub events_stale: AtomicU64,
+    /// Inbound entries dropped because the partner's reorder buffer was full
+    /// (`--max-partner-buffer-bytes`); they are pulled later by journal sync.
+    pub events_buffer_dropped: AtomicU64,
     /// Publishes confirmed by NATS (CREATE_RESOURCE / REMOVE_RESOURCE).
     pub nats_published: AtomicU64,
     /// Partner sessions opened (first connect and every reconnect).
@@ -142,7 +145,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 10] = [
             (
                 "oc_intake_accepted_total",
                 "Events accepted from the local application",
@@ -167,6 +170,11 @@ impl Metrics {
                 "oc_events_stale_total",
                 "Inbound entries already applied",
                 &self.events_stale,
+            ),
+            (
+                "oc_events_buffer_dropped_total",
+                "Inbound entries dropped for lack of room in the reorder buffer, pulled later",
+                &self.events_buffer_dropped,
             ),
             (
                 "oc_nats_published_total",

@@ -29,10 +29,11 @@ use actix::prelude::*;
 use futures::io::{BufWriter, WriteHalf};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Tuning;
 use crate::event::{ErrorCode, JournalEntry, Refusal};
+use crate::guard::{LogThrottle, PeerPool, PoolFull};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
@@ -41,14 +42,32 @@ use crate::sync::{self, PROTOCOL_SYNC};
 
 use super::commands::{Forwarder, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
 
-/// Inputs buffered between the stream readers and a session.
+/// Inputs buffered between the stream readers and a session (also bounded in bytes: the
+/// entries they carry hold permits of the session's byte budget).
 const SESSION_INBOX: usize = 4096;
-/// Concurrent helper tasks (refusals, heartbeat answers, sync answers) across all peers.
-const MAX_HELPERS: usize = 256;
-/// Concurrent considers / planner streams across all peers.
-const MAX_FORWARDS: usize = 64;
+/// Sync requests served at once, across all peers, and per peer (a third from one peer is
+/// answered `busy`).
+const MAX_SYNC_SERVES: usize = 64;
+const SYNC_SERVES_PER_PEER: usize = 2;
+/// Refusals being written at once (`not_partner`, `busy`), across all peers and per peer;
+/// beyond, the stream is dropped (reset) without a frame.
+const MAX_REFUSALS: usize = 64;
+const REFUSALS_PER_PEER: usize = 4;
+/// Most heartbeat answerers remembered: one per partner (a new heartbeat stream replaces
+/// the peer's previous one), so this only bounds a partner list larger than it.
+const MAX_HEARTBEATS: usize = 1024;
+/// Inbound streams one peer can hold open at once, whatever the protocols: three resource
+/// streams (a new one replaces the open one of its kind), one heartbeat stream (same rule),
+/// its sync and refusal shares, and its share of considers / planner streams (bounded by
+/// the forwarder, `commands::FORWARD_STREAMS_PER_PEER`).
+pub const MAX_STREAMS_PER_PEER: usize =
+    3 + 1 + SYNC_SERVES_PER_PEER + REFUSALS_PER_PEER + super::commands::FORWARD_STREAMS_PER_PEER;
+/// A repeated refusal from one peer is logged once per this interval, with its count.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// A hole in the reorder buffer still there after this is filled by a pull.
 const GAP_GRACE: Duration = Duration::from_secs(1);
+/// Bytes counted for an input that carries no entry (a `hello`, a `large` marker).
+const SMALL_INPUT_BYTES: usize = 64;
 
 /// The peers this node accepts events from, with the address to reach each.
 #[derive(Default)]
@@ -100,51 +119,121 @@ pub struct InboundEnv {
 
 pub struct InboundApply {
     env: Arc<InboundEnv>,
+    guards: Arc<Guards>,
     sessions: HashMap<PeerId, mpsc::UnboundedSender<Attach>>,
-    helpers: Arc<Semaphore>,
-    /// Considers / planner streams, which any peer may open and keep: their own bound, so
-    /// they can never starve partners' heartbeats and syncs.
-    forwards: Arc<Semaphore>,
+    /// Sync requests being served: a bounded share per peer.
+    syncs: Arc<PeerPool>,
+    /// `not_partner` and `busy` answers being written.
+    refusals: Arc<PeerPool>,
+    /// The heartbeat answerer of each partner: one at a time per peer.
+    heartbeats: HashMap<PeerId, tokio::task::AbortHandle>,
+}
+
+/// What the actor and every session share to keep one peer from flooding the others.
+struct Guards {
+    /// Repeated refusals logged once per interval per peer and code.
+    log: LogThrottle,
+}
+
+impl Guards {
+    /// `Some(count)` when a refusal of `code` by `peer` is to be logged now.
+    fn log(&self, peer: PeerId, code: &'static str) -> Option<u64> {
+        self.log.hit(peer, code)
+    }
 }
 
 impl InboundApply {
     pub fn new(env: InboundEnv) -> Self {
         InboundApply {
             env: Arc::new(env),
+            guards: Arc::new(Guards {
+                log: LogThrottle::new(REFUSAL_LOG_EVERY),
+            }),
             sessions: HashMap::new(),
-            helpers: Arc::new(Semaphore::new(MAX_HELPERS)),
-            forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+            syncs: PeerPool::new(MAX_SYNC_SERVES, SYNC_SERVES_PER_PEER),
+            refusals: PeerPool::new(MAX_REFUSALS, REFUSALS_PER_PEER),
+            heartbeats: HashMap::new(),
         }
     }
 
     fn session(&mut self, peer: PeerId) -> &mpsc::UnboundedSender<Attach> {
         let alive = self.sessions.get(&peer).is_some_and(|s| !s.is_closed());
         if !alive {
-            self.sessions.insert(peer, spawn_session(self.env.clone(), peer));
+            let session = spawn_session(self.env.clone(), self.guards.clone(), peer);
+            self.sessions.insert(peer, session);
         }
         // Inserted just above when missing.
         &self.sessions[&peer]
     }
 
-    /// Runs `work` on a helper permit, or drops the stream when too many are running.
-    fn helper<F>(&self, peer: PeerId, what: &'static str, work: F)
+    /// Runs `work` on a permit of `pool`; when the peer holds its share (or the pool is
+    /// empty) the stream inside `work` is dropped (reset), logged (throttled) and counted.
+    /// Returns false when refused.
+    fn helper<F>(&self, pool: &Arc<PeerPool>, peer: PeerId, what: &'static str, work: F) -> bool
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let pool = if what == "forward" {
-            &self.forwards
-        } else {
-            &self.helpers
-        };
-        match pool.clone().try_acquire_owned() {
+        match pool.try_acquire(peer) {
             Ok(permit) => {
                 tokio::spawn(async move {
                     work.await;
                     drop(permit);
                 });
+                true
             }
-            Err(_) => tracing::warn!(%peer, what, "too many inbound helper tasks; stream dropped"),
+            Err(full) => {
+                self.pool_full(peer, what, full);
+                false
+            }
         }
+    }
+
+    fn pool_full(&self, peer: PeerId, what: &'static str, full: PoolFull) {
+        self.env.metrics.refused("inbound", ErrorCode::Busy);
+        if let Some(count) = self.guards.log(peer, "busy") {
+            tracing::warn!(%peer, what, code = "busy", count, cause = %full, "inbound helper pool full for this peer; stream reset");
+        }
+    }
+
+    /// Writes an `error` frame on `stream` and closes it, on a refusal permit.
+    fn refuse(&self, peer: PeerId, mut stream: Stream, code: ErrorCode, message: &'static str) {
+        let timeout = self.env.tuning.io_timeout;
+        self.helper(&self.refusals, peer, "refusal", async move {
+            let frame = Frame::Error {
+                seq: None,
+                code: code.as_str().to_owned(),
+                message: message.to_owned(),
+            };
+            let _ = tokio::time::timeout(timeout, async {
+                let _ = wire::write_frame(&mut stream, &frame).await;
+                let _ = stream.close().await;
+            })
+            .await;
+        });
+    }
+
+    /// Starts answering `peer`'s heartbeats on `stream`, replacing (resetting) the stream it
+    /// opened before, if any: one heartbeat stream per partner session.
+    fn heartbeat(&mut self, peer: PeerId, stream: Stream) {
+        let t = &self.env.tuning;
+        let (idle, timeout, max) = (t.pong_discard_timeout * 2, t.io_timeout, t.max_frame_bytes);
+        if let Some(old) = self.heartbeats.remove(&peer) {
+            if !old.is_finished() {
+                old.abort();
+                if let Some(count) = self.guards.log(peer, "heartbeat_replaced") {
+                    tracing::info!(%peer, count, "a new heartbeat stream replaces the open one");
+                }
+            }
+        }
+        if self.heartbeats.len() >= MAX_HEARTBEATS {
+            self.heartbeats.retain(|_, h| !h.is_finished());
+            if self.heartbeats.len() >= MAX_HEARTBEATS {
+                self.pool_full(peer, "heartbeat", PoolFull::Total(MAX_HEARTBEATS));
+                return;
+            }
+        }
+        let task = tokio::spawn(answer_heartbeats(stream, idle, timeout, max));
+        self.heartbeats.insert(peer, task.abort_handle());
     }
 }
 
@@ -211,9 +300,8 @@ impl Handler<IncomingStream> for InboundApply {
         let IncomingStream {
             peer,
             protocol,
-            mut stream,
+            stream,
         } = msg;
-        let timeout = self.env.tuning.io_timeout;
         // Considers and planner messages come from any peer of the network (not only
         // partners); a blacklisted peer never gets this far.
         if protocol == PROTOCOL_CONSIDERS || protocol == PROTOCOL_PLANNER {
@@ -223,37 +311,50 @@ impl Handler<IncomingStream> for InboundApply {
             return;
         }
         if !self.env.partners.contains(&peer) {
-            tracing::warn!(%peer, %protocol, code = "not_partner", "stream from a peer that is not a partner refused");
             self.env.metrics.refused("inbound", ErrorCode::NotPartner);
-            self.helper(peer, "refusal", async move {
-                let frame = Frame::Error {
-                    seq: None,
-                    code: ErrorCode::NotPartner.as_str().to_owned(),
-                    message: "this node does not accept events from you: not a partner".to_owned(),
-                };
-                let _ = tokio::time::timeout(timeout, async {
-                    let _ = wire::write_frame(&mut stream, &frame).await;
-                    let _ = stream.close().await;
-                })
-                .await;
-            });
+            if let Some(count) = self.guards.log(peer, "not_partner") {
+                tracing::warn!(%peer, %protocol, code = "not_partner", count, "stream from a peer that is not a partner refused");
+            }
+            self.refuse(
+                peer,
+                stream,
+                ErrorCode::NotPartner,
+                "this node does not accept events from you: not a partner",
+            );
             return;
         }
         if protocol == PROTOCOL_HEARTBEAT {
-            let idle = self.env.tuning.pong_discard_timeout * 2;
-            let max = self.env.tuning.max_frame_bytes;
-            self.helper(peer, "heartbeat", answer_heartbeats(stream, idle, timeout, max));
+            self.heartbeat(peer, stream);
             return;
         }
         if protocol == PROTOCOL_SYNC {
+            let permit = match self.syncs.try_acquire(peer) {
+                Ok(permit) => permit,
+                Err(full) => {
+                    // The peer already has its share of sync answers running: `busy`, so
+                    // its pull fails at once and is retried at its next trigger.
+                    self.env.metrics.refused("inbound", ErrorCode::Busy);
+                    if let Some(count) = self.guards.log(peer, "busy") {
+                        tracing::warn!(%peer, what = "sync", code = "busy", count, cause = %full, "sync request answered busy");
+                    }
+                    self.refuse(
+                        peer,
+                        stream,
+                        ErrorCode::Busy,
+                        "too many sync requests from you at once; retry later",
+                    );
+                    return;
+                }
+            };
             let env = self.env.clone();
-            self.helper(peer, "sync", async move {
+            tokio::spawn(async move {
                 let t = &env.tuning;
                 let served =
                     sync::serve(env.store.as_ref(), &env.own_id, peer, stream, t, &env.metrics).await;
                 if let Err(e) = served {
                     tracing::debug!(%peer, cause = %e, "sync request not served");
                 }
+                drop(permit);
             });
             return;
         }
@@ -302,11 +403,13 @@ enum Attach {
 /// What a session's inputs carry.
 enum Input {
     /// A frame from a resource stream; `generation` tells a replaced stream's leftovers
-    /// from the current one.
+    /// from the current one. `held`: the bytes of the session's budget this input holds,
+    /// given back when the entry is applied or dropped.
     Frame {
         kind: StreamKind,
         generation: u64,
         frame: Result<Option<Frame>, FrameError>,
+        held: Option<OwnedSemaphorePermit>,
     },
     /// Entries pulled by journal sync.
     Synced(Vec<JournalEntry>),
@@ -314,10 +417,208 @@ enum Input {
     SyncDone(Result<(), String>),
 }
 
-fn spawn_session(env: Arc<InboundEnv>, peer: PeerId) -> mpsc::UnboundedSender<Attach> {
+/// Bytes an entry takes in memory, roughly: its JSON text and strings, plus the struct.
+fn entry_bytes(entry: &JournalEntry) -> usize {
+    entry
+        .resource
+        .json()
+        .len()
+        .saturating_add(entry.origin.len())
+        .saturating_add(entry.data_type.len())
+        .saturating_add(entry.user.len())
+        .saturating_add(SMALL_INPUT_BYTES + std::mem::size_of::<JournalEntry>())
+}
+
+/// An entry waiting in the reorder buffer, with the budget bytes it holds (none when it
+/// was pulled: a sync round is bounded on its own).
+struct Waiting {
+    entry: JournalEntry,
+    _held: Option<OwnedSemaphorePermit>,
+}
+
+/// What [`Reorder::insert`] did with an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buffered {
+    /// At or below `applied`: already handled.
+    Stale,
+    Kept,
+    /// Beyond the reorder window (`applied + 2 × send_window`): dropped, it comes again.
+    BeyondWindow,
+    /// No room in the byte bound for it: dropped, it is pulled later.
+    NoRoom,
+}
+
+/// The reorder buffer: entries above `applied` waiting for the ones before them, bounded
+/// in seqs (a window above `applied`) and in bytes. When a new entry does not fit, the
+/// highest seqs make room for a lower one (lower seqs are needed first); what is dropped
+/// for lack of room is remembered (`dropped_max`) and pulled by journal sync once the
+/// buffer gets there. Pure bookkeeping: no I/O.
+struct Reorder<T> {
+    entries: BTreeMap<u64, (T, usize)>,
+    bytes: usize,
+    max_bytes: usize,
+    /// The highest seq dropped for lack of room (0: none).
+    dropped_max: u64,
+}
+
+impl<T> Reorder<T> {
+    fn new(max_bytes: usize) -> Reorder<T> {
+        Reorder {
+            entries: BTreeMap::new(),
+            bytes: 0,
+            max_bytes,
+            dropped_max: 0,
+        }
+    }
+
+    fn insert(&mut self, applied: u64, window: u64, seq: u64, item: T, bytes: usize) -> Buffered {
+        if seq <= applied {
+            return Buffered::Stale;
+        }
+        if seq > applied.saturating_add(window) {
+            return Buffered::BeyondWindow;
+        }
+        if let Some((_, old)) = self.entries.remove(&seq) {
+            self.bytes = self.bytes.saturating_sub(old);
+        }
+        while self.bytes.saturating_add(bytes) > self.max_bytes {
+            match self.entries.last_key_value().map(|(k, _)| *k) {
+                Some(highest) if highest > seq => {
+                    if let Some((_, b)) = self.entries.remove(&highest) {
+                        self.bytes = self.bytes.saturating_sub(b);
+                    }
+                    self.dropped_max = self.dropped_max.max(highest);
+                }
+                // Every entry kept is lower: this one is pulled later.
+                Some(_) => {
+                    self.dropped_max = self.dropped_max.max(seq);
+                    return Buffered::NoRoom;
+                }
+                // Alone, an entry is kept whatever its size (a frame or a sync round
+                // bounds it), so the lowest missing entry can always be applied.
+                None => break,
+            }
+        }
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.entries.insert(seq, (item, bytes));
+        Buffered::Kept
+    }
+
+    fn take(&mut self, seq: u64) -> Option<T> {
+        let (item, bytes) = self.entries.remove(&seq)?;
+        self.bytes = self.bytes.saturating_sub(bytes);
+        Some(item)
+    }
+
+    fn first(&self) -> Option<u64> {
+        self.entries.keys().next().copied()
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// The seq up to which a pull must go to fill what is missing after `applied` (a hole
+    /// before the first buffered entry, or entries dropped for lack of room), if anything.
+    fn missing_up_to(&self, applied: u64) -> Option<u64> {
+        let next = applied.saturating_add(1);
+        let hole = self
+            .first()
+            .filter(|first| *first > next)
+            .map(|first| first.saturating_sub(1));
+        let dropped =
+            (self.dropped_max > applied && !self.entries.contains_key(&next)).then_some(self.dropped_max);
+        hole.max(dropped)
+    }
+}
+
+/// Reads frames from one resource stream into the session's inputs. Each entry takes its
+/// bytes from the session's budget before it is handed over, and holds them until it is
+/// applied or dropped: when the budget is spent, reading stops (backpressure) and the
+/// sender's writes wait on the transport. Frames other than `hello`, `event` and `large`
+/// are dropped here (they are not for a receiver).
+async fn read_stream<R>(
+    mut r: R,
+    max: usize,
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    tx: mpsc::Sender<Input>,
+    kind: StreamKind,
+    generation: u64,
+) where
+    R: futures::AsyncRead + Unpin,
+{
+    loop {
+        let frame = wire::read_frame(&mut r, max).await;
+        let (bytes, end) = match &frame {
+            Ok(Some(Frame::Event(entry))) => (Some(entry_bytes(entry)), false),
+            Ok(Some(Frame::Hello { origin, .. })) => {
+                (Some(origin.len().saturating_add(SMALL_INPUT_BYTES)), false)
+            }
+            Ok(Some(Frame::Large { .. })) => (Some(SMALL_INPUT_BYTES), false),
+            Ok(Some(other)) => {
+                tracing::debug!(
+                    ?kind,
+                    frame = frame_type(other),
+                    "frame not for a receiver ignored"
+                );
+                continue;
+            }
+            Ok(None) => (None, true),
+            Err(e) => (None, !e.is_recoverable()),
+        };
+        let held = match bytes {
+            // An entry larger than the whole budget waits for all of it.
+            Some(n) => {
+                let n = u32::try_from(n.min(budget_bytes)).unwrap_or(u32::MAX);
+                match budget.clone().acquire_many_owned(n).await {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return,
+                }
+            }
+            None => None,
+        };
+        let input = Input::Frame {
+            kind,
+            generation,
+            frame,
+            held,
+        };
+        if tx.send(input).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// The `type` of a frame, for logs (never its content).
+fn frame_type(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello { .. } => "hello",
+        Frame::Event(_) => "event",
+        Frame::Large { .. } => "large",
+        Frame::Forward { .. } => "forward",
+        Frame::Ping { .. } => "ping",
+        Frame::Pong { .. } => "pong",
+        Frame::SyncRequest { .. } => "sync_request",
+        Frame::SyncHeader { .. } => "sync_header",
+        Frame::SyncPart { .. } => "sync_part",
+        Frame::Ack { .. } => "ack",
+        Frame::Error { .. } => "error",
+        Frame::SearchQuery { .. } => "search_query",
+        Frame::SearchResults { .. } => "search_results",
+        Frame::SearchDone { .. } => "search_done",
+    }
+}
+
+fn spawn_session(env: Arc<InboundEnv>, guards: Arc<Guards>, peer: PeerId) -> mpsc::UnboundedSender<Attach> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        match Session::start(env, peer).await {
+        match Session::start(env, guards, peer).await {
             Some(session) => session.run(rx).await,
             None => tracing::debug!(%peer, "inbound session not started: shutting down"),
         }
@@ -327,14 +628,20 @@ fn spawn_session(env: Arc<InboundEnv>, peer: PeerId) -> mpsc::UnboundedSender<At
 
 struct Session {
     env: Arc<InboundEnv>,
+    guards: Arc<Guards>,
     peer: PeerId,
     origin: String,
     applied: u64,
     /// `applied`, for the pull task.
     applied_tx: watch::Sender<u64>,
     /// Entries above `applied`, waiting for the ones before them.
-    pending: BTreeMap<u64, JournalEntry>,
+    pending: Reorder<Waiting>,
+    /// Bytes of entries read from the streams and not yet applied or dropped (in the inbox
+    /// or in `pending`): `--max-partner-buffer-bytes`.
+    budget: Arc<Semaphore>,
     writers: [Option<(u64, BufWriter<WriteHalf<Stream>>)>; 3],
+    /// The reader of each resource stream: one stream per kind, a new one replaces it.
+    readers: [Option<tokio::task::JoinHandle<()>>; 3],
     generation: u64,
     ack_owed: bool,
     /// Pull wanted up to here (`u64::MAX`: up to the origin's head).
@@ -342,7 +649,7 @@ struct Session {
     sync_running: bool,
     /// The target the running (or last) pull was started for.
     sync_pulled_for: u64,
-    /// A hole seen at the last check: (applied, first pending seq).
+    /// Something missing seen at the last check: (applied, pull target).
     gap_seen: Option<(u64, u64)>,
     /// Outbox rows published and not yet removed: they go with the next apply commit, or
     /// at the next gap check when no batch comes (a crash before then republishes them,
@@ -353,18 +660,22 @@ struct Session {
 }
 
 impl Session {
-    async fn start(env: Arc<InboundEnv>, peer: PeerId) -> Option<Session> {
+    async fn start(env: Arc<InboundEnv>, guards: Arc<Guards>, peer: PeerId) -> Option<Session> {
         let origin = peer.to_string();
         let applied = retry(&env, "read applied mark", || env.store.applied(&origin)).await?;
         let (inputs, inputs_rx) = mpsc::channel(SESSION_INBOX);
+        let budget_bytes = env.tuning.max_partner_buffer_bytes.min(Semaphore::MAX_PERMITS);
         Some(Session {
             env,
+            guards,
             peer,
             origin,
             applied,
             applied_tx: watch::channel(applied).0,
-            pending: BTreeMap::new(),
+            pending: Reorder::new(budget_bytes),
+            budget: Arc::new(Semaphore::new(budget_bytes)),
             writers: Default::default(),
+            readers: Default::default(),
             generation: 0,
             ack_owed: false,
             sync_target: 0,
@@ -382,20 +693,11 @@ impl Session {
             return;
         };
         let mut shutdown = self.env.shutdown.clone();
-        let mut readers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         let mut gap_check = tokio::time::interval(GAP_GRACE);
         loop {
             tokio::select! {
                 a = attach.recv() => match a {
-                    Some(Attach::Stream { kind, reader, writer }) => {
-                        self.generation += 1;
-                        let generation = self.generation;
-                        readers.retain(|r| !r.is_finished());
-                        let wrap = move |frame| Input::Frame { kind, generation, frame };
-                        let max = self.env.tuning.max_frame_bytes;
-                        readers.push(tokio::spawn(wire::forward_frames(reader, max, self.inputs.clone(), wrap)));
-                        self.writers[kind as usize] = Some((generation, writer));
-                    }
+                    Some(Attach::Stream { kind, reader, writer }) => self.attach(kind, reader, writer),
                     Some(Attach::PeriodicSync) => self.want_sync(u64::MAX),
                     None => break,
                 },
@@ -420,10 +722,43 @@ impl Session {
                 _ = crate::shutdown::signalled(&mut shutdown) => break,
             }
         }
-        for r in readers {
+        for r in self.readers.iter().flatten() {
             r.abort();
         }
         self.clear_published().await;
+    }
+
+    /// Takes a new resource stream. One stream per kind: a new one replaces (and resets)
+    /// the open one, as a partner that reconnects opens new streams while the old ones may
+    /// still look open here. Frames the old one already delivered are still handled.
+    fn attach(
+        &mut self,
+        kind: StreamKind,
+        reader: futures::io::ReadHalf<Stream>,
+        writer: BufWriter<WriteHalf<Stream>>,
+    ) {
+        self.generation = self.generation.saturating_add(1);
+        let generation = self.generation;
+        if let Some(old) = self.readers[kind as usize].take() {
+            if !old.is_finished() {
+                old.abort();
+                if let Some(count) = self.guards.log(self.peer, "stream_replaced") {
+                    tracing::info!(peer = %self.peer, ?kind, count, "a new resource stream replaces the open one of its kind");
+                }
+            }
+        }
+        let t = &self.env.tuning;
+        let budget_bytes = t.max_partner_buffer_bytes.min(Semaphore::MAX_PERMITS);
+        self.readers[kind as usize] = Some(tokio::spawn(read_stream(
+            reader,
+            t.max_frame_bytes,
+            self.budget.clone(),
+            budget_bytes,
+            self.inputs.clone(),
+            kind,
+            generation,
+        )));
+        self.writers[kind as usize] = Some((generation, writer));
     }
 
     /// Removes the published outbox rows no apply commit took along.
@@ -445,10 +780,11 @@ impl Session {
                 kind,
                 generation,
                 frame,
-            } => self.on_frame(kind, generation, frame).await,
+                held,
+            } => self.on_frame(kind, generation, frame, held).await,
             Input::Synced(entries) => {
                 for entry in entries {
-                    self.buffer(entry);
+                    self.buffer(entry, None);
                 }
             }
             Input::SyncDone(result) => {
@@ -474,17 +810,20 @@ impl Session {
         kind: StreamKind,
         generation: u64,
         frame: Result<Option<Frame>, FrameError>,
+        held: Option<OwnedSemaphorePermit>,
     ) {
         match frame {
             Ok(Some(Frame::Hello { origin, head })) => {
                 if origin == self.origin {
                     self.write_to(kind, &[Frame::Ack { seq: self.applied }]).await;
-                    if head > self.applied + self.env.tuning.send_window / 2 {
+                    if head > self.applied.saturating_add(self.env.tuning.send_window / 2) {
                         self.want_sync(head);
                     }
                 } else {
-                    tracing::warn!(peer = %self.peer, claimed = %origin, code = "forged_origin", "hello for another origin refused");
                     self.env.metrics.refused("inbound", ErrorCode::ForgedOrigin);
+                    if let Some(count) = self.guards.log(self.peer, "forged_origin") {
+                        tracing::warn!(peer = %self.peer, claimed = %origin, code = "forged_origin", count, "hello for another origin refused");
+                    }
                     let refusal = Refusal::new(
                         ErrorCode::ForgedOrigin,
                         format!("you are {}, not {origin}", self.peer),
@@ -492,7 +831,7 @@ impl Session {
                     self.write_to(kind, &[error_frame(None, &refusal)]).await;
                 }
             }
-            Ok(Some(Frame::Event(entry))) => self.buffer(entry),
+            Ok(Some(Frame::Event(entry))) => self.buffer(entry, held),
             Ok(Some(Frame::Large { seq })) => self.want_sync(seq),
             Ok(Some(other)) => tracing::debug!(peer = %self.peer, ?other, "unexpected frame from sender"),
             Err(e) if e.is_recoverable() => {
@@ -501,8 +840,10 @@ impl Session {
                     _ => ErrorCode::InvalidJson,
                 };
                 // The entry it held (if any) leaves a hole that a pull fills.
-                tracing::warn!(peer = %self.peer, ?kind, code = code.as_str(), cause = %e, "unreadable frame skipped");
                 self.env.metrics.refused("inbound", code);
+                if let Some(count) = self.guards.log(self.peer, code.as_str()) {
+                    tracing::warn!(peer = %self.peer, ?kind, code = code.as_str(), count, cause = %e, "unreadable frame skipped");
+                }
             }
             Ok(None) | Err(_) => {
                 if matches!(&self.writers[kind as usize], Some((g, _)) if *g == generation) {
@@ -512,32 +853,38 @@ impl Session {
         }
     }
 
-    fn buffer(&mut self, entry: JournalEntry) {
-        if entry.seq <= self.applied {
-            // A resend of something handled: only the ack was missing.
-            Metrics::add(&self.env.metrics.events_stale, 1);
-            self.ack_owed = true;
-        } else if entry.seq <= self.applied + 2 * self.env.tuning.send_window {
-            self.pending.insert(entry.seq, entry);
-        } else {
-            tracing::debug!(peer = %self.peer, seq = entry.seq, applied = self.applied, "entry beyond the reorder window dropped; it comes again");
+    fn buffer(&mut self, entry: JournalEntry, held: Option<OwnedSemaphorePermit>) {
+        let (seq, bytes) = (entry.seq, entry_bytes(&entry));
+        let window = self.env.tuning.send_window.saturating_mul(2);
+        let waiting = Waiting { entry, _held: held };
+        match self.pending.insert(self.applied, window, seq, waiting, bytes) {
+            Buffered::Kept => {}
+            Buffered::Stale => {
+                // A resend of something handled: only the ack was missing.
+                Metrics::add(&self.env.metrics.events_stale, 1);
+                self.ack_owed = true;
+            }
+            Buffered::BeyondWindow => {
+                tracing::debug!(peer = %self.peer, seq, applied = self.applied, "entry beyond the reorder window dropped; it comes again");
+            }
+            Buffered::NoRoom => {
+                Metrics::add(&self.env.metrics.events_buffer_dropped, 1);
+                if let Some(count) = self.guards.log(self.peer, "buffer_full") {
+                    tracing::warn!(peer = %self.peer, seq, applied = self.applied, count, max_bytes = self.env.tuning.max_partner_buffer_bytes, "reorder buffer full: entry dropped, pulled later by journal sync");
+                }
+            }
         }
     }
 
-    /// A hole that outlived one check is filled by a pull.
+    /// A hole (or entries dropped for lack of room) that outlived one check is filled by a
+    /// pull.
     fn check_gap(&mut self) {
-        let hole = self
-            .pending
-            .keys()
-            .next()
-            .copied()
-            .filter(|first| *first > self.applied + 1);
-        match hole {
-            Some(first) if self.gap_seen == Some((self.applied, first)) => {
-                tracing::info!(peer = %self.peer, applied = self.applied, next_buffered = first, "filling a gap by journal sync");
-                self.want_sync(first - 1);
+        match self.pending.missing_up_to(self.applied) {
+            Some(target) if self.gap_seen == Some((self.applied, target)) => {
+                tracing::info!(peer = %self.peer, applied = self.applied, up_to = target, "filling a gap by journal sync");
+                self.want_sync(target);
             }
-            Some(first) => self.gap_seen = Some((self.applied, first)),
+            Some(target) => self.gap_seen = Some((self.applied, target)),
             None => self.gap_seen = None,
         }
     }
@@ -567,8 +914,16 @@ impl Session {
         loop {
             let mut run = Vec::new();
             while run.len() < self.env.tuning.apply_batch {
-                match self.pending.remove(&(self.applied + 1 + run.len() as u64)) {
-                    Some(entry) => run.push(entry),
+                let Some(next) = self
+                    .applied
+                    .checked_add(1)
+                    .and_then(|n| n.checked_add(run.len() as u64))
+                else {
+                    break;
+                };
+                match self.pending.take(next) {
+                    // The budget bytes it held are given back here: the entry is in `run`.
+                    Some(waiting) => run.push(waiting.entry),
                     None => break,
                 }
             }
@@ -590,8 +945,10 @@ impl Session {
         };
         if !self.env.partners.contains(&self.peer) {
             // The partnership ended while its streams were open: stop taking its events.
-            tracing::warn!(peer = %self.peer, code = "not_partner", "no longer a partner; its streams are closed");
             self.env.metrics.refused("inbound", ErrorCode::NotPartner);
+            if let Some(count) = self.guards.log(self.peer, "not_partner") {
+                tracing::warn!(peer = %self.peer, code = "not_partner", count, "no longer a partner; its streams are closed");
+            }
             let refusal = Refusal::new(
                 ErrorCode::NotPartner,
                 "this node no longer accepts events from you",
@@ -607,8 +964,10 @@ impl Session {
             match self.check(&entry) {
                 Ok(()) => valid.push(entry),
                 Err(refusal) => {
-                    tracing::warn!(peer = %self.peer, seq = entry.seq, code = refusal.code.as_str(), reason = %refusal.message, "event refused");
                     self.env.metrics.refused("inbound", refusal.code);
+                    if let Some(count) = self.guards.log(self.peer, refusal.code.as_str()) {
+                        tracing::warn!(peer = %self.peer, seq = entry.seq, code = refusal.code.as_str(), count, reason = %refusal.message, "event refused");
+                    }
                     replies.push(error_frame(Some(entry.seq), &refusal));
                 }
             }
@@ -634,8 +993,10 @@ impl Session {
                 ApplyOutcome::Conflict { owner } => {
                     let refusal =
                         Refusal::new(ErrorCode::Conflict, format!("the resource belongs to {owner}"));
-                    tracing::warn!(peer = %self.peer, seq, code = "conflict", %owner, "event refused");
                     env.metrics.refused("inbound", ErrorCode::Conflict);
+                    if let Some(count) = self.guards.log(self.peer, "conflict") {
+                        tracing::warn!(peer = %self.peer, seq, code = "conflict", count, %owner, "event refused");
+                    }
                     replies.push(error_frame(Some(*seq), &refusal));
                 }
                 ApplyOutcome::Rejected { reason } => {
@@ -643,8 +1004,10 @@ impl Session {
                         ErrorCode::InvalidDocument,
                         format!("this node's store cannot hold the resource: {reason}"),
                     );
-                    tracing::warn!(peer = %self.peer, seq, code = "invalid_document", %reason, "event refused by the store");
                     env.metrics.refused("inbound", ErrorCode::InvalidDocument);
+                    if let Some(count) = self.guards.log(self.peer, "invalid_document") {
+                        tracing::warn!(peer = %self.peer, seq, code = "invalid_document", count, %reason, "event refused by the store");
+                    }
                     replies.push(error_frame(Some(*seq), &refusal));
                 }
             }
@@ -814,5 +1177,80 @@ where
             _ = crate::shutdown::signalled(&mut shutdown) => return None,
         }
         delay = (delay * 2).min(env.tuning.backoff_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: u64 = 1000;
+
+    #[test]
+    fn the_reorder_buffer_keeps_what_fits_and_refuses_stale_and_far_entries() {
+        let mut r: Reorder<()> = Reorder::new(100);
+        assert_eq!(r.insert(5, W, 5, (), 10), Buffered::Stale);
+        assert_eq!(r.insert(5, W, 5 + W + 1, (), 10), Buffered::BeyondWindow);
+        assert_eq!(r.insert(5, W, u64::MAX, (), 10), Buffered::BeyondWindow);
+        assert_eq!(
+            r.insert(u64::MAX - 3, W, u64::MAX, (), 10),
+            Buffered::Kept,
+            "the window saturates"
+        );
+        let mut r: Reorder<()> = Reorder::new(100);
+        assert_eq!(r.insert(0, W, 2, (), 40), Buffered::Kept);
+        assert_eq!(
+            r.insert(0, W, 2, (), 40),
+            Buffered::Kept,
+            "a duplicate replaces, not adds"
+        );
+        assert_eq!(r.bytes, 40);
+        assert_eq!(r.missing_up_to(0), Some(1), "seq 1 is missing");
+        assert_eq!(r.take(2), Some(()));
+        assert_eq!(r.bytes, 0);
+    }
+
+    #[test]
+    fn beyond_its_bytes_the_buffer_drops_the_highest_seqs_and_remembers_to_pull_them() {
+        let mut r: Reorder<()> = Reorder::new(100);
+        for seq in 3..=7 {
+            assert_eq!(r.insert(0, W, seq, (), 20), Buffered::Kept);
+        }
+        assert_eq!(r.bytes, 100);
+        // Higher than everything kept and no room: dropped.
+        assert_eq!(r.insert(0, W, 8, (), 20), Buffered::NoRoom);
+        assert_eq!(r.dropped_max, 8);
+        // Lower seqs are needed first: the highest make room.
+        assert_eq!(r.insert(0, W, 1, (), 30), Buffered::Kept);
+        assert!(r.bytes <= 100);
+        assert_eq!(r.first(), Some(1));
+        assert!(r.take(7).is_none() && r.take(6).is_none(), "7 and 6 were dropped");
+        assert_eq!(r.missing_up_to(0), None, "seq 1 is there");
+        assert_eq!(r.take(1), Some(()));
+        assert_eq!(
+            r.missing_up_to(1),
+            Some(8),
+            "a hole at 2 and the dropped entries up to 8"
+        );
+        for seq in 3..=5 {
+            assert_eq!(r.take(seq), Some(()));
+        }
+        assert_eq!(
+            r.missing_up_to(5),
+            Some(8),
+            "nothing buffered, dropped entries to pull"
+        );
+        assert_eq!(r.missing_up_to(8), None, "all applied");
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_bound_is_kept_alone_so_progress_is_always_possible() {
+        let mut r: Reorder<()> = Reorder::new(100);
+        assert_eq!(r.insert(0, W, 1, (), 500), Buffered::Kept);
+        assert_eq!(r.insert(0, W, 2, (), 1), Buffered::NoRoom);
+        let mut r: Reorder<()> = Reorder::new(100);
+        assert_eq!(r.insert(0, W, 5, (), 90), Buffered::Kept);
+        assert_eq!(r.insert(0, W, 1, (), 500), Buffered::Kept, "5 makes room for 1");
+        assert_eq!(r.len(), 1);
     }
 }

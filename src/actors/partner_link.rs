@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::Tuning;
 use crate::event::{now_ms, ErrorCode};
+use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
@@ -34,6 +35,8 @@ use crate::store::{Store, StoreError};
 
 /// Frames from the partner buffered between the stream readers and the session.
 const INBOX: usize = 1024;
+/// A repeated refusal of the partner's frames is logged once per this interval.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What every link shares.
 pub struct LinkEnv {
@@ -184,6 +187,76 @@ enum LinkError {
     Store(#[from] StoreError),
     #[error("unreadable frame from the partner: {0}")]
     Frame(FrameError),
+    #[error("the partner acknowledged seq {seq}, beyond this node's journal head {head}")]
+    AckBeyondHead { seq: u64, head: u64 },
+}
+
+/// What an `ack` does to the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckOutcome {
+    /// The cursor moves to the ack.
+    Moved,
+    /// At or below the cursor (acks are cumulative): nothing to do.
+    Unchanged,
+    /// Above `head`, the highest seq this node ever sent or served: refused, and it moves
+    /// nothing (neither the cursor nor the window it opens).
+    Beyond,
+}
+
+/// The ack rule, apart from the I/O: `acked` is the cursor, `head` this node's journal head
+/// (nothing above it was ever pushed or served by journal sync).
+fn judge_ack(acked: u64, seq: u64, head: u64) -> AckOutcome {
+    if seq > head {
+        AckOutcome::Beyond
+    } else if seq > acked {
+        AckOutcome::Moved
+    } else {
+        AckOutcome::Unchanged
+    }
+}
+
+/// The last seq the window lets through: `send_window` beyond the cursor.
+fn window_end(acked: u64, send_window: u64) -> u64 {
+    acked.saturating_add(send_window)
+}
+
+/// Where pushing starts after the handshake: right after what the partner has, or, when it
+/// is more than a window behind, right after the head announced in `hello` (it pulls the
+/// rest by journal sync).
+fn push_from(start: u64, head_at_hello: u64, send_window: u64) -> u64 {
+    if head_at_hello > window_end(start, send_window) {
+        head_at_hello.saturating_add(1)
+    } else {
+        start.saturating_add(1)
+    }
+}
+
+/// The highest seq an ack may name: the head as the watch has it, or, if the ack is above
+/// it, the store's own head (the watch trails the journal commit by a moment, and the
+/// partner may have pulled an entry of that moment).
+async fn ack_limit(env: &LinkEnv, head: &watch::Receiver<u64>, seq: u64) -> u64 {
+    let watched = *head.borrow();
+    if seq <= watched {
+        return watched;
+    }
+    match env.store.journal_head(&env.own_id).await {
+        Ok(stored) => stored.max(watched),
+        Err(_) => watched,
+    }
+}
+
+/// Refuses an ack beyond the head: a log line (throttled), a metric, and an `error` frame
+/// `invalid_field` for the partner's stream.
+fn refuse_ack(env: &LinkEnv, log: &LogThrottle, peer: PeerId, seq: u64, head: u64) -> Frame {
+    env.metrics.refused("partner_link", ErrorCode::InvalidField);
+    if let Some(count) = log.hit(peer, "ack_beyond_head") {
+        tracing::warn!(%peer, seq, head, code = "invalid_field", count, "ack beyond this node's journal head refused; the cursor does not move");
+    }
+    Frame::Error {
+        seq: None,
+        code: ErrorCode::InvalidField.as_str().to_owned(),
+        message: format!("ack {seq} is beyond this node's journal head {head}"),
+    }
 }
 
 /// Runs the link until shutdown, persisting the cursor on the way out.
@@ -195,6 +268,7 @@ pub async fn run(
     mut head: watch::Receiver<u64>,
 ) {
     let mut shutdown = env.shutdown.clone();
+    let log = LogThrottle::new(REFUSAL_LOG_EVERY);
     let mut cursor = Cursor::load(&env, peer).await;
     status.acked.store(cursor.acked, Ordering::Relaxed);
     let mut backoff = env.tuning.backoff_min;
@@ -202,7 +276,7 @@ pub async fn run(
     loop {
         let before = cursor.acked;
         let outcome = tokio::select! {
-            r = session(&env, peer, &addr, &status, &mut cursor, &mut head) => r,
+            r = session(&env, peer, &addr, &status, &mut cursor, &mut head, &log) => r,
             _ = crate::shutdown::signalled(&mut shutdown) => break,
         };
         cursor.persist(&env, peer).await;
@@ -330,6 +404,7 @@ async fn session(
     status: &LinkStatus,
     cursor: &mut Cursor,
     head: &mut watch::Receiver<u64>,
+    log: &LogThrottle,
 ) -> Result<(), LinkError> {
     let t = &env.tuning;
     env.net.dial(peer, addr.clone(), t.io_timeout).await?;
@@ -373,7 +448,18 @@ async fn session(
             .map_err(|_| LinkError::Silent(t.io_timeout))?
             .ok_or(LinkError::Closed("all"))?;
         match (kind, frame.map_err(LinkError::Frame)?) {
-            (Some(kind), Some(Frame::Ack { seq })) => answered[kind as usize] = Some(seq),
+            (Some(kind), Some(Frame::Ack { seq })) => {
+                let limit = ack_limit(env, head, seq).await;
+                if judge_ack(cursor.acked, seq, limit) == AckOutcome::Beyond {
+                    // The partner claims what this node never journaled: nothing moves,
+                    // the session ends and is retried with backoff.
+                    let refusal = refuse_ack(env, log, peer, seq, limit);
+                    let w = &mut writers[kind as usize];
+                    let _ = timed(t.io_timeout, Some(kind), wire::write_frame(w, &refusal)).await;
+                    return Err(LinkError::AckBeyondHead { seq, head: limit });
+                }
+                answered[kind as usize] = Some(seq);
+            }
             (_, Some(Frame::Error { code, message, .. })) => {
                 return Err(LinkError::Refused { code, message })
             }
@@ -391,11 +477,7 @@ async fn session(
     status.set(LinkState::Online, None);
     Metrics::add(&env.metrics.sessions_opened, 1);
     // Far behind: the partner pulls up to our head by journal sync; we push what follows.
-    let mut next = if head_at_hello > start + t.send_window {
-        head_at_hello + 1
-    } else {
-        start + 1
-    };
+    let mut next = push_from(start, head_at_hello, t.send_window);
     tracing::info!(%peer, partner_has = start, push_from = next, head = head_at_hello, "partner session open");
 
     let mut ping = tokio::time::interval(t.ping_interval);
@@ -405,9 +487,11 @@ async fn session(
     let mut pings: std::collections::VecDeque<(u64, Instant)> = Default::default();
     loop {
         let head_now = *head.borrow_and_update();
-        let window_end = cursor.acked + t.send_window;
+        let window_end = window_end(cursor.acked, t.send_window);
         if next <= head_now && next <= window_end {
-            let limit = (head_now.min(window_end) - next + 1).min(t.read_chunk as u64) as usize;
+            // `next <= head_now.min(window_end)`: no underflow.
+            let ahead = (head_now.min(window_end) - next).saturating_add(1);
+            let limit = usize::try_from(ahead.min(t.read_chunk as u64)).unwrap_or(t.read_chunk);
             let entries = env.store.read_journal_raw(&env.own_id, next, limit).await?;
             let Some(last) = entries.last().map(|e| e.seq) else {
                 // The head was announced before the commit became visible; wait for more.
@@ -441,10 +525,11 @@ async fn session(
                 }
             }
             Metrics::add(&env.metrics.events_sent, count);
-            next = last + 1;
+            next = last.saturating_add(1);
             // Take the acks that arrived meanwhile without waiting.
             while let Ok((kind, frame)) = rx.try_recv() {
-                on_frame(env, peer, status, cursor, &mut pings, kind, frame)?;
+                let reply = on_frame(env, peer, status, cursor, &mut pings, head, log, kind, frame).await?;
+                answer(t.io_timeout, &mut writers, reply).await?;
                 last_heard = Instant::now();
             }
             cursor.persist_if_due(env, peer).await;
@@ -454,7 +539,8 @@ async fn session(
         tokio::select! {
             received = rx.recv() => {
                 let (kind, frame) = received.ok_or(LinkError::Closed("all"))?;
-                on_frame(env, peer, status, cursor, &mut pings, kind, frame)?;
+                let reply = on_frame(env, peer, status, cursor, &mut pings, head, log, kind, frame).await?;
+                answer(t.io_timeout, &mut writers, reply).await?;
                 last_heard = Instant::now();
             }
             changed = head.changed() => {
@@ -463,7 +549,7 @@ async fn session(
                 }
             }
             _ = ping.tick() => {
-                nonce += 1;
+                nonce = nonce.wrapping_add(1);
                 pings.push_back((nonce, Instant::now()));
                 if pings.len() > 16 {
                     pings.pop_front();
@@ -479,23 +565,48 @@ async fn session(
     }
 }
 
-fn on_frame(
+/// A frame for the partner on one of the resource streams, in answer to one of its own.
+type Reply = Option<(StreamKind, Frame)>;
+
+/// Writes `reply`, if any.
+async fn answer(timeout: Duration, writers: &mut [Writer], reply: Reply) -> Result<(), LinkError> {
+    let Some((kind, frame)) = reply else {
+        return Ok(());
+    };
+    match writers.get_mut(kind as usize) {
+        Some(w) => timed(timeout, Some(kind), wire::write_frame(w, &frame)).await,
+        None => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn on_frame(
     env: &LinkEnv,
     peer: PeerId,
     status: &LinkStatus,
     cursor: &mut Cursor,
     pings: &mut std::collections::VecDeque<(u64, Instant)>,
+    head: &watch::Receiver<u64>,
+    log: &LogThrottle,
     kind: Option<StreamKind>,
     frame: Result<Option<Frame>, FrameError>,
-) -> Result<(), LinkError> {
+) -> Result<Reply, LinkError> {
     status.heard();
     match frame {
         Ok(Some(Frame::Ack { seq })) => {
-            if seq > cursor.acked {
-                cursor.acked = seq;
-                status.acked.store(seq, Ordering::Relaxed);
+            let limit = ack_limit(env, head, seq).await;
+            match judge_ack(cursor.acked, seq, limit) {
+                AckOutcome::Moved => {
+                    cursor.acked = seq;
+                    status.acked.store(seq, Ordering::Relaxed);
+                    Ok(None)
+                }
+                AckOutcome::Unchanged => Ok(None),
+                AckOutcome::Beyond => {
+                    let refusal = refuse_ack(env, log, peer, seq, limit);
+                    Ok(kind.map(|k| (k, refusal)))
+                }
             }
-            Ok(())
         }
         Ok(Some(Frame::Pong { nonce })) => {
             if let Some(pos) = pings.iter().position(|(n, _)| *n == nonce) {
@@ -505,7 +616,7 @@ fn on_frame(
                     .store(sent.elapsed().as_micros().max(1) as u64, Ordering::Relaxed);
                 pings.drain(..=pos);
             }
-            Ok(())
+            Ok(None)
         }
         Ok(Some(Frame::Error {
             seq: Some(seq),
@@ -513,12 +624,12 @@ fn on_frame(
             message,
         })) => {
             // The partner refused one entry and moved past it; the journal keeps it.
-            tracing::warn!(%peer, seq, %code, %message, "partner refused an event");
-            env.metrics.refused(
-                "outbound",
-                ErrorCode::parse(&code).unwrap_or(ErrorCode::InvalidField),
-            );
-            Ok(())
+            let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::InvalidField);
+            env.metrics.refused("outbound", code);
+            if let Some(count) = log.hit(peer, code.as_str()) {
+                tracing::warn!(%peer, seq, code = code.as_str(), %message, count, "partner refused an event");
+            }
+            Ok(None)
         }
         Ok(Some(Frame::Error {
             seq: None,
@@ -527,12 +638,14 @@ fn on_frame(
         })) => Err(LinkError::Refused { code, message }),
         Ok(Some(other)) => {
             tracing::debug!(%peer, stream = stream_name(kind), ?other, "ignoring unexpected frame");
-            Ok(())
+            Ok(None)
         }
         Ok(None) => Err(LinkError::Closed(stream_name(kind))),
         Err(e) if e.is_recoverable() => {
-            tracing::warn!(%peer, stream = stream_name(kind), cause = %e, "skipping unreadable frame from partner");
-            Ok(())
+            if let Some(count) = log.hit(peer, "unreadable_frame") {
+                tracing::warn!(%peer, stream = stream_name(kind), cause = %e, count, "skipping unreadable frame from partner");
+            }
+            Ok(None)
         }
         Err(e) => Err(LinkError::Frame(e)),
     }
@@ -549,5 +662,39 @@ where
             source,
         }),
         Err(_) => Err(LinkError::Silent(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_moves_the_cursor_only_up_and_never_beyond_the_head() {
+        assert_eq!(judge_ack(10, 12, 20), AckOutcome::Moved);
+        assert_eq!(judge_ack(10, 20, 20), AckOutcome::Moved, "up to the head itself");
+        assert_eq!(judge_ack(10, 10, 20), AckOutcome::Unchanged);
+        assert_eq!(judge_ack(10, 3, 20), AckOutcome::Unchanged, "acks are cumulative");
+        assert_eq!(judge_ack(10, 21, 20), AckOutcome::Beyond);
+        assert_eq!(judge_ack(0, u64::MAX, 20), AckOutcome::Beyond);
+        assert_eq!(judge_ack(0, u64::MAX, u64::MAX), AckOutcome::Moved);
+    }
+
+    #[test]
+    fn window_arithmetic_saturates_instead_of_wrapping() {
+        assert_eq!(window_end(10, 8192), 8202);
+        assert_eq!(window_end(u64::MAX - 1, 8192), u64::MAX);
+        assert_eq!(
+            push_from(5, 100, 8192),
+            6,
+            "less than a window behind: from its report"
+        );
+        assert_eq!(
+            push_from(5, 9000, 8192),
+            9001,
+            "far behind: after the announced head"
+        );
+        assert_eq!(push_from(u64::MAX, u64::MAX, 8192), u64::MAX);
+        assert_eq!(push_from(0, u64::MAX, 8192), u64::MAX);
     }
 }
