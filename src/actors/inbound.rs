@@ -62,6 +62,9 @@ const MAX_HEARTBEATS: usize = 1024;
 /// the forwarder, `commands::FORWARD_STREAMS_PER_PEER`).
 pub const MAX_STREAMS_PER_PEER: usize =
     3 + 1 + SYNC_SERVES_PER_PEER + REFUSALS_PER_PEER + super::commands::FORWARD_STREAMS_PER_PEER;
+/// Streams (and sync ticks) waiting for a session to take them; beyond, a new stream is
+/// reset.
+const ATTACH_QUEUE: usize = 16;
 /// A repeated refusal from one peer is logged once per this interval, with its count.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// A hole in the reorder buffer still there after this is filled by a pull.
@@ -120,7 +123,7 @@ pub struct InboundEnv {
 pub struct InboundApply {
     env: Arc<InboundEnv>,
     guards: Arc<Guards>,
-    sessions: HashMap<PeerId, mpsc::UnboundedSender<Attach>>,
+    sessions: HashMap<PeerId, mpsc::Sender<Attach>>,
     /// Sync requests being served: a bounded share per peer.
     syncs: Arc<PeerPool>,
     /// `not_partner` and `busy` answers being written.
@@ -156,7 +159,7 @@ impl InboundApply {
         }
     }
 
-    fn session(&mut self, peer: PeerId) -> &mpsc::UnboundedSender<Attach> {
+    fn session(&mut self, peer: PeerId) -> &mpsc::Sender<Attach> {
         let alive = self.sessions.get(&peer).is_some_and(|s| !s.is_closed());
         if !alive {
             let session = spawn_session(self.env.clone(), self.guards.clone(), peer);
@@ -283,11 +286,12 @@ impl Actor for InboundApply {
         // A node coming back pulls what its partners journaled meanwhile at once, without
         // waiting for their links to reconnect or for the first safety-net tick.
         for peer in self.env.partners.peers() {
-            let _ = self.session(peer).send(Attach::PeriodicSync);
+            // A full queue already holds work for the session: a tick more adds nothing.
+            let _ = self.session(peer).try_send(Attach::PeriodicSync);
         }
         ctx.run_interval(self.env.tuning.sync_interval, |act, _| {
             for peer in act.env.partners.peers() {
-                let _ = act.session(peer).send(Attach::PeriodicSync);
+                let _ = act.session(peer).try_send(Attach::PeriodicSync);
             }
         });
     }
@@ -367,7 +371,14 @@ impl Handler<IncomingStream> for InboundApply {
             reader: r,
             writer: BufWriter::with_capacity(16 * 1024, w),
         };
-        let _ = self.session(peer).send(attach);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.session(peer).try_send(attach) {
+            // The session is busy (a store retry, a write waiting on the peer) and streams
+            // keep coming: this one is reset rather than queued without bound.
+            self.env.metrics.refused("inbound", ErrorCode::Busy);
+            if let Some(count) = self.guards.log(peer, "busy") {
+                tracing::warn!(%peer, what = "resource stream", code = "busy", count, "session queue full; stream reset");
+            }
+        }
     }
 }
 
@@ -615,8 +626,8 @@ fn frame_type(frame: &Frame) -> &'static str {
     }
 }
 
-fn spawn_session(env: Arc<InboundEnv>, guards: Arc<Guards>, peer: PeerId) -> mpsc::UnboundedSender<Attach> {
-    let (tx, rx) = mpsc::unbounded_channel();
+fn spawn_session(env: Arc<InboundEnv>, guards: Arc<Guards>, peer: PeerId) -> mpsc::Sender<Attach> {
+    let (tx, rx) = mpsc::channel(ATTACH_QUEUE);
     tokio::spawn(async move {
         match Session::start(env, guards, peer).await {
             Some(session) => session.run(rx).await,
@@ -688,7 +699,7 @@ impl Session {
         })
     }
 
-    async fn run(mut self, mut attach: mpsc::UnboundedReceiver<Attach>) {
+    async fn run(mut self, mut attach: mpsc::Receiver<Attach>) {
         let Some(mut rx) = self.inputs_rx.take() else {
             return;
         };
