@@ -773,6 +773,21 @@ mod tests {
     }
 
     #[test]
+    fn partner_buffer_bytes_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "max_partner_buffer_bytes = 2097152\n").unwrap();
+        let cfg = NodeConfig::try_from(run_args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(cfg.tuning.max_partner_buffer_bytes, 2 << 20);
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(cfg.tuning.max_partner_buffer_bytes, 64 << 20);
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--max-partner-buffer-bytes", "4096"])),
+            Err(ConfigError::MaxPartnerBufferBytes)
+        ));
+    }
+
+    #[test]
     fn backoff_bounds_from_file_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node.toml");
