@@ -488,3 +488,91 @@ async fn an_ack_beyond_the_journal_head_moves_nothing() {
     let good = peer_row(&a.victim, &a.good.id()).await;
     assert_eq!(good["state"], "online", "{good}");
 }
+
+/// Point 1, the other side of the bound: an honest partner's backlog of 450 entries of
+/// 1.5 KiB (about 750 KiB, on three streams, and pulled at the victim's start-up) into a
+/// partner buffer of 16 KiB. Readers stop while the buffer is full, a pulled round larger
+/// than the bound is applied as it goes in: everything is delivered, nothing stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_partner_under_a_tight_partner_buffer_delivers_everything() {
+    let a = arena(
+        &[
+            "--max-frame-bytes",
+            "4096",
+            "--max-partner-buffer-bytes",
+            "16384",
+            "--sync-interval",
+            "2s",
+        ],
+        &["--max-frame-bytes", "4096"],
+    )
+    .await;
+    let good_id = a.good.id();
+    let pad = "p".repeat(1500);
+    // Published while the victim is down, so the sender pushes a backlog: on reconnect each
+    // chunk's creates go on the create stream, its updates on the update stream, and so on.
+    let mut a = a;
+    a.victim.node.stop();
+    let mut published = 0u64;
+    for i in 0..200 {
+        let id = format!("t-{i}");
+        a.good
+            .publish(&event("PB_CREATE", &id, &good_id, json!({"pad": pad})))
+            .await;
+        a.good
+            .publish(&event("PB_UPDATE", &id, &good_id, json!({"pad": pad, "v": 2})))
+            .await;
+        published += 2;
+        if i % 4 == 0 {
+            a.good
+                .publish(&event("PB_DELETE", &id, &good_id, json!({})))
+                .await;
+            published += 1;
+        }
+    }
+    a.good.app.flush().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while a.good.node.metric("oc_intake_accepted_total").await.unwrap() < published {
+        assert!(
+            Instant::now() < deadline,
+            "the good partner did not journal the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.victim.node.start_healthy().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let row = peer_row(&a.good, &a.victim.id()).await;
+        if row["acked_seq"].as_u64() >= Some(published) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the victim did not take everything: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = a.victim.stored("COMPUTE_RESOURCE").await;
+    let updated = stored
+        .iter()
+        .filter(|r| {
+            r["id"].as_str().is_some_and(|id| id.starts_with("t-"))
+                && r["resource"]["v"] == 2
+                && r["deleted"] != true
+        })
+        .count();
+    eprintln!(
+        "tight buffer: {published} entries acknowledged, {updated} updated resources stored, {} dropped and pulled",
+        a.victim
+            .node
+            .metric("oc_events_buffer_dropped_total")
+            .await
+            .unwrap()
+    );
+    eprintln!(
+        "tight buffer: gaps filled by journal sync: {}",
+        a.victim.node.log().matches("filling a gap").count()
+    );
+    assert_eq!(updated, 150, "200 updated, 50 of them deleted");
+    exchange(&a, "after", 3).await;
+}

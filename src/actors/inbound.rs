@@ -525,6 +525,11 @@ impl<T> Reorder<T> {
         self.entries.keys().next().copied()
     }
 
+    /// Whether an entry of `bytes` would push something out (an entry alone always fits).
+    fn is_full_for(&self, bytes: usize) -> bool {
+        !self.entries.is_empty() && self.bytes.saturating_add(bytes) > self.max_bytes
+    }
+
     fn len(&self) -> usize {
         self.entries.len()
     }
@@ -714,13 +719,24 @@ impl Session {
                 },
                 input = rx.recv() => {
                     let Some(input) = input else { break };
-                    self.on_input(input).await;
+                    if !self.on_input(input).await {
+                        break;
+                    }
                     // Take what else is already there, then apply it in batches.
+                    let mut stopped = false;
                     while self.pending.len() < self.env.tuning.apply_batch {
                         match rx.try_recv() {
-                            Ok(input) => self.on_input(input).await,
+                            Ok(input) => {
+                                if !self.on_input(input).await {
+                                    stopped = true;
+                                    break;
+                                }
+                            }
                             Err(_) => break,
                         }
+                    }
+                    if stopped {
+                        break;
                     }
                     if !self.apply_ready().await {
                         break;
@@ -785,7 +801,8 @@ impl Session {
         }
     }
 
-    async fn on_input(&mut self, input: Input) {
+    /// Takes one input. Returns false on shutdown.
+    async fn on_input(&mut self, input: Input) -> bool {
         match input {
             Input::Frame {
                 kind,
@@ -794,7 +811,12 @@ impl Session {
                 held,
             } => self.on_frame(kind, generation, frame, held).await,
             Input::Synced(entries) => {
+                // A round is contiguous from the applied mark: what fills the buffer is
+                // applied on the way, so a round larger than the byte bound still goes in.
                 for entry in entries {
+                    if self.pending.is_full_for(entry_bytes(&entry)) && !self.apply_ready().await {
+                        return false;
+                    }
                     self.buffer(entry, None);
                 }
             }
@@ -814,6 +836,7 @@ impl Session {
                 }
             }
         }
+        true
     }
 
     async fn on_frame(
