@@ -830,7 +830,9 @@ impl Session {
                     }
                     Ok(()) => self.sync_target = 0,
                     Err(e) => {
-                        tracing::warn!(peer = %self.peer, cause = %e, applied = self.applied, "journal sync failed; retried at the next trigger");
+                        if let Some(count) = self.guards.log(self.peer, "sync_failed") {
+                            tracing::warn!(peer = %self.peer, cause = %e, applied = self.applied, count, "journal sync failed; retried at the next trigger");
+                        }
                         self.sync_target = 0;
                     }
                 }
@@ -915,7 +917,9 @@ impl Session {
     fn check_gap(&mut self) {
         match self.pending.missing_up_to(self.applied) {
             Some(target) if self.gap_seen == Some((self.applied, target)) => {
-                tracing::info!(peer = %self.peer, applied = self.applied, up_to = target, "filling a gap by journal sync");
+                if let Some(count) = self.guards.log(self.peer, "gap") {
+                    tracing::info!(peer = %self.peer, applied = self.applied, up_to = target, count, "filling a gap by journal sync");
+                }
                 self.want_sync(target);
             }
             Some(target) => self.gap_seen = Some((self.applied, target)),
