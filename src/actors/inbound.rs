@@ -20,6 +20,14 @@
 //! Gaps are filled by pulling the origin's journal (`crate::sync`): when the origin's
 //! `hello` shows it is far ahead, when it announces an entry too large for a frame, when a
 //! hole in the reorder buffer persists, at start-up, and every `sync_interval` as a safety net.
+//!
+//! Against partners that take more than their share: each session holds at most
+//! `--max-partner-buffer-bytes` of its peer's entries (a byte budget taken before an entry
+//! enters the inbox, given back when it is applied or dropped; the reorder buffer [`Reorder`]
+//! is bounded by the same number of bytes), one stream per resource protocol (a new one
+//! replaces the open one), one heartbeat stream per partner, per-peer shares of the sync,
+//! refusal and forward pools (`guard::PeerPool`), and refusals logged once per interval per
+//! peer and code (`guard::LogThrottle`) while every one is counted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
