@@ -23,7 +23,7 @@
 //!
 //! Against partners that take more than their share: each session holds at most
 //! `--max-partner-buffer-bytes` of its peer's entries (a byte budget taken before an entry
-//! enters the inbox, given back when it is applied or dropped; the reorder buffer [`Reorder`]
+//! enters the inbox, given back when it is applied or dropped; the reorder buffer `Reorder`
 //! is bounded by the same number of bytes), one stream per resource protocol (a new one
 //! replaces the open one), one heartbeat stream per partner, per-peer shares of the sync,
 //! refusal and forward pools (`guard::PeerPool`), and refusals logged once per interval per

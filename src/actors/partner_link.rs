@@ -14,7 +14,7 @@
 //! `ping_interval`; a partner silent for `pong_discard_timeout` is offline and the session
 //! restarts. Any failure ends the session; the link retries with exponential backoff.
 //!
-//! An `ack` above this node's journal head ([`judge_ack`]) is refused with an `error` frame
+//! An `ack` above this node's journal head (`judge_ack`) is refused with an `error` frame
 //! `invalid_field` and moves nothing (neither the cursor nor the window); in the answer to
 //! `hello` it also ends the session. Seq arithmetic saturates.
 
