@@ -435,27 +435,51 @@ async fn heartbeat_and_sync_floods_leave_the_good_partner_its_share() {
 
 /// Point 4: a hostile partner answers `hello` with an ack far beyond the victim's journal.
 /// The ack is refused with `invalid_field`, the cursor does not move, and `/api/peers`
-/// does not show the link caught up. The good partner is served all along.
+/// does not show the link caught up. Then it answers `hello` honestly but acks far beyond
+/// in the middle of the session: refused again, nothing moves, the session goes on, and its
+/// true acks that follow move the cursor. The good partner is served all along.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_beyond_the_journal_head_moves_nothing() {
+    const HUGE: u64 = u64::MAX / 2;
     let a = arena(&[], &[]).await;
-    // The hand answers every hello on the resource streams with a huge ack and records what
-    // comes back; it answers pings.
-    let refusals = Arc::new(AtomicUsize::new(0));
+    let honest_hello = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (hello_refused, session_refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     for kind in StreamKind::ALL {
         let mut incoming = a.hand.net.accept(kind.protocol()).unwrap();
-        let refusals = refusals.clone();
+        let (honest_hello, hello_refused, session_refused) = (
+            honest_hello.clone(),
+            hello_refused.clone(),
+            session_refused.clone(),
+        );
         tokio::spawn(async move {
             while let Some((_, mut s)) = incoming.next().await {
-                let refusals = refusals.clone();
+                let (honest_hello, hello_refused, session_refused) = (
+                    honest_hello.clone(),
+                    hello_refused.clone(),
+                    session_refused.clone(),
+                );
                 tokio::spawn(async move {
                     if !matches!(read(&mut s).await, Some(Frame::Hello { .. })) {
                         return;
                     }
-                    let _ = wire::write_frame(&mut s, &Frame::Ack { seq: u64::MAX / 2 }).await;
+                    let honest = honest_hello.load(Ordering::Relaxed);
+                    let answer = if honest { 0 } else { HUGE };
+                    let _ = wire::write_frame(&mut s, &Frame::Ack { seq: answer }).await;
+                    let mut lied = false;
                     while let Some(f) = read(&mut s).await {
-                        if matches!(&f, Frame::Error { code, .. } if code == "invalid_field") {
-                            refusals.fetch_add(1, Ordering::Relaxed);
+                        match f {
+                            Frame::Error { code, .. } if code == "invalid_field" => {
+                                let counter = if honest { &session_refused } else { &hello_refused };
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // The first entry of an honest session is answered with a lie,
+                            // every one after it with the truth.
+                            Frame::Event(e) if honest => {
+                                let seq = if lied { e.seq } else { HUGE };
+                                lied = true;
+                                let _ = wire::write_frame(&mut s, &Frame::Ack { seq }).await;
+                            }
+                            _ => {}
                         }
                     }
                 });
@@ -475,7 +499,7 @@ async fn an_ack_beyond_the_journal_head_moves_nothing() {
     exchange(&a, "before", 3).await;
     // The victim's link reaches the hand (it is a partner at its real address).
     let deadline = Instant::now() + WAIT;
-    while refusals.load(Ordering::Relaxed) == 0 {
+    while hello_refused.load(Ordering::Relaxed) == 0 {
         assert!(Instant::now() < deadline, "the huge ack was not refused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -497,9 +521,38 @@ async fn an_ack_beyond_the_journal_head_moves_nothing() {
         .await
         .unwrap();
     assert!(refused >= 1);
-    // The good partner's row is healthy.
     let good = peer_row(&a.victim, &a.good.id()).await;
     assert_eq!(good["state"], "online", "{good}");
+
+    // Honest hello, a lie in the middle of the session.
+    honest_hello.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + WAIT;
+    while session_refused.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the huge ack in the session was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let head = a.victim.node.get_json("/api/node").await.unwrap()["journal_head"]
+        .as_u64()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let row = peer_row(&a.victim, &a.hand.id).await;
+        let acked = row["acked_seq"].as_u64().unwrap();
+        assert!(acked <= head, "the cursor passed the head: {row}");
+        if acked == head && row["state"] == "online" {
+            eprintln!("after the in-session lie and the true acks: {row}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the true acks did not move the cursor: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    exchange(&a, "after", 2).await;
 }
 
 /// Point 1, the other side of the bound: an honest partner's backlog of 450 entries of
