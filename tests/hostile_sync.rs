@@ -493,10 +493,25 @@ async fn a_partner_far_behind_catches_up_in_rounds_cut_by_bytes() {
         ))
         .await;
     }
+    a.publish(&event("PB_CREATE", "far-last", &me, json!({}))).await;
     a.app.flush().await.unwrap();
-    // The last one answered means all of them are journaled (one intake, in order).
-    a.publish_ok(&event("PB_CREATE", "far-last", &me, json!({})))
-        .await;
+    // Waits on the journal head rather than on a reply: a loaded machine can take longer
+    // than a request's 30 s to journal the backlog in a debug build.
+    let journaled = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        let head = a.node.get_json("/api/node").await.unwrap()["journal_head"]
+            .as_u64()
+            .unwrap_or(0);
+        if head == n as u64 + 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < journaled,
+            "{head} of {} journaled",
+            n + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     b.node.start_healthy().await.unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE * 2;
     loop {
