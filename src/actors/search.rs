@@ -1092,9 +1092,10 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
 }
 
 /// Reads `search_results` frames of `query_id` into `tx` until `search_done`, or until
-/// the stream carried more than `cap` results or `cap + 1` frames (an honest responder
-/// sends at most `cap`, the limit it was asked for): then the peer counts as done and the
-/// rest is not read. Results are screened by the aggregator, not here.
+/// the stream carried more than twice `cap` results or frames (an honest responder sends
+/// at most `cap` results, the limit it was asked for, in at most as many frames): then the
+/// peer counts as done and the rest is not read. Results are screened by the aggregator
+/// ([`Screen`]), not here.
 ///
 /// # Errors
 /// The stream ended or failed before `search_done`, the peer refused, or the search ended.
@@ -1107,10 +1108,11 @@ async fn read_answers<R: AsyncRead + Unpin>(
     tx: &mpsc::Sender<Answer>,
 ) -> Result<(), String> {
     let (mut results_read, mut frames) = (0u64, 0u64);
+    let most = cap.saturating_mul(2);
     loop {
         let frame = wire::read_frame(r, max).await;
         frames = frames.saturating_add(1);
-        if frames > cap.saturating_add(1) {
+        if frames > most.saturating_add(1) {
             tracing::debug!(%peer, query_id, cap, "answer stream closed: more frames than the result cap");
             let _ = tx.send(Answer::Done { peer }).await;
             return Ok(());
@@ -1129,7 +1131,7 @@ async fn read_answers<R: AsyncRead + Unpin>(
                 })
                 .await
                 .map_err(|_| "search ended".to_owned())?;
-                if results_read > cap {
+                if results_read > most {
                     tracing::debug!(%peer, query_id, cap, "answer stream closed: more results than the cap");
                     let _ = tx.send(Answer::Done { peer }).await;
                     return Ok(());
