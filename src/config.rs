@@ -51,7 +51,7 @@ pub const DEFAULT_MONGO_DB: &str = crate::store::mongo::DEFAULT_DB;
 pub const DEFAULT_SEARCH_PEER_MAX_RESULTS: u64 = 1000;
 pub const DEFAULT_SEARCH_PEER_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Gossip queries per second from searchers without a known record, all together.
-pub const DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND: f64 = 10.0;
+pub const DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND: f64 = 2.0;
 
 /// Which [`crate::store::Store`] backend holds the node's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]

@@ -353,7 +353,7 @@ async fn a_lying_responder_gets_only_its_own_results_of_the_type_asked_within_th
         over_cap >= 1,
         "valid results beyond the cap are dropped and counted"
     );
-    // The victim stopped reading: the rogue could not write its 204 frames.
+    // What the rogue managed to write (the victim stops reading past twice its share).
     let frames = written.load(Ordering::Relaxed);
     println!(
         "lying responder: victim peak RSS {} MiB; rogue wrote {frames} frames, 20 of its results kept, \
@@ -368,12 +368,12 @@ async fn a_lying_responder_gets_only_its_own_results_of_the_type_asked_within_th
 }
 
 /// Reads a search answer to its end: (results, their creators all `creator`, done seen).
-async fn read_answer(stream: &mut Stream, creator: &str) -> (usize, bool) {
+async fn read_answer(stream: &mut Stream, creator: &str, what: &str) -> (usize, bool) {
     let mut got = 0;
     loop {
         let frame = tokio::time::timeout(WAIT, wire::read_frame(stream, 1 << 20))
             .await
-            .expect("answer within the wait");
+            .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?} after {got} results"));
         match frame {
             Ok(Some(Frame::SearchResults { results, .. })) => {
                 assert!(results.iter().all(|r| r["creator_id"] == creator));
@@ -471,7 +471,7 @@ async fn a_victim_with_many_own_resources_answers_searches_with_bounded_memory()
     for i in 0..4 {
         let mut s = r1.open_search(&v).await;
         let _ = wire::write_frame(&mut s, &query(&format!("extra-{i}"), "tag-0007-x", 100)).await;
-        let (got, done) = read_answer(&mut s, &v.id()).await;
+        let (got, done) = read_answer(&mut s, &v.id(), &format!("extra-{i}")).await;
         if got == 0 && !done {
             refused += 1;
         }
@@ -497,7 +497,7 @@ async fn a_victim_with_many_own_resources_answers_searches_with_bounded_memory()
                 query(&format!("narrow-{i}"), "tag-0007-x", 10_000)
             };
             wire::write_frame(&mut s, &q).await.unwrap();
-            read_answer(&mut s, v_id).await
+            read_answer(&mut s, v_id, &format!("scan {i}")).await
         }
     });
     let (answers, ()) = tokio::join!(
@@ -549,7 +549,7 @@ async fn rejected(site: &Site, reason: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_queries_from_unknown_keys_are_rate_limited() {
     init_tracing();
-    const KEYS: usize = 20;
+    const KEYS: usize = 8;
     const EACH: usize = 10;
     const RATE: f64 = 0.05;
     let (mut v, mut g) = (Site::new().await, Site::new().await);
