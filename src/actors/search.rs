@@ -904,9 +904,7 @@ impl Shared {
         }
         // Anyone can make keys: a searcher whose record this node does not hold costs a
         // DHT lookup, so such queries are rate-limited, per key and all together.
-        if !self.holds_record_of(searcher).await
-            && !(self.unknown_keys.try_take(&searcher) && self.unknown_all.try_take(&()))
-        {
+        if !self.holds_record_of(searcher).await && !self.unknown_query_allowed(searcher) {
             return Err((GossipVerdict::Ignore, "rate_limited"));
         }
         let Some(record) = self
@@ -921,6 +919,12 @@ impl Shared {
             return Err((GossipVerdict::Reject, "bad_signature"));
         }
         Ok(q)
+    }
+
+    /// A token of the searcher's own bucket, then of the one all unknown searchers share
+    /// (a key over its rate takes nothing from the others).
+    fn unknown_query_allowed(&self, searcher: PeerId) -> bool {
+        self.unknown_keys.try_take(&searcher) && self.unknown_all.try_take(&())
     }
 
     /// Whether `peer` is a partner or its row in the peers table holds a record (a peer
