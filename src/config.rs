@@ -835,6 +835,46 @@ mod tests {
     }
 
     #[test]
+    fn search_limits_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "search-peer-max-results = 50\nsearch_peer_max_bytes = 4096\nsearch-unknown-queries-per-second = 0.5\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let cfg =
+            NodeConfig::try_from(run_args(&["--config", path, "--search-peer-max-results", "7"])).unwrap();
+        let t = &cfg.tuning;
+        assert_eq!(
+            (
+                t.search_peer_max_results,
+                t.search_peer_max_bytes,
+                t.search_unknown_queries_per_second
+            ),
+            (7, 4096, 0.5)
+        );
+        let d = NodeConfig::try_from(run_args(&[])).unwrap().tuning;
+        assert_eq!(
+            (
+                d.search_peer_max_results,
+                d.search_peer_max_bytes,
+                d.search_unknown_queries_per_second
+            ),
+            (1000, 16 * 1024 * 1024, 2.0)
+        );
+        let bad: [&[&str]; 3] = [
+            &["--search-peer-max-results", "0"],
+            &["--search-peer-max-bytes", "0"],
+            &["--search-unknown-queries-per-second=-1"],
+        ];
+        for bad in bad {
+            assert!(NodeConfig::try_from(run_args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn backoff_bounds_from_file_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node.toml");
