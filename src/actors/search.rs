@@ -873,7 +873,7 @@ impl Shared {
             partner,
             left: limit.min(MAX_LIMIT),
             after: None,
-            page: VecDeque::new(),
+            matched: VecDeque::new(),
             last_page: false,
         }
     }
@@ -1175,7 +1175,8 @@ struct OwnMatches {
     left: u64,
     /// Where the next page starts.
     after: Option<String>,
-    page: VecDeque<(String, String)>,
+    /// Matches of the last page read, not given yet.
+    matched: VecDeque<Box<RawValue>>,
     last_page: bool,
 }
 
@@ -1186,42 +1187,69 @@ impl OwnMatches {
     /// The store could not be read.
     async fn next(&mut self) -> Result<Option<Box<RawValue>>, SendError> {
         while self.left > 0 {
-            let Some((id, json)) = self.page.pop_front() else {
-                if self.last_page {
-                    return Ok(None);
-                }
-                let bounds = PageBounds {
-                    max_count: PAGE_COUNT,
-                    max_bytes: PAGE_BYTES,
-                };
-                let page = self
-                    .store
-                    .own_resources_page(&self.origin, &self.data_type, self.after.take(), bounds)
+            if let Some(raw) = self.matched.pop_front() {
+                self.left -= 1;
+                return Ok(Some(raw));
+            }
+            if self.last_page {
+                return Ok(None);
+            }
+            let bounds = PageBounds {
+                max_count: PAGE_COUNT,
+                max_bytes: PAGE_BYTES,
+            };
+            let page = self
+                .store
+                .own_resources_page(&self.origin, &self.data_type, self.after.take(), bounds)
+                .await
+                .map_err(|e| SendError::Store(e.to_string()))?;
+            self.last_page = page.next.is_none();
+            self.after = page.next;
+            // Parsing and matching a page is CPU work: off the runtime's worker threads, so
+            // that searches cannot stall the network loop and the partner sessions.
+            let (needle, partner, left) = (self.needle.clone(), self.partner, self.left);
+            let data_type = self.data_type.clone();
+            let items = page.items;
+            self.matched =
+                tokio::task::spawn_blocking(move || match_page(items, &needle, partner, left, &data_type))
                     .await
-                    .map_err(|e| SendError::Store(e.to_string()))?;
-                self.last_page = page.next.is_none();
-                self.after = page.next;
-                self.page = page.items.into();
-                continue;
-            };
-            let Ok(value) = serde_json::from_str::<Value>(&json) else {
-                tracing::warn!(id, data_type = %self.data_type, "own resource is not JSON; left out of search answers");
-                continue;
-            };
-            if !(visible(&value, self.partner) && contains(&value, &self.needle)) {
-                continue;
-            }
-            drop(value);
-            match RawValue::from_string(json) {
-                Ok(raw) => {
-                    self.left -= 1;
-                    return Ok(Some(raw));
-                }
-                Err(_) => continue,
-            }
+                    .map_err(|e| SendError::Store(format!("matching failed: {e}")))?;
         }
         Ok(None)
     }
+}
+
+/// The resources of a page that the searcher may see and that contain `needle`, at most
+/// `left`, as JSON text; each parsed alone.
+fn match_page(
+    items: Vec<(String, String)>,
+    needle: &str,
+    partner: bool,
+    left: u64,
+    data_type: &str,
+) -> VecDeque<Box<RawValue>> {
+    let mut out = VecDeque::new();
+    for (id, json) in items {
+        if out.len() as u64 >= left {
+            break;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(&json) else {
+            tracing::warn!(
+                id,
+                data_type,
+                "own resource is not JSON; left out of search answers"
+            );
+            continue;
+        };
+        if !(visible(&value, partner) && contains(&value, needle)) {
+            continue;
+        }
+        drop(value);
+        if let Ok(raw) = RawValue::from_string(json) {
+            out.push_back(raw);
+        }
+    }
+    out
 }
 
 /// Why a responder could not finish its answer.
@@ -1404,13 +1432,23 @@ fn contains(v: &Value, needle: &str) -> bool {
         return true;
     }
     match v {
-        Value::String(s) => s.to_lowercase().contains(needle),
+        Value::String(s) => contains_text(s, needle),
         Value::Number(n) => n.to_string().contains(needle),
         Value::Bool(b) => b.to_string().contains(needle),
         Value::Array(a) => a.iter().any(|x| contains(x, needle)),
         Value::Object(o) => o.values().any(|x| contains(x, needle)),
         Value::Null => false,
     }
+}
+
+/// Whether `s`, lower-cased, contains `needle` (lower-cased already); without allocating
+/// when both are ASCII.
+fn contains_text(s: &str, needle: &str) -> bool {
+    if s.is_ascii() && needle.is_ascii() {
+        let (s, n) = (s.as_bytes(), needle.as_bytes());
+        return n.len() <= s.len() && s.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n));
+    }
+    s.to_lowercase().contains(needle)
 }
 
 /// A result's identity for duplicate detection: its `id`, else its whole JSON.
@@ -1607,6 +1645,12 @@ mod tests {
         assert!(contains(&public, "64"));
         assert!(!contains(&public, "specs"), "keys do not match");
         assert!(contains(&public, ""));
+        assert!(contains(&json!({"n": "Big GPU Box"}), "gpu box"));
+        assert!(
+            contains(&json!({"n": "ÉCRAN géant"}), "écran"),
+            "non-ASCII lower-cased too"
+        );
+        assert!(!contains(&json!({"n": "gp"}), "gpu"));
     }
 
     #[test]
