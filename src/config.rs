@@ -47,6 +47,11 @@ pub const DEFAULT_RECORD_TTL: &str = "2m";
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
 pub const MAX_RECORD_TTL: Duration = crate::p2p::records::MAX_AHEAD;
 pub const DEFAULT_MONGO_DB: &str = crate::store::mongo::DEFAULT_DB;
+/// Per peer and search: results kept, and bytes of their JSON.
+pub const DEFAULT_SEARCH_PEER_MAX_RESULTS: u64 = 1000;
+pub const DEFAULT_SEARCH_PEER_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Gossip queries per second from searchers without a known record, all together.
+pub const DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND: f64 = 2.0;
 
 /// Which [`crate::store::Store`] backend holds the node's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -235,6 +240,16 @@ pub struct RunArgs {
     /// MongoDB database holding the resource collections and the node's `oc_*` bookkeeping.
     #[arg(long, env = "OC_DISCOVERY_MONGO_DB", default_value = DEFAULT_MONGO_DB)]
     pub mongo_db: String,
+    /// Most results one peer may contribute to one search of this node; beyond, dropped.
+    #[arg(long, env = "OC_DISCOVERY_SEARCH_PEER_MAX_RESULTS", default_value_t = DEFAULT_SEARCH_PEER_MAX_RESULTS)]
+    pub search_peer_max_results: u64,
+    /// Most bytes of results (JSON) one peer may contribute to one search; beyond, dropped.
+    #[arg(long, env = "OC_DISCOVERY_SEARCH_PEER_MAX_BYTES", default_value_t = DEFAULT_SEARCH_PEER_MAX_BYTES)]
+    pub search_peer_max_bytes: u64,
+    /// Gossip search queries per second, all together, from searchers whose peer record this
+    /// node does not hold (each also limited to 1 per second, burst 2); beyond, ignored.
+    #[arg(long, env = "OC_DISCOVERY_SEARCH_UNKNOWN_QUERIES_PER_SECOND", default_value_t = DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND)]
+    pub search_unknown_queries_per_second: f64,
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h`, `7d`, or a bare number of seconds.
@@ -315,6 +330,12 @@ struct FileConfig {
     sync_interval: Option<String>,
     #[serde(alias = "sync-max-bytes")]
     sync_max_bytes: Option<u64>,
+    #[serde(alias = "search-peer-max-results")]
+    search_peer_max_results: Option<u64>,
+    #[serde(alias = "search-peer-max-bytes")]
+    search_peer_max_bytes: Option<u64>,
+    #[serde(alias = "search-unknown-queries-per-second")]
+    search_unknown_queries_per_second: Option<f64>,
     #[serde(alias = "backoff-min")]
     backoff_min: Option<String>,
     #[serde(alias = "backoff-max")]
@@ -350,6 +371,10 @@ pub enum ConfigError {
     Heartbeat,
     #[error("--backoff-min must not be longer than --backoff-max")]
     Backoff,
+    #[error("--search-peer-max-results and --search-peer-max-bytes must be at least 1")]
+    SearchPeerCap,
+    #[error("--search-unknown-queries-per-second must be a number, 0 or more")]
+    SearchUnknownRate,
     #[error("{0} must be at least 10ms")]
     TooShort(&'static str),
     #[error("--name must be 1 to {} bytes", crate::p2p::records::MAX_NAME_BYTES)]
@@ -474,6 +499,9 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(store);
     fill!(mongo_uri, |v| Ok::<_, ConfigError>(Some(v)));
     fill!(mongo_db);
+    fill!(search_peer_max_results);
+    fill!(search_peer_max_bytes);
+    fill!(search_unknown_queries_per_second);
     Ok(())
 }
 
@@ -548,6 +576,11 @@ pub struct Tuning {
     pub forward_burst: u32,
     /// A planner stream idle this long is closed by either side.
     pub planner_idle: Duration,
+    /// Most results, and bytes of results, one peer contributes to one search.
+    pub search_peer_max_results: u64,
+    pub search_peer_max_bytes: u64,
+    /// Gossip queries per second from searchers without a known peer record, all together.
+    pub search_unknown_queries_per_second: f64,
 }
 
 impl Default for Tuning {
@@ -573,6 +606,9 @@ impl Default for Tuning {
             forward_rate: DEFAULT_FORWARD_RATE,
             forward_burst: DEFAULT_FORWARD_BURST,
             planner_idle: Duration::from_secs(600),
+            search_peer_max_results: DEFAULT_SEARCH_PEER_MAX_RESULTS,
+            search_peer_max_bytes: DEFAULT_SEARCH_PEER_MAX_BYTES,
+            search_unknown_queries_per_second: DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND,
         }
     }
 }
@@ -615,6 +651,14 @@ impl TryFrom<RunArgs> for NodeConfig {
                 return Err(ConfigError::TooShort(flag));
             }
         }
+        if run.search_peer_max_results == 0 || run.search_peer_max_bytes == 0 {
+            return Err(ConfigError::SearchPeerCap);
+        }
+        if !(run.search_unknown_queries_per_second.is_finite()
+            && run.search_unknown_queries_per_second >= 0.0)
+        {
+            return Err(ConfigError::SearchUnknownRate);
+        }
         if run.backoff_min > run.backoff_max {
             return Err(ConfigError::Backoff);
         }
@@ -647,6 +691,9 @@ impl TryFrom<RunArgs> for NodeConfig {
             sync_max_bytes: run.sync_max_bytes,
             backoff_min: run.backoff_min,
             backoff_max: run.backoff_max,
+            search_peer_max_results: run.search_peer_max_results,
+            search_peer_max_bytes: run.search_peer_max_bytes,
+            search_unknown_queries_per_second: run.search_unknown_queries_per_second,
             ..Tuning::default()
         };
         let store = match run.store {
@@ -785,6 +832,46 @@ mod tests {
             NodeConfig::try_from(run_args(&["--max-partner-buffer-bytes", "4096"])),
             Err(ConfigError::MaxPartnerBufferBytes)
         ));
+    }
+
+    #[test]
+    fn search_limits_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "search-peer-max-results = 50\nsearch_peer_max_bytes = 4096\nsearch-unknown-queries-per-second = 0.5\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let cfg =
+            NodeConfig::try_from(run_args(&["--config", path, "--search-peer-max-results", "7"])).unwrap();
+        let t = &cfg.tuning;
+        assert_eq!(
+            (
+                t.search_peer_max_results,
+                t.search_peer_max_bytes,
+                t.search_unknown_queries_per_second
+            ),
+            (7, 4096, 0.5)
+        );
+        let d = NodeConfig::try_from(run_args(&[])).unwrap().tuning;
+        assert_eq!(
+            (
+                d.search_peer_max_results,
+                d.search_peer_max_bytes,
+                d.search_unknown_queries_per_second
+            ),
+            (1000, 16 * 1024 * 1024, 2.0)
+        );
+        let bad: [&[&str]; 3] = [
+            &["--search-peer-max-results", "0"],
+            &["--search-peer-max-bytes", "0"],
+            &["--search-unknown-queries-per-second=-1"],
+        ];
+        for bad in bad {
+            assert!(NodeConfig::try_from(run_args(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct Discovery {
     records_rejected: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Gossip search queries refused, by why.
     queries_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// Results of peers' answers dropped by the searcher, by why.
+    results_dropped: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Discovery {
@@ -68,6 +70,13 @@ impl Discovery {
     pub fn query_rejected(&self, reason: &'static str) {
         if let Ok(mut map) = self.queries_rejected.lock() {
             *map.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn results_dropped(&self, reason: &'static str, n: u64) {
+        if let Ok(mut map) = self.results_dropped.lock() {
+            let c = map.entry(reason).or_default();
+            *c = c.saturating_add(n);
         }
     }
 
@@ -119,6 +128,12 @@ impl Discovery {
         if let Ok(map) = self.queries_rejected.lock() {
             for (reason, n) in map.iter() {
                 let _ = writeln!(out, "oc_search_queries_rejected_total{{reason=\"{reason}\"}} {n}");
+            }
+        }
+        let _ = writeln!(out, "# HELP oc_search_results_dropped_total Results of peers' answers dropped by this searcher, by reason\n# TYPE oc_search_results_dropped_total counter");
+        if let Ok(map) = self.results_dropped.lock() {
+            for (reason, n) in map.iter() {
+                let _ = writeln!(out, "oc_search_results_dropped_total{{reason=\"{reason}\"}} {n}");
             }
         }
     }

@@ -509,24 +509,29 @@ fn silent_responder(peer: &TestPeer) {
     });
 }
 
-/// A partner that answers every query with duplicates, across two batches.
+/// A partner that answers every query with duplicates (its own resources), across two
+/// batches.
 fn duplicating_responder(peer: &TestPeer) {
     let mut incoming = peer.client.accept(PROTOCOL_SEARCH).unwrap();
+    let me = peer.id().to_string();
     tokio::spawn(async move {
         while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+            let me = me.clone();
             tokio::spawn(async move {
-                let Ok(Some(Frame::SearchQuery { query_id, .. })) =
-                    wire::read_frame(&mut stream, 1 << 20).await
+                let Ok(Some(Frame::SearchQuery {
+                    query_id, data_type, ..
+                })) = wire::read_frame(&mut stream, 1 << 20).await
                 else {
                     return;
                 };
-                let r = |id: &str| json!({"id": id, "name": "bulk from the echo"});
+                let r = |id: &str| json!({"id": id, "creator_id": me, "name": "bulk from the echo"});
                 for results in [
                     vec![r("dup-1"), r("dup-1"), r("dup-2")],
                     vec![r("dup-2"), r("dup-3")],
                 ] {
                     let frame = Frame::SearchResults {
                         query_id: query_id.clone(),
+                        data_type: Some(data_type.clone()),
                         results,
                     };
                     wire::write_frame(&mut stream, &frame).await.unwrap();

@@ -12,14 +12,23 @@
 //!   resource id) dropped and the limit honoured; the final event (`done: true`) goes out
 //!   when every targeted peer answered, the limit is reached, or at the deadline.
 //!
+//! The searcher keeps a result only when its `creator_id` is the peer that answered, its
+//! batch says the data type asked, and that peer's share of the search is not used up
+//! ([`Screen`]: `--search-peer-max-results`, `--search-peer-max-bytes`); the rest is dropped,
+//! counted and logged once per interval per peer.
+//!
 //! Responder side: inbound search streams and gossip queries are served by helper tasks
-//! bounded by one semaphore ([`MAX_RESPONDERS`]); beyond it they are dropped (gossip:
-//! ignored). Only the node's own resources of the data type are offered, never those with
-//! `"access": "private"`, those with `"access": "partners"` only to partners. A gossip query
-//! is answered (and forwarded by gossipsub) only once its signature verifies against the
-//! searcher's peer record.
+//! from one [`PeerPool`] ([`MAX_RESPONDERS`], [`RESPONDERS_PER_PEER`] per peer); beyond it
+//! they are dropped (gossip: ignored). Only the node's own resources of the data type are
+//! offered, never those with `"access": "private"`, those with `"access": "partners"` only
+//! to partners. They are read from the store in pages bounded in count and bytes
+//! ([`OwnMatches`]), parsed one at a time and written as they match, so a query's memory
+//! does not grow with the number of own resources. A gossip query is answered (and
+//! forwarded by gossipsub) only once its signature verifies against the searcher's peer
+//! record; queries of searchers whose record this node does not hold are rate-limited
+//! before the DHT is asked for it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +38,7 @@ use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -39,10 +49,11 @@ use super::inbound::Partners;
 use crate::config::Tuning;
 use crate::directory::Directory;
 use crate::event::{self, now_ms, AppCommand, ErrorCode, Refusal};
+use crate::guard::{LogThrottle, PeerBuckets, PeerPool};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame};
 use crate::p2p::{self, GossipMessage, GossipVerdict};
-use crate::store::{Relation, Store};
+use crate::store::{PageBounds, Relation, Store};
 
 pub const PROTOCOL_SEARCH: StreamProtocol = StreamProtocol::new("/opencloud/resource/search/1.0");
 /// NATS subject of search results (node → application).
@@ -62,16 +73,29 @@ const MAX_DATA_TYPE: usize = 128;
 pub const MAX_ACTIVE: usize = 64;
 /// Inbound search streams and gossip queries served at once.
 pub const MAX_RESPONDERS: usize = 64;
+/// Of [`MAX_RESPONDERS`], the most one peer (stream peer, or gossip relay) holds at once.
+pub const RESPONDERS_PER_PEER: usize = 4;
+/// A responder's store page: at most this many own resources...
+pub const PAGE_COUNT: usize = 256;
+/// ... and no more added once this many bytes of JSON text are held.
+pub const PAGE_BYTES: usize = 1024 * 1024;
+/// Gossip queries per second of one searcher without a known peer record, and its burst.
+pub const UNKNOWN_KEY_RATE: f64 = 1.0;
+pub const UNKNOWN_KEY_BURST: f64 = 2.0;
+/// Searchers without a known record whose buckets are remembered; beyond, refused.
+pub const UNKNOWN_KEYS: usize = 1024;
+/// Refusals of one kind from one peer logged once per this interval, with their count.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Peers asked at once by one `known` / `partner` search.
 pub const FANOUT: usize = 32;
 /// Batches buffered between the peers' streams and a search's aggregator.
 const ANSWERS_QUEUE: usize = 64;
 /// Gossip queries buffered between the network loop and the service.
 pub const GOSSIP_QUEUE: usize = 256;
-/// Room for a `search_results` frame's JSON around its results (plus the query id).
-const FRAME_ENVELOPE: usize = 128;
 /// Smallest frame a searcher may ask for.
 const MIN_FRAME: usize = 4096;
+/// Largest gossip query decoded (gossipsub's own `max_transmit_size` is the same).
+pub const MAX_GOSSIP_QUERY_BYTES: usize = 64 * 1024;
 /// First bytes of the byte string a gossip query's signature covers.
 pub const QUERY_SIGNING_DOMAIN: &[u8] = b"/opencloud/search-query/1";
 
@@ -278,12 +302,43 @@ impl GossipQuery {
     }
 }
 
+/// Decodes a gossip query and checks its fields' limits (no signature check: that needs
+/// the searcher's record). Never panics, whatever the bytes.
+///
+/// # Errors
+/// The reason, as counted in `oc_search_queries_rejected_total`: `undecodable` (not the
+/// JSON of a query, or over [`MAX_GOSSIP_QUERY_BYTES`]), `bad_searcher`, `limits`.
+pub fn decode_gossip_query(data: &[u8]) -> Result<(GossipQuery, PeerId), &'static str> {
+    if data.len() > MAX_GOSSIP_QUERY_BYTES {
+        return Err("undecodable");
+    }
+    let q: GossipQuery = serde_json::from_slice(data).map_err(|_| "undecodable")?;
+    let searcher: PeerId = q.searcher.parse().map_err(|_| "bad_searcher")?;
+    if q.query_id.is_empty()
+        || q.query_id.len() > MAX_QUERY_ID
+        || q.search.len() > MAX_SEARCH_BYTES
+        || q.data_type.len() > MAX_DATA_TYPE
+    {
+        return Err("limits");
+    }
+    Ok((q, searcher))
+}
+
 /// What a search's aggregator receives from the peers' streams.
 #[derive(Debug)]
 enum Answer {
-    Batch { peer: PeerId, results: Vec<Value> },
-    Done { peer: PeerId },
-    Failed { peer: PeerId, reason: String },
+    Batch {
+        peer: PeerId,
+        data_type: Option<String>,
+        results: Vec<Value>,
+    },
+    Done {
+        peer: PeerId,
+    },
+    Failed {
+        peer: PeerId,
+        reason: String,
+    },
 }
 
 /// `all` searches in flight, by query id: where responders' streams deliver.
@@ -312,12 +367,19 @@ struct Shared {
     own: PeerId,
     own_id: String,
     registry: Registry,
+    /// Responder helpers (streams and gossip queries), a bounded share per peer.
+    responders: Arc<PeerPool>,
+    /// Gossip queries of searchers without a known record: per searcher key...
+    unknown_keys: PeerBuckets<PeerId>,
+    /// ... and all of them together.
+    unknown_all: PeerBuckets<()>,
+    /// Refusals and dropped results, logged once per [`LOG_EVERY`] per peer and code.
+    throttle: LogThrottle,
 }
 
 pub struct SearchService {
     shared: Arc<Shared>,
     active: Arc<Semaphore>,
-    responders: Arc<Semaphore>,
     gossip: Option<mpsc::Receiver<GossipMessage>>,
 }
 
@@ -325,15 +387,19 @@ impl SearchService {
     /// `gossip` is the receiving end of the network loop's gossip subscription.
     pub fn new(env: SearchEnv, gossip: mpsc::Receiver<GossipMessage>) -> Self {
         let own = env.key.public().to_peer_id();
+        let rate = env.tuning.search_unknown_queries_per_second;
         SearchService {
             shared: Arc::new(Shared {
                 own,
                 own_id: own.to_string(),
-                env,
                 registry: Arc::new(Mutex::new(HashMap::new())),
+                responders: PeerPool::new(MAX_RESPONDERS, RESPONDERS_PER_PEER),
+                unknown_keys: PeerBuckets::new(UNKNOWN_KEY_RATE, UNKNOWN_KEY_BURST, UNKNOWN_KEYS),
+                unknown_all: PeerBuckets::new(rate, (2.0 * rate).max(1.0), 1),
+                throttle: LogThrottle::new(LOG_EVERY),
+                env,
             }),
             active: Arc::new(Semaphore::new(MAX_ACTIVE)),
-            responders: Arc::new(Semaphore::new(MAX_RESPONDERS)),
             gossip: Some(gossip),
         }
     }
@@ -344,7 +410,6 @@ impl Actor for SearchService {
 
     fn started(&mut self, _: &mut Self::Context) {
         let shared = self.shared.clone();
-        let responders = self.responders.clone();
         match shared.env.net.accept(PROTOCOL_SEARCH) {
             Some(mut incoming) => {
                 let mut shutdown = shared.env.shutdown.clone();
@@ -356,9 +421,15 @@ impl Actor for SearchService {
                         };
                         let Some((peer, stream)) = next else { break };
                         // Taken at once: libp2p-stream drops streams we are slow to take.
-                        let Ok(permit) = responders.clone().try_acquire_owned() else {
-                            tracing::warn!(%peer, "too many search streams being served; stream dropped");
-                            continue;
+                        let permit = match shared.responders.try_acquire(peer) {
+                            Ok(permit) => permit,
+                            Err(full) => {
+                                shared.env.metrics.discovery.query_rejected("busy");
+                                if let Some(count) = shared.throttle.hit(peer, "busy") {
+                                    tracing::warn!(%peer, code = "busy", count, cause = %full, "search stream dropped: no responder free for this peer");
+                                }
+                                continue;
+                            }
                         };
                         let shared = shared.clone();
                         tokio::spawn(async move {
@@ -372,7 +443,6 @@ impl Actor for SearchService {
         }
         if let Some(mut gossip) = self.gossip.take() {
             let shared = self.shared.clone();
-            let responders = self.responders.clone();
             let mut shutdown = shared.env.shutdown.clone();
             tokio::spawn(async move {
                 loop {
@@ -381,8 +451,11 @@ impl Actor for SearchService {
                         _ = crate::shutdown::signalled(&mut shutdown) => None,
                     };
                     let Some(msg) = msg else { break };
-                    let Ok(permit) = responders.clone().try_acquire_owned() else {
-                        tracing::warn!(peer = %msg.propagation_source, "too many search queries being served; gossip query ignored");
+                    let relay = msg.propagation_source;
+                    let Ok(permit) = shared.responders.try_acquire(relay) else {
+                        if let Some(count) = shared.throttle.hit(relay, "busy") {
+                            tracing::warn!(peer = %relay, code = "busy", count, "gossip search query ignored: no responder free for this peer");
+                        }
                         shared.env.metrics.discovery.query_rejected("busy");
                         shared
                             .env
@@ -520,7 +593,7 @@ impl Shared {
                     query_id: query_id.to_owned(),
                     data_type: query.data_type.clone(),
                     search: query.search.clone(),
-                    limit: Some(query.limit),
+                    limit: Some(self.peer_limit(query.limit)),
                     max_frame_bytes: Some(self.env.tuning.max_frame_bytes as u64),
                 };
                 let fanout = Arc::new(Semaphore::new(FANOUT));
@@ -590,6 +663,11 @@ impl Shared {
             .await;
     }
 
+    /// The limit a responder is asked for: the search's, within one peer's share.
+    fn peer_limit(&self, limit: u64) -> u64 {
+        limit.min(self.env.tuning.search_peer_max_results)
+    }
+
     /// The peers a `known` / `partner` search goes to.
     async fn targets(&self, scope: Scope) -> Vec<PeerId> {
         let rows = match self.env.store.peers().await {
@@ -638,7 +716,7 @@ impl Shared {
             searcher: self.own_id.clone(),
             data_type: query.data_type.clone(),
             search: query.search.clone(),
-            limit: query.limit,
+            limit: self.peer_limit(query.limit),
             max_frame_bytes: self.env.tuning.max_frame_bytes as u64,
             expires_at: now_ms() + query.timeout.as_millis() as u64,
             signature: String::new(),
@@ -670,8 +748,16 @@ impl Shared {
             let Frame::SearchQuery { query_id, .. } = &frame else {
                 return Err("not a query".to_owned());
             };
-            let outcome =
-                read_answers(&mut stream, peer, query_id, self.env.tuning.max_frame_bytes, &tx).await;
+            let cap = self.env.tuning.search_peer_max_results;
+            let outcome = read_answers(
+                &mut stream,
+                peer,
+                query_id,
+                self.env.tuning.max_frame_bytes,
+                cap,
+                &tx,
+            )
+            .await;
             let _ = stream.close().await;
             outcome
         };
@@ -699,7 +785,12 @@ impl Shared {
     ) -> Summary {
         let mut summary = Summary::default();
         let mut settled: HashSet<PeerId> = HashSet::new();
-        let mut seen: HashSet<(PeerId, String)> = HashSet::new();
+        let tuning = &self.env.tuning;
+        let mut screen = Screen::new(
+            &query.data_type,
+            tuning.search_peer_max_results,
+            tuning.search_peer_max_bytes,
+        );
         let sleep = tokio::time::sleep_until(deadline);
         tokio::pin!(sleep);
         loop {
@@ -713,13 +804,14 @@ impl Shared {
             match answer {
                 // Every asker ended (known / partner); `all` keeps a sender registered.
                 None => break,
-                Some(Answer::Batch { peer, results }) => {
-                    let room = (query.limit - summary.forwarded) as usize;
-                    let fresh: Vec<Value> = results
-                        .into_iter()
-                        .filter(|r| seen.insert((peer, dedupe_key(r))))
-                        .take(room)
-                        .collect();
+                Some(Answer::Batch {
+                    peer,
+                    data_type,
+                    results,
+                }) => {
+                    let room = query.limit.saturating_sub(summary.forwarded);
+                    let (fresh, dropped) = screen.batch(peer, data_type.as_deref(), results, room);
+                    self.count_dropped(query_id, peer, &dropped);
                     if fresh.is_empty() {
                         continue;
                     }
@@ -746,6 +838,19 @@ impl Shared {
         summary
     }
 
+    /// Counts every dropped result; logs once per interval per peer and reason.
+    fn count_dropped(&self, query_id: &str, peer: PeerId, dropped: &Dropped) {
+        for (code, n) in dropped.by_reason() {
+            if n == 0 {
+                continue;
+            }
+            self.env.metrics.discovery.results_dropped(code, n);
+            if let Some(count) = self.throttle.hit(peer, code) {
+                tracing::warn!(%peer, code, query_id, dropped = n, count, "search results of a peer dropped");
+            }
+        }
+    }
+
     async fn is_partner(&self, peer: PeerId) -> bool {
         if self.env.partners.contains(&peer) {
             return true;
@@ -757,27 +862,20 @@ impl Shared {
     }
 
     /// This node's own resources of `data_type` that `searcher` may see and that contain
-    /// `search`, at most `limit`.
-    async fn matches(
-        &self,
-        searcher: PeerId,
-        data_type: &str,
-        search: &str,
-        limit: u64,
-    ) -> Result<Vec<Value>, String> {
+    /// `search`, at most `limit`, read as they are consumed.
+    async fn matches(&self, searcher: PeerId, data_type: &str, search: &str, limit: u64) -> OwnMatches {
         let partner = self.is_partner(searcher).await;
-        let all = self
-            .env
-            .store
-            .own_resources(&self.own_id, data_type)
-            .await
-            .map_err(|e| e.to_string())?;
-        let needle = search.to_lowercase();
-        Ok(all
-            .into_iter()
-            .filter(|r| visible(r, partner) && contains(r, &needle))
-            .take(limit.min(MAX_LIMIT) as usize)
-            .collect())
+        OwnMatches {
+            store: self.env.store.clone(),
+            origin: self.own_id.clone(),
+            data_type: data_type.to_owned(),
+            needle: search.to_lowercase(),
+            partner,
+            left: limit.min(MAX_LIMIT),
+            after: None,
+            matched: VecDeque::new(),
+            last_page: false,
+        }
     }
 
     /// An `all` query from the gossip topic: verified (and the verdict reported, so
@@ -786,24 +884,13 @@ impl Shared {
         &self,
         msg: &GossipMessage,
     ) -> Result<GossipQuery, (GossipVerdict, &'static str)> {
-        let q: GossipQuery =
-            serde_json::from_slice(&msg.data).map_err(|_| (GossipVerdict::Reject, "undecodable"))?;
-        let searcher: PeerId = q
-            .searcher
-            .parse()
-            .map_err(|_| (GossipVerdict::Reject, "bad_searcher"))?;
+        let (q, searcher) =
+            decode_gossip_query(&msg.data).map_err(|reason| (GossipVerdict::Reject, reason))?;
         if msg.author != Some(searcher) {
             return Err((GossipVerdict::Reject, "author_mismatch"));
         }
         if searcher == self.own {
             return Err((GossipVerdict::Ignore, "own"));
-        }
-        if q.query_id.is_empty()
-            || q.query_id.len() > MAX_QUERY_ID
-            || q.search.len() > MAX_SEARCH_BYTES
-            || q.data_type.len() > MAX_DATA_TYPE
-        {
-            return Err((GossipVerdict::Reject, "limits"));
         }
         if q.expires_at <= now_ms() {
             return Err((GossipVerdict::Ignore, "expired"));
@@ -814,6 +901,11 @@ impl Shared {
         ) {
             // Relayed by others: the gater keeps the peer itself away.
             return Err((GossipVerdict::Ignore, "blacklisted"));
+        }
+        // Anyone can make keys: a searcher whose record this node does not hold costs a
+        // DHT lookup, so such queries are rate-limited, per key and all together.
+        if !self.holds_record_of(searcher).await && !self.unknown_query_allowed(searcher) {
+            return Err((GossipVerdict::Ignore, "rate_limited"));
         }
         let Some(record) = self
             .env
@@ -829,17 +921,30 @@ impl Shared {
         Ok(q)
     }
 
+    /// A token of the searcher's own bucket, then of the one all unknown searchers share
+    /// (a key over its rate takes nothing from the others).
+    fn unknown_query_allowed(&self, searcher: PeerId) -> bool {
+        self.unknown_keys.try_take(&searcher) && self.unknown_all.try_take(&())
+    }
+
+    /// Whether `peer` is a partner or its row in the peers table holds a record (a peer
+    /// met through the DHT or a search).
+    async fn holds_record_of(&self, peer: PeerId) -> bool {
+        self.env.partners.contains(&peer)
+            || matches!(self.env.store.peer(&peer.to_string()).await, Ok(Some(row)) if row.record.is_some())
+    }
+
     async fn answer_gossip(&self, q: GossipQuery) -> Result<(), String> {
         let searcher: PeerId = q.searcher.parse().map_err(|_| "bad searcher".to_owned())?;
-        let results = self.matches(searcher, &q.data_type, &q.search, q.limit).await?;
-        Metrics::add(&self.env.metrics.discovery.queries_answered, 1);
-        if results.is_empty() {
-            // Only responders with matches answer an `all` search.
-            return Ok(());
-        }
         let t = self.env.tuning.io_timeout;
-        let left = Duration::from_millis(q.expires_at.saturating_sub(now_ms()));
+        // The searcher's deadline, never beyond the longest a search may last.
+        let left = Duration::from_millis(q.expires_at.saturating_sub(now_ms())).min(MAX_TIMEOUT);
         let send = async {
+            let mut matches = self.matches(searcher, &q.data_type, &q.search, q.limit).await;
+            let first = matches.next().await.map_err(String::from)?;
+            Metrics::add(&self.env.metrics.discovery.queries_answered, 1);
+            // Only responders with matches answer an `all` search.
+            let Some(first) = first else { return Ok(()) };
             self.env.directory.reach(searcher, t).await?;
             let mut stream = self
                 .env
@@ -848,9 +953,18 @@ impl Shared {
                 .await
                 .map_err(|e| e.to_string())?;
             let cap = frame_cap(self.env.tuning.max_frame_bytes, Some(q.max_frame_bytes));
-            let sent = send_results(&mut stream, &q.query_id, results, cap, t).await;
+            let sent = send_matches(
+                &mut stream,
+                &q.query_id,
+                &q.data_type,
+                Some(first),
+                &mut matches,
+                cap,
+                t,
+            )
+            .await;
             let _ = stream.close().await;
-            sent.map(|_| ()).map_err(|e| e.to_string())
+            sent.map(|_| ()).map_err(String::from)
         };
         tokio::time::timeout(left, send)
             .await
@@ -873,8 +987,11 @@ async fn on_gossip(shared: &Shared, msg: GossipMessage) {
         }
         Err((verdict, reason)) => {
             if reason != "own" {
-                tracing::warn!(peer = %msg.propagation_source, author = ?msg.author, reason, "gossip search query refused");
                 shared.env.metrics.discovery.query_rejected(reason);
+                let relay = msg.propagation_source;
+                if let Some(count) = shared.throttle.hit(relay, reason) {
+                    tracing::warn!(peer = %relay, author = ?msg.author, code = reason, count, "gossip search query refused");
+                }
             }
             net.report_gossip(msg.message_id, msg.propagation_source, verdict)
                 .await;
@@ -911,21 +1028,17 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
                 return;
             }
             let limit = limit.unwrap_or(DEFAULT_LIMIT);
-            let outcome = match shared.matches(peer, &data_type, &search, limit).await {
-                Ok(results) => {
-                    Metrics::add(&shared.env.metrics.discovery.queries_answered, 1);
-                    let cap = frame_cap(max, max_frame_bytes);
-                    send_results(&mut stream, &query_id, results, cap, t)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                Err(e) => {
+            let mut matches = shared.matches(peer, &data_type, &search, limit).await;
+            let cap = frame_cap(max, max_frame_bytes);
+            let outcome = send_matches(&mut stream, &query_id, &data_type, None, &mut matches, cap, t).await;
+            match &outcome {
+                Err(SendError::Store(e)) => {
                     let refusal = Refusal::new(ErrorCode::StoreUnavailable, e.clone());
                     let _ =
                         tokio::time::timeout(t, wire::write_frame(&mut stream, &error_frame(&refusal))).await;
-                    Err(e)
                 }
-            };
+                _ => Metrics::add(&shared.env.metrics.discovery.queries_answered, 1),
+            }
             match outcome {
                 Ok((count, skipped)) => {
                     tracing::debug!(%peer, query_id, data_type, count, skipped, "search query answered")
@@ -934,7 +1047,11 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
             }
             let _ = tokio::time::timeout(t, stream.close()).await;
         }
-        Frame::SearchResults { query_id, results } => {
+        Frame::SearchResults {
+            query_id,
+            data_type,
+            results,
+        } => {
             let waiting = shared
                 .registry
                 .lock()
@@ -944,11 +1061,18 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
                 tracing::debug!(%peer, query_id, "answer to no search in flight; dropped");
                 return;
             };
-            if waiting.tx.send(Answer::Batch { peer, results }).await.is_err() {
+            let first = results.len() as u64;
+            let batch = Answer::Batch {
+                peer,
+                data_type,
+                results,
+            };
+            if waiting.tx.send(batch).await.is_err() {
                 return;
             }
             let tx = waiting.tx.clone();
-            let rest = read_answers(&mut stream, peer, &query_id, max, &tx);
+            let cap = shared.env.tuning.search_peer_max_results.saturating_sub(first);
+            let rest = read_answers(&mut stream, peer, &query_id, max, cap, &tx);
             match tokio::time::timeout_at(waiting.deadline, rest).await {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => {
@@ -971,7 +1095,11 @@ async fn serve_stream(shared: &Shared, peer: PeerId, mut stream: Stream) {
     }
 }
 
-/// Reads `search_results` frames of `query_id` into `tx` until `search_done`.
+/// Reads `search_results` frames of `query_id` into `tx` until `search_done`, or until
+/// the stream carried more than twice `cap` results or frames (an honest responder sends
+/// at most `cap` results, the limit it was asked for, in at most as many frames): then the
+/// peer counts as done and the rest is not read. Results are screened by the aggregator
+/// ([`Screen`]), not here.
 ///
 /// # Errors
 /// The stream ended or failed before `search_done`, the peer refused, or the search ended.
@@ -980,14 +1108,38 @@ async fn read_answers<R: AsyncRead + Unpin>(
     peer: PeerId,
     query_id: &str,
     max: usize,
+    cap: u64,
     tx: &mpsc::Sender<Answer>,
 ) -> Result<(), String> {
+    let (mut results_read, mut frames) = (0u64, 0u64);
+    let most = cap.saturating_mul(2);
     loop {
-        match wire::read_frame(r, max).await {
-            Ok(Some(Frame::SearchResults { query_id: q, results })) if q == query_id => {
-                tx.send(Answer::Batch { peer, results })
-                    .await
-                    .map_err(|_| "search ended".to_owned())?;
+        let frame = wire::read_frame(r, max).await;
+        frames = frames.saturating_add(1);
+        if frames > most.saturating_add(1) {
+            tracing::debug!(%peer, query_id, cap, "answer stream closed: more frames than the result cap");
+            let _ = tx.send(Answer::Done { peer }).await;
+            return Ok(());
+        }
+        match frame {
+            Ok(Some(Frame::SearchResults {
+                query_id: q,
+                data_type,
+                results,
+            })) if q == query_id => {
+                results_read = results_read.saturating_add(results.len() as u64);
+                tx.send(Answer::Batch {
+                    peer,
+                    data_type,
+                    results,
+                })
+                .await
+                .map_err(|_| "search ended".to_owned())?;
+                if results_read > most {
+                    tracing::debug!(%peer, query_id, cap, "answer stream closed: more results than the cap");
+                    let _ = tx.send(Answer::Done { peer }).await;
+                    return Ok(());
+                }
             }
             Ok(Some(Frame::SearchDone { query_id: q, .. })) if q == query_id => {
                 let _ = tx.send(Answer::Done { peer }).await;
@@ -1010,54 +1162,242 @@ fn frame_cap(own: usize, searcher: Option<u64>) -> usize {
     own.min(asked).max(MIN_FRAME)
 }
 
-/// Writes `results` as `search_results` frames of at most `cap` bytes each, then
-/// `search_done`. A result too large for a frame alone is left out and counted.
-///
-/// # Errors
-/// A write failed or took longer than `timeout`.
-async fn send_results<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    query_id: &str,
-    results: Vec<Value>,
-    cap: usize,
-    timeout: Duration,
-) -> std::io::Result<(u64, u64)> {
-    let room = cap.saturating_sub(FRAME_ENVELOPE + query_id.len());
-    let (mut count, mut skipped) = (0u64, 0u64);
-    let mut batch: Vec<Value> = Vec::new();
-    let mut size = 0usize;
-    for r in results {
-        // Its size in the frame's array, with the separating comma.
-        let len = serde_json::to_vec(&r).map(|b| b.len()).unwrap_or(usize::MAX) + 1;
-        if len > room {
-            skipped += 1;
+/// This node's own resources matching one query, read from the store in pages of at
+/// most [`PAGE_COUNT`] resources and [`PAGE_BYTES`] bytes of JSON text, each parsed alone
+/// to be matched: a query holds one page and one parsed resource at a time.
+struct OwnMatches {
+    store: Arc<dyn Store>,
+    origin: String,
+    data_type: String,
+    needle: String,
+    partner: bool,
+    /// Matches still to give (the limit).
+    left: u64,
+    /// Where the next page starts.
+    after: Option<String>,
+    /// Matches of the last page read, not given yet.
+    matched: VecDeque<Box<RawValue>>,
+    last_page: bool,
+}
+
+impl OwnMatches {
+    /// The next match, as its JSON text; `None` at the limit or the end.
+    ///
+    /// # Errors
+    /// The store could not be read.
+    async fn next(&mut self) -> Result<Option<Box<RawValue>>, SendError> {
+        while self.left > 0 {
+            if let Some(raw) = self.matched.pop_front() {
+                self.left -= 1;
+                return Ok(Some(raw));
+            }
+            if self.last_page {
+                return Ok(None);
+            }
+            let bounds = PageBounds {
+                max_count: PAGE_COUNT,
+                max_bytes: PAGE_BYTES,
+            };
+            let page = self
+                .store
+                .own_resources_page(&self.origin, &self.data_type, self.after.take(), bounds)
+                .await
+                .map_err(|e| SendError::Store(e.to_string()))?;
+            self.last_page = page.next.is_none();
+            self.after = page.next;
+            // Parsing and matching a page is CPU work: off the runtime's worker threads, so
+            // that searches cannot stall the network loop and the partner sessions.
+            let (needle, partner, left) = (self.needle.clone(), self.partner, self.left);
+            let data_type = self.data_type.clone();
+            let items = page.items;
+            self.matched =
+                tokio::task::spawn_blocking(move || match_page(items, &needle, partner, left, &data_type))
+                    .await
+                    .map_err(|e| SendError::Store(format!("matching failed: {e}")))?;
+        }
+        Ok(None)
+    }
+}
+
+/// The resources of a page that the searcher may see and that contain `needle`, at most
+/// `left`, as JSON text; each parsed alone.
+fn match_page(
+    items: Vec<(String, String)>,
+    needle: &str,
+    partner: bool,
+    left: u64,
+    data_type: &str,
+) -> VecDeque<Box<RawValue>> {
+    let mut out = VecDeque::new();
+    for (id, json) in items {
+        if out.len() as u64 >= left {
+            break;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(&json) else {
+            tracing::warn!(
+                id,
+                data_type,
+                "own resource is not JSON; left out of search answers"
+            );
+            continue;
+        };
+        if !(visible(&value, partner) && contains(&value, needle)) {
             continue;
         }
-        if size + len > room {
-            count += batch.len() as u64;
-            write(w, &results_frame(query_id, std::mem::take(&mut batch)), timeout).await?;
-            size = 0;
+        drop(value);
+        if let Ok(raw) = RawValue::from_string(json) {
+            out.push_back(raw);
         }
-        size += len;
-        batch.push(r);
     }
-    if !batch.is_empty() {
-        count += batch.len() as u64;
-        write(w, &results_frame(query_id, batch), timeout).await?;
+    out
+}
+
+/// Why a responder could not finish its answer.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("store: {0}")]
+    Store(String),
+    #[error("write: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+impl From<SendError> for String {
+    fn from(e: SendError) -> String {
+        e.to_string()
+    }
+}
+
+/// A `search_results` frame's body, written from JSON text without building trees.
+#[derive(Serialize)]
+struct ResultsOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    query_id: &'a str,
+    data_type: &'a str,
+    results: &'a [Box<RawValue>],
+}
+
+/// The length-prefixed `search_results` frame of `results`.
+fn encode_results(query_id: &str, data_type: &str, results: &[Box<RawValue>]) -> Vec<u8> {
+    let out = ResultsOut {
+        kind: "search_results",
+        query_id,
+        data_type,
+        results,
+    };
+    let mut buf = vec![0u8; 4];
+    // JSON text and strings always serialize.
+    if serde_json::to_writer(&mut buf, &out).is_err() {
+        return Vec::new();
+    }
+    let len = u32::try_from(buf.len().saturating_sub(4)).unwrap_or(u32::MAX);
+    if let Some(prefix) = buf.get_mut(..4) {
+        prefix.copy_from_slice(&len.to_be_bytes());
+    }
+    buf
+}
+
+/// Cuts results into batches whose frame stays within a cap, apart from I/O.
+struct Batcher {
+    /// Bytes left for results in a frame once its envelope is written.
+    room: usize,
+    batch: Vec<Box<RawValue>>,
+    size: usize,
+    count: u64,
+    skipped: u64,
+}
+
+impl Batcher {
+    fn new(query_id: &str, data_type: &str, cap: usize) -> Batcher {
+        let envelope = encode_results(query_id, data_type, &[]).len();
+        Batcher {
+            room: cap.saturating_sub(envelope),
+            batch: Vec::new(),
+            size: 0,
+            count: 0,
+            skipped: 0,
+        }
+    }
+
+    /// Adds `r`; returns the full batch to write first when `r` does not fit beside it.
+    /// A result too large for a frame alone is skipped and counted.
+    fn push(&mut self, r: Box<RawValue>) -> Option<Vec<Box<RawValue>>> {
+        // Its size in the frame's array, with the separating comma.
+        let len = r.get().len().saturating_add(1);
+        if len > self.room {
+            self.skipped = self.skipped.saturating_add(1);
+            return None;
+        }
+        let full = (self.size.saturating_add(len) > self.room).then(|| self.take());
+        self.size = self.size.saturating_add(len);
+        self.batch.push(r);
+        full.flatten()
+    }
+
+    /// The batch so far, if any.
+    fn take(&mut self) -> Option<Vec<Box<RawValue>>> {
+        if self.batch.is_empty() {
+            return None;
+        }
+        self.size = 0;
+        self.count = self.count.saturating_add(self.batch.len() as u64);
+        Some(std::mem::take(&mut self.batch))
+    }
+}
+
+/// Writes `first` and the rest of `matches` as `search_results` frames of at most `cap`
+/// bytes each, as they are read, then `search_done`.
+///
+/// # Errors
+/// The store failed (nothing more is written), or a write failed or took longer than
+/// `timeout`.
+async fn send_matches<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    query_id: &str,
+    data_type: &str,
+    first: Option<Box<RawValue>>,
+    matches: &mut OwnMatches,
+    cap: usize,
+    timeout: Duration,
+) -> Result<(u64, u64), SendError> {
+    let mut batcher = Batcher::new(query_id, data_type, cap);
+    let mut next = first;
+    loop {
+        let r = match next.take() {
+            Some(r) => r,
+            None => match matches.next().await? {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        if let Some(full) = batcher.push(r) {
+            write_bytes(w, &encode_results(query_id, data_type, &full), timeout).await?;
+        }
+    }
+    if let Some(last) = batcher.take() {
+        write_bytes(w, &encode_results(query_id, data_type, &last), timeout).await?;
     }
     let done = Frame::SearchDone {
         query_id: query_id.to_owned(),
-        count,
-        skipped,
+        count: batcher.count,
+        skipped: batcher.skipped,
     };
     write(w, &done, timeout).await?;
-    Ok((count, skipped))
+    Ok((batcher.count, batcher.skipped))
 }
 
-fn results_frame(query_id: &str, results: Vec<Value>) -> Frame {
-    Frame::SearchResults {
-        query_id: query_id.to_owned(),
-        results,
+async fn write_bytes<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let io = async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(timeout, io).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 
@@ -1092,7 +1432,7 @@ fn contains(v: &Value, needle: &str) -> bool {
         return true;
     }
     match v {
-        Value::String(s) => s.to_lowercase().contains(needle),
+        Value::String(s) => contains_text(s, needle),
         Value::Number(n) => n.to_string().contains(needle),
         Value::Bool(b) => b.to_string().contains(needle),
         Value::Array(a) => a.iter().any(|x| contains(x, needle)),
@@ -1101,11 +1441,134 @@ fn contains(v: &Value, needle: &str) -> bool {
     }
 }
 
+/// Whether `s`, lower-cased, contains `needle` (lower-cased already); without allocating
+/// when both are ASCII.
+fn contains_text(s: &str, needle: &str) -> bool {
+    if s.is_ascii() && needle.is_ascii() {
+        let (s, n) = (s.as_bytes(), needle.as_bytes());
+        return n.len() <= s.len() && s.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n));
+    }
+    s.to_lowercase().contains(needle)
+}
+
 /// A result's identity for duplicate detection: its `id`, else its whole JSON.
 fn dedupe_key(r: &Value) -> String {
     match r.get("id").and_then(Value::as_str) {
         Some(id) => id.to_owned(),
         None => r.to_string(),
+    }
+}
+
+/// Results of one batch that the searcher dropped, by why.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Dropped {
+    /// `creator_id` absent or not the peer that answered.
+    not_creator: u64,
+    /// The batch did not say the data type asked, or the result says another one.
+    wrong_data_type: u64,
+    /// Beyond the peer's share of the search, in count or in bytes.
+    result_cap: u64,
+    /// Seen already from this peer (not a refusal: not counted in the metric).
+    duplicate: u64,
+}
+
+impl Dropped {
+    /// The refusals, with their metric label and log code.
+    fn by_reason(&self) -> [(&'static str, u64); 3] {
+        [
+            ("not_creator", self.not_creator),
+            ("wrong_data_type", self.wrong_data_type),
+            ("result_cap", self.result_cap),
+        ]
+    }
+}
+
+/// What a peer contributed to one search so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct Share {
+    results: u64,
+    bytes: u64,
+}
+
+/// The searcher's rules for one search's answers, apart from I/O: a result is kept when
+/// its `creator_id` is the peer that answered, its batch is of the data type asked (and the
+/// result names no other), it is not a duplicate from that peer, and the peer's share
+/// (`max_results` results, `max_bytes` bytes of JSON) is not used up.
+///
+/// Memory: `seen` and `shares` hold kept results only, so they are bounded by the search's
+/// limit (at most [`MAX_LIMIT`] results) whatever peers send.
+struct Screen {
+    data_type: String,
+    max_results: u64,
+    max_bytes: u64,
+    seen: HashSet<(PeerId, String)>,
+    shares: HashMap<PeerId, Share>,
+}
+
+impl Screen {
+    fn new(data_type: &str, max_results: u64, max_bytes: u64) -> Screen {
+        Screen {
+            data_type: data_type.to_owned(),
+            max_results,
+            max_bytes,
+            seen: HashSet::new(),
+            shares: HashMap::new(),
+        }
+    }
+
+    /// The results of `peer`'s batch to forward (at most `room`), and what was dropped.
+    /// Results beyond `room` (the search's limit) are neither kept nor counted.
+    fn batch(
+        &mut self,
+        peer: PeerId,
+        data_type: Option<&str>,
+        results: Vec<Value>,
+        room: u64,
+    ) -> (Vec<Value>, Dropped) {
+        let mut dropped = Dropped::default();
+        let mut kept = Vec::new();
+        if data_type != Some(self.data_type.as_str()) {
+            dropped.wrong_data_type = results.len() as u64;
+            return (kept, dropped);
+        }
+        let peer_id = peer.to_string();
+        for r in results {
+            if kept.len() as u64 >= room {
+                break;
+            }
+            if r.get("creator_id").and_then(Value::as_str) != Some(peer_id.as_str()) {
+                dropped.not_creator += 1;
+                continue;
+            }
+            if r.get("data_type")
+                .and_then(Value::as_str)
+                .is_some_and(|dt| dt != self.data_type)
+            {
+                dropped.wrong_data_type += 1;
+                continue;
+            }
+            let key = (peer, dedupe_key(&r));
+            if self.seen.contains(&key) {
+                dropped.duplicate += 1;
+                continue;
+            }
+            let share = self.shares.get(&peer).copied().unwrap_or_default();
+            let len = serde_json::to_vec(&r).map_or(u64::MAX, |b| b.len() as u64);
+            if share.results >= self.max_results || share.bytes.saturating_add(len) > self.max_bytes {
+                dropped.result_cap += 1;
+                continue;
+            }
+            self.shares.insert(
+                peer,
+                Share {
+                    results: share.results.saturating_add(1),
+                    bytes: share.bytes.saturating_add(len),
+                },
+            );
+            self.seen.insert(key);
+            kept.push(r);
+        }
+        (kept, dropped)
     }
 }
 
@@ -1182,6 +1645,12 @@ mod tests {
         assert!(contains(&public, "64"));
         assert!(!contains(&public, "specs"), "keys do not match");
         assert!(contains(&public, ""));
+        assert!(contains(&json!({"n": "Big GPU Box"}), "gpu box"));
+        assert!(
+            contains(&json!({"n": "ÉCRAN géant"}), "écran"),
+            "non-ASCII lower-cased too"
+        );
+        assert!(!contains(&json!({"n": "gp"}), "gpu"));
     }
 
     #[test]
@@ -1207,34 +1676,144 @@ mod tests {
         assert!(!widened.verify(&key.public()));
     }
 
-    #[tokio::test]
-    async fn results_are_cut_into_frames_under_the_cap() {
-        let results: Vec<Value> = (0..100)
-            .map(|i| json!({"id": format!("r{i}"), "pad": "x".repeat(100)}))
-            .collect();
-        let mut huge = results.clone();
-        huge.push(json!({"id": "huge", "pad": "y".repeat(10_000)}));
-        let mut buf = futures::io::Cursor::new(Vec::new());
-        let (count, skipped) = send_results(&mut buf, "q1", huge, 4096, Duration::from_secs(1))
-            .await
-            .unwrap();
-        assert_eq!((count, skipped), (100, 1));
-        let mut r = futures::io::Cursor::new(buf.into_inner());
-        let (mut frames, mut got) = (0, 0);
-        loop {
-            match wire::read_frame(&mut r, 4096).await.unwrap() {
-                Some(Frame::SearchResults { results, .. }) => {
-                    frames += 1;
-                    got += results.len();
-                }
-                Some(Frame::SearchDone { count, skipped, .. }) => {
-                    assert_eq!((count, skipped), (100, 1));
-                    break;
-                }
-                other => panic!("unexpected {other:?}"),
-            }
+    fn raw(v: Value) -> Box<RawValue> {
+        RawValue::from_string(v.to_string()).unwrap()
+    }
+
+    #[test]
+    fn results_are_cut_into_frames_under_the_cap() {
+        let mut b = Batcher::new("q1", "COMPUTE_RESOURCE", 4096);
+        let mut frames = Vec::new();
+        for i in 0..100 {
+            frames.extend(b.push(raw(json!({"id": format!("r{i}"), "pad": "x".repeat(100)}))));
+        }
+        assert!(b
+            .push(raw(json!({"id": "huge", "pad": "y".repeat(10_000)})))
+            .is_none());
+        frames.extend(b.take());
+        assert_eq!((b.count, b.skipped), (100, 1));
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        let mut got = 0;
+        for f in &frames {
+            let bytes = encode_results("q1", "COMPUTE_RESOURCE", f);
+            assert!(bytes.len() <= 4096 + 4, "{} bytes", bytes.len());
+            let Frame::SearchResults {
+                data_type, results, ..
+            } = wire::decode_frame(&bytes[4..]).unwrap()
+            else {
+                panic!("not results")
+            };
+            assert_eq!(data_type.as_deref(), Some("COMPUTE_RESOURCE"));
+            got += results.len();
         }
         assert_eq!(got, 100);
-        assert!(frames >= 3, "{frames} frames");
+    }
+
+    #[test]
+    fn the_searcher_keeps_only_its_responders_own_results_of_the_type_asked_within_its_share() {
+        let (peer, other) = (PeerId::random(), PeerId::random());
+        let r = |id: &str, creator: &PeerId| json!({"id": id, "creator_id": creator.to_string(), "pad": "p"});
+        let mut screen = Screen::new("DT", 3, 1 << 20);
+        let batch = vec![
+            r("a", &peer),
+            r("foreign", &other),
+            json!({"id": "nobody"}),
+            json!({"id": "typed", "creator_id": peer.to_string(), "data_type": "OTHER"}),
+            r("a", &peer),
+            r("b", &peer),
+        ];
+        let (kept, dropped) = screen.batch(peer, Some("DT"), batch, 100);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(
+            dropped,
+            Dropped {
+                not_creator: 2,
+                wrong_data_type: 1,
+                result_cap: 0,
+                duplicate: 1
+            }
+        );
+        let (kept, dropped) = screen.batch(peer, Some("OTHER"), vec![r("c", &peer)], 100);
+        assert!(kept.is_empty());
+        assert_eq!(dropped.wrong_data_type, 1);
+        let (kept, _) = screen.batch(peer, None, vec![r("c", &peer)], 100);
+        assert!(kept.is_empty(), "a batch must say its data type");
+        let (kept, dropped) = screen.batch(
+            peer,
+            Some("DT"),
+            vec![r("c", &peer), r("d", &peer), r("e", &peer)],
+            100,
+        );
+        assert_eq!((kept.len(), dropped.result_cap), (1, 2), "three results per peer");
+        let (kept, _) = screen.batch(other, Some("DT"), vec![r("a", &other), r("b", &other)], 1);
+        assert_eq!(kept.len(), 1, "the room left by the limit");
+
+        let mut bytes = Screen::new("DT", 100, 120);
+        let (kept, dropped) = bytes.batch(
+            peer,
+            Some("DT"),
+            (0..5).map(|i| r(&format!("x{i}"), &peer)).collect(),
+            100,
+        );
+        assert!(kept.len() < 5 && !kept.is_empty(), "{kept:?}");
+        assert_eq!(dropped.result_cap as usize, 5 - kept.len());
+    }
+
+    #[test]
+    fn gossip_queries_decode_within_limits_whatever_the_bytes() {
+        let key = Keypair::generate_ed25519();
+        let q = GossipQuery {
+            query_id: "q".into(),
+            searcher: key.public().to_peer_id().to_string(),
+            data_type: "DT".into(),
+            search: "x".into(),
+            limit: u64::MAX,
+            max_frame_bytes: u64::MAX,
+            expires_at: u64::MAX,
+            signature: String::new(),
+        };
+        let ok = serde_json::to_vec(&q).unwrap();
+        assert!(decode_gossip_query(&ok).is_ok());
+        assert_eq!(decode_gossip_query(b"\xff{").err(), Some("undecodable"));
+        assert_eq!(
+            decode_gossip_query(&vec![b' '; MAX_GOSSIP_QUERY_BYTES + 1]).err(),
+            Some("undecodable")
+        );
+        let mut bad = q.clone();
+        bad.searcher = "nobody".into();
+        assert_eq!(
+            decode_gossip_query(&serde_json::to_vec(&bad).unwrap()).err(),
+            Some("bad_searcher")
+        );
+        let mut long = q.clone();
+        long.search = "s".repeat(MAX_SEARCH_BYTES + 1);
+        assert_eq!(
+            decode_gossip_query(&serde_json::to_vec(&long).unwrap()).err(),
+            Some("limits")
+        );
+        let mut empty = q;
+        empty.query_id.clear();
+        assert_eq!(
+            decode_gossip_query(&serde_json::to_vec(&empty).unwrap()).err(),
+            Some("limits")
+        );
+        // Huge numbers stay harmless where they are used.
+        assert_eq!(frame_cap(1 << 20, Some(u64::MAX)), 1 << 20);
+        assert_eq!(frame_cap(1 << 20, Some(0)), MIN_FRAME);
+    }
+
+    #[test]
+    fn a_page_stops_at_its_count_or_bytes_and_always_moves_on() {
+        use crate::store::OwnPage;
+        let items = |n: usize| (0..n).map(|i| Ok::<_, ()>((format!("id{i:03}"), "x".repeat(100))));
+        let b = |max_count, max_bytes| PageBounds { max_count, max_bytes };
+        let p = OwnPage::fill(items(10), b(4, 1 << 20)).unwrap();
+        assert_eq!((p.items.len(), p.next.as_deref()), (4, Some("id003")));
+        let p = OwnPage::fill(items(10), b(100, 250)).unwrap();
+        assert_eq!(p.items.len(), 3, "stops once 250 bytes are held");
+        let p = OwnPage::fill(items(1), b(100, 1)).unwrap();
+        assert_eq!(p.items.len(), 1, "one resource at least");
+        let p = OwnPage::fill(items(3), b(100, 1 << 20)).unwrap();
+        assert_eq!((p.items.len(), p.next), (3, None));
     }
 }

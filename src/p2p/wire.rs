@@ -116,9 +116,12 @@ pub enum Frame {
         max_frame_bytes: Option<u64>,
     },
     /// Search, responder → searcher: one batch of results (for an `all` search it is the
-    /// first frame of the stream the responder opens).
+    /// first frame of the stream the responder opens), all of `data_type` (the one asked;
+    /// a searcher drops batches without it or of another data type).
     SearchResults {
         query_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_type: Option<String>,
         results: Vec<serde_json::Value>,
     },
     /// Search, responder → searcher: the last frame. `count` results were sent; `skipped`

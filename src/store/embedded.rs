@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, PeerRow, RawEntry, Store, StoreError,
-    StoreResult, StoredResource,
+    decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry,
+    Store, StoreError, StoreResult, StoredResource,
 };
 use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
@@ -250,6 +250,50 @@ impl Store for EmbeddedStore {
                 out.push(decode_journal(bytes.value())?.resource.to_value());
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn own_resources_page(
+        &self,
+        origin: &str,
+        data_type: &str,
+        after: Option<String>,
+        bounds: PageBounds,
+    ) -> StoreResult<OwnPage> {
+        use std::ops::Bound;
+        let (origin, data_type) = (origin.to_owned(), data_type.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let own = txn.open_table(OWN_AT).map_err(unavailable)?;
+            let journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let start = match &after {
+                Some(a) => Bound::Excluded((data_type.as_str(), a.as_str())),
+                None => Bound::Included((data_type.as_str(), "")),
+            };
+            let range = own
+                .range::<(&str, &str)>((start, Bound::Unbounded))
+                .map_err(unavailable)?;
+            // One entry decoded at a time: the page holds JSON text only.
+            let items = range
+                .map(|item| -> StoreResult<Option<(String, String)>> {
+                    let (k, seq) = item.map_err(unavailable)?;
+                    let (dt, id) = k.value();
+                    if dt != data_type {
+                        return Ok(None);
+                    }
+                    let Some(bytes) = journal.get((origin.as_str(), seq.value())).map_err(unavailable)?
+                    else {
+                        return Err(corrupt(format!(
+                            "own resource points at missing journal seq {}",
+                            seq.value()
+                        )));
+                    };
+                    let entry = decode_journal(bytes.value())?;
+                    Ok(Some((id.to_owned(), entry.resource.json().to_owned())))
+                })
+                .map_while(|r| r.transpose());
+            OwnPage::fill(items, bounds)
         })
         .await
     }

@@ -50,6 +50,45 @@ pub struct OutboxRow {
     pub payload: Vec<u8>,
 }
 
+/// Bounds of one [`Store::own_resources_page`]: at most `max_count` resources, and none
+/// added once `max_bytes` of JSON text are held. A page holds at least one resource when
+/// one remains, so a reader always moves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageBounds {
+    pub max_count: usize,
+    pub max_bytes: usize,
+}
+
+/// One page of this node's own resources of a data type, in id order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnPage {
+    /// `(id, resource JSON text)`, as the application published it.
+    pub items: Vec<(String, String)>,
+    /// The id to read after for the next page; `None`: this page was the last.
+    pub next: Option<String>,
+}
+
+impl OwnPage {
+    /// Fills a page from `(id, json)` pairs in id order, within `bounds`.
+    pub fn fill<E>(
+        mut items: impl Iterator<Item = Result<(String, String), E>>,
+        bounds: PageBounds,
+    ) -> Result<OwnPage, E> {
+        let mut page = OwnPage::default();
+        let mut bytes = 0usize;
+        for item in items.by_ref() {
+            let (id, json) = item?;
+            bytes = bytes.saturating_add(json.len()).saturating_add(id.len());
+            page.items.push((id, json));
+            if page.items.len() >= bounds.max_count.max(1) || bytes >= bounds.max_bytes {
+                page.next = page.items.last().map(|(id, _)| id.clone());
+                break;
+            }
+        }
+        Ok(page)
+    }
+}
+
 /// A journal entry as the JSON text of its [`JournalEntry`], for senders that pass entries
 /// on without decoding them (partner links, journal sync).
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +246,29 @@ pub trait Store: Send + Sync + 'static {
             next = last + 1;
         }
         Ok(latest.into_values().flatten().collect())
+    }
+
+    /// One page of [`Store::own_resources`] as JSON text, ids after `after`, within
+    /// `bounds`: what a search responder streams, so that its memory does not grow with the
+    /// number of own resources.
+    ///
+    /// The default reads them all through [`Store::own_resources`]; both backends read
+    /// their index page by page instead.
+    async fn own_resources_page(
+        &self,
+        origin: &str,
+        data_type: &str,
+        after: Option<String>,
+        bounds: PageBounds,
+    ) -> StoreResult<OwnPage> {
+        let all = self.own_resources(origin, data_type).await?;
+        let mut keyed: Vec<(String, String)> = all
+            .iter()
+            .filter_map(|r| Some((r.get("id")?.as_str()?.to_owned(), r.to_string())))
+            .filter(|(id, _)| after.as_ref().is_none_or(|a| id > a))
+            .collect();
+        keyed.sort();
+        OwnPage::fill(keyed.into_iter().map(Ok::<_, StoreError>), bounds)
     }
 
     /// Peers this node met, with their relation.

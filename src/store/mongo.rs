@@ -35,8 +35,8 @@ use serde_json::Value;
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{
-    decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, PeerRow, Relation, SiteDoc, Store,
-    StoreError, StoreResult, StoredResource,
+    decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, OwnPage, PageBounds, PeerRow, Relation,
+    SiteDoc, Store, StoreError, StoreResult, StoredResource,
 };
 use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource};
 
@@ -1681,6 +1681,54 @@ impl Store for MongoStore {
                 serde_json::from_str(text).map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))
             })
             .collect()
+    }
+
+    async fn own_resources_page(
+        &self,
+        _origin: &str,
+        data_type: &str,
+        after: Option<String>,
+        bounds: PageBounds,
+    ) -> StoreResult<OwnPage> {
+        self.ready().await?;
+        let mut filter = doc! {"_id.data_type": data_type};
+        if let Some(after) = &after {
+            filter.insert("_id.id", doc! {"$gt": after});
+        }
+        let limit = i64::try_from(bounds.max_count.max(1)).unwrap_or(i64::MAX);
+        let mut cursor = self
+            .coll::<Document>(OWN)
+            .find(filter)
+            .sort(doc! {"_id.data_type": 1, "_id.id": 1})
+            .limit(limit)
+            .batch_size(16)
+            .await
+            .map_err(|e| self.failed(e))?;
+        // Documents are taken from the cursor one at a time and kept as JSON text only;
+        // the page stops at its byte bound, leaving the rest of the batch unread.
+        let mut docs = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(d) = cursor.try_next().await.map_err(|e| self.failed(e))? {
+            let corrupt =
+                |e: bson::document::ValueAccessError| self.failed(Failure::Corrupt(format!("oc_own: {e}")));
+            let id = d
+                .get_document("_id")
+                .and_then(|k| k.get_str("id"))
+                .map_err(corrupt)?;
+            let text = d.get_str("resource").map_err(corrupt)?;
+            bytes = bytes.saturating_add(text.len()).saturating_add(id.len());
+            docs.push((id.to_owned(), text.to_owned()));
+            if bytes >= bounds.max_bytes {
+                break;
+            }
+        }
+        let full = docs.len() >= bounds.max_count.max(1) || bytes >= bounds.max_bytes;
+        let next = if full {
+            docs.last().map(|(id, _)| id.clone())
+        } else {
+            None
+        };
+        Ok(OwnPage { items: docs, next })
     }
 
     async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
