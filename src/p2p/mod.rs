@@ -8,11 +8,12 @@
 // `NetError` names the peer (a `PeerId` is 80 bytes): large, but only on failure paths.
 #![allow(clippy::result_large_err)]
 
+pub mod record_store;
 pub mod records;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,12 +22,12 @@ use futures::StreamExt;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::core::Transport;
 use libp2p::identity::Keypair;
-use libp2p::kad::store::RecordStore as _;
 use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm,
+    allow_block_list, connection_limits, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream,
+    StreamProtocol, Swarm,
 };
 use libp2p::{gossipsub, kad};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -55,9 +56,54 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/opencloud/kad/1.0
 pub const SEARCH_TOPIC: &str = "/opencloud/search/1.0";
 /// A DHT query (get or put) not finished by then reports what it has.
 const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Records this node holds for others; peer records are small (< 4 KiB).
-const DHT_MAX_RECORDS: usize = 16_384;
-const DHT_MAX_VALUE_BYTES: usize = 8 * 1024;
+/// Records this node holds for others (`record_store`); peer records are small (< 4 KiB).
+pub const DHT_MAX_RECORDS: usize = 16_384;
+/// Bytes of records (keys, values, bookkeeping) this node holds for others.
+pub const DHT_MAX_BYTES: usize = 16 * 1024 * 1024;
+const DHT_MAX_VALUE_BYTES: usize = records::MAX_RECORD_BYTES;
+/// Period of the purge of expired DHT records.
+pub const DHT_PURGE_EVERY: Duration = Duration::from_secs(30);
+/// A repeated refusal (record, connection) is logged once per this per peer, with its count.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Connection limits (libp2p `connection-limits`). Partners bypass them
+/// ([`Client::set_partner`]): a flood of other peers never keeps a partner out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetLimits {
+    /// Established connections with one peer (`--max-connections-per-peer`).
+    pub max_connections_per_peer: u32,
+    /// Inbound connections still in their handshake (`--max-pending-incoming`).
+    pub max_pending_incoming: u32,
+    /// Established connections in total, both directions (`--max-connections`).
+    pub max_connections: u32,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: u32 = 4;
+pub const DEFAULT_MAX_PENDING_INCOMING: u32 = 64;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        NetLimits {
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_pending_incoming: DEFAULT_MAX_PENDING_INCOMING,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Metric label of a connection refused by a limit, from libp2p's `Exceeded` text.
+fn limit_label(denied: &str) -> &'static str {
+    if denied.contains("per peer") {
+        "per_peer"
+    } else if denied.contains("pending incoming") {
+        "pending_incoming"
+    } else if denied.contains("connection limit exceeded") {
+        "total"
+    } else {
+        "other"
+    }
+}
 /// Largest gossip message (gossipsub's own default).
 const GOSSIP_MAX_BYTES: usize = 64 * 1024;
 
@@ -67,7 +113,8 @@ const GOSSIP_MAX_BYTES: usize = 64 * 1024;
 pub enum RecordEvent {
     /// A valid record a peer put here.
     Met(records::PeerRecord),
-    /// A record refused at put time: `reason` is [`records::RecordError::reason`].
+    /// A record refused at put time: `reason` is [`records::RecordError::reason`] or
+    /// [`record_store::Refusal::reason`].
     Rejected { from: PeerId, reason: &'static str },
 }
 
@@ -127,10 +174,12 @@ impl StreamKind {
 pub struct Behaviour {
     /// The connection gater: blacklisted peers are refused and disconnected.
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// Connection limits (per peer, pending inbound, total); partners bypass them.
+    limits: connection_limits::Behaviour,
     stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
+    kad: kad::Behaviour<record_store::PeerRecordStore>,
     gossip: gossipsub::Behaviour,
 }
 
@@ -166,6 +215,38 @@ pub struct NetState {
     connected: Mutex<HashSet<PeerId>>,
     /// Each peer we had no connection with as it gets its first.
     arrivals: broadcast::Sender<PeerId>,
+    /// What the DHT record store and the connection limits did (`/metrics`).
+    pub stats: NetStats,
+}
+
+/// Counters of the network loop, read by `/metrics`.
+#[derive(Default)]
+pub struct NetStats {
+    /// Records in the DHT record store and their bytes (gauges).
+    pub dht_records: AtomicU64,
+    pub dht_bytes: AtomicU64,
+    /// Records purged because they expired, evicted to make room (counters).
+    pub dht_expired: AtomicU64,
+    pub dht_evicted: AtomicU64,
+    /// Connections refused by a limit, by limit (`per_peer`, `pending_incoming`, `total`).
+    connections_refused: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl NetStats {
+    fn refused(&self, limit: &'static str) {
+        if let Ok(mut m) = self.connections_refused.lock() {
+            let n = m.entry(limit).or_default();
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// Connections refused per limit.
+    pub fn connections_refused(&self) -> Vec<(&'static str, u64)> {
+        self.connections_refused
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// Arrivals a slow listener may fall behind by before it is told it lagged.
@@ -178,6 +259,7 @@ impl Default for NetState {
             listen_addrs: Mutex::default(),
             connected: Mutex::default(),
             arrivals: broadcast::channel(ARRIVALS_QUEUE).0,
+            stats: NetStats::default(),
         }
     }
 }
@@ -217,6 +299,11 @@ enum Command {
         peer: PeerId,
         blocked: bool,
     },
+    /// Exempt a partner from the connection limits, or end the exemption.
+    Partner {
+        peer: PeerId,
+        partner: bool,
+    },
     /// Add a DHT bootstrap peer (dialed; with `/p2p/<id>` also put in the routing table).
     Bootstrap {
         addr: Multiaddr,
@@ -224,6 +311,12 @@ enum Command {
     /// Store a record locally and at the peers closest to its key.
     PutRecord {
         record: kad::Record,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    /// Store a record at one peer only, not locally (Kademlia's `put_record_to`).
+    PutRecordTo {
+        record: kad::Record,
+        peer: PeerId,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     /// Look a key up in the DHT; answers every distinct value found (unverified).
@@ -332,6 +425,17 @@ impl Client {
             .map_err(|_| NetError::Stopped)
     }
 
+    /// Exempts a partner from the connection limits (`partner`), or ends the exemption.
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn set_partner(&self, peer: PeerId, partner: bool) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Partner { peer, partner })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
     async fn ask<T>(
         &self,
         command: Command,
@@ -374,6 +478,24 @@ impl Client {
         record.expires = expires;
         let (reply, rx) = oneshot::channel();
         self.ask(Command::PutRecord { record, reply }, rx, timeout)
+            .await?
+    }
+
+    /// Puts a record at `peer` only, without storing it locally or looking up the peers
+    /// closest to `key` (what a peer relaying records does; the tests' hostile peers too).
+    ///
+    /// # Errors
+    /// [`NetError::Dht`] when `peer` did not take it within `timeout`.
+    pub async fn put_record_to(
+        &self,
+        peer: PeerId,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), NetError> {
+        let record = kad::Record::new(key, value);
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::PutRecordTo { record, peer, reply }, rx, timeout)
             .await?
     }
 
@@ -444,7 +566,8 @@ pub fn read_psk(path: &std::path::Path) -> Result<PreSharedKey, NetError> {
         .map_err(|e| NetError::Transport(format!("PSK file {} is not a swarm.key: {e}", path.display())))
 }
 
-/// Builds the swarm and starts listening; returns the client and the loop to run.
+/// Builds the swarm with the default [`NetLimits`] and starts listening; returns the client
+/// and the loop to run.
 ///
 /// # Errors
 /// The transport cannot be built or a listen address is refused.
@@ -452,6 +575,19 @@ pub fn build(
     key: Keypair,
     psk: Option<PreSharedKey>,
     listen: &[Multiaddr],
+) -> Result<(Client, EventLoop), NetError> {
+    build_with(key, psk, listen, NetLimits::default())
+}
+
+/// [`build`] with given connection limits.
+///
+/// # Errors
+/// See [`build`].
+pub fn build_with(
+    key: Keypair,
+    psk: Option<PreSharedKey>,
+    listen: &[Multiaddr],
+    limits: NetLimits,
 ) -> Result<(Client, EventLoop), NetError> {
     let local = key.public().to_peer_id();
     let transport_err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
@@ -488,6 +624,12 @@ pub fn build(
                 kad: build_kad(key.public().to_peer_id()),
                 gossip: build_gossip(key)?,
                 blocked: Default::default(),
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established_per_peer(Some(limits.max_connections_per_peer))
+                        .with_max_pending_incoming(Some(limits.max_pending_incoming))
+                        .with_max_established(Some(limits.max_connections)),
+                ),
             })
         })
         .map_err(|e| transport_err(&e))?
@@ -526,11 +668,12 @@ pub fn build(
             pending_get: HashMap::new(),
             record_events: None,
             gossip_events: None,
+            refusals: crate::guard::LogThrottle::new(REFUSAL_LOG_EVERY),
         },
     ))
 }
 
-fn build_kad(local: PeerId) -> kad::Behaviour<kad::store::MemoryStore> {
+fn build_kad(local: PeerId) -> kad::Behaviour<record_store::PeerRecordStore> {
     let mut config = kad::Config::new(KAD_PROTOCOL);
     config
         .set_query_timeout(KAD_QUERY_TIMEOUT)
@@ -540,12 +683,12 @@ fn build_kad(local: PeerId) -> kad::Behaviour<kad::store::MemoryStore> {
         .set_replication_interval(None)
         .set_publication_interval(None)
         .set_caching(kad::Caching::Disabled);
-    let store = kad::store::MemoryStore::with_config(
+    let store = record_store::PeerRecordStore::new(
         local,
-        kad::store::MemoryStoreConfig {
+        record_store::Limits {
             max_records: DHT_MAX_RECORDS,
+            max_bytes: DHT_MAX_BYTES,
             max_value_bytes: DHT_MAX_VALUE_BYTES,
-            ..Default::default()
         },
     );
     kad::Behaviour::with_config(local, store, config)
@@ -580,14 +723,19 @@ pub struct EventLoop {
     pending_get: HashMap<kad::QueryId, (Vec<Vec<u8>>, GetReply)>,
     record_events: Option<mpsc::Sender<RecordEvent>>,
     gossip_events: Option<mpsc::Sender<GossipMessage>>,
+    /// Repeated refusals of one peer's records or connections, logged once per interval.
+    refusals: crate::guard::LogThrottle,
 }
 
 impl EventLoop {
     /// Runs until `shutdown` turns true or every client is dropped.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut purge = tokio::time::interval(DHT_PURGE_EVERY);
+        purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = purge.tick() => self.purge_records(),
                 command = self.commands.recv() => match command {
                     Some(c) => self.on_command(c),
                     None => break,
@@ -636,6 +784,14 @@ impl EventLoop {
                     gater.unblock_peer(peer);
                 }
             }
+            Command::Partner { peer, partner } => {
+                let limits = &mut self.swarm.behaviour_mut().limits;
+                if partner {
+                    limits.bypass_peer_id(&peer);
+                } else {
+                    limits.remove_peer_id(&peer);
+                }
+            }
             Command::Bootstrap { addr } => self.add_bootstrap(addr),
             Command::PutRecord { record, reply } => {
                 match self
@@ -651,6 +807,14 @@ impl EventLoop {
                         let _ = reply.send(Err(NetError::Dht(format!("not stored locally: {e}"))));
                     }
                 }
+            }
+            Command::PutRecordTo { record, peer, reply } => {
+                let id = self.swarm.behaviour_mut().kad.put_record_to(
+                    record,
+                    std::iter::once(peer),
+                    kad::Quorum::One,
+                );
+                self.pending_put.insert(id, reply);
             }
             Command::GetRecord { key, reply } => {
                 let id = self
@@ -772,28 +936,72 @@ impl EventLoop {
         }
     }
 
+    /// Removes the expired DHT records (every [`DHT_PURGE_EVERY`]).
+    fn purge_records(&mut self) {
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        let purged = store.purge_expired(std::time::Instant::now());
+        if purged > 0 {
+            tracing::debug!(purged, "expired DHT records purged");
+        }
+        self.update_dht_stats();
+    }
+
+    fn update_dht_stats(&mut self) {
+        let counts = self.swarm.behaviour_mut().kad.store_mut().counts();
+        let stats = &self.state.stats;
+        stats.dht_records.store(counts.records as u64, Ordering::Relaxed);
+        stats.dht_bytes.store(counts.bytes as u64, Ordering::Relaxed);
+        stats.dht_expired.store(counts.expired, Ordering::Relaxed);
+        stats.dht_evicted.store(counts.evicted, Ordering::Relaxed);
+    }
+
     /// A peer put a record here: stored only if it verifies (signature, identity, expiry,
-    /// and the key names it), with its own expiry as the store's.
+    /// and the key names it), with its own expiry as the store's, and only if it is newer
+    /// than the record stored under its key (`record_store`). Records that change nothing
+    /// (the same record again) are not reported.
     fn on_record_put(&mut self, source: PeerId, mut record: kad::Record) {
         let now = crate::event::now_ms();
-        match records::check(record.key.as_ref(), &record.value, now) {
-            Ok(verified) => {
-                let left = Duration::from_millis(verified.record.expires_at.saturating_sub(now));
-                let expires = std::time::Instant::now() + left;
-                record.expires = Some(record.expires.map_or(expires, |e| e.min(expires)));
-                if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
-                    tracing::warn!(%source, cause = %e, "DHT store full: peer record not kept");
+        let verified = match records::check(record.key.as_ref(), &record.value, now) {
+            Ok(verified) => verified,
+            Err(e) => return self.refuse_record(source, e.reason(), &e),
+        };
+        let left = Duration::from_millis(verified.record.expires_at.saturating_sub(now));
+        let instant = std::time::Instant::now();
+        let expires = instant.checked_add(left).unwrap_or(instant);
+        let expires = record.expires.map_or(expires, |e| e.min(expires));
+        record.expires = Some(expires);
+        record.publisher = Some(source);
+        // The owners of this network put their own records; anything else was relayed.
+        let usefulness = if source == verified.peer {
+            record_store::Usefulness::Direct
+        } else {
+            record_store::Usefulness::Relayed
+        };
+        let offer = record_store::Offer {
+            record,
+            version: verified.record.version(),
+            expires,
+            usefulness,
+        };
+        let outcome = self.swarm.behaviour_mut().kad.store_mut().offer(offer, instant);
+        self.update_dht_stats();
+        match outcome {
+            Ok(done) => {
+                if done.evicted > 0 || done.expired > 0 {
+                    tracing::debug!(%source, evicted = done.evicted, expired = done.expired, "DHT store full: records dropped to make room");
                 }
                 self.report_record(RecordEvent::Met(verified.record));
             }
-            Err(e) => {
-                tracing::warn!(%source, reason = e.reason(), cause = %e, "peer record refused");
-                self.report_record(RecordEvent::Rejected {
-                    from: source,
-                    reason: e.reason(),
-                });
-            }
+            Err(record_store::Refusal::Unchanged) => {}
+            Err(e) => self.refuse_record(source, e.reason(), &e),
         }
+    }
+
+    fn refuse_record(&mut self, source: PeerId, reason: &'static str, cause: &dyn std::fmt::Display) {
+        if let Some(count) = self.refusals.hit(source, reason) {
+            tracing::warn!(%source, code = reason, count, cause = %cause, "peer record refused");
+        }
+        self.report_record(RecordEvent::Rejected { from: source, reason });
     }
 
     fn report_record(&mut self, event: RecordEvent) {
@@ -841,6 +1049,10 @@ impl EventLoop {
             }
             other => tracing::trace!(event = ?other, "gossip event"),
         }
+    }
+
+    fn local_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
     }
 
     fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
@@ -916,8 +1128,19 @@ impl EventLoop {
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error,
+                peer_id,
                 ..
             } => {
+                if let libp2p::swarm::ListenError::Denied { cause } = &error {
+                    let text = cause.to_string();
+                    let limit = limit_label(&text);
+                    self.state.stats.refused(limit);
+                    let peer = peer_id.unwrap_or(self.local_id());
+                    if let Some(count) = self.refusals.hit(peer, limit) {
+                        tracing::warn!(peer = ?peer_id, addr = %send_back_addr, code = limit, count, cause = %text, "inbound connection refused by a limit");
+                    }
+                    return;
+                }
                 // A peer without our PSK ends here, after the transport timeout.
                 tracing::warn!(addr = %send_back_addr, cause = %error, "inbound connection refused");
             }

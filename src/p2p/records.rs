@@ -1,11 +1,15 @@
 //! Signed peer records: what each node says about itself in the DHT
 //! (`protocols/dht-peer-records.md`).
 //!
-//! A record is JSON `{peer_id, name, addrs, public_key, expires_at, signature}`. The
-//! signature is made by the node's libp2p key over [`signing_bytes`], a canonical,
+//! A record is JSON `{peer_id, name, addrs, public_key, issued_at, expires_at, signature}`.
+//! The signature is made by the node's libp2p key over [`signing_bytes`], a canonical,
 //! length-prefixed encoding of every other field, so a record can be checked by anyone
 //! holding it, whoever relayed it: the public key must hash to `peer_id`, the signature must
-//! verify, and `expires_at` must lie ahead (but not too far ahead).
+//! verify, `expires_at` must lie ahead (but not too far ahead) and `issued_at` must not lie
+//! ahead. `issued_at` orders the records of one key ([`PeerRecord::version`]): a stored
+//! record is replaced only by a newer one, so a replayed old record is refused. Records of
+//! earlier versions have no `issued_at` (their signature covers the older layout); they
+//! still verify and rank below every record that has one.
 //!
 //! Records are stored under two DHT keys, `/oc/peer/<peer id>` and `/oc/name/<name>`. Names
 //! are not unique and not authenticated beyond "this key signed this name": a lookup by
@@ -26,6 +30,8 @@ pub const NAME_KEY_PREFIX: &str = "/oc/name/";
 /// First bytes of every signed byte string: a record signature can never be replayed as
 /// the signature of something else the key signs (search queries use their own domain).
 pub const SIGNING_DOMAIN: &[u8] = b"/opencloud/peer-record/1";
+/// Domain of records carrying `issued_at` (a record of one layout cannot pass for the other).
+pub const SIGNING_DOMAIN_V2: &[u8] = b"/opencloud/peer-record/2";
 /// Largest encoded record accepted (the Kademlia packet cap is 16 KiB).
 pub const MAX_RECORD_BYTES: usize = 4096;
 /// Most addresses in one record.
@@ -35,6 +41,9 @@ pub const MAX_NAME_BYTES: usize = 256;
 /// A record may not claim to stay valid longer than this from now: a leaked old record
 /// stops being served after at most this long.
 pub const MAX_AHEAD: Duration = Duration::from_secs(24 * 3600);
+/// Clock difference tolerated on `issued_at`: a record issued further ahead is refused, so
+/// nobody can sign a record that stays "newest" long after it was made.
+pub const MAX_ISSUE_SKEW: Duration = Duration::from_secs(60);
 
 /// One node's signed description of itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +54,11 @@ pub struct PeerRecord {
     pub addrs: Vec<String>,
     /// Base64 (standard, padded) of the libp2p protobuf encoding of the public key.
     pub public_key: String,
+    /// Milliseconds since the Unix epoch when the record was signed: a newer record of the
+    /// same key replaces an older one, never the reverse. Absent in records of earlier
+    /// versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<u64>,
     /// Milliseconds since the Unix epoch after which the record is void.
     pub expires_at: u64,
     /// Base64 (standard, padded) of the signature over [`signing_bytes`].
@@ -71,6 +85,14 @@ pub enum RecordError {
     Expired { expires_at: u64, now: u64 },
     #[error("record expires at {expires_at}, more than {MAX_AHEAD:?} ahead of {now}")]
     TooFarAhead { expires_at: u64, now: u64 },
+    #[error("record issued at {issued_at}, after it expires ({expires_at}) or ahead of {now}")]
+    IssuedAhead {
+        issued_at: u64,
+        expires_at: u64,
+        now: u64,
+    },
+    #[error("record is not newer than the one stored (issued {incoming:?}, stored {stored:?})")]
+    Stale { incoming: u64, stored: u64 },
     #[error("record stored under {key:?}, which does not name it")]
     KeyMismatch { key: String },
     #[error("cannot sign: {0}")]
@@ -89,6 +111,8 @@ impl RecordError {
             RecordError::BadSignature => "bad_signature",
             RecordError::Expired { .. } => "expired",
             RecordError::TooFarAhead { .. } => "too_far_ahead",
+            RecordError::IssuedAhead { .. } => "issued_ahead",
+            RecordError::Stale { .. } => "stale",
             RecordError::KeyMismatch { .. } => "key_mismatch",
             RecordError::Signing(_) => "signing",
         }
@@ -115,15 +139,17 @@ pub fn name_key(name: &str) -> Vec<u8> {
 }
 
 fn push_field(out: &mut Vec<u8>, field: &str) {
-    out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+    // Fields are bounded by MAX_RECORD_BYTES long before u32::MAX.
+    out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(field.as_bytes());
 }
 
 /// The bytes a record's signature covers:
 ///
 /// ```text
-/// "/opencloud/peer-record/1"
+/// "/opencloud/peer-record/2"                      ("/opencloud/peer-record/1" without issued_at)
 /// field(peer_id) field(name) field(public_key)
+/// u64-be(issued_at)                               (absent without issued_at)
 /// u64-be(expires_at)
 /// u32-be(number of addrs) field(addr) ...
 /// ```
@@ -134,15 +160,24 @@ pub fn signing_bytes(
     name: &str,
     addrs: &[String],
     public_key: &str,
+    issued_at: Option<u64>,
     expires_at: u64,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(SIGNING_DOMAIN);
+    out.extend_from_slice(if issued_at.is_some() {
+        SIGNING_DOMAIN_V2
+    } else {
+        SIGNING_DOMAIN
+    });
     push_field(&mut out, peer_id);
     push_field(&mut out, name);
     push_field(&mut out, public_key);
+    if let Some(issued_at) = issued_at {
+        out.extend_from_slice(&issued_at.to_be_bytes());
+    }
     out.extend_from_slice(&expires_at.to_be_bytes());
-    out.extend_from_slice(&(addrs.len() as u32).to_be_bytes());
+    // At most MAX_ADDRS (checked before anything is signed or verified).
+    out.extend_from_slice(&u32::try_from(addrs.len()).unwrap_or(u32::MAX).to_be_bytes());
     for a in addrs {
         push_field(&mut out, a);
     }
@@ -159,7 +194,7 @@ pub fn strip_peer_id(addr: &Multiaddr) -> Multiaddr {
 }
 
 impl PeerRecord {
-    /// Signs a record for `key`'s peer.
+    /// Signs a record for `key`'s peer, issued now.
     ///
     /// # Errors
     /// The name or address list is outside the limits, or the key cannot sign.
@@ -169,12 +204,28 @@ impl PeerRecord {
         addrs: &[Multiaddr],
         expires_at: u64,
     ) -> Result<Self, RecordError> {
+        Self::sign_at(key, name, addrs, Some(crate::event::now_ms()), expires_at)
+    }
+
+    /// [`PeerRecord::sign`] issued at `issued_at` (ms since the epoch; it orders this
+    /// peer's records), or with the layout of earlier versions when `None` (tests of the
+    /// compatibility with them).
+    ///
+    /// # Errors
+    /// See [`PeerRecord::sign`].
+    pub fn sign_at(
+        key: &Keypair,
+        name: &str,
+        addrs: &[Multiaddr],
+        issued_at: Option<u64>,
+        expires_at: u64,
+    ) -> Result<Self, RecordError> {
         let peer_id = key.public().to_peer_id().to_string();
         let public_key = B64.encode(key.public().encode_protobuf());
         let mut addrs: Vec<String> = addrs.iter().map(|a| strip_peer_id(a).to_string()).collect();
         addrs.dedup();
         addrs.truncate(MAX_ADDRS);
-        let bytes = signing_bytes(&peer_id, name, &addrs, &public_key, expires_at);
+        let bytes = signing_bytes(&peer_id, name, &addrs, &public_key, issued_at, expires_at);
         let signature = key
             .sign(&bytes)
             .map_err(|e| RecordError::Signing(e.to_string()))?;
@@ -183,6 +234,7 @@ impl PeerRecord {
             name: name.to_owned(),
             addrs,
             public_key,
+            issued_at,
             expires_at,
             signature: B64.encode(signature),
         };
@@ -200,6 +252,12 @@ impl PeerRecord {
             return Err(RecordError::Limits(format!("more than {MAX_ADDRS} addresses")));
         }
         Ok(())
+    }
+
+    /// What orders the records of one DHT key: the issue time (0 for records of earlier
+    /// versions, which have none), then the expiry.
+    pub fn version(&self) -> (u64, u64) {
+        (self.issued_at.unwrap_or(0), self.expires_at)
     }
 
     /// Decodes a record from its JSON bytes (no verification).
@@ -256,6 +314,7 @@ impl PeerRecord {
             &self.name,
             &self.addrs,
             &self.public_key,
+            self.issued_at,
             self.expires_at,
         );
         if !public_key.verify(&bytes, &signature) {
@@ -267,11 +326,22 @@ impl PeerRecord {
                 now: now_ms,
             });
         }
-        if self.expires_at > now_ms.saturating_add(MAX_AHEAD.as_millis() as u64) {
+        let ahead = u64::try_from(MAX_AHEAD.as_millis()).unwrap_or(u64::MAX);
+        if self.expires_at > now_ms.saturating_add(ahead) {
             return Err(RecordError::TooFarAhead {
                 expires_at: self.expires_at,
                 now: now_ms,
             });
+        }
+        if let Some(issued_at) = self.issued_at {
+            let skew = u64::try_from(MAX_ISSUE_SKEW.as_millis()).unwrap_or(u64::MAX);
+            if issued_at > self.expires_at || issued_at > now_ms.saturating_add(skew) {
+                return Err(RecordError::IssuedAhead {
+                    issued_at,
+                    expires_at: self.expires_at,
+                    now: now_ms,
+                });
+            }
         }
         let addrs = self
             .addrs
@@ -332,7 +402,7 @@ mod tests {
     #[test]
     fn a_signed_record_verifies_under_both_keys() {
         let key = Keypair::generate_ed25519();
-        let r = PeerRecord::sign(&key, "site-a", &[addr()], NOW + 120_000).unwrap();
+        let r = PeerRecord::sign_at(&key, "site-a", &[addr()], Some(NOW), NOW + 120_000).unwrap();
         let v = check(&peer_key(&key.public().to_peer_id()), &r.encode(), NOW).unwrap();
         assert_eq!(v.peer, key.public().to_peer_id());
         assert_eq!(v.addrs, vec![addr()]);
@@ -347,7 +417,7 @@ mod tests {
     fn tampering_expiry_and_foreign_keys_are_refused() {
         let key = Keypair::generate_ed25519();
         let other = Keypair::generate_ed25519();
-        let r = PeerRecord::sign(&key, "site-a", &[addr()], NOW + 120_000).unwrap();
+        let r = PeerRecord::sign_at(&key, "site-a", &[addr()], Some(NOW), NOW + 120_000).unwrap();
 
         let mut moved = r.clone();
         moved.addrs = vec!["/ip4/10.0.0.66/tcp/1".into()];
@@ -363,8 +433,24 @@ mod tests {
 
         assert_eq!(r.verify(NOW + 120_000).unwrap_err().reason(), "expired");
 
-        let far = PeerRecord::sign(&key, "site-a", &[], NOW + MAX_AHEAD.as_millis() as u64 + 1).unwrap();
+        let far = PeerRecord::sign_at(
+            &key,
+            "site-a",
+            &[],
+            Some(NOW),
+            NOW + MAX_AHEAD.as_millis() as u64 + 1,
+        )
+        .unwrap();
         assert_eq!(far.verify(NOW).unwrap_err().reason(), "too_far_ahead");
+
+        let mut reissued = r.clone();
+        reissued.issued_at = Some(NOW + 1);
+        assert_eq!(reissued.verify(NOW).unwrap_err().reason(), "bad_signature");
+
+        let ahead = PeerRecord::sign_at(&key, "site-a", &[], Some(NOW + 61_000), NOW + 120_000).unwrap();
+        assert_eq!(ahead.verify(NOW).unwrap_err().reason(), "issued_ahead");
+        let after_expiry = PeerRecord::sign_at(&key, "site-a", &[], Some(NOW + 2), NOW + 1).unwrap();
+        assert_eq!(after_expiry.verify(NOW).unwrap_err().reason(), "issued_ahead");
 
         assert_eq!(
             check(b"/oc/peer/x", b"{not json", NOW).unwrap_err().reason(),
@@ -374,8 +460,25 @@ mod tests {
 
     #[test]
     fn signing_bytes_are_unambiguous() {
-        let a = signing_bytes("p", "ab", &["c".into()], "k", 1);
-        let b = signing_bytes("p", "a", &["bc".into()], "k", 1);
+        let a = signing_bytes("p", "ab", &["c".into()], "k", None, 1);
+        let b = signing_bytes("p", "a", &["bc".into()], "k", None, 1);
         assert_ne!(a, b);
+        assert_ne!(
+            signing_bytes("p", "a", &[], "k", Some(1), 2),
+            signing_bytes("p", "a", &[], "k", None, 2)
+        );
+    }
+
+    #[test]
+    fn records_of_earlier_versions_still_verify_and_rank_below_new_ones() {
+        let key = Keypair::generate_ed25519();
+        let old = PeerRecord::sign_at(&key, "site-a", &[addr()], None, NOW + 120_000).unwrap();
+        let json = String::from_utf8(old.encode()).unwrap();
+        assert!(!json.contains("issued_at"), "{json}");
+        check(&peer_key(&key.public().to_peer_id()), json.as_bytes(), NOW).unwrap();
+        let new = PeerRecord::sign_at(&key, "site-a", &[addr()], Some(NOW), NOW + 60_000).unwrap();
+        assert!(new.version() > old.version());
+        let newer = PeerRecord::sign_at(&key, "site-a", &[addr()], Some(NOW + 1), NOW + 60_000).unwrap();
+        assert!(newer.version() > new.version());
     }
 }
