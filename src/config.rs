@@ -52,6 +52,8 @@ pub const DEFAULT_SEARCH_PEER_MAX_RESULTS: u64 = 1000;
 pub const DEFAULT_SEARCH_PEER_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Gossip queries per second from searchers without a known record, all together.
 pub const DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND: f64 = 2.0;
+/// Rows of relation `known` kept in the peers table (least recently seen dropped first).
+pub const DEFAULT_MAX_KNOWN_PEERS: usize = 10_000;
 
 /// Which [`crate::store::Store`] backend holds the node's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -250,6 +252,19 @@ pub struct RunArgs {
     /// node does not hold (each also limited to 1 per second, burst 2); beyond, ignored.
     #[arg(long, env = "OC_DISCOVERY_SEARCH_UNKNOWN_QUERIES_PER_SECOND", default_value_t = DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND)]
     pub search_unknown_queries_per_second: f64,
+    /// Most rows of relation `known` in the peers table; beyond, the least recently seen
+    /// are dropped (partners and blacklisted peers never are).
+    #[arg(long, env = "OC_DISCOVERY_MAX_KNOWN_PEERS", default_value_t = DEFAULT_MAX_KNOWN_PEERS)]
+    pub max_known_peers: usize,
+    /// Most established connections with one peer (partners are exempt).
+    #[arg(long, env = "OC_DISCOVERY_MAX_CONNECTIONS_PER_PEER", default_value_t = crate::p2p::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
+    pub max_connections_per_peer: u32,
+    /// Most inbound connections still in their handshake (TCP accepted, not yet authenticated).
+    #[arg(long, env = "OC_DISCOVERY_MAX_PENDING_INCOMING", default_value_t = crate::p2p::DEFAULT_MAX_PENDING_INCOMING)]
+    pub max_pending_incoming: u32,
+    /// Most established connections in total, both directions (partners are exempt).
+    #[arg(long, env = "OC_DISCOVERY_MAX_CONNECTIONS", default_value_t = crate::p2p::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: u32,
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h`, `7d`, or a bare number of seconds.
@@ -349,6 +364,14 @@ struct FileConfig {
     mongo_uri: Option<String>,
     #[serde(alias = "mongo-db")]
     mongo_db: Option<String>,
+    #[serde(alias = "max-known-peers")]
+    max_known_peers: Option<usize>,
+    #[serde(alias = "max-connections-per-peer")]
+    max_connections_per_peer: Option<u32>,
+    #[serde(alias = "max-pending-incoming")]
+    max_pending_incoming: Option<u32>,
+    #[serde(alias = "max-connections")]
+    max_connections: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +404,8 @@ pub enum ConfigError {
     Name,
     #[error("--record-ttl must be between {MIN_RECORD_TTL:?} and {MAX_RECORD_TTL:?}")]
     RecordTtl,
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
     #[error("--store mongodb needs --mongo-uri (or OC_DISCOVERY_MONGO_URI)")]
     MongoUriMissing,
     #[error("--intake-max-bytes must be at least {MIN_INTAKE_MAX_BYTES}")]
@@ -502,6 +527,10 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
     fill!(search_peer_max_results);
     fill!(search_peer_max_bytes);
     fill!(search_unknown_queries_per_second);
+    fill!(max_known_peers);
+    fill!(max_connections_per_peer);
+    fill!(max_pending_incoming);
+    fill!(max_connections);
     Ok(())
 }
 
@@ -525,6 +554,11 @@ pub struct NodeConfig {
     /// DHT bootstrap nodes (partners are added to them at start).
     pub bootstrap: Vec<Multiaddr>,
     pub store: StoreConfig,
+    /// Most `known` rows in the peers table (`--max-known-peers`).
+    pub max_known_peers: usize,
+    /// Connection limits (`--max-connections-per-peer`, `--max-pending-incoming`,
+    /// `--max-connections`).
+    pub net_limits: crate::p2p::NetLimits,
     pub tuning: Tuning,
 }
 
@@ -678,6 +712,19 @@ impl TryFrom<RunArgs> for NodeConfig {
         if !(run.forward_rate.is_finite() && run.forward_rate > 0.0) || run.forward_burst == 0 {
             return Err(ConfigError::ForwardRate);
         }
+        for (flag, n) in [
+            ("--max-known-peers", run.max_known_peers),
+            (
+                "--max-connections-per-peer",
+                run.max_connections_per_peer as usize,
+            ),
+            ("--max-pending-incoming", run.max_pending_incoming as usize),
+            ("--max-connections", run.max_connections as usize),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::Zero(flag));
+            }
+        }
         let tuning = Tuning {
             max_frame_bytes: run.max_frame_bytes,
             forward_rate: run.forward_rate,
@@ -718,6 +765,12 @@ impl TryFrom<RunArgs> for NodeConfig {
             name,
             record_ttl: run.record_ttl,
             bootstrap: run.bootstrap,
+            max_known_peers: run.max_known_peers,
+            net_limits: crate::p2p::NetLimits {
+                max_connections_per_peer: run.max_connections_per_peer,
+                max_pending_incoming: run.max_pending_incoming,
+                max_connections: run.max_connections,
+            },
             tuning,
         })
     }

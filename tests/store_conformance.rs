@@ -312,6 +312,68 @@ async fn meeting_a_peer_keeps_its_relation(b: &mut dyn Backend) {
     assert!(store.peer("12D3KooWnobody").await.unwrap().is_none());
 }
 
+/// Rows of relation `known` beyond the bound go, least recently seen first; partners and
+/// blacklisted peers stay whatever their age.
+async fn known_peers_are_bounded(b: &mut dyn Backend) {
+    let store = b.fresh("known_bound").await;
+    let row = |id: String, relation, seen: u64| PeerRow {
+        peer_id: id,
+        relation,
+        addrs: vec![],
+        name: None,
+        record: None,
+        updated_ms: seen,
+    };
+    store
+        .put_peer(row("partner".into(), Relation::Partner, 1))
+        .await
+        .unwrap();
+    store
+        .put_peer(row("black".into(), Relation::Blacklist, 2))
+        .await
+        .unwrap();
+    for i in 0..10u64 {
+        store
+            .meet_peer(row(format!("known-{i}"), Relation::Known, 100 + i))
+            .await
+            .unwrap();
+    }
+    // Seen again: now the most recent.
+    store
+        .meet_peer(row("known-0".into(), Relation::Known, 500))
+        .await
+        .unwrap();
+    assert_eq!(store.trim_known_peers(10).await.unwrap(), 0);
+    assert_eq!(store.trim_known_peers(4).await.unwrap(), 6);
+    let mut ids: Vec<String> = store
+        .peers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.peer_id)
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["black", "known-0", "known-7", "known-8", "known-9", "partner"]
+    );
+    // A known row made a partner is no longer counted nor dropped.
+    store
+        .put_peer(row("known-7".into(), Relation::Partner, 1))
+        .await
+        .unwrap();
+    assert_eq!(store.trim_known_peers(0).await.unwrap(), 3);
+    let mut ids: Vec<String> = store
+        .peers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.peer_id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["black", "known-7", "partner"]);
+}
+
 async fn cursors_and_applied_marks(b: &mut dyn Backend) {
     let store = b.fresh("cursors").await;
     assert_eq!(store.cursor(B).await.unwrap(), 0);
@@ -677,6 +739,7 @@ async fn embedded_backend() {
         peers,
         own_resources,
         meeting_a_peer_keeps_its_relation,
+        known_peers_are_bounded,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,
@@ -703,6 +766,7 @@ async fn mongodb_backend() {
         peers,
         own_resources,
         meeting_a_peer_keeps_its_relation,
+        known_peers_are_bounded,
         cursors_and_applied_marks,
         idempotent_apply,
         conflict_with_another_origin,

@@ -35,6 +35,10 @@ const OWN_AT: TableDefinition<(&str, &str), u64> = TableDefinition::new("own_at"
 const OWN_COPIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("own");
 /// peer id → JSON of [`PeerRow`].
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
+/// (updated_ms, peer id) → () for every row of relation `known`: the order in which
+/// [`Store::trim_known_peers`] drops them (least recently seen first), and their count.
+/// Built from `PEERS` at open when missing (stores of earlier versions).
+const PEERS_SEEN: TableDefinition<(u64, &str), ()> = TableDefinition::new("peers_seen");
 /// JetStream stream sequence of a journaled intake message → its journal seq.
 const INTAKE: TableDefinition<u64, u64> = TableDefinition::new("intake");
 /// highest row id in the group → the outbox rows of one applied batch ([`encode_group`]):
@@ -74,6 +78,7 @@ impl EmbeddedStore {
             txn.open_table(INTAKE).map_err(unavailable)?;
             txn.open_table(OWN_AT).map_err(unavailable)?;
             txn.open_table(PEERS).map_err(unavailable)?;
+            index_known_peers(&txn)?;
             migrate_own_copies(&txn)?;
         }
         txn.commit().map_err(unavailable)?;
@@ -113,6 +118,85 @@ impl EmbeddedStore {
             .await
             .map_err(unavailable)?
     }
+}
+
+/// Fills `PEERS_SEEN` from `PEERS` when it is empty and `PEERS` has `known` rows.
+fn index_known_peers(txn: &redb::WriteTransaction) -> StoreResult<()> {
+    use redb::ReadableTableMetadata;
+    let mut seen = txn.open_table(PEERS_SEEN).map_err(unavailable)?;
+    if !seen.is_empty().map_err(unavailable)? {
+        return Ok(());
+    }
+    let peers = txn.open_table(PEERS).map_err(unavailable)?;
+    for item in peers.iter().map_err(unavailable)? {
+        let (_, v) = item.map_err(unavailable)?;
+        let row: PeerRow = serde_json::from_slice(v.value()).map_err(corrupt)?;
+        if row.relation == super::Relation::Known {
+            seen.insert((row.updated_ms, row.peer_id.as_str()), ())
+                .map_err(unavailable)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `row` (or removes `peer_id` when `None`) and keeps `PEERS_SEEN` in step;
+/// returns the row that was there.
+fn write_peer(
+    txn: &redb::WriteTransaction,
+    peer_id: &str,
+    row: Option<&PeerRow>,
+) -> StoreResult<Option<PeerRow>> {
+    let mut peers = txn.open_table(PEERS).map_err(unavailable)?;
+    let mut seen = txn.open_table(PEERS_SEEN).map_err(unavailable)?;
+    let old: Option<PeerRow> = match peers.get(peer_id).map_err(unavailable)? {
+        Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+        None => None,
+    };
+    if let Some(old) = old.as_ref().filter(|o| o.relation == super::Relation::Known) {
+        seen.remove((old.updated_ms, peer_id)).map_err(unavailable)?;
+    }
+    match row {
+        Some(row) => {
+            let bytes = serde_json::to_vec(row).map_err(corrupt)?;
+            peers.insert(peer_id, bytes.as_slice()).map_err(unavailable)?;
+            if row.relation == super::Relation::Known {
+                seen.insert((row.updated_ms, peer_id), ()).map_err(unavailable)?;
+            }
+        }
+        None => {
+            peers.remove(peer_id).map_err(unavailable)?;
+        }
+    }
+    Ok(old)
+}
+
+/// Drops the least recently seen `known` rows beyond `keep`; returns how many.
+fn trim_known(txn: &redb::WriteTransaction, keep: usize) -> StoreResult<usize> {
+    use redb::ReadableTableMetadata;
+    let mut peers = txn.open_table(PEERS).map_err(unavailable)?;
+    let mut seen = txn.open_table(PEERS_SEEN).map_err(unavailable)?;
+    let count = seen.len().map_err(unavailable)?;
+    let excess = count.saturating_sub(u64::try_from(keep).unwrap_or(u64::MAX));
+    let mut dropped = 0;
+    for _ in 0..excess {
+        let Some((k, _)) = seen.pop_first().map_err(unavailable)? else {
+            break;
+        };
+        let peer_id = k.value().1.to_owned();
+        drop(k);
+        // Only a `known` row is indexed here; check anyway, a partner is never dropped.
+        let is_known = match peers.get(peer_id.as_str()).map_err(unavailable)? {
+            Some(v) => serde_json::from_slice::<PeerRow>(v.value())
+                .map(|r| r.relation == super::Relation::Known)
+                .unwrap_or(false),
+            None => false,
+        };
+        if is_known {
+            peers.remove(peer_id.as_str()).map_err(unavailable)?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }
 
 fn last_seq(
@@ -314,12 +398,8 @@ impl Store for EmbeddedStore {
 
     async fn put_peer(&self, row: PeerRow) -> StoreResult<()> {
         self.blocking(move |db| {
-            let bytes = serde_json::to_vec(&row).map_err(corrupt)?;
             let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(PEERS)
-                .map_err(unavailable)?
-                .insert(row.peer_id.as_str(), bytes.as_slice())
-                .map_err(unavailable)?;
+            write_peer(&txn, &row.peer_id, Some(&row))?;
             txn.commit().map_err(unavailable)
         })
         .await
@@ -342,20 +422,18 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             // Read and write in one transaction: a relation set meanwhile is kept.
             let txn = db.begin_write().map_err(unavailable)?;
-            {
-                let mut table = txn.open_table(PEERS).map_err(unavailable)?;
-                let existing: Option<PeerRow> = match table.get(row.peer_id.as_str()).map_err(unavailable)? {
+            let existing: Option<PeerRow> = {
+                let table = txn.open_table(PEERS).map_err(unavailable)?;
+                let v = table.get(row.peer_id.as_str()).map_err(unavailable)?;
+                match v {
                     Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
                     None => None,
-                };
-                if let Some(existing) = existing {
-                    super::keep_relation(&mut row, existing);
                 }
-                let bytes = serde_json::to_vec(&row).map_err(corrupt)?;
-                table
-                    .insert(row.peer_id.as_str(), bytes.as_slice())
-                    .map_err(unavailable)?;
+            };
+            if let Some(existing) = existing {
+                super::keep_relation(&mut row, existing);
             }
+            write_peer(&txn, &row.peer_id.clone(), Some(&row))?;
             txn.commit().map_err(unavailable)?;
             Ok(row.relation)
         })
@@ -366,11 +444,27 @@ impl Store for EmbeddedStore {
         let peer_id = peer_id.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(PEERS)
-                .map_err(unavailable)?
-                .remove(peer_id.as_str())
-                .map_err(unavailable)?;
+            write_peer(&txn, &peer_id, None)?;
             txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize> {
+        self.blocking(move |db| {
+            use redb::ReadableTableMetadata;
+            {
+                // Most calls find nothing to drop: a read transaction, no commit.
+                let txn = db.begin_read().map_err(unavailable)?;
+                let seen = txn.open_table(PEERS_SEEN).map_err(unavailable)?;
+                if seen.len().map_err(unavailable)? <= u64::try_from(keep).unwrap_or(u64::MAX) {
+                    return Ok(0);
+                }
+            }
+            let txn = db.begin_write().map_err(unavailable)?;
+            let dropped = trim_known(&txn, keep)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(dropped)
         })
         .await
     }

@@ -276,6 +276,28 @@ pub trait Store: Send + Sync + 'static {
     async fn put_peer(&self, row: PeerRow) -> StoreResult<()>;
     async fn remove_peer(&self, peer_id: &str) -> StoreResult<()>;
 
+    /// Drops the rows of relation `known` beyond `keep`, least recently seen
+    /// (`updated_ms`) first; partners and blacklisted peers are never dropped. Returns how
+    /// many were dropped. Backends keep an index so that this costs little when nothing is
+    /// to be dropped (it is called after each peer met).
+    async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize> {
+        let mut known: Vec<PeerRow> = self
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|r| r.relation == Relation::Known)
+            .collect();
+        if known.len() <= keep {
+            return Ok(0);
+        }
+        known.sort_by_key(|r| r.updated_ms);
+        let excess = known.len() - keep;
+        for r in known.iter().take(excess) {
+            self.remove_peer(&r.peer_id).await?;
+        }
+        Ok(excess)
+    }
+
     /// One peer's row.
     async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
         Ok(self.peers().await?.into_iter().find(|r| r.peer_id == peer_id))

@@ -50,6 +50,8 @@ const VERSIONS: &str = "oc_versions";
 const OUTBOX: &str = "oc_outbox";
 const COUNTERS: &str = "oc_counters";
 const PEERS: &str = "oc_peers";
+/// Most `known` rows one round of `trim_known_peers` deletes.
+const TRIM_CHUNK: u64 = 1000;
 const INTAKE: &str = "oc_intake";
 const OWN: &str = "oc_own";
 /// No data type may map to a collection with this prefix.
@@ -638,6 +640,13 @@ impl MongoStore {
             (VERSIONS, doc! {"_id.coll": 1, "_id.id": 1}, "coll_id", false),
             (OWN, doc! {"_id.data_type": 1, "_id.id": 1}, "data_type_id", false),
             (OUTBOX, doc! {"msg_id": 1}, "msg_id", false),
+            // `trim_known_peers`: count the known rows, find the least recently seen.
+            (
+                PEERS,
+                doc! {"relation": 1, "updated_ms": 1},
+                "relation_seen",
+                false,
+            ),
         ];
         for (collection, keys, name, unique) in indexes {
             let mut options = IndexOptions::builder().name(name.to_owned()).build();
@@ -1785,6 +1794,50 @@ impl Store for MongoStore {
             .await
             .map_err(|e| self.failed(e))?;
         Ok(())
+    }
+
+    /// Counts the `known` rows (index `relation_seen`), then deletes the least recently
+    /// seen beyond `keep`, at most [`TRIM_CHUNK`] per round; the delete names the relation
+    /// again, so a row made a partner meanwhile stays.
+    async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize> {
+        self.ready().await?;
+        let peers = self.coll::<Document>(PEERS);
+        let known = doc! {"relation": "known"};
+        let mut dropped = 0usize;
+        loop {
+            let count = peers
+                .count_documents(known.clone())
+                .await
+                .map_err(|e| self.failed(e))?;
+            let excess = count.saturating_sub(u64::try_from(keep).unwrap_or(u64::MAX));
+            if excess == 0 {
+                return Ok(dropped);
+            }
+            let limit = i64::try_from(excess.min(TRIM_CHUNK)).unwrap_or(1);
+            let oldest: Vec<Document> = self
+                .collect(
+                    peers
+                        .find(known.clone())
+                        .sort(doc! {"updated_ms": 1})
+                        .limit(limit)
+                        .projection(doc! {"_id": 1}),
+                )
+                .await?;
+            let ids: Vec<mongodb::bson::Bson> =
+                oldest.into_iter().filter_map(|d| d.get("_id").cloned()).collect();
+            if ids.is_empty() {
+                return Ok(dropped);
+            }
+            let deleted = peers
+                .delete_many(doc! {"_id": {"$in": ids}, "relation": "known"})
+                .await
+                .map_err(|e| self.failed(e))?
+                .deleted_count;
+            dropped = dropped.saturating_add(usize::try_from(deleted).unwrap_or(usize::MAX));
+            if deleted == 0 {
+                return Ok(dropped);
+            }
+        }
     }
 
     async fn health(&self) -> StoreResult<()> {
