@@ -145,7 +145,11 @@ async fn resource(s: web::Data<AdminState>, path: web::Path<(String, String)>) -
 async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(s.metrics.render())
+        .body({
+            let mut body = s.metrics.render();
+            s.net.state().stats.render(&mut body);
+            body
+        })
 }
 
 async fn list_partners(s: web::Data<AdminState>) -> HttpResponse {

@@ -8,6 +8,9 @@
 //!   that peer's row in the store (relation `known` unless it already was partner or
 //!   blacklist). The network loop verified put records before handing them over; lookups
 //!   are verified here. Invalid ones are counted (`oc_peer_records_rejected_total`).
+//!   Rows of relation `known` are bounded (`--max-known-peers`): after a new peer is met,
+//!   the least recently seen `known` rows beyond the bound are dropped
+//!   ([`Store::trim_known_peers`]); partners and blacklisted peers never are.
 //! - Finding: by id or by name, the store first (a stored record still valid), then the
 //!   DHT.
 
@@ -34,6 +37,9 @@ pub const RECORD_EVENTS: usize = 1024;
 const FIRST_PUBLISH: Duration = Duration::from_millis(500);
 /// Wait after a failed publish (no peer took the record), doubled up to half the TTL.
 const PUBLISH_RETRY: Duration = Duration::from_secs(1);
+/// Peers whose last written record is remembered (to write each record once); beyond, the
+/// memory is cleared and records are written again once.
+const WRITTEN_MEMORY: usize = 4096;
 
 pub struct DirectoryEnv {
     /// The node's identity: signs its record.
@@ -42,6 +48,8 @@ pub struct DirectoryEnv {
     pub ttl: Duration,
     /// DHT bootstrap nodes, dialed again whenever a publish finds nobody.
     pub bootstrap: Vec<Multiaddr>,
+    /// Most rows of relation `known` kept in the peers table.
+    pub max_known_peers: usize,
     pub net: p2p::Client,
     pub store: Arc<dyn Store>,
     pub partners: Arc<Partners>,
@@ -52,9 +60,10 @@ pub struct DirectoryEnv {
 pub struct Directory {
     env: DirectoryEnv,
     own: PeerId,
-    /// `expires_at` of the last record written to the store per peer: the same record
-    /// arrives under both keys and from several nodes, and is written once.
-    written: Mutex<HashMap<PeerId, u64>>,
+    /// Version of the last record written to the store per peer: the same record arrives
+    /// under both keys and from several nodes, and is written once; an older one is not
+    /// written over a newer one. At most [`WRITTEN_MEMORY`] peers.
+    written: Mutex<HashMap<PeerId, (u64, u64)>>,
 }
 
 impl Directory {
@@ -188,10 +197,13 @@ impl Directory {
             let Ok(mut written) = self.written.lock() else {
                 return;
             };
-            if written.get(&peer) == Some(&record.expires_at) {
+            if written.get(&peer).is_some_and(|v| *v >= record.version()) {
                 return;
             }
-            written.insert(peer, record.expires_at);
+            if written.len() >= WRITTEN_MEMORY && !written.contains_key(&peer) {
+                written.clear();
+            }
+            written.insert(peer, record.version());
         }
         Metrics::add(&self.counters().records_met, 1);
         let row = PeerRow {
@@ -203,7 +215,21 @@ impl Directory {
             updated_ms: now_ms(),
         };
         match self.env.store.meet_peer(row).await {
-            Ok(relation) => tracing::debug!(%peer, name = %record.name, ?relation, "peer met"),
+            Ok(relation) => {
+                tracing::debug!(%peer, name = %record.name, ?relation, "peer met");
+                match self.env.store.trim_known_peers(self.env.max_known_peers).await {
+                    Ok(0) => {}
+                    Ok(dropped) => {
+                        Metrics::add(&self.counters().known_peers_dropped, dropped as u64);
+                        tracing::debug!(
+                            dropped,
+                            max_known_peers = self.env.max_known_peers,
+                            "least recently seen known peers dropped"
+                        );
+                    }
+                    Err(e) => tracing::warn!(cause = %e, "known peers not trimmed"),
+                }
+            }
             Err(e) => {
                 // Written again when the peer republishes.
                 if let Ok(mut written) = self.written.lock() {

@@ -52,6 +52,8 @@ pub struct Discovery {
     pub queries_answered: AtomicU64,
     /// Results published on `SEARCH_EVENT`.
     pub results_forwarded: AtomicU64,
+    /// Rows of relation `known` dropped from the peers table (`--max-known-peers`).
+    pub known_peers_dropped: AtomicU64,
     /// Peer records ignored, by where they came from (`put`, `get`, `store`) and why.
     records_rejected: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Gossip search queries refused, by why.
@@ -81,7 +83,7 @@ impl Discovery {
     }
 
     fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 5] = [
+        let counters: [(&str, &str, &AtomicU64); 6] = [
             (
                 "oc_peer_records_published_total",
                 "Own peer record puts into the DHT",
@@ -106,6 +108,11 @@ impl Discovery {
                 "oc_search_results_forwarded_total",
                 "Search results published on SEARCH_EVENT",
                 &self.results_forwarded,
+            ),
+            (
+                "oc_known_peers_dropped_total",
+                "Least recently seen known peers dropped from the peers table",
+                &self.known_peers_dropped,
             ),
         ];
         for (name, help, c) in counters {

@@ -53,7 +53,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let psk = cfg.psk_file.as_deref().map(p2p::read_psk).transpose()?;
     let private = psk.is_some();
     // The directory signs the node's peer record and the search service its gossip queries.
-    let (net, event_loop) = p2p::build(key.clone(), psk, &cfg.listen)?;
+    let (net, event_loop) = p2p::build_with(key.clone(), psk, &cfg.listen, cfg.net_limits)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let net_task = tokio::spawn(event_loop.run(stop_rx.clone()));
 
@@ -94,6 +94,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let partners = Arc::new(Partners::default());
     for (peer, addr) in &cfg.partners {
         partners.insert(*peer, Some(addr.clone()));
+        // Partners bypass the connection limits.
+        net.set_partner(*peer, true).await?;
         links.do_send(AddPartner {
             peer: *peer,
             addr: addr.clone(),
@@ -135,6 +137,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         name: cfg.name.clone(),
         ttl: cfg.record_ttl,
         bootstrap: cfg.bootstrap.clone(),
+        max_known_peers: cfg.max_known_peers,
         net: net.clone(),
         store: store.clone(),
         partners: partners.clone(),

@@ -236,16 +236,20 @@ impl PeerEnv {
         match (relation, addr) {
             (Relation::Partner, Some(addr)) => {
                 let _ = self.net.set_blocked(peer, false).await;
+                // Partners bypass the connection limits: a flood never keeps them out.
+                let _ = self.net.set_partner(peer, true).await;
                 self.partners.insert(peer, Some(addr.clone()));
                 self.links.do_send(AddPartner { peer, addr });
             }
             (Relation::Blacklist, _) => {
                 self.partners.remove(&peer);
+                let _ = self.net.set_partner(peer, false).await;
                 self.links.do_send(RemovePartner { peer });
                 let _ = self.net.set_blocked(peer, true).await;
             }
             (Relation::Partner, None) | (Relation::Known, _) => {
                 self.partners.remove(&peer);
+                let _ = self.net.set_partner(peer, false).await;
                 self.links.do_send(RemovePartner { peer });
                 let _ = self.net.set_blocked(peer, false).await;
             }
@@ -282,11 +286,10 @@ impl PeerEnv {
     async fn forget(&self, peer: PeerId) -> Result<bool, Refusal> {
         let known = self
             .store
-            .peers()
+            .peer(&peer.to_string())
             .await
             .map_err(store_refusal)?
-            .iter()
-            .any(|r| r.peer_id == peer.to_string());
+            .is_some();
         self.store
             .remove_peer(&peer.to_string())
             .await

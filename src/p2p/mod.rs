@@ -247,6 +247,44 @@ impl NetStats {
             .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
             .unwrap_or_default()
     }
+
+    /// Appends the Prometheus text of these counters.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, kind, help, v) in [
+            (
+                "oc_dht_records",
+                "gauge",
+                "Records in the DHT record store",
+                get(&self.dht_records),
+            ),
+            (
+                "oc_dht_record_bytes",
+                "gauge",
+                "Bytes of the DHT record store",
+                get(&self.dht_bytes),
+            ),
+            (
+                "oc_dht_records_expired_total",
+                "counter",
+                "DHT records purged once expired",
+                get(&self.dht_expired),
+            ),
+            (
+                "oc_dht_records_evicted_total",
+                "counter",
+                "Valid DHT records evicted from a full store",
+                get(&self.dht_evicted),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        let _ = writeln!(out, "# HELP oc_connections_refused_total Inbound connections refused by a connection limit\n# TYPE oc_connections_refused_total counter");
+        for (limit, n) in self.connections_refused() {
+            let _ = writeln!(out, "oc_connections_refused_total{{limit=\"{limit}\"}} {n}");
+        }
+    }
 }
 
 /// Arrivals a slow listener may fall behind by before it is told it lagged.

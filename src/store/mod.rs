@@ -320,12 +320,28 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// What [`Store::meet_peer`] keeps of an existing row.
+/// What [`Store::meet_peer`] keeps of an existing row: its relation, a partner's or
+/// blacklisted peer's addresses, and its record (with name and addresses) when that record
+/// is newer than the one met (a replayed old record does not bring back old addresses).
 pub fn keep_relation(met: &mut PeerRow, existing: PeerRow) {
     met.relation = existing.relation;
-    if existing.relation != Relation::Known {
+    let newer_stored = match (&existing.record, &met.record) {
+        (Some(stored), Some(incoming)) => record_version(stored) > record_version(incoming),
+        _ => false,
+    };
+    if newer_stored {
+        met.record = existing.record;
+        met.name = existing.name;
+    }
+    if newer_stored || existing.relation != Relation::Known {
         met.addrs = existing.addrs;
     }
+}
+
+/// `(issued_at, expires_at)` of a stored record's JSON (`records::PeerRecord::version`).
+fn record_version(record: &serde_json::Value) -> (u64, u64) {
+    let field = |name: &str| record.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    (field("issued_at"), field("expires_at"))
 }
 
 /// How this node relates to another.
