@@ -111,7 +111,8 @@ const GOSSIP_MAX_BYTES: usize = 64 * 1024;
 /// records were verified by the loop before it stored them (`records::check`).
 #[derive(Debug, Clone)]
 pub enum RecordEvent {
-    /// A valid record a peer put here.
+    /// A valid record its owner put here, newer than the one stored (relayed records are
+    /// stored in the DHT but not reported).
     Met(records::PeerRecord),
     /// A record refused at put time: `reason` is [`records::RecordError::reason`] or
     /// [`record_store::Refusal::reason`].
@@ -1028,7 +1029,12 @@ impl EventLoop {
                 if done.evicted > 0 || done.expired > 0 {
                     tracing::debug!(%source, evicted = done.evicted, expired = done.expired, "DHT store full: records dropped to make room");
                 }
-                self.report_record(RecordEvent::Met(verified.record));
+                // Only a record its owner put here is "met" (written to the peers table):
+                // relayed records stay in the DHT store, so a flood of records from fresh
+                // keys through one peer costs no disk.
+                if usefulness == record_store::Usefulness::Direct {
+                    self.report_record(RecordEvent::Met(verified.record));
+                }
             }
             Err(record_store::Refusal::Unchanged) => {}
             Err(e) => self.refuse_record(source, e.reason(), &e),
