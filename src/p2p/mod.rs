@@ -98,10 +98,8 @@ fn limit_label(denied: &str) -> &'static str {
         "per_peer"
     } else if denied.contains("pending incoming") {
         "pending_incoming"
-    } else if denied.contains("connection limit exceeded") {
-        "total"
     } else {
-        "other"
+        "total"
     }
 }
 /// Largest gossip message (gossipsub's own default).
@@ -1175,8 +1173,14 @@ impl EventLoop {
                 peer_id,
                 ..
             } => {
-                if let libp2p::swarm::ListenError::Denied { cause } = &error {
-                    let text = cause.to_string();
+                let exceeded = match &error {
+                    libp2p::swarm::ListenError::Denied { cause } => {
+                        cause.downcast_ref::<connection_limits::Exceeded>()
+                    }
+                    _ => None,
+                };
+                if let Some(exceeded) = exceeded {
+                    let text = exceeded.to_string();
                     let limit = limit_label(&text);
                     self.state.stats.refused(limit);
                     let peer = peer_id.unwrap_or(self.local_id());
