@@ -1010,4 +1010,38 @@ mod tests {
         let fits = run_args(&["--sync-max-bytes", "66560", "--max-event-bytes", "1024"]);
         assert_eq!(NodeConfig::try_from(fits).unwrap().tuning.sync_max_bytes, 66560);
     }
+
+    #[test]
+    fn peer_and_connection_limits_have_defaults_flags_and_file_keys() {
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(cfg.max_known_peers, DEFAULT_MAX_KNOWN_PEERS);
+        assert_eq!(cfg.net_limits, crate::p2p::NetLimits::default());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "max_known_peers = 50\nmax-connections = 100\nmax_pending_incoming = 8\n",
+        )
+        .unwrap();
+        let r = run_args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--max-connections-per-peer",
+            "2",
+        ]);
+        let cfg = NodeConfig::try_from(r).unwrap();
+        assert_eq!(cfg.max_known_peers, 50);
+        assert_eq!(
+            cfg.net_limits,
+            crate::p2p::NetLimits {
+                max_connections_per_peer: 2,
+                max_pending_incoming: 8,
+                max_connections: 100,
+            }
+        );
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--max-known-peers", "0"])),
+            Err(ConfigError::Zero("--max-known-peers"))
+        ));
+    }
 }

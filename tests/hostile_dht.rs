@@ -23,7 +23,7 @@ const FLOOD: usize = 20_000;
 /// Puts of the flood in flight at once.
 const FLOOD_IN_FLIGHT: usize = 24;
 /// The whole flood must be sent within this.
-const FLOOD_DEADLINE: Duration = Duration::from_secs(600);
+const FLOOD_DEADLINE: Duration = Duration::from_secs(1200);
 
 fn now_ms() -> u64 {
     oc_discovery::event::now_ms()
@@ -382,7 +382,11 @@ async fn a_flood_of_fresh_records_neither_fills_the_store_nor_the_disk() {
     assert_eq!(current[0]["issued_at"], new.issued_at.unwrap(), "{current:?}");
     assert_eq!(current[0]["addrs"], json!([here.to_string()]));
     assert!(
-        victim.node.log().contains("code=\"stale\""),
+        victim
+            .node
+            .log()
+            .lines()
+            .any(|l| l.contains("peer record refused") && l.contains("\"stale\"")),
         "a refusal log line with its code"
     );
 
