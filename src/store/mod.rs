@@ -644,4 +644,39 @@ mod tests {
         assert!(said(Owner::SiteDocument).contains("did not write"));
         assert!(said(Owner::OtherCreator).contains("creator_id"));
     }
+
+    fn met(issued_at: u64, addr: &str) -> PeerRow {
+        PeerRow {
+            peer_id: "p".into(),
+            relation: Relation::Known,
+            addrs: vec![addr.into()],
+            name: Some(format!("n{issued_at}")),
+            record: Some(serde_json::json!({"issued_at": issued_at, "expires_at": 99})),
+            updated_ms: issued_at,
+        }
+    }
+
+    #[test]
+    fn a_replayed_older_record_does_not_replace_a_newer_one() {
+        let mut old = met(1, "/old");
+        keep_relation(&mut old, met(2, "/new"));
+        assert_eq!(old.addrs, ["/new"]);
+        assert_eq!(old.name.as_deref(), Some("n2"));
+        assert_eq!(old.record, met(2, "/new").record);
+        assert_eq!(old.updated_ms, 1, "the row counts as seen now");
+
+        let mut newer = met(3, "/newer");
+        keep_relation(&mut newer, met(2, "/new"));
+        assert_eq!(newer.addrs, ["/newer"]);
+        assert_eq!(newer.name.as_deref(), Some("n3"));
+
+        let mut partner = met(3, "/newer");
+        let mut existing = met(2, "/set");
+        existing.relation = Relation::Partner;
+        keep_relation(&mut partner, existing);
+        assert_eq!(
+            (partner.relation, partner.addrs),
+            (Relation::Partner, vec!["/set".to_owned()])
+        );
+    }
 }
