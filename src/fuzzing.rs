@@ -31,8 +31,11 @@ pub const NOW_MS: u64 = 1_700_000_000_000;
 /// Most frames read from one input (an input of n bytes holds at most n / 4 anyway).
 const MAX_FRAMES: usize = 4096;
 
+/// The body of a fuzz target: arbitrary bytes in, a panic on a finding.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name: the name is the directory under `fuzz/corpus/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("intake", intake),
     ("frames", frames),
     ("sync_answer", sync_answer),

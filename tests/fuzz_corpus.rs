@@ -15,7 +15,7 @@ fn corpus_dir(target: &str) -> PathBuf {
 }
 
 /// Runs `input` through `run`; the panic's message when it panics.
-fn replay(run: fn(&[u8]), input: &[u8]) -> Result<(), String> {
+fn replay(run: oc_discovery::fuzzing::Target, input: &[u8]) -> Result<(), String> {
     catch_unwind(AssertUnwindSafe(|| run(input))).map_err(|p| {
         p.downcast_ref::<String>()
             .cloned()
