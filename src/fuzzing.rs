@@ -8,8 +8,6 @@
 //! hostile bytes, or it accepted something the rest of the node cannot carry. The asserts
 //! are the oracle of the harness, never reached on the node's own paths.
 
-use std::collections::BTreeMap;
-
 use base64::Engine;
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
@@ -18,6 +16,7 @@ use crate::actors::search::GossipQuery;
 use crate::event::{self, Action, CommandAction, Decoded, JournalEntry};
 use crate::p2p::records::{self, PeerRecord};
 use crate::p2p::wire::{self, Frame, FrameError};
+use crate::sync;
 
 /// The victim's own peer id in the targets (the creator `decode_intake` accepts).
 pub const OWN_ID: &str = "12D3KooWLYt2p9DJu8m6tG4cNj5DoTqr2fj5DPRmB6N8L6ZKhM2A";
@@ -123,68 +122,126 @@ pub fn frames(data: &[u8]) {
     for frame in read_all(data, FRAME_CAP) {
         check_round_trip(&frame);
     }
+    // The same stream arriving a few bytes at a time (the first byte says how many), read
+    // charging a peer's byte budget: the same frames, and the budget all given back.
+    if let Some((&step, rest)) = data.split_first() {
+        let budget = wire::ByteBudget::new(FRAME_CAP);
+        let trickle = Trickle {
+            data: rest,
+            step: usize::from(step % 16) + 1,
+        };
+        let trickled = read_stream(trickle, FRAME_CAP, Some(&budget));
+        assert_eq!(budget.in_use(), 0, "a frame's charge outlived it");
+        assert_eq!(
+            trickled,
+            read_all(rest, FRAME_CAP),
+            "frames depend on how bytes arrive"
+        );
+    }
 }
 
-/// Journal sync, puller side: an answer stream (`sync_header`, then `sync_part`s) read as
-/// the puller reads it, the parts checked against the header, decoded from base64, joined
-/// and split into JSON lines of journal entries. Also the owner's view of a `sync_request`.
-///
-/// The puller's assembly is inline in `sync::pull` (network and all); until a pure
-/// assembly function exists this follows its checks step by step on the real decoders.
+/// A stream that hands out at most `step` bytes per read.
+struct Trickle<'a> {
+    data: &'a [u8],
+    step: usize,
+}
+
+impl futures::AsyncRead for Trickle<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = self.step.min(buf.len()).min(self.data.len());
+        let (head, tail) = self.data.split_at(n);
+        if let Some(to) = buf.get_mut(..n) {
+            to.copy_from_slice(head);
+        }
+        self.data = tail;
+        std::task::Poll::Ready(Ok(n))
+    }
+}
+
+/// Journal sync: an answer stream (`sync_header`, then `sync_part`s) checked and assembled
+/// as the puller does it ([`sync::Assembly`], the pure core of `sync::pull`), and the
+/// owner's reading of a `sync_request` (`sync::plan_until`, `sync::wanted_parts`).
 pub fn sync_answer(data: &[u8]) {
-    /// What the fuzz puller asks for: parts of at most this many bytes.
-    const PART_BYTES: usize = 2048;
-    let mut header: Option<(u64, u32, u64)> = None; // until, total, bytes
-    let mut parts: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-    for frame in read_all(data, PART_BYTES + 1024) {
+    /// What the fuzz puller asks: since 0, parts of at most 2 KiB, small round caps.
+    const ASK: sync::Ask = sync::Ask {
+        since: 0,
+        part_bytes: 2048,
+        max_entries: 64,
+        max_bytes: 64 * 1024,
+    };
+    let mut assembly: Option<sync::Assembly> = None;
+    for frame in read_all(data, ASK.part_bytes as usize) {
         match frame {
             Frame::SyncHeader {
-                until, total, bytes, ..
-            } => {
-                if header.is_some_and(|h| h != (until, total, bytes)) {
-                    return;
-                }
-                header = Some((until, total, bytes));
-            }
-            Frame::SyncPart { index, total, data } => {
-                if header.is_none_or(|(_, t, _)| t != total || index >= t) {
-                    return;
-                }
-                let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data) else {
-                    return;
-                };
-                assert!(bytes.len() <= PART_BYTES + 1024, "a part larger than its frame");
-                parts.insert(index, bytes);
-            }
-            Frame::SyncRequest {
-                origin,
                 since,
                 until,
-                part_bytes,
-                parts,
+                head,
+                total,
+                bytes,
             } => {
-                let _ = (origin.parse::<PeerId>(), since.checked_add(1), until, part_bytes);
-                let _ = parts.map(|p| p.len());
+                let header = sync::Header {
+                    since,
+                    until,
+                    head,
+                    total,
+                    bytes,
+                };
+                if let Some(a) = &assembly {
+                    if *a.header() != header {
+                        return;
+                    }
+                    continue;
+                }
+                let Ok(a) = sync::Assembly::new(ASK, header) else {
+                    return;
+                };
+                assert!(header.until.saturating_sub(header.since) <= ASK.max_entries);
+                assert!(header.bytes <= ASK.max_bytes);
+                assert_eq!(a.missing().len(), total as usize);
+                assembly = Some(a);
+            }
+            Frame::SyncPart { index, total, data } => {
+                let Some(a) = assembly.as_mut() else {
+                    return;
+                };
+                if a.add(index, total, &data).is_err() {
+                    return;
+                }
+                assert!(a.held() <= a.header().total as usize);
+            }
+            Frame::SyncRequest {
+                since, until, parts, ..
+            } => {
+                let planned = sync::plan_until(since, until, u64::MAX, ASK.max_entries);
+                assert!(planned >= since && planned - since <= ASK.max_entries);
+                if let Ok(list) = sync::wanted_parts(parts, 1024) {
+                    assert!(list.windows(2).all(|w| w[0] < w[1]), "parts sorted, each once");
+                    assert!(list.iter().all(|i| *i < 1024));
+                }
             }
             _ => return,
         }
     }
-    let Some((_, total, bytes)) = header else {
+    let Some(a) = assembly else {
         return;
     };
-    if parts.len() != total as usize {
-        return;
-    }
-    let blob: Vec<u8> = parts.into_values().collect::<Vec<_>>().concat();
-    if blob.len() as u64 != bytes {
-        return;
-    }
-    for line in blob.split(|b| *b == b'\n').filter(|line| !line.is_empty()) {
-        if let Ok(entry) = serde_json::from_slice::<JournalEntry>(line) {
+    let h = *a.header();
+    if let Ok(entries) = a.finish() {
+        assert!(entries.len() as u64 <= h.until - h.since);
+        let mut previous = h.since;
+        for entry in &entries {
+            assert!(
+                entry.seq > previous && entry.seq <= h.until,
+                "seq {} out of order",
+                entry.seq
+            );
+            previous = entry.seq;
             // An entry the puller keeps must go on to the store and to NATS as it came.
-            let _ = (entry.resource_id(), entry.creator_id(), entry.msg_id());
-            let body = event::ResourceNotice::body_of(&entry);
-            assert!(!body.is_empty(), "a notice for a pulled entry");
+            assert!(!event::ResourceNotice::body_of(entry).is_empty());
         }
     }
 }
@@ -267,25 +324,29 @@ pub fn heartbeat(data: &[u8]) {
 /// Every frame `read_frame` gets from `data` as a stream, past recoverable errors, as the
 /// stream readers do.
 fn read_all(data: &[u8], cap: usize) -> Vec<Frame> {
-    let mut reader = futures::io::Cursor::new(data);
+    read_stream(futures::io::Cursor::new(data), cap, None)
+}
+
+/// [`read_all`] over any reader, charging `budget` when given (`read_frame_budgeted`).
+fn read_stream<R: futures::AsyncRead + Unpin>(
+    mut reader: R,
+    cap: usize,
+    budget: Option<&wire::ByteBudget>,
+) -> Vec<Frame> {
     let mut out = Vec::new();
     futures::executor::block_on(async {
         for _ in 0..MAX_FRAMES {
-            let before = reader.position();
-            match wire::read_frame(&mut reader, cap).await {
+            let read = match budget {
+                Some(b) => wire::read_frame_budgeted(&mut reader, cap, b).await,
+                None => wire::read_frame(&mut reader, cap).await,
+            };
+            match read {
                 Ok(Some(frame)) => out.push(frame),
                 Ok(None) => break,
-                Err(e @ (FrameError::TooLarge { .. } | FrameError::Decode(_))) => {
-                    assert!(e.is_recoverable());
-                    assert!(
-                        reader.position() > before,
-                        "a recoverable error that read nothing"
-                    );
+                Err(e) if e.is_recoverable() => {
+                    assert!(matches!(e, FrameError::TooLarge { .. } | FrameError::Decode(_)));
                 }
-                Err(e) => {
-                    assert!(!e.is_recoverable());
-                    break;
-                }
+                Err(_) => break,
             }
         }
     });
@@ -370,42 +431,44 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             br#"{"type":"ack","seq":18446744073709551615}"#.to_vec(),
         ],
         "sync_answer" => {
+            // Three entries of about 500 bytes: cut in parts of 1000 bytes, two parts.
             let blob: Vec<u8> = (1..=3)
                 .flat_map(|s| {
-                    let mut line = serde_json::to_vec(&entry(s)).unwrap_or_default();
+                    let mut e = entry(s);
+                    e.resource = serde_json::json!({"id": format!("r{s}"), "creator_id": OWN_ID, "pad": "x".repeat(400)}).into();
+                    let mut line = serde_json::to_vec(&e).unwrap_or_default();
                     line.push(b'\n');
                     line
                 })
                 .collect();
-            let halves = blob.split_at(blob.len() / 2);
+            let (first, second) = blob.split_at(blob.len().min(1000));
             let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+            let header = |total: u32| {
+                frame(&Frame::SyncHeader {
+                    since: 0,
+                    until: 3,
+                    head: 5,
+                    total,
+                    bytes: blob.len() as u64,
+                })
+            };
+            let part = |index: u32, total: u32, data: &[u8]| {
+                frame(&Frame::SyncPart {
+                    index,
+                    total,
+                    data: b64(data),
+                })
+            };
             vec![
-                [
-                    frame(&Frame::SyncHeader {
-                        since: 0,
-                        until: 3,
-                        head: 3,
-                        total: 2,
-                        bytes: blob.len() as u64,
-                    }),
-                    frame(&Frame::SyncPart {
-                        index: 1,
-                        total: 2,
-                        data: b64(halves.1),
-                    }),
-                    frame(&Frame::SyncPart {
-                        index: 0,
-                        total: 2,
-                        data: b64(halves.0),
-                    }),
-                ]
-                .concat(),
+                [header(2), part(1, 2, second), part(0, 2, first)].concat(),
+                [header(1), part(0, 1, &blob)].concat(),
                 frame(&Frame::SyncRequest {
                     origin: OWN_ID.into(),
                     since: 0,
                     until: Some(10),
                     part_bytes: 2048,
-                    parts: Some(vec![0, 0, 3]),
+                    max_bytes: Some(1 << 20),
+                    parts: Some(vec![3, 0, 0, 7]),
                 }),
             ]
         }
