@@ -280,7 +280,9 @@ pub fn records(data: &[u8]) {
 /// checks one: its searcher a peer id, its signature against the signer's key.
 pub fn search(data: &[u8]) {
     match wire::decode_frame(data) {
-        Ok(Frame::SearchResults { query_id, results }) => {
+        Ok(Frame::SearchResults {
+            query_id, results, ..
+        }) => {
             let _ = query_id.len();
             for r in results.iter().take(MAX_FRAMES) {
                 let _ = crate::actors::search::dedupe_key(r);
@@ -515,6 +517,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 .unwrap_or_default(),
                 serde_json::to_vec(&Frame::SearchResults {
                     query_id: "q".into(),
+                    data_type: Some("D".into()),
                     results: vec![serde_json::json!({"id": "r1", "creator_id": OWN_ID}), serde_json::json!([1])],
                 })
                 .unwrap_or_default(),
