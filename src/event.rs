@@ -267,6 +267,18 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
         }
     };
     let resource = Resource::from_raw(payload);
+    // The text passed serde_json's validation for raw values, which neither limits nesting
+    // nor reads numbers or `\u` escapes; search and the stores read the resource as a tree,
+    // so what could not become one is refused here rather than turning into `null` there.
+    if let Err(e) = check_tree(resource.json()) {
+        return Err(Refusal::new(
+            ErrorCode::InvalidField,
+            format!(
+                "payload is not a JSON tree the node can read ({e}): nested deeper than 128 \
+                 levels, a number out of range or an invalid \\u escape"
+            ),
+        ));
+    }
     let resource_id = resource.id.required("id")?.to_owned();
     if resource_id.is_empty() {
         return Err(Refusal::new(
@@ -378,6 +390,53 @@ fn optional_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<O
         Some(raw) => serde_json::from_str::<Option<String>>(raw.get())
             .map_err(|_| Refusal::new(ErrorCode::InvalidField, format!("field {name} must be a string"))),
     }
+}
+
+/// Reads JSON text through without building anything, under the limits a
+/// `serde_json::Value` has (nesting depth, number range, valid escapes).
+fn check_tree(json: &str) -> Result<(), serde_json::Error> {
+    use serde::de::{MapAccess, SeqAccess, Visitor};
+
+    struct Checked;
+    impl<'de> Deserialize<'de> for Checked {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+            struct Any;
+            impl<'de> Visitor<'de> for Any {
+                type Value = Checked;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_unit<E: serde::de::Error>(self) -> Result<Checked, E> {
+                    Ok(Checked)
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+                    while seq.next_element::<Checked>()?.is_some() {}
+                    Ok(Checked)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+                    while map.next_entry::<Checked, Checked>()?.is_some() {}
+                    Ok(Checked)
+                }
+            }
+            d.deserialize_any(Any)
+        }
+    }
+    serde_json::from_str::<Checked>(json).map(|_| ())
 }
 
 /// One durable journal entry: an accepted change with its origin and sequence number.

@@ -22,6 +22,7 @@
 //! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
 //! - [`node`]: wires everything together and runs until shutdown.
 //! - [`cli`]: the `id` and `peers` commands.
+//! - [`fuzzing`]: entry points of the fuzz targets, shared with the corpus replay test.
 //! - [`testkit`]: spawns real nats-servers, mongods and nodes for tests, demo and benchmarks.
 
 pub mod actors;
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod event;
+pub mod fuzzing;
 pub mod guard;
 pub mod identity;
 pub mod metrics;

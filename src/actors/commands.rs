@@ -289,7 +289,7 @@ fn forward_frame(command: &AppCommand) -> Frame {
     }
 }
 
-fn peer_field(payload: &Value) -> Result<PeerId, Refusal> {
+pub(crate) fn peer_field(payload: &Value) -> Result<PeerId, Refusal> {
     let raw = payload
         .get("peer_id")
         .and_then(Value::as_str)

@@ -131,13 +131,13 @@ impl Scope {
 
 /// A validated `PB_SEARCH`.
 #[derive(Debug, Clone, PartialEq)]
-enum Parsed {
+pub(crate) enum Parsed {
     Peer { search: String, timeout: Duration },
     Resources(Query),
 }
 
 #[derive(Debug, Clone, PartialEq)]
-struct Query {
+pub(crate) struct Query {
     data_type: String,
     search: String,
     scope: Scope,
@@ -145,7 +145,7 @@ struct Query {
     timeout: Duration,
 }
 
-fn parse(command: &AppCommand) -> Result<Parsed, Refusal> {
+pub(crate) fn parse(command: &AppCommand) -> Result<Parsed, Refusal> {
     let p = &command.payload;
     let search = match p.get("search") {
         None | Some(Value::Null) => {
@@ -1452,7 +1452,7 @@ fn contains_text(s: &str, needle: &str) -> bool {
 }
 
 /// A result's identity for duplicate detection: its `id`, else its whole JSON.
-fn dedupe_key(r: &Value) -> String {
+pub(crate) fn dedupe_key(r: &Value) -> String {
     match r.get("id").and_then(Value::as_str) {
         Some(id) => id.to_owned(),
         None => r.to_string(),

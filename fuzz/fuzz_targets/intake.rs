@@ -1,0 +1,5 @@
+//! Fuzz target `intake`: the body is [`oc_discovery::fuzzing::intake`], shared with the corpus
+//! replay test (`tests/fuzz_corpus.rs`).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_discovery::fuzzing::intake(data));
