@@ -117,8 +117,6 @@ pub struct InboundEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
     pub publisher: Arc<crate::nats::Publisher>,
-    /// For republishing considers / planner messages.
-    pub nats: async_nats::Client,
     /// Serves considers / planner streams (its own bounds and per-peer rate).
     pub forwarder: Arc<Forwarder>,
     pub net: p2p::Client,
@@ -586,11 +584,7 @@ async fn read_stream<R>(
             }
             Ok(Some(Frame::Large { .. })) => (Some(SMALL_INPUT_BYTES), false),
             Ok(Some(other)) => {
-                tracing::debug!(
-                    ?kind,
-                    frame = frame_type(other),
-                    "frame not for a receiver ignored"
-                );
+                tracing::debug!(?kind, frame = other.kind(), "frame not for a receiver ignored");
                 continue;
             }
             Ok(None) => (None, true),
@@ -616,26 +610,6 @@ async fn read_stream<R>(
         if tx.send(input).await.is_err() || end {
             return;
         }
-    }
-}
-
-/// The `type` of a frame, for logs (never its content).
-fn frame_type(frame: &Frame) -> &'static str {
-    match frame {
-        Frame::Hello { .. } => "hello",
-        Frame::Event(_) => "event",
-        Frame::Large { .. } => "large",
-        Frame::Forward { .. } => "forward",
-        Frame::Ping { .. } => "ping",
-        Frame::Pong { .. } => "pong",
-        Frame::SyncRequest { .. } => "sync_request",
-        Frame::SyncHeader { .. } => "sync_header",
-        Frame::SyncPart { .. } => "sync_part",
-        Frame::Ack { .. } => "ack",
-        Frame::Error { .. } => "error",
-        Frame::SearchQuery { .. } => "search_query",
-        Frame::SearchResults { .. } => "search_results",
-        Frame::SearchDone { .. } => "search_done",
     }
 }
 
