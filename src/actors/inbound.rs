@@ -1086,11 +1086,7 @@ impl Session {
         for f in frames {
             wire::encode_frame(f, &mut buf);
         }
-        let written = tokio::time::timeout(timeout, async {
-            w.write_all(&buf).await?;
-            w.flush().await
-        })
-        .await;
+        let written = tokio::time::timeout(timeout, wire::write_encoded(w, &buf)).await;
         if !matches!(written, Ok(Ok(()))) {
             tracing::debug!(peer = %self.peer, ?kind, "stream gone while answering");
             self.writers[kind as usize] = None;
