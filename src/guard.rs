@@ -192,6 +192,10 @@ impl<K: Eq + Hash + Clone> PeerBuckets<K> {
 /// Most (peer, code) pairs a [`LogThrottle`] tracks; beyond, refusals share one slot.
 const THROTTLE_KEYS: usize = 4096;
 
+/// What a [`LogThrottle`] remembers of a (peer, code): when it last logged, and the
+/// refusals counted since. `None` as the peer: the slot shared once the map is full.
+type ThrottleSlots = HashMap<(Option<PeerId>, &'static str), (Instant, u64)>;
+
 /// Logs a refusal once per interval per peer and code, with the count since the last line.
 ///
 /// ```text
@@ -201,7 +205,7 @@ const THROTTLE_KEYS: usize = 4096;
 /// ```
 pub struct LogThrottle {
     every: Duration,
-    seen: Mutex<HashMap<(Option<PeerId>, &'static str), (Instant, u64)>>,
+    seen: Mutex<ThrottleSlots>,
 }
 
 impl LogThrottle {

@@ -108,7 +108,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         own_id: own_id.clone(),
         store: store.clone(),
         publisher: publisher.clone(),
-        nats: nats.clone(),
         forwarder: Forwarder::new(nats.clone(), metrics.clone(), t.clone()),
         net: net.clone(),
         partners: partners.clone(),

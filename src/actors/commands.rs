@@ -399,7 +399,7 @@ impl CommandEnv {
             .await
             .map_err(|e| e.to_string())?;
         let exchange = async {
-            write_encoded(&mut stream, &frame)
+            wire::write_encoded(&mut stream, &frame)
                 .await
                 .map_err(|e| e.to_string())?;
             match wire::read_frame(&mut stream, self.tuning.max_frame_bytes).await {
@@ -532,7 +532,9 @@ async fn planner_stream(
 /// Writes one frame and reads the peer's answer: `Ok(Ok)` acked, `Ok(Err)` refused by the
 /// peer (its code), `Err` the stream failed.
 async fn exchange(stream: &mut Stream, frame: &[u8], max: usize) -> Result<Result<(), Refusal>, String> {
-    write_encoded(stream, frame).await.map_err(|e| e.to_string())?;
+    wire::write_encoded(stream, frame)
+        .await
+        .map_err(|e| e.to_string())?;
     loop {
         match wire::read_frame(stream, max).await {
             Ok(Some(Frame::Ack { .. })) => return Ok(Ok(())),
@@ -546,11 +548,6 @@ async fn exchange(stream: &mut Stream, frame: &[u8], max: usize) -> Result<Resul
             Err(e) => return Err(e.to_string()),
         }
     }
-}
-
-async fn write_encoded(stream: &mut Stream, frame: &[u8]) -> std::io::Result<()> {
-    stream.write_all(frame).await?;
-    stream.flush().await
 }
 
 /// Which forwarding protocol a stream speaks: it, not the frame, decides the action

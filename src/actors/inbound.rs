@@ -117,8 +117,6 @@ pub struct InboundEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
     pub publisher: Arc<crate::nats::Publisher>,
-    /// For republishing considers / planner messages.
-    pub nats: async_nats::Client,
     /// Serves considers / planner streams (its own bounds and per-peer rate).
     pub forwarder: Arc<Forwarder>,
     pub net: p2p::Client,
@@ -130,7 +128,9 @@ pub struct InboundEnv {
 
 pub struct InboundApply {
     env: Arc<InboundEnv>,
-    guards: Arc<Guards>,
+    /// Repeated refusals logged once per interval per peer and code, shared with every
+    /// session.
+    log: Arc<LogThrottle>,
     sessions: HashMap<PeerId, mpsc::Sender<Attach>>,
     /// Sync requests being served: a bounded share per peer.
     syncs: Arc<PeerPool>,
@@ -140,26 +140,11 @@ pub struct InboundApply {
     heartbeats: HashMap<PeerId, tokio::task::AbortHandle>,
 }
 
-/// What the actor and every session share to keep one peer from flooding the others.
-struct Guards {
-    /// Repeated refusals logged once per interval per peer and code.
-    log: LogThrottle,
-}
-
-impl Guards {
-    /// `Some(count)` when a refusal of `code` by `peer` is to be logged now.
-    fn log(&self, peer: PeerId, code: &'static str) -> Option<u64> {
-        self.log.hit(peer, code)
-    }
-}
-
 impl InboundApply {
     pub fn new(env: InboundEnv) -> Self {
         InboundApply {
             env: Arc::new(env),
-            guards: Arc::new(Guards {
-                log: LogThrottle::new(REFUSAL_LOG_EVERY),
-            }),
+            log: Arc::new(LogThrottle::new(REFUSAL_LOG_EVERY)),
             sessions: HashMap::new(),
             syncs: PeerPool::new(MAX_SYNC_SERVES, SYNC_SERVES_PER_PEER),
             refusals: PeerPool::new(MAX_REFUSALS, REFUSALS_PER_PEER),
@@ -170,7 +155,7 @@ impl InboundApply {
     fn session(&mut self, peer: PeerId) -> &mpsc::Sender<Attach> {
         let alive = self.sessions.get(&peer).is_some_and(|s| !s.is_closed());
         if !alive {
-            let session = spawn_session(self.env.clone(), self.guards.clone(), peer);
+            let session = spawn_session(self.env.clone(), self.log.clone(), peer);
             self.sessions.insert(peer, session);
         }
         // Inserted just above when missing.
@@ -201,7 +186,7 @@ impl InboundApply {
 
     fn pool_full(&self, peer: PeerId, what: &'static str, full: PoolFull) {
         self.env.metrics.refused("inbound", ErrorCode::Busy);
-        if let Some(count) = self.guards.log(peer, "busy") {
+        if let Some(count) = self.log.hit(peer, "busy") {
             tracing::warn!(%peer, what, code = "busy", count, cause = %full, "inbound helper pool full for this peer; stream reset");
         }
     }
@@ -231,7 +216,7 @@ impl InboundApply {
         if let Some(old) = self.heartbeats.remove(&peer) {
             if !old.is_finished() {
                 old.abort();
-                if let Some(count) = self.guards.log(peer, "heartbeat_replaced") {
+                if let Some(count) = self.log.hit(peer, "heartbeat_replaced") {
                     tracing::info!(%peer, count, "a new heartbeat stream replaces the open one");
                 }
             }
@@ -324,7 +309,7 @@ impl Handler<IncomingStream> for InboundApply {
         }
         if !self.env.partners.contains(&peer) {
             self.env.metrics.refused("inbound", ErrorCode::NotPartner);
-            if let Some(count) = self.guards.log(peer, "not_partner") {
+            if let Some(count) = self.log.hit(peer, "not_partner") {
                 tracing::warn!(%peer, %protocol, code = "not_partner", count, "stream from a peer that is not a partner refused");
             }
             self.refuse(
@@ -346,7 +331,7 @@ impl Handler<IncomingStream> for InboundApply {
                     // The peer already has its share of sync answers running: `busy`, so
                     // its pull fails at once and is retried at its next trigger.
                     self.env.metrics.refused("inbound", ErrorCode::Busy);
-                    if let Some(count) = self.guards.log(peer, "busy") {
+                    if let Some(count) = self.log.hit(peer, "busy") {
                         tracing::warn!(%peer, what = "sync", code = "busy", count, cause = %full, "sync request answered busy");
                     }
                     self.refuse(
@@ -383,7 +368,7 @@ impl Handler<IncomingStream> for InboundApply {
             // The session is busy (a store retry, a write waiting on the peer) and streams
             // keep coming: this one is reset rather than queued without bound.
             self.env.metrics.refused("inbound", ErrorCode::Busy);
-            if let Some(count) = self.guards.log(peer, "busy") {
+            if let Some(count) = self.log.hit(peer, "busy") {
                 tracing::warn!(%peer, what = "resource stream", code = "busy", count, "session queue full; stream reset");
             }
         }
@@ -586,11 +571,7 @@ async fn read_stream<R>(
             }
             Ok(Some(Frame::Large { .. })) => (Some(SMALL_INPUT_BYTES), false),
             Ok(Some(other)) => {
-                tracing::debug!(
-                    ?kind,
-                    frame = frame_type(other),
-                    "frame not for a receiver ignored"
-                );
+                tracing::debug!(?kind, frame = other.kind(), "frame not for a receiver ignored");
                 continue;
             }
             Ok(None) => (None, true),
@@ -619,30 +600,10 @@ async fn read_stream<R>(
     }
 }
 
-/// The `type` of a frame, for logs (never its content).
-fn frame_type(frame: &Frame) -> &'static str {
-    match frame {
-        Frame::Hello { .. } => "hello",
-        Frame::Event(_) => "event",
-        Frame::Large { .. } => "large",
-        Frame::Forward { .. } => "forward",
-        Frame::Ping { .. } => "ping",
-        Frame::Pong { .. } => "pong",
-        Frame::SyncRequest { .. } => "sync_request",
-        Frame::SyncHeader { .. } => "sync_header",
-        Frame::SyncPart { .. } => "sync_part",
-        Frame::Ack { .. } => "ack",
-        Frame::Error { .. } => "error",
-        Frame::SearchQuery { .. } => "search_query",
-        Frame::SearchResults { .. } => "search_results",
-        Frame::SearchDone { .. } => "search_done",
-    }
-}
-
-fn spawn_session(env: Arc<InboundEnv>, guards: Arc<Guards>, peer: PeerId) -> mpsc::Sender<Attach> {
+fn spawn_session(env: Arc<InboundEnv>, log: Arc<LogThrottle>, peer: PeerId) -> mpsc::Sender<Attach> {
     let (tx, rx) = mpsc::channel(ATTACH_QUEUE);
     tokio::spawn(async move {
-        match Session::start(env, guards, peer).await {
+        match Session::start(env, log, peer).await {
             Some(session) => session.run(rx).await,
             None => tracing::debug!(%peer, "inbound session not started: shutting down"),
         }
@@ -652,7 +613,7 @@ fn spawn_session(env: Arc<InboundEnv>, guards: Arc<Guards>, peer: PeerId) -> mps
 
 struct Session {
     env: Arc<InboundEnv>,
-    guards: Arc<Guards>,
+    log: Arc<LogThrottle>,
     peer: PeerId,
     origin: String,
     applied: u64,
@@ -684,14 +645,14 @@ struct Session {
 }
 
 impl Session {
-    async fn start(env: Arc<InboundEnv>, guards: Arc<Guards>, peer: PeerId) -> Option<Session> {
+    async fn start(env: Arc<InboundEnv>, log: Arc<LogThrottle>, peer: PeerId) -> Option<Session> {
         let origin = peer.to_string();
         let applied = retry(&env, "read applied mark", || env.store.applied(&origin)).await?;
         let (inputs, inputs_rx) = mpsc::channel(SESSION_INBOX);
         let budget_bytes = env.tuning.max_partner_buffer_bytes.min(Semaphore::MAX_PERMITS);
         Some(Session {
             env,
-            guards,
+            log,
             peer,
             origin,
             applied,
@@ -777,18 +738,17 @@ impl Session {
         if let Some(old) = self.readers[kind as usize].take() {
             if !old.is_finished() {
                 old.abort();
-                if let Some(count) = self.guards.log(self.peer, "stream_replaced") {
+                if let Some(count) = self.log.hit(self.peer, "stream_replaced") {
                     tracing::info!(peer = %self.peer, ?kind, count, "a new resource stream replaces the open one of its kind");
                 }
             }
         }
-        let t = &self.env.tuning;
-        let budget_bytes = t.max_partner_buffer_bytes.min(Semaphore::MAX_PERMITS);
+        // The budget's size is the reorder buffer's byte bound (both set in `start`).
         self.readers[kind as usize] = Some(tokio::spawn(read_stream(
             reader,
-            t.max_frame_bytes,
+            self.env.tuning.max_frame_bytes,
             self.budget.clone(),
-            budget_bytes,
+            self.pending.max_bytes,
             self.inputs.clone(),
             kind,
             generation,
@@ -838,7 +798,7 @@ impl Session {
                     }
                     Ok(()) => self.sync_target = 0,
                     Err(e) => {
-                        if let Some(count) = self.guards.log(self.peer, "sync_failed") {
+                        if let Some(count) = self.log.hit(self.peer, "sync_failed") {
                             tracing::warn!(peer = %self.peer, cause = %e, applied = self.applied, count, "journal sync failed; retried at the next trigger");
                         }
                         self.sync_target = 0;
@@ -865,7 +825,7 @@ impl Session {
                     }
                 } else {
                     self.env.metrics.refused("inbound", ErrorCode::ForgedOrigin);
-                    if let Some(count) = self.guards.log(self.peer, "forged_origin") {
+                    if let Some(count) = self.log.hit(self.peer, "forged_origin") {
                         tracing::warn!(peer = %self.peer, claimed = %origin, code = "forged_origin", count, "hello for another origin refused");
                     }
                     let refusal = Refusal::new(
@@ -885,7 +845,7 @@ impl Session {
                 };
                 // The entry it held (if any) leaves a hole that a pull fills.
                 self.env.metrics.refused("inbound", code);
-                if let Some(count) = self.guards.log(self.peer, code.as_str()) {
+                if let Some(count) = self.log.hit(self.peer, code.as_str()) {
                     tracing::warn!(peer = %self.peer, ?kind, code = code.as_str(), count, cause = %e, "unreadable frame skipped");
                 }
             }
@@ -913,7 +873,7 @@ impl Session {
             }
             Buffered::NoRoom => {
                 Metrics::add(&self.env.metrics.events_buffer_dropped, 1);
-                if let Some(count) = self.guards.log(self.peer, "buffer_full") {
+                if let Some(count) = self.log.hit(self.peer, "buffer_full") {
                     tracing::warn!(peer = %self.peer, seq, applied = self.applied, count, max_bytes = self.env.tuning.max_partner_buffer_bytes, "reorder buffer full: entry dropped, pulled later by journal sync");
                 }
             }
@@ -925,7 +885,7 @@ impl Session {
     fn check_gap(&mut self) {
         match self.pending.missing_up_to(self.applied) {
             Some(target) if self.gap_seen == Some((self.applied, target)) => {
-                if let Some(count) = self.guards.log(self.peer, "gap") {
+                if let Some(count) = self.log.hit(self.peer, "gap") {
                     tracing::info!(peer = %self.peer, applied = self.applied, up_to = target, count, "filling a gap by journal sync");
                 }
                 self.want_sync(target);
@@ -992,7 +952,7 @@ impl Session {
         if !self.env.partners.contains(&self.peer) {
             // The partnership ended while its streams were open: stop taking its events.
             self.env.metrics.refused("inbound", ErrorCode::NotPartner);
-            if let Some(count) = self.guards.log(self.peer, "not_partner") {
+            if let Some(count) = self.log.hit(self.peer, "not_partner") {
                 tracing::warn!(peer = %self.peer, code = "not_partner", count, "no longer a partner; its streams are closed");
             }
             let refusal = Refusal::new(
@@ -1011,7 +971,7 @@ impl Session {
                 Ok(()) => valid.push(entry),
                 Err(refusal) => {
                     self.env.metrics.refused("inbound", refusal.code);
-                    if let Some(count) = self.guards.log(self.peer, refusal.code.as_str()) {
+                    if let Some(count) = self.log.hit(self.peer, refusal.code.as_str()) {
                         tracing::warn!(peer = %self.peer, seq = entry.seq, code = refusal.code.as_str(), count, reason = %refusal.message, "event refused");
                     }
                     replies.push(error_frame(Some(entry.seq), &refusal));
@@ -1040,7 +1000,7 @@ impl Session {
                     let refusal =
                         Refusal::new(ErrorCode::Conflict, format!("the resource belongs to {owner}"));
                     env.metrics.refused("inbound", ErrorCode::Conflict);
-                    if let Some(count) = self.guards.log(self.peer, "conflict") {
+                    if let Some(count) = self.log.hit(self.peer, "conflict") {
                         tracing::warn!(peer = %self.peer, seq, code = "conflict", count, %owner, "event refused");
                     }
                     replies.push(error_frame(Some(*seq), &refusal));
@@ -1051,7 +1011,7 @@ impl Session {
                         format!("this node's store cannot hold the resource: {reason}"),
                     );
                     env.metrics.refused("inbound", ErrorCode::InvalidDocument);
-                    if let Some(count) = self.guards.log(self.peer, "invalid_document") {
+                    if let Some(count) = self.log.hit(self.peer, "invalid_document") {
                         tracing::warn!(peer = %self.peer, seq, code = "invalid_document", count, %reason, "event refused by the store");
                     }
                     replies.push(error_frame(Some(*seq), &refusal));
@@ -1126,11 +1086,7 @@ impl Session {
         for f in frames {
             wire::encode_frame(f, &mut buf);
         }
-        let written = tokio::time::timeout(timeout, async {
-            w.write_all(&buf).await?;
-            w.flush().await
-        })
-        .await;
+        let written = tokio::time::timeout(timeout, wire::write_encoded(w, &buf)).await;
         if !matches!(written, Ok(Ok(()))) {
             tracing::debug!(peer = %self.peer, ?kind, "stream gone while answering");
             self.writers[kind as usize] = None;

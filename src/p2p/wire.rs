@@ -228,14 +228,20 @@ pub fn encode_event_json(entry_json: &[u8], out: &mut Vec<u8>) -> bool {
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(128);
     encode_frame(frame, &mut buf);
-    w.write_all(&buf).await?;
+    write_encoded(w, &buf).await
+}
+
+/// Writes frames already encoded ([`encode_frame`]: length prefixes included) and flushes,
+/// for a frame encoded once and sent to many peers.
+pub async fn write_encoded<W: AsyncWrite + Unpin>(w: &mut W, frames: &[u8]) -> std::io::Result<()> {
+    w.write_all(frames).await?;
     w.flush().await
 }
 
 /// Bytes one peer may hold in frames being read, across all of its streams.
 ///
 /// Shared (in an `Arc`) by whoever owns a peer's streams, and passed to
-/// [`read_frame_budgeted`] / [`forward_frames_budgeted`] for each of them. A frame's body
+/// [`read_frame_budgeted`] for each of them. A frame's body
 /// buffer is charged as it grows and released as soon as the frame is decoded (or fails):
 /// the budget bounds the bytes of half-read frames, whatever the length prefixes claim.
 /// What the caller keeps after a frame is decoded is the caller's to bound.
@@ -439,41 +445,13 @@ pub fn decode_frame(body: &[u8]) -> Result<Frame, serde_json::Error> {
 /// (wrapped by `wrap`); the final `Ok(None)` or fatal error is handed over too. Stops early
 /// when the receiver is gone. The channel bound is the backpressure: a slow consumer stops
 /// the reading, and the peer's writes block on the transport window.
-pub async fn forward_frames<R, T, F>(r: R, max: usize, tx: tokio::sync::mpsc::Sender<T>, wrap: F)
+pub async fn forward_frames<R, T, F>(mut r: R, max: usize, tx: tokio::sync::mpsc::Sender<T>, wrap: F)
 where
     R: AsyncRead + Unpin,
     F: Fn(Result<Option<Frame>, FrameError>) -> T,
 {
-    forward_frames_inner(r, max, None, tx, wrap).await
-}
-
-/// [`forward_frames`], each frame read with [`read_frame_budgeted`] against the peer's
-/// `budget` (an [`FrameError::OverBudget`] is handed over and ends the reading).
-pub async fn forward_frames_budgeted<R, T, F>(
-    r: R,
-    max: usize,
-    budget: std::sync::Arc<ByteBudget>,
-    tx: tokio::sync::mpsc::Sender<T>,
-    wrap: F,
-) where
-    R: AsyncRead + Unpin,
-    F: Fn(Result<Option<Frame>, FrameError>) -> T,
-{
-    forward_frames_inner(r, max, Some(&budget), tx, wrap).await
-}
-
-async fn forward_frames_inner<R, T, F>(
-    mut r: R,
-    max: usize,
-    budget: Option<&ByteBudget>,
-    tx: tokio::sync::mpsc::Sender<T>,
-    wrap: F,
-) where
-    R: AsyncRead + Unpin,
-    F: Fn(Result<Option<Frame>, FrameError>) -> T,
-{
     loop {
-        let frame = read_frame_inner(&mut r, max, budget).await;
+        let frame = read_frame(&mut r, max).await;
         let end = match &frame {
             Ok(Some(_)) => false,
             Ok(None) => true,
