@@ -35,7 +35,7 @@ pub const DEFAULT_FORWARD_BURST: u32 = 100;
 /// A planner stream that carried nothing for this long is closed (both sides).
 pub const DEFAULT_PLANNER_IDLE: &str = "10m";
 /// Bytes of one journal sync round (`--sync-max-bytes`).
-pub const DEFAULT_SYNC_MAX_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_SYNC_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Room for an entry's fields around its resource: `--sync-max-bytes` must exceed
 /// `--max-event-bytes` by this much, so that one entry always fits in a round.
 const SYNC_ENTRY_ROOM: u64 = 64 * 1024;
