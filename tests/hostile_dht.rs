@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,7 +13,6 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
 use oc_discovery::p2p::records::{self, PeerRecord};
-use oc_discovery::testkit::rss_of_pid;
 use serde_json::{json, Value};
 
 const RSS_LIMIT: u64 = 256 * 1024 * 1024;
@@ -45,38 +42,6 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         };
     }
     total
-}
-
-/// Samples a process's RSS every 100 ms and keeps the peak, until dropped.
-struct RssPeak {
-    peak: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RssPeak {
-    fn watch(pid: u32) -> RssPeak {
-        let peak = Arc::new(AtomicU64::new(0));
-        let p = peak.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                if let Some(rss) = rss_of_pid(pid) {
-                    p.fetch_max(rss, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        RssPeak { peak, task }
-    }
-
-    fn peak(&self) -> u64 {
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for RssPeak {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// A victim and its good partner, both started, partners both ways.

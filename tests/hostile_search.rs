@@ -97,37 +97,6 @@ impl Rogue {
     }
 }
 
-/// Samples a node's resident memory every 50 ms; the peak so far.
-struct RssWatch {
-    peak: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RssWatch {
-    fn start(site: &Site) -> RssWatch {
-        let pid = site.node.pid().expect("running node");
-        let peak = Arc::new(AtomicU64::new(0));
-        let p = peak.clone();
-        let task = tokio::spawn(async move {
-            while let Some(rss) = oc_discovery::testkit::rss_of_pid(pid) {
-                p.fetch_max(rss, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        RssWatch { peak, task }
-    }
-
-    fn peak(&self) -> u64 {
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for RssWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// What one search produced on the searcher's `SEARCH_EVENT`.
 #[derive(Debug)]
 struct Outcome {
@@ -310,7 +279,7 @@ async fn a_lying_responder_gets_only_its_own_results_of_the_type_asked_within_th
         body["data_type"] = json!("COMPUTE_RESOURCE");
         g.publish_ok(&body).await;
     }
-    let rss = RssWatch::start(&v);
+    let rss = RssPeak::watch(v.node.pid().expect("running node"));
 
     let payload = json!({"type": "partner", "search": "gpu", "timeout_ms": 20_000});
     let (o, ()) = tokio::join!(
@@ -426,7 +395,7 @@ async fn a_victim_with_many_own_resources_answers_searches_with_bounded_memory()
     partner(&mut v, &mut [&mut g]);
     v.node.start_healthy().await.unwrap();
     g.node.start_healthy().await.unwrap();
-    let rss = RssWatch::start(&v);
+    let rss = RssPeak::watch(v.node.pid().expect("running node"));
 
     // 10 000 own resources of about 9 KiB each, 100 fields apiece: 90 MiB of JSON text,
     // several times that as parsed trees.
@@ -583,7 +552,7 @@ async fn gossip_queries_from_unknown_keys_are_rate_limited() {
     let mut gpu = event("PB_CREATE", "v-gpu", &v.id(), json!({"name": "gpu"}));
     gpu["data_type"] = json!("COMPUTE_RESOURCE");
     v.publish_ok(&gpu).await;
-    let rss = RssWatch::start(&v);
+    let rss = RssPeak::watch(v.node.pid().expect("running node"));
     let started = Instant::now();
 
     // Fresh keys, each its own libp2p peer, each publishing queries as fast as it can.

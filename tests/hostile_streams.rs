@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,38 +149,6 @@ async fn wait_online(site: &Site, peer: &str) {
     }
 }
 
-/// Samples a process's RSS every 100 ms until dropped; `peak()` is the highest seen.
-struct RssWatch {
-    peak: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RssWatch {
-    fn start(pid: u32) -> RssWatch {
-        let peak = Arc::new(AtomicU64::new(0));
-        let p = peak.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                if let Some(rss) = oc_discovery::testkit::rss_of_pid(pid) {
-                    p.fetch_max(rss, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        RssWatch { peak, task }
-    }
-
-    fn peak(&self) -> u64 {
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for RssWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 fn entry(origin: &str, seq: u64, pad: &str) -> Frame {
     Frame::Event(JournalEntry {
         origin: origin.into(),
@@ -199,7 +167,7 @@ fn entry(origin: &str, seq: u64, pad: &str) -> Frame {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_that_never_fill_the_first_seq_hold_at_most_the_partner_buffer() {
     let a = arena(&[], &[]).await;
-    let rss = RssWatch::start(a.victim.node.pid().unwrap());
+    let rss = RssPeak::watch(a.victim.node.pid().unwrap());
     exchange(&a, "before", 3).await;
 
     let stream = open(&a, StreamKind::Create.protocol()).await;
@@ -323,7 +291,7 @@ async fn heartbeat_and_sync_floods_leave_the_good_partner_its_share() {
     // Frames of 4 KiB: the good partner's 10 KiB entries travel as `large` and are pulled.
     let small = ["--max-frame-bytes", "4096", "--sync-interval", "2s"];
     let a = arena(&small, &small).await;
-    let rss = RssWatch::start(a.victim.node.pid().unwrap());
+    let rss = RssPeak::watch(a.victim.node.pid().unwrap());
     exchange(&a, "before", 2).await;
 
     let mut heartbeats = Vec::new();

@@ -335,3 +335,37 @@ impl HandPeer {
         (r, w)
     }
 }
+
+/// Samples a process's resident memory every 50 ms and keeps the peak, until dropped: the
+/// victim's memory in the hostile-peer tests.
+pub struct RssPeak {
+    peak: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssPeak {
+    pub fn watch(pid: u32) -> RssPeak {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let peak = Arc::new(AtomicU64::new(0));
+        let p = peak.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Some(rss) = oc_discovery::testkit::rss_of_pid(pid) {
+                    p.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        RssPeak { peak, task }
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssPeak {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
