@@ -351,11 +351,7 @@ async fn refuse(
     if let Some(count) = REFUSAL_LOG.hit(peer, code.as_str()) {
         tracing::warn!(%peer, code = code.as_str(), count, reason = %message, "sync request refused");
     }
-    let frame = Frame::Error {
-        seq: None,
-        code: code.as_str().into(),
-        message,
-    };
+    let frame = Frame::error(None, code, message);
     let _ = tokio::time::timeout(timeout, async {
         wire::write_frame(&mut *stream, &frame).await?;
         stream.close().await

@@ -936,11 +936,7 @@ impl Drop for SlotGuard {
 }
 
 fn error_frame(code: ErrorCode, message: impl Into<String>) -> Frame {
-    Frame::Error {
-        seq: None,
-        code: code.as_str().to_owned(),
-        message: message.into(),
-    }
+    Frame::error(None, code, message)
 }
 
 #[cfg(test)]

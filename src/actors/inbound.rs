@@ -195,11 +195,7 @@ impl InboundApply {
     fn refuse(&self, peer: PeerId, mut stream: Stream, code: ErrorCode, message: &'static str) {
         let timeout = self.env.tuning.io_timeout;
         self.helper(&self.refusals, peer, "refusal", async move {
-            let frame = Frame::Error {
-                seq: None,
-                code: code.as_str().to_owned(),
-                message: message.to_owned(),
-            };
+            let frame = Frame::error(None, code, message);
             let _ = tokio::time::timeout(timeout, async {
                 let _ = wire::write_frame(&mut stream, &frame).await;
                 let _ = stream.close().await;
@@ -1151,11 +1147,7 @@ async fn applied_to(applied: &mut watch::Receiver<u64>, until: u64, timeout: Dur
 }
 
 fn error_frame(seq: Option<u64>, refusal: &Refusal) -> Frame {
-    Frame::Error {
-        seq,
-        code: refusal.code.as_str().to_owned(),
-        message: refusal.message.clone(),
-    }
+    Frame::error(seq, refusal.code, refusal.message.clone())
 }
 
 /// Retries `op` with backoff until it succeeds; `None` when shutdown came first.

@@ -256,11 +256,11 @@ fn refuse_ack(env: &LinkEnv, log: &LogThrottle, peer: PeerId, seq: u64, head: u6
     if let Some(count) = log.hit(peer, "ack_beyond_head") {
         tracing::warn!(%peer, seq, head, code = "invalid_field", count, "ack beyond this node's journal head refused; the cursor does not move");
     }
-    Frame::Error {
-        seq: None,
-        code: ErrorCode::InvalidField.as_str().to_owned(),
-        message: format!("ack {seq} is beyond this node's journal head {head}"),
-    }
+    Frame::error(
+        None,
+        ErrorCode::InvalidField,
+        format!("ack {seq} is beyond this node's journal head {head}"),
+    )
 }
 
 /// Runs the link until shutdown, persisting the cursor on the way out.

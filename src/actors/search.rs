@@ -1409,11 +1409,7 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame, timeout: Duratio
 }
 
 fn error_frame(refusal: &Refusal) -> Frame {
-    Frame::Error {
-        seq: None,
-        code: refusal.code.as_str().to_owned(),
-        message: refusal.message.clone(),
-    }
+    Frame::error(None, refusal.code, refusal.message.clone())
 }
 
 /// `private` never, `partners` to partners only, anything else to everyone.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
 
-use crate::event::JournalEntry;
+use crate::event::{ErrorCode, JournalEntry};
 
 /// Hard ceiling for any frame, whatever the configuration: a length above it means the
 /// peer does not speak our framing, and the stream is closed.
@@ -136,6 +136,16 @@ pub enum Frame {
 }
 
 impl Frame {
+    /// An `error` frame: a refusal with its stable code, about entry `seq` or (`None`) the
+    /// stream.
+    pub fn error(seq: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Frame {
+        Frame::Error {
+            seq,
+            code: code.as_str().to_owned(),
+            message: message.into(),
+        }
+    }
+
     /// The frame's `type` on the wire, for log lines (a whole frame may be large).
     pub fn kind(&self) -> &'static str {
         match self {
