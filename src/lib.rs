@@ -17,6 +17,7 @@
 //! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
+//! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
 //! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod nats;
 pub mod node;
 pub mod p2p;
+pub mod partners;
 pub mod shutdown;
 pub mod store;
 pub mod sync;

@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
-use crate::actors::inbound::{InboundApply, InboundEnv, Partners};
+use crate::actors::inbound::{InboundApply, InboundEnv};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
@@ -26,6 +26,7 @@ use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamSe
 use crate::config::{NodeConfig, StoreConfig};
 use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::metrics::Metrics;
+use crate::partners::Partners;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::{MongoSettings, MongoStore};
 use crate::store::Store;

@@ -30,13 +30,13 @@
 //! peer and code (`guard::LogThrottle`) while every one is counted.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use futures::io::{BufWriter, WriteHalf};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Tuning;
@@ -45,6 +45,7 @@ use crate::guard::{LogThrottle, PeerPool, PoolFull};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
+use crate::partners::Partners;
 use crate::store::{ApplyOutcome, Store};
 use crate::sync::{self, PROTOCOL_SYNC};
 
@@ -79,39 +80,6 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 const GAP_GRACE: Duration = Duration::from_secs(1);
 /// Bytes counted for an input that carries no entry (a `hello`, a `large` marker).
 const SMALL_INPUT_BYTES: usize = 64;
-
-/// The peers this node accepts events from, with the address to reach each.
-#[derive(Default)]
-pub struct Partners(RwLock<HashMap<PeerId, Option<Multiaddr>>>);
-
-impl Partners {
-    pub fn insert(&self, peer: PeerId, addr: Option<Multiaddr>) {
-        if let Ok(mut s) = self.0.write() {
-            s.insert(peer, addr);
-        }
-    }
-
-    pub fn remove(&self, peer: &PeerId) {
-        if let Ok(mut s) = self.0.write() {
-            s.remove(peer);
-        }
-    }
-
-    pub fn contains(&self, peer: &PeerId) -> bool {
-        self.0.read().map(|s| s.contains_key(peer)).unwrap_or(false)
-    }
-
-    pub fn addr(&self, peer: &PeerId) -> Option<Multiaddr> {
-        self.0.read().ok().and_then(|s| s.get(peer).cloned().flatten())
-    }
-
-    pub fn peers(&self) -> Vec<PeerId> {
-        self.0
-            .read()
-            .map(|s| s.keys().copied().collect())
-            .unwrap_or_default()
-    }
-}
 
 pub struct InboundEnv {
     pub own_id: String,
