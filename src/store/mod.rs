@@ -252,24 +252,14 @@ pub trait Store: Send + Sync + 'static {
     /// `bounds`: what a search responder streams, so that its memory does not grow with the
     /// number of own resources.
     ///
-    /// The default reads them all through [`Store::own_resources`]; both backends read
-    /// their index page by page instead.
+    /// Required of every store: reading them all would hold every own resource at once.
     async fn own_resources_page(
         &self,
         origin: &str,
         data_type: &str,
         after: Option<String>,
         bounds: PageBounds,
-    ) -> StoreResult<OwnPage> {
-        let all = self.own_resources(origin, data_type).await?;
-        let mut keyed: Vec<(String, String)> = all
-            .iter()
-            .filter_map(|r| Some((r.get("id")?.as_str()?.to_owned(), r.to_string())))
-            .filter(|(id, _)| after.as_ref().is_none_or(|a| id > a))
-            .collect();
-        keyed.sort();
-        OwnPage::fill(keyed.into_iter().map(Ok::<_, StoreError>), bounds)
-    }
+    ) -> StoreResult<OwnPage>;
 
     /// Peers this node met, with their relation.
     async fn peers(&self) -> StoreResult<Vec<PeerRow>>;
@@ -280,23 +270,7 @@ pub trait Store: Send + Sync + 'static {
     /// (`updated_ms`) first; partners and blacklisted peers are never dropped. Returns how
     /// many were dropped. Backends keep an index so that this costs little when nothing is
     /// to be dropped (it is called after each peer met).
-    async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize> {
-        let mut known: Vec<PeerRow> = self
-            .peers()
-            .await?
-            .into_iter()
-            .filter(|r| r.relation == Relation::Known)
-            .collect();
-        if known.len() <= keep {
-            return Ok(0);
-        }
-        known.sort_by_key(|r| r.updated_ms);
-        let excess = known.len() - keep;
-        for r in known.iter().take(excess) {
-            self.remove_peer(&r.peer_id).await?;
-        }
-        Ok(excess)
-    }
+    async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize>;
 
     /// One peer's row.
     async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
