@@ -273,9 +273,7 @@ pub trait Store: Send + Sync + 'static {
     async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize>;
 
     /// One peer's row.
-    async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
-        Ok(self.peers().await?.into_iter().find(|r| r.peer_id == peer_id))
-    }
+    async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>>;
 
     /// Records a peer met through the DHT or a search: its name and record replace what
     /// was known; its relation stays what it was (a partner or a blacklisted peer stays so;
