@@ -18,6 +18,7 @@
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
 //! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
+//! - [`answers`]: replies to applications and the one refusal report (log, metric, error event, reply).
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
@@ -29,6 +30,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod answers;
 pub mod backoff;
 pub mod cli;
 pub mod config;
