@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use oc_discovery::testkit::{MongoServer, NatsServer, NodeProcess};
+use oc_testkit::{MongoServer, NatsServer, NodeProcess};
 use serde_json::{json, Value};
 
 /// Payload padding so each event is about 1 KiB on the wire.
@@ -158,7 +158,7 @@ impl CpuMeter {
                 .iter()
                 .filter_map(|(name, pid)| {
                     let pid = (*pid)?;
-                    Some((*name, pid, oc_discovery::testkit::cpu_seconds_of_pid(pid)?))
+                    Some((*name, pid, oc_testkit::cpu_seconds_of_pid(pid)?))
                 })
                 .collect(),
         )
@@ -169,7 +169,7 @@ impl CpuMeter {
         let mut line = format!("[{store}] {scenario} CPU per event:");
         let mut total = 0.0;
         for (name, pid, before) in &self.0 {
-            let Some(now) = oc_discovery::testkit::cpu_seconds_of_pid(*pid) else {
+            let Some(now) = oc_testkit::cpu_seconds_of_pid(*pid) else {
                 continue;
             };
             let us = (now - before) * 1e6 / events.max(1) as f64;
@@ -541,7 +541,7 @@ async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec
         let (pa, pb) = (a.node.pid(), b.node.pid());
         tokio::spawn(async move {
             loop {
-                let rss = |pid: Option<u32>| pid.and_then(oc_discovery::testkit::rss_of_pid).unwrap_or(0);
+                let rss = |pid: Option<u32>| pid.and_then(oc_testkit::rss_of_pid).unwrap_or(0);
                 let (ra, rb) = (rss(pa), rss(pb));
                 if let Ok(mut p) = peak.lock() {
                     p.0 = p.0.max(ra);

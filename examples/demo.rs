@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use oc_discovery::testkit::{NatsServer, NodeProcess};
+use oc_testkit::{NatsServer, NodeProcess};
 use serde_json::json;
 
 struct Site {

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-cargo test --all-targets -- --test-threads=2
+cargo test --workspace --all-targets -- --test-threads=2

@@ -26,7 +26,6 @@
 //! - [`node`]: wires everything together and runs until shutdown.
 //! - [`cli`]: the `id` and `peers` commands.
 //! - [`fuzzing`]: entry points of the fuzz targets, shared with the corpus replay test.
-//! - [`testkit`]: spawns real nats-servers, mongods and nodes for tests, demo and benchmarks.
 
 pub mod actors;
 pub mod admin;
@@ -47,4 +46,3 @@ pub mod partners;
 pub mod shutdown;
 pub mod store;
 pub mod sync;
-pub mod testkit;

@@ -123,7 +123,7 @@ fn compose_command() -> anyhow::Result<Vec<String>> {
 }
 
 fn free_port() -> u16 {
-    oc_discovery::testkit::free_port().expect("free port")
+    oc_testkit::free_port().expect("free port")
 }
 
 /// One compose project of docker-compose.yml; `down -v` when dropped.

@@ -121,7 +121,7 @@ async fn an_idle_planner_stream_is_forgotten_and_the_next_message_opens_a_new_on
     seen_b
         .wait_for("the first planner message", |s| s.len() == 1)
         .await;
-    oc_discovery::testkit::wait_until("the idle planner stream closed", WAIT, || {
+    oc_testkit::wait_until("the idle planner stream closed", WAIT, || {
         a.node.log().contains("idle planner stream closed")
     })
     .await

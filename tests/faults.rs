@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use oc_discovery::testkit::wait_until;
+use oc_testkit::wait_until;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -333,7 +333,7 @@ async fn idle_planner_streams_of_many_peers_stalled_mid_frame_do_not_lock_out_a_
     }
     let opened = peers * FORWARD_STREAMS_PER_PEER;
     let beyond = opened - MAX_FORWARD_STREAMS;
-    oc_discovery::testkit::wait_until("idle hostile streams closed to make room", WAIT, || {
+    oc_testkit::wait_until("idle hostile streams closed to make room", WAIT, || {
         closed.load(Ordering::Relaxed) >= beyond
     })
     .await

@@ -37,7 +37,7 @@ struct Rogue {
 impl Rogue {
     fn start() -> Rogue {
         let key = Keypair::generate_ed25519();
-        let port = oc_discovery::testkit::free_port().unwrap();
+        let port = oc_testkit::free_port().unwrap();
         let listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
         let (net, event_loop) = p2p::build(key.clone(), None, &[listen]).unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -718,7 +718,7 @@ async fn own_resources_are_read_in_bounded_pages_in_both_stores() {
     let dir = tempfile::tempdir().unwrap();
     let embedded = oc_discovery::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
     pages_of(Arc::new(embedded)).await;
-    let server = oc_discovery::testkit::MongoServer::start().await.unwrap();
+    let server = oc_testkit::MongoServer::start().await.unwrap();
     let mongo = oc_discovery::store::mongo::MongoStore::connect(
         &server.uri(),
         "pages",

@@ -53,7 +53,7 @@ impl Scene {
     async fn start(victim_args: &[&str]) -> Scene {
         init_tracing();
         let hand = HandPeer::start(libp2p::identity::Keypair::generate_ed25519());
-        oc_discovery::testkit::wait_until("hand peer listening", PATIENCE, || {
+        oc_testkit::wait_until("hand peer listening", PATIENCE, || {
             !hand.net.state().listen_addrs().is_empty()
         })
         .await

@@ -16,7 +16,7 @@ use mongodb::bson::{doc, Document};
 use oc_discovery::event::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::StreamKind;
-use oc_discovery::testkit::MongoServer;
+use oc_testkit::MongoServer;
 use serde_json::{json, Value};
 
 const DT: &str = "COMPUTE_RESOURCE";

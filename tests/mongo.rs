@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use mongodb::bson::{doc, Document};
-use oc_discovery::testkit::MongoServer;
+use oc_testkit::MongoServer;
 use serde_json::json;
 
 const DB: &str = "opencloud_test";

@@ -166,7 +166,7 @@ async fn a_returning_partner_does_not_wait_out_the_backoff() {
             .await;
     }
     // A's link has failed to reach B: its next attempt is 300 s away.
-    oc_discovery::testkit::wait_until(
+    oc_testkit::wait_until(
         "A's link to fail while B is down",
         Duration::from_secs(30),
         || a.node.log().contains("partner session ended"),

@@ -128,7 +128,7 @@ struct TestPeer {
 impl TestPeer {
     fn start() -> TestPeer {
         let key = Keypair::generate_ed25519();
-        let port = oc_discovery::testkit::free_port().unwrap();
+        let port = oc_testkit::free_port().unwrap();
         let listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
         let (client, event_loop) = p2p::build(key.clone(), None, &[listen]).unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -11,7 +11,7 @@ use oc_discovery::event::{Action, JournalEntry, NewEvent};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::mongo::{MongoSettings, MongoStore};
 use oc_discovery::store::{ApplyOutcome, Owner, PeerRow, Relation, Store, StoreError, StoredResource};
-use oc_discovery::testkit::MongoServer;
+use oc_testkit::MongoServer;
 use serde_json::{json, Value};
 
 const A: &str = "12D3KooWorigin-a";

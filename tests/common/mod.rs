@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use oc_discovery::testkit::{NatsServer, NodeProcess};
+use oc_testkit::{NatsServer, NodeProcess};
 use serde_json::{json, Value};
 
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -178,7 +178,7 @@ impl Collector {
 
     pub async fn wait_for(&self, what: &str, mut cond: impl FnMut(&[Seen]) -> bool) {
         let inner = self.0.clone();
-        oc_discovery::testkit::wait_until(what, WAIT, || cond(&inner.lock().unwrap()))
+        oc_testkit::wait_until(what, WAIT, || cond(&inner.lock().unwrap()))
             .await
             .unwrap_or_else(|e| panic!("{e}; seen {} messages", self.len()));
     }
@@ -350,7 +350,7 @@ impl RssPeak {
         let p = peak.clone();
         let task = tokio::spawn(async move {
             loop {
-                if let Some(rss) = oc_discovery::testkit::rss_of_pid(pid) {
+                if let Some(rss) = oc_testkit::rss_of_pid(pid) {
                     p.fetch_max(rss, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

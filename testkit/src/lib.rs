@@ -401,7 +401,7 @@ impl NodeProcess {
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let base = self.admin_url();
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || crate::cli::http_get(&base, &path)).await?
+        tokio::task::spawn_blocking(move || oc_discovery::cli::http_get(&base, &path)).await?
     }
 
     /// GET returning JSON; any status other than 200 is an error.
