@@ -20,17 +20,7 @@ struct Site {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|dir| dir.join("oc-discovery"))
-        .context("cannot locate the oc-discovery binary next to the example")?;
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build` first",
-        bin.display()
-    );
+    let bin = oc_testkit::node_binary()?;
 
     let mut sites = Vec::new();
     for name in ["site-a", "site-b", "site-c"] {

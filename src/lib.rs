@@ -25,7 +25,6 @@
 //! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
 //! - [`node`]: wires everything together and runs until shutdown.
 //! - [`cli`]: the `id` and `peers` commands.
-//! - [`fuzzing`]: entry points of the fuzz targets, shared with the corpus replay test.
 
 pub mod actors;
 pub mod admin;
@@ -35,7 +34,6 @@ pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod event;
-pub mod fuzzing;
 pub mod guard;
 pub mod identity;
 pub mod metrics;

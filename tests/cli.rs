@@ -1,13 +1,13 @@
 //! The command line as operators use it.
 
-mod common;
-
+use oc_testkit::{init_tracing, node_binary, partner, Site};
 use std::process::Command;
 
-use common::*;
-
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin()).args(args).output().expect("run oc-discovery");
+    let out = Command::new(node_binary().unwrap())
+        .args(args)
+        .output()
+        .expect("run oc-discovery");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -28,7 +28,7 @@ fn id_prints_a_stable_peer_id_alone() {
     assert_eq!(first, format!("{id}\n"), "the peer id alone on stdout");
     assert!(dir.path().join("identity.key").exists());
     // The environment names the same directory.
-    let out = Command::new(bin())
+    let out = Command::new(node_binary().unwrap())
         .arg("id")
         .env("OC_DISCOVERY_DATA_DIR", d)
         .output()

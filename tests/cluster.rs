@@ -19,15 +19,13 @@
 //! The one skip: no Docker engine answers (`docker info` fails). The test says so and
 //! passes; the README states that the cluster test runs when a Docker engine is present.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use common::Collector;
+use oc_testkit::Collector;
 use serde_json::{json, Value};
 
 /// Events published in each of the three phases.

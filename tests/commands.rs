@@ -1,22 +1,7 @@
 //! PB_CONSIDERS and planner messages to chosen peers.
 
-mod common;
-
-use std::time::Duration;
-
-use common::*;
+use oc_testkit::{init_tracing, partner, Site, WAIT};
 use serde_json::{json, Value};
-
-async fn request(site: &Site, body: Value) -> Value {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(30),
-        site.app.request("PROPALGATION_EVENT", body.to_string().into()),
-    )
-    .await
-    .expect("reply in time")
-    .expect("request");
-    serde_json::from_slice(&reply.payload).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn considers_reach_each_listed_peer_and_unreachable_ones_are_named() {
@@ -35,7 +20,7 @@ async fn considers_reach_each_listed_peer_and_unreachable_ones_are_named() {
         .to_string();
     let body = json!({"action": "PB_CONSIDERS", "data_type": "WORKFLOW_EXECUTION", "user": "alice",
                       "payload": {"peer_ids": [b.id(), c.id(), ghost], "execution_id": "exec-1"}});
-    let reply = request(&a, body).await;
+    let reply = a.request(&body).await;
     assert_eq!(reply["ok"], false, "{reply}");
     assert_eq!(reply["error"]["code"], "unreachable");
     assert_eq!(reply["unreachable"][0]["peer_id"], ghost.as_str(), "{reply}");
@@ -74,7 +59,7 @@ async fn planner_messages_share_one_stream_until_closed() {
     for step in 0..3 {
         let body = json!({"action": "PB_PLANNER", "data_type": "BOOKING", "user": "alice",
                           "payload": {"peer_id": b.id(), "step": step}});
-        let reply = request(&a, body).await;
+        let reply = a.request(&body).await;
         assert_eq!(reply["ok"], true, "{reply}");
     }
     seen_b.wait_for("three planner messages", |s| s.len() >= 3).await;
@@ -88,17 +73,17 @@ async fn planner_messages_share_one_stream_until_closed() {
         .all()
         .iter()
         .all(|m| m.body["action"] == "PB_PLANNER" && m.body["from_app"] == "oc-discovery"));
-    let reply = request(
-        &a,
-        json!({"action": "PB_CLOSE_PLANNER", "data_type": "BOOKING", "payload": {"peer_id": b.id()}}),
-    )
-    .await;
+    let reply = a
+        .request(
+            &json!({"action": "PB_CLOSE_PLANNER", "data_type": "BOOKING", "payload": {"peer_id": b.id()}}),
+        )
+        .await;
     assert_eq!(reply, json!({"ok": true, "peer_id": b.id(), "closed": true}));
-    let reply = request(
-        &a,
-        json!({"action": "PB_CLOSE_PLANNER", "data_type": "BOOKING", "payload": {"peer_id": "nope"}}),
-    )
-    .await;
+    let reply = a
+        .request(
+            &json!({"action": "PB_CLOSE_PLANNER", "data_type": "BOOKING", "payload": {"peer_id": "nope"}}),
+        )
+        .await;
     assert_eq!(reply["error"]["code"], "invalid_field", "{reply}");
 }
 
@@ -117,7 +102,7 @@ async fn an_idle_planner_stream_is_forgotten_and_the_next_message_opens_a_new_on
         json!({"action": "PB_PLANNER", "data_type": "BOOKING", "user": "alice",
                "payload": {"peer_id": b.id(), "step": step}})
     };
-    assert_eq!(request(&a, planner(0)).await["ok"], true);
+    assert_eq!(a.request(&planner(0)).await["ok"], true);
     seen_b
         .wait_for("the first planner message", |s| s.len() == 1)
         .await;
@@ -127,13 +112,13 @@ async fn an_idle_planner_stream_is_forgotten_and_the_next_message_opens_a_new_on
     .await
     .unwrap();
     // Its queue is forgotten: nothing left to close.
-    let reply = request(
-        &a,
-        json!({"action": "PB_CLOSE_PLANNER", "data_type": "BOOKING", "payload": {"peer_id": b.id()}}),
-    )
-    .await;
+    let reply = a
+        .request(
+            &json!({"action": "PB_CLOSE_PLANNER", "data_type": "BOOKING", "payload": {"peer_id": b.id()}}),
+        )
+        .await;
     assert_eq!(reply, json!({"ok": true, "peer_id": b.id(), "closed": false}));
-    assert_eq!(request(&a, planner(1)).await["ok"], true);
+    assert_eq!(a.request(&planner(1)).await["ok"], true);
     seen_b
         .wait_for("the second planner message", |s| s.len() == 2)
         .await;

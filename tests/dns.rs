@@ -1,9 +1,7 @@
 //! Partner addresses that name a host (`/dns4/<name>/tcp/<port>/p2p/<id>`), as the README
 //! and docker-compose.yml give them, are resolved when dialled.
 
-mod common;
-
-use common::*;
+use oc_testkit::{event, init_tracing, Site};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

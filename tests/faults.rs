@@ -1,14 +1,13 @@
 //! Crashes in the middle of a stream: nothing acknowledged is lost, nothing applied twice.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use futures::StreamExt;
-use oc_testkit::wait_until;
+use oc_testkit::{
+    capture_notices, event, init_tracing, partner, stream_count, wait_until, Relay, Site, WAIT,
+};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

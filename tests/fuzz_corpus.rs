@@ -1,12 +1,12 @@
 //! Replays the fuzz corpus (`fuzz/corpus/<target>/`, docs/FUZZING.md) as an ordinary test:
 //! every saved input, and every seed, goes through the same function the fuzz target runs
-//! (`oc_discovery::fuzzing`), and none may panic. CI runs this; the fuzzer itself needs
+//! (`oc_testkit::fuzzing`), and none may panic. CI runs this; the fuzzer itself needs
 //! `cargo fuzz` and is run by hand.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use oc_discovery::fuzzing::{seeds, TARGETS};
+use oc_testkit::fuzzing::{seeds, TARGETS};
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -15,7 +15,7 @@ fn corpus_dir(target: &str) -> PathBuf {
 }
 
 /// Runs `input` through `run`; the panic's message when it panics.
-fn replay(run: oc_discovery::fuzzing::Target, input: &[u8]) -> Result<(), String> {
+fn replay(run: oc_testkit::fuzzing::Target, input: &[u8]) -> Result<(), String> {
     catch_unwind(AssertUnwindSafe(|| run(input))).map_err(|p| {
         p.downcast_ref::<String>()
             .cloned()

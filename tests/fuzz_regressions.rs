@@ -2,7 +2,7 @@
 //! through the decoder it broke, with the behaviour the fix gives.
 
 use oc_discovery::event::{decode_intake, Decoded, ErrorCode};
-use oc_discovery::fuzzing::{self, MAX_EVENT_BYTES, OWN_ID};
+use oc_testkit::fuzzing::{self, MAX_EVENT_BYTES, OWN_ID};
 
 fn event_with(payload_fields: &str) -> String {
     format!(

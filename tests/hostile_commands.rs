@@ -2,18 +2,16 @@
 //! JetStream intake: each attack runs against a real node while a good partner (another
 //! real node) keeps exchanging events with it both ways.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
-use libp2p::{PeerId, Stream};
+use libp2p::Stream;
 use oc_discovery::actors::commands::{
     FORWARD_STREAMS_PER_PEER, MAX_FORWARD_STREAMS, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER,
 };
 use oc_discovery::p2p::wire::{self, Frame};
+use oc_testkit::{event, eventually, init_tracing, partner, HandPeer, Seen, Site, WAIT};
 use serde_json::{json, Value};
 
 /// The victim's RSS must stay below this whatever the attack.
@@ -24,37 +22,11 @@ fn rss_mib(site: &Site) -> u64 {
     site.node.rss_bytes().expect("victim RSS") / (1024 * 1024)
 }
 
-/// Polls an async condition until it holds, within [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn has_resource(site: &Site, id: &str) -> bool {
     site.stored("COMPUTE_RESOURCE")
         .await
         .iter()
         .any(|r| r["id"] == id)
-}
-
-/// Publishes an event on `site`'s NATS as a request and returns the answer (the node's
-/// reply on core NATS, the server's PubAck or error with JetStream).
-async fn request(site: &Site, body: &Value) -> Value {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(30),
-        site.app.request("PROPALGATION_EVENT", body.to_string().into()),
-    )
-    .await
-    .expect("answer within 30 s")
-    .expect("request");
-    serde_json::from_slice(&reply.payload).expect("JSON answer")
 }
 
 /// Accepted by the node (core NATS) or stored by the server (JetStream PubAck).
@@ -65,9 +37,11 @@ fn accepted(answer: &Value) -> bool {
 /// One event each way between `victim` and `good`, both stored on the other side.
 async fn exchange_both_ways(victim: &Site, good: &Site, tag: &str) {
     let (v, g) = (format!("victim-{tag}"), format!("good-{tag}"));
-    let answer = request(victim, &event("PB_CREATE", &v, &victim.id(), json!({}))).await;
+    let answer = victim
+        .request(&event("PB_CREATE", &v, &victim.id(), json!({})))
+        .await;
     assert!(accepted(&answer), "victim refused its own event: {answer}");
-    let answer = request(good, &event("PB_CREATE", &g, &good.id(), json!({}))).await;
+    let answer = good.request(&event("PB_CREATE", &g, &good.id(), json!({}))).await;
     assert!(accepted(&answer), "good partner refused its own event: {answer}");
     eventually(&format!("{v} stored by the good partner"), || {
         has_resource(good, &v)
@@ -133,15 +107,6 @@ impl Traffic {
     }
 }
 
-async fn dial(hand: &HandPeer, site: &Site) -> PeerId {
-    let peer: PeerId = site.id().parse().unwrap();
-    let addr = format!("/ip4/127.0.0.1/tcp/{}", site.node.p2p_port)
-        .parse()
-        .unwrap();
-    hand.net.dial(peer, addr, T).await.expect("dial the victim");
-    peer
-}
-
 fn forward(action: &str, n: usize) -> Frame {
     Frame::Forward {
         action: action.to_owned(),
@@ -190,8 +155,8 @@ async fn a_hostile_forward_is_republished_as_considers_from_its_real_id_and_a_fl
     exchange_both_ways(&victim, &good, "before").await;
     let traffic = Traffic::start(&victim, &good, "during");
 
-    let hostile = HandPeer::start(libp2p::identity::Keypair::generate_ed25519());
-    let target = dial(&hostile, &victim).await;
+    let hostile = HandPeer::fresh();
+    let target = hostile.dial(&victim).await;
     let mut stream = hostile
         .net
         .open_stream(target, PROTOCOL_CONSIDERS, T)
@@ -305,8 +270,8 @@ async fn idle_planner_streams_of_many_peers_stalled_mid_frame_do_not_lock_out_a_
     let closed = Arc::new(AtomicUsize::new(0));
     let mut hostiles = Vec::new();
     for _ in 0..peers {
-        let hand = HandPeer::start(libp2p::identity::Keypair::generate_ed25519());
-        let target = dial(&hand, &victim).await;
+        let hand = HandPeer::fresh();
+        let target = hand.dial(&victim).await;
         for _ in 0..FORWARD_STREAMS_PER_PEER {
             let mut stream = hand
                 .net
@@ -415,11 +380,14 @@ async fn a_full_intake_stream_refuses_publishes_until_the_node_drains_it() {
     let (mut stored, mut refusal) = (Vec::new(), None);
     for i in 0..1000 {
         let id = format!("queued-{i}");
-        let answer = request(
-            &victim,
-            &event("PB_CREATE", &id, &victim.id(), json!({"pad": "x".repeat(200)})),
-        )
-        .await;
+        let answer = victim
+            .request(&event(
+                "PB_CREATE",
+                &id,
+                &victim.id(),
+                json!({"pad": "x".repeat(200)}),
+            ))
+            .await;
         if accepted(&answer) {
             stored.push(id);
         } else {
@@ -431,7 +399,9 @@ async fn a_full_intake_stream_refuses_publishes_until_the_node_drains_it() {
     let mut from_good = Vec::new();
     for i in 0..5 {
         let id = format!("good-while-down-{i}");
-        let answer = request(&good, &event("PB_CREATE", &id, &good.id(), json!({}))).await;
+        let answer = good
+            .request(&event("PB_CREATE", &id, &good.id(), json!({})))
+            .await;
         assert!(accepted(&answer), "{answer}");
         from_good.push(id);
     }
@@ -461,11 +431,9 @@ async fn a_full_intake_stream_refuses_publishes_until_the_node_drains_it() {
         }
     })
     .await;
-    let answer = request(
-        &victim,
-        &event("PB_CREATE", "after-drain", &victim.id(), json!({})),
-    )
-    .await;
+    let answer = victim
+        .request(&event("PB_CREATE", "after-drain", &victim.id(), json!({})))
+        .await;
     assert!(accepted(&answer), "{answer}");
     eventually("after-drain reaches the good partner", || {
         has_resource(&good, "after-drain")

@@ -2,17 +2,15 @@
 //! (issue 12, points 5 and 7), each while a good partner keeps exchanging events with the
 //! victim both ways.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
 use oc_discovery::p2p::records::{self, PeerRecord};
+use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, RssPeak, Site, WAIT};
 use serde_json::{json, Value};
 
 const RSS_LIMIT: u64 = 256 * 1024 * 1024;

@@ -3,21 +3,18 @@
 //! own resources scan them all at once, and a flood of gossip queries from fresh keys. In
 //! each, a good partner node keeps exchanging events with the victim both ways.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::{Multiaddr, PeerId, Stream};
+use libp2p::{PeerId, Stream};
 use oc_discovery::actors::search::{GossipQuery, PROTOCOL_SEARCH};
 use oc_discovery::event::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
-use oc_discovery::p2p::{self, Client};
 use oc_discovery::store::{PageBounds, Store};
+use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, RssPeak, Site, WAIT};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1024 * 1024;
@@ -26,75 +23,33 @@ const RSS_BOUND: u64 = 256 * MIB;
 /// Data type of the events the good partner and the victim exchange during an attack.
 const GOOD_DT: &str = "GOOD_RESOURCE";
 
-/// A hand-driven libp2p peer with a known port (the library's network stack, no node).
-struct Rogue {
-    net: Client,
-    key: Keypair,
-    port: u16,
-    _stop: tokio::sync::watch::Sender<bool>,
+/// Opens a search stream and sends `query`; a connection lost meanwhile (seen once on
+/// a loaded machine, outside what is tested here) is dialled again, once.
+async fn ask(rogue: &HandPeer, site: &Site, query: &Frame) -> Stream {
+    for attempt in 0..2 {
+        let mut s = open_search(rogue, site).await;
+        match wire::write_frame(&mut s, query).await {
+            Ok(()) => return s,
+            Err(e) if attempt == 0 => {
+                println!("query not sent ({e}); dialling again");
+                rogue.dial(site).await;
+            }
+            Err(e) => panic!("query not sent: {e}"),
+        }
+    }
+    unreachable!()
 }
 
-impl Rogue {
-    fn start() -> Rogue {
-        let key = Keypair::generate_ed25519();
-        let port = oc_testkit::free_port().unwrap();
-        let listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
-        let (net, event_loop) = p2p::build(key.clone(), None, &[listen]).unwrap();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(event_loop.run(stopped));
-        Rogue {
-            net,
-            key,
-            port,
-            _stop: stop,
-        }
-    }
-
-    fn id(&self) -> PeerId {
-        self.key.public().to_peer_id()
-    }
-
-    fn addr(&self) -> String {
-        format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.port, self.id())
-    }
-
-    async fn connect(&self, site: &Site) {
-        let addr = format!("/ip4/127.0.0.1/tcp/{}", site.node.p2p_port)
-            .parse()
-            .unwrap();
-        self.net
-            .dial(site.id().parse().unwrap(), addr, Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
-
-    /// Opens a search stream and sends `query`; a connection lost meanwhile (seen once on
-    /// a loaded machine, outside what is tested here) is dialled again, once.
-    async fn ask(&self, site: &Site, query: &Frame) -> Stream {
-        for attempt in 0..2 {
-            let mut s = self.open_search(site).await;
-            match wire::write_frame(&mut s, query).await {
-                Ok(()) => return s,
-                Err(e) if attempt == 0 => {
-                    println!("query not sent ({e}); dialling again");
-                    self.connect(site).await;
-                }
-                Err(e) => panic!("query not sent: {e}"),
-            }
-        }
-        unreachable!()
-    }
-
-    async fn open_search(&self, site: &Site) -> Stream {
-        self.net
-            .open_stream(
-                site.id().parse().unwrap(),
-                PROTOCOL_SEARCH,
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap()
-    }
+async fn open_search(rogue: &HandPeer, site: &Site) -> Stream {
+    rogue
+        .net
+        .open_stream(
+            site.id().parse().unwrap(),
+            PROTOCOL_SEARCH,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap()
 }
 
 /// What one search produced on the searcher's `SEARCH_EVENT`.
@@ -173,9 +128,9 @@ async fn exchange(v: &Site, g: &Site, v_notices: &Collector, g_notices: &Collect
 /// among them), batches of another data type or of none, results naming another data
 /// type, then far more valid results than the searcher's per-peer cap. Returns how many
 /// frames it managed to write.
-fn lying_responder(rogue: &Rogue, impersonated: String) -> Arc<AtomicU64> {
+fn lying_responder(rogue: &HandPeer, impersonated: String) -> Arc<AtomicU64> {
     let mut incoming = rogue.net.accept(PROTOCOL_SEARCH).unwrap();
-    let me = rogue.id().to_string();
+    let me = rogue.peer_id().to_string();
     let written = Arc::new(AtomicU64::new(0));
     let w = written.clone();
     tokio::spawn(async move {
@@ -255,7 +210,7 @@ async fn dropped(site: &Site, reason: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_responder_gets_only_its_own_results_of_the_type_asked_within_the_cap() {
     init_tracing();
-    let rogue = Rogue::start();
+    let rogue = HandPeer::fresh();
     let (mut v, mut g) = (Site::new().await, Site::new().await);
     partner(&mut v, &mut [&mut g]);
     // The rogue is one of the victim's partners: searched with `partner`.
@@ -287,7 +242,7 @@ async fn a_lying_responder_gets_only_its_own_results_of_the_type_asked_within_th
         exchange(&v, &g, &v_notices, &g_notices, "during", 20),
     );
 
-    let rogue_id = rogue.id().to_string();
+    let rogue_id = rogue.peer_id().to_string();
     let from_rogue = o.results_from(&rogue_id);
     assert_eq!(from_rogue.len(), 20, "exactly the per-peer cap: {o:?}");
     assert!(from_rogue
@@ -433,12 +388,12 @@ async fn a_victim_with_many_own_resources_answers_searches_with_bounded_memory()
 
     // First rogue: four searches for everything that it never reads take its whole
     // share of the responders; four more are refused.
-    let (r1, r2) = (Rogue::start(), Rogue::start());
-    r1.connect(&v).await;
-    r2.connect(&v).await;
+    let (r1, r2) = (HandPeer::fresh(), HandPeer::fresh());
+    r1.dial(&v).await;
+    r2.dial(&v).await;
     let mut stalled = Vec::new();
     for i in 0..4 {
-        let mut s = r1.open_search(&v).await;
+        let mut s = open_search(&r1, &v).await;
         wire::write_frame(&mut s, &query(&format!("stall-{i}"), "", 10_000))
             .await
             .unwrap();
@@ -457,7 +412,7 @@ async fn a_victim_with_many_own_resources_answers_searches_with_bounded_memory()
         .unwrap();
     let mut refused = 0;
     for i in 0..4 {
-        let mut s = r1.open_search(&v).await;
+        let mut s = open_search(&r1, &v).await;
         let _ = wire::write_frame(&mut s, &query(&format!("extra-{i}"), "tag-0007-x", 100)).await;
         let (got, done) = read_answer(&mut s, &v.id(), &format!("extra-{i}")).await;
         if got == 0 && !done {
@@ -483,7 +438,7 @@ async fn a_victim_with_many_own_resources_answers_searches_with_bounded_memory()
             } else {
                 query(&format!("narrow-{i}"), "tag-0007-x", 10_000)
             };
-            let mut s = r2.ask(v, &q).await;
+            let mut s = ask(r2, v, &q).await;
             read_answer(&mut s, v_id, &format!("scan {i}")).await
         }
     });
@@ -556,9 +511,9 @@ async fn gossip_queries_from_unknown_keys_are_rate_limited() {
     let started = Instant::now();
 
     // Fresh keys, each its own libp2p peer, each publishing queries as fast as it can.
-    let rogues: Vec<Rogue> = (0..KEYS).map(|_| Rogue::start()).collect();
+    let rogues: Vec<HandPeer> = (0..KEYS).map(|_| HandPeer::fresh()).collect();
     for r in &rogues {
-        r.connect(&v).await;
+        r.dial(&v).await;
     }
     let flood = futures::future::join_all(rogues.iter().enumerate().map(|(k, r)| async move {
         let mut sent = 0;

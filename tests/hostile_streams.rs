@@ -5,19 +5,16 @@
 //! victim. Each asserts the refusal, the good partner's delivery both ways and, where the
 //! attack is about memory, the victim's resident memory staying below 256 MiB.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::PeerId;
 use oc_discovery::event::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::{StreamKind, PROTOCOL_HEARTBEAT};
 use oc_discovery::sync::PROTOCOL_SYNC;
+use oc_testkit::{event, exchange, init_tracing, partner, HandPeer, RssPeak, Site, WAIT};
 use serde_json::{json, Value};
 
 const RSS_LIMIT: u64 = 256 * 1024 * 1024;
@@ -28,46 +25,27 @@ struct Arena {
     victim: Site,
     good: Site,
     hand: HandPeer,
-    victim_peer: PeerId,
 }
 
 /// Starts the hand first (the victim lists it as a partner at its real address), then the
 /// victim and the good partner, partners of each other.
 async fn arena(victim_args: &[&str], good_args: &[&str]) -> Arena {
     init_tracing();
-    let hand = HandPeer::start(libp2p::identity::Keypair::generate_ed25519());
-    let mut addrs = Vec::new();
-    let deadline = Instant::now() + IO;
-    while addrs.is_empty() && Instant::now() < deadline {
-        addrs = hand.net.listen_addrs().await.unwrap_or_default();
-        if addrs.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let hand_addr = addrs.first().expect("the hand listens").clone();
+    let hand = HandPeer::fresh();
+    hand.listening().await;
     let (mut victim, mut good) = (Site::new().await, Site::new().await);
     partner(&mut victim, &mut [&mut good]);
-    victim.node.partners.push(format!("{hand_addr}/p2p/{}", hand.id));
+    victim.node.partners.push(hand.addr());
     victim.node.extra_args = victim_args.iter().map(|s| s.to_string()).collect();
     good.node.extra_args = good_args.iter().map(|s| s.to_string()).collect();
     victim.node.start_healthy().await.unwrap();
     good.node.start_healthy().await.unwrap();
-    let victim_peer = victim.id().parse().unwrap();
-    Arena {
-        victim,
-        good,
-        hand,
-        victim_peer,
-    }
+    Arena { victim, good, hand }
 }
 
 /// Opens a stream from the hand to the victim, dialing first.
 async fn open(a: &Arena, protocol: libp2p::StreamProtocol) -> libp2p::Stream {
-    let addr = format!("/ip4/127.0.0.1/tcp/{}", a.victim.node.p2p_port)
-        .parse()
-        .unwrap();
-    a.hand.net.dial(a.victim_peer, addr, IO).await.unwrap();
-    a.hand.net.open_stream(a.victim_peer, protocol, IO).await.unwrap()
+    a.hand.open(&a.victim, protocol).await
 }
 
 async fn read<R: futures::AsyncRead + Unpin>(r: &mut R) -> Option<Frame> {
@@ -76,51 +54,6 @@ async fn read<R: futures::AsyncRead + Unpin>(r: &mut R) -> Option<Frame> {
         .ok()
         .and_then(Result::ok)
         .flatten()
-}
-
-/// Publishes `n` events on each side, then waits until each side stored the other's.
-async fn exchange(a: &Arena, round: &str, n: usize) {
-    let (victim_id, good_id) = (a.victim.id(), a.good.id());
-    for i in 0..n {
-        a.victim
-            .publish_ok(&event(
-                "PB_CREATE",
-                &format!("v-{round}-{i}"),
-                &victim_id,
-                json!({}),
-            ))
-            .await;
-        a.good
-            .publish_ok(&event(
-                "PB_CREATE",
-                &format!("g-{round}-{i}"),
-                &good_id,
-                json!({}),
-            ))
-            .await;
-    }
-    for (site, prefix) in [
-        (&a.good, format!("v-{round}-")),
-        (&a.victim, format!("g-{round}-")),
-    ] {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let stored = site.stored("COMPUTE_RESOURCE").await;
-            let got = stored
-                .iter()
-                .filter(|r| r["id"].as_str().is_some_and(|id| id.starts_with(&prefix)))
-                .count();
-            if got >= n {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: only {got} of {n} events {prefix}* stored on {}",
-                site.id()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 /// The state the victim's `/api/peers` shows for `peer`.
@@ -168,7 +101,7 @@ fn entry(origin: &str, seq: u64, pad: &str) -> Frame {
 async fn entries_that_never_fill_the_first_seq_hold_at_most_the_partner_buffer() {
     let a = arena(&[], &[]).await;
     let rss = RssPeak::watch(a.victim.node.pid().unwrap());
-    exchange(&a, "before", 3).await;
+    exchange(&a.victim, &a.good, "before", 3).await;
 
     let stream = open(&a, StreamKind::Create.protocol()).await;
     let (mut r, mut w) = stream.split();
@@ -222,7 +155,7 @@ async fn entries_that_never_fill_the_first_seq_hold_at_most_the_partner_buffer()
     );
 
     // While the hostile stream is stuck, the good partner's events flow both ways.
-    exchange(&a, "during", 5).await;
+    exchange(&a.victim, &a.good, "during", 5).await;
     let peak = rss.peak();
     eprintln!("victim peak RSS {} MiB", peak >> 20);
     assert!(peak < RSS_LIMIT, "victim RSS {} MiB", peak >> 20);
@@ -242,7 +175,7 @@ async fn entries_that_never_fill_the_first_seq_hold_at_most_the_partner_buffer()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_stream_of_a_kind_replaces_the_open_one() {
     let a = arena(&[], &[]).await;
-    exchange(&a, "before", 2).await;
+    exchange(&a.victim, &a.good, "before", 2).await;
     let mut streams = Vec::new();
     for _ in 0..20 {
         let stream = open(&a, StreamKind::Create.protocol()).await;
@@ -273,7 +206,7 @@ async fn a_new_stream_of_a_kind_replaces_the_open_one() {
         .await
         .unwrap();
     assert_eq!(read(&mut last_r).await, Some(Frame::Ack { seq: 1 }));
-    exchange(&a, "after", 3).await;
+    exchange(&a.victim, &a.good, "after", 3).await;
     let stored = a.victim.stored("COMPUTE_RESOURCE").await;
     assert!(
         stored.iter().any(|r| r["id"] == "h1"),
@@ -292,7 +225,7 @@ async fn heartbeat_and_sync_floods_leave_the_good_partner_its_share() {
     let small = ["--max-frame-bytes", "4096", "--sync-interval", "2s"];
     let a = arena(&small, &small).await;
     let rss = RssPeak::watch(a.victim.node.pid().unwrap());
-    exchange(&a, "before", 2).await;
+    exchange(&a.victim, &a.good, "before", 2).await;
 
     let mut heartbeats = Vec::new();
     for _ in 0..300 {
@@ -363,7 +296,7 @@ async fn heartbeat_and_sync_floods_leave_the_good_partner_its_share() {
     // frame, which only journal sync carries, arrives.
     wait_online(&a.victim, &a.good.id()).await;
     wait_online(&a.good, &a.victim.id()).await;
-    exchange(&a, "during", 3).await;
+    exchange(&a.victim, &a.good, "during", 3).await;
     let victim_id = a.victim.id();
     let blob = "b".repeat(10 * 1024);
     a.victim
@@ -464,14 +397,14 @@ async fn an_ack_beyond_the_journal_head_moves_nothing() {
             });
         }
     });
-    exchange(&a, "before", 3).await;
+    exchange(&a.victim, &a.good, "before", 3).await;
     // The victim's link reaches the hand (it is a partner at its real address).
     let deadline = Instant::now() + WAIT;
     while hello_refused.load(Ordering::Relaxed) == 0 {
         assert!(Instant::now() < deadline, "the huge ack was not refused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    exchange(&a, "during", 3).await;
+    exchange(&a.victim, &a.good, "during", 3).await;
     let row = peer_row(&a.victim, &a.hand.id).await;
     eprintln!("victim's /api/peers row for the hostile partner: {row}");
     let acked = row["acked_seq"].as_u64().unwrap();
@@ -520,7 +453,7 @@ async fn an_ack_beyond_the_journal_head_moves_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    exchange(&a, "after", 2).await;
+    exchange(&a.victim, &a.good, "after", 2).await;
 }
 
 /// Point 1, the other side of the bound: an honest partner's backlog of 450 entries of
@@ -608,5 +541,5 @@ async fn an_honest_partner_under_a_tight_partner_buffer_delivers_everything() {
         a.victim.node.log().matches("filling a gap").count()
     );
     assert_eq!(updated, 150, "200 updated, 50 of them deleted");
-    exchange(&a, "after", 3).await;
+    exchange(&a.victim, &a.good, "after", 3).await;
 }

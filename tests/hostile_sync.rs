@@ -4,17 +4,15 @@
 //! events with the victim both ways. Each test asserts the refusal, the good partner's
 //! delivery and the victim's peak resident memory.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use futures::{AsyncWriteExt, StreamExt};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::StreamKind;
 use oc_discovery::sync::PROTOCOL_SYNC;
+use oc_testkit::{event, exchange, init_tracing, partner, HandPeer, Site};
 use serde_json::json;
 
 /// The victim's resident memory must stay below this whatever the attack.
@@ -52,16 +50,11 @@ struct Scene {
 impl Scene {
     async fn start(victim_args: &[&str]) -> Scene {
         init_tracing();
-        let hand = HandPeer::start(libp2p::identity::Keypair::generate_ed25519());
-        oc_testkit::wait_until("hand peer listening", PATIENCE, || {
-            !hand.net.state().listen_addrs().is_empty()
-        })
-        .await
-        .unwrap();
-        let hand_addr = hand.net.state().listen_addrs()[0].clone();
+        let hand = HandPeer::fresh();
+        hand.listening().await;
         let (mut victim, mut good) = (Site::new().await, Site::new().await);
         partner(&mut victim, &mut [&mut good]);
-        victim.node.partners.push(format!("{hand_addr}/p2p/{}", hand.id));
+        victim.node.partners.push(hand.addr());
         victim.node.extra_args = victim_args.iter().map(|s| s.to_string()).collect();
         victim.node.start_healthy().await.unwrap();
         good.node.start_healthy().await.unwrap();
@@ -73,48 +66,11 @@ impl Scene {
     }
 
     async fn connect_hand(&self) {
-        let addr = format!("/ip4/127.0.0.1/tcp/{}", self.victim.node.p2p_port)
-            .parse()
-            .unwrap();
-        self.hand
-            .net
-            .dial(self.victim_peer(), addr, Duration::from_secs(10))
-            .await
-            .unwrap();
+        self.hand.dial(&self.victim).await;
     }
 
     fn peak_rss(&self) -> u64 {
         peak_rss(self.victim.node.pid().expect("victim running"))
-    }
-}
-
-/// Publishes `n` events on each side, then waits until each side stored the other's.
-async fn exchange(scene: &Scene, round: &str, n: usize) {
-    let (v, g) = (&scene.victim, &scene.good);
-    for i in 0..n {
-        v.publish_ok(&event("PB_CREATE", &format!("{round}-v-{i}"), &v.id(), json!({})))
-            .await;
-        g.publish_ok(&event("PB_CREATE", &format!("{round}-g-{i}"), &g.id(), json!({})))
-            .await;
-    }
-    let count = |stored: Vec<serde_json::Value>, prefix: String| {
-        stored
-            .iter()
-            .filter(|r| r["id"].as_str().is_some_and(|id| id.starts_with(&prefix)))
-            .count()
-    };
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let at_good = count(g.stored("COMPUTE_RESOURCE").await, format!("{round}-v-"));
-        let at_victim = count(v.stored("COMPUTE_RESOURCE").await, format!("{round}-g-"));
-        if at_good >= n && at_victim >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "round {round}: good partner stored {at_good}/{n} of the victim's events, the victim {at_victim}/{n} of the good partner's"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -166,7 +122,7 @@ fn base64_of(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_owner_gets_its_answers_refused_and_costs_no_memory() {
     let mut scene = Scene::start(&["--backoff-max", "1s"]).await;
-    exchange(&scene, "before", 5).await;
+    exchange(&scene.victim, &scene.good, "before", 5).await;
 
     let served = Arc::new(AtomicU64::new(0));
     let mut incoming = scene.hand.net.accept(PROTOCOL_SYNC).unwrap();
@@ -207,7 +163,7 @@ async fn a_lying_owner_gets_its_answers_refused_and_costs_no_memory() {
         }
         panic!("the victim pulled only {} times", served.load(Ordering::SeqCst));
     };
-    tokio::join!(attack, exchange(&scene, "during", 20));
+    tokio::join!(attack, exchange(&scene.victim, &scene.good, "during", 20));
     let refused = r#"oc_refusals_total{place="sync",code="invalid_field"}"#;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut counted = 0;
@@ -217,7 +173,7 @@ async fn a_lying_owner_gets_its_answers_refused_and_costs_no_memory() {
     }
     assert!(counted >= lies, "{counted} refusals counted for {lies} lies");
     assert!(scene.victim.node.log().contains("journal sync answer refused"));
-    exchange(&scene, "after", 5).await;
+    exchange(&scene.victim, &scene.good, "after", 5).await;
     let peak = scene.peak_rss();
     eprintln!(
         "lying owner: {} answers refused, victim peak RSS {:.1} MiB",
@@ -351,7 +307,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
             assert_eq!((until, total, bytes, indexes.len()), (since, 0, 0, 0));
         }
     };
-    tokio::join!(attack, exchange(&scene, "during", 20));
+    tokio::join!(attack, exchange(&scene.victim, &scene.good, "during", 20));
     let refusals = scene
         .victim
         .node
@@ -359,7 +315,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
         .await
         .unwrap();
     assert!(refusals >= 1);
-    exchange(&scene, "after", 5).await;
+    exchange(&scene.victim, &scene.good, "after", 5).await;
     let peak = scene.peak_rss();
     eprintln!(
         "greedy puller: 20 capped rounds of at most {round_bytes} bytes, parts list refused, victim peak RSS {:.1} MiB",
@@ -374,7 +330,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_length_prefixes_cost_nothing() {
     let scene = Scene::start(&["--sync-timeout", "3s"]).await;
-    exchange(&scene, "before", 5).await;
+    exchange(&scene.victim, &scene.good, "before", 5).await;
     scene.connect_hand().await;
     let before = scene.victim.node.rss_bytes().unwrap_or(0);
     let pid = scene.victim.node.pid().unwrap();
@@ -431,7 +387,7 @@ async fn stalled_length_prefixes_cost_nothing() {
         failures.first()
     );
     assert_eq!(opened, 200);
-    exchange(&scene, "during", 20).await;
+    exchange(&scene.victim, &scene.good, "during", 20).await;
     let during = scene.victim.node.rss_bytes().unwrap_or(0);
     let data_during = status_bytes(pid, "VmData:");
     // The sync streams are closed by the victim once its --sync-timeout passes; beyond the
@@ -449,7 +405,7 @@ async fn stalled_length_prefixes_cost_nothing() {
         syncs.len(),
         "every stalled sync stream closed by the victim"
     );
-    exchange(&scene, "after", 5).await;
+    exchange(&scene.victim, &scene.good, "after", 5).await;
     let peak = scene.peak_rss();
     eprintln!(
         "stalled prefixes: {opened} streams opened, {closed} sync streams closed by the victim, RSS {:.1} MiB before, {:.1} MiB during, peak {:.1} MiB; data segment {:.1} MiB before, {:.1} MiB during",

@@ -6,17 +6,14 @@
 //! past it (a later valid entry of the attacker is applied), while a good partner (a real
 //! node) keeps exchanging events with the victim both ways.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use futures::AsyncReadExt;
 use mongodb::bson::{doc, Document};
 use oc_discovery::event::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::StreamKind;
-use oc_testkit::MongoServer;
+use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, MongoServer, Site};
 use serde_json::{json, Value};
 
 const DT: &str = "COMPUTE_RESOURCE";

@@ -2,14 +2,11 @@
 //! partners send ends up as plain documents in B's MongoDB, exactly once, through
 //! MongoDB outages, and a document MongoDB refuses is reported to the sender.
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, Instant};
-
-use common::*;
 use futures::StreamExt;
 use mongodb::bson::{doc, Document};
-use oc_testkit::MongoServer;
+use oc_testkit::{event, eventually, init_tracing, partner, MongoServer, Site, WAIT};
 use serde_json::json;
 
 const DB: &str = "opencloud_test";
@@ -24,18 +21,6 @@ fn on_mongodb(site: &mut Site, mongo: &MongoServer) {
         "--mongo-db".to_owned(),
         DB.to_owned(),
     ]);
-}
-
-/// Polls an async condition every 100 ms until it holds; panics after [`WAIT`].
-async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `/healthz` answers 503 and every reason is the store's.
@@ -212,26 +197,26 @@ async fn mongod_restarted_mid_stream_every_event_exactly_once() {
 
     publish_all(&a, 0..N / 2, "replies.first").await;
     // Kill mongod while B is still applying the first half.
-    wait_for("B to store some events", async || {
+    eventually("B to store some events", async || {
         count(&db, "compute_resource", doc! {}).await > 0
     })
     .await;
     mongo.kill();
     // The node stays up and says why it is not healthy: the store, and only the store.
-    wait_for("/healthz to report the store alone", async || {
+    eventually("/healthz to report the store alone", async || {
         store_is_the_only_reason(&b).await
     })
     .await;
     // A keeps accepting; B holds its acks while MongoDB is down, long enough for the
     // driver to give up waiting and the inbound session to retry with backoff.
     publish_all(&a, N / 2..N, "replies.second").await;
-    wait_for("B to hold its acks", async || {
+    eventually("B to hold its acks", async || {
         b.node.log().contains("holding the ack")
     })
     .await;
     mongo.start_again().await.unwrap();
 
-    wait_for("every event in MongoDB", async || {
+    eventually("every event in MongoDB", async || {
         count(&db, "compute_resource", doc! {}).await >= N as u64
     })
     .await;
@@ -260,7 +245,7 @@ async fn mongod_restarted_mid_stream_every_event_exactly_once() {
         N as u64,
         "applied exactly once each"
     );
-    wait_for("A's cursor for B to reach the end", async || {
+    eventually("A's cursor for B to reach the end", async || {
         let peers = a.node.get_json("/api/peers").await.unwrap();
         peers[0]["acked_seq"] == N as u64
     })
@@ -283,7 +268,7 @@ async fn a_node_starts_while_mongodb_is_down_and_catches_up() {
     let seen_b = b.collect(&["CREATE_RESOURCE"]).await;
     a.node.start_healthy().await.unwrap();
     b.node.start().unwrap();
-    wait_for("B to answer 503 for its store only", async || {
+    eventually("B to answer 503 for its store only", async || {
         store_is_the_only_reason(&b).await
     })
     .await;
@@ -329,7 +314,7 @@ async fn a_document_mongodb_refuses_is_reported_and_the_rest_flows() {
         .wait_for("the events around the refused one", |s| s.len() >= 6)
         .await;
     let refused = "oc_refusals_total{place=\"outbound\",code=\"invalid_document\"}";
-    wait_for("A to count B's refusal", async || {
+    eventually("A to count B's refusal", async || {
         a.node.metric(refused).await.unwrap_or(0) == 1
     })
     .await;
@@ -346,7 +331,7 @@ async fn a_document_mongodb_refuses_is_reported_and_the_rest_flows() {
     assert_eq!(count(&db, "compute_resource", doc! {}).await, 6);
     assert_eq!(count(&db, "compute_resource", doc! {"_id": "bad"}).await, 0);
     // Passed over, not blocking: A's cursor reaches its head.
-    wait_for("A's cursor for B to pass the refused event", async || {
+    eventually("A's cursor for B to pass the refused event", async || {
         let peers = a.node.get_json("/api/peers").await.unwrap();
         peers[0]["acked_seq"] == 7
     })
@@ -392,12 +377,12 @@ async fn a_runtime_partnership_lives_in_mongodb_and_survives_a_restart_during_an
     b.node.stop();
     mongo.kill();
     b.node.start().unwrap();
-    wait_for("B up, waiting for its store", async || {
+    eventually("B up, waiting for its store", async || {
         store_is_the_only_reason(&b).await
     })
     .await;
     a.publish_ok(&event("PB_CREATE", "r2", &me, json!({}))).await;
-    wait_for("B to give up reading its partnerships for now", async || {
+    eventually("B to give up reading its partnerships for now", async || {
         b.node.log().contains("cannot read persisted partnerships yet")
     })
     .await;

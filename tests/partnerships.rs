@@ -1,11 +1,9 @@
 //! Partnerships made at run time, the blacklist, and the private network key.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use oc_testkit::{event, eventually, init_tracing, node_binary, partner, Site};
 use serde_json::{json, Value};
 
 async fn announce(site: &Site, subject: &str, resource: Value) {
@@ -27,20 +25,6 @@ async fn partner_ids(site: &Site) -> Vec<String> {
         .collect()
 }
 
-async fn wait_for<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..300 {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partners_made_over_nats_persist_and_end_with_remove_resource() {
     init_tracing();
@@ -55,11 +39,11 @@ async fn partners_made_over_nats_persist_and_end_with_remove_resource() {
         json!({"peer_id": a.id(), "relation": "partner", "address": a.node.addr()}),
     )
     .await;
-    wait_for("A lists B as partner", || async {
+    eventually("A lists B as partner", || async {
         partner_ids(&a).await.contains(&b.id())
     })
     .await;
-    wait_for("B lists A as partner", || async {
+    eventually("B lists A as partner", || async {
         partner_ids(&b).await.contains(&a.id())
     })
     .await;
@@ -100,7 +84,7 @@ async fn partners_made_over_nats_persist_and_end_with_remove_resource() {
 
     // REMOVE_RESOURCE of the PEER ends it.
     announce(&a, "REMOVE_RESOURCE", json!({"peer_id": b.id()})).await;
-    wait_for("B no longer a partner of A", || async {
+    eventually("B no longer a partner of A", || async {
         !partner_ids(&a).await.contains(&b.id())
     })
     .await;
@@ -139,7 +123,7 @@ async fn the_cli_manages_partners_and_the_blacklist_refuses_a_peer() {
         s.node.start_healthy().await.unwrap();
     }
     let cli = |args: Vec<String>| {
-        let out = Command::new(bin()).args(&args).output().unwrap();
+        let out = Command::new(node_binary().unwrap()).args(&args).output().unwrap();
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -205,7 +189,7 @@ async fn the_cli_manages_partners_and_the_blacklist_refuses_a_peer() {
     })
     .await
     .unwrap();
-    wait_for("C removed", || async { !partner_ids(&b).await.contains(&c.id()) }).await;
+    eventually("C removed", || async { !partner_ids(&b).await.contains(&c.id()) }).await;
 }
 
 fn write_psk(dir: &std::path::Path, name: &str, byte: u8) -> String {
@@ -236,7 +220,7 @@ async fn a_peer_without_the_network_key_cannot_connect() {
     a.publish_ok(&event("PB_CREATE", "r1", &me, json!({}))).await;
     seen_b.wait_for("same key: delivered", |s| !s.is_empty()).await;
     let started = std::time::Instant::now();
-    wait_for("the wrong key refused and logged", || async {
+    eventually("the wrong key refused and logged", || async {
         c.node.log().contains("inbound connection refused")
             || a.node.log().contains("inbound connection refused")
     })

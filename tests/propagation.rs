@@ -1,12 +1,10 @@
 //! Propagation between real nodes: each with its own nats-server, libp2p over TCP on
 //! 127.0.0.1.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use oc_testkit::{event, init_tracing, partner, Site};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,10 @@
 //! Bad input gets a clear error and never blocks the valid events around it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use oc_discovery::event::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
+use oc_testkit::{event, init_tracing, partner, HandPeer, Site};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,17 +2,13 @@
 //! `partner` / `known` / `all` resource searches with access rules, limits, duplicates, a
 //! silent peer and results larger than a frame.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use oc_discovery::actors::search::PROTOCOL_SEARCH;
 use oc_discovery::p2p::records::{self, PeerRecord};
 use oc_discovery::p2p::wire::{self, Frame};
-use oc_discovery::p2p::{self, Client};
+use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, Site, WAIT};
 use serde_json::{json, Value};
 
 /// What one search produced on the searcher's `SEARCH_EVENT`.
@@ -117,52 +113,19 @@ fn bootstrap_from(site: &mut Site, hub: &str) {
         .extend(["--bootstrap".to_owned(), hub.to_owned()]);
 }
 
-/// An in-test libp2p node (the library's own network stack, no NATS, no node process).
-struct TestPeer {
-    client: Client,
-    key: Keypair,
-    port: u16,
-    _stop: tokio::sync::watch::Sender<bool>,
-}
-
-impl TestPeer {
-    fn start() -> TestPeer {
-        let key = Keypair::generate_ed25519();
-        let port = oc_testkit::free_port().unwrap();
-        let listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
-        let (client, event_loop) = p2p::build(key.clone(), None, &[listen]).unwrap();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(event_loop.run(stopped));
-        TestPeer {
-            client,
-            key,
-            port,
-            _stop: stop,
+/// Puts raw bytes in the DHT from `peer` until some peer took them.
+async fn put_raw(peer: &HandPeer, key: Vec<u8>, value: Vec<u8>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let put = peer
+            .net
+            .put_record(key.clone(), value.clone(), None, Duration::from_secs(10))
+            .await;
+        if put.is_ok() {
+            return;
         }
-    }
-
-    fn id(&self) -> PeerId {
-        self.key.public().to_peer_id()
-    }
-
-    fn addr(&self) -> String {
-        format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.port, self.id())
-    }
-
-    /// Puts raw bytes in the DHT until some peer took them.
-    async fn put_raw(&self, key: Vec<u8>, value: Vec<u8>) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let put = self
-                .client
-                .put_record(key.clone(), value.clone(), None, Duration::from_secs(10))
-                .await;
-            if put.is_ok() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "rogue record never stored: {put:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        assert!(Instant::now() < deadline, "rogue record never stored: {put:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -239,8 +202,8 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
     assert_eq!(peer_results(&b_by_id)[0]["name"], "site-b");
 
     // A rogue joins the DHT and puts forged and expired records.
-    let rogue = TestPeer::start();
-    rogue.client.bootstrap(hub.parse().unwrap()).await.unwrap();
+    let rogue = HandPeer::fresh();
+    rogue.net.bootstrap(hub.parse().unwrap()).await.unwrap();
     let rogue_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", rogue.port).parse().unwrap();
     let mut forged = PeerRecord::sign(
         &rogue.key,
@@ -250,9 +213,7 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
     )
     .unwrap();
     forged.addrs = vec!["/ip4/127.0.0.1/tcp/1".into()];
-    rogue
-        .put_raw(records::name_key("forged-site"), forged.encode())
-        .await;
+    put_raw(&rogue, records::name_key("forged-site"), forged.encode()).await;
     let expired = PeerRecord::sign(
         &rogue.key,
         "expired-site",
@@ -260,9 +221,7 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
         now_ms() - 1_000,
     )
     .unwrap();
-    rogue
-        .put_raw(records::name_key("expired-site"), expired.encode())
-        .await;
+    put_raw(&rogue, records::name_key("expired-site"), expired.encode()).await;
     // C's identity with the rogue's key and address.
     let mut stolen = PeerRecord::sign(
         &rogue.key,
@@ -273,7 +232,7 @@ async fn peer_records_are_found_through_the_dht_and_forged_or_expired_ones_ignor
     .unwrap();
     stolen.peer_id = c.id();
     let c_peer: PeerId = c.id().parse().unwrap();
-    rogue.put_raw(records::peer_key(&c_peer), stolen.encode()).await;
+    put_raw(&rogue, records::peer_key(&c_peer), stolen.encode()).await;
 
     let deadline = Instant::now() + WAIT;
     loop {
@@ -499,8 +458,8 @@ async fn partner_known_and_all_searches_follow_access_rules_and_limits() {
 }
 
 /// A partner that takes the search stream and never says a word.
-fn silent_responder(peer: &TestPeer) {
-    let mut incoming = peer.client.accept(PROTOCOL_SEARCH).unwrap();
+fn silent_responder(peer: &HandPeer) {
+    let mut incoming = peer.net.accept(PROTOCOL_SEARCH).unwrap();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Some((_, stream)) = futures::StreamExt::next(&mut incoming).await {
@@ -511,9 +470,9 @@ fn silent_responder(peer: &TestPeer) {
 
 /// A partner that answers every query with duplicates (its own resources), across two
 /// batches.
-fn duplicating_responder(peer: &TestPeer) {
-    let mut incoming = peer.client.accept(PROTOCOL_SEARCH).unwrap();
-    let me = peer.id().to_string();
+fn duplicating_responder(peer: &HandPeer) {
+    let mut incoming = peer.net.accept(PROTOCOL_SEARCH).unwrap();
+    let me = peer.peer_id().to_string();
     tokio::spawn(async move {
         while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
             let me = me.clone();
@@ -550,9 +509,9 @@ fn duplicating_responder(peer: &TestPeer) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_ends_at_the_deadline_and_large_answers_come_in_batches() {
     init_tracing();
-    let silent = TestPeer::start();
+    let silent = HandPeer::fresh();
     silent_responder(&silent);
-    let echo = TestPeer::start();
+    let echo = HandPeer::fresh();
     duplicating_responder(&echo);
     let (mut a, mut b) = (Site::new().await, Site::new().await);
     partner(&mut a, &mut [&mut b]);

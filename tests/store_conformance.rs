@@ -2,8 +2,6 @@
 //! real mongod (one-member replica set). Each case starts from an empty store; the
 //! MongoDB cases each get their own database on one shared mongod.
 
-mod common;
-
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -11,7 +9,7 @@ use oc_discovery::event::{Action, JournalEntry, NewEvent};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::mongo::{MongoSettings, MongoStore};
 use oc_discovery::store::{ApplyOutcome, Owner, PeerRow, Relation, Store, StoreError, StoredResource};
-use oc_testkit::MongoServer;
+use oc_testkit::{init_tracing, MongoServer};
 use serde_json::{json, Value};
 
 const A: &str = "12D3KooWorigin-a";
@@ -727,7 +725,7 @@ macro_rules! run_cases {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_backend() {
-    common::init_tracing();
+    init_tracing();
     let mut b = Embedded {
         dir: tempfile::tempdir().unwrap(),
         current: Default::default(),
@@ -754,7 +752,7 @@ async fn embedded_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_backend() {
-    common::init_tracing();
+    init_tracing();
     let mut b = Mongo {
         server: MongoServer::start().await.unwrap(),
         db: String::new(),
@@ -1005,7 +1003,7 @@ async fn health_and_outage(b: &mut Mongo) {
 /// commit, and `/healthz` would quote it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_mongod_is_reported_not_used() {
-    common::init_tracing();
+    init_tracing();
     let server = MongoServer::start_standalone().await.unwrap();
     let store = MongoStore::connect(&server.uri(), "standalone", MongoSettings::default())
         .await

@@ -1,18 +1,16 @@
 //! Journal sync: entries larger than a frame travel split in parts; missing parts are asked
 //! for again, and a request that times out keeps its progress.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use futures::StreamExt;
 use oc_discovery::event::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::Store;
 use oc_discovery::sync::{Answer, RoundCap, PROTOCOL_SYNC};
+use oc_testkit::{event, init_tracing, partner, HandPeer, Site};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

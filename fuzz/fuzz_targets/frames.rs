@@ -1,5 +1,5 @@
-//! Fuzz target `frames`: the body is [`oc_discovery::fuzzing::frames`], shared with the corpus
+//! Fuzz target `frames`: the body is [`oc_testkit::fuzzing::frames`], shared with the corpus
 //! replay test (`tests/fuzz_corpus.rs`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_discovery::fuzzing::frames(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_testkit::fuzzing::frames(data));

@@ -1,5 +1,5 @@
-//! Fuzz target `heartbeat`: the body is [`oc_discovery::fuzzing::heartbeat`], shared with the corpus
+//! Fuzz target `heartbeat`: the body is [`oc_testkit::fuzzing::heartbeat`], shared with the corpus
 //! replay test (`tests/fuzz_corpus.rs`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_discovery::fuzzing::heartbeat(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_testkit::fuzzing::heartbeat(data));

@@ -1,5 +1,5 @@
-//! Fuzz target `intake`: the body is [`oc_discovery::fuzzing::intake`], shared with the corpus
+//! Fuzz target `intake`: the body is [`oc_testkit::fuzzing::intake`], shared with the corpus
 //! replay test (`tests/fuzz_corpus.rs`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_discovery::fuzzing::intake(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_testkit::fuzzing::intake(data));

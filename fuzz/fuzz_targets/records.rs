@@ -1,5 +1,5 @@
-//! Fuzz target `records`: the body is [`oc_discovery::fuzzing::records`], shared with the corpus
+//! Fuzz target `records`: the body is [`oc_testkit::fuzzing::records`], shared with the corpus
 //! replay test (`tests/fuzz_corpus.rs`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_discovery::fuzzing::records(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_testkit::fuzzing::records(data));

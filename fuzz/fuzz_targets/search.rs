@@ -1,5 +1,5 @@
-//! Fuzz target `search`: the body is [`oc_discovery::fuzzing::search`], shared with the corpus
+//! Fuzz target `search`: the body is [`oc_testkit::fuzzing::search`], shared with the corpus
 //! replay test (`tests/fuzz_corpus.rs`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_discovery::fuzzing::search(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_testkit::fuzzing::search(data));

@@ -1,5 +1,5 @@
-//! Fuzz target `sync_answer`: the body is [`oc_discovery::fuzzing::sync_answer`], shared with the corpus
+//! Fuzz target `sync_answer`: the body is [`oc_testkit::fuzzing::sync_answer`], shared with the corpus
 //! replay test (`tests/fuzz_corpus.rs`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_discovery::fuzzing::sync_answer(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oc_testkit::fuzzing::sync_answer(data));

@@ -289,7 +289,12 @@ fn forward_frame(command: &AppCommand) -> Frame {
     }
 }
 
-pub(crate) fn peer_field(payload: &Value) -> Result<PeerId, Refusal> {
+/// The `peer_id` of a `PB_PLANNER` / `PB_CLOSE_PLANNER` payload. Public for the fuzz target
+/// `intake` (`oc_testkit::fuzzing`).
+///
+/// # Errors
+/// Missing, not a string, or not a peer id.
+pub fn peer_field(payload: &Value) -> Result<PeerId, Refusal> {
     let raw = payload
         .get("peer_id")
         .and_then(Value::as_str)

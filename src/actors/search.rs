@@ -131,13 +131,13 @@ impl Scope {
 
 /// A validated `PB_SEARCH`.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Parsed {
+pub enum Parsed {
     Peer { search: String, timeout: Duration },
     Resources(Query),
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Query {
+pub struct Query {
     data_type: String,
     search: String,
     scope: Scope,
@@ -145,7 +145,11 @@ pub(crate) struct Query {
     timeout: Duration,
 }
 
-pub(crate) fn parse(command: &AppCommand) -> Result<Parsed, Refusal> {
+/// Validates a `PB_SEARCH` command. Public for the fuzz target `intake` (`oc_testkit::fuzzing`).
+///
+/// # Errors
+/// A refusal naming the field that is missing or out of range.
+pub fn parse(command: &AppCommand) -> Result<Parsed, Refusal> {
     let p = &command.payload;
     let search = match p.get("search") {
         None | Some(Value::Null) => {
@@ -1447,8 +1451,9 @@ fn contains_text(s: &str, needle: &str) -> bool {
     s.to_lowercase().contains(needle)
 }
 
-/// A result's identity for duplicate detection: its `id`, else its whole JSON.
-pub(crate) fn dedupe_key(r: &Value) -> String {
+/// A result's identity for duplicate detection: its `id`, else its whole JSON. Public for the
+/// fuzz target `search` (`oc_testkit::fuzzing`).
+pub fn dedupe_key(r: &Value) -> String {
     match r.get("id").and_then(Value::as_str) {
         Some(id) => id.to_owned(),
         None => r.to_string(),

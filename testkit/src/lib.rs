@@ -3,6 +3,34 @@
 //!
 //! Nothing here is mocked. A missing `nats-server` or `mongod` is an error that says how
 //! to install it, never a skipped test.
+//!
+//! A crate of its own (like nats.rs's `nats-server`), a dev-dependency of the node crate:
+//! nothing of it is compiled into the shipped library or binary.
+//!
+//! # Layout
+//! - this file: [`NatsServer`], [`MongoServer`], [`NodeProcess`], [`node_binary`], ports,
+//!   waits and process measurements ([`rss_of_pid`], [`RssPeak`], [`cpu_seconds_of_pid`]).
+//! - [`site`]: a site of the integration tests (a nats-server, a node, an application
+//!   client), partnerships between sites, event builders, traffic between two sites.
+//! - [`collector`]: what a site's NATS shows on some subjects.
+//! - [`hand_peer`]: a libp2p peer driven by hand from the test (the node's own network
+//!   stack, no node): rogue partners, lying responders, scripted journal owners.
+//! - [`relay`]: a TCP relay a test can cut and restore (a network partition).
+//! - [`fuzzing`]: the fuzz targets' bodies and seeds, shared by `fuzz/` and the corpus
+//!   replay test.
+
+pub mod collector;
+pub mod fuzzing;
+pub mod hand_peer;
+pub mod relay;
+pub mod site;
+
+pub use collector::{Collector, Seen};
+pub use hand_peer::HandPeer;
+pub use relay::Relay;
+pub use site::{
+    capture_notices, event, eventually, exchange, init_tracing, partner, stream_count, Site, WAIT,
+};
 
 use std::fs::OpenOptions;
 use std::net::{TcpListener, TcpStream};
@@ -78,6 +106,63 @@ pub fn rss_of_pid(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// Samples a process's resident memory every 50 ms and keeps the peak, until dropped: the
+/// victim's memory in the hostile-peer tests.
+pub struct RssPeak {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssPeak {
+    pub fn watch(pid: u32) -> RssPeak {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let peak = std::sync::Arc::new(AtomicU64::new(0));
+        let p = peak.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Some(rss) = rss_of_pid(pid) {
+                    p.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        RssPeak { peak, task }
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssPeak {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `oc-discovery` binary cargo built beside the running test, benchmark or example
+/// (`target/<profile>/oc-discovery`; tests and benchmarks run from `target/<profile>/deps/`,
+/// examples from `target/<profile>/examples/`). Cargo builds the binary before any
+/// integration test or benchmark.
+///
+/// # Errors
+/// The binary is not there; the message says to build it.
+pub fn node_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().context("the executable has no directory")?;
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir = dir.parent().context("the executable has no profile directory")?;
+    }
+    let binary = dir.join("oc-discovery");
+    if !binary.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --bin oc-discovery` first",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 /// CPU time (user + system, in seconds) a process has used so far, from `/proc/<pid>/stat`
@@ -693,5 +778,41 @@ impl Drop for MongoServer {
                 self.log_tail(30)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_resident_size_and_cpu_time() {
+        let pid = std::process::id();
+        assert!(rss_of_pid(pid).is_some_and(|b| b > 0));
+        assert!(cpu_seconds_of_pid(pid).is_some_and(|s| s >= 0.0));
+        assert_eq!(rss_of_pid(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_free_port_can_be_bound() {
+        let port = free_port().unwrap();
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+    }
+
+    #[test]
+    fn binaries_are_found_on_path_and_missing_ones_are_none() {
+        assert!(find_binary("sh").is_some());
+        assert_eq!(find_binary("oc-no-such-binary"), None);
+    }
+
+    #[tokio::test]
+    async fn wait_until_names_what_it_awaited() {
+        let err = wait_until("the impossible", Duration::from_millis(50), || false)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("the impossible"), "{err}");
+        assert!(wait_until("the obvious", Duration::from_millis(50), || true)
+            .await
+            .is_ok());
     }
 }

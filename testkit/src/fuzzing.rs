@@ -7,16 +7,19 @@
 //! stays within its limits). A panic here is a finding: either the decoder panicked on
 //! hostile bytes, or it accepted something the rest of the node cannot carry. The asserts
 //! are the oracle of the harness, never reached on the node's own paths.
+//!
+//! Everything here runs on the node crate's public API, so it lives in the test kit and
+//! not in the shipped library.
 
 use base64::Engine;
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 
-use crate::actors::search::GossipQuery;
-use crate::event::{self, Action, CommandAction, Decoded, JournalEntry};
-use crate::p2p::records::{self, PeerRecord};
-use crate::p2p::wire::{self, Frame, FrameError};
-use crate::sync;
+use oc_discovery::actors::search::GossipQuery;
+use oc_discovery::event::{self, Action, CommandAction, Decoded, JournalEntry};
+use oc_discovery::p2p::records::{self, PeerRecord};
+use oc_discovery::p2p::wire::{self, Frame, FrameError};
+use oc_discovery::sync;
 
 /// The victim's own peer id in the targets (the creator `decode_intake` accepts).
 pub const OWN_ID: &str = "12D3KooWLYt2p9DJu8m6tG4cNj5DoTqr2fj5DPRmB6N8L6ZKhM2A";
@@ -94,7 +97,7 @@ pub fn intake(data: &[u8]) {
         }
         Ok(Decoded::Command(c)) => match c.action {
             CommandAction::Search => {
-                let _ = crate::actors::search::parse(&c);
+                let _ = oc_discovery::actors::search::parse(&c);
             }
             CommandAction::Considers => {
                 if let Some(list) = c.payload.get("peer_ids").and_then(serde_json::Value::as_array) {
@@ -104,7 +107,7 @@ pub fn intake(data: &[u8]) {
                 }
             }
             CommandAction::Planner | CommandAction::ClosePlanner => {
-                let _ = crate::actors::commands::peer_field(&c.payload);
+                let _ = oc_discovery::actors::commands::peer_field(&c.payload);
             }
         },
         Ok(Decoded::OwnEcho) => {}
@@ -285,7 +288,7 @@ pub fn search(data: &[u8]) {
         }) => {
             let _ = query_id.len();
             for r in results.iter().take(MAX_FRAMES) {
-                let _ = crate::actors::search::dedupe_key(r);
+                let _ = oc_discovery::actors::search::dedupe_key(r);
             }
         }
         Ok(frame) => check_round_trip(&frame),
