@@ -2,7 +2,7 @@
 //!
 //! | path | answer |
 //! |---|---|
-//! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`) otherwise |
+//! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`, `nats: authorization violation (nats://...)`) otherwise |
 //! | `GET /api/peers` | partners: `peer_id, addrs, connected, acked_seq, pending, state` |
 //! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
 //! | `GET /api/resources/{data_type}?after=ID&limit=N` | stored resources (tombstones included) |
@@ -30,6 +30,8 @@ const MAX_LIST_LIMIT: usize = 10_000;
 pub struct AdminState {
     pub own_id: String,
     pub nats: async_nats::Client,
+    /// Why NATS is not connected (a refused credential or certificate, ...).
+    pub nats_status: Arc<crate::nats::ConnectionStatus>,
     pub net: p2p::Client,
     pub store: Arc<dyn Store>,
     pub links: Addr<StreamService>,
@@ -65,8 +67,8 @@ pub fn serve(addr: &str, state: AdminState) -> std::io::Result<actix_web::dev::S
 
 async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
     let mut reasons = Vec::new();
-    if !crate::nats::is_connected(&s.nats) {
-        reasons.push("nats not connected".to_owned());
+    if let Some(reason) = s.nats_status.problem(&s.nats) {
+        reasons.push(reason);
     }
     if !s.net.state().is_listening() {
         reasons.push("libp2p swarm not listening yet".to_owned());

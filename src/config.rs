@@ -154,9 +154,34 @@ pub struct RunArgs {
     /// Directory holding identity.key and the embedded store (created if missing).
     #[arg(long, env = "OC_DISCOVERY_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
-    /// The site's NATS server.
-    #[arg(long, env = "OC_DISCOVERY_NATS_URL", default_value = DEFAULT_NATS_URL)]
-    pub nats_url: String,
+    /// The site's NATS servers, comma-separated (a cluster); `tls://` URLs need TLS.
+    #[arg(long, env = "OC_DISCOVERY_NATS_URL", value_delimiter = ',', default_value = DEFAULT_NATS_URL)]
+    pub nats_url: Vec<String>,
+    /// NATS credentials file (`.creds`: a user JWT and its nkey seed).
+    #[arg(long, env = "OC_DISCOVERY_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding the nkey seed (`SU...`) of this node's NATS user.
+    #[arg(long, env = "OC_DISCOVERY_NATS_NKEY", value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS user name; the password is read from --nats-password-file.
+    #[arg(long, env = "OC_DISCOVERY_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// File holding the password of --nats-user.
+    #[arg(long, env = "OC_DISCOVERY_NATS_PASSWORD_FILE", value_name = "FILE")]
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding a NATS authentication token.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TOKEN_FILE", value_name = "FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// PEM certificates NATS servers' certificates must chain to (instead of the system's);
+    /// makes TLS required.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to NATS, with --nats-tls-key; makes TLS required.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TLS_CERT", value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TLS_KEY", value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
     /// libp2p listen address; repeat for several.
     #[arg(long = "listen", env = "OC_DISCOVERY_LISTEN", value_delimiter = ',', default_value = DEFAULT_LISTEN)]
     pub listen: Vec<Multiaddr>,
@@ -310,7 +335,23 @@ struct FileConfig {
     #[serde(alias = "data-dir")]
     data_dir: Option<PathBuf>,
     #[serde(alias = "nats-url")]
-    nats_url: Option<String>,
+    nats_url: Option<OneOrMany>,
+    #[serde(alias = "nats-creds")]
+    nats_creds: Option<PathBuf>,
+    #[serde(alias = "nats-nkey")]
+    nats_nkey: Option<PathBuf>,
+    #[serde(alias = "nats-user")]
+    nats_user: Option<String>,
+    #[serde(alias = "nats-password-file")]
+    nats_password_file: Option<PathBuf>,
+    #[serde(alias = "nats-token-file")]
+    nats_token_file: Option<PathBuf>,
+    #[serde(alias = "nats-tls-ca")]
+    nats_tls_ca: Option<PathBuf>,
+    #[serde(alias = "nats-tls-cert")]
+    nats_tls_cert: Option<PathBuf>,
+    #[serde(alias = "nats-tls-key")]
+    nats_tls_key: Option<PathBuf>,
     listen: Option<Vec<String>>,
     #[serde(alias = "admin-listen")]
     admin_listen: Option<String>,
@@ -374,6 +415,23 @@ struct FileConfig {
     max_connections: Option<u32>,
 }
 
+/// A file value that is one string (commas allowed) or an array of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_list(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
+            OneOrMany::Many(list) => list,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -414,6 +472,18 @@ pub enum ConfigError {
     IntakeMaxAge,
     #[error("--forward-rate must be a number above 0 and --forward-burst at least 1")]
     ForwardRate,
+    #[error("--nats-url {url}: {reason}")]
+    NatsUrl { url: String, reason: String },
+    #[error("--nats-url names no server")]
+    NatsUrlEmpty,
+    #[error("give one kind of NATS credentials at most (--nats-creds, --nats-nkey, --nats-user with --nats-password-file, or --nats-token-file); got {}", .0.join(" and "))]
+    NatsAuthKinds(Vec<&'static str>),
+    #[error("--nats-user needs --nats-password-file (secrets are read from files)")]
+    NatsUserWithoutPassword,
+    #[error("--nats-password-file needs --nats-user")]
+    NatsPasswordWithoutUser,
+    #[error("--nats-tls-cert and --nats-tls-key go together")]
+    NatsClientCert,
 }
 
 /// Parses the process arguments, then fills `run` options left at their default from
@@ -491,7 +561,15 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
         };
     }
     fill!(data_dir);
-    fill!(nats_url);
+    fill!(nats_url, |v: OneOrMany| Ok::<_, ConfigError>(v.into_list()));
+    fill!(nats_creds, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(nats_nkey, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(nats_user, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(nats_password_file, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(nats_token_file, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(nats_tls_ca, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(nats_tls_cert, |v| Ok::<_, ConfigError>(Some(v)));
+    fill!(nats_tls_key, |v| Ok::<_, ConfigError>(Some(v)));
     fill!(admin_listen);
     fill!(max_event_bytes);
     fill!(listen, addrs);
@@ -538,7 +616,8 @@ fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), C
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
-    pub nats_url: String,
+    /// The site's NATS: servers, credentials, TLS.
+    pub nats: crate::nats::NatsSettings,
     pub listen: Vec<Multiaddr>,
     pub admin_listen: String,
     pub partners: Vec<(PeerId, Multiaddr)>,
@@ -654,6 +733,7 @@ impl TryFrom<RunArgs> for NodeConfig {
         if run.max_event_bytes < 64 {
             return Err(ConfigError::MaxEventBytes);
         }
+        let nats = nats_settings(&run)?;
         let partners = run
             .partner
             .into_iter()
@@ -752,7 +832,7 @@ impl TryFrom<RunArgs> for NodeConfig {
         };
         Ok(NodeConfig {
             data_dir: run.data_dir,
-            nats_url: run.nats_url,
+            nats,
             listen: run.listen,
             admin_listen: run.admin_listen,
             partners,
@@ -774,6 +854,79 @@ impl TryFrom<RunArgs> for NodeConfig {
             tuning,
         })
     }
+}
+
+/// The NATS servers, credentials and TLS of `run`, checked.
+///
+/// # Errors
+/// A malformed URL or one carrying a user or password, more than one kind of credentials,
+/// a user without password file (or the reverse), half a client certificate.
+fn nats_settings(run: &RunArgs) -> Result<crate::nats::NatsSettings, ConfigError> {
+    use crate::nats::{NatsAuth, NatsSettings, NatsTls};
+    let servers = run
+        .nats_url
+        .iter()
+        .map(|url| url.trim())
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            let bad = |reason: String| ConfigError::NatsUrl {
+                url: url.to_owned(),
+                reason,
+            };
+            let addr: async_nats::ServerAddr = url.parse().map_err(|e| bad(format!("{e}")))?;
+            if addr.has_user_pass() {
+                return Err(bad(
+                    "no user or password in the URL: use --nats-user and --nats-password-file".into(),
+                ));
+            }
+            Ok(addr)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(ConfigError::NatsUrlEmpty);
+    }
+    let given: Vec<&'static str> = [
+        ("--nats-creds", run.nats_creds.is_some()),
+        ("--nats-nkey", run.nats_nkey.is_some()),
+        (
+            "--nats-user",
+            run.nats_user.is_some() || run.nats_password_file.is_some(),
+        ),
+        ("--nats-token-file", run.nats_token_file.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect();
+    if given.len() > 1 {
+        return Err(ConfigError::NatsAuthKinds(given));
+    }
+    let auth = match (&run.nats_user, &run.nats_password_file) {
+        (Some(user), Some(file)) => NatsAuth::UserPassword {
+            user: user.clone(),
+            password_file: file.clone(),
+        },
+        (Some(_), None) => return Err(ConfigError::NatsUserWithoutPassword),
+        (None, Some(_)) => return Err(ConfigError::NatsPasswordWithoutUser),
+        (None, None) => match (&run.nats_creds, &run.nats_nkey, &run.nats_token_file) {
+            (Some(f), _, _) => NatsAuth::Creds(f.clone()),
+            (_, Some(f), _) => NatsAuth::Nkey(f.clone()),
+            (_, _, Some(f)) => NatsAuth::Token(f.clone()),
+            _ => NatsAuth::None,
+        },
+    };
+    let client = match (&run.nats_tls_cert, &run.nats_tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => return Err(ConfigError::NatsClientCert),
+    };
+    Ok(NatsSettings {
+        servers,
+        auth,
+        tls: NatsTls {
+            ca: run.nats_tls_ca.clone(),
+            client,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -800,7 +953,7 @@ mod tests {
         .unwrap();
         let cfg = file.to_str().unwrap();
         let r = run_args(&["--config", cfg, "--max-event-bytes", "4096"]);
-        assert_eq!(r.nats_url, "nats://file:1");
+        assert_eq!(r.nats_url, ["nats://file:1"]);
         assert_eq!(r.max_event_bytes, 4096);
         assert_eq!(
             r.listen,
@@ -1043,5 +1196,128 @@ mod tests {
             NodeConfig::try_from(run_args(&["--max-known-peers", "0"])),
             Err(ConfigError::Zero("--max-known-peers"))
         ));
+    }
+
+    #[test]
+    fn nats_servers_are_a_list_from_flag_env_or_file() {
+        let urls = |cfg: NodeConfig| -> Vec<String> {
+            cfg.nats
+                .servers
+                .iter()
+                .map(|s| s.as_url_str().to_owned())
+                .collect()
+        };
+        let cfg = NodeConfig::try_from(run_args(&["--nats-url", "nats://a:1, tls://b:2"])).unwrap();
+        assert_eq!(urls(cfg), ["nats://a:1", "tls://b:2"]);
+        let dir = tempfile::tempdir().unwrap();
+        for text in [
+            "nats_url = \"nats://a:1,nats://b:2\"\n",
+            "nats-url = [\"nats://a:1\", \"nats://b:2\"]\n",
+        ] {
+            let file = dir.path().join("node.toml");
+            std::fs::write(&file, text).unwrap();
+            let cfg = NodeConfig::try_from(run_args(&["--config", file.to_str().unwrap()])).unwrap();
+            assert_eq!(urls(cfg), ["nats://a:1", "nats://b:2"], "{text}");
+        }
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(urls(cfg), [DEFAULT_NATS_URL]);
+        assert_eq!(cfg_auth(&[]), crate::nats::NatsAuth::None);
+        for bad in [
+            &["--nats-url", ","][..],
+            &["--nats-url", "http://a:1"],
+            &["--nats-url", "nats://me:secret@a:1"],
+        ] {
+            assert!(NodeConfig::try_from(run_args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    fn cfg_auth(args: &[&str]) -> crate::nats::NatsAuth {
+        NodeConfig::try_from(run_args(args)).unwrap().nats.auth
+    }
+
+    #[test]
+    fn nats_credentials_are_one_kind_and_secrets_come_from_files() {
+        use crate::nats::NatsAuth;
+        assert_eq!(
+            cfg_auth(&["--nats-user", "u", "--nats-password-file", "/p"]),
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password_file: "/p".into()
+            }
+        );
+        assert_eq!(cfg_auth(&["--nats-creds", "/c"]), NatsAuth::Creds("/c".into()));
+        assert_eq!(cfg_auth(&["--nats-nkey", "/n"]), NatsAuth::Nkey("/n".into()));
+        assert_eq!(
+            cfg_auth(&["--nats-token-file", "/t"]),
+            NatsAuth::Token("/t".into())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "nats-user = \"u\"\nnats_password_file = \"/p\"\n").unwrap();
+        assert!(matches!(
+            cfg_auth(&["--config", file.to_str().unwrap()]),
+            NatsAuth::UserPassword { .. }
+        ));
+        let err = |args: &[&str]| NodeConfig::try_from(run_args(args)).unwrap_err();
+        assert!(matches!(
+            err(&["--nats-creds", "/c", "--nats-token-file", "/t"]),
+            ConfigError::NatsAuthKinds(k) if k == ["--nats-creds", "--nats-token-file"]
+        ));
+        assert!(matches!(
+            err(&["--nats-user", "u"]),
+            ConfigError::NatsUserWithoutPassword
+        ));
+        assert!(matches!(
+            err(&["--nats-password-file", "/p"]),
+            ConfigError::NatsPasswordWithoutUser
+        ));
+    }
+
+    #[test]
+    fn nats_tls_options_imply_tls_and_a_client_certificate_needs_its_key() {
+        let tls = |args: &[&str]| NodeConfig::try_from(run_args(args)).map(|c| c.nats.tls);
+        assert!(!tls(&[]).unwrap().required());
+        assert!(tls(&["--nats-tls-ca", "/ca.pem"]).unwrap().required());
+        let client = tls(&["--nats-tls-cert", "/c.pem", "--nats-tls-key", "/k.pem"]).unwrap();
+        assert!(client.required());
+        assert_eq!(client.client, Some(("/c.pem".into(), "/k.pem".into())));
+        assert!(matches!(
+            tls(&["--nats-tls-cert", "/c.pem"]),
+            Err(ConfigError::NatsClientCert)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "nats-tls-ca = \"/ca.pem\"\nnats_tls_cert = \"/c\"\nnats-tls-key = \"/k\"\n",
+        )
+        .unwrap();
+        let from_file = tls(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(from_file.ca, Some("/ca.pem".into()));
+        assert!(from_file.client.is_some());
+    }
+
+    #[test]
+    fn run_help_shows_every_nats_flag() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for flag in [
+            "--nats-url",
+            "--nats-creds",
+            "--nats-nkey",
+            "--nats-user",
+            "--nats-password-file",
+            "--nats-token-file",
+            "--nats-tls-ca",
+            "--nats-tls-cert",
+            "--nats-tls-key",
+            "OC_DISCOVERY_NATS_PASSWORD_FILE",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from run --help");
+        }
     }
 }

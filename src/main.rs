@@ -35,9 +35,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log filter when `RUST_LOG` is unset. The NATS client's own lines are off: the node logs
+/// each connection event and failed attempt itself, with the server and reason
+/// (`RUST_LOG=info,async_nats=debug` shows the client's).
+const DEFAULT_LOG: &str = "info,async_nats=off";
+
 fn run(args: config::RunArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)))
         .with_writer(std::io::stderr)
         .init();
     let cfg = NodeConfig::try_from(args)?;

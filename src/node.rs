@@ -59,7 +59,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let net_task = tokio::spawn(event_loop.run(stop_rx.clone()));
 
     let t = cfg.tuning.clone();
-    let nats = nats::connect(&cfg.nats_url, t.io_timeout)
+    let nats_retry = crate::backoff::Backoff::new(t.backoff_min, t.backoff_max);
+    let (nats, nats_status) = nats::connect(&cfg.nats, t.io_timeout, nats_retry)
         .await
         .context("connecting to NATS")?;
     let metrics = Arc::new(Metrics::default());
@@ -201,6 +202,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         admin::AdminState {
             own_id: own_id.clone(),
             nats: nats.clone(),
+            nats_status,
             net: net.clone(),
             store: store.clone(),
             links: links.clone(),

@@ -100,6 +100,8 @@ pub struct NatsServer {
     binary: PathBuf,
     /// JetStream storage, when enabled.
     jetstream: Option<tempfile::TempDir>,
+    /// Directory holding `nats.conf`, for a server started from a configuration.
+    config: Option<tempfile::TempDir>,
 }
 
 impl NatsServer {
@@ -113,7 +115,18 @@ impl NatsServer {
     /// # Errors
     /// nats-server is not installed or does not start.
     pub fn start() -> anyhow::Result<Self> {
-        Self::launch(None)
+        Self::launch(None, None)
+    }
+
+    /// A server run with `-c nats.conf` holding `config` (TLS, authorization, cluster
+    /// routes, ...); its address and port are still chosen here (flags win over the file).
+    ///
+    /// # Errors
+    /// nats-server is not installed or does not start (a bad configuration, say).
+    pub fn start_with_config(config: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("oc-nats-conf-").tempdir()?;
+        std::fs::write(dir.path().join("nats.conf"), config)?;
+        Self::launch(None, Some(dir))
     }
 
     /// A server with JetStream, its storage in a temporary directory kept across restarts.
@@ -121,16 +134,23 @@ impl NatsServer {
     /// # Errors
     /// nats-server is not installed or does not start.
     pub fn start_jetstream() -> anyhow::Result<Self> {
-        Self::launch(Some(tempfile::Builder::new().prefix("oc-nats-js-").tempdir()?))
+        Self::launch(
+            Some(tempfile::Builder::new().prefix("oc-nats-js-").tempdir()?),
+            None,
+        )
     }
 
-    fn launch(jetstream: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
+    fn launch(
+        jetstream: Option<tempfile::TempDir>,
+        config: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server").context(NATS_INSTALL_HINT)?;
         let mut server = NatsServer {
             child: None,
             port: free_port()?,
             binary,
             jetstream,
+            config,
         };
         // A free port can be taken by a process of a concurrent test before the server
         // binds it: then the server exits, and another port is tried.
@@ -162,6 +182,9 @@ impl NatsServer {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
         let mut cmd = Command::new(&self.binary);
+        if let Some(dir) = &self.config {
+            cmd.arg("-c").arg(dir.path().join("nats.conf"));
+        }
         cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(dir) = &self.jetstream {
             cmd.arg("-js").arg("-sd").arg(dir.path());
