@@ -138,7 +138,8 @@ fn with_auth(options: ConnectOptions, auth: &NatsAuth) -> Result<ConnectOptions,
     Ok(match auth {
         NatsAuth::None => options,
         NatsAuth::Creds(path) => {
-            let text = read_secret("--nats-creds", path)?;
+            // The client's parser wants the line end after each decorated block.
+            let text = format!("{}\n", read_secret("--nats-creds", path)?);
             options.credentials(&text).map_err(|e| FileError {
                 option: "--nats-creds",
                 path: path.clone(),
@@ -464,6 +465,25 @@ mod tests {
         let e = read_secret("--nats-token-file", &file).unwrap_err();
         assert!(e.to_string().contains("larger than"), "{e}");
         assert!(read_secret("--nats-token-file", &dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_creds_file_and_an_nkey_seed_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let creds = dir.path().join("node.creds");
+        std::fs::write(
+            &creds,
+            format!(
+                "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+            ),
+        )
+        .unwrap();
+        assert!(with_auth(ConnectOptions::new(), &NatsAuth::Creds(creds)).is_ok());
+        let nk = dir.path().join("node.nk");
+        std::fs::write(&nk, format!("{seed}\n")).unwrap();
+        assert!(with_auth(ConnectOptions::new(), &NatsAuth::Nkey(nk)).is_ok());
     }
 
     #[test]
