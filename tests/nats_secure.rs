@@ -1,7 +1,7 @@
 //! Secured NATS connections against real nats-servers started from configuration files
 //! written here: TLS (certificates made with rcgen) with a client certificate and a user
-//! and password, an nkey user, a token, a refused password, and a two-server cluster whose
-//! first server dies.
+//! and password, a `.creds` file (operator mode, JWTs made here), an nkey user, a token, a
+//! refused password, and a two-server cluster whose first server dies.
 //!
 //! Each test ends with the end-to-end proof the other suites use: an event an application
 //! publishes on one site's NATS is journaled by its node (the node's reply) and reaches the
@@ -266,6 +266,81 @@ async fn an_nkey_user_connects_and_propagates() {
     a.node.start_healthy().await.unwrap();
     b.node.start_healthy().await.unwrap();
     propagates(&a.app, &a.id(), &seen_b, "nkey-event").await;
+}
+
+/// A JWT as nats-server reads it: `header.claims.signature`, signed by `issuer`'s nkey.
+fn jwt(subject: &str, name: &str, issuer: &nkeys::KeyPair, nats: Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let claims = json!({
+        "jti": format!("{name}-test"), "iat": 1_700_000_000, "iss": issuer.public_key(),
+        "name": name, "sub": subject, "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        b64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64.encode(claims.to_string())
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64.encode(signature))
+}
+
+/// A nats-server configuration trusting a test operator with one account preloaded, and a
+/// `.creds` text of a user of that account.
+fn operator_mode() -> (String, String) {
+    let (operator, account, user) = (
+        nkeys::KeyPair::new_operator(),
+        nkeys::KeyPair::new_account(),
+        nkeys::KeyPair::new_user(),
+    );
+    let unlimited = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1});
+    let operator_jwt = jwt(
+        &operator.public_key(),
+        "op",
+        &operator,
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &account.public_key(),
+        "site",
+        &operator,
+        json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    let user_jwt = jwt(
+        &user.public_key(),
+        "node",
+        &account,
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    );
+    let config = format!(
+        "operator: \"{operator_jwt}\"\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{account_jwt}\"\n}}\n",
+        account.public_key()
+    );
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    );
+    (config, creds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_of_an_operator_mode_server_connects_and_propagates() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, creds) = operator_mode();
+    let creds_file = secret_file(dir.path(), "node.creds", &creds);
+    let node_args = arg("--nats-creds", &creds_file);
+    let app = ConnectOptions::with_credentials(&creds).unwrap();
+    let mut a = SecureSite::start(&config, "nats", &node_args, app).await;
+    let mut b = Site::new().await;
+    pair(&mut a.node, &mut b.node);
+    let seen_b = b.collect(&["CREATE_RESOURCE"]).await;
+    a.node.start_healthy().await.unwrap();
+    b.node.start_healthy().await.unwrap();
+    propagates(&a.app, &a.id(), &seen_b, "creds-event").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
