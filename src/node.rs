@@ -45,7 +45,8 @@ const HEAD_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Runs a node until `shutdown` completes. Must be called inside an actix `System`.
 ///
 /// # Errors
-/// Start-up failures: unreadable identity or PSK, store locked, address in use, bad NATS URL.
+/// Start-up failures: unreadable identity or PSK, store locked, address in use, an
+/// unreadable or malformed NATS secret, CA, certificate or key file.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let key = identity::load_or_create(&cfg.data_dir)?;
     let own = key.public().to_peer_id();
