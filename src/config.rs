@@ -8,8 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 
@@ -328,110 +327,6 @@ fn default_name() -> String {
         .unwrap_or_else(|| "oc-discovery".to_owned())
 }
 
-/// Keys accepted in the `--config` file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(alias = "data-dir")]
-    data_dir: Option<PathBuf>,
-    #[serde(alias = "nats-url")]
-    nats_url: Option<OneOrMany>,
-    #[serde(alias = "nats-creds")]
-    nats_creds: Option<PathBuf>,
-    #[serde(alias = "nats-nkey")]
-    nats_nkey: Option<PathBuf>,
-    #[serde(alias = "nats-user")]
-    nats_user: Option<String>,
-    #[serde(alias = "nats-password-file")]
-    nats_password_file: Option<PathBuf>,
-    #[serde(alias = "nats-token-file")]
-    nats_token_file: Option<PathBuf>,
-    #[serde(alias = "nats-tls-ca")]
-    nats_tls_ca: Option<PathBuf>,
-    #[serde(alias = "nats-tls-cert")]
-    nats_tls_cert: Option<PathBuf>,
-    #[serde(alias = "nats-tls-key")]
-    nats_tls_key: Option<PathBuf>,
-    listen: Option<Vec<String>>,
-    #[serde(alias = "admin-listen")]
-    admin_listen: Option<String>,
-    partner: Option<Vec<String>>,
-    #[serde(alias = "psk-file")]
-    psk_file: Option<PathBuf>,
-    #[serde(alias = "max-event-bytes")]
-    max_event_bytes: Option<usize>,
-    #[serde(alias = "max-frame-bytes")]
-    max_frame_bytes: Option<usize>,
-    #[serde(alias = "max-partner-buffer-bytes")]
-    max_partner_buffer_bytes: Option<usize>,
-    #[serde(alias = "intake-stream")]
-    intake_stream: Option<String>,
-    #[serde(alias = "intake-max-bytes")]
-    intake_max_bytes: Option<u64>,
-    #[serde(alias = "intake-max-age")]
-    intake_max_age: Option<String>,
-    #[serde(alias = "forward-rate")]
-    forward_rate: Option<f64>,
-    #[serde(alias = "forward-burst")]
-    forward_burst: Option<u32>,
-    #[serde(alias = "planner-idle")]
-    planner_idle: Option<String>,
-    #[serde(alias = "ping-interval")]
-    ping_interval: Option<String>,
-    #[serde(alias = "pong-discard-timeout")]
-    pong_discard_timeout: Option<String>,
-    #[serde(alias = "sync-timeout")]
-    sync_timeout: Option<String>,
-    #[serde(alias = "sync-interval")]
-    sync_interval: Option<String>,
-    #[serde(alias = "sync-max-bytes")]
-    sync_max_bytes: Option<u64>,
-    #[serde(alias = "search-peer-max-results")]
-    search_peer_max_results: Option<u64>,
-    #[serde(alias = "search-peer-max-bytes")]
-    search_peer_max_bytes: Option<u64>,
-    #[serde(alias = "search-unknown-queries-per-second")]
-    search_unknown_queries_per_second: Option<f64>,
-    #[serde(alias = "backoff-min")]
-    backoff_min: Option<String>,
-    #[serde(alias = "backoff-max")]
-    backoff_max: Option<String>,
-    name: Option<String>,
-    #[serde(alias = "record-ttl")]
-    record_ttl: Option<String>,
-    bootstrap: Option<Vec<String>>,
-    store: Option<StoreKind>,
-    #[serde(alias = "mongo-uri")]
-    mongo_uri: Option<String>,
-    #[serde(alias = "mongo-db")]
-    mongo_db: Option<String>,
-    #[serde(alias = "max-known-peers")]
-    max_known_peers: Option<usize>,
-    #[serde(alias = "max-connections-per-peer")]
-    max_connections_per_peer: Option<u32>,
-    #[serde(alias = "max-pending-incoming")]
-    max_pending_incoming: Option<u32>,
-    #[serde(alias = "max-connections")]
-    max_connections: Option<u32>,
-}
-
-/// A file value that is one string (commas allowed) or an array of strings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn into_list(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
-            OneOrMany::Many(list) => list,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -486,8 +381,8 @@ pub enum ConfigError {
     NatsClientCert,
 }
 
-/// Parses the process arguments, then fills `run` options left at their default from
-/// the `--config` file.
+/// Parses the process arguments; `run` options given neither as a flag nor in the
+/// environment are taken from the `--config` file.
 ///
 /// # Errors
 /// An unreadable or invalid config file.
@@ -504,112 +399,98 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let matches = Cli::command().get_matches_from(args);
-    let mut cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let first = Cli::command().get_matches_from(args.clone());
+    let file = match Cli::from_arg_matches(&first) {
+        Ok(Cli {
+            command: Command::Run(run),
+        }) => run.config,
+        Ok(_) => None,
         Err(e) => e.exit(),
     };
-    if let (Command::Run(run), Some(("run", sub))) = (&mut cli.command, matches.subcommand()) {
-        if let Some(path) = run.config.clone() {
-            apply_file(run, sub, &path)?;
-        }
-    }
-    Ok(cli)
+    let Some(path) = file else {
+        return Cli::from_arg_matches(&first).or_else(|e| e.exit());
+    };
+    // The one file layer: each key of the file becomes the default of the `run` option of
+    // the same name, so flags and the environment beat it and clap parses and checks its
+    // value exactly as it would a flag's.
+    let command = with_file_defaults(Cli::command(), &path)?;
+    let matches = command
+        .try_get_matches_from(args)
+        .map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            reason: clap_reason(&e),
+        })?;
+    Cli::from_arg_matches(&matches).map_err(|e| ConfigError::Parse {
+        path,
+        reason: e.to_string(),
+    })
 }
 
-/// Whether the user set this option by flag or environment (which beat the file).
-fn explicit(m: &ArgMatches, id: &str) -> bool {
-    matches!(
-        m.value_source(id),
-        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-    )
+/// The first line of a clap error, without its `error: ` prefix.
+fn clap_reason(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
-fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), ConfigError> {
+/// `command` with the `--config` file's values as the defaults of the `run` options.
+/// Keys are the options' names (`nats_url` or `nats-url`); a repeatable option takes an
+/// array or a comma-separated string. An unknown key is an error, so a typo is never
+/// silently ignored.
+fn with_file_defaults(command: clap::Command, path: &PathBuf) -> Result<clap::Command, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.clone(),
         source,
     })?;
-    let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    let bad = |reason: String| ConfigError::Parse {
         path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let addrs = |list: Vec<String>| -> Result<Vec<Multiaddr>, ConfigError> {
-        list.iter()
-            .map(|s| {
-                s.parse().map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    reason: format!("{s}: {e}"),
-                })
-            })
-            .collect()
+        reason,
     };
-    macro_rules! fill {
-        ($field:ident) => {
-            if let Some(v) = file.$field {
-                if !explicit(m, stringify!($field)) {
-                    run.$field = v;
-                }
-            }
+    let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let run = command
+        .find_subcommand("run")
+        .cloned()
+        .ok_or_else(|| bad("no run command".to_owned()))?;
+    let mut defaults = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        let Some(arg) = run.get_arguments().find(|a| a.get_id() == id.as_str() && id != "config") else {
+            return Err(bad(format!("unknown key {key:?}")));
         };
-        ($field:ident, $conv:expr) => {
-            if let Some(v) = file.$field {
-                if !explicit(m, stringify!($field)) {
-                    run.$field = $conv(v)?;
-                }
-            }
-        };
+        let repeatable = arg.get_value_delimiter().is_some();
+        let values = file_values(&value, repeatable).ok_or_else(|| {
+            bad(format!(
+                "{key}: expected {}",
+                if repeatable { "a string, a number or an array of them" } else { "a string, a number or a boolean" }
+            ))
+        })?;
+        defaults.push((id, values));
     }
-    fill!(data_dir);
-    fill!(nats_url, |v: OneOrMany| Ok::<_, ConfigError>(v.into_list()));
-    fill!(nats_creds, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(nats_nkey, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(nats_user, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(nats_password_file, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(nats_token_file, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(nats_tls_ca, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(nats_tls_cert, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(nats_tls_key, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(admin_listen);
-    fill!(max_event_bytes);
-    fill!(listen, addrs);
-    fill!(partner, addrs);
-    fill!(psk_file, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(max_frame_bytes);
-    fill!(max_partner_buffer_bytes);
-    fill!(intake_stream);
-    fill!(intake_max_bytes);
-    fill!(forward_rate);
-    fill!(forward_burst);
-    let duration = |v: String| {
-        parse_duration(&v).map_err(|reason| ConfigError::Parse {
-            path: path.clone(),
-            reason,
-        })
+    Ok(command.mut_subcommand("run", |mut run| {
+        for (id, values) in defaults {
+            run = run.mut_arg(id, |arg| arg.default_values(values));
+        }
+        run
+    }))
+}
+
+/// A file value as the strings clap parses; `None` when its type fits no option.
+fn file_values(value: &toml::Value, repeatable: bool) -> Option<Vec<String>> {
+    let scalar = |v: &toml::Value| match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(n) => Some(n.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
     };
-    fill!(ping_interval, duration);
-    fill!(pong_discard_timeout, duration);
-    fill!(sync_timeout, duration);
-    fill!(sync_interval, duration);
-    fill!(sync_max_bytes);
-    fill!(backoff_min, duration);
-    fill!(backoff_max, duration);
-    fill!(name, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(record_ttl, duration);
-    fill!(intake_max_age, duration);
-    fill!(planner_idle, duration);
-    fill!(bootstrap, addrs);
-    fill!(store);
-    fill!(mongo_uri, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(mongo_db);
-    fill!(search_peer_max_results);
-    fill!(search_peer_max_bytes);
-    fill!(search_unknown_queries_per_second);
-    fill!(max_known_peers);
-    fill!(max_connections_per_peer);
-    fill!(max_pending_incoming);
-    fill!(max_connections);
-    Ok(())
+    match value {
+        toml::Value::Array(items) if repeatable => items.iter().map(scalar).collect(),
+        toml::Value::String(s) if repeatable => {
+            Some(s.split(',').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect())
+        }
+        v => scalar(v).map(|s| vec![s]),
+    }
 }
 
 /// Run options after validation, as the node uses them.
