@@ -15,7 +15,7 @@
 //!   the search gossip topic; [`p2p::records`]: signed peer records.
 //! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
 //! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
-//! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
+//! - [`inbound`]: applies partners' events, publishes them, acknowledges.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
 //! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
 //! - [`answers`]: replies to applications and the one refusal report (log, metric, error event, reply).
@@ -39,6 +39,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod guard;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
 pub mod nats;
 pub mod node;

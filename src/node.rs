@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
-use crate::actors::inbound::{InboundApply, InboundEnv};
+use crate::inbound::{InboundApply, InboundEnv};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
