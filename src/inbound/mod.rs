@@ -3,10 +3,10 @@
 //! heartbeats and serves this node's journal to partners that pull it (journal sync).
 //!
 //! The [`InboundApply`] actor (this file) routes each accepted stream to its peer's session
-//! task ([`session`]). A session merges the three resource streams of one origin back into
+//! task (`session.rs`). A session merges the three resource streams of one origin back into
 //! seq order with a reorder buffer ([`reorder::Reorder`], pure bookkeeping, bounded by the
 //! sender's window), so entries are applied exactly in the order the origin journaled them.
-//! For each contiguous run ([`apply`]):
+//! For each contiguous run (`apply.rs`):
 //! 1. refuse what is forged (origin or creator is not the sending peer) with an `error`
 //!    frame, a log line and a metric — the run goes on;
 //! 2. one store commit: resources by version, outbox rows, the origin's applied mark; an
