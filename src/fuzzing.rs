@@ -16,7 +16,7 @@ use crate::actors::search::GossipQuery;
 use crate::event::{self, Action, CommandAction, Decoded, JournalEntry};
 use crate::p2p::records::{self, PeerRecord};
 use crate::p2p::wire::{self, Frame, FrameError};
-use crate::sync;
+use crate::sync::plan;
 
 /// The victim's own peer id in the targets (the creator `decode_intake` accepts).
 pub const OWN_ID: &str = "12D3KooWLYt2p9DJu8m6tG4cNj5DoTqr2fj5DPRmB6N8L6ZKhM2A";
@@ -163,17 +163,17 @@ impl futures::AsyncRead for Trickle<'_> {
 }
 
 /// Journal sync: an answer stream (`sync_header`, then `sync_part`s) checked and assembled
-/// as the puller does it ([`sync::Assembly`], the pure core of `sync::pull`), and the
-/// owner's reading of a `sync_request` (`sync::plan_until`, `sync::wanted_parts`).
+/// as the puller does it ([`plan::Assembly`], the pure core of `sync::pull::pull`), and the
+/// owner's reading of a `sync_request` (`plan::plan_until`, `plan::wanted_parts`).
 pub fn sync_answer(data: &[u8]) {
     /// What the fuzz puller asks: since 0, parts of at most 2 KiB, small round caps.
-    const ASK: sync::Ask = sync::Ask {
+    const ASK: plan::Ask = plan::Ask {
         since: 0,
         part_bytes: 2048,
         max_entries: 64,
         max_bytes: 64 * 1024,
     };
-    let mut assembly: Option<sync::Assembly> = None;
+    let mut assembly: Option<plan::Assembly> = None;
     for frame in read_all(data, ASK.part_bytes as usize) {
         match frame {
             Frame::SyncHeader {
@@ -183,7 +183,7 @@ pub fn sync_answer(data: &[u8]) {
                 total,
                 bytes,
             } => {
-                let header = sync::Header {
+                let header = plan::Header {
                     since,
                     until,
                     head,
@@ -196,7 +196,7 @@ pub fn sync_answer(data: &[u8]) {
                     }
                     continue;
                 }
-                let Ok(a) = sync::Assembly::new(ASK, header) else {
+                let Ok(a) = plan::Assembly::new(ASK, header) else {
                     return;
                 };
                 assert!(header.until.saturating_sub(header.since) <= ASK.max_entries);
@@ -216,9 +216,9 @@ pub fn sync_answer(data: &[u8]) {
             Frame::SyncRequest {
                 since, until, parts, ..
             } => {
-                let planned = sync::plan_until(since, until, u64::MAX, ASK.max_entries);
+                let planned = plan::plan_until(since, until, u64::MAX, ASK.max_entries);
                 assert!(planned >= since && planned - since <= ASK.max_entries);
-                if let Ok(list) = sync::wanted_parts(parts, 1024) {
+                if let Ok(list) = plan::wanted_parts(parts, 1024) {
                     assert!(list.windows(2).all(|w| w[0] < w[1]), "parts sorted, each once");
                     assert!(list.iter().all(|i| *i < 1024));
                 }

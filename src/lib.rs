@@ -15,8 +15,11 @@
 //!   the search gossip topic; [`p2p::records`]: signed peer records.
 //! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
 //! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
-//! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
-//! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
+//! - [`inbound`]: applies partners' events, publishes them, acknowledges:
+//!   [`inbound::reorder`] (the pure reorder, gap and sync decisions), a session per partner,
+//!   the apply of a run.
+//! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps:
+//!   [`sync::plan`] (the pure round rules), [`sync::serve`] (owner), [`sync::pull`] (puller).
 //! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
 //! - [`answers`]: replies to applications and the one refusal report (log, metric, error event, reply).
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
@@ -39,6 +42,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod guard;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
 pub mod nats;
 pub mod node;

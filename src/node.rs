@@ -17,7 +17,6 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
-use crate::actors::inbound::{InboundApply, InboundEnv};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
@@ -25,6 +24,7 @@ use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
 use crate::config::{NodeConfig, StoreConfig};
 use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
+use crate::inbound::{InboundApply, InboundEnv};
 use crate::metrics::Metrics;
 use crate::partners::Partners;
 use crate::store::embedded::EmbeddedStore;

@@ -12,7 +12,9 @@ use oc_discovery::event::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::Store;
-use oc_discovery::sync::{Answer, RoundCap, PROTOCOL_SYNC};
+use oc_discovery::sync::plan::RoundCap;
+use oc_discovery::sync::serve::Answer;
+use oc_discovery::sync::PROTOCOL_SYNC;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
