@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
 use crate::actors::inbound::{InboundApply, InboundEnv};
-use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
+use crate::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
 use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};

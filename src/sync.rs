@@ -27,7 +27,7 @@ use futures::AsyncWriteExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 
 use crate::config::Tuning;
-use crate::event::{ErrorCode, JournalEntry};
+use crate::contract::{ErrorCode, JournalEntry};
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};
@@ -804,7 +804,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_holds_one_line_per_entry_however_its_resource_was_spaced() {
-        use crate::event::{Action, NewEvent, Resource};
+        use crate::contract::{Action, NewEvent, Resource};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("j.redb")).unwrap();
         let pretty = "{\n  \"id\": \"r1\",\r\n  \"creator_id\": \"o\"\n}";
@@ -865,7 +865,7 @@ mod tests {
         JournalEntry {
             origin: "o".into(),
             seq,
-            action: crate::event::Action::Create,
+            action: crate::contract::Action::Create,
             data_type: "D".into(),
             user: "u".into(),
             resource: serde_json::json!({"id": format!("r{seq}"), "creator_id": "o", "pad": "x".repeat(pad)})
@@ -875,7 +875,7 @@ mod tests {
     }
 
     async fn journal(n: u64, pad: usize) -> (tempfile::TempDir, crate::store::embedded::EmbeddedStore) {
-        use crate::event::{Action, NewEvent, Resource};
+        use crate::contract::{Action, NewEvent, Resource};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("j.redb")).unwrap();
         let events = (1..=n)

@@ -40,7 +40,7 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Tuning;
-use crate::event::{ErrorCode, JournalEntry, Refusal};
+use crate::contract::{ErrorCode, JournalEntry, Refusal};
 use crate::guard::{LogThrottle, PeerPool, PoolFull};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};

@@ -1,6 +1,5 @@
 //! The node's actors and the tasks they own.
 //!
-//! - [`intake`]: NATS `PROPALGATION_EVENT` → journal → reply.
 //! - [`stream_service`]: the partner links; [`partner_link`]: one link's session loop.
 //! - [`inbound`]: partners' streams → store + outbox → NATS → ack.
 //! - [`peers`]: partnerships and the blacklist at run time (NATS PEER resources, admin API).
@@ -9,7 +8,6 @@
 
 pub mod commands;
 pub mod inbound;
-pub mod intake;
 pub mod partner_link;
 pub mod peers;
 pub mod search;

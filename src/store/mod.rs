@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Action, JournalEntry, NewEvent};
+use crate::contract::{Action, JournalEntry, NewEvent};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -239,7 +239,7 @@ pub trait Store: Send + Sync + 'static {
             };
             for e in chunk.into_iter().filter(|e| e.data_type == data_type) {
                 if let Some(id) = e.resource_id().map(str::to_owned) {
-                    let alive = e.action != crate::event::Action::Delete;
+                    let alive = e.action != crate::contract::Action::Delete;
                     latest.insert(id, alive.then(|| e.resource.to_value()));
                 }
             }
@@ -456,7 +456,7 @@ pub fn decide_at(existing: Option<&Holder>, local: &Local, entry: &JournalEntry)
 
 /// The `CREATE_RESOURCE` / `REMOVE_RESOURCE` publish an applied entry owes NATS.
 pub fn outbox_row(entry: &JournalEntry, outbox_id: u64) -> OutboxRow {
-    use crate::event::ResourceNotice;
+    use crate::contract::ResourceNotice;
     OutboxRow {
         id: outbox_id,
         subject: ResourceNotice::subject(entry.action).to_owned(),

@@ -38,9 +38,9 @@ use bytes::Bytes;
 use futures::{Future, Stream, StreamExt};
 use serde_json::json;
 
-use super::commands::Dispatch;
-use super::stream_service::JournalAdvanced;
-use crate::event::{self, Decoded, ErrorCode, Refusal};
+use crate::actors::commands::Dispatch;
+use crate::actors::stream_service::JournalAdvanced;
+use crate::contract::{self, Decoded, ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -278,7 +278,7 @@ impl IntakeEnv {
         loop {
             if crate::nats::is_connected(&self.nats) {
                 if !self.nats.server_info().jetstream {
-                    match self.nats.subscribe(event::SUBJECT_PROPAGATION).await {
+                    match self.nats.subscribe(contract::SUBJECT_PROPAGATION).await {
                         Ok(sub) => {
                             // The SUB must reach the server before /healthz says ready, or
                             // a request sent right after gets "no responders".
@@ -289,7 +289,7 @@ impl IntakeEnv {
                                 tracing::warn!("subscription not confirmed by the server in time");
                             }
                             tracing::warn!(
-                                subject = event::SUBJECT_PROPAGATION,
+                                subject = contract::SUBJECT_PROPAGATION,
                                 "NATS has no JetStream: core subscription, events published while this node is down are lost"
                             );
                             let source = sub.map(|m| Incoming {
@@ -322,7 +322,7 @@ impl IntakeEnv {
         let stream = js
             .get_or_create_stream(jetstream::stream::Config {
                 name: self.stream_name.clone(),
-                subjects: vec![event::SUBJECT_PROPAGATION.to_owned()],
+                subjects: vec![contract::SUBJECT_PROPAGATION.to_owned()],
                 // Kept until every consumer (ours, and any an operator adds) acknowledged.
                 retention: RetentionPolicy::Interest,
                 storage: jetstream::stream::StorageType::File,
@@ -340,7 +340,7 @@ impl IntakeEnv {
                 CONSUMER_NAME,
                 pull::Config {
                     durable_name: Some(CONSUMER_NAME.to_owned()),
-                    filter_subject: event::SUBJECT_PROPAGATION.to_owned(),
+                    filter_subject: contract::SUBJECT_PROPAGATION.to_owned(),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: JS_ACK_WAIT,
                     max_ack_pending: self.max_ack_pending,
@@ -452,7 +452,7 @@ impl IntakeEnv {
                     continue;
                 }
             }
-            match event::decode_intake(&msg.payload, &self.own_id, self.max_event_bytes) {
+            match contract::decode_intake(&msg.payload, &self.own_id, self.max_event_bytes) {
                 Ok(Decoded::Accept(e)) => {
                     events.push(e);
                     replies.push(msg.reply.clone());
@@ -547,7 +547,7 @@ impl IntakeEnv {
     /// Returns false when the events were refused (an error event was published).
     async fn journal(
         &self,
-        events: Vec<event::NewEvent>,
+        events: Vec<contract::NewEvent>,
         replies: Vec<Option<Subject>>,
         stream_seqs: Vec<u64>,
         durable_source: bool,
@@ -598,8 +598,8 @@ impl IntakeEnv {
                 tracing::error!(cause = %e, count, "journal append failed; events refused");
                 let refusal = Refusal::new(ErrorCode::StoreUnavailable, format!("not journaled: {e}"));
                 self.metrics.refused("intake", refusal.code);
-                let error_event = json!({"error": refusal.to_json(), "subject": event::SUBJECT_PROPAGATION, "count": count});
-                self.send(Subject::from_static(event::SUBJECT_ERROR), error_event)
+                let error_event = json!({"error": refusal.to_json(), "subject": contract::SUBJECT_PROPAGATION, "count": count});
+                self.send(Subject::from_static(contract::SUBJECT_ERROR), error_event)
                     .await;
                 for reply in replies.into_iter().flatten() {
                     self.send(reply, json!({"ok": false, "error": refusal.to_json()}))
@@ -620,8 +620,8 @@ impl IntakeEnv {
             "event refused"
         );
         self.metrics.refused("intake", refusal.code);
-        let error_event = event::error_event(refusal, event::SUBJECT_PROPAGATION, &msg.payload);
-        self.send(Subject::from_static(event::SUBJECT_ERROR), error_event)
+        let error_event = contract::error_event(refusal, contract::SUBJECT_PROPAGATION, &msg.payload);
+        self.send(Subject::from_static(contract::SUBJECT_ERROR), error_event)
             .await;
         if let Some(reply) = msg.reply.clone() {
             self.send(reply, json!({"ok": false, "error": refusal.to_json()}))
@@ -644,7 +644,7 @@ mod tests {
 
     fn incoming(i: usize) -> Incoming {
         Incoming {
-            subject: Subject::from_static(event::SUBJECT_PROPAGATION),
+            subject: Subject::from_static(contract::SUBJECT_PROPAGATION),
             payload: Bytes::from(i.to_string()),
             reply: None,
             js: None,

@@ -38,7 +38,7 @@ use super::{
     decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, OwnPage, PageBounds, PeerRow, Relation,
     SiteDoc, Store, StoreError, StoreResult, StoredResource,
 };
-use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource};
+use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource};
 
 pub const DEFAULT_DB: &str = "opencloud";
 
