@@ -437,5 +437,4 @@ mod tests {
             Ok(Decoded::OwnEcho)
         );
     }
-
 }

@@ -291,5 +291,4 @@ mod tests {
         assert_eq!(from_tree.to_value()["n"][1], 2);
         assert_eq!(serde_json::to_string(&from_tree).unwrap(), from_tree.json());
     }
-
 }

@@ -100,7 +100,11 @@ impl MongoStore {
         Ok((outcomes, rows.into_iter().map(|(_, r)| r).collect()))
     }
 
-    pub(super) async fn insert_outbox(&self, s: &mut ClientSession, rows: &[(usize, OutboxRow)]) -> Result<(), Failure> {
+    pub(super) async fn insert_outbox(
+        &self,
+        s: &mut ClientSession,
+        rows: &[(usize, OutboxRow)],
+    ) -> Result<(), Failure> {
         if rows.is_empty() {
             return Ok(());
         }

@@ -57,7 +57,11 @@ impl MongoStore {
 
     /// Keeps `oc_own` (this node's resources as its journal leaves them, for search
     /// answers) in step with the journal, in the same transaction.
-    pub(super) async fn index_own(&self, s: &mut ClientSession, entries: &[JournalEntry]) -> Result<(), Failure> {
+    pub(super) async fn index_own(
+        &self,
+        s: &mut ClientSession,
+        entries: &[JournalEntry],
+    ) -> Result<(), Failure> {
         // The last change of each resource in the batch wins.
         let mut last: HashMap<(&str, &str), &JournalEntry> = HashMap::new();
         for e in entries {
@@ -91,7 +95,12 @@ impl MongoStore {
 
     /// Records which JetStream messages this journal commit holds; a record already there
     /// (a redelivery journaled anyway) is replaced.
-    pub(super) async fn mark_intake(&self, s: &mut ClientSession, stream_seqs: &[u64], seq: u64) -> Result<(), Failure> {
+    pub(super) async fn mark_intake(
+        &self,
+        s: &mut ClientSession,
+        stream_seqs: &[u64],
+        seq: u64,
+    ) -> Result<(), Failure> {
         let seq = to_i64(seq, "seq")?;
         let ids = stream_seqs
             .iter()

@@ -47,7 +47,9 @@ pub use self::bson::{resource_document, MAX_DOCUMENT_BYTES, MAX_NESTING};
 pub use self::error::OpenError;
 pub use self::names::{collection_for, DEFAULT_DB};
 
-use self::bson::{document_to_json, to_i64, to_u64, JournalDoc, OutboxDoc, PeerDoc, SeqDoc, VersionDoc, VersionKey};
+use self::bson::{
+    document_to_json, to_i64, to_u64, JournalDoc, OutboxDoc, PeerDoc, SeqDoc, VersionDoc, VersionKey,
+};
 use self::error::Failure;
 use self::names::{check_database_name, APPLIED, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS};
 use self::txn::durable;
@@ -509,8 +511,9 @@ impl Store for MongoStore {
         let mut docs = Vec::new();
         let mut bytes = 0usize;
         while let Some(d) = cursor.try_next().await.map_err(|e| self.failed(e))? {
-            let corrupt =
-                |e: mongodb::bson::document::ValueAccessError| self.failed(Failure::Corrupt(format!("oc_own: {e}")));
+            let corrupt = |e: mongodb::bson::document::ValueAccessError| {
+                self.failed(Failure::Corrupt(format!("oc_own: {e}")))
+            };
             let id = d
                 .get_document("_id")
                 .and_then(|k| k.get_str("id"))

@@ -11,7 +11,11 @@ use super::MongoStore;
 use crate::store::{keep_relation, PeerRow, Relation};
 
 impl MongoStore {
-    pub(super) async fn meet_txn(&self, s: &mut ClientSession, mut row: PeerRow) -> Result<Relation, Failure> {
+    pub(super) async fn meet_txn(
+        &self,
+        s: &mut ClientSession,
+        mut row: PeerRow,
+    ) -> Result<Relation, Failure> {
         let peers = self.coll::<PeerDoc>(PEERS);
         if let Some(existing) = peers
             .find_one(doc! {"_id": &row.peer_id})

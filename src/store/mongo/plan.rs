@@ -232,7 +232,11 @@ mod tests {
         use ApplyOutcome::{Applied, Stale};
         assert_eq!(d.outcomes, [Applied, Applied, Stale, Applied, Applied]);
         assert_eq!(d.changes, [0, 1, 3, 4], "the document the node wrote is its own");
-        assert_eq!(d.answered_before, [2], "the exact version is held: a candidate for a lost answer");
+        assert_eq!(
+            d.answered_before,
+            [2],
+            "the exact version is held: a candidate for a lost answer"
+        );
     }
 
     #[test]
@@ -248,7 +252,10 @@ mod tests {
         };
         let again = entry(5, Action::Update);
         let d = decide_batch(&[planned(&again)], &stored(5), site_with_node_doc()).unwrap();
-        assert_eq!((d.outcomes, d.answered_before), (vec![ApplyOutcome::Stale], vec![0]));
+        assert_eq!(
+            (d.outcomes, d.answered_before),
+            (vec![ApplyOutcome::Stale], vec![0])
+        );
         let newer = entry(6, Action::Update);
         let d = decide_batch(&[planned(&newer)], &stored(5), site_with_node_doc()).unwrap();
         assert_eq!((d.outcomes, d.changes), (vec![ApplyOutcome::Applied], vec![0]));
@@ -257,7 +264,11 @@ mod tests {
         let site_document = ApplyOutcome::Conflict {
             owner: Owner::SiteDocument,
         };
-        assert_eq!(d.outcomes, [site_document], "a document without a version row is the site's");
+        assert_eq!(
+            d.outcomes,
+            [site_document],
+            "a document without a version row is the site's"
+        );
 
         let mut own = empty_site();
         own.own.entry(DATA_TYPE.into()).or_default().insert("r1".into());
@@ -272,7 +283,10 @@ mod tests {
     fn entries_without_an_id_or_a_storable_document_change_nothing() {
         let e = entry(1, Action::Create);
         let plan = [
-            Planned { entry: &e, target: None },
+            Planned {
+                entry: &e,
+                target: None,
+            },
             Planned {
                 entry: &e,
                 target: Some(Err("refused".into())),
