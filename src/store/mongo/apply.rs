@@ -8,7 +8,7 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::ClientSession;
 
-use super::bson::{to_i64, to_u64, OutboxDoc, VersionDoc, VersionKey};
+use super::bson::{to_i64, to_u64, NewOutboxDoc, NewVersionDoc, OutboxDoc, VersionDoc, VersionKey};
 use super::error::Failure;
 use super::names::{APPLIED, COUNTERS, OUTBOX, OUTBOX_COUNTER, OWN, VERSIONS};
 use super::plan::{decide_batch, Decisions, OwnKeys, Planned, Site};
@@ -110,9 +110,9 @@ impl MongoStore {
         }
         let docs = rows
             .iter()
-            .map(|(_, r)| OutboxDoc::from_row(r))
+            .map(|(_, r)| NewOutboxDoc::of(r))
             .collect::<Result<Vec<_>, _>>()?;
-        self.coll::<OutboxDoc>(OUTBOX)
+        self.coll::<NewOutboxDoc<'_>>(OUTBOX)
             .insert_many(docs)
             .session(&mut *s)
             .await?;
@@ -310,13 +310,13 @@ impl MongoStore {
             if stored.contains_key(&t.key) {
                 version_ids.push(t.key.to_bson());
             }
-            versions.push(VersionDoc {
-                key: t.key.clone(),
-                data_type: entry.data_type.clone(),
-                origin: entry.origin.clone(),
+            versions.push(NewVersionDoc {
+                key: &t.key,
+                data_type: &entry.data_type,
+                origin: &entry.origin,
                 version: to_i64(entry.seq, "seq")?,
                 deleted: t.doc.is_none(),
-                tombstone: t.doc.is_none().then(|| entry.resource.json().to_owned()),
+                tombstone: t.doc.is_none().then(|| entry.resource.json()),
             });
         }
         for (coll, ids) in &ids_by_coll {
@@ -333,7 +333,7 @@ impl MongoStore {
             }
         }
         if !versions.is_empty() {
-            let coll = self.coll::<VersionDoc>(VERSIONS);
+            let coll = self.coll::<NewVersionDoc<'_>>(VERSIONS);
             if !version_ids.is_empty() {
                 coll.delete_many(doc! {"_id": {"$in": version_ids}})
                     .session(&mut *s)

@@ -1,7 +1,7 @@
 //! The BSON shapes: the documents of the `oc_*` collections, the resource document an
 //! application reads, and the checks that find what MongoDB would refuse before writing.
 
-use mongodb::bson::{self, doc, Binary, Bson, Document};
+use mongodb::bson::{self, doc, Binary, Bson, Document, RawBinaryRef};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -98,6 +98,19 @@ pub(super) struct VersionDoc {
     pub(super) tombstone: Option<String>,
 }
 
+/// A [`VersionDoc`] as written: the same document, borrowing the entry it records.
+#[derive(Serialize)]
+pub(super) struct NewVersionDoc<'a> {
+    #[serde(rename = "_id")]
+    pub(super) key: &'a VersionKey,
+    pub(super) data_type: &'a str,
+    pub(super) origin: &'a str,
+    pub(super) version: i64,
+    pub(super) deleted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) tombstone: Option<&'a str>,
+}
+
 impl VersionDoc {
     /// The stored state as [`decide`] and callers see it; `resource` is filled by the caller.
     pub(super) fn to_stored(&self, resource: Value) -> Result<StoredResource, Failure> {
@@ -131,24 +144,38 @@ pub(super) struct OutboxDoc {
 }
 
 impl OutboxDoc {
-    pub(super) fn from_row(r: &OutboxRow) -> Result<Self, Failure> {
-        Ok(OutboxDoc {
-            id: to_i64(r.id, "outbox id")?,
-            subject: r.subject.clone(),
-            msg_id: r.msg_id.clone(),
-            payload: Binary {
-                subtype: bson::spec::BinarySubtype::Generic,
-                bytes: r.payload.clone(),
-            },
-        })
-    }
-
     pub(super) fn into_row(self) -> Result<OutboxRow, Failure> {
         Ok(OutboxRow {
             id: to_u64(self.id, "outbox id")?,
             subject: self.subject,
             msg_id: self.msg_id,
             payload: self.payload.bytes,
+        })
+    }
+}
+
+/// An [`OutboxDoc`] as written: the same document, borrowing its row, so the payload (the
+/// notice, with the whole resource) is not copied once more per applied entry.
+#[derive(Serialize)]
+pub(super) struct NewOutboxDoc<'a> {
+    #[serde(rename = "_id")]
+    id: i64,
+    subject: &'a str,
+    msg_id: &'a str,
+    /// Generic binary, as [`Binary`] with the generic subtype writes it.
+    payload: RawBinaryRef<'a>,
+}
+
+impl<'a> NewOutboxDoc<'a> {
+    pub(super) fn of(r: &'a OutboxRow) -> Result<Self, Failure> {
+        Ok(NewOutboxDoc {
+            id: to_i64(r.id, "outbox id")?,
+            subject: &r.subject,
+            msg_id: &r.msg_id,
+            payload: RawBinaryRef {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: &r.payload,
+            },
         })
     }
 }
@@ -279,6 +306,57 @@ pub(super) fn document_to_json(mut doc: Document) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The borrowed documents are what the owned ones were: the on-disk format is unchanged.
+    #[test]
+    fn the_borrowed_documents_write_what_the_owned_ones_read() {
+        let row = OutboxRow {
+            id: 7,
+            subject: "CREATE_RESOURCE".into(),
+            msg_id: "origin:7".into(),
+            payload: br#"{"resource":{"id":"r1"}}"#.to_vec(),
+        };
+        let written = bson::to_document(&NewOutboxDoc::of(&row).unwrap()).unwrap();
+        let owned = OutboxDoc {
+            id: 7,
+            subject: row.subject.clone(),
+            msg_id: row.msg_id.clone(),
+            payload: Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: row.payload.clone(),
+            },
+        };
+        assert_eq!(written, bson::to_document(&owned).unwrap());
+        let read: OutboxDoc = bson::from_document(written).unwrap();
+        assert_eq!(read.into_row().unwrap(), row);
+
+        let key = VersionKey {
+            coll: "compute_resource".into(),
+            id: "r1".into(),
+        };
+        for tombstone in [None, Some(r#"{"id":"r1"}"#)] {
+            let new = NewVersionDoc {
+                key: &key,
+                data_type: "COMPUTE_RESOURCE",
+                origin: "origin",
+                version: 3,
+                deleted: tombstone.is_some(),
+                tombstone,
+            };
+            let owned = VersionDoc {
+                key: key.clone(),
+                data_type: "COMPUTE_RESOURCE".into(),
+                origin: "origin".into(),
+                version: 3,
+                deleted: tombstone.is_some(),
+                tombstone: tombstone.map(str::to_owned),
+            };
+            assert_eq!(
+                bson::to_document(&new).unwrap(),
+                bson::to_document(&owned).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn documents_refused_before_writing() {
