@@ -8,7 +8,7 @@
 //! - [`resource`]: a resource as the JSON text that came, with its `id` and `creator_id`.
 //! - [`journal`]: a journal entry, the unit the node stores and propagates.
 //! - [`notice`]: the `CREATE_RESOURCE` / `REMOVE_RESOURCE` bodies.
-//! - [`error_event`]: the `PROPALGATION_ERROR` body for a refused message.
+//! - [`error_event`](mod@error_event): the `PROPALGATION_ERROR` body for a refused message.
 //!
 //! The whole contract is used through this module (`crate::contract::Refusal`, ...); the
 //! files only keep its concerns apart. protocols/nats-subjects.md is its reference.

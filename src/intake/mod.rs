@@ -17,10 +17,10 @@
 //!
 //! Messages are handled one batch at a time (`ctx.wait`): while a batch is being committed
 //! the actor reads nothing else, so a slow disk slows intake instead of growing memory.
-//! What arrived meanwhile is the next batch ([`ReadyBatches`]): the slower the commit, the
+//! What arrived meanwhile is the next batch (`batches::ReadyBatches`): the slower the commit, the
 //! bigger the group it makes.
 //!
-//! Files: [`source`] (JetStream or core NATS), [`batches`] (group commit), [`process`] (one
+//! Files: `source` (JetStream or core NATS), `batches` (group commit), `process` (one
 //! batch: decode, journal, answer, acknowledge); this file: the actor and its status.
 
 mod batches;

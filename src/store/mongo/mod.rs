@@ -14,11 +14,11 @@
 //!   are created by the first operation that reaches it, and every failure to reach it is
 //!   [`StoreError::Unavailable`], which callers retry.
 //!
-//! One concern per file: [`names`] (collections, data type → collection), [`bson`] (document
-//! shapes and pre-write checks), [`error`] (retried, refused, corrupt), [`schema`]
-//! (collections and indexes), [`txn`] (durable transactions and their retries), [`journal`]
-//! (the journal commit), [`plan`] (checking and deciding a batch, pure), [`apply`] (the apply
-//! commit), [`peers`] (meeting a peer); this file: the settings, the client and the
+//! One concern per file: `names` (collections, data type → collection), `bson` (document
+//! shapes and pre-write checks), `error` (retried, refused, corrupt), `schema`
+//! (collections and indexes), `txn` (durable transactions and their retries), `journal`
+//! (the journal commit), `plan` (checking and deciding a batch, pure), `apply` (the apply
+//! commit), `peers` (meeting a peer); this file: the settings, the client and the
 //! [`Store`] implementation over them.
 
 mod apply;
