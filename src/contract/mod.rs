@@ -1,26 +1,27 @@
 //! The application contract: what applications and the node say to each other on the
 //! site's NATS. Every other part of the node builds on it; it depends on nothing of the node.
 //!
-//! - [`subjects`]: the subject names and the `from_app` mark of the node's own publishes.
-//! - [`action`]: the actions an event can ask for.
-//! - [`errors`]: the stable error codes and [`Refusal`].
-//! - [`decode`]: decoding and validating a `PROPALGATION_EVENT` body.
-//! - [`resource`]: a resource as the JSON text that came, with its `id` and `creator_id`.
-//! - [`journal`]: a journal entry, the unit the node stores and propagates.
-//! - [`notice`]: the `CREATE_RESOURCE` / `REMOVE_RESOURCE` bodies.
-//! - [`error_event`](mod@error_event): the `PROPALGATION_ERROR` body for a refused message.
+//! - `subjects`: the subject names and the `from_app` mark of the node's own publishes.
+//! - `action`: the actions an event can ask for.
+//! - `errors`: the stable error codes and [`Refusal`].
+//! - `decode`: decoding and validating a `PROPALGATION_EVENT` body.
+//! - `resource`: a resource as the JSON text that came, with its `id` and `creator_id`.
+//! - `journal`: a journal entry, the unit the node stores and propagates.
+//! - `notice`: the `CREATE_RESOURCE` / `REMOVE_RESOURCE` bodies.
+//! - `error_event`: the `PROPALGATION_ERROR` body for a refused message.
 //!
-//! The whole contract is used through this module (`crate::contract::Refusal`, ...); the
-//! files only keep its concerns apart. protocols/nats-subjects.md is its reference.
+//! The whole contract is used through this module (`crate::contract::Refusal`, ...): each
+//! item has that one path, the files only keep its concerns apart. Its reference for
+//! application authors: protocols/nats-subjects.md.
 
-pub mod action;
-pub mod decode;
-pub mod error_event;
-pub mod errors;
-pub mod journal;
-pub mod notice;
-pub mod resource;
-pub mod subjects;
+mod action;
+mod decode;
+mod error_event;
+mod errors;
+mod journal;
+mod notice;
+mod resource;
+mod subjects;
 
 pub use action::{Action, CommandAction};
 pub use decode::{decode_intake, AppCommand, Decoded, NewEvent, MAX_COMMAND_PEERS};
