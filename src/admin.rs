@@ -16,10 +16,10 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::actors::intake::{IntakeMode, IntakeStatus};
+use crate::intake::{IntakeMode, IntakeStatus};
 use crate::actors::peers::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::actors::stream_service::{GetPeers, StreamService};
-use crate::event::{ErrorCode, Refusal};
+use crate::contract::{ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::p2p;
 use crate::store::Relation;

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::actors::commands::Resolve;
 use crate::config::Tuning;
-use crate::event::now_ms;
+use crate::contract::now_ms;
 use crate::metrics::{Discovery, Metrics};
 use crate::p2p::records::{self, PeerRecord, RecordError, Verified};
 use crate::p2p::{self, NetError, RecordEvent};

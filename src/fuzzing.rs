@@ -13,7 +13,7 @@ use libp2p::identity::Keypair;
 use libp2p::PeerId;
 
 use crate::actors::search::GossipQuery;
-use crate::event::{self, Action, CommandAction, Decoded, JournalEntry};
+use crate::contract::{self, Action, CommandAction, Decoded, JournalEntry};
 use crate::p2p::records::{self, PeerRecord};
 use crate::p2p::wire::{self, Frame, FrameError};
 use crate::sync::plan;
@@ -53,7 +53,7 @@ pub fn fixed_key() -> Keypair {
 /// `PROPALGATION_EVENT` bodies as the NATS intake decodes them, then what the node does
 /// with a command's payload (PB_SEARCH parsing, PB_CONSIDERS / PB_PLANNER peer ids).
 pub fn intake(data: &[u8]) {
-    match event::decode_intake(data, OWN_ID, MAX_EVENT_BYTES) {
+    match contract::decode_intake(data, OWN_ID, MAX_EVENT_BYTES) {
         Ok(Decoded::Accept(e)) => {
             assert!(data.len() <= MAX_EVENT_BYTES, "accepted above the cap");
             assert!(!e.resource_id.is_empty());
@@ -241,7 +241,7 @@ pub fn sync_answer(data: &[u8]) {
             );
             previous = entry.seq;
             // An entry the puller keeps must go on to the store and to NATS as it came.
-            assert!(!event::ResourceNotice::body_of(entry).is_empty());
+            assert!(!contract::ResourceNotice::body_of(entry).is_empty());
         }
     }
 }

@@ -6,8 +6,8 @@
 //! In the order an event flows through the node:
 //! - [`config`]: command line, environment and config file.
 //! - [`identity`]: the node's Ed25519 key and peer id.
-//! - [`event`]: wire types of the NATS subjects, decoding and error codes.
-//! - [`actors::intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
+//! - [`contract`]: the application contract: NATS subjects, event decoding, error codes.
+//! - [`intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
 //! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait:
 //!   [`store::embedded`] (a redb file, default) or [`store::mongo`] (the site's MongoDB).
 //! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
@@ -37,12 +37,13 @@ pub mod answers;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod directory;
-pub mod event;
 pub mod fuzzing;
 pub mod guard;
 pub mod identity;
 pub mod inbound;
+pub mod intake;
 pub mod metrics;
 pub mod nats;
 pub mod node;

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::event::ErrorCode;
+use crate::contract::ErrorCode;
 
 #[derive(Default)]
 pub struct Metrics {

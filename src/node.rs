@@ -1,9 +1,11 @@
 //! Wires the node together and runs it until the shutdown signal.
 //!
 //! Start order follows the data flow backwards, so nothing is produced before its
-//! consumer exists: store → network loop → NATS → outbox drain → StreamService (links) →
-//! inbound apply → peer directory (record publishing) → search service → command router →
-//! intake → admin API.
+//! consumer exists: identity → store → network loop → NATS → StreamService (links, one per
+//! configured partner) → outbox drain, and inbound apply once the drain is done → peer
+//! manager → peer directory (record publishing) → search service → command router →
+//! intake → admin API. Only inbound apply waits for the drain; the parts after it start at
+//! once.
 //!
 //! A store that is down at start-up (MongoDB) does not stop the node: every user of the
 //! store retries with backoff, and `/healthz` reports it until it answers.
@@ -17,14 +19,15 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
-use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
 use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
+use crate::answers::Answers;
 use crate::config::{NodeConfig, StoreConfig};
 use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::inbound::{InboundApply, InboundEnv};
+use crate::intake::{self, Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::metrics::Metrics;
 use crate::partners::Partners;
 use crate::store::embedded::EmbeddedStore;
@@ -196,6 +199,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         io_timeout: t.io_timeout,
         consumer: Default::default(),
         journaled_high: Default::default(),
+        answers: Answers::new(nats.clone(), metrics.clone(), intake::PLACE),
     })
     .start();
     let server = admin::serve(

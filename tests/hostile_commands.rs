@@ -488,7 +488,7 @@ async fn considers_naming_too_many_peers_are_refused() {
     let errors = victim.collect(&["PROPALGATION_ERROR"]).await;
     victim.node.start_healthy().await.unwrap();
     good.node.start_healthy().await.unwrap();
-    let ids: Vec<String> = (0..=oc_discovery::event::MAX_COMMAND_PEERS)
+    let ids: Vec<String> = (0..=oc_discovery::contract::MAX_COMMAND_PEERS)
         .map(|_| {
             libp2p::identity::Keypair::generate_ed25519()
                 .public()

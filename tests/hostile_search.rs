@@ -14,7 +14,7 @@ use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, Stream};
 use oc_discovery::actors::search::{GossipQuery, PROTOCOL_SEARCH};
-use oc_discovery::event::{Action, NewEvent};
+use oc_discovery::contract::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::{self, Client};
 use oc_discovery::store::{PageBounds, Store};
@@ -516,7 +516,7 @@ fn gossip_query(key: &Keypair, n: usize) -> Vec<u8> {
         search: "gpu".into(),
         limit: 10,
         max_frame_bytes: 1 << 20,
-        expires_at: oc_discovery::event::now_ms() + 30_000,
+        expires_at: oc_discovery::contract::now_ms() + 30_000,
         signature: String::new(),
     }
     .sign(key)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
-use oc_discovery::event::{Action, JournalEntry};
+use oc_discovery::contract::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::{StreamKind, PROTOCOL_HEARTBEAT};
 use oc_discovery::sync::PROTOCOL_SYNC;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use futures::AsyncReadExt;
 use mongodb::bson::{doc, Document};
-use oc_discovery::event::{Action, JournalEntry};
+use oc_discovery::contract::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::StreamKind;
 use oc_discovery::testkit::MongoServer;

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use oc_discovery::event::{Action, JournalEntry};
+use oc_discovery::contract::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use serde_json::{json, Value};
 

@@ -167,7 +167,7 @@ impl TestPeer {
 }
 
 fn now_ms() -> u64 {
-    oc_discovery::event::now_ms()
+    oc_discovery::contract::now_ms()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use oc_discovery::event::{Action, NewEvent};
+use oc_discovery::contract::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::Store;

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Tuning;
-use crate::event::{self, AppCommand, CommandAction, ErrorCode, Refusal};
+use crate::contract::{self, AppCommand, CommandAction, ErrorCode, Refusal};
 use crate::guard::{LogThrottle, PeerBuckets};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};
@@ -330,13 +330,13 @@ impl CommandEnv {
             let refusal = Refusal::new(ErrorCode::MissingField, "missing array field payload.peer_ids");
             return self.refuse(&command.payload, reply, &refusal).await;
         };
-        if list.len() > event::MAX_COMMAND_PEERS {
+        if list.len() > contract::MAX_COMMAND_PEERS {
             // Checked when decoded already; kept here so the fan-out is bounded whoever calls.
             let refusal = Refusal::new(
                 ErrorCode::InvalidField,
                 format!(
                     "payload.peer_ids names more than {} peers",
-                    event::MAX_COMMAND_PEERS
+                    contract::MAX_COMMAND_PEERS
                 ),
             );
             return self.refuse(&command.payload, reply, &refusal).await;
@@ -379,8 +379,8 @@ impl CommandEnv {
             ErrorCode::Unreachable,
             format!("not delivered to {}", names.join(", ")),
         );
-        let body = json!({"error": error.to_json(), "subject": event::SUBJECT_PROPAGATION, "action": "PB_CONSIDERS", "unreachable": failed});
-        self.publish(Subject::from_static(event::SUBJECT_ERROR), &body)
+        let body = json!({"error": error.to_json(), "subject": contract::SUBJECT_PROPAGATION, "action": "PB_CONSIDERS", "unreachable": failed});
+        self.publish(Subject::from_static(contract::SUBJECT_ERROR), &body)
             .await;
         self.answer(
             reply,
@@ -424,8 +424,8 @@ impl CommandEnv {
     async fn refuse(&self, payload: &Value, reply: Option<Subject>, refusal: &Refusal) {
         tracing::warn!(code = refusal.code.as_str(), reason = %refusal.message, "command refused");
         self.metrics.refused("commands", refusal.code);
-        let body = json!({"error": refusal.to_json(), "subject": event::SUBJECT_PROPAGATION, "event": payload.to_string()});
-        self.publish(Subject::from_static(event::SUBJECT_ERROR), &body)
+        let body = json!({"error": refusal.to_json(), "subject": contract::SUBJECT_PROPAGATION, "event": payload.to_string()});
+        self.publish(Subject::from_static(contract::SUBJECT_ERROR), &body)
             .await;
         self.answer(reply, json!({"ok": false, "error": refusal.to_json()}))
             .await;
@@ -518,8 +518,8 @@ async fn planner_stream(
                 refusal.code,
                 format!("planner message not delivered to {peer}: {}", refusal.message),
             );
-            let body = json!({"error": error.to_json(), "subject": event::SUBJECT_PROPAGATION, "action": "PB_PLANNER", "unreachable": [peer.to_string()]});
-            env.publish(Subject::from_static(event::SUBJECT_ERROR), &body)
+            let body = json!({"error": error.to_json(), "subject": contract::SUBJECT_PROPAGATION, "action": "PB_PLANNER", "unreachable": [peer.to_string()]});
+            env.publish(Subject::from_static(contract::SUBJECT_ERROR), &body)
                 .await;
         }
     }
@@ -886,11 +886,11 @@ impl Forwarder {
         }
         let body = json!({
             "action": action, "data_type": data_type, "user": user, "payload": payload,
-            "from_app": event::OWN_APP, "from_peer": peer.to_string(),
+            "from_app": contract::OWN_APP, "from_peer": peer.to_string(),
         });
         let published = async {
             self.nats
-                .publish(event::SUBJECT_PROPAGATION, body.to_string().into())
+                .publish(contract::SUBJECT_PROPAGATION, body.to_string().into())
                 .await
                 .map_err(|e| e.to_string())?;
             self.nats.flush().await.map_err(|e| e.to_string())

@@ -30,7 +30,7 @@ use libp2p::{Multiaddr, PeerId, Stream};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::Tuning;
-use crate::event::{now_ms, ErrorCode};
+use crate::contract::{now_ms, ErrorCode};
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::stream_service::{AddPartner, RemovePartner, StreamService};
-use crate::event::{self, now_ms, ErrorCode, Refusal};
+use crate::contract::{self, now_ms, ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::p2p;
 use crate::partners::Partners;
@@ -90,8 +90,8 @@ impl Actor for PeerManager {
         ctx.wait(
             async move {
                 env.restore().await;
-                let create = env.nats.subscribe(event::SUBJECT_CREATE).await;
-                let remove = env.nats.subscribe(event::SUBJECT_REMOVE).await;
+                let create = env.nats.subscribe(contract::SUBJECT_CREATE).await;
+                let remove = env.nats.subscribe(contract::SUBJECT_REMOVE).await;
                 match (create, remove) {
                     (Ok(c), Ok(r)) => Some(futures::stream::select(c, r)),
                     (c, r) => {
@@ -315,17 +315,17 @@ impl PeerEnv {
                 .unwrap_or_default()
                 .to_owned()
         };
-        if text("fromapp") == event::OWN_APP || !text("datatype").eq_ignore_ascii_case("PEER") {
+        if text("fromapp") == contract::OWN_APP || !text("datatype").eq_ignore_ascii_case("PEER") {
             return;
         }
         let result = self.peer_notice(&msg, &fields).await;
         if let Err(refusal) = result {
             tracing::warn!(subject = %msg.subject, code = refusal.code.as_str(), reason = %refusal.message, "PEER resource refused");
             self.metrics.refused("peers", refusal.code);
-            let body = event::error_event(&refusal, msg.subject.as_str(), &msg.payload);
+            let body = contract::error_event(&refusal, msg.subject.as_str(), &msg.payload);
             if let Err(e) = self
                 .nats
-                .publish(event::SUBJECT_ERROR, body.to_string().into())
+                .publish(contract::SUBJECT_ERROR, body.to_string().into())
                 .await
             {
                 tracing::warn!(cause = %e, "cannot publish error event");
@@ -353,7 +353,7 @@ impl PeerEnv {
         let peer: PeerId = raw_peer
             .parse()
             .map_err(|_| Refusal::new(ErrorCode::InvalidField, format!("{raw_peer:?} is not a peer id")))?;
-        if msg.subject.as_str() == event::SUBJECT_REMOVE {
+        if msg.subject.as_str() == contract::SUBJECT_REMOVE {
             self.forget(peer).await?;
             return Ok(());
         }

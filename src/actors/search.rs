@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use super::commands::SearchRequest;
 use crate::config::Tuning;
 use crate::directory::Directory;
-use crate::event::{self, now_ms, AppCommand, ErrorCode, Refusal};
+use crate::contract::{self, now_ms, AppCommand, ErrorCode, Refusal};
 use crate::guard::{LogThrottle, PeerBuckets, PeerPool};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame};
@@ -554,8 +554,8 @@ impl Shared {
     async fn refuse(&self, payload: &Value, reply: Option<Subject>, refusal: &Refusal) {
         tracing::warn!(code = refusal.code.as_str(), reason = %refusal.message, "search refused");
         self.env.metrics.refused("commands", refusal.code);
-        let body = json!({"error": refusal.to_json(), "subject": event::SUBJECT_PROPAGATION, "action": "PB_SEARCH", "event": payload.to_string()});
-        self.publish(Subject::from_static(event::SUBJECT_ERROR), &body)
+        let body = json!({"error": refusal.to_json(), "subject": contract::SUBJECT_PROPAGATION, "action": "PB_SEARCH", "event": payload.to_string()});
+        self.publish(Subject::from_static(contract::SUBJECT_ERROR), &body)
             .await;
         if let Some(reply) = reply {
             self.publish(reply, &json!({"ok": false, "error": refusal.to_json()}))
@@ -1571,7 +1571,7 @@ impl Screen {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::CommandAction;
+    use crate::contract::CommandAction;
 
     fn command(data_type: &str, payload: Value) -> AppCommand {
         AppCommand {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use libp2p::PeerId;
 
 use crate::backoff::Backoff;
-use crate::event::{ErrorCode, JournalEntry, Refusal};
+use crate::contract::{ErrorCode, JournalEntry, Refusal};
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::Frame;
@@ -231,7 +231,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::check;
-    use crate::event::{Action, ErrorCode, JournalEntry};
+    use crate::contract::{Action, ErrorCode, JournalEntry};
 
     fn entry(origin: &str, resource: serde_json::Value) -> JournalEntry {
         JournalEntry {

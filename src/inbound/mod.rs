@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::actors::commands::{Forwarder, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
 use crate::config::Tuning;
-use crate::event::ErrorCode;
+use crate::contract::ErrorCode;
 use crate::guard::{LogThrottle, PeerPool, PoolFull};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame};

@@ -11,7 +11,7 @@ use futures::io::{BufWriter, ReadHalf, WriteHalf};
 use libp2p::{PeerId, Stream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::event::{ErrorCode, JournalEntry, Refusal};
+use crate::contract::{ErrorCode, JournalEntry, Refusal};
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame, FrameError};

@@ -156,11 +156,11 @@ pub enum StreamKind {
 impl StreamKind {
     pub const ALL: [StreamKind; 3] = [StreamKind::Create, StreamKind::Update, StreamKind::Delete];
 
-    pub fn for_action(action: crate::event::Action) -> Self {
+    pub fn for_action(action: crate::contract::Action) -> Self {
         match action {
-            crate::event::Action::Create => StreamKind::Create,
-            crate::event::Action::Update => StreamKind::Update,
-            crate::event::Action::Delete => StreamKind::Delete,
+            crate::contract::Action::Create => StreamKind::Create,
+            crate::contract::Action::Update => StreamKind::Update,
+            crate::contract::Action::Delete => StreamKind::Delete,
         }
     }
 
@@ -997,7 +997,7 @@ impl EventLoop {
     /// than the record stored under its key (`record_store`). Records that change nothing
     /// (the same record again) are not reported.
     fn on_record_put(&mut self, source: PeerId, mut record: kad::Record) {
-        let now = crate::event::now_ms();
+        let now = crate::contract::now_ms();
         let verified = match records::check(record.key.as_ref(), &record.value, now) {
             Ok(verified) => verified,
             Err(e) => return self.refuse_record(source, e.reason(), &e),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use base64::Engine;
 
 use crate::config::Tuning;
-use crate::event::JournalEntry;
+use crate::contract::JournalEntry;
 
 use super::{invalid, SyncError};
 
@@ -369,7 +369,7 @@ mod tests {
         JournalEntry {
             origin: "o".into(),
             seq,
-            action: crate::event::Action::Create,
+            action: crate::contract::Action::Create,
             data_type: "D".into(),
             user: "u".into(),
             resource: serde_json::json!({"id": format!("r{seq}"), "creator_id": "o", "pad": "x".repeat(pad)})

@@ -7,7 +7,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 
 use crate::config::Tuning;
-use crate::event::{ErrorCode, JournalEntry};
+use crate::contract::{ErrorCode, JournalEntry};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame};
 use crate::p2p::{self};

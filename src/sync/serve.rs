@@ -9,7 +9,7 @@ use futures::AsyncWriteExt;
 use libp2p::{PeerId, Stream};
 
 use crate::config::Tuning;
-use crate::event::ErrorCode;
+use crate::contract::ErrorCode;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame};
 use crate::store::Store;
@@ -238,12 +238,12 @@ async fn refuse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::JournalEntry;
+    use crate::contract::JournalEntry;
     use crate::sync::plan::{assemble, Ask, Header};
 
     #[tokio::test]
     async fn an_answer_holds_one_line_per_entry_however_its_resource_was_spaced() {
-        use crate::event::{Action, NewEvent, Resource};
+        use crate::contract::{Action, NewEvent, Resource};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("j.redb")).unwrap();
         let pretty = "{\n  \"id\": \"r1\",\r\n  \"creator_id\": \"o\"\n}";
@@ -302,7 +302,7 @@ mod tests {
     }
 
     async fn journal(n: u64, pad: usize) -> (tempfile::TempDir, crate::store::embedded::EmbeddedStore) {
-        use crate::event::{Action, NewEvent, Resource};
+        use crate::contract::{Action, NewEvent, Resource};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("j.redb")).unwrap();
         let events = (1..=n)
