@@ -9,7 +9,10 @@
 //! | `GET /api/resources/{data_type}/{id}` | one stored resource, 404 if unknown |
 //! | `GET /metrics` | Prometheus text |
 //!
-//! Who may call it: [`auth`] (bearer token, loopback-only without one); HTTPS: [`tls`].
+//! Who may call it: [`auth`]. With `--admin-token-file`, every route but `GET /healthz` and
+//! `GET /metrics` needs `Authorization: Bearer <token>` (401 otherwise); without a token the
+//! node listens on loopback only. HTTPS only with `--admin-tls-cert` / `--admin-tls-key`:
+//! [`tls`].
 
 pub mod auth;
 pub mod tls;

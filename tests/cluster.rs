@@ -1,7 +1,8 @@
 //! The three-site docker-compose cluster (`docker-compose.yml`) on a real Docker engine.
 //!
 //! Brings the cluster up under its own compose project, with its NATS and admin ports
-//! published on free 127.0.0.1 ports, then:
+//! published on free 127.0.0.1 ports (the admin API read with each site's token from
+//! `docker/cluster/siteN/admin.token`; a change without it must get 401), then:
 //! 1. publishes events on site 1's NATS and sees CREATE_RESOURCE on sites 2 and 3;
 //! 2. `docker kill`s site 2's node, publishes more, starts it again and sees it catch up;
 //! 3. cuts site 3's node off the inter-site network (`docker network disconnect`),
