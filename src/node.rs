@@ -45,7 +45,8 @@ const HEAD_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Runs a node until `shutdown` completes. Must be called inside an actix `System`.
 ///
 /// # Errors
-/// Start-up failures: unreadable identity or PSK, store locked, address in use, bad NATS URL.
+/// Start-up failures: unusable admin token or TLS files, a non-loopback admin address without
+/// a token, unreadable identity or PSK, store locked, address in use, bad NATS URL.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // First: a node refused for its admin settings must not have touched anything.
     let admin_security = admin::prepare(
