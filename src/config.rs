@@ -91,9 +91,10 @@ pub enum Command {
     Partners(PartnersArgs),
 }
 
-#[derive(Debug, Args)]
-pub struct PartnersArgs {
-    /// Base URL of the node's admin API.
+/// How the commands using the admin API reach it.
+#[derive(Debug, Clone, Args)]
+pub struct AdminClientArgs {
+    /// Base URL of the node's admin API (`http://` or `https://`).
     #[arg(
         long,
         env = "OC_DISCOVERY_ADMIN",
@@ -101,6 +102,19 @@ pub struct PartnersArgs {
         global = true
     )]
     pub admin: String,
+    /// File holding the node's admin token (sent as `Authorization: Bearer`).
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
+    /// PEM file of the CA (or certificate) to trust for an `https://` admin URL, instead of
+    /// the public web roots.
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_CA", global = true)]
+    pub admin_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PartnersArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
     #[command(subcommand)]
     pub action: PartnersAction,
 }
@@ -137,9 +151,8 @@ pub struct IdArgs {
 
 #[derive(Debug, Args)]
 pub struct PeersArgs {
-    /// Base URL of the node's admin API.
-    #[arg(long, env = "OC_DISCOVERY_ADMIN", default_value = "http://127.0.0.1:8650")]
-    pub admin: String,
+    #[command(flatten)]
+    pub client: AdminClientArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -187,6 +200,17 @@ pub struct RunArgs {
     /// Admin HTTP API address (health, peers, metrics, resources).
     #[arg(long, env = "OC_DISCOVERY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: String,
+    /// File holding the admin API token: every route but `GET /healthz` and `GET /metrics`
+    /// then needs `Authorization: Bearer <token>`. Required when --admin-listen is not a
+    /// loopback address.
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// PEM certificate chain of the admin API: it then serves HTTPS only (with --admin-tls-key).
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
     /// A partner site, as a multiaddr ending in /p2p/<peer id>; repeat for several.
     #[arg(long = "partner", env = "OC_DISCOVERY_PARTNER", value_delimiter = ',')]
     pub partner: Vec<Multiaddr>,
@@ -379,6 +403,8 @@ pub enum ConfigError {
     NatsPasswordWithoutUser,
     #[error("--nats-tls-cert and --nats-tls-key go together")]
     NatsClientCert,
+    #[error("--admin-tls-cert and --admin-tls-key go together: give both or neither")]
+    AdminTlsPair,
 }
 
 /// Parses the process arguments; `run` options given neither as a flag nor in the
@@ -501,6 +527,10 @@ pub struct NodeConfig {
     pub nats: crate::nats::NatsSettings,
     pub listen: Vec<Multiaddr>,
     pub admin_listen: String,
+    /// `--admin-token-file` (read at start, see [`crate::secret_file::read_token`]).
+    pub admin_token_file: Option<PathBuf>,
+    /// `--admin-tls-cert` and `--admin-tls-key`, both or neither.
+    pub admin_tls: Option<AdminTlsFiles>,
     pub partners: Vec<(PeerId, Multiaddr)>,
     pub psk_file: Option<PathBuf>,
     pub max_event_bytes: usize,
@@ -520,6 +550,13 @@ pub struct NodeConfig {
     /// `--max-connections`).
     pub net_limits: crate::p2p::NetLimits,
     pub tuning: Tuning,
+}
+
+/// PEM files of the admin API's HTTPS certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The store backend with its settings.
@@ -704,6 +741,11 @@ impl TryFrom<RunArgs> for NodeConfig {
             search_unknown_queries_per_second: run.search_unknown_queries_per_second,
             ..Tuning::default()
         };
+        let admin_tls = match (run.admin_tls_cert, run.admin_tls_key) {
+            (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(ConfigError::AdminTlsPair),
+        };
         let store = match run.store {
             StoreKind::Embedded => StoreConfig::Embedded,
             StoreKind::Mongodb => StoreConfig::Mongodb {
@@ -716,6 +758,8 @@ impl TryFrom<RunArgs> for NodeConfig {
             nats,
             listen: run.listen,
             admin_listen: run.admin_listen,
+            admin_token_file: run.admin_token_file,
+            admin_tls,
             partners,
             psk_file: run.psk_file,
             max_event_bytes: run.max_event_bytes,
@@ -1016,6 +1060,73 @@ mod tests {
         ] {
             assert!(NodeConfig::try_from(run_args(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn admin_token_and_tls_files_from_flags_env_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "admin_token_file = \"/etc/oc/admin.token\"\nadmin-tls-cert = \"/etc/oc/cert.pem\"\nadmin_tls_key = \"/etc/oc/key.pem\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let cfg = NodeConfig::try_from(run_args(&["--config", path])).unwrap();
+        assert_eq!(cfg.admin_token_file, Some(PathBuf::from("/etc/oc/admin.token")));
+        assert_eq!(
+            cfg.admin_tls,
+            Some(AdminTlsFiles {
+                cert: "/etc/oc/cert.pem".into(),
+                key: "/etc/oc/key.pem".into()
+            })
+        );
+        let r = run_args(&["--config", path, "--admin-token-file", "flag.token"]);
+        assert_eq!(
+            r.admin_token_file,
+            Some(PathBuf::from("flag.token")),
+            "the flag wins"
+        );
+        let file2 = dir.path().join("alias.toml");
+        std::fs::write(&file2, "admin-token-file = \"alias.token\"\n").unwrap();
+        let r = run_args(&["--config", file2.to_str().unwrap()]);
+        assert_eq!(r.admin_token_file, Some(PathBuf::from("alias.token")));
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!((cfg.admin_token_file, cfg.admin_tls), (None, None));
+        for half in [&["--admin-tls-cert", "c.pem"][..], &["--admin-tls-key", "k.pem"]] {
+            assert!(matches!(
+                NodeConfig::try_from(run_args(half)),
+                Err(ConfigError::AdminTlsPair)
+            ));
+        }
+    }
+
+    #[test]
+    fn the_cli_commands_take_the_token_and_ca_before_or_after_their_action() {
+        let cli = parse_from([
+            "oc-discovery",
+            "partners",
+            "list",
+            "--admin",
+            "https://node:8650",
+            "--admin-token-file",
+            "t",
+            "--admin-ca",
+            "ca.pem",
+        ])
+        .unwrap();
+        let Command::Partners(p) = cli.command else {
+            panic!("not partners")
+        };
+        assert_eq!(p.client.admin, "https://node:8650");
+        assert_eq!(p.client.admin_token_file, Some(PathBuf::from("t")));
+        assert_eq!(p.client.admin_ca, Some(PathBuf::from("ca.pem")));
+        let cli = parse_from(["oc-discovery", "peers", "--admin-token-file", "t"]).unwrap();
+        let Command::Peers(p) = cli.command else {
+            panic!("not peers")
+        };
+        assert_eq!(p.client.admin_token_file, Some(PathBuf::from("t")));
+        assert_eq!(p.client.admin, "http://127.0.0.1:8650");
     }
 
     #[test]

@@ -25,9 +25,10 @@
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
-//! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
+//! - [`admin`]: admin HTTP API (bearer token, HTTPS); [`metrics`]: counters it serves.
+//! - [`secret_file`]: the admin token file, and warnings for secret files others can read.
 //! - [`node`]: wires everything together and runs until shutdown.
-//! - [`cli`]: the `id` and `peers` commands.
+//! - [`cli`]: the `id`, `peers` and `partners` commands and their admin API client.
 //! - [`fuzzing`]: entry points of the fuzz targets, shared with the corpus replay test.
 //! - [`testkit`]: spawns real nats-servers, mongods and nodes for tests, demo and benchmarks.
 
@@ -49,6 +50,7 @@ pub mod nats;
 pub mod node;
 pub mod p2p;
 pub mod partners;
+pub mod secret_file;
 pub mod shutdown;
 pub mod store;
 pub mod sync;

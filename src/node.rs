@@ -33,7 +33,7 @@ use crate::partners::Partners;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::{MongoSettings, MongoStore};
 use crate::store::Store;
-use crate::{admin, identity, nats, p2p};
+use crate::{admin, identity, nats, p2p, secret_file};
 
 /// Store file inside the data directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -48,13 +48,23 @@ const HEAD_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Runs a node until `shutdown` completes. Must be called inside an actix `System`.
 ///
 /// # Errors
-/// Start-up failures: unreadable identity or PSK, store locked, address in use, an
-/// unreadable or malformed NATS secret, CA, certificate or key file.
+/// Start-up failures: unusable admin token or TLS files, a non-loopback admin address without
+/// a token, unreadable identity or PSK, store locked, address in use, an unreadable or
+/// malformed NATS secret, CA, certificate or key file.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // First: a node refused for its admin settings must not have touched anything.
+    let admin_security = admin::prepare(
+        &cfg.admin_listen,
+        cfg.admin_token_file.as_deref(),
+        cfg.admin_tls.as_ref(),
+    )?;
     let key = identity::load_or_create(&cfg.data_dir)?;
     let own = key.public().to_peer_id();
     let own_id = own.to_string();
     let store = open_store(&cfg).await?;
+    if let Some(path) = &cfg.psk_file {
+        secret_file::warn_if_shared(path, "PSK");
+    }
     let psk = cfg.psk_file.as_deref().map(p2p::read_psk).transpose()?;
     let private = psk.is_some();
     // The directory signs the node's peer record and the search service its gossip queries.
@@ -202,8 +212,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         answers: Answers::new(nats.clone(), metrics.clone(), intake::PLACE),
     })
     .start();
+    let admin_token = admin_security.has_token();
+    let admin_https = admin_security.is_https();
     let server = admin::serve(
         &cfg.admin_listen,
+        admin_security,
         admin::AdminState {
             own_id: own_id.clone(),
             nats: nats.clone(),
@@ -227,6 +240,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         bootstrap = cfg.bootstrap.len(),
         private_network = private,
         admin = %cfg.admin_listen,
+        admin_token,
+        admin_https,
         "node started"
     );
 

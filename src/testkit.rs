@@ -234,6 +234,11 @@ pub struct NodeProcess {
     pub extra_args: Vec<String>,
     /// Environment variables set for the process (e.g. `OC_DISCOVERY_STORE`).
     pub extra_env: Vec<(String, String)>,
+    /// Token the kit's admin requests carry (give the node `--admin-token-file` too).
+    pub admin_token: Option<String>,
+    /// CA the kit trusts for an HTTPS admin API: set, [`NodeProcess::admin_url`] is
+    /// `https://` (give the node `--admin-tls-cert` / `--admin-tls-key` too).
+    pub admin_ca: Option<PathBuf>,
 }
 
 impl NodeProcess {
@@ -277,6 +282,8 @@ impl NodeProcess {
             partners: Vec::new(),
             extra_args: Vec::new(),
             extra_env: Vec::new(),
+            admin_token: None,
+            admin_ca: None,
         })
     }
 
@@ -286,7 +293,21 @@ impl NodeProcess {
     }
 
     pub fn admin_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
+        let scheme = if self.admin_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// A client of the admin API with the kit's token and CA.
+    ///
+    /// # Errors
+    /// The token is not one, or the CA file cannot be used.
+    pub fn admin_client(&self) -> anyhow::Result<crate::cli::AdminClient> {
+        let token = self
+            .admin_token
+            .as_deref()
+            .map(|t| crate::secret_file::Token::new(t.as_bytes()).map_err(anyhow::Error::msg))
+            .transpose()?;
+        crate::cli::AdminClient::new(&self.admin_url(), token, self.admin_ca.as_deref())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -422,9 +443,24 @@ impl NodeProcess {
     /// # Errors
     /// The admin API is unreachable.
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let base = self.admin_url();
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || crate::cli::http_get(&base, &path)).await?
+        self.request("GET", path, None).await
+    }
+
+    /// A request (JSON body) on the admin API with the kit's token: (status, body).
+    ///
+    /// # Errors
+    /// The admin API is unreachable.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let client = self.admin_client()?;
+        let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(str::to_owned));
+        let answer =
+            tokio::task::spawn_blocking(move || client.send(&method, &path, body.as_deref())).await??;
+        Ok((answer.status, answer.body))
     }
 
     /// GET returning JSON; any status other than 200 is an error.
