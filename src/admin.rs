@@ -18,9 +18,9 @@ use serde_json::json;
 
 use crate::actors::intake::{IntakeMode, IntakeStatus};
 use crate::actors::peers::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
-use crate::actors::stream_service::{GetPeers, StreamService};
 use crate::event::{ErrorCode, Refusal};
 use crate::metrics::Metrics;
+use crate::outbound::service::{GetPeers, StreamService};
 use crate::p2p;
 use crate::store::Relation;
 use crate::store::Store;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::actors::stream_service::PeerStatus;
 use crate::config::{IdArgs, PartnersAction, PartnersArgs, PeersArgs};
+use crate::outbound::service::PeerStatus;
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -39,9 +39,9 @@ use futures::{Future, Stream, StreamExt};
 use serde_json::json;
 
 use super::commands::Dispatch;
-use super::stream_service::JournalAdvanced;
 use crate::event::{self, Decoded, ErrorCode, Refusal};
 use crate::metrics::Metrics;
+use crate::outbound::service::JournalAdvanced;
 use crate::store::Store;
 
 /// Durable consumer name of the node on its intake stream.

@@ -20,9 +20,9 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::stream_service::{AddPartner, RemovePartner, StreamService};
 use crate::event::{self, now_ms, ErrorCode, Refusal};
 use crate::metrics::Metrics;
+use crate::outbound::service::{AddPartner, RemovePartner, StreamService};
 use crate::p2p;
 use crate::partners::Partners;
 use crate::store::{PeerRow, Relation, Store, StoreResult};
