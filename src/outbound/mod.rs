@@ -2,6 +2,10 @@
 //!
 //! - [`service`]: the `StreamService` actor, owning one link per partner and the journal head.
 //! - [`link`]: one link's I/O loop (dial, streams, handshake, push, heartbeat, reconnect).
+//! - [`window`]: the link's rules without I/O (handshake, send window, acks, resume).
+//! - [`status`]: a link's live state, read by the admin API.
 
 pub mod link;
 pub mod service;
+pub mod status;
+pub mod window;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::link::{self, LinkEnv, LinkStatus};
+use super::link::{self, LinkEnv};
+use super::status::LinkStatus;
 
 /// The journal now ends at `head`.
 #[derive(Message)]
