@@ -358,6 +358,8 @@ impl Link {
         let t = self.tuning().clone();
         let mut ping = tokio::time::interval(t.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The silence limit counts from the end of the handshake.
+        s.last_heard = Instant::now();
         loop {
             let head_now = *head.borrow_and_update();
             if let Some(read) = self.window.to_read(head_now, t.read_chunk) {
