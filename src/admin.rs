@@ -27,8 +27,8 @@ use serde_json::json;
 
 use crate::intake::{IntakeMode, IntakeStatus};
 use crate::actors::peers::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
-use crate::actors::stream_service::{GetPeers, StreamService};
 use crate::contract::{ErrorCode, Refusal};
+use crate::outbound::service::{GetPeers, StreamService};
 use crate::metrics::Metrics;
 use crate::p2p;
 use crate::store::Relation;

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::actors::stream_service::PeerStatus;
 use crate::config::{AdminClientArgs, IdArgs, PartnersAction, PartnersArgs, PeersArgs};
+use crate::outbound::service::PeerStatus;
 use crate::secret_file::Token;
 
 /// Whole-request limit (connect, TLS, request, response).

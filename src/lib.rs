@@ -10,7 +10,9 @@
 //! - [`intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
 //! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait:
 //!   [`store::embedded`] (a redb file, default) or [`store::mongo`] (the site's MongoDB).
-//! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
+//! - [`outbound`]: one partner link per partner, feeding it the journal: [`outbound::service`]
+//!   (the actor owning the links), [`outbound::link`] (one link's I/O loop),
+//!   [`outbound::window`] (its send window, ack and resume rules, pure), [`outbound::status`].
 //! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
 //!   the search gossip topic; [`p2p::records`]: signed peer records.
 //! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
@@ -48,6 +50,7 @@ pub mod intake;
 pub mod metrics;
 pub mod nats;
 pub mod node;
+pub mod outbound;
 pub mod p2p;
 pub mod partners;
 pub mod secret_file;

@@ -19,16 +19,16 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
-use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
 use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
-use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
 use crate::answers::Answers;
 use crate::config::{NodeConfig, StoreConfig};
 use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::inbound::{InboundApply, InboundEnv};
 use crate::intake::{self, Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::metrics::Metrics;
+use crate::outbound::link::LinkEnv;
+use crate::outbound::service::{AddPartner, Drain, JournalAdvanced, StreamService};
 use crate::partners::Partners;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::{MongoSettings, MongoStore};

@@ -20,8 +20,8 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::stream_service::{AddPartner, RemovePartner, StreamService};
 use crate::contract::{self, now_ms, ErrorCode, Refusal};
+use crate::outbound::service::{AddPartner, RemovePartner, StreamService};
 use crate::metrics::Metrics;
 use crate::p2p;
 use crate::partners::Partners;

@@ -40,7 +40,7 @@ pub use self::source::CONSUMER_NAME;
 use self::batches::ReadyBatches;
 use self::source::Incoming;
 use crate::actors::commands::Dispatch;
-use crate::actors::stream_service::JournalAdvanced;
+use crate::outbound::service::JournalAdvanced;
 use crate::answers::Answers;
 use crate::metrics::Metrics;
 use crate::store::Store;

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::source::Incoming;
 use super::{IntakeEnv, PLACE};
 use crate::actors::commands::Dispatch;
-use crate::actors::stream_service::JournalAdvanced;
+use crate::outbound::service::JournalAdvanced;
 use crate::answers::Refused;
 use crate::backoff::Backoff;
 use crate::contract::{self, Decoded, ErrorCode, Refusal};

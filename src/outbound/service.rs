@@ -1,5 +1,5 @@
 //! StreamService actor: owns one partner link per partner and tells them when the
-//! journal grows. The links themselves ([`super::partner_link`]) are tasks that read the
+//! journal grows. The links themselves ([`super::link`]) are tasks that read the
 //! journal from the partner's cursor, so a partner that is down or slow costs no memory.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::partner_link::{self, LinkEnv, LinkStatus};
+use super::link::{self, LinkEnv};
+use super::status::LinkStatus;
 
 /// The journal now ends at `head`.
 #[derive(Message)]
@@ -130,7 +131,7 @@ impl Handler<AddPartner> for StreamService {
             return;
         }
         let status = Arc::new(LinkStatus::new(self.env.tuning.pong_discard_timeout));
-        let task = tokio::spawn(partner_link::run(
+        let task = tokio::spawn(link::run(
             self.env.clone(),
             msg.peer,
             msg.addr.clone(),
