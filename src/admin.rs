@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::intake::{IntakeMode, IntakeStatus};
-use crate::actors::peers::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
+use crate::peers::manager::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::actors::stream_service::{GetPeers, StreamService};
 use crate::event::{ErrorCode, Refusal};
 use crate::metrics::Metrics;

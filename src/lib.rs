@@ -13,11 +13,14 @@
 //! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
 //! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
 //!   the search gossip topic; [`p2p::records`]: signed peer records.
-//! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
-//! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
-//! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
+//! - [`peers`]: [`peers::partners`] (the one partner registry), [`peers::manager`] (the
+//!   `PeerManager` actor: partnerships and the blacklist), [`peers::directory`] (this node's
+//!   peer record in the DHT, the peers met, finding and reaching a peer).
+//! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
+//! - [`commands`]: `PB_CONSIDERS`, `PB_PLANNER`, `PB_CLOSE_PLANNER` to chosen peers, and
+//!   the receiving side that republishes them.
 //! - [`answers`]: replies to applications and the one refusal report (log, metric, error event, reply).
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
@@ -31,10 +34,10 @@
 pub mod actors;
 pub mod admin;
 pub mod answers;
+pub mod commands;
 pub mod backoff;
 pub mod cli;
 pub mod config;
-pub mod directory;
 pub mod event;
 pub mod fuzzing;
 pub mod guard;
@@ -43,7 +46,7 @@ pub mod metrics;
 pub mod nats;
 pub mod node;
 pub mod p2p;
-pub mod partners;
+pub mod peers;
 pub mod shutdown;
 pub mod store;
 pub mod sync;

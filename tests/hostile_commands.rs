@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use libp2p::{PeerId, Stream};
-use oc_discovery::actors::commands::{
+use oc_discovery::commands::{
     FORWARD_STREAMS_PER_PEER, MAX_FORWARD_STREAMS, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER,
 };
 use oc_discovery::p2p::wire::{self, Frame};

@@ -20,11 +20,11 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::stream_service::{AddPartner, RemovePartner, StreamService};
+use crate::actors::stream_service::{AddPartner, RemovePartner, StreamService};
 use crate::event::{self, now_ms, ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::p2p;
-use crate::partners::Partners;
+use super::partners::Partners;
 use crate::store::{PeerRow, Relation, Store, StoreResult};
 
 /// Backoff bounds while the persisted relations cannot be read at start-up.

@@ -107,7 +107,7 @@ pub struct CommandEnv {
     pub own_id: String,
     pub nats: async_nats::Client,
     pub net: p2p::Client,
-    pub partners: Arc<crate::partners::Partners>,
+    pub partners: Arc<crate::peers::partners::Partners>,
     pub resolver: Option<Arc<dyn Resolve>>,
     pub search: Option<Recipient<SearchRequest>>,
     pub metrics: Arc<Metrics>,
