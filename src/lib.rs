@@ -34,9 +34,9 @@
 pub mod actors;
 pub mod admin;
 pub mod answers;
-pub mod commands;
 pub mod backoff;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod event;
 pub mod fuzzing;

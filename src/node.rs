@@ -16,16 +16,16 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::commands::{CommandEnv, CommandRouter, Forwarder};
 use crate::actors::inbound::{InboundApply, InboundEnv};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
-use crate::peers::manager::{PeerEnv, PeerManager};
 use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
+use crate::commands::{CommandEnv, CommandRouter, Forwarder};
 use crate::config::{NodeConfig, StoreConfig};
-use crate::peers::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::metrics::Metrics;
+use crate::peers::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
+use crate::peers::manager::{Links, PeerEnv, PeerManager};
 use crate::peers::partners::Partners;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::{MongoSettings, MongoStore};
@@ -127,7 +127,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         net: net.clone(),
         nats: nats.clone(),
         partners: partners.clone(),
-        links: links.clone(),
+        links: Links::new(links.clone()),
         metrics: metrics.clone(),
         configured: cfg.partners.clone(),
     })

@@ -22,13 +22,13 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 
+use super::partners::Partners;
 use crate::commands::Resolve;
 use crate::config::Tuning;
 use crate::event::now_ms;
 use crate::metrics::{Discovery, Metrics};
 use crate::p2p::records::{self, PeerRecord, RecordError, Verified};
 use crate::p2p::{self, NetError, RecordEvent};
-use super::partners::Partners;
 use crate::store::{PeerRow, Relation, Store};
 
 /// Queue of record events from the network loop (it drops events when full).

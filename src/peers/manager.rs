@@ -7,11 +7,18 @@
 //!   closes its connections; `REMOVE_RESOURCE` of a `PEER` ends the partnership;
 //! - the admin API and `oc-discovery partners add|remove|list`.
 //!
+//! The `PeerManager` actor is the only writer of relations, and it makes one change at a
+//! time: a change (persist, then make the running node follow it) runs inside the actor's
+//! context (`AtomicResponse` for messages, `ctx.wait` for NATS notices and the restore at
+//! start), so two changes never interleave and the store, the partner registry and the
+//! partner links always end on the same, last, relation.
+//!
 //! The node never reacts to its own publishes (`from_app: "oc-discovery"`), which also
 //! covers the PEER resources partners propagate to it. Partners given by `--partner` are
 //! partners for the life of the process; they are not persisted.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use async_nats::Message as NatsMessage;
@@ -20,35 +27,96 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::actors::stream_service::{AddPartner, RemovePartner, StreamService};
+use super::partners::Partners;
+use crate::actors::stream_service::{AddPartner, RemovePartner};
+use crate::answers::{Answers, Refused};
+use crate::backoff::Backoff;
 use crate::event::{self, now_ms, ErrorCode, Refusal};
 use crate::metrics::Metrics;
 use crate::p2p;
-use super::partners::Partners;
 use crate::store::{PeerRow, Relation, Store, StoreResult};
 
 /// Backoff bounds while the persisted relations cannot be read at start-up.
-const RESTORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(200);
-const RESTORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+const RESTORE_RETRY_MIN: Duration = Duration::from_millis(200);
+const RESTORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 pub struct PeerEnv {
     pub store: Arc<dyn Store>,
     pub net: p2p::Client,
     pub nats: async_nats::Client,
     pub partners: Arc<Partners>,
-    pub links: Addr<StreamService>,
+    /// The partner links, told to start or stop replicating to a peer.
+    pub links: Links,
     pub metrics: Arc<Metrics>,
     /// Partners from `--partner`: never persisted.
     pub configured: Vec<(PeerId, Multiaddr)>,
 }
 
+/// Where the partner links are told to follow a relation (the `StreamService`).
+pub struct Links {
+    pub add: Recipient<AddPartner>,
+    pub remove: Recipient<RemovePartner>,
+}
+
+impl Links {
+    pub fn new<A>(links: Addr<A>) -> Self
+    where
+        A: Actor + Handler<AddPartner> + Handler<RemovePartner>,
+        A::Context: actix::dev::ToEnvelope<A, AddPartner> + actix::dev::ToEnvelope<A, RemovePartner>,
+    {
+        Links {
+            add: links.clone().recipient(),
+            remove: links.recipient(),
+        }
+    }
+}
+
+/// The one writer of partnerships and the blacklist; see the module comment.
 pub struct PeerManager {
     env: Arc<PeerEnv>,
+    /// Reports refused PEER notices (`place="peers"`).
+    answers: Answers,
+    /// Delay before the next attempt to read the persisted relations, while they cannot be.
+    restore_retry: Backoff,
 }
 
 impl PeerManager {
     pub fn new(env: PeerEnv) -> Self {
-        PeerManager { env: Arc::new(env) }
+        let answers = Answers::new(env.nats.clone(), env.metrics.clone(), "peers");
+        PeerManager {
+            env: Arc::new(env),
+            answers,
+            restore_retry: Backoff::new(RESTORE_RETRY_MIN, RESTORE_RETRY_MAX),
+        }
+    }
+
+    /// Re-applies the persisted relations, inside the actor's context so that no change
+    /// interleaves with it. A store that cannot be read yet (MongoDB down) is tried again
+    /// later with backoff; meanwhile the manager serves NATS and commands (nothing can be
+    /// persisted until the store is back).
+    fn try_restore(&mut self, first: bool, ctx: &mut Context<Self>) {
+        let env = self.env.clone();
+        ctx.wait(
+            async move { env.restore_once().await }
+                .into_actor(self)
+                .map(move |restored, act, ctx| act.restored(restored, first, ctx)),
+        );
+    }
+
+    fn restored(&mut self, restored: StoreResult<()>, first: bool, ctx: &mut Context<Self>) {
+        match restored {
+            Ok(()) if first => {}
+            Ok(()) => tracing::info!("persisted partnerships restored"),
+            Err(e) => {
+                let retry_in = self.restore_retry.next_delay();
+                if first {
+                    tracing::warn!(cause = %e, ?retry_in, "cannot read persisted partnerships yet; retrying in the background");
+                } else {
+                    tracing::warn!(cause = %e, ?retry_in, "cannot read persisted partnerships");
+                }
+                ctx.run_later(retry_in, |act, ctx| act.try_restore(false, ctx));
+            }
+        }
     }
 }
 
@@ -86,36 +154,43 @@ impl Actor for PeerManager {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let env = self.env.clone();
+        // actix runs the most recent `ctx.wait` first: the subscription is queued first so
+        // that the first restore attempt, queued after it, runs before it (as before any
+        // message or notice).
+        let nats = self.env.nats.clone();
         ctx.wait(
-            async move {
-                env.restore().await;
-                let create = env.nats.subscribe(event::SUBJECT_CREATE).await;
-                let remove = env.nats.subscribe(event::SUBJECT_REMOVE).await;
-                match (create, remove) {
-                    (Ok(c), Ok(r)) => Some(futures::stream::select(c, r)),
-                    (c, r) => {
-                        let cause = c.err().map(|e| e.to_string()).or(r.err().map(|e| e.to_string()));
-                        tracing::error!(cause = ?cause, "cannot subscribe to PEER resources; run-time partnerships off");
-                        None
+            async move { subscribe(&nats).await }
+                .into_actor(self)
+                .map(|subscription, _, ctx| {
+                    if let Some(s) = subscription {
+                        ctx.add_stream(s);
                     }
-                }
-            }
-            .into_actor(self)
-            .map(|subscription, _, ctx| {
-                if let Some(s) = subscription {
-                    ctx.add_stream(s);
-                }
-            }),
+                }),
         );
+        self.try_restore(true, ctx);
+    }
+}
+
+/// Both PEER resource subjects as one stream; `None` (logged) when the server refuses.
+async fn subscribe(nats: &async_nats::Client) -> Option<impl futures::Stream<Item = NatsMessage>> {
+    let create = nats.subscribe(event::SUBJECT_CREATE).await;
+    let remove = nats.subscribe(event::SUBJECT_REMOVE).await;
+    match (create, remove) {
+        (Ok(c), Ok(r)) => Some(futures::stream::select(c, r)),
+        (c, r) => {
+            let cause = c.err().map(|e| e.to_string()).or(r.err().map(|e| e.to_string()));
+            tracing::error!(cause = ?cause, "cannot subscribe to PEER resources; run-time partnerships off");
+            None
+        }
     }
 }
 
 impl StreamHandler<NatsMessage> for PeerManager {
     fn handle(&mut self, msg: NatsMessage, ctx: &mut Self::Context) {
         let env = self.env.clone();
-        // One change at a time, in arrival order.
-        ctx.wait(async move { env.on_notice(msg).await }.into_actor(self));
+        let answers = self.answers.clone();
+        // One change at a time, in arrival order, never beside an admin change.
+        ctx.wait(async move { env.on_notice(msg, &answers).await }.into_actor(self));
     }
 
     fn finished(&mut self, _: &mut Self::Context) {
@@ -124,24 +199,29 @@ impl StreamHandler<NatsMessage> for PeerManager {
 }
 
 impl Handler<SetRelation> for PeerManager {
-    type Result = ResponseFuture<Result<PeerRow, Refusal>>;
+    type Result = AtomicResponse<Self, Result<PeerRow, Refusal>>;
 
     fn handle(&mut self, msg: SetRelation, _: &mut Self::Context) -> Self::Result {
         let env = self.env.clone();
-        Box::pin(async move { env.set_relation(msg.peer, msg.addr, msg.relation).await })
+        AtomicResponse::new(Box::pin(
+            async move { env.set_relation(msg.peer, msg.addr, msg.relation).await }.into_actor(self),
+        ))
     }
 }
 
 impl Handler<Forget> for PeerManager {
-    type Result = ResponseFuture<Result<bool, Refusal>>;
+    type Result = AtomicResponse<Self, Result<bool, Refusal>>;
 
     fn handle(&mut self, msg: Forget, _: &mut Self::Context) -> Self::Result {
         let env = self.env.clone();
-        Box::pin(async move { env.forget(msg.peer).await })
+        AtomicResponse::new(Box::pin(
+            async move { env.forget(msg.peer).await }.into_actor(self),
+        ))
     }
 }
 
 impl Handler<ListPeers> for PeerManager {
+    /// A read: it changes nothing, so it may run beside a change.
     type Result = ResponseFuture<Result<Vec<PeerEntry>, Refusal>>;
 
     fn handle(&mut self, _: ListPeers, _: &mut Self::Context) -> Self::Result {
@@ -190,33 +270,6 @@ fn with_peer_id(addr: Multiaddr, peer: PeerId) -> Result<Multiaddr, Refusal> {
 }
 
 impl PeerEnv {
-    /// Re-applies the persisted relations at start-up. A store that cannot be read yet
-    /// (MongoDB down) is retried in the background with backoff, so the manager serves
-    /// NATS and commands meanwhile; nothing can be persisted until the store is back.
-    async fn restore(self: &Arc<Self>) {
-        let Err(e) = self.restore_once().await else {
-            return;
-        };
-        tracing::warn!(cause = %e, "cannot read persisted partnerships yet; retrying in the background");
-        let env = self.clone();
-        tokio::spawn(async move {
-            let mut delay = RESTORE_RETRY_MIN;
-            loop {
-                tokio::time::sleep(delay).await;
-                match env.restore_once().await {
-                    Ok(()) => {
-                        tracing::info!("persisted partnerships restored");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(cause = %e, retry_in = ?delay, "cannot read persisted partnerships")
-                    }
-                }
-                delay = (delay * 2).min(RESTORE_RETRY_MAX);
-            }
-        });
-    }
-
     async fn restore_once(&self) -> StoreResult<()> {
         // `known` rows are peers met through the DHT (`Store::meet_peer`): no relation to
         // restore, and a configured partner may be one of them.
@@ -239,18 +292,18 @@ impl PeerEnv {
                 // Partners bypass the connection limits: a flood never keeps them out.
                 let _ = self.net.set_partner(peer, true).await;
                 self.partners.insert(peer, Some(addr.clone()));
-                self.links.do_send(AddPartner { peer, addr });
+                self.links.add.do_send(AddPartner { peer, addr });
             }
             (Relation::Blacklist, _) => {
                 self.partners.remove(&peer);
                 let _ = self.net.set_partner(peer, false).await;
-                self.links.do_send(RemovePartner { peer });
+                self.links.remove.do_send(RemovePartner { peer });
                 let _ = self.net.set_blocked(peer, true).await;
             }
             (Relation::Partner, None) | (Relation::Known, _) => {
                 self.partners.remove(&peer);
                 let _ = self.net.set_partner(peer, false).await;
-                self.links.do_send(RemovePartner { peer });
+                self.links.remove.do_send(RemovePartner { peer });
                 let _ = self.net.set_blocked(peer, false).await;
             }
         }
@@ -300,7 +353,7 @@ impl PeerEnv {
     }
 
     /// A `CREATE_RESOURCE` / `REMOVE_RESOURCE` seen on the local NATS.
-    async fn on_notice(&self, msg: NatsMessage) {
+    async fn on_notice(&self, msg: NatsMessage, answers: &Answers) {
         let Ok(Value::Object(raw)) = serde_json::from_slice::<Value>(&msg.payload) else {
             return;
         };
@@ -318,18 +371,14 @@ impl PeerEnv {
         if text("fromapp") == event::OWN_APP || !text("datatype").eq_ignore_ascii_case("PEER") {
             return;
         }
-        let result = self.peer_notice(&msg, &fields).await;
-        if let Err(refusal) = result {
-            tracing::warn!(subject = %msg.subject, code = refusal.code.as_str(), reason = %refusal.message, "PEER resource refused");
-            self.metrics.refused("peers", refusal.code);
-            let body = event::error_event(&refusal, msg.subject.as_str(), &msg.payload);
-            if let Err(e) = self
-                .nats
-                .publish(event::SUBJECT_ERROR, body.to_string().into())
-                .await
-            {
-                tracing::warn!(cause = %e, "cannot publish error event");
-            }
+        if let Err(refusal) = self.peer_notice(&msg, &fields).await {
+            let refused = Refused {
+                subject: msg.subject.as_str(),
+                action: None,
+                body: &msg.payload,
+                reply: None,
+            };
+            answers.refuse(refused, &refusal).await;
         }
     }
 
@@ -385,4 +434,232 @@ impl PeerEnv {
 /// JSON for an admin API refusal.
 pub fn refusal_json(r: &Refusal) -> Value {
     json!({"ok": false, "error": r.to_json()})
+}
+
+#[cfg(test)]
+mod tests {
+    //! The manager against an embedded store, a real nats-server and a real network loop:
+    //! admin changes and NATS notices for one peer, interleaved, end on one relation.
+
+    use std::collections::HashMap;
+
+    use futures::StreamExt;
+    use libp2p::identity::Keypair;
+
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::testkit::NatsServer;
+
+    const T: Duration = Duration::from_secs(10);
+
+    /// Stands for the partner links: remembers the last word it got for each peer.
+    #[derive(Default)]
+    struct LinksProbe(HashMap<PeerId, bool>);
+
+    impl Actor for LinksProbe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<AddPartner> for LinksProbe {
+        type Result = ();
+        fn handle(&mut self, msg: AddPartner, _: &mut Self::Context) {
+            self.0.insert(msg.peer, true);
+        }
+    }
+
+    impl Handler<RemovePartner> for LinksProbe {
+        type Result = ();
+        fn handle(&mut self, msg: RemovePartner, _: &mut Self::Context) {
+            self.0.insert(msg.peer, false);
+        }
+    }
+
+    /// Whether the links were last told to replicate to the peer.
+    #[derive(Message)]
+    #[rtype(result = "Option<bool>")]
+    struct Replicating(PeerId);
+
+    impl Handler<Replicating> for LinksProbe {
+        type Result = Option<bool>;
+        fn handle(&mut self, msg: Replicating, _: &mut Self::Context) -> Option<bool> {
+            self.0.get(&msg.0).copied()
+        }
+    }
+
+    struct Bench {
+        _nats_server: NatsServer,
+        _dir: tempfile::TempDir,
+        _stop: tokio::sync::watch::Sender<bool>,
+        app: async_nats::Client,
+        store: Arc<dyn Store>,
+        partners: Arc<Partners>,
+        links: Addr<LinksProbe>,
+        manager: Addr<PeerManager>,
+    }
+
+    async fn bench() -> Bench {
+        let nats_server = NatsServer::start().expect("nats-server (install: ./scripts/install-deps.sh)");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).expect("embedded store"));
+        let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().expect("address");
+        let (net, event_loop) = p2p::build(Keypair::generate_ed25519(), None, &[listen]).expect("network");
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(event_loop.run(stop_rx));
+        let nats = async_nats::connect(nats_server.url())
+            .await
+            .expect("node's NATS connection");
+        let app = async_nats::connect(nats_server.url())
+            .await
+            .expect("application's NATS connection");
+        let partners = Arc::new(Partners::default());
+        let links = LinksProbe::default().start();
+        let manager = PeerManager::new(PeerEnv {
+            store: store.clone(),
+            net,
+            nats,
+            partners: partners.clone(),
+            links: Links::new(links.clone()),
+            metrics: Arc::new(Metrics::default()),
+            configured: Vec::new(),
+        })
+        .start();
+        // Handled once `started` (restore, subscription) is done.
+        manager.send(ListPeers).await.expect("manager").expect("list");
+        Bench {
+            _nats_server: nats_server,
+            _dir: dir,
+            _stop: stop,
+            app,
+            store,
+            partners,
+            links,
+            manager,
+        }
+    }
+
+    fn notice(peer: &str, relation: &str) -> Value {
+        json!({"data_type": "PEER", "resource": {"peer_id": peer, "relation": relation,
+               "address": format!("/ip4/127.0.0.1/tcp/4999/p2p/{peer}")}})
+    }
+
+    impl Bench {
+        async fn publish(&self, subject: &'static str, body: &Value) {
+            self.app
+                .publish(subject, body.to_string().into())
+                .await
+                .expect("publish");
+        }
+
+        /// Publishes a notice the manager refuses on each subject, then waits for both
+        /// error events: every notice published before them has been handled (each subject
+        /// keeps its order, the two subjects do not keep theirs between them).
+        async fn notices_handled(&self, errors: &mut async_nats::Subscriber, mark: &str) {
+            for subject in [event::SUBJECT_CREATE, event::SUBJECT_REMOVE] {
+                self.publish(subject, &notice(mark, "partner")).await;
+            }
+            self.app.flush().await.expect("flush");
+            let mut pending = vec![event::SUBJECT_CREATE, event::SUBJECT_REMOVE];
+            tokio::time::timeout(T, async {
+                while !pending.is_empty() {
+                    let m = errors.next().await.expect("error subscription open");
+                    let error: Value = serde_json::from_slice(&m.payload).expect("error event JSON");
+                    if error["event"].as_str().is_some_and(|e| e.contains(mark)) {
+                        pending.retain(|s| error["subject"] != *s);
+                    }
+                }
+            })
+            .await
+            .expect("the markers' error events in time");
+        }
+
+        /// The relation the store holds for `peer`, after checking that the partner
+        /// registry and the links say the same.
+        async fn agreed_relation(&self, peer: PeerId) -> Option<Relation> {
+            let stored = self
+                .store
+                .peer(&peer.to_string())
+                .await
+                .expect("store")
+                .map(|row| row.relation);
+            let partner = stored == Some(Relation::Partner);
+            assert_eq!(
+                self.partners.contains(&peer),
+                partner,
+                "registry vs store {stored:?}"
+            );
+            let replicating = self.links.send(Replicating(peer)).await.expect("links");
+            assert_eq!(replicating.unwrap_or(false), partner, "links vs store {stored:?}");
+            stored
+        }
+    }
+
+    #[actix::test]
+    async fn interleaved_admin_changes_and_notices_end_on_one_relation() {
+        let b = bench().await;
+        let mut errors = b.app.subscribe(event::SUBJECT_ERROR).await.expect("subscribe");
+        b.app.flush().await.expect("flush");
+        let peer = PeerId::random();
+        let id = peer.to_string();
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/4999/p2p/{peer}")
+            .parse()
+            .expect("address");
+        for round in 0..20 {
+            // Nothing awaited until all are sent: the admin changes and the notices reach
+            // the manager in any interleaving.
+            let mut admin = Vec::new();
+            for i in 0..4 {
+                let relation = if (round + i) % 2 == 0 {
+                    Relation::Partner
+                } else {
+                    Relation::Blacklist
+                };
+                admin.push(b.manager.send(SetRelation {
+                    peer,
+                    addr: Some(addr.clone()),
+                    relation,
+                }));
+                let body = notice(&id, if i % 2 == 0 { "blacklist" } else { "partner" });
+                b.publish(event::SUBJECT_CREATE, &body).await;
+                b.publish(
+                    event::SUBJECT_REMOVE,
+                    &json!({"data_type": "PEER", "peer_id": id}),
+                )
+                .await;
+            }
+            let forget = b.manager.send(Forget { peer });
+            b.publish(event::SUBJECT_CREATE, &notice(&id, "partner")).await;
+            b.notices_handled(&mut errors, &format!("not-a-peer-{round}"))
+                .await;
+            for answer in futures::future::join_all(admin).await {
+                answer.expect("manager").expect("relation set");
+            }
+            forget.await.expect("manager").expect("forgotten");
+            b.agreed_relation(peer).await;
+        }
+        // The last change applied is the relation, whichever side made it.
+        let row = b
+            .manager
+            .send(SetRelation {
+                peer,
+                addr: None,
+                relation: Relation::Blacklist,
+            })
+            .await
+            .expect("manager")
+            .expect("blacklisted");
+        assert_eq!(row.relation, Relation::Blacklist);
+        assert_eq!(b.agreed_relation(peer).await, Some(Relation::Blacklist));
+        b.publish(event::SUBJECT_CREATE, &notice(&id, "partner")).await;
+        b.notices_handled(&mut errors, "not-a-peer-last").await;
+        assert_eq!(b.agreed_relation(peer).await, Some(Relation::Partner));
+        assert_eq!(b.partners.addr(&peer), Some(addr));
+        b.publish(
+            event::SUBJECT_REMOVE,
+            &json!({"data_type": "PEER", "peer_id": id}),
+        )
+        .await;
+        b.notices_handled(&mut errors, "not-a-peer-removed").await;
+        assert_eq!(b.agreed_relation(peer).await, None);
+    }
 }
