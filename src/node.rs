@@ -21,7 +21,8 @@ use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
-use crate::commands::{CommandEnv, CommandRouter, Forwarder};
+use crate::commands::forwarder::Forwarder;
+use crate::commands::router::{CommandEnv, CommandRouter};
 use crate::config::{NodeConfig, StoreConfig};
 use crate::metrics::Metrics;
 use crate::peers::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
@@ -165,11 +166,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     )
     .start();
     let commands = CommandRouter::new(CommandEnv {
-        own_id: own_id.clone(),
         nats: nats.clone(),
         net: net.clone(),
-        partners: partners.clone(),
-        resolver: Some(directory.clone()),
+        directory: directory.clone(),
         search: Some(search.recipient()),
         metrics: metrics.clone(),
         tuning: t.clone(),

@@ -49,7 +49,8 @@ use crate::peers::partners::Partners;
 use crate::store::{ApplyOutcome, Store};
 use crate::sync::{self, PROTOCOL_SYNC};
 
-use crate::commands::{Forwarder, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
+use crate::commands::forwarder::Forwarder;
+use crate::commands::{PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
 
 /// Inputs buffered between the stream readers and a session (also bounded in bytes: the
 /// entries they carry hold permits of the session's byte budget).
@@ -70,7 +71,7 @@ const MAX_HEARTBEATS: usize = 1024;
 /// its sync and refusal shares, and its share of considers / planner streams (bounded by
 /// the forwarder, `commands::FORWARD_STREAMS_PER_PEER`).
 pub const MAX_STREAMS_PER_PEER: usize =
-    3 + 1 + SYNC_SERVES_PER_PEER + REFUSALS_PER_PEER + crate::commands::FORWARD_STREAMS_PER_PEER;
+    3 + 1 + SYNC_SERVES_PER_PEER + REFUSALS_PER_PEER + crate::commands::forwarder::FORWARD_STREAMS_PER_PEER;
 /// Streams (and sync ticks) waiting for a session to take them; beyond, a new stream is
 /// reset.
 const ATTACH_QUEUE: usize = 16;

@@ -38,7 +38,7 @@ use bytes::Bytes;
 use futures::{Future, Stream, StreamExt};
 use serde_json::json;
 
-use crate::commands::Dispatch;
+use crate::commands::router::Dispatch;
 use super::stream_service::JournalAdvanced;
 use crate::event::{self, Decoded, ErrorCode, Refusal};
 use crate::metrics::Metrics;

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::commands::SearchRequest;
+use crate::commands::router::SearchRequest;
 use crate::config::Tuning;
 use crate::peers::directory::Directory;
 use crate::event::{self, now_ms, AppCommand, ErrorCode, Refusal};

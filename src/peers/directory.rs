@@ -23,7 +23,6 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 
 use super::partners::Partners;
-use crate::commands::Resolve;
 use crate::config::Tuning;
 use crate::event::now_ms;
 use crate::metrics::{Discovery, Metrics};
@@ -391,19 +390,4 @@ fn is_dialable(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
-}
-
-#[async_trait::async_trait]
-impl Resolve for Directory {
-    /// The store's addresses of `peer`, then its record's in the DHT (the stored ones may
-    /// be stale).
-    async fn addresses(&self, peer: PeerId) -> Vec<Multiaddr> {
-        let mut addrs = self.known_addresses(peer).await;
-        for a in self.resolve(peer, self.env.tuning.io_timeout).await {
-            if !addrs.contains(&a) {
-                addrs.push(a);
-            }
-        }
-        addrs
-    }
 }
