@@ -23,6 +23,7 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 
 use super::partners::Partners;
+use crate::backoff::Backoff;
 use crate::config::Tuning;
 use crate::event::now_ms;
 use crate::metrics::{Discovery, Metrics};
@@ -137,7 +138,7 @@ impl Directory {
     ) {
         self.dial_bootstrap().await;
         let refresh = self.env.ttl / 2;
-        let mut retry = PUBLISH_RETRY;
+        let mut retry = Backoff::new(PUBLISH_RETRY.min(refresh), refresh);
         let next = tokio::time::sleep(FIRST_PUBLISH);
         tokio::pin!(next);
         loop {
@@ -145,14 +146,13 @@ impl Directory {
                 _ = &mut next => {
                     let wait = match self.publish().await {
                         Ok(_) => {
-                            retry = PUBLISH_RETRY;
+                            retry.reset();
                             refresh
                         }
                         Err(e) => {
-                            tracing::info!(cause = %e, retry_in = ?retry, "peer record not published yet");
+                            let wait = retry.next_delay();
+                            tracing::info!(cause = %e, retry_in = ?wait, "peer record not published yet");
                             self.dial_bootstrap().await;
-                            let wait = retry.min(refresh);
-                            retry = (retry * 2).min(refresh);
                             wait
                         }
                     };

@@ -438,8 +438,9 @@ pub fn refusal_json(r: &Refusal) -> Value {
 
 #[cfg(test)]
 mod tests {
-    //! The manager against an embedded store, a real nats-server and a real network loop:
-    //! admin changes and NATS notices for one peer, interleaved, end on one relation.
+    //! The manager against an embedded store (answering peer writes late, every other
+    //! one), a real nats-server and a real network loop: admin changes and NATS notices for
+    //! one peer, interleaved, end on one relation.
 
     use std::collections::HashMap;
 
@@ -447,7 +448,9 @@ mod tests {
     use libp2p::identity::Keypair;
 
     use super::*;
+    use crate::event::{JournalEntry, NewEvent};
     use crate::store::embedded::EmbeddedStore;
+    use crate::store::{ApplyOutcome, OutboxRow, OwnPage, PageBounds, StoredResource};
     use crate::testkit::NatsServer;
 
     const T: Duration = Duration::from_secs(10);
@@ -486,6 +489,120 @@ mod tests {
         }
     }
 
+    /// The embedded store whose answers to peer writes come late, every other one: the
+    /// write is done, the caller hears of it later (as over a slow link to MongoDB). Two
+    /// changes that overlap then finish in the other order than they wrote.
+    struct SlowReplies {
+        inner: EmbeddedStore,
+        writes: std::sync::atomic::AtomicU64,
+    }
+
+    impl SlowReplies {
+        async fn late(&self) {
+            let n = self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for SlowReplies {
+        async fn append_journal(
+            &self,
+            origin: &str,
+            events: Vec<NewEvent>,
+        ) -> StoreResult<Vec<JournalEntry>> {
+            self.inner.append_journal(origin, events).await
+        }
+        async fn read_journal(
+            &self,
+            origin: &str,
+            from: u64,
+            limit: usize,
+        ) -> StoreResult<Vec<JournalEntry>> {
+            self.inner.read_journal(origin, from, limit).await
+        }
+        async fn journal_head(&self, origin: &str) -> StoreResult<u64> {
+            self.inner.journal_head(origin).await
+        }
+        async fn cursor(&self, peer: &str) -> StoreResult<u64> {
+            self.inner.cursor(peer).await
+        }
+        async fn set_cursor(&self, peer: &str, seq: u64) -> StoreResult<()> {
+            self.inner.set_cursor(peer, seq).await
+        }
+        async fn applied(&self, origin: &str) -> StoreResult<u64> {
+            self.inner.applied(origin).await
+        }
+        async fn apply_batch(
+            &self,
+            origin: &str,
+            up_to: u64,
+            entries: Vec<JournalEntry>,
+        ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+            self.inner.apply_batch(origin, up_to, entries).await
+        }
+        async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {
+            self.inner.outbox(limit).await
+        }
+        async fn outbox_remove(&self, ids: Vec<u64>) -> StoreResult<()> {
+            self.inner.outbox_remove(ids).await
+        }
+        async fn apply_batch_clearing(
+            &self,
+            origin: &str,
+            up_to: u64,
+            entries: Arc<[JournalEntry]>,
+            published: Vec<u64>,
+        ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+            self.inner
+                .apply_batch_clearing(origin, up_to, entries, published)
+                .await
+        }
+        async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+            self.inner.resource(data_type, id).await
+        }
+        async fn resources(
+            &self,
+            data_type: &str,
+            after: Option<String>,
+            limit: usize,
+        ) -> StoreResult<Vec<StoredResource>> {
+            self.inner.resources(data_type, after, limit).await
+        }
+        async fn own_resources_page(
+            &self,
+            origin: &str,
+            data_type: &str,
+            after: Option<String>,
+            bounds: PageBounds,
+        ) -> StoreResult<OwnPage> {
+            self.inner
+                .own_resources_page(origin, data_type, after, bounds)
+                .await
+        }
+        async fn peers(&self) -> StoreResult<Vec<PeerRow>> {
+            self.inner.peers().await
+        }
+        async fn put_peer(&self, row: PeerRow) -> StoreResult<()> {
+            let done = self.inner.put_peer(row).await;
+            self.late().await;
+            done
+        }
+        async fn remove_peer(&self, peer_id: &str) -> StoreResult<()> {
+            let done = self.inner.remove_peer(peer_id).await;
+            self.late().await;
+            done
+        }
+        async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize> {
+            self.inner.trim_known_peers(keep).await
+        }
+        async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
+            self.inner.peer(peer_id).await
+        }
+    }
+
     struct Bench {
         _nats_server: NatsServer,
         _dir: tempfile::TempDir,
@@ -500,8 +617,10 @@ mod tests {
     async fn bench() -> Bench {
         let nats_server = NatsServer::start().expect("nats-server (install: ./scripts/install-deps.sh)");
         let dir = tempfile::tempdir().expect("temporary directory");
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).expect("embedded store"));
+        let store: Arc<dyn Store> = Arc::new(SlowReplies {
+            inner: EmbeddedStore::open(&dir.path().join("store.redb")).expect("embedded store"),
+            writes: Default::default(),
+        });
         let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().expect("address");
         let (net, event_loop) = p2p::build(Keypair::generate_ed25519(), None, &[listen]).expect("network");
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
