@@ -750,6 +750,14 @@ mod tests {
             b.publish(event::SUBJECT_CREATE, &notice(&id, "partner")).await;
             b.notices_handled(&mut errors, &format!("not-a-peer-{round}"))
                 .await;
+            // More admin changes while the first ones may still be under way.
+            for relation in [Relation::Partner, Relation::Blacklist, Relation::Partner] {
+                admin.push(b.manager.send(SetRelation {
+                    peer,
+                    addr: Some(addr.clone()),
+                    relation,
+                }));
+            }
             for answer in futures::future::join_all(admin).await {
                 answer.expect("manager").expect("relation set");
             }
