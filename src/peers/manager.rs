@@ -500,7 +500,7 @@ mod tests {
     impl SlowReplies {
         async fn late(&self) {
             let n = self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
