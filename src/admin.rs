@@ -25,10 +25,10 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::intake::{IntakeMode, IntakeStatus};
-use crate::actors::peers::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::contract::{ErrorCode, Refusal};
+use crate::intake::{IntakeMode, IntakeStatus};
 use crate::outbound::service::{GetPeers, StreamService};
+use crate::peers::manager::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::metrics::Metrics;
 use crate::p2p;
 use crate::store::Relation;

@@ -95,7 +95,7 @@ pub fn partners(args: &PartnersArgs) -> anyhow::Result<String> {
         PartnersAction::List { json } => {
             let (status, body) = client.call("GET", "/api/partners", None)?;
             if status == 200 && !json {
-                let list: Vec<crate::actors::peers::PeerEntry> = serde_json::from_str(&body)?;
+                let list: Vec<crate::peers::manager::PeerEntry> = serde_json::from_str(&body)?;
                 let mut out = format!("{:<54}  {:<9}  {:<7}  ADDRESS\n", "PEER ID", "RELATION", "SOURCE");
                 for p in &list {
                     let relation = serde_json::to_value(p.relation)?

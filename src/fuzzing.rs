@@ -104,7 +104,7 @@ pub fn intake(data: &[u8]) {
                 }
             }
             CommandAction::Planner | CommandAction::ClosePlanner => {
-                let _ = crate::actors::commands::peer_field(&c.payload);
+                let _ = crate::commands::router::peer_field(&c.payload);
             }
         },
         Ok(Decoded::OwnEcho) => {}

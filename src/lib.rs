@@ -15,14 +15,17 @@
 //!   [`outbound::window`] (its send window, ack and resume rules, pure), [`outbound::status`].
 //! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
 //!   the search gossip topic; [`p2p::records`]: signed peer records.
-//! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
 //! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`inbound`]: applies partners' events, publishes them, acknowledges:
 //!   [`inbound::reorder`] (the pure reorder, gap and sync decisions), a session per partner,
 //!   the apply of a run.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps:
 //!   [`sync::plan`] (the pure round rules), [`sync::serve`] (owner), [`sync::pull`] (puller).
-//! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
+//! - [`peers`]: [`peers::partners`] (the one partner registry), [`peers::manager`] (the
+//!   `PeerManager` actor: partnerships and the blacklist), [`peers::directory`] (this node's
+//!   peer record in the DHT, the peers met, finding and reaching a peer).
+//! - [`commands`]: `PB_CONSIDERS`, `PB_PLANNER`, `PB_CLOSE_PLANNER` to chosen peers, and
+//!   the receiving side that republishes them.
 //! - [`answers`]: replies to applications and the one refusal report (log, metric, error event, reply).
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
@@ -39,9 +42,9 @@ pub mod admin;
 pub mod answers;
 pub mod backoff;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod contract;
-pub mod directory;
 pub mod fuzzing;
 pub mod guard;
 pub mod identity;
@@ -52,7 +55,7 @@ pub mod nats;
 pub mod node;
 pub mod outbound;
 pub mod p2p;
-pub mod partners;
+pub mod peers;
 pub mod secret_file;
 pub mod shutdown;
 pub mod store;

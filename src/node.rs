@@ -18,18 +18,19 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
-use crate::actors::peers::{PeerEnv, PeerManager};
 use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::answers::Answers;
+use crate::commands::forwarder::Forwarder;
+use crate::commands::router::{CommandEnv, CommandRouter};
 use crate::config::{NodeConfig, StoreConfig};
-use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::inbound::{InboundApply, InboundEnv};
 use crate::intake::{self, Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::metrics::Metrics;
 use crate::outbound::link::LinkEnv;
 use crate::outbound::service::{AddPartner, Drain, JournalAdvanced, StreamService};
-use crate::partners::Partners;
+use crate::peers::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
+use crate::peers::manager::{Links, PeerEnv, PeerManager};
+use crate::peers::partners::Partners;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::{MongoSettings, MongoStore};
 use crate::store::Store;
@@ -142,7 +143,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         net: net.clone(),
         nats: nats.clone(),
         partners: partners.clone(),
-        links: links.clone(),
+        links: Links::new(links.clone()),
         metrics: metrics.clone(),
         configured: cfg.partners.clone(),
     })
@@ -180,11 +181,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     )
     .start();
     let commands = CommandRouter::new(CommandEnv {
-        own_id: own_id.clone(),
         nats: nats.clone(),
         net: net.clone(),
-        partners: partners.clone(),
-        resolver: Some(directory.clone()),
+        directory: directory.clone(),
         search: Some(search.recipient()),
         metrics: metrics.clone(),
         tuning: t.clone(),

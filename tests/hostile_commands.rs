@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use libp2p::{PeerId, Stream};
-use oc_discovery::actors::commands::{
-    FORWARD_STREAMS_PER_PEER, MAX_FORWARD_STREAMS, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER,
-};
+use oc_discovery::commands::forwarder::{FORWARD_STREAMS_PER_PEER, MAX_FORWARD_STREAMS};
+use oc_discovery::commands::{PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
 use oc_discovery::p2p::wire::{self, Frame};
 use serde_json::{json, Value};
 

@@ -44,15 +44,15 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::commands::SearchRequest;
+use crate::commands::router::SearchRequest;
 use crate::config::Tuning;
-use crate::directory::Directory;
 use crate::contract::{self, now_ms, AppCommand, ErrorCode, Refusal};
+use crate::peers::directory::Directory;
 use crate::guard::{LogThrottle, PeerBuckets, PeerPool};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame};
 use crate::p2p::{self, GossipMessage, GossipVerdict};
-use crate::partners::Partners;
+use crate::peers::partners::Partners;
 use crate::store::{PageBounds, Relation, Store};
 
 pub const PROTOCOL_SEARCH: StreamProtocol = StreamProtocol::new("/opencloud/resource/search/1.0");

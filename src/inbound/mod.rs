@@ -40,14 +40,15 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::{mpsc, watch};
 
-use crate::actors::commands::{Forwarder, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
+use crate::commands::forwarder::Forwarder;
+use crate::commands::{PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
 use crate::config::Tuning;
 use crate::contract::ErrorCode;
 use crate::guard::{LogThrottle, PeerPool, PoolFull};
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, Frame};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
-use crate::partners::Partners;
+use crate::peers::partners::Partners;
 use crate::store::Store;
 use crate::sync::{self, PROTOCOL_SYNC};
 
@@ -73,7 +74,7 @@ const MAX_HEARTBEATS: usize = 1024;
 /// its sync and refusal shares, and its share of considers / planner streams (bounded by
 /// the forwarder, `commands::FORWARD_STREAMS_PER_PEER`).
 pub const MAX_STREAMS_PER_PEER: usize =
-    3 + 1 + SYNC_SERVES_PER_PEER + REFUSALS_PER_PEER + crate::actors::commands::FORWARD_STREAMS_PER_PEER;
+    3 + 1 + SYNC_SERVES_PER_PEER + REFUSALS_PER_PEER + crate::commands::forwarder::FORWARD_STREAMS_PER_PEER;
 /// A repeated refusal from one peer is logged once per this interval, with its count.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 

@@ -39,7 +39,7 @@ pub use self::source::CONSUMER_NAME;
 
 use self::batches::ReadyBatches;
 use self::source::Incoming;
-use crate::actors::commands::Dispatch;
+use crate::commands::router::Dispatch;
 use crate::outbound::service::JournalAdvanced;
 use crate::answers::Answers;
 use crate::metrics::Metrics;

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::source::Incoming;
 use super::{IntakeEnv, PLACE};
-use crate::actors::commands::Dispatch;
+use crate::commands::router::Dispatch;
 use crate::outbound::service::JournalAdvanced;
 use crate::answers::Refused;
 use crate::backoff::Backoff;

@@ -22,13 +22,13 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 
-use crate::actors::commands::Resolve;
+use super::partners::Partners;
+use crate::backoff::Backoff;
 use crate::config::Tuning;
 use crate::contract::now_ms;
 use crate::metrics::{Discovery, Metrics};
 use crate::p2p::records::{self, PeerRecord, RecordError, Verified};
 use crate::p2p::{self, NetError, RecordEvent};
-use crate::partners::Partners;
 use crate::store::{PeerRow, Relation, Store};
 
 /// Queue of record events from the network loop (it drops events when full).
@@ -138,7 +138,7 @@ impl Directory {
     ) {
         self.dial_bootstrap().await;
         let refresh = self.env.ttl / 2;
-        let mut retry = PUBLISH_RETRY;
+        let mut retry = Backoff::new(PUBLISH_RETRY.min(refresh), refresh);
         let next = tokio::time::sleep(FIRST_PUBLISH);
         tokio::pin!(next);
         loop {
@@ -146,14 +146,13 @@ impl Directory {
                 _ = &mut next => {
                     let wait = match self.publish().await {
                         Ok(_) => {
-                            retry = PUBLISH_RETRY;
+                            retry.reset();
                             refresh
                         }
                         Err(e) => {
-                            tracing::info!(cause = %e, retry_in = ?retry, "peer record not published yet");
+                            let wait = retry.next_delay();
+                            tracing::info!(cause = %e, retry_in = ?wait, "peer record not published yet");
                             self.dial_bootstrap().await;
-                            let wait = retry.min(refresh);
-                            retry = (retry * 2).min(refresh);
                             wait
                         }
                     };
@@ -391,19 +390,4 @@ fn is_dialable(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
-}
-
-#[async_trait::async_trait]
-impl Resolve for Directory {
-    /// The store's addresses of `peer`, then its record's in the DHT (the stored ones may
-    /// be stale).
-    async fn addresses(&self, peer: PeerId) -> Vec<Multiaddr> {
-        let mut addrs = self.known_addresses(peer).await;
-        for a in self.resolve(peer, self.env.tuning.io_timeout).await {
-            if !addrs.contains(&a) {
-                addrs.push(a);
-            }
-        }
-        addrs
-    }
 }
