@@ -14,7 +14,7 @@
 //! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
 //!   the search gossip topic; [`p2p::records`]: signed peer records.
 //! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
-//! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
+//! - [`search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
 //! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
@@ -44,6 +44,7 @@ pub mod nats;
 pub mod node;
 pub mod p2p;
 pub mod partners;
+pub mod search;
 pub mod shutdown;
 pub mod store;
 pub mod sync;

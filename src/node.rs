@@ -21,7 +21,7 @@ use crate::actors::inbound::{InboundApply, InboundEnv};
 use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::actors::partner_link::LinkEnv;
 use crate::actors::peers::{PeerEnv, PeerManager};
-use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
+use crate::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
 use crate::config::{NodeConfig, StoreConfig};
 use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};

@@ -5,12 +5,10 @@
 //! - [`inbound`]: partners' streams → store + outbox → NATS → ack.
 //! - [`peers`]: partnerships and the blacklist at run time (NATS PEER resources, admin API).
 //! - [`commands`]: PB_CONSIDERS, PB_PLANNER, PB_CLOSE_PLANNER to chosen peers; PB_SEARCH hand-off.
-//! - [`search`]: PB_SEARCH (peer records, resource searches) and answers to other nodes' searches.
 
 pub mod commands;
 pub mod inbound;
 pub mod intake;
 pub mod partner_link;
 pub mod peers;
-pub mod search;
 pub mod stream_service;

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::commands::SearchRequest;
+use crate::actors::commands::SearchRequest;
 use crate::config::Tuning;
 use crate::directory::Directory;
 use crate::event::{self, now_ms, AppCommand, ErrorCode, Refusal};
