@@ -11,8 +11,9 @@
 //! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait:
 //!   [`store::embedded`] (a redb file, default) or [`store::mongo`] (the site's MongoDB).
 //! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
-//! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
-//!   the search gossip topic; [`p2p::records`]: signed peer records.
+//! - [`p2p`]: the network layer: transport, behaviour, the event loop that alone owns the
+//!   Swarm, the [`p2p::Client`] handle, the DHT and search gossip handlers, stream framing;
+//!   [`p2p::records`]: signed peer records.
 //! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
 //! - [`search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
