@@ -4,7 +4,8 @@
 //!
 //! - `query`: `PB_SEARCH` validated (peer search, or resource search with its scope).
 //! - `service`: the [`SearchService`] actor, owner of the searches in flight (admission,
-//!   the routes of `all` answers); why an actor is said there.
+//!   the routes of `all` answers); why an actor is said there; `in_flight`: those searches,
+//!   a plain type.
 //! - `searcher`: one task per search: the peer directory, or the query to the targeted
 //!   peers (streams) or to everyone (signed, on the gossip topic), the answers aggregated
 //!   into `SEARCH_EVENT`s; `routes`: where the peers' answers go.
@@ -22,6 +23,7 @@
 mod env;
 mod gossip;
 mod gossip_query;
+mod in_flight;
 mod matching;
 mod query;
 mod responder;

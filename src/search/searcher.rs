@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::env::Shared;
 use super::gossip_query::GossipQuery;
-use super::query::{Parsed, Query, Scope, PEER_DATA_TYPE};
+use super::query::{Query, Scope, PEER_DATA_TYPE};
 use super::routes::{Answer, FindSearch, Inbox, Route};
 use super::screen::{Dropped, Screen};
 use super::PROTOCOL_SEARCH;
@@ -41,11 +41,22 @@ pub const FANOUT: usize = 32;
 /// A search the service admitted, as its task runs it.
 pub(super) struct Admitted {
     pub(super) query_id: String,
-    pub(super) parsed: Parsed,
+    pub(super) search: Search,
     /// Where the application waits for the query id, if it asked for an answer.
     pub(super) reply: Option<Subject>,
-    /// Where the peers' answers arrive (resource searches only).
-    pub(super) inbox: Option<Inbox>,
+}
+
+/// What an admitted search looks for.
+pub(super) enum Search {
+    Peer {
+        search: String,
+        timeout: Duration,
+    },
+    /// With the inbox where the peers' answers arrive.
+    Resources {
+        query: Query,
+        inbox: Inbox,
+    },
 }
 
 /// How a search ended.
@@ -57,22 +68,20 @@ struct Summary {
 }
 
 /// Runs one search to its end, flush of its events included.
-pub(super) async fn run(shared: Arc<Shared>, search: Admitted) {
+pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted) {
     let Admitted {
         query_id,
-        parsed,
+        search,
         reply,
-        inbox,
-    } = search;
+    } = admitted;
     // The reply goes first, so the application knows the id of the events to come.
     shared
         .answers
         .reply(reply, &json!({"ok": true, "query_id": query_id}))
         .await;
-    match (parsed, inbox) {
-        (Parsed::Peer { search, timeout }, _) => search_peer(&shared, &query_id, &search, timeout).await,
-        (Parsed::Resources(query), Some(inbox)) => search_resources(&shared, &query_id, query, inbox).await,
-        (Parsed::Resources(_), None) => tracing::error!(query_id, "resource search without an inbox"),
+    match search {
+        Search::Peer { search, timeout } => search_peer(&shared, &query_id, &search, timeout).await,
+        Search::Resources { query, inbox } => search_resources(&shared, &query_id, query, inbox).await,
     }
     if let Err(e) = shared.env.nats.flush().await {
         tracing::warn!(query_id, cause = %e, "search events not flushed");

@@ -10,7 +10,6 @@
 //! spawned in its context. The responders' per-peer shares stay in a `guard::PeerPool`
 //! shared by their tasks: a stream must be taken the moment it arrives.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -18,10 +17,11 @@ use async_nats::Subject;
 use tokio::sync::mpsc;
 
 use super::env::{SearchEnv, Shared};
-use super::query::{self, new_query_id, Parsed, Scope};
+use super::in_flight::InFlight;
+use super::query::{self, Parsed, Scope};
 use super::responder::Responder;
 use super::routes::{FindSearch, Inbox, Route};
-use super::searcher::{self, Admitted};
+use super::searcher::{self, Admitted, Search};
 use crate::actors::commands::SearchRequest;
 use crate::answers::Refused;
 use crate::event::{self, AppCommand, ErrorCode, Refusal};
@@ -35,8 +35,8 @@ pub const GOSSIP_QUEUE: usize = 256;
 
 pub struct SearchService {
     shared: Arc<Shared>,
-    /// The searches in flight by query id, with the route of their answers for `all` ones.
-    in_flight: HashMap<String, Option<Route>>,
+    /// The searches in flight, with the route of their answers for `all` ones.
+    in_flight: InFlight,
     /// The network loop's gossip queries, until the responder takes them at start.
     gossip: Option<mpsc::Receiver<GossipMessage>>,
 }
@@ -46,18 +46,8 @@ impl SearchService {
     pub fn new(env: SearchEnv, gossip: mpsc::Receiver<GossipMessage>) -> Self {
         SearchService {
             shared: Arc::new(Shared::new(env)),
-            in_flight: HashMap::new(),
+            in_flight: InFlight::new(MAX_ACTIVE),
             gossip: Some(gossip),
-        }
-    }
-
-    /// A query id no search in flight has.
-    fn fresh_query_id(&self) -> String {
-        loop {
-            let id = new_query_id();
-            if !self.in_flight.contains_key(&id) {
-                return id;
-            }
         }
     }
 
@@ -99,34 +89,32 @@ impl Handler<SearchRequest> for SearchService {
             Ok(p) => p,
             Err(refusal) => return self.refuse(command, reply, refusal),
         };
-        if self.in_flight.len() >= MAX_ACTIVE {
+        if !self.in_flight.has_room() {
             let refusal = Refusal::new(
                 ErrorCode::Busy,
                 format!("{MAX_ACTIVE} searches already running; retry"),
             );
             return self.refuse(command, reply, refusal);
         }
-        let query_id = self.fresh_query_id();
-        let inbox = match &parsed {
-            Parsed::Peer { .. } => None,
-            Parsed::Resources(q) => Some(Inbox::new(q.timeout)),
-        };
         // Only an `all` search is answered on streams the responders open: its route is
         // found by query id. The others read the answers on the streams they open.
-        let route = match (&parsed, &inbox) {
-            (Parsed::Resources(q), Some(inbox)) if q.scope == Scope::All => Some(inbox.route.clone()),
-            _ => None,
+        let (search, route) = match parsed {
+            Parsed::Peer { search, timeout } => (Search::Peer { search, timeout }, None),
+            Parsed::Resources(query) => {
+                let inbox = Inbox::new(query.timeout);
+                let route = (query.scope == Scope::All).then(|| inbox.route.clone());
+                (Search::Resources { query, inbox }, route)
+            }
         };
-        self.in_flight.insert(query_id.clone(), route);
-        let search = Admitted {
+        let query_id = self.in_flight.admit(route);
+        let admitted = Admitted {
             query_id: query_id.clone(),
-            parsed,
+            search,
             reply,
-            inbox,
         };
-        let task = tokio::spawn(searcher::run(self.shared.clone(), search));
+        let task = tokio::spawn(searcher::run(self.shared.clone(), admitted));
         ctx.spawn(fut::wrap_future(task).map(move |_, act: &mut Self, _| {
-            act.in_flight.remove(&query_id);
+            act.in_flight.forget(&query_id);
         }));
     }
 }
@@ -135,6 +123,6 @@ impl Handler<FindSearch> for SearchService {
     type Result = Option<Route>;
 
     fn handle(&mut self, msg: FindSearch, _: &mut Self::Context) -> Option<Route> {
-        self.in_flight.get(&msg.query_id).cloned().flatten()
+        self.in_flight.route(&msg.query_id)
     }
 }
