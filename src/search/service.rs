@@ -3,11 +3,11 @@
 //!
 //! Why an actor: the set of searches in flight changes when a `PB_SEARCH` is admitted (at
 //! most [`MAX_ACTIVE`], then `busy`), when a search task ends, and is read by every answer
-//! stream of an `all` search looking for its route ([`FindSearch`]). The actor owns that map,
-//! so these changes are serialised without a lock and the cap and the routes cannot
-//! disagree. Its handlers never await: the searches and the responders run in tasks it
-//! spawns, and a search task's end comes back to the actor as the completion of a future
-//! spawned in its context. The responders' per-peer shares stay in a `guard::PeerPool`
+//! stream of an `all` search looking for its route ([`FindSearch`]). The actor owns that set
+//! ([`InFlight`]), so these changes are serialised without a lock and the cap and the
+//! routes cannot disagree. Its handlers never await: the searches and the responders run in
+//! tasks it spawns, and a search task's end comes back to the actor as the completion of a
+//! future spawned in its context. The responders' per-peer shares stay in a `guard::PeerPool`
 //! shared by their tasks: a stream must be taken the moment it arrives.
 
 use std::sync::Arc;
