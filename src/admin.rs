@@ -27,10 +27,10 @@ use serde_json::json;
 
 use crate::contract::{ErrorCode, Refusal};
 use crate::intake::{IntakeMode, IntakeStatus};
-use crate::outbound::service::{GetPeers, StreamService};
-use crate::peers::manager::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::metrics::Metrics;
+use crate::outbound::service::{GetPeers, StreamService};
 use crate::p2p;
+use crate::peers::manager::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::store::Relation;
 use crate::store::Store;
 

@@ -481,14 +481,21 @@ fn with_file_defaults(command: clap::Command, path: &PathBuf) -> Result<clap::Co
     let mut defaults = Vec::new();
     for (key, value) in table {
         let id = key.replace('-', "_");
-        let Some(arg) = run.get_arguments().find(|a| a.get_id() == id.as_str() && id != "config") else {
+        let Some(arg) = run
+            .get_arguments()
+            .find(|a| a.get_id() == id.as_str() && id != "config")
+        else {
             return Err(bad(format!("unknown key {key:?}")));
         };
         let repeatable = arg.get_value_delimiter().is_some();
         let values = file_values(&value, repeatable).ok_or_else(|| {
             bad(format!(
                 "{key}: expected {}",
-                if repeatable { "a string, a number or an array of them" } else { "a string, a number or a boolean" }
+                if repeatable {
+                    "a string, a number or an array of them"
+                } else {
+                    "a string, a number or a boolean"
+                }
             ))
         })?;
         defaults.push((id, values));
@@ -512,9 +519,12 @@ fn file_values(value: &toml::Value, repeatable: bool) -> Option<Vec<String>> {
     };
     match value {
         toml::Value::Array(items) if repeatable => items.iter().map(scalar).collect(),
-        toml::Value::String(s) if repeatable => {
-            Some(s.split(',').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect())
-        }
+        toml::Value::String(s) if repeatable => Some(
+            s.split(',')
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect(),
+        ),
         v => scalar(v).map(|s| vec![s]),
     }
 }

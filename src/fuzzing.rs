@@ -12,10 +12,10 @@ use base64::Engine;
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 
-use crate::actors::search::GossipQuery;
 use crate::contract::{self, Action, CommandAction, Decoded, JournalEntry};
 use crate::p2p::records::{self, PeerRecord};
 use crate::p2p::wire::{self, Frame, FrameError};
+use crate::search::GossipQuery;
 use crate::sync::plan;
 
 /// The victim's own peer id in the targets (the creator `decode_intake` accepts).
@@ -94,7 +94,7 @@ pub fn intake(data: &[u8]) {
         }
         Ok(Decoded::Command(c)) => match c.action {
             CommandAction::Search => {
-                let _ = crate::actors::search::parse(&c);
+                let _ = crate::search::parse(&c);
             }
             CommandAction::Considers => {
                 if let Some(list) = c.payload.get("peer_ids").and_then(serde_json::Value::as_array) {
@@ -285,7 +285,7 @@ pub fn search(data: &[u8]) {
         }) => {
             let _ = query_id.len();
             for r in results.iter().take(MAX_FRAMES) {
-                let _ = crate::actors::search::dedupe_key(r);
+                let _ = crate::search::dedupe_key(r);
             }
         }
         Ok(frame) => check_round_trip(&frame),

@@ -13,9 +13,10 @@
 //! - [`outbound`]: one partner link per partner, feeding it the journal: [`outbound::service`]
 //!   (the actor owning the links), [`outbound::link`] (one link's I/O loop),
 //!   [`outbound::window`] (its send window, ack and resume rules, pure), [`outbound::status`].
-//! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
-//!   the search gossip topic; [`p2p::records`]: signed peer records.
-//! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
+//! - [`p2p`]: the network layer: transport, behaviour, the event loop that alone owns the
+//!   Swarm, the [`p2p::Client`] handle, the DHT and search gossip handlers, stream framing;
+//!   [`p2p::records`]: signed peer records.
+//! - [`search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`inbound`]: applies partners' events, publishes them, acknowledges:
 //!   [`inbound::reorder`] (the pure reorder, gap and sync decisions), a session per partner,
 //!   the apply of a run.
@@ -37,7 +38,6 @@
 //! - [`fuzzing`]: entry points of the fuzz targets, shared with the corpus replay test.
 //! - [`testkit`]: spawns real nats-servers, mongods and nodes for tests, demo and benchmarks.
 
-pub mod actors;
 pub mod admin;
 pub mod answers;
 pub mod backoff;
@@ -56,6 +56,7 @@ pub mod node;
 pub mod outbound;
 pub mod p2p;
 pub mod peers;
+pub mod search;
 pub mod secret_file;
 pub mod shutdown;
 pub mod store;

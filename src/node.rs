@@ -18,7 +18,6 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::answers::Answers;
 use crate::commands::forwarder::Forwarder;
 use crate::commands::router::{CommandEnv, CommandRouter};
@@ -31,6 +30,7 @@ use crate::outbound::service::{AddPartner, Drain, JournalAdvanced, StreamService
 use crate::peers::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
 use crate::peers::manager::{Links, PeerEnv, PeerManager};
 use crate::peers::partners::Partners;
+use crate::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::{MongoSettings, MongoStore};
 use crate::store::Store;

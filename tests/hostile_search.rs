@@ -13,10 +13,10 @@ use common::*;
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, Stream};
-use oc_discovery::actors::search::{GossipQuery, PROTOCOL_SEARCH};
 use oc_discovery::contract::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::{self, Client};
+use oc_discovery::search::{GossipQuery, PROTOCOL_SEARCH};
 use oc_discovery::store::{PageBounds, Store};
 use serde_json::{json, Value};
 

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use oc_discovery::actors::search::PROTOCOL_SEARCH;
 use oc_discovery::p2p::records::{self, PeerRecord};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::{self, Client};
+use oc_discovery::search::PROTOCOL_SEARCH;
 use serde_json::{json, Value};
 
 /// What one search produced on the searcher's `SEARCH_EVENT`.

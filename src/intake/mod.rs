@@ -39,10 +39,10 @@ pub use self::source::CONSUMER_NAME;
 
 use self::batches::ReadyBatches;
 use self::source::Incoming;
-use crate::commands::router::Dispatch;
-use crate::outbound::service::JournalAdvanced;
 use crate::answers::Answers;
+use crate::commands::router::Dispatch;
 use crate::metrics::Metrics;
+use crate::outbound::service::JournalAdvanced;
 use crate::store::Store;
 
 /// The `place` of the intake's refusals (log lines, `oc_refusals_total`).

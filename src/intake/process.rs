@@ -12,12 +12,12 @@ use serde_json::json;
 
 use super::source::Incoming;
 use super::{IntakeEnv, PLACE};
-use crate::commands::router::Dispatch;
-use crate::outbound::service::JournalAdvanced;
 use crate::answers::Refused;
 use crate::backoff::Backoff;
+use crate::commands::router::Dispatch;
 use crate::contract::{self, Decoded, ErrorCode, Refusal};
 use crate::metrics::Metrics;
+use crate::outbound::service::JournalAdvanced;
 
 /// How long core-NATS intake retries a failing journal before answering `store_unavailable`.
 const CORE_RETRY_BUDGET: Duration = Duration::from_secs(5);

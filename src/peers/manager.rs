@@ -28,11 +28,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::partners::Partners;
-use crate::outbound::service::{AddPartner, RemovePartner};
 use crate::answers::{Answers, Refused};
 use crate::backoff::Backoff;
 use crate::contract::{self, now_ms, ErrorCode, Refusal};
 use crate::metrics::Metrics;
+use crate::outbound::service::{AddPartner, RemovePartner};
 use crate::p2p;
 use crate::store::{PeerRow, Relation, Store, StoreResult};
 
