@@ -31,7 +31,10 @@ COPY docker/node/healthcheck.sh /usr/local/bin/oc-healthcheck
 
 # Every `oc-discovery run` option is an OC_DISCOVERY_* variable (see the README's table);
 # these are the ones a container needs different from the defaults: the data directory in
-# the volume, and the admin API reachable from outside the container.
+# the volume, and the admin API reachable from outside the container. Listening on 0.0.0.0,
+# the node refuses to start without an admin token: mount one and set
+# OC_DISCOVERY_ADMIN_TOKEN_FILE (docker-compose.yml does), or set
+# OC_DISCOVERY_ADMIN_LISTEN=127.0.0.1:8650 to keep the API inside the container.
 ENV OC_DISCOVERY_DATA_DIR=/var/lib/oc-discovery \
     OC_DISCOVERY_ADMIN_LISTEN=0.0.0.0:8650 \
     OC_DISCOVERY_LISTEN=/ip4/0.0.0.0/tcp/4001 \

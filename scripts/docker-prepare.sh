@@ -12,9 +12,12 @@
 #                                (`cargo build --release --bin oc-discovery`)
 #   5. docker/cluster/site{1,2,3}/identity.key (`oc-discovery id --data-dir`) and, in .env
 #      beside docker-compose.yml, the peer ids NODE{1,2,3}_ID the partner addresses use.
+#   6. docker/cluster/site{1,2,3}/admin.token: a random admin API token per site (64 hex
+#      digits from /dev/urandom), mounted read-only into the site's node. Not committed
+#      (.gitignore); `curl -H "Authorization: Bearer $(cat docker/cluster/site1/admin.token)"`.
 #
 # Idempotent: an image is rebuilt only when what goes into it changed (a hash of its build
-# context and base is kept in the image label oc.recipe); identities are kept.
+# context and base is kept in the image label oc.recipe); identities and tokens are kept.
 #
 #   --rebuild        rebuild every image (the debootstrapped base too)
 #   --no-node-build  do not run cargo; use the binary already built (or OC_DOCKER_NODE_BIN)
@@ -191,19 +194,30 @@ fi
 cp docker/node/entrypoint.sh docker/node/healthcheck.sh "$stage/node/docker/node/"
 build_image "$NODE_TAG" "$repo/Dockerfile" "$stage/node"
 
-# --- 5. identities and .env -------------------------------------------------------------
+# --- 5. identities, admin tokens and .env ---------------------------------------------
+# The node runs as uid $NODE_UID in its container and reads these files through read-only
+# mounts: give it the file (root), or make it readable to all (the node then warns at
+# start-up; demo secrets only).
+give_to_node() {
+  if [ "$(id -u)" -eq 0 ]; then
+    chown "$NODE_UID:$NODE_UID" "$1"
+  else
+    chmod 644 "$1"
+  fi
+}
 declare -A ids
 for n in 1 2 3; do
   dir="docker/cluster/site$n"
   mkdir -p "$dir"
   ids[$n]="$("$node_bin" id --data-dir "$dir")"
-  # The node runs as uid $NODE_UID in its container and reads the key through a read-only
-  # mount: give it the file (root), or make it readable (demo keys only).
-  if [ "$(id -u)" -eq 0 ]; then
-    chown "$NODE_UID:$NODE_UID" "$dir/identity.key"
-  else
-    chmod 644 "$dir/identity.key"
+  give_to_node "$dir/identity.key"
+  # --- 6. the site's admin token (kept once made) ---
+  if [ ! -s "$dir/admin.token" ]; then
+    (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$dir/admin.token.tmp")
+    mv "$dir/admin.token.tmp" "$dir/admin.token"
+    log "made the admin token $dir/admin.token"
   fi
+  give_to_node "$dir/admin.token"
 done
 touch .env
 grep -v -E '^(NODE[123]_ID)=' .env > .env.tmp || true
@@ -220,4 +234,5 @@ fi
 } > .env
 rm -f .env.tmp
 log "peer ids (.env): site1 ${ids[1]}, site2 ${ids[2]}, site3 ${ids[3]}"
+log "admin tokens: docker/cluster/site{1,2,3}/admin.token (curl -H \"Authorization: Bearer \$(cat docker/cluster/site1/admin.token)\" ...)"
 log "ready: docker-compose up -d   (or: docker compose up -d)"

@@ -2,26 +2,35 @@
 //!
 //! | path | answer |
 //! |---|---|
-//! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`) otherwise |
+//! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`, `nats: authorization violation (nats://...)`) otherwise |
 //! | `GET /api/peers` | partners: `peer_id, addrs, connected, acked_seq, pending, state` |
 //! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
 //! | `GET /api/resources/{data_type}?after=ID&limit=N` | stored resources (tombstones included) |
 //! | `GET /api/resources/{data_type}/{id}` | one stored resource, 404 if unknown |
 //! | `GET /metrics` | Prometheus text |
+//!
+//! Who may call it: [`auth`]. With `--admin-token-file`, every route but `GET /healthz` and
+//! `GET /metrics` needs `Authorization: Bearer <token>` (401 otherwise); without a token the
+//! node listens on loopback only. HTTPS only with `--admin-tls-cert` / `--admin-tls-key`:
+//! [`tls`].
+
+pub mod auth;
+pub mod tls;
 
 use std::sync::Arc;
 
 use actix::Addr;
+use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::actors::intake::{IntakeMode, IntakeStatus};
-use crate::actors::peers::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
-use crate::actors::stream_service::{GetPeers, StreamService};
-use crate::event::{ErrorCode, Refusal};
+use crate::contract::{ErrorCode, Refusal};
+use crate::intake::{IntakeMode, IntakeStatus};
 use crate::metrics::Metrics;
+use crate::outbound::service::{GetPeers, StreamService};
 use crate::p2p;
+use crate::peers::manager::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
 use crate::store::Relation;
 use crate::store::Store;
 
@@ -30,6 +39,8 @@ const MAX_LIST_LIMIT: usize = 10_000;
 pub struct AdminState {
     pub own_id: String,
     pub nats: async_nats::Client,
+    /// Why NATS is not connected (a refused credential or certificate, ...).
+    pub nats_status: Arc<crate::nats::ConnectionStatus>,
     pub net: p2p::Client,
     pub store: Arc<dyn Store>,
     pub links: Addr<StreamService>,
@@ -38,15 +49,78 @@ pub struct AdminState {
     pub intake: Arc<IntakeStatus>,
 }
 
-/// Binds the admin API; the returned server runs until stopped.
+/// What protects the admin API, read and checked at start-up before anything else starts.
+pub struct AdminSecurity {
+    token: Option<crate::secret_file::Token>,
+    tls: Option<rustls::ServerConfig>,
+}
+
+impl AdminSecurity {
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// Why the admin API cannot start as configured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminSetupError {
+    #[error(transparent)]
+    Token(#[from] crate::secret_file::TokenFileError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+    #[error(transparent)]
+    Exposure(#[from] auth::ExposureError),
+}
+
+/// Reads the token and TLS files and checks that a node without a token listens on
+/// loopback only; warns about secret files readable by group or others.
+///
+/// # Errors
+/// See [`AdminSetupError`].
+pub fn prepare(
+    listen: &str,
+    token_file: Option<&std::path::Path>,
+    tls_files: Option<&crate::config::AdminTlsFiles>,
+) -> Result<AdminSecurity, AdminSetupError> {
+    let token = token_file
+        .map(|path| {
+            crate::secret_file::warn_if_shared(path, "admin token");
+            crate::secret_file::read_token(path)
+        })
+        .transpose()?;
+    auth::check_exposure(listen, token.is_some())?;
+    let tls = tls_files
+        .map(|files| {
+            crate::secret_file::warn_if_shared(&files.key, "admin TLS key");
+            tls::server_config(files)
+        })
+        .transpose()?;
+    Ok(AdminSecurity { token, tls })
+}
+
+/// Binds the admin API (HTTPS only when `security` has a TLS configuration); the returned
+/// server runs until stopped.
 ///
 /// # Errors
 /// The address cannot be bound.
-pub fn serve(addr: &str, state: AdminState) -> std::io::Result<actix_web::dev::Server> {
+pub fn serve(
+    addr: &str,
+    security: AdminSecurity,
+    state: AdminState,
+) -> std::io::Result<actix_web::dev::Server> {
+    let gate = web::Data::new(auth::Gate::new(security.token, state.metrics.clone()));
     let state = web::Data::new(state);
-    Ok(HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(gate.clone())
+            // Outermost, so that it covers every route, the default 404 included.
+            .wrap(from_fn(auth::require_token))
             .route("/healthz", web::get().to(healthz))
             .route("/api/peers", web::get().to(peers))
             .route("/api/node", web::get().to(node))
@@ -58,15 +132,18 @@ pub fn serve(addr: &str, state: AdminState) -> std::io::Result<actix_web::dev::S
             .route("/api/partners/{peer_id}", web::delete().to(remove_partner))
     })
     .workers(1)
-    .disable_signals()
-    .bind(addr)?
-    .run())
+    .disable_signals();
+    let server = match security.tls {
+        Some(tls) => server.bind_rustls_0_23(addr, tls)?,
+        None => server.bind(addr)?,
+    };
+    Ok(server.run())
 }
 
 async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
     let mut reasons = Vec::new();
-    if !crate::nats::is_connected(&s.nats) {
-        reasons.push("nats not connected".to_owned());
+    if let Some(reason) = s.nats_status.problem(&s.nats) {
+        reasons.push(reason);
     }
     if !s.net.state().is_listening() {
         reasons.push("libp2p swarm not listening yet".to_owned());

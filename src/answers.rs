@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_nats::{Client, Subject};
 use serde_json::{json, Value};
 
-use crate::event::{self, Refusal};
+use crate::contract::{self, Refusal};
 use crate::metrics::Metrics;
 
 /// Publishes replies and refusal reports for one part of the node (`place`).
@@ -27,7 +27,7 @@ pub struct Refused<'a> {
     pub subject: &'a str,
     /// The action it asked for, when known (`PB_SEARCH`, ...).
     pub action: Option<&'a str>,
-    /// The message as received; the error event echoes at most `event::ERROR_ECHO_BYTES`.
+    /// The message as received; the error event echoes at most `contract::ERROR_ECHO_BYTES`.
     pub body: &'a [u8],
     /// Where the requester waits for the answer, if it asked for one.
     pub reply: Option<Subject>,
@@ -50,11 +50,11 @@ impl Answers {
             "message refused"
         );
         self.metrics.refused(self.place, refusal.code);
-        let mut error_event = event::error_event(refusal, what.subject, what.body);
+        let mut error_event = contract::error_event(refusal, what.subject, what.body);
         if let Some(action) = what.action {
             error_event["action"] = json!(action);
         }
-        self.publish(Subject::from_static(event::SUBJECT_ERROR), &error_event)
+        self.publish(Subject::from_static(contract::SUBJECT_ERROR), &error_event)
             .await;
         self.reply(what.reply, &json!({"ok": false, "error": refusal.to_json()}))
             .await;

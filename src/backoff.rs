@@ -34,6 +34,17 @@ impl Backoff {
         now
     }
 
+    /// The delay before a retry that follows `failures` failures in a row, as [`Self::next_delay`]
+    /// would have given it: none before the first attempt, `min` after one failure, doubling
+    /// up to `max`. For a retry loop a library runs and counts itself (the NATS client).
+    pub fn after_failures(&self, failures: usize) -> Duration {
+        let Some(doublings) = failures.checked_sub(1) else {
+            return Duration::ZERO;
+        };
+        let factor = 2u32.saturating_pow(u32::try_from(doublings).unwrap_or(u32::MAX));
+        self.min.saturating_mul(factor).min(self.max)
+    }
+
     /// After progress: the next delay is `min` again.
     pub fn reset(&mut self) {
         self.current = self.min;
@@ -62,6 +73,14 @@ mod tests {
         assert_eq!(seen, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
         b.reset();
         assert_eq!(b.next_delay(), ms(100));
+    }
+
+    #[test]
+    fn after_failures_counts_like_next_delay() {
+        let ms = Duration::from_millis;
+        let b = Backoff::new(ms(100), ms(500));
+        let seen: Vec<_> = [0, 1, 2, 3, 4, usize::MAX].map(|n| b.after_failures(n)).into();
+        assert_eq!(seen, [ms(0), ms(100), ms(200), ms(400), ms(500), ms(500)]);
     }
 
     #[test]

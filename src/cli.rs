@@ -1,15 +1,28 @@
-//! The `id` and `peers` commands, and the small HTTP client they and the test kit use.
+//! The `id`, `peers` and `partners` commands, and the admin API client they and the test
+//! kit use ([`AdminClient`]: blocking `ureq` over HTTP or HTTPS, with the admin token).
+//!
+//! Exit codes (see `main.rs`): a node that cannot be reached, or that refuses the token
+//! (401), is an [`AdminError`], exit 3; other failures exit 1.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::actors::stream_service::PeerStatus;
-use crate::config::{IdArgs, PartnersAction, PartnersArgs, PeersArgs};
+use crate::config::{AdminClientArgs, IdArgs, PartnersAction, PartnersArgs, PeersArgs};
+use crate::outbound::service::PeerStatus;
+use crate::secret_file::Token;
 
+/// Whole-request limit (connect, TLS, request, response).
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response body read (a page of 10 000 stored resources fits).
+const MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest `--admin-ca` file read.
+const MAX_CA_BYTES: u64 = 1024 * 1024;
+/// Exit code of an [`AdminError`].
+pub const EXIT_ADMIN_UNAVAILABLE: u8 = 3;
 
 /// `oc-discovery id`: the peer id alone on stdout.
 ///
@@ -25,9 +38,10 @@ pub fn id(args: &IdArgs) -> anyhow::Result<String> {
 /// # Errors
 /// The admin API is unreachable or answers something else than the peer list.
 pub fn peers(args: &PeersArgs) -> anyhow::Result<String> {
-    let (status, body) = http_get(&args.admin, "/api/peers")?;
+    let client = AdminClient::from_args(&args.client)?;
+    let (status, body) = client.call("GET", "/api/peers", None)?;
     if status != 200 {
-        bail!("{}/api/peers answered {status}: {body}", args.admin);
+        bail!("{}/api/peers answered {status}: {body}", args.client.admin);
     }
     let peers: Vec<PeerStatus> = serde_json::from_str(&body).context("decoding /api/peers")?;
     if args.json {
@@ -69,18 +83,19 @@ fn render_table(peers: &[PeerStatus]) -> String {
 /// # Errors
 /// The admin API is unreachable or refuses the change (its error is shown).
 pub fn partners(args: &PartnersArgs) -> anyhow::Result<String> {
+    let client = AdminClient::from_args(&args.client)?;
     let (status, body) = match &args.action {
         PartnersAction::Add { addr, relation } => {
             let body = serde_json::json!({"addr": addr, "relation": relation}).to_string();
-            http_request("POST", &args.admin, "/api/partners", Some(&body))?
+            client.call("POST", "/api/partners", Some(&body))?
         }
         PartnersAction::Remove { peer_id } => {
-            http_request("DELETE", &args.admin, &format!("/api/partners/{peer_id}"), None)?
+            client.call("DELETE", &format!("/api/partners/{peer_id}"), None)?
         }
         PartnersAction::List { json } => {
-            let (status, body) = http_get(&args.admin, "/api/partners")?;
+            let (status, body) = client.call("GET", "/api/partners", None)?;
             if status == 200 && !json {
-                let list: Vec<crate::actors::peers::PeerEntry> = serde_json::from_str(&body)?;
+                let list: Vec<crate::peers::manager::PeerEntry> = serde_json::from_str(&body)?;
                 let mut out = format!("{:<54}  {:<9}  {:<7}  ADDRESS\n", "PEER ID", "RELATION", "SOURCE");
                 for p in &list {
                     let relation = serde_json::to_value(p.relation)?
@@ -104,73 +119,196 @@ pub fn partners(args: &PartnersArgs) -> anyhow::Result<String> {
     Ok(format!("{body}\n"))
 }
 
-/// A plain HTTP/1.1 GET with `Connection: close`; returns the status and the body.
-///
-/// # Errors
-/// Connection failure, timeout, or a response that is not HTTP.
-pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    http_request("GET", base, path, None)
+/// Why the admin API could not be used; the process exits with [`EXIT_ADMIN_UNAVAILABLE`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// No answer: refused connection, unknown host, timeout, TLS failure.
+    #[error("connecting to {base}: {cause}")]
+    Unreachable { base: String, cause: String },
+    /// 401 with a token.
+    #[error("the admin API refused the token (401 unauthorized)")]
+    WrongToken,
+    /// 401 without a token.
+    #[error("the admin API needs a token: give --admin-token-file (401 unauthorized)")]
+    NoToken,
 }
 
-/// A plain HTTP/1.1 request with an optional JSON body and `Connection: close`.
+/// One answer of the admin API.
+#[derive(Debug, Clone)]
+pub struct AdminResponse {
+    pub status: u16,
+    pub body: String,
+    /// The `WWW-Authenticate` header, if any.
+    pub www_authenticate: Option<String>,
+}
+
+/// A client of one node's admin API: its base URL (`http://` or `https://`), the token sent
+/// as `Authorization: Bearer`, and the CA trusted for HTTPS (default: the public web roots).
+/// No proxy (the environment's is ignored: the token goes to the node only) and no
+/// redirects.
+#[derive(Clone)]
+pub struct AdminClient {
+    base: String,
+    token: Option<Token>,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    /// # Errors
+    /// The CA file is unreadable, too large or holds no PEM certificate.
+    pub fn new(base: &str, token: Option<Token>, ca: Option<&Path>) -> anyhow::Result<AdminClient> {
+        let roots = match ca {
+            Some(path) => ureq::tls::RootCerts::Specific(Arc::new(read_ca(path)?)),
+            None => ureq::tls::RootCerts::WebPki,
+        };
+        let tls = ureq::tls::TlsConfig::builder().root_certs(roots).build();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(HTTP_TIMEOUT))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            // One connection per request, as a CLI makes few: nothing stale after a restart.
+            .max_idle_connections(0)
+            .max_idle_connections_per_host(0)
+            .tls_config(tls)
+            .build()
+            .into();
+        Ok(AdminClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            agent,
+        })
+    }
+
+    /// The client `--admin`, `--admin-token-file` and `--admin-ca` describe.
+    ///
+    /// # Errors
+    /// The token or CA file cannot be used.
+    pub fn from_args(args: &AdminClientArgs) -> anyhow::Result<AdminClient> {
+        let token = args
+            .admin_token_file
+            .as_deref()
+            .map(crate::secret_file::read_token)
+            .transpose()?;
+        AdminClient::new(&args.admin, token, args.admin_ca.as_deref())
+    }
+
+    /// Sends a request (`body`: JSON) and returns the answer, whatever its status.
+    ///
+    /// # Errors
+    /// [`AdminError::Unreachable`] when there is no answer; a malformed URL or method.
+    pub fn send(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<AdminResponse> {
+        let url = format!("{}{path}", self.base);
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {}", t.as_str()));
+        let answer = match (method, body) {
+            ("GET", None) => with_token(self.agent.get(&url), bearer.as_deref()).call(),
+            ("DELETE", None) => with_token(self.agent.delete(&url), bearer.as_deref()).call(),
+            ("POST", body) => with_token(self.agent.post(&url), bearer.as_deref())
+                .content_type("application/json")
+                .send(body.unwrap_or_default()),
+            (method, body) => bail!("no {method} request with body {body:?} in the admin API client"),
+        };
+        let mut response = answer.map_err(|e| self.failure(e))?;
+        let status = response.status().as_u16();
+        let www_authenticate = response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_string()
+            .map_err(|e| self.failure(e))?;
+        Ok(AdminResponse {
+            status,
+            body,
+            www_authenticate,
+        })
+    }
+
+    /// [`AdminClient::send`] returning (status, body); a 401 is an [`AdminError`].
+    ///
+    /// # Errors
+    /// See [`AdminClient::send`]; 401.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let answer = self.send(method, path, body)?;
+        if answer.status == 401 {
+            return Err(match self.token {
+                Some(_) => AdminError::WrongToken,
+                None => AdminError::NoToken,
+            }
+            .into());
+        }
+        Ok((answer.status, answer.body))
+    }
+
+    fn failure(&self, e: ureq::Error) -> anyhow::Error {
+        match e {
+            ureq::Error::BadUri(_) | ureq::Error::Http(_) => {
+                anyhow::Error::new(e).context(format!("the admin URL {} is not usable", self.base))
+            }
+            e => AdminError::Unreachable {
+                base: self.base.clone(),
+                cause: e.to_string(),
+            }
+            .into(),
+        }
+    }
+}
+
+fn with_token<B>(request: ureq::RequestBuilder<B>, bearer: Option<&str>) -> ureq::RequestBuilder<B> {
+    match bearer {
+        Some(b) => request.header("Authorization", b),
+        None => request,
+    }
+}
+
+/// The certificates of a PEM file (`--admin-ca`).
+fn read_ca(path: &Path) -> anyhow::Result<Vec<ureq::tls::Certificate<'static>>> {
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CA_BYTES + 1).read_to_end(&mut pem))
+        .with_context(|| format!("cannot read --admin-ca {}", path.display()))?;
+    if pem.len() as u64 > MAX_CA_BYTES {
+        bail!(
+            "--admin-ca {} is larger than {MAX_CA_BYTES} bytes",
+            path.display()
+        );
+    }
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        let item = item.with_context(|| format!("--admin-ca {} is not PEM", path.display()))?;
+        if let ureq::tls::PemItem::Certificate(c) = item {
+            certs.push(c.to_owned());
+        }
+    }
+    if certs.is_empty() {
+        bail!("--admin-ca {} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// A request without a token over plain HTTP or HTTPS with the public roots: (status, body).
 ///
 /// # Errors
-/// Connection failure, timeout, or a response that is not HTTP.
+/// No answer.
 pub fn http_request(
     method: &str,
     base: &str,
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
-        .with_context(|| format!("resolving {hostport}"))?
-        .next()
-        .with_context(|| format!("no address for {hostport}"))?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).with_context(|| format!("connecting to {base}"))?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    match body {
-        Some(body) => write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?,
-        None => write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-        )?,
-    }
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").context("response without headers")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("response without a status")?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
-    Ok((status, body))
+    let answer = AdminClient::new(base, None, None)?.send(method, path, body)?;
+    Ok((answer.status, answer.body))
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+/// A GET without a token: (status, body).
+///
+/// # Errors
+/// No answer.
+pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request("GET", base, path, None)
 }

@@ -8,8 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 
@@ -92,9 +91,10 @@ pub enum Command {
     Partners(PartnersArgs),
 }
 
-#[derive(Debug, Args)]
-pub struct PartnersArgs {
-    /// Base URL of the node's admin API.
+/// How the commands using the admin API reach it.
+#[derive(Debug, Clone, Args)]
+pub struct AdminClientArgs {
+    /// Base URL of the node's admin API (`http://` or `https://`).
     #[arg(
         long,
         env = "OC_DISCOVERY_ADMIN",
@@ -102,6 +102,19 @@ pub struct PartnersArgs {
         global = true
     )]
     pub admin: String,
+    /// File holding the node's admin token (sent as `Authorization: Bearer`).
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
+    /// PEM file of the CA (or certificate) to trust for an `https://` admin URL, instead of
+    /// the public web roots.
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_CA", global = true)]
+    pub admin_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PartnersArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
     #[command(subcommand)]
     pub action: PartnersAction,
 }
@@ -138,9 +151,8 @@ pub struct IdArgs {
 
 #[derive(Debug, Args)]
 pub struct PeersArgs {
-    /// Base URL of the node's admin API.
-    #[arg(long, env = "OC_DISCOVERY_ADMIN", default_value = "http://127.0.0.1:8650")]
-    pub admin: String,
+    #[command(flatten)]
+    pub client: AdminClientArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -154,15 +166,51 @@ pub struct RunArgs {
     /// Directory holding identity.key and the embedded store (created if missing).
     #[arg(long, env = "OC_DISCOVERY_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
-    /// The site's NATS server.
-    #[arg(long, env = "OC_DISCOVERY_NATS_URL", default_value = DEFAULT_NATS_URL)]
-    pub nats_url: String,
+    /// The site's NATS servers, comma-separated (a cluster); `tls://` URLs need TLS.
+    #[arg(long, env = "OC_DISCOVERY_NATS_URL", value_delimiter = ',', default_value = DEFAULT_NATS_URL)]
+    pub nats_url: Vec<String>,
+    /// NATS credentials file (`.creds`: a user JWT and its nkey seed).
+    #[arg(long, env = "OC_DISCOVERY_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding the nkey seed (`SU...`) of this node's NATS user.
+    #[arg(long, env = "OC_DISCOVERY_NATS_NKEY", value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS user name; the password is read from --nats-password-file.
+    #[arg(long, env = "OC_DISCOVERY_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// File holding the password of --nats-user.
+    #[arg(long, env = "OC_DISCOVERY_NATS_PASSWORD_FILE", value_name = "FILE")]
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding a NATS authentication token.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TOKEN_FILE", value_name = "FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// PEM certificates NATS servers' certificates must chain to (instead of the system's);
+    /// makes TLS required.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to NATS, with --nats-tls-key; makes TLS required.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TLS_CERT", value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "OC_DISCOVERY_NATS_TLS_KEY", value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
     /// libp2p listen address; repeat for several.
     #[arg(long = "listen", env = "OC_DISCOVERY_LISTEN", value_delimiter = ',', default_value = DEFAULT_LISTEN)]
     pub listen: Vec<Multiaddr>,
     /// Admin HTTP API address (health, peers, metrics, resources).
     #[arg(long, env = "OC_DISCOVERY_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: String,
+    /// File holding the admin API token: every route but `GET /healthz` and `GET /metrics`
+    /// then needs `Authorization: Bearer <token>`. Required when --admin-listen is not a
+    /// loopback address.
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// PEM certificate chain of the admin API: it then serves HTTPS only (with --admin-tls-key).
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, env = "OC_DISCOVERY_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
     /// A partner site, as a multiaddr ending in /p2p/<peer id>; repeat for several.
     #[arg(long = "partner", env = "OC_DISCOVERY_PARTNER", value_delimiter = ',')]
     pub partner: Vec<Multiaddr>,
@@ -303,77 +351,6 @@ fn default_name() -> String {
         .unwrap_or_else(|| "oc-discovery".to_owned())
 }
 
-/// Keys accepted in the `--config` file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(alias = "data-dir")]
-    data_dir: Option<PathBuf>,
-    #[serde(alias = "nats-url")]
-    nats_url: Option<String>,
-    listen: Option<Vec<String>>,
-    #[serde(alias = "admin-listen")]
-    admin_listen: Option<String>,
-    partner: Option<Vec<String>>,
-    #[serde(alias = "psk-file")]
-    psk_file: Option<PathBuf>,
-    #[serde(alias = "max-event-bytes")]
-    max_event_bytes: Option<usize>,
-    #[serde(alias = "max-frame-bytes")]
-    max_frame_bytes: Option<usize>,
-    #[serde(alias = "max-partner-buffer-bytes")]
-    max_partner_buffer_bytes: Option<usize>,
-    #[serde(alias = "intake-stream")]
-    intake_stream: Option<String>,
-    #[serde(alias = "intake-max-bytes")]
-    intake_max_bytes: Option<u64>,
-    #[serde(alias = "intake-max-age")]
-    intake_max_age: Option<String>,
-    #[serde(alias = "forward-rate")]
-    forward_rate: Option<f64>,
-    #[serde(alias = "forward-burst")]
-    forward_burst: Option<u32>,
-    #[serde(alias = "planner-idle")]
-    planner_idle: Option<String>,
-    #[serde(alias = "ping-interval")]
-    ping_interval: Option<String>,
-    #[serde(alias = "pong-discard-timeout")]
-    pong_discard_timeout: Option<String>,
-    #[serde(alias = "sync-timeout")]
-    sync_timeout: Option<String>,
-    #[serde(alias = "sync-interval")]
-    sync_interval: Option<String>,
-    #[serde(alias = "sync-max-bytes")]
-    sync_max_bytes: Option<u64>,
-    #[serde(alias = "search-peer-max-results")]
-    search_peer_max_results: Option<u64>,
-    #[serde(alias = "search-peer-max-bytes")]
-    search_peer_max_bytes: Option<u64>,
-    #[serde(alias = "search-unknown-queries-per-second")]
-    search_unknown_queries_per_second: Option<f64>,
-    #[serde(alias = "backoff-min")]
-    backoff_min: Option<String>,
-    #[serde(alias = "backoff-max")]
-    backoff_max: Option<String>,
-    name: Option<String>,
-    #[serde(alias = "record-ttl")]
-    record_ttl: Option<String>,
-    bootstrap: Option<Vec<String>>,
-    store: Option<StoreKind>,
-    #[serde(alias = "mongo-uri")]
-    mongo_uri: Option<String>,
-    #[serde(alias = "mongo-db")]
-    mongo_db: Option<String>,
-    #[serde(alias = "max-known-peers")]
-    max_known_peers: Option<usize>,
-    #[serde(alias = "max-connections-per-peer")]
-    max_connections_per_peer: Option<u32>,
-    #[serde(alias = "max-pending-incoming")]
-    max_pending_incoming: Option<u32>,
-    #[serde(alias = "max-connections")]
-    max_connections: Option<u32>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -414,10 +391,24 @@ pub enum ConfigError {
     IntakeMaxAge,
     #[error("--forward-rate must be a number above 0 and --forward-burst at least 1")]
     ForwardRate,
+    #[error("--nats-url {url}: {reason}")]
+    NatsUrl { url: String, reason: String },
+    #[error("--nats-url names no server")]
+    NatsUrlEmpty,
+    #[error("give one kind of NATS credentials at most (--nats-creds, --nats-nkey, --nats-user with --nats-password-file, or --nats-token-file); got {}", .0.join(" and "))]
+    NatsAuthKinds(Vec<&'static str>),
+    #[error("--nats-user needs --nats-password-file (secrets are read from files)")]
+    NatsUserWithoutPassword,
+    #[error("--nats-password-file needs --nats-user")]
+    NatsPasswordWithoutUser,
+    #[error("--nats-tls-cert and --nats-tls-key go together")]
+    NatsClientCert,
+    #[error("--admin-tls-cert and --admin-tls-key go together: give both or neither")]
+    AdminTlsPair,
 }
 
-/// Parses the process arguments, then fills `run` options left at their default from
-/// the `--config` file.
+/// Parses the process arguments; `run` options given neither as a flag nor in the
+/// environment are taken from the `--config` file.
 ///
 /// # Errors
 /// An unreadable or invalid config file.
@@ -434,113 +425,122 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let matches = Cli::command().get_matches_from(args);
-    let mut cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let first = Cli::command().get_matches_from(args.clone());
+    let file = match Cli::from_arg_matches(&first) {
+        Ok(Cli {
+            command: Command::Run(run),
+        }) => run.config,
+        Ok(_) => None,
         Err(e) => e.exit(),
     };
-    if let (Command::Run(run), Some(("run", sub))) = (&mut cli.command, matches.subcommand()) {
-        if let Some(path) = run.config.clone() {
-            apply_file(run, sub, &path)?;
-        }
-    }
-    Ok(cli)
+    let Some(path) = file else {
+        return Cli::from_arg_matches(&first).or_else(|e| e.exit());
+    };
+    // The one file layer: each key of the file becomes the default of the `run` option of
+    // the same name, so flags and the environment beat it and clap parses and checks its
+    // value exactly as it would a flag's.
+    let command = with_file_defaults(Cli::command(), &path)?;
+    let matches = command
+        .try_get_matches_from(args)
+        .map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            reason: clap_reason(&e),
+        })?;
+    Cli::from_arg_matches(&matches).map_err(|e| ConfigError::Parse {
+        path,
+        reason: e.to_string(),
+    })
 }
 
-/// Whether the user set this option by flag or environment (which beat the file).
-fn explicit(m: &ArgMatches, id: &str) -> bool {
-    matches!(
-        m.value_source(id),
-        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-    )
+/// The first line of a clap error, without its `error: ` prefix.
+fn clap_reason(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
-fn apply_file(run: &mut RunArgs, m: &ArgMatches, path: &PathBuf) -> Result<(), ConfigError> {
+/// `command` with the `--config` file's values as the defaults of the `run` options.
+/// Keys are the options' names (`nats_url` or `nats-url`); a repeatable option takes an
+/// array or a comma-separated string. An unknown key is an error, so a typo is never
+/// silently ignored.
+fn with_file_defaults(command: clap::Command, path: &PathBuf) -> Result<clap::Command, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.clone(),
         source,
     })?;
-    let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    let bad = |reason: String| ConfigError::Parse {
         path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let addrs = |list: Vec<String>| -> Result<Vec<Multiaddr>, ConfigError> {
-        list.iter()
-            .map(|s| {
-                s.parse().map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    reason: format!("{s}: {e}"),
-                })
-            })
-            .collect()
+        reason,
     };
-    macro_rules! fill {
-        ($field:ident) => {
-            if let Some(v) = file.$field {
-                if !explicit(m, stringify!($field)) {
-                    run.$field = v;
-                }
-            }
+    let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let run = command
+        .find_subcommand("run")
+        .cloned()
+        .ok_or_else(|| bad("no run command".to_owned()))?;
+    let mut defaults = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        let Some(arg) = run
+            .get_arguments()
+            .find(|a| a.get_id() == id.as_str() && id != "config")
+        else {
+            return Err(bad(format!("unknown key {key:?}")));
         };
-        ($field:ident, $conv:expr) => {
-            if let Some(v) = file.$field {
-                if !explicit(m, stringify!($field)) {
-                    run.$field = $conv(v)?;
+        let repeatable = arg.get_value_delimiter().is_some();
+        let values = file_values(&value, repeatable).ok_or_else(|| {
+            bad(format!(
+                "{key}: expected {}",
+                if repeatable {
+                    "a string, a number or an array of them"
+                } else {
+                    "a string, a number or a boolean"
                 }
-            }
-        };
+            ))
+        })?;
+        defaults.push((id, values));
     }
-    fill!(data_dir);
-    fill!(nats_url);
-    fill!(admin_listen);
-    fill!(max_event_bytes);
-    fill!(listen, addrs);
-    fill!(partner, addrs);
-    fill!(psk_file, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(max_frame_bytes);
-    fill!(max_partner_buffer_bytes);
-    fill!(intake_stream);
-    fill!(intake_max_bytes);
-    fill!(forward_rate);
-    fill!(forward_burst);
-    let duration = |v: String| {
-        parse_duration(&v).map_err(|reason| ConfigError::Parse {
-            path: path.clone(),
-            reason,
-        })
+    Ok(command.mut_subcommand("run", |mut run| {
+        for (id, values) in defaults {
+            run = run.mut_arg(id, |arg| arg.default_values(values));
+        }
+        run
+    }))
+}
+
+/// A file value as the strings clap parses; `None` when its type fits no option.
+fn file_values(value: &toml::Value, repeatable: bool) -> Option<Vec<String>> {
+    let scalar = |v: &toml::Value| match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(n) => Some(n.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
     };
-    fill!(ping_interval, duration);
-    fill!(pong_discard_timeout, duration);
-    fill!(sync_timeout, duration);
-    fill!(sync_interval, duration);
-    fill!(sync_max_bytes);
-    fill!(backoff_min, duration);
-    fill!(backoff_max, duration);
-    fill!(name, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(record_ttl, duration);
-    fill!(intake_max_age, duration);
-    fill!(planner_idle, duration);
-    fill!(bootstrap, addrs);
-    fill!(store);
-    fill!(mongo_uri, |v| Ok::<_, ConfigError>(Some(v)));
-    fill!(mongo_db);
-    fill!(search_peer_max_results);
-    fill!(search_peer_max_bytes);
-    fill!(search_unknown_queries_per_second);
-    fill!(max_known_peers);
-    fill!(max_connections_per_peer);
-    fill!(max_pending_incoming);
-    fill!(max_connections);
-    Ok(())
+    match value {
+        toml::Value::Array(items) if repeatable => items.iter().map(scalar).collect(),
+        toml::Value::String(s) if repeatable => Some(
+            s.split(',')
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect(),
+        ),
+        v => scalar(v).map(|s| vec![s]),
+    }
 }
 
 /// Run options after validation, as the node uses them.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
-    pub nats_url: String,
+    /// The site's NATS: servers, credentials, TLS.
+    pub nats: crate::nats::NatsSettings,
     pub listen: Vec<Multiaddr>,
     pub admin_listen: String,
+    /// `--admin-token-file` (read at start, see [`crate::secret_file::read_token`]).
+    pub admin_token_file: Option<PathBuf>,
+    /// `--admin-tls-cert` and `--admin-tls-key`, both or neither.
+    pub admin_tls: Option<AdminTlsFiles>,
     pub partners: Vec<(PeerId, Multiaddr)>,
     pub psk_file: Option<PathBuf>,
     pub max_event_bytes: usize,
@@ -560,6 +560,13 @@ pub struct NodeConfig {
     /// `--max-connections`).
     pub net_limits: crate::p2p::NetLimits,
     pub tuning: Tuning,
+}
+
+/// PEM files of the admin API's HTTPS certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The store backend with its settings.
@@ -654,6 +661,7 @@ impl TryFrom<RunArgs> for NodeConfig {
         if run.max_event_bytes < 64 {
             return Err(ConfigError::MaxEventBytes);
         }
+        let nats = nats_settings(&run)?;
         let partners = run
             .partner
             .into_iter()
@@ -743,6 +751,11 @@ impl TryFrom<RunArgs> for NodeConfig {
             search_unknown_queries_per_second: run.search_unknown_queries_per_second,
             ..Tuning::default()
         };
+        let admin_tls = match (run.admin_tls_cert, run.admin_tls_key) {
+            (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(ConfigError::AdminTlsPair),
+        };
         let store = match run.store {
             StoreKind::Embedded => StoreConfig::Embedded,
             StoreKind::Mongodb => StoreConfig::Mongodb {
@@ -752,9 +765,11 @@ impl TryFrom<RunArgs> for NodeConfig {
         };
         Ok(NodeConfig {
             data_dir: run.data_dir,
-            nats_url: run.nats_url,
+            nats,
             listen: run.listen,
             admin_listen: run.admin_listen,
+            admin_token_file: run.admin_token_file,
+            admin_tls,
             partners,
             psk_file: run.psk_file,
             max_event_bytes: run.max_event_bytes,
@@ -774,6 +789,79 @@ impl TryFrom<RunArgs> for NodeConfig {
             tuning,
         })
     }
+}
+
+/// The NATS servers, credentials and TLS of `run`, checked.
+///
+/// # Errors
+/// A malformed URL or one carrying a user or password, more than one kind of credentials,
+/// a user without password file (or the reverse), half a client certificate.
+fn nats_settings(run: &RunArgs) -> Result<crate::nats::NatsSettings, ConfigError> {
+    use crate::nats::{NatsAuth, NatsSettings, NatsTls};
+    let servers = run
+        .nats_url
+        .iter()
+        .map(|url| url.trim())
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            let bad = |reason: String| ConfigError::NatsUrl {
+                url: url.to_owned(),
+                reason,
+            };
+            let addr: async_nats::ServerAddr = url.parse().map_err(|e| bad(format!("{e}")))?;
+            if addr.has_user_pass() {
+                return Err(bad(
+                    "no user or password in the URL: use --nats-user and --nats-password-file".into(),
+                ));
+            }
+            Ok(addr)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(ConfigError::NatsUrlEmpty);
+    }
+    let given: Vec<&'static str> = [
+        ("--nats-creds", run.nats_creds.is_some()),
+        ("--nats-nkey", run.nats_nkey.is_some()),
+        (
+            "--nats-user",
+            run.nats_user.is_some() || run.nats_password_file.is_some(),
+        ),
+        ("--nats-token-file", run.nats_token_file.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect();
+    if given.len() > 1 {
+        return Err(ConfigError::NatsAuthKinds(given));
+    }
+    let auth = match (&run.nats_user, &run.nats_password_file) {
+        (Some(user), Some(file)) => NatsAuth::UserPassword {
+            user: user.clone(),
+            password_file: file.clone(),
+        },
+        (Some(_), None) => return Err(ConfigError::NatsUserWithoutPassword),
+        (None, Some(_)) => return Err(ConfigError::NatsPasswordWithoutUser),
+        (None, None) => match (&run.nats_creds, &run.nats_nkey, &run.nats_token_file) {
+            (Some(f), _, _) => NatsAuth::Creds(f.clone()),
+            (_, Some(f), _) => NatsAuth::Nkey(f.clone()),
+            (_, _, Some(f)) => NatsAuth::Token(f.clone()),
+            _ => NatsAuth::None,
+        },
+    };
+    let client = match (&run.nats_tls_cert, &run.nats_tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => return Err(ConfigError::NatsClientCert),
+    };
+    Ok(NatsSettings {
+        servers,
+        auth,
+        tls: NatsTls {
+            ca: run.nats_tls_ca.clone(),
+            client,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -800,7 +888,7 @@ mod tests {
         .unwrap();
         let cfg = file.to_str().unwrap();
         let r = run_args(&["--config", cfg, "--max-event-bytes", "4096"]);
-        assert_eq!(r.nats_url, "nats://file:1");
+        assert_eq!(r.nats_url, ["nats://file:1"]);
         assert_eq!(r.max_event_bytes, 4096);
         assert_eq!(
             r.listen,
@@ -985,6 +1073,73 @@ mod tests {
     }
 
     #[test]
+    fn admin_token_and_tls_files_from_flags_env_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "admin_token_file = \"/etc/oc/admin.token\"\nadmin-tls-cert = \"/etc/oc/cert.pem\"\nadmin_tls_key = \"/etc/oc/key.pem\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let cfg = NodeConfig::try_from(run_args(&["--config", path])).unwrap();
+        assert_eq!(cfg.admin_token_file, Some(PathBuf::from("/etc/oc/admin.token")));
+        assert_eq!(
+            cfg.admin_tls,
+            Some(AdminTlsFiles {
+                cert: "/etc/oc/cert.pem".into(),
+                key: "/etc/oc/key.pem".into()
+            })
+        );
+        let r = run_args(&["--config", path, "--admin-token-file", "flag.token"]);
+        assert_eq!(
+            r.admin_token_file,
+            Some(PathBuf::from("flag.token")),
+            "the flag wins"
+        );
+        let file2 = dir.path().join("alias.toml");
+        std::fs::write(&file2, "admin-token-file = \"alias.token\"\n").unwrap();
+        let r = run_args(&["--config", file2.to_str().unwrap()]);
+        assert_eq!(r.admin_token_file, Some(PathBuf::from("alias.token")));
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!((cfg.admin_token_file, cfg.admin_tls), (None, None));
+        for half in [&["--admin-tls-cert", "c.pem"][..], &["--admin-tls-key", "k.pem"]] {
+            assert!(matches!(
+                NodeConfig::try_from(run_args(half)),
+                Err(ConfigError::AdminTlsPair)
+            ));
+        }
+    }
+
+    #[test]
+    fn the_cli_commands_take_the_token_and_ca_before_or_after_their_action() {
+        let cli = parse_from([
+            "oc-discovery",
+            "partners",
+            "list",
+            "--admin",
+            "https://node:8650",
+            "--admin-token-file",
+            "t",
+            "--admin-ca",
+            "ca.pem",
+        ])
+        .unwrap();
+        let Command::Partners(p) = cli.command else {
+            panic!("not partners")
+        };
+        assert_eq!(p.client.admin, "https://node:8650");
+        assert_eq!(p.client.admin_token_file, Some(PathBuf::from("t")));
+        assert_eq!(p.client.admin_ca, Some(PathBuf::from("ca.pem")));
+        let cli = parse_from(["oc-discovery", "peers", "--admin-token-file", "t"]).unwrap();
+        let Command::Peers(p) = cli.command else {
+            panic!("not peers")
+        };
+        assert_eq!(p.client.admin_token_file, Some(PathBuf::from("t")));
+        assert_eq!(p.client.admin, "http://127.0.0.1:8650");
+    }
+
+    #[test]
     fn partners_need_a_peer_id() {
         let r = run_args(&["--partner", "/ip4/127.0.0.1/tcp/4001"]);
         assert!(matches!(
@@ -1043,5 +1198,128 @@ mod tests {
             NodeConfig::try_from(run_args(&["--max-known-peers", "0"])),
             Err(ConfigError::Zero("--max-known-peers"))
         ));
+    }
+
+    #[test]
+    fn nats_servers_are_a_list_from_flag_env_or_file() {
+        let urls = |cfg: NodeConfig| -> Vec<String> {
+            cfg.nats
+                .servers
+                .iter()
+                .map(|s| s.as_url_str().to_owned())
+                .collect()
+        };
+        let cfg = NodeConfig::try_from(run_args(&["--nats-url", "nats://a:1, tls://b:2"])).unwrap();
+        assert_eq!(urls(cfg), ["nats://a:1", "tls://b:2"]);
+        let dir = tempfile::tempdir().unwrap();
+        for text in [
+            "nats_url = \"nats://a:1,nats://b:2\"\n",
+            "nats-url = [\"nats://a:1\", \"nats://b:2\"]\n",
+        ] {
+            let file = dir.path().join("node.toml");
+            std::fs::write(&file, text).unwrap();
+            let cfg = NodeConfig::try_from(run_args(&["--config", file.to_str().unwrap()])).unwrap();
+            assert_eq!(urls(cfg), ["nats://a:1", "nats://b:2"], "{text}");
+        }
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(urls(cfg), [DEFAULT_NATS_URL]);
+        assert_eq!(cfg_auth(&[]), crate::nats::NatsAuth::None);
+        for bad in [
+            &["--nats-url", ","][..],
+            &["--nats-url", "http://a:1"],
+            &["--nats-url", "nats://me:secret@a:1"],
+        ] {
+            assert!(NodeConfig::try_from(run_args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    fn cfg_auth(args: &[&str]) -> crate::nats::NatsAuth {
+        NodeConfig::try_from(run_args(args)).unwrap().nats.auth
+    }
+
+    #[test]
+    fn nats_credentials_are_one_kind_and_secrets_come_from_files() {
+        use crate::nats::NatsAuth;
+        assert_eq!(
+            cfg_auth(&["--nats-user", "u", "--nats-password-file", "/p"]),
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password_file: "/p".into()
+            }
+        );
+        assert_eq!(cfg_auth(&["--nats-creds", "/c"]), NatsAuth::Creds("/c".into()));
+        assert_eq!(cfg_auth(&["--nats-nkey", "/n"]), NatsAuth::Nkey("/n".into()));
+        assert_eq!(
+            cfg_auth(&["--nats-token-file", "/t"]),
+            NatsAuth::Token("/t".into())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "nats-user = \"u\"\nnats_password_file = \"/p\"\n").unwrap();
+        assert!(matches!(
+            cfg_auth(&["--config", file.to_str().unwrap()]),
+            NatsAuth::UserPassword { .. }
+        ));
+        let err = |args: &[&str]| NodeConfig::try_from(run_args(args)).unwrap_err();
+        assert!(matches!(
+            err(&["--nats-creds", "/c", "--nats-token-file", "/t"]),
+            ConfigError::NatsAuthKinds(k) if k == ["--nats-creds", "--nats-token-file"]
+        ));
+        assert!(matches!(
+            err(&["--nats-user", "u"]),
+            ConfigError::NatsUserWithoutPassword
+        ));
+        assert!(matches!(
+            err(&["--nats-password-file", "/p"]),
+            ConfigError::NatsPasswordWithoutUser
+        ));
+    }
+
+    #[test]
+    fn nats_tls_options_imply_tls_and_a_client_certificate_needs_its_key() {
+        let tls = |args: &[&str]| NodeConfig::try_from(run_args(args)).map(|c| c.nats.tls);
+        assert!(!tls(&[]).unwrap().required());
+        assert!(tls(&["--nats-tls-ca", "/ca.pem"]).unwrap().required());
+        let client = tls(&["--nats-tls-cert", "/c.pem", "--nats-tls-key", "/k.pem"]).unwrap();
+        assert!(client.required());
+        assert_eq!(client.client, Some(("/c.pem".into(), "/k.pem".into())));
+        assert!(matches!(
+            tls(&["--nats-tls-cert", "/c.pem"]),
+            Err(ConfigError::NatsClientCert)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "nats-tls-ca = \"/ca.pem\"\nnats_tls_cert = \"/c\"\nnats-tls-key = \"/k\"\n",
+        )
+        .unwrap();
+        let from_file = tls(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(from_file.ca, Some("/ca.pem".into()));
+        assert!(from_file.client.is_some());
+    }
+
+    #[test]
+    fn run_help_shows_every_nats_flag() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for flag in [
+            "--nats-url",
+            "--nats-creds",
+            "--nats-nkey",
+            "--nats-user",
+            "--nats-password-file",
+            "--nats-token-file",
+            "--nats-tls-ca",
+            "--nats-tls-cert",
+            "--nats-tls-key",
+            "OC_DISCOVERY_NATS_PASSWORD_FILE",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from run --help");
+        }
     }
 }

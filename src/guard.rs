@@ -194,22 +194,23 @@ const THROTTLE_KEYS: usize = 4096;
 
 /// What a [`LogThrottle`] remembers of a (peer, code): when it last logged, and the
 /// refusals counted since. `None` as the peer: the slot shared once the map is full.
-type ThrottleSlots = HashMap<(Option<PeerId>, &'static str), (Instant, u64)>;
+type ThrottleSlots<K> = HashMap<(Option<K>, &'static str), (Instant, u64)>;
 
 /// Logs a refusal once per interval per peer and code, with the count since the last line.
+/// The peer is a libp2p [`PeerId`] by default; the admin API keys it by client address.
 ///
 /// ```text
 /// if let Some(count) = throttle.hit(peer, "not_partner") {
 ///     tracing::warn!(%peer, code = "not_partner", count, "...");
 /// }
 /// ```
-pub struct LogThrottle {
+pub struct LogThrottle<K = PeerId> {
     every: Duration,
-    seen: Mutex<ThrottleSlots>,
+    seen: Mutex<ThrottleSlots<K>>,
 }
 
-impl LogThrottle {
-    pub fn new(every: Duration) -> LogThrottle {
+impl<K: Hash + Eq> LogThrottle<K> {
+    pub fn new(every: Duration) -> LogThrottle<K> {
         LogThrottle {
             every,
             seen: Mutex::new(HashMap::new()),
@@ -218,11 +219,11 @@ impl LogThrottle {
 
     /// `Some(count)` when this refusal should be logged now: `count` refusals of this kind
     /// (this one included) happened since the last line. `None`: counted, stay quiet.
-    pub fn hit(&self, peer: PeerId, code: &'static str) -> Option<u64> {
+    pub fn hit(&self, peer: K, code: &'static str) -> Option<u64> {
         self.hit_at(peer, code, Instant::now())
     }
 
-    pub fn hit_at(&self, peer: PeerId, code: &'static str, now: Instant) -> Option<u64> {
+    pub fn hit_at(&self, peer: K, code: &'static str, now: Instant) -> Option<u64> {
         let Ok(mut seen) = self.seen.lock() else {
             return Some(1);
         };

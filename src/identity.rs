@@ -27,10 +27,13 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
         source,
     };
     match std::fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Invalid {
-            path: path.clone(),
-            reason: e.to_string(),
-        }),
+        Ok(bytes) => {
+            crate::secret_file::warn_if_shared(&path, "identity key");
+            Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Invalid {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
             let key = Keypair::generate_ed25519();
@@ -73,5 +76,15 @@ mod tests {
         let a = super::load_or_create(dir.path()).unwrap();
         let b = super::load_or_create(dir.path()).unwrap();
         assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_identity_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        super::load_or_create(dir.path()).unwrap();
+        let meta = std::fs::metadata(dir.path().join(super::IDENTITY_FILE)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 }

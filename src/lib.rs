@@ -6,41 +6,55 @@
 //! In the order an event flows through the node:
 //! - [`config`]: command line, environment and config file.
 //! - [`identity`]: the node's Ed25519 key and peer id.
-//! - [`event`]: wire types of the NATS subjects, decoding and error codes.
-//! - [`actors::intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
+//! - [`contract`]: the application contract: NATS subjects, event decoding, error codes.
+//! - [`intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
 //! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait:
 //!   [`store::embedded`] (a redb file, default) or [`store::mongo`] (the site's MongoDB).
-//! - [`actors::stream_service`]: one partner link per partner, feeding it the journal.
-//! - [`p2p`]: libp2p transport, event loop, client handle and stream framing; the DHT and
-//!   the search gossip topic; [`p2p::records`]: signed peer records.
-//! - [`directory`]: this node's peer record in the DHT, the peers met, finding a peer.
-//! - [`actors::search`]: `PB_SEARCH`: peer records, resource searches and their answers.
-//! - [`actors::inbound`]: applies partners' events, publishes them, acknowledges.
-//! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps.
-//! - [`partners`]: the partner set, shared by the sessions, commands, search and directory.
+//! - [`outbound`]: one partner link per partner, feeding it the journal: [`outbound::service`]
+//!   (the actor owning the links), [`outbound::link`] (one link's I/O loop),
+//!   [`outbound::window`] (its send window, ack and resume rules, pure), [`outbound::status`].
+//! - [`p2p`]: the network layer: transport, behaviour, the event loop that alone owns the
+//!   Swarm, the [`p2p::Client`] handle, the DHT and search gossip handlers, stream framing;
+//!   [`p2p::records`]: signed peer records.
+//! - [`search`]: `PB_SEARCH`: peer records, resource searches and their answers.
+//! - [`inbound`]: applies partners' events, publishes them, acknowledges:
+//!   [`inbound::reorder`] (the pure reorder, gap and sync decisions), a session per partner,
+//!   the apply of a run.
+//! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps:
+//!   [`sync::plan`] (the pure round rules), [`sync::serve`] (owner), [`sync::pull`] (puller).
+//! - [`peers`]: [`peers::partners`] (the one partner registry), [`peers::manager`] (the
+//!   `PeerManager` actor: partnerships and the blacklist), [`peers::directory`] (this node's
+//!   peer record in the DHT, the peers met, finding and reaching a peer).
+//! - [`commands`]: `PB_CONSIDERS`, `PB_PLANNER`, `PB_CLOSE_PLANNER` to chosen peers, and
+//!   the receiving side that republishes them.
 //! - [`answers`]: replies to applications and the one refusal report (log, metric, error event, reply).
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
-//! - [`admin`]: admin HTTP API; [`metrics`]: counters it serves.
+//! - [`admin`]: admin HTTP API (bearer token, HTTPS); [`metrics`]: counters it serves.
+//! - [`secret_file`]: the admin token file, and warnings for secret files others can read.
 //! - [`node`]: wires everything together and runs until shutdown.
-//! - [`cli`]: the `id` and `peers` commands.
+//! - [`cli`]: the `id`, `peers` and `partners` commands and their admin API client.
 
-pub mod actors;
 pub mod admin;
 pub mod answers;
 pub mod backoff;
 pub mod cli;
+pub mod commands;
 pub mod config;
-pub mod directory;
-pub mod event;
+pub mod contract;
 pub mod guard;
 pub mod identity;
+pub mod inbound;
+pub mod intake;
 pub mod metrics;
 pub mod nats;
 pub mod node;
+pub mod outbound;
 pub mod p2p;
-pub mod partners;
+pub mod peers;
+pub mod search;
+pub mod secret_file;
 pub mod shutdown;
 pub mod store;
 pub mod sync;

@@ -1,4 +1,7 @@
 //! The `oc-discovery` binary: parses the command line and runs one command.
+//!
+//! Exit codes: 0 done; 1 failed; 2 bad command line or config file; 3 the admin API could
+//! not be used (`peers`, `partners`: node unreachable, or token refused).
 
 use std::process::ExitCode;
 
@@ -30,14 +33,28 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
+    }
+}
+
+/// Log filter when `RUST_LOG` is unset. The NATS client's own lines are off: the node logs
+/// each connection event and failed attempt itself, with the server and reason
+/// (`RUST_LOG=info,async_nats=debug` shows the client's).
+const DEFAULT_LOG: &str = "info,async_nats=off";
+
+/// 3 when the admin API could not be used (unreachable, or the token refused); 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<cli::AdminError>().is_some() {
+        ExitCode::from(cli::EXIT_ADMIN_UNAVAILABLE)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
 fn run(args: config::RunArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)))
         .with_writer(std::io::stderr)
         .init();
     let cfg = NodeConfig::try_from(args)?;

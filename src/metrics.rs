@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::event::ErrorCode;
+use crate::contract::ErrorCode;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -33,6 +33,8 @@ pub struct Metrics {
     pub journal_commits: AtomicU64,
     /// Store commits of inbound sessions (`events_applied + events_stale` per commit, about).
     pub apply_commits: AtomicU64,
+    /// Admin API requests refused for a missing or wrong token (401).
+    pub admin_unauthorized: AtomicU64,
     /// Refusals by where they happened ("intake", "inbound", "outbound") and code.
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Peer records and searches.
@@ -167,7 +169,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             (
                 "oc_intake_accepted_total",
                 "Events accepted from the local application",
@@ -217,6 +219,11 @@ impl Metrics {
                 "oc_apply_commits_total",
                 "Store commits of inbound entries",
                 &self.apply_commits,
+            ),
+            (
+                "oc_admin_unauthorized_total",
+                "Admin API requests refused for a missing or wrong token",
+                &self.admin_unauthorized,
             ),
         ];
         for (name, help, c) in counters {

@@ -1,9 +1,11 @@
 //! Wires the node together and runs it until the shutdown signal.
 //!
 //! Start order follows the data flow backwards, so nothing is produced before its
-//! consumer exists: store → network loop → NATS → outbox drain → StreamService (links) →
-//! inbound apply → peer directory (record publishing) → search service → command router →
-//! intake → admin API.
+//! consumer exists: identity → store → network loop → NATS → StreamService (links, one per
+//! configured partner) → outbox drain, and inbound apply once the drain is done → peer
+//! manager → peer directory (record publishing) → search service → command router →
+//! intake → admin API. Only inbound apply waits for the drain; the parts after it start at
+//! once.
 //!
 //! A store that is down at start-up (MongoDB) does not stop the node: every user of the
 //! store retries with backoff, and `/healthz` reports it until it answers.
@@ -16,21 +18,23 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::actors::commands::{CommandEnv, CommandRouter, Forwarder};
-use crate::actors::inbound::{InboundApply, InboundEnv};
-use crate::actors::intake::{Intake, IntakeEnv, IntakeStatus, StopIntake};
-use crate::actors::partner_link::LinkEnv;
-use crate::actors::peers::{PeerEnv, PeerManager};
-use crate::actors::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
-use crate::actors::stream_service::{AddPartner, Drain, JournalAdvanced, StreamService};
+use crate::answers::Answers;
+use crate::commands::forwarder::Forwarder;
+use crate::commands::router::{CommandEnv, CommandRouter};
 use crate::config::{NodeConfig, StoreConfig};
-use crate::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
+use crate::inbound::{InboundApply, InboundEnv};
+use crate::intake::{self, Intake, IntakeEnv, IntakeStatus, StopIntake};
 use crate::metrics::Metrics;
-use crate::partners::Partners;
+use crate::outbound::link::LinkEnv;
+use crate::outbound::service::{AddPartner, Drain, JournalAdvanced, StreamService};
+use crate::peers::directory::{Directory, DirectoryEnv, RECORD_EVENTS};
+use crate::peers::manager::{Links, PeerEnv, PeerManager};
+use crate::peers::partners::Partners;
+use crate::search::{SearchEnv, SearchService, GOSSIP_QUEUE};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::{MongoSettings, MongoStore};
 use crate::store::Store;
-use crate::{admin, identity, nats, p2p};
+use crate::{admin, identity, nats, p2p, secret_file};
 
 /// Store file inside the data directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -45,12 +49,23 @@ const HEAD_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Runs a node until `shutdown` completes. Must be called inside an actix `System`.
 ///
 /// # Errors
-/// Start-up failures: unreadable identity or PSK, store locked, address in use, bad NATS URL.
+/// Start-up failures: unusable admin token or TLS files, a non-loopback admin address without
+/// a token, unreadable identity or PSK, store locked, address in use, an unreadable or
+/// malformed NATS secret, CA, certificate or key file.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // First: a node refused for its admin settings must not have touched anything.
+    let admin_security = admin::prepare(
+        &cfg.admin_listen,
+        cfg.admin_token_file.as_deref(),
+        cfg.admin_tls.as_ref(),
+    )?;
     let key = identity::load_or_create(&cfg.data_dir)?;
     let own = key.public().to_peer_id();
     let own_id = own.to_string();
     let store = open_store(&cfg).await?;
+    if let Some(path) = &cfg.psk_file {
+        secret_file::warn_if_shared(path, "PSK");
+    }
     let psk = cfg.psk_file.as_deref().map(p2p::read_psk).transpose()?;
     let private = psk.is_some();
     // The directory signs the node's peer record and the search service its gossip queries.
@@ -59,7 +74,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let net_task = tokio::spawn(event_loop.run(stop_rx.clone()));
 
     let t = cfg.tuning.clone();
-    let nats = nats::connect(&cfg.nats_url, t.io_timeout)
+    let nats_retry = crate::backoff::Backoff::new(t.backoff_min, t.backoff_max);
+    let (nats, nats_status) = nats::connect(&cfg.nats, t.io_timeout, nats_retry)
         .await
         .context("connecting to NATS")?;
     let metrics = Arc::new(Metrics::default());
@@ -127,7 +143,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         net: net.clone(),
         nats: nats.clone(),
         partners: partners.clone(),
-        links: links.clone(),
+        links: Links::new(links.clone()),
         metrics: metrics.clone(),
         configured: cfg.partners.clone(),
     })
@@ -165,11 +181,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     )
     .start();
     let commands = CommandRouter::new(CommandEnv {
-        own_id: own_id.clone(),
         nats: nats.clone(),
         net: net.clone(),
-        partners: partners.clone(),
-        resolver: Some(directory.clone()),
+        directory: directory.clone(),
         search: Some(search.recipient()),
         metrics: metrics.clone(),
         tuning: t.clone(),
@@ -194,13 +208,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         io_timeout: t.io_timeout,
         consumer: Default::default(),
         journaled_high: Default::default(),
+        answers: Answers::new(nats.clone(), metrics.clone(), intake::PLACE),
     })
     .start();
+    let admin_token = admin_security.has_token();
+    let admin_https = admin_security.is_https();
     let server = admin::serve(
         &cfg.admin_listen,
+        admin_security,
         admin::AdminState {
             own_id: own_id.clone(),
             nats: nats.clone(),
+            nats_status,
             net: net.clone(),
             store: store.clone(),
             links: links.clone(),
@@ -220,6 +239,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         bootstrap = cfg.bootstrap.len(),
         private_network = private,
         admin = %cfg.admin_listen,
+        admin_token,
+        admin_https,
         "node started"
     );
 

@@ -49,6 +49,9 @@ fn run_help_explains_every_flag() {
         "--partner",
         "--psk-file",
         "--max-event-bytes",
+        "--admin-token-file",
+        "--admin-tls-cert",
+        "--admin-tls-key",
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
@@ -94,8 +97,117 @@ async fn peers_shows_partners_as_a_table_and_as_json() {
     for field in ["addrs", "connected", "acked_seq", "pending", "state"] {
         assert!(p.get(field).is_some(), "{field} missing in {p}");
     }
-    // A node that is not there: a clear error, not a panic.
-    let (ok, _, err) = run(&["peers", "--admin", "http://127.0.0.1:1"]);
-    assert!(!ok);
+    // A node that is not there: a clear error, not a panic, and exit 3.
+    let out = Command::new(node_binary().unwrap())
+        .args(["peers", "--admin", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("connecting to"), "{err}");
+}
+
+/// (exit code, stdout, stderr) of the CLI with extra environment variables.
+fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = Command::new(node_binary().unwrap())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run oc-discovery");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_and_partners_send_the_token_and_a_refused_one_exits_3() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "right-token\n").unwrap();
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "wrong-token").unwrap();
+    let (token, wrong) = (token.display().to_string(), wrong.display().to_string());
+    let mut site = Site::new().await;
+    site.node
+        .extra_args
+        .extend(["--admin-token-file".into(), token.clone()]);
+    site.node.start_healthy().await.unwrap();
+    let admin = site.node.admin_url();
+    let peer = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let addr = format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}");
+
+    let (admin2, token2, wrong2) = (admin.clone(), token.clone(), wrong.clone());
+    let results = tokio::task::spawn_blocking(move || {
+        let a = admin2.as_str();
+        [
+            // No token at all, a wrong one (flag, then environment), for each command.
+            run_with_env(&["peers", "--admin", a], &[]),
+            run_with_env(&["peers", "--admin", a, "--admin-token-file", &wrong2], &[]),
+            run_with_env(
+                &["partners", "list", "--admin", a],
+                &[("OC_DISCOVERY_ADMIN_TOKEN_FILE", &wrong2)],
+            ),
+            run_with_env(
+                &[
+                    "partners",
+                    "--admin",
+                    a,
+                    "--admin-token-file",
+                    &wrong2,
+                    "add",
+                    &addr,
+                ],
+                &[],
+            ),
+            // The right one.
+            run_with_env(
+                &[
+                    "partners",
+                    "add",
+                    &addr,
+                    "--relation",
+                    "blacklist",
+                    "--admin",
+                    a,
+                    "--admin-token-file",
+                    &token2,
+                ],
+                &[],
+            ),
+            run_with_env(
+                &["partners", "list", "--admin", a],
+                &[("OC_DISCOVERY_ADMIN_TOKEN_FILE", &token2)],
+            ),
+            run_with_env(&["peers", "--admin", a, "--admin-token-file", &token2], &[]),
+        ]
+    })
+    .await
+    .unwrap();
+    let (refused, accepted) = results.split_at(4);
+    for (i, (code, _, err)) in refused.iter().enumerate() {
+        assert_eq!(*code, Some(3), "refused #{i}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains("401 unauthorized"), "{err}");
+    }
+    assert!(
+        refused[0].2.contains("--admin-token-file"),
+        "says what is missing: {}",
+        refused[0].2
+    );
+    assert!(refused[1].2.contains("refused the token"), "{}", refused[1].2);
+    for (i, (code, out, err)) in accepted.iter().enumerate() {
+        assert_eq!(*code, Some(0), "accepted #{i}: {err}");
+        assert!(!out.is_empty(), "accepted #{i} printed nothing");
+    }
+    assert!(
+        accepted[1].1.contains(&peer.to_string()),
+        "listed: {}",
+        accepted[1].1
+    );
+    assert!(accepted[2].1.starts_with("PEER ID"), "{}", accepted[2].1);
 }

@@ -1,7 +1,8 @@
 //! The three-site docker-compose cluster (`docker-compose.yml`) on a real Docker engine.
 //!
 //! Brings the cluster up under its own compose project, with its NATS and admin ports
-//! published on free 127.0.0.1 ports, then:
+//! published on free 127.0.0.1 ports (the admin API read with each site's token from
+//! `docker/cluster/siteN/admin.token`; a change without it must get 401), then:
 //! 1. publishes events on site 1's NATS and sees CREATE_RESOURCE on sites 2 and 3;
 //! 2. `docker kill`s site 2's node, publishes more, starts it again and sees it catch up;
 //! 3. cuts site 3's node off the inter-site network (`docker network disconnect`),
@@ -166,9 +167,13 @@ impl Cluster {
         format!("nats://127.0.0.1:{}", self.nats_ports[site - 1])
     }
 
+    /// GET on a site's admin API with its token (made by the prepare script).
     async fn get(&self, site: usize, path: &str) -> anyhow::Result<(u16, String)> {
-        let (base, path) = (self.admin(site), path.to_owned());
-        tokio::task::spawn_blocking(move || oc_discovery::cli::http_get(&base, &path)).await?
+        let token_file = root().join(format!("docker/cluster/site{site}/admin.token"));
+        let token = oc_discovery::secret_file::read_token(&token_file)?;
+        let client = oc_discovery::cli::AdminClient::new(&self.admin(site), Some(token), None)?;
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || client.call("GET", &path, None)).await?
     }
 
     async fn get_json(&self, site: usize, path: &str) -> anyhow::Result<Value> {
@@ -453,6 +458,15 @@ async fn three_site_cluster_survives_a_killed_node_and_a_network_cut() {
         me.as_str(),
         "site 1 runs the identity made for it"
     );
+    // The nodes listen on 0.0.0.0 in their containers: only with the site's token.
+    let admin1 = cluster.admin(1);
+    let anonymous = tokio::task::spawn_blocking(move || {
+        oc_discovery::cli::http_request("POST", &admin1, "/api/partners", Some("{}"))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(anonymous.0, 401, "a change without the token: {}", anonymous.1);
 
     let connect = |url: String| async move {
         tokio::time::timeout(Duration::from_secs(30), async_nats::connect(url))

@@ -1,7 +1,7 @@
 //! One test per finding of the fuzz targets (docs/FUZZING.md): the input that failed, run
 //! through the decoder it broke, with the behaviour the fix gives.
 
-use oc_discovery::event::{decode_intake, Decoded, ErrorCode};
+use oc_discovery::contract::{decode_intake, Decoded, ErrorCode};
 use oc_testkit::fuzzing::{self, MAX_EVENT_BYTES, OWN_ID};
 
 fn event_with(payload_fields: &str) -> String {

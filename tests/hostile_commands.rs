@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::Stream;
-use oc_discovery::actors::commands::{
-    FORWARD_STREAMS_PER_PEER, MAX_FORWARD_STREAMS, PROTOCOL_CONSIDERS, PROTOCOL_PLANNER,
-};
+use oc_discovery::commands::forwarder::{FORWARD_STREAMS_PER_PEER, MAX_FORWARD_STREAMS};
+use oc_discovery::commands::{PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_testkit::{event, eventually, init_tracing, partner, HandPeer, Seen, Site, WAIT};
 use serde_json::{json, Value};
@@ -456,7 +455,7 @@ async fn considers_naming_too_many_peers_are_refused() {
     let errors = victim.collect(&["PROPALGATION_ERROR"]).await;
     victim.node.start_healthy().await.unwrap();
     good.node.start_healthy().await.unwrap();
-    let ids: Vec<String> = (0..=oc_discovery::event::MAX_COMMAND_PEERS)
+    let ids: Vec<String> = (0..=oc_discovery::contract::MAX_COMMAND_PEERS)
         .map(|_| {
             libp2p::identity::Keypair::generate_ed25519()
                 .public()

@@ -21,7 +21,7 @@ const FLOOD_IN_FLIGHT: usize = 24;
 const FLOOD_DEADLINE: Duration = Duration::from_secs(1200);
 
 fn now_ms() -> u64 {
-    oc_discovery::event::now_ms()
+    oc_discovery::contract::now_ms()
 }
 
 /// Bytes of the files in `dir`, the test's log of the node excepted (the node itself

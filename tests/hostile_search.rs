@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::{PeerId, Stream};
-use oc_discovery::actors::search::{GossipQuery, PROTOCOL_SEARCH};
-use oc_discovery::event::{Action, NewEvent};
+use oc_discovery::contract::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::search::{GossipQuery, PROTOCOL_SEARCH};
 use oc_discovery::store::{PageBounds, Store};
 use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, RssPeak, Site, WAIT};
 use serde_json::{json, Value};
@@ -471,7 +471,7 @@ fn gossip_query(key: &Keypair, n: usize) -> Vec<u8> {
         search: "gpu".into(),
         limit: 10,
         max_frame_bytes: 1 << 20,
-        expires_at: oc_discovery::event::now_ms() + 30_000,
+        expires_at: oc_discovery::contract::now_ms() + 30_000,
         signature: String::new(),
     }
     .sign(key)

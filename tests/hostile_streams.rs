@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use oc_discovery::event::{Action, JournalEntry};
+use oc_discovery::contract::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::{StreamKind, PROTOCOL_HEARTBEAT};
 use oc_discovery::sync::PROTOCOL_SYNC;

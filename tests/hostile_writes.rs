@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::AsyncReadExt;
 use mongodb::bson::{doc, Document};
-use oc_discovery::event::{Action, JournalEntry};
+use oc_discovery::contract::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::p2p::StreamKind;
 use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, MongoServer, Site};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use oc_discovery::event::{Action, JournalEntry};
+use oc_discovery::contract::{Action, JournalEntry};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_testkit::{event, init_tracing, partner, HandPeer, Site};
 use serde_json::{json, Value};

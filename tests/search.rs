@@ -2,13 +2,13 @@
 //! `partner` / `known` / `all` resource searches with access rules, limits, duplicates, a
 //! silent peer and results larger than a frame.
 
+use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, Site, WAIT};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use oc_discovery::actors::search::PROTOCOL_SEARCH;
 use oc_discovery::p2p::records::{self, PeerRecord};
 use oc_discovery::p2p::wire::{self, Frame};
-use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, Site, WAIT};
+use oc_discovery::search::PROTOCOL_SEARCH;
 use serde_json::{json, Value};
 
 /// What one search produced on the searcher's `SEARCH_EVENT`.
@@ -130,7 +130,7 @@ async fn put_raw(peer: &HandPeer, key: Vec<u8>, value: Vec<u8>) {
 }
 
 fn now_ms() -> u64 {
-    oc_discovery::event::now_ms()
+    oc_discovery::contract::now_ms()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

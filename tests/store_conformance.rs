@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use oc_discovery::event::{Action, JournalEntry, NewEvent};
+use oc_discovery::contract::{Action, JournalEntry, NewEvent};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::mongo::{MongoSettings, MongoStore};
 use oc_discovery::store::{ApplyOutcome, Owner, PeerRow, Relation, Store, StoreError, StoredResource};

@@ -1,16 +1,18 @@
 //! Journal sync: entries larger than a frame travel split in parts; missing parts are asked
 //! for again, and a request that times out keeps its progress.
 
+use oc_testkit::{event, init_tracing, partner, HandPeer, Site};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use oc_discovery::event::{Action, NewEvent};
+use oc_discovery::contract::{Action, NewEvent};
 use oc_discovery::p2p::wire::{self, Frame};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::Store;
-use oc_discovery::sync::{Answer, RoundCap, PROTOCOL_SYNC};
-use oc_testkit::{event, init_tracing, partner, HandPeer, Site};
+use oc_discovery::sync::plan::RoundCap;
+use oc_discovery::sync::serve::Answer;
+use oc_discovery::sync::PROTOCOL_SYNC;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

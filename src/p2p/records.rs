@@ -204,7 +204,7 @@ impl PeerRecord {
         addrs: &[Multiaddr],
         expires_at: u64,
     ) -> Result<Self, RecordError> {
-        Self::sign_at(key, name, addrs, Some(crate::event::now_ms()), expires_at)
+        Self::sign_at(key, name, addrs, Some(crate::contract::now_ms()), expires_at)
     }
 
     /// [`PeerRecord::sign`] issued at `issued_at` (ms since the epoch; it orders this

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{ErrorCode, JournalEntry};
+use crate::contract::{ErrorCode, JournalEntry};
 
 /// Hard ceiling for any frame, whatever the configuration: a length above it means the
 /// peer does not speak our framing, and the stream is closed.
@@ -431,7 +431,7 @@ async fn read_frame_inner<R: AsyncRead + Unpin>(
 
 /// Decodes one frame's JSON. Frames must be decoded here, not by `Frame`'s `Deserialize`
 /// alone: serde reads a tagged enum by first copying the whole object into an intermediate
-/// tree, from which an `event` frame's [`Resource`](crate::event::Resource) (kept as JSON
+/// tree, from which an `event` frame's [`Resource`](crate::contract::Resource) (kept as JSON
 /// text) cannot be read. An `event` frame is therefore read straight into its
 /// [`JournalEntry`], which ignores the `type` key.
 ///
@@ -476,7 +476,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Action;
+    use crate::contract::Action;
 
     #[tokio::test]
     async fn an_event_frame_from_entry_json_reads_back_as_the_entry() {

@@ -14,7 +14,7 @@ use super::{
     decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry,
     Store, StoreError, StoreResult, StoredResource,
 };
-use crate::event::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
+use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
 /// redb's page cache. Its default (1 GiB) made a node catching up on a million events
 /// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Action, JournalEntry, NewEvent};
+use crate::contract::{Action, JournalEntry, NewEvent};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -239,7 +239,7 @@ pub trait Store: Send + Sync + 'static {
             };
             for e in chunk.into_iter().filter(|e| e.data_type == data_type) {
                 if let Some(id) = e.resource_id().map(str::to_owned) {
-                    let alive = e.action != crate::event::Action::Delete;
+                    let alive = e.action != crate::contract::Action::Delete;
                     latest.insert(id, alive.then(|| e.resource.to_value()));
                 }
             }
@@ -397,13 +397,13 @@ impl std::fmt::Display for Owner {
 
 /// What the site holds under a resource's key besides the node's version row: what
 /// [`decide_at`] reads on top of the [`Holder`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Local {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Local<'a> {
     /// The key (same data type and id) is one of this node's own live resources.
     pub own: bool,
     /// MongoDB: the document under the resource's id in its collection, if any. Always
     /// `None` in the embedded store, where only the node writes resources.
-    pub document: Option<SiteDoc>,
+    pub document: Option<&'a SiteDoc>,
 }
 
 /// A document found in a resource collection, as far as the rule cares.
@@ -432,7 +432,7 @@ pub fn decide(existing: Option<&Holder>, entry: &JournalEntry) -> ApplyOutcome {
 /// node wrote for that origin: a version row that is not a tombstone, and the document's
 /// `creator_id` equal to the origin. Anything else is a [`ApplyOutcome::Conflict`]: an
 /// application's document is never overwritten or removed by a partner.
-pub fn decide_at(existing: Option<&Holder>, local: &Local, entry: &JournalEntry) -> ApplyOutcome {
+pub fn decide_at(existing: Option<&Holder>, local: &Local<'_>, entry: &JournalEntry) -> ApplyOutcome {
     if local.own {
         return ApplyOutcome::Conflict {
             owner: Owner::ThisNode,
@@ -442,7 +442,7 @@ pub fn decide_at(existing: Option<&Holder>, local: &Local, entry: &JournalEntry)
     if matches!(by_version, ApplyOutcome::Conflict { .. }) {
         return by_version;
     }
-    match &local.document {
+    match local.document {
         None => by_version,
         Some(_) if existing.is_none_or(|h| h.deleted) => ApplyOutcome::Conflict {
             owner: Owner::SiteDocument,
@@ -456,7 +456,7 @@ pub fn decide_at(existing: Option<&Holder>, local: &Local, entry: &JournalEntry)
 
 /// The `CREATE_RESOURCE` / `REMOVE_RESOURCE` publish an applied entry owes NATS.
 pub fn outbox_row(entry: &JournalEntry, outbox_id: u64) -> OutboxRow {
-    use crate::event::ResourceNotice;
+    use crate::contract::ResourceNotice;
     OutboxRow {
         id: outbox_id,
         subject: ResourceNotice::subject(entry.action).to_owned(),
@@ -498,14 +498,72 @@ mod tests {
         })
     }
 
+    fn local(own: bool, document: Option<&SiteDoc>) -> Local<'_> {
+        Local { own, document }
+    }
+
     fn conflict(owner: Owner) -> ApplyOutcome {
         ApplyOutcome::Conflict { owner }
+    }
+
+    /// The version rule alone: the creator's higher seq applies, an equal or lower one is
+    /// stale (a tombstone keeps its version), another origin's resource is a conflict.
+    #[test]
+    fn the_version_rule_applies_only_newer_seqs_of_the_same_origin() {
+        assert_eq!(decide(None, &entry(1)), ApplyOutcome::Applied);
+        for deleted in [false, true] {
+            let case = format!("tombstone: {deleted}");
+            let stored = holder(ORIGIN, 4, deleted);
+            assert_eq!(decide(Some(&stored), &entry(5)), ApplyOutcome::Applied, "{case}");
+            assert_eq!(
+                decide(Some(&stored), &entry(4)),
+                ApplyOutcome::Stale,
+                "{case}: applying twice changes nothing"
+            );
+            assert_eq!(decide(Some(&stored), &entry(3)), ApplyOutcome::Stale, "{case}");
+            let theirs = holder(OTHER, 1, deleted);
+            assert_eq!(
+                decide(Some(&theirs), &entry(5)),
+                conflict(Owner::Origin(OTHER.into())),
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_applied_entry_owes_its_notice_once_per_msg_id() {
+        let mut e = entry(7);
+        let row = outbox_row(&e, 3);
+        assert_eq!(
+            (row.id, row.subject.as_str(), row.msg_id.as_str()),
+            (3, crate::contract::SUBJECT_CREATE, "12D3KooWorigin:7")
+        );
+        assert_eq!(row.payload, crate::contract::ResourceNotice::body_of(&e));
+        e.action = Action::Delete;
+        assert_eq!(outbox_row(&e, 4).subject, crate::contract::SUBJECT_REMOVE);
+    }
+
+    #[test]
+    fn a_page_stops_at_its_bounds_and_holds_at_least_one_resource() {
+        let items = |n: usize| (0..n).map(|i| Ok::<_, ()>((format!("r{i}"), "x".repeat(10))));
+        let bounds = |max_count, max_bytes| PageBounds { max_count, max_bytes };
+        let page = OwnPage::fill(items(5), bounds(2, 1000)).unwrap();
+        assert_eq!((page.items.len(), page.next.as_deref()), (2, Some("r1")));
+        let page = OwnPage::fill(items(5), bounds(100, 1)).unwrap();
+        assert_eq!(
+            (page.items.len(), page.next.as_deref()),
+            (1, Some("r0")),
+            "a resource beyond the byte bound still makes a page"
+        );
+        let page = OwnPage::fill(items(5), bounds(0, 1000)).unwrap();
+        assert_eq!(page.items.len(), 1, "a count of 0 is taken as 1");
+        let page = OwnPage::fill(items(3), bounds(100, 1000)).unwrap();
+        assert_eq!((page.items.len(), page.next), (3, None), "the last page");
     }
 
     #[test]
     fn foreign_writes_are_conflicts() {
         let e = entry(5);
-        let local = |own, document| Local { own, document };
         let live = holder(ORIGIN, 3, false);
         // Nothing at this site: the origin's.
         assert_eq!(decide_at(None, &Local::default(), &e), ApplyOutcome::Applied);
@@ -516,25 +574,25 @@ mod tests {
                 conflict(Owner::ThisNode)
             );
             assert_eq!(
-                decide_at(existing, &local(true, doc(Some(ORIGIN))), &e),
+                decide_at(existing, &local(true, doc(Some(ORIGIN)).as_ref()), &e),
                 conflict(Owner::ThisNode)
             );
         }
         // Another origin's: its peer id, document or not.
         let theirs = holder(OTHER, 9, false);
         assert_eq!(
-            decide_at(Some(&theirs), &local(false, doc(Some(OTHER))), &e),
+            decide_at(Some(&theirs), &local(false, doc(Some(OTHER)).as_ref()), &e),
             conflict(Owner::Origin(OTHER.into()))
         );
         // A document the node never wrote, even one claiming the origin as creator.
         for creator in [None, Some(ORIGIN), Some(OTHER)] {
             assert_eq!(
-                decide_at(None, &local(false, doc(creator)), &e),
+                decide_at(None, &local(false, doc(creator).as_ref()), &e),
                 conflict(Owner::SiteDocument)
             );
             let tomb = holder(ORIGIN, 3, true);
             assert_eq!(
-                decide_at(Some(&tomb), &local(false, doc(creator)), &e),
+                decide_at(Some(&tomb), &local(false, doc(creator).as_ref()), &e),
                 conflict(Owner::SiteDocument),
                 "the node's last write removed it"
             );
@@ -542,17 +600,17 @@ mod tests {
         // The node wrote it, then an application changed its creator.
         for creator in [None, Some(OTHER)] {
             assert_eq!(
-                decide_at(Some(&live), &local(false, doc(creator)), &e),
+                decide_at(Some(&live), &local(false, doc(creator).as_ref()), &e),
                 conflict(Owner::OtherCreator)
             );
         }
         // The node's document for this origin: the version rule decides.
         assert_eq!(
-            decide_at(Some(&live), &local(false, doc(Some(ORIGIN))), &e),
+            decide_at(Some(&live), &local(false, doc(Some(ORIGIN)).as_ref()), &e),
             ApplyOutcome::Applied
         );
         assert_eq!(
-            decide_at(Some(&live), &local(false, doc(Some(ORIGIN))), &entry(2)),
+            decide_at(Some(&live), &local(false, doc(Some(ORIGIN)).as_ref()), &entry(2)),
             ApplyOutcome::Stale
         );
         // Removed behind the node's back: nothing to overwrite, the origin writes it again.
@@ -579,10 +637,7 @@ mod tests {
                 for document in &documents {
                     for seq in [3, 4, 5] {
                         let e = entry(seq);
-                        let local = Local {
-                            own,
-                            document: document.clone(),
-                        };
+                        let local = local(own, document.as_ref());
                         let outcome = decide_at(existing.as_ref(), &local, &e);
                         let case = format!("{existing:?} {local:?} seq {seq}: {outcome:?}");
                         if outcome == ApplyOutcome::Applied {

@@ -15,11 +15,11 @@ use base64::Engine;
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 
-use oc_discovery::actors::search::GossipQuery;
-use oc_discovery::event::{self, Action, CommandAction, Decoded, JournalEntry};
+use oc_discovery::contract::{self, Action, CommandAction, Decoded, JournalEntry};
 use oc_discovery::p2p::records::{self, PeerRecord};
 use oc_discovery::p2p::wire::{self, Frame, FrameError};
-use oc_discovery::sync;
+use oc_discovery::search::GossipQuery;
+use oc_discovery::sync::plan;
 
 /// The victim's own peer id in the targets (the creator `decode_intake` accepts).
 pub const OWN_ID: &str = "12D3KooWLYt2p9DJu8m6tG4cNj5DoTqr2fj5DPRmB6N8L6ZKhM2A";
@@ -56,7 +56,7 @@ pub fn fixed_key() -> Keypair {
 /// `PROPALGATION_EVENT` bodies as the NATS intake decodes them, then what the node does
 /// with a command's payload (PB_SEARCH parsing, PB_CONSIDERS / PB_PLANNER peer ids).
 pub fn intake(data: &[u8]) {
-    match event::decode_intake(data, OWN_ID, MAX_EVENT_BYTES) {
+    match contract::decode_intake(data, OWN_ID, MAX_EVENT_BYTES) {
         Ok(Decoded::Accept(e)) => {
             assert!(data.len() <= MAX_EVENT_BYTES, "accepted above the cap");
             assert!(!e.resource_id.is_empty());
@@ -97,7 +97,7 @@ pub fn intake(data: &[u8]) {
         }
         Ok(Decoded::Command(c)) => match c.action {
             CommandAction::Search => {
-                let _ = oc_discovery::actors::search::parse(&c);
+                let _ = oc_discovery::search::parse(&c);
             }
             CommandAction::Considers => {
                 if let Some(list) = c.payload.get("peer_ids").and_then(serde_json::Value::as_array) {
@@ -107,7 +107,7 @@ pub fn intake(data: &[u8]) {
                 }
             }
             CommandAction::Planner | CommandAction::ClosePlanner => {
-                let _ = oc_discovery::actors::commands::peer_field(&c.payload);
+                let _ = oc_discovery::commands::router::peer_field(&c.payload);
             }
         },
         Ok(Decoded::OwnEcho) => {}
@@ -166,17 +166,17 @@ impl futures::AsyncRead for Trickle<'_> {
 }
 
 /// Journal sync: an answer stream (`sync_header`, then `sync_part`s) checked and assembled
-/// as the puller does it ([`sync::Assembly`], the pure core of `sync::pull`), and the
-/// owner's reading of a `sync_request` (`sync::plan_until`, `sync::wanted_parts`).
+/// as the puller does it ([`plan::Assembly`], the pure core of `sync::pull::pull`), and the
+/// owner's reading of a `sync_request` (`plan::plan_until`, `plan::wanted_parts`).
 pub fn sync_answer(data: &[u8]) {
     /// What the fuzz puller asks: since 0, parts of at most 2 KiB, small round caps.
-    const ASK: sync::Ask = sync::Ask {
+    const ASK: plan::Ask = plan::Ask {
         since: 0,
         part_bytes: 2048,
         max_entries: 64,
         max_bytes: 64 * 1024,
     };
-    let mut assembly: Option<sync::Assembly> = None;
+    let mut assembly: Option<plan::Assembly> = None;
     for frame in read_all(data, ASK.part_bytes as usize) {
         match frame {
             Frame::SyncHeader {
@@ -186,7 +186,7 @@ pub fn sync_answer(data: &[u8]) {
                 total,
                 bytes,
             } => {
-                let header = sync::Header {
+                let header = plan::Header {
                     since,
                     until,
                     head,
@@ -199,7 +199,7 @@ pub fn sync_answer(data: &[u8]) {
                     }
                     continue;
                 }
-                let Ok(a) = sync::Assembly::new(ASK, header) else {
+                let Ok(a) = plan::Assembly::new(ASK, header) else {
                     return;
                 };
                 assert!(header.until.saturating_sub(header.since) <= ASK.max_entries);
@@ -219,9 +219,9 @@ pub fn sync_answer(data: &[u8]) {
             Frame::SyncRequest {
                 since, until, parts, ..
             } => {
-                let planned = sync::plan_until(since, until, u64::MAX, ASK.max_entries);
+                let planned = plan::plan_until(since, until, u64::MAX, ASK.max_entries);
                 assert!(planned >= since && planned - since <= ASK.max_entries);
-                if let Ok(list) = sync::wanted_parts(parts, 1024) {
+                if let Ok(list) = plan::wanted_parts(parts, 1024) {
                     assert!(list.windows(2).all(|w| w[0] < w[1]), "parts sorted, each once");
                     assert!(list.iter().all(|i| *i < 1024));
                 }
@@ -244,7 +244,7 @@ pub fn sync_answer(data: &[u8]) {
             );
             previous = entry.seq;
             // An entry the puller keeps must go on to the store and to NATS as it came.
-            assert!(!event::ResourceNotice::body_of(entry).is_empty());
+            assert!(!contract::ResourceNotice::body_of(entry).is_empty());
         }
     }
 }
@@ -288,7 +288,7 @@ pub fn search(data: &[u8]) {
         }) => {
             let _ = query_id.len();
             for r in results.iter().take(MAX_FRAMES) {
-                let _ = oc_discovery::actors::search::dedupe_key(r);
+                let _ = oc_discovery::search::dedupe_key(r);
             }
         }
         Ok(frame) => check_round_trip(&frame),

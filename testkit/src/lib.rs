@@ -185,6 +185,8 @@ pub struct NatsServer {
     binary: PathBuf,
     /// JetStream storage, when enabled.
     jetstream: Option<tempfile::TempDir>,
+    /// Directory holding `nats.conf`, for a server started from a configuration.
+    config: Option<tempfile::TempDir>,
 }
 
 impl NatsServer {
@@ -198,7 +200,18 @@ impl NatsServer {
     /// # Errors
     /// nats-server is not installed or does not start.
     pub fn start() -> anyhow::Result<Self> {
-        Self::launch(None)
+        Self::launch(None, None)
+    }
+
+    /// A server run with `-c nats.conf` holding `config` (TLS, authorization, cluster
+    /// routes, ...); its address and port are still chosen here (flags win over the file).
+    ///
+    /// # Errors
+    /// nats-server is not installed or does not start (a bad configuration, say).
+    pub fn start_with_config(config: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("oc-nats-conf-").tempdir()?;
+        std::fs::write(dir.path().join("nats.conf"), config)?;
+        Self::launch(None, Some(dir))
     }
 
     /// A server with JetStream, its storage in a temporary directory kept across restarts.
@@ -206,16 +219,23 @@ impl NatsServer {
     /// # Errors
     /// nats-server is not installed or does not start.
     pub fn start_jetstream() -> anyhow::Result<Self> {
-        Self::launch(Some(tempfile::Builder::new().prefix("oc-nats-js-").tempdir()?))
+        Self::launch(
+            Some(tempfile::Builder::new().prefix("oc-nats-js-").tempdir()?),
+            None,
+        )
     }
 
-    fn launch(jetstream: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
+    fn launch(
+        jetstream: Option<tempfile::TempDir>,
+        config: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server").context(NATS_INSTALL_HINT)?;
         let mut server = NatsServer {
             child: None,
             port: free_port()?,
             binary,
             jetstream,
+            config,
         };
         // A free port can be taken by a process of a concurrent test before the server
         // binds it: then the server exits, and another port is tried.
@@ -247,6 +267,9 @@ impl NatsServer {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
         let mut cmd = Command::new(&self.binary);
+        if let Some(dir) = &self.config {
+            cmd.arg("-c").arg(dir.path().join("nats.conf"));
+        }
         cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(dir) = &self.jetstream {
             cmd.arg("-js").arg("-sd").arg(dir.path());
@@ -296,6 +319,11 @@ pub struct NodeProcess {
     pub extra_args: Vec<String>,
     /// Environment variables set for the process (e.g. `OC_DISCOVERY_STORE`).
     pub extra_env: Vec<(String, String)>,
+    /// Token the kit's admin requests carry (give the node `--admin-token-file` too).
+    pub admin_token: Option<String>,
+    /// CA the kit trusts for an HTTPS admin API: set, [`NodeProcess::admin_url`] is
+    /// `https://` (give the node `--admin-tls-cert` / `--admin-tls-key` too).
+    pub admin_ca: Option<PathBuf>,
 }
 
 impl NodeProcess {
@@ -339,6 +367,8 @@ impl NodeProcess {
             partners: Vec::new(),
             extra_args: Vec::new(),
             extra_env: Vec::new(),
+            admin_token: None,
+            admin_ca: None,
         })
     }
 
@@ -348,7 +378,21 @@ impl NodeProcess {
     }
 
     pub fn admin_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
+        let scheme = if self.admin_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// A client of the admin API with the kit's token and CA.
+    ///
+    /// # Errors
+    /// The token is not one, or the CA file cannot be used.
+    pub fn admin_client(&self) -> anyhow::Result<oc_discovery::cli::AdminClient> {
+        let token = self
+            .admin_token
+            .as_deref()
+            .map(|t| oc_discovery::secret_file::Token::new(t.as_bytes()).map_err(anyhow::Error::msg))
+            .transpose()?;
+        oc_discovery::cli::AdminClient::new(&self.admin_url(), token, self.admin_ca.as_deref())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -484,9 +528,24 @@ impl NodeProcess {
     /// # Errors
     /// The admin API is unreachable.
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let base = self.admin_url();
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || oc_discovery::cli::http_get(&base, &path)).await?
+        self.request("GET", path, None).await
+    }
+
+    /// A request (JSON body) on the admin API with the kit's token: (status, body).
+    ///
+    /// # Errors
+    /// The admin API is unreachable.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let client = self.admin_client()?;
+        let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(str::to_owned));
+        let answer =
+            tokio::task::spawn_blocking(move || client.send(&method, &path, body.as_deref())).await??;
+        Ok((answer.status, answer.body))
     }
 
     /// GET returning JSON; any status other than 200 is an error.

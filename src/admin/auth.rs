@@ -1,0 +1,275 @@
+//! Who may use the admin API: the bearer-token middleware wrapping every route, and the
+//! start-up rule that a node without a token listens on loopback only.
+//!
+//! With `--admin-token-file`, every request but `GET /healthz` and `GET /metrics` (open to
+//! probes and Prometheus) must carry `Authorization: Bearer <token>`; the middleware wraps
+//! the whole App, so a route added later is covered by default. A refused request gets 401,
+//! `WWW-Authenticate: Bearer` and `{"ok":false,"error":{"code":"unauthorized",...}}`, is
+//! counted in `oc_admin_unauthorized_total` and logged, once per 10 s per client address
+//! and reason ([`LogThrottle`]).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use actix_web::http::Method;
+use actix_web::middleware::Next;
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::guard::LogThrottle;
+use crate::metrics::Metrics;
+use crate::secret_file::Token;
+
+/// Routes answered without a token (`GET` only).
+pub const OPEN_ROUTES: [&str; 2] = ["/healthz", "/metrics"];
+/// Error code of a refused request.
+pub const UNAUTHORIZED: &str = "unauthorized";
+/// A refusal of one kind from one address is logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Characters of a refused request's path kept in the log line.
+const LOGGED_PATH_CHARS: usize = 128;
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Authorization` header.
+    MissingToken,
+    /// An `Authorization` header that is not `Bearer <token>`.
+    NotBearer,
+    /// A bearer token that is not the node's.
+    WrongToken,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MissingToken => "missing_token",
+            Refusal::NotBearer => "not_bearer",
+            Refusal::WrongToken => "wrong_token",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::MissingToken => "this route needs the header Authorization: Bearer <admin token>",
+            Refusal::NotBearer => "the Authorization header is not Bearer <admin token>",
+            Refusal::WrongToken => "the bearer token is not this node's admin token",
+        }
+    }
+}
+
+/// The node's token (none: every request passes, which only a loopback listener allows),
+/// the counter and the log throttle of refusals.
+pub struct Gate {
+    token: Option<Token>,
+    metrics: Arc<Metrics>,
+    log: LogThrottle<IpAddr>,
+}
+
+impl Gate {
+    pub fn new(token: Option<Token>, metrics: Arc<Metrics>) -> Gate {
+        Gate {
+            token,
+            metrics,
+            log: LogThrottle::new(LOG_EVERY),
+        }
+    }
+
+    /// Whether a request may go on.
+    ///
+    /// # Errors
+    /// Why it may not.
+    pub fn check(&self, method: &Method, path: &str, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        if method == Method::GET && OPEN_ROUTES.contains(&path) {
+            return Ok(());
+        }
+        let given = bearer(authorization.ok_or(Refusal::MissingToken)?)?;
+        // Constant time over the bytes (a length difference shows, the content does not).
+        if bool::from(given.ct_eq(token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Refusal::WrongToken)
+        }
+    }
+
+    /// Counts and (throttled) logs a refusal.
+    fn report(&self, refusal: Refusal, peer: Option<SocketAddr>, method: &Method, path: &str) {
+        self.metrics.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
+        let ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+        if let Some(count) = self.log.hit(ip, refusal.as_str()) {
+            let path: String = path.chars().take(LOGGED_PATH_CHARS).collect();
+            tracing::warn!(
+                peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                %method,
+                path = %path,
+                reason = refusal.as_str(),
+                count,
+                "admin API request refused: unauthorized"
+            );
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value (scheme case-insensitive).
+fn bearer(value: &[u8]) -> Result<&[u8], Refusal> {
+    let text = value.trim_ascii();
+    let (scheme, token) = text
+        .iter()
+        .position(|b| *b == b' ')
+        .map(|i| text.split_at(i))
+        .ok_or(Refusal::NotBearer)?;
+    let token = token.trim_ascii();
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
+        return Err(Refusal::NotBearer);
+    }
+    Ok(token)
+}
+
+/// The 401 answer.
+pub fn unauthorized(refusal: Refusal) -> HttpResponse {
+    HttpResponse::Unauthorized()
+        .insert_header((WWW_AUTHENTICATE, "Bearer"))
+        .json(json!({"ok": false, "error": {"code": UNAUTHORIZED, "message": refusal.message()}}))
+}
+
+/// The middleware (`middleware::from_fn`): lets a request through or answers 401.
+///
+/// # Errors
+/// Those of the wrapped service.
+pub async fn require_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let verdict = match req.app_data::<web::Data<Gate>>() {
+        Some(gate) => {
+            let auth = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+            let verdict = gate.check(req.method(), req.path(), auth);
+            if let Err(refusal) = verdict {
+                gate.report(refusal, req.peer_addr(), req.method(), req.path());
+            }
+            verdict
+        }
+        // The gate is installed with the middleware; without it, refuse rather than open.
+        None => Err(Refusal::MissingToken),
+    };
+    match verdict {
+        Ok(()) => next.call(req).await.map(ServiceResponse::map_into_left_body),
+        Err(refusal) => Ok(req.into_response(unauthorized(refusal)).map_into_right_body()),
+    }
+}
+
+/// Why the admin API may not start as configured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExposureError {
+    #[error("cannot resolve --admin-listen {listen}: {source}")]
+    Resolve { listen: String, source: std::io::Error },
+    #[error(
+        "refusing to serve the admin API on {listen} without a token: whoever reaches it could \
+         change partnerships. Set --admin-token-file (env OC_DISCOVERY_ADMIN_TOKEN_FILE), or \
+         listen on a loopback address such as 127.0.0.1:8650"
+    )]
+    NoToken { listen: String },
+}
+
+/// A node without a token listens on loopback only: every address `listen` resolves to
+/// must be a loopback one (`localhost` is; `0.0.0.0` and `::` are not).
+///
+/// # Errors
+/// `listen` does not resolve, or resolves to a non-loopback address while there is no token.
+pub fn check_exposure(listen: &str, has_token: bool) -> Result<(), ExposureError> {
+    if has_token {
+        return Ok(());
+    }
+    let addrs: Vec<SocketAddr> = listen
+        .to_socket_addrs()
+        .map_err(|source| ExposureError::Resolve {
+            listen: listen.to_owned(),
+            source,
+        })?
+        .collect();
+    let loopback = !addrs.is_empty() && addrs.iter().all(|a| a.ip().to_canonical().is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(ExposureError::NoToken {
+            listen: listen.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(token: Option<&str>) -> Gate {
+        let token = token.map(|t| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t");
+            std::fs::write(&path, t).unwrap();
+            crate::secret_file::read_token(&path).unwrap()
+        });
+        Gate::new(token, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn only_the_right_bearer_token_passes_except_on_the_open_routes() {
+        let g = gate(Some("s3cret"));
+        let post = Method::POST;
+        assert_eq!(g.check(&post, "/api/partners", Some(b"Bearer s3cret")), Ok(()));
+        assert_eq!(g.check(&post, "/api/partners", Some(b"bearer  s3cret ")), Ok(()));
+        assert_eq!(g.check(&post, "/api/partners", None), Err(Refusal::MissingToken));
+        for bad in [&b"s3cret"[..], b"Basic s3cret", b"Bearer", b"Bearer "] {
+            assert_eq!(
+                g.check(&post, "/api/partners", Some(bad)),
+                Err(Refusal::NotBearer)
+            );
+        }
+        for wrong in [&b"Bearer s3cre"[..], b"Bearer s3cretX", b"Bearer S3CRET"] {
+            assert_eq!(
+                g.check(&post, "/api/partners", Some(wrong)),
+                Err(Refusal::WrongToken)
+            );
+        }
+        assert_eq!(g.check(&Method::GET, "/healthz", None), Ok(()));
+        assert_eq!(g.check(&Method::GET, "/metrics", None), Ok(()));
+        assert_eq!(
+            g.check(&Method::POST, "/healthz", None),
+            Err(Refusal::MissingToken)
+        );
+        assert_eq!(
+            g.check(&Method::GET, "/healthz/x", None),
+            Err(Refusal::MissingToken)
+        );
+        assert_eq!(
+            g.check(&Method::GET, "/anything", None),
+            Err(Refusal::MissingToken)
+        );
+        assert_eq!(gate(None).check(&post, "/api/partners", None), Ok(()));
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_addresses_may_listen() {
+        for ok in ["127.0.0.1:8650", "[::1]:8650", "localhost:8650", "127.0.0.2:1"] {
+            assert!(check_exposure(ok, false).is_ok(), "{ok}");
+        }
+        for exposed in ["0.0.0.0:8650", "[::]:8650", "192.0.2.1:8650"] {
+            let err = check_exposure(exposed, false).unwrap_err().to_string();
+            assert!(err.contains("--admin-token-file"), "{exposed}: {err}");
+            assert!(check_exposure(exposed, true).is_ok(), "{exposed} with a token");
+        }
+        assert!(matches!(
+            check_exposure("no port here", false),
+            Err(ExposureError::Resolve { .. })
+        ));
+    }
+}

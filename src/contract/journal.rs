@@ -1,0 +1,41 @@
+//! One durable journal entry, as the journal, the partner streams and journal sync carry it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Action, Resource};
+
+/// One durable journal entry: an accepted change with its origin and sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub origin: String,
+    pub seq: u64,
+    pub action: Action,
+    pub data_type: String,
+    #[serde(default)]
+    pub user: String,
+    pub resource: Resource,
+    /// Milliseconds since the Unix epoch at which the origin accepted the event.
+    pub time_ms: u64,
+}
+
+impl JournalEntry {
+    pub fn resource_id(&self) -> Option<&str> {
+        self.resource.id()
+    }
+
+    pub fn creator_id(&self) -> Option<&str> {
+        self.resource.creator_id()
+    }
+
+    /// `<origin>:<seq>`: the `Nats-Msg-Id` of every publish this entry causes.
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}", self.origin, self.seq)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

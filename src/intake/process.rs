@@ -1,0 +1,220 @@
+//! Handling one batch: refusals answered, redeliveries recognised, accepted events journaled
+//! in one commit (retried with backoff while the store is down), then the applications
+//! answered and the JetStream messages acknowledged.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use async_nats::Subject;
+use serde_json::json;
+
+use super::source::Incoming;
+use super::{IntakeEnv, PLACE};
+use crate::answers::Refused;
+use crate::backoff::Backoff;
+use crate::commands::router::Dispatch;
+use crate::contract::{self, Decoded, ErrorCode, Refusal};
+use crate::metrics::Metrics;
+use crate::outbound::service::JournalAdvanced;
+
+/// How long core-NATS intake retries a failing journal before answering `store_unavailable`.
+const CORE_RETRY_BUDGET: Duration = Duration::from_secs(5);
+/// First wait before asking a failing store again.
+const STORE_RETRY_MIN: Duration = Duration::from_millis(50);
+
+impl IntakeEnv {
+    pub(super) async fn process(&self, batch: Vec<Incoming>) {
+        let journaled_before = self.journaled_before(&batch).await;
+        // A redelivery can share a batch with its first delivery (one that waited past the
+        // ack wait in the client): only the first is journaled.
+        let mut in_batch = HashSet::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        let mut replies: Vec<Option<Subject>> = Vec::with_capacity(batch.len());
+        let mut stream_seqs = Vec::new();
+        // Whether an error event went out, which must reach the server before the acks.
+        let mut published = false;
+        for msg in &batch {
+            if let Some(js) = &msg.js {
+                if js.redelivered {
+                    tracing::debug!(stream_seq = js.stream_seq, "redelivered");
+                }
+                if journaled_before.contains(&js.stream_seq) || !in_batch.insert(js.stream_seq) {
+                    tracing::debug!(
+                        stream_seq = js.stream_seq,
+                        "event journaled already (a redelivery, or a second delivery in this batch)"
+                    );
+                    continue;
+                }
+            }
+            match contract::decode_intake(&msg.payload, &self.own_id, self.max_event_bytes) {
+                Ok(Decoded::Accept(e)) => {
+                    events.push(e);
+                    replies.push(msg.reply.clone());
+                    stream_seqs.extend(msg.js.as_ref().map(|js| js.stream_seq));
+                }
+                Ok(Decoded::OwnEcho) => Metrics::add(&self.metrics.intake_echoes, 1),
+                Ok(Decoded::Command(command)) => {
+                    // Waits for room in the router's mailbox: intake slows, nothing is dropped.
+                    let dispatch = Dispatch {
+                        command,
+                        reply: msg.reply.clone(),
+                    };
+                    if self.commands.send(dispatch).await.is_err() {
+                        tracing::error!("command router stopped; command dropped");
+                    }
+                }
+                Err(refusal) => {
+                    self.refuse(msg, &refusal).await;
+                    published = true;
+                }
+            }
+        }
+        let durable = batch.iter().any(|m| m.js.is_some());
+        if !events.is_empty() {
+            published |= !self.journal(events, replies, stream_seqs, durable).await;
+        }
+        if durable && published {
+            // Error events must be on the server before their messages are acknowledged.
+            if tokio::time::timeout(self.io_timeout, self.nats.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("NATS flush timed out; intake messages stay unacknowledged and come back");
+                return;
+            }
+        }
+        for msg in batch {
+            if let Some(js) = msg.js {
+                if let Err(e) = js.message.ack_with(AckKind::Ack).await {
+                    // Redelivered later, and recognised as journaled.
+                    tracing::debug!(cause = %e, "cannot acknowledge intake message");
+                }
+            }
+        }
+    }
+
+    /// Stream sequences of messages in `batch` that were journaled already. Checked: every
+    /// redelivery, and every message at or below the highest stream sequence journaled
+    /// (whatever its delivery count: a message a crashed node journaled must never be
+    /// taken again); a first delivery above it cannot have been journaled.
+    async fn journaled_before(&self, batch: &[Incoming]) -> Vec<u64> {
+        let high = self.journaled_high.load(Ordering::Relaxed);
+        let redelivered: Vec<u64> = batch
+            .iter()
+            .filter_map(|m| m.js.as_ref())
+            .filter(|js| js.redelivered || js.stream_seq <= high)
+            .map(|js| js.stream_seq)
+            .collect();
+        if redelivered.is_empty() {
+            return Vec::new();
+        }
+        let mut backoff = Backoff::new(STORE_RETRY_MIN, self.backoff_max);
+        loop {
+            match self.store.intake_seen(redelivered.clone()).await {
+                Ok(seen) => return seen,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(cause = %e, retry_in = ?delay, "cannot check redelivered events; intake waits");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Forgets journaled stream sequences the server will never redeliver.
+    pub(super) async fn prune(&self) {
+        let consumer = self.consumer.lock().ok().and_then(|c| c.clone());
+        let Some(mut consumer) = consumer else { return };
+        match consumer.info().await {
+            Ok(info) => {
+                let floor = info.ack_floor.stream_sequence;
+                if let Err(e) = self.store.intake_forget_below(floor).await {
+                    tracing::debug!(cause = %e, "cannot prune intake records");
+                }
+            }
+            Err(e) => tracing::debug!(cause = %e, "cannot read the intake consumer's ack floor"),
+        }
+    }
+
+    /// Appends the batch; retries while the store is down (JetStream keeps the messages, so
+    /// waiting is lossless), within a budget for core NATS whose messages cannot wait.
+    /// Returns false when the events were refused (an error event was published).
+    async fn journal(
+        &self,
+        events: Vec<contract::NewEvent>,
+        replies: Vec<Option<Subject>>,
+        stream_seqs: Vec<u64>,
+        durable_source: bool,
+    ) -> bool {
+        let count = events.len();
+        let stream_range = (
+            stream_seqs.iter().min().copied(),
+            stream_seqs.iter().max().copied(),
+        );
+        let started = std::time::Instant::now();
+        let mut backoff = Backoff::new(STORE_RETRY_MIN, self.backoff_max);
+        let entries = loop {
+            match self
+                .store
+                .append_journal_marked(&self.own_id, events.clone(), stream_seqs.clone())
+                .await
+            {
+                Ok(entries) => break Ok(entries),
+                Err(e) if durable_source || started.elapsed() < CORE_RETRY_BUDGET => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(cause = %e, count, retry_in = ?delay, "journal append failed; intake waits");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match entries {
+            Ok(entries) => {
+                if let Some(last) = stream_range.1 {
+                    self.journaled_high.fetch_max(last, Ordering::Relaxed);
+                }
+                Metrics::add(&self.metrics.intake_accepted, count as u64);
+                Metrics::add(&self.metrics.journal_commits, 1);
+                for (entry, reply) in entries.iter().zip(replies) {
+                    let body = json!({"ok": true, "origin": entry.origin, "seq": entry.seq});
+                    self.answers.reply(reply, &body).await;
+                }
+                if let Some(last) = entries.last() {
+                    tracing::debug!(count, head = last.seq, stream_first = ?stream_range.0, stream_last = ?stream_range.1, "journaled");
+                    self.links.do_send(JournalAdvanced { head: last.seq });
+                }
+                true
+            }
+            Err(e) => {
+                // Core NATS has no redelivery: the application learns it must retry.
+                tracing::error!(cause = %e, count, "journal append failed; events refused");
+                let refusal = Refusal::new(ErrorCode::StoreUnavailable, format!("not journaled: {e}"));
+                // One error event for the whole batch, counting its events (they were each
+                // valid; the message echo of `Answers::refuse` would name only one).
+                self.metrics.refused(PLACE, refusal.code);
+                let error_event = json!({"error": refusal.to_json(), "subject": contract::SUBJECT_PROPAGATION, "count": count});
+                self.answers
+                    .publish(Subject::from_static(contract::SUBJECT_ERROR), &error_event)
+                    .await;
+                let refused = json!({"ok": false, "error": refusal.to_json()});
+                for reply in replies {
+                    self.answers.reply(reply, &refused).await;
+                }
+                false
+            }
+        }
+    }
+
+    /// Reply (when asked), error event, log line and metric for one refused message.
+    async fn refuse(&self, msg: &Incoming, refusal: &Refusal) {
+        let refused = Refused {
+            subject: msg.subject.as_str(),
+            action: None,
+            body: &msg.payload,
+            reply: msg.reply.clone(),
+        };
+        self.answers.refuse(refused, refusal).await;
+    }
+}

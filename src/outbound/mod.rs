@@ -1,0 +1,11 @@
+//! Outbound: this node's journal replicated to each partner.
+//!
+//! - [`service`]: the `StreamService` actor, owning one link per partner and the journal head.
+//! - [`link`]: one link's I/O loop (dial, streams, handshake, push, heartbeat, reconnect).
+//! - [`window`]: the link's rules without I/O (handshake, send window, acks, resume).
+//! - [`status`]: a link's live state, read by the admin API.
+
+pub mod link;
+pub mod service;
+pub mod status;
+pub mod window;

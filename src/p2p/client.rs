@@ -1,0 +1,304 @@
+//! The cloneable [`Client`] handle on the network and the [`Command`]s it sends to the event
+//! loop, each with a `oneshot` for the answer (rust-libp2p's file-sharing example). Streams
+//! are opened and accepted through `libp2p-stream`'s `Control`, which talks to the behaviour
+//! through channels of its own: nothing here touches the Swarm.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::{gossipsub, kad, Multiaddr, PeerId, Stream, StreamProtocol};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{GossipMessage, GossipVerdict, NetError, NetState, RecordEvent};
+
+/// Where the loop hands discovery events; without a subscriber they are dropped (gossip
+/// messages are then ignored).
+pub enum Subscription {
+    Records(mpsc::Sender<RecordEvent>),
+    Gossip(mpsc::Sender<GossipMessage>),
+}
+
+/// What a [`Client`] asks of the event loop.
+pub(super) enum Command {
+    /// Connect to a peer at an address unless already connected.
+    Dial {
+        peer: PeerId,
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    /// Refuse a peer (blacklist) or accept it again.
+    Block {
+        peer: PeerId,
+        blocked: bool,
+    },
+    /// Exempt a partner from the connection limits, or end the exemption.
+    Partner {
+        peer: PeerId,
+        partner: bool,
+    },
+    /// Add a DHT bootstrap peer (dialed; with `/p2p/<id>` also put in the routing table).
+    Bootstrap {
+        addr: Multiaddr,
+    },
+    /// Store a record locally and at the peers closest to its key.
+    PutRecord {
+        record: kad::Record,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    /// Store a record at one peer only, not locally (Kademlia's `put_record_to`).
+    PutRecordTo {
+        record: kad::Record,
+        peer: PeerId,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    /// Look a key up in the DHT; answers every distinct value found (unverified).
+    GetRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>,
+    },
+    PublishGossip {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    ReportGossip {
+        message_id: gossipsub::MessageId,
+        source: PeerId,
+        verdict: GossipVerdict,
+    },
+    Subscribe(Subscription),
+}
+
+/// Cloneable handle on the network.
+#[derive(Clone)]
+pub struct Client {
+    local: PeerId,
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    state: Arc<NetState>,
+}
+
+impl Client {
+    pub(super) fn new(
+        local: PeerId,
+        commands: mpsc::Sender<Command>,
+        control: libp2p_stream::Control,
+        state: Arc<NetState>,
+    ) -> Self {
+        Client {
+            local,
+            commands,
+            control,
+            state,
+        }
+    }
+
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    pub fn state(&self) -> &NetState {
+        &self.state
+    }
+
+    /// Connects to `peer` at `addr` (returns at once when already connected).
+    ///
+    /// # Errors
+    /// [`NetError::Dial`] when the dial fails or does not finish within `timeout`.
+    pub async fn dial(&self, peer: PeerId, addr: Multiaddr, timeout: Duration) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Dial { peer, addr, reply })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(NetError::Stopped),
+            Err(_) => Err(NetError::Dial {
+                peer,
+                reason: format!("not connected within {timeout:?}"),
+            }),
+        }
+    }
+
+    /// The addresses the swarm listens on (ports resolved).
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::ListenAddrs { reply })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Opens a stream, dialing the peer if needed, within `timeout`.
+    ///
+    /// # Errors
+    /// [`NetError::Open`] when the peer is unreachable, refuses, or does not answer in time.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        timeout: Duration,
+    ) -> Result<Stream, NetError> {
+        let mut control = self.control.clone();
+        let open = control.open_stream(peer, protocol.clone());
+        match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(NetError::Open {
+                peer,
+                protocol,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(NetError::Open {
+                peer,
+                protocol,
+                reason: format!("no answer within {timeout:?}"),
+            }),
+        }
+    }
+
+    /// Blacklists a peer (refused, disconnected) or lifts it.
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn set_blocked(&self, peer: PeerId, blocked: bool) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Block { peer, blocked })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Exempts a partner from the connection limits (`partner`), or ends the exemption.
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn set_partner(&self, peer: PeerId, partner: bool) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Partner { peer, partner })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    async fn ask<T>(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<T>,
+        timeout: Duration,
+    ) -> Result<T, NetError> {
+        self.commands.send(command).await.map_err(|_| NetError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(NetError::Stopped),
+            Err(_) => Err(NetError::Dht(format!("no answer within {timeout:?}"))),
+        }
+    }
+
+    /// Adds a DHT bootstrap peer and dials it (returns once the loop took it).
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn bootstrap(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Bootstrap { addr })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Puts a record in the DHT: stored locally, then at the peers closest to `key`; done
+    /// once at least one peer took it. `expires` bounds its life in every store.
+    ///
+    /// # Errors
+    /// [`NetError::Dht`] when no peer took it (it stays in the local store) or the put did
+    /// not finish within `timeout`.
+    pub async fn put_record(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expires: Option<std::time::Instant>,
+        timeout: Duration,
+    ) -> Result<(), NetError> {
+        let mut record = kad::Record::new(key, value);
+        record.expires = expires;
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::PutRecord { record, reply }, rx, timeout)
+            .await?
+    }
+
+    /// Puts a record at `peer` only, without storing it locally or looking up the peers
+    /// closest to `key` (what a peer relaying records does; the tests' hostile peers too).
+    ///
+    /// # Errors
+    /// [`NetError::Dht`] when `peer` did not take it within `timeout`.
+    pub async fn put_record_to(
+        &self,
+        peer: PeerId,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), NetError> {
+        let record = kad::Record::new(key, value);
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::PutRecordTo { record, peer, reply }, rx, timeout)
+            .await?
+    }
+
+    /// Every value stored under `key` that the DHT returns within `timeout` (the local
+    /// store included). Values are not verified: callers check them.
+    ///
+    /// # Errors
+    /// The network loop has stopped or did not answer in time.
+    pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::GetRecord { key, reply }, rx, timeout).await?
+    }
+
+    /// Publishes on the search gossip topic.
+    ///
+    /// # Errors
+    /// [`NetError::Gossip`]: no peer subscribed, message too large.
+    pub async fn publish_gossip(&self, data: Vec<u8>, timeout: Duration) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::PublishGossip { data, reply }, rx, timeout)
+            .await?
+    }
+
+    /// Reports the verdict on a received gossip message (see [`GossipVerdict`]).
+    pub async fn report_gossip(
+        &self,
+        message_id: gossipsub::MessageId,
+        source: PeerId,
+        verdict: GossipVerdict,
+    ) {
+        // A stopped loop has no message to report on.
+        let _ = self
+            .commands
+            .send(Command::ReportGossip {
+                message_id,
+                source,
+                verdict,
+            })
+            .await;
+    }
+
+    /// Hands discovery events of one kind to `sub` from now on.
+    ///
+    /// # Errors
+    /// The network loop has stopped.
+    pub async fn subscribe(&self, sub: Subscription) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Subscribe(sub))
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Starts accepting inbound streams of a protocol.
+    pub fn accept(&self, protocol: StreamProtocol) -> Option<libp2p_stream::IncomingStreams> {
+        self.control.clone().accept(protocol).ok()
+    }
+}

@@ -1,0 +1,384 @@
+//! The BSON shapes: the documents of the `oc_*` collections, the resource document an
+//! application reads, and the checks that find what MongoDB would refuse before writing.
+
+use mongodb::bson::{self, doc, Binary, Bson, Document, RawBinaryRef};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::Failure;
+use crate::contract::{Action, JournalEntry, Resource};
+use crate::store::{OutboxRow, PeerRow, Relation, StoredResource};
+
+/// MongoDB's limit on one document (`maxBsonObjectSize`).
+pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+/// MongoDB's limit on nested documents and arrays.
+pub const MAX_NESTING: usize = 100;
+
+pub(super) fn to_i64(n: u64, what: &str) -> Result<i64, Failure> {
+    i64::try_from(n).map_err(|_| Failure::Corrupt(format!("{what} {n} exceeds 2^63")))
+}
+
+pub(super) fn to_u64(n: i64, what: &str) -> Result<u64, Failure> {
+    u64::try_from(n).map_err(|_| Failure::Corrupt(format!("{what} {n} is negative")))
+}
+
+/// `oc_journal`: one document per journal entry.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct JournalDoc {
+    /// `<origin>:<seq>`, the entry's `Nats-Msg-Id`.
+    #[serde(rename = "_id")]
+    pub(super) id: String,
+    pub(super) origin: String,
+    pub(super) seq: i64,
+    pub(super) action: Action,
+    pub(super) data_type: String,
+    pub(super) user: String,
+    /// The resource exactly as accepted, as JSON text: the journal must hold whatever the
+    /// intake accepted, including what BSON cannot (`$` keys, integers beyond 2^63).
+    pub(super) resource: String,
+    pub(super) time_ms: i64,
+}
+
+impl JournalDoc {
+    pub(super) fn from_entry(e: &JournalEntry) -> Result<Self, Failure> {
+        Ok(JournalDoc {
+            id: e.msg_id(),
+            origin: e.origin.clone(),
+            seq: to_i64(e.seq, "seq")?,
+            action: e.action,
+            data_type: e.data_type.clone(),
+            user: e.user.clone(),
+            resource: e.resource.json().to_owned(),
+            time_ms: to_i64(e.time_ms, "time_ms")?,
+        })
+    }
+
+    pub(super) fn into_entry(self) -> Result<JournalEntry, Failure> {
+        let resource = Resource::from_json(&self.resource)
+            .map_err(|e| Failure::Corrupt(format!("journal {}: resource: {e}", self.id)))?;
+        Ok(JournalEntry {
+            origin: self.origin,
+            seq: to_u64(self.seq, "seq")?,
+            action: self.action,
+            data_type: self.data_type,
+            user: self.user,
+            resource,
+            time_ms: to_u64(self.time_ms, "time_ms")?,
+        })
+    }
+}
+
+/// `oc_versions` key: the resource's collection and id. Keyed by collection rather than
+/// data type because the collection is what holds the document.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(super) struct VersionKey {
+    pub(super) coll: String,
+    pub(super) id: String,
+}
+
+impl VersionKey {
+    pub(super) fn to_bson(&self) -> Bson {
+        Bson::Document(doc! {"coll": &self.coll, "id": &self.id})
+    }
+}
+
+/// `oc_versions`: which origin owns a resource and the seq of its last change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct VersionDoc {
+    #[serde(rename = "_id")]
+    pub(super) key: VersionKey,
+    /// The data type as the origin named it.
+    pub(super) data_type: String,
+    pub(super) origin: String,
+    pub(super) version: i64,
+    pub(super) deleted: bool,
+    /// For a tombstone: the delete event's payload as JSON text (the document itself is
+    /// removed from its collection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) tombstone: Option<String>,
+}
+
+/// A [`VersionDoc`] as written: the same document, borrowing the entry it records.
+#[derive(Serialize)]
+pub(super) struct NewVersionDoc<'a> {
+    #[serde(rename = "_id")]
+    pub(super) key: &'a VersionKey,
+    pub(super) data_type: &'a str,
+    pub(super) origin: &'a str,
+    pub(super) version: i64,
+    pub(super) deleted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) tombstone: Option<&'a str>,
+}
+
+impl VersionDoc {
+    /// The stored state as [`decide`] and callers see it; `resource` is filled by the caller.
+    pub(super) fn to_stored(&self, resource: Value) -> Result<StoredResource, Failure> {
+        Ok(StoredResource {
+            data_type: self.data_type.clone(),
+            id: self.key.id.clone(),
+            origin: self.origin.clone(),
+            version: to_u64(self.version, "version")?,
+            deleted: self.deleted,
+            resource,
+        })
+    }
+
+    pub(super) fn tombstone_value(&self) -> Result<Value, Failure> {
+        match &self.tombstone {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| Failure::Corrupt(format!("tombstone {:?}: {e}", self.key))),
+            None => Ok(Value::Null),
+        }
+    }
+}
+
+/// `oc_outbox`: a publish owed to NATS.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct OutboxDoc {
+    #[serde(rename = "_id")]
+    pub(super) id: i64,
+    pub(super) subject: String,
+    pub(super) msg_id: String,
+    pub(super) payload: Binary,
+}
+
+impl OutboxDoc {
+    pub(super) fn into_row(self) -> Result<OutboxRow, Failure> {
+        Ok(OutboxRow {
+            id: to_u64(self.id, "outbox id")?,
+            subject: self.subject,
+            msg_id: self.msg_id,
+            payload: self.payload.bytes,
+        })
+    }
+}
+
+/// An [`OutboxDoc`] as written: the same document, borrowing its row, so the payload (the
+/// notice, with the whole resource) is not copied once more per applied entry.
+#[derive(Serialize)]
+pub(super) struct NewOutboxDoc<'a> {
+    #[serde(rename = "_id")]
+    id: i64,
+    subject: &'a str,
+    msg_id: &'a str,
+    /// Generic binary, as [`Binary`] with the generic subtype writes it.
+    payload: RawBinaryRef<'a>,
+}
+
+impl<'a> NewOutboxDoc<'a> {
+    pub(super) fn of(r: &'a OutboxRow) -> Result<Self, Failure> {
+        Ok(NewOutboxDoc {
+            id: to_i64(r.id, "outbox id")?,
+            subject: &r.subject,
+            msg_id: &r.msg_id,
+            payload: RawBinaryRef {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: &r.payload,
+            },
+        })
+    }
+}
+
+/// `oc_peers`: a peer this node met and its relation.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct PeerDoc {
+    #[serde(rename = "_id")]
+    pub(super) peer_id: String,
+    pub(super) relation: Relation,
+    pub(super) addrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) name: Option<String>,
+    /// The signed record as JSON text, byte for byte as verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) record: Option<String>,
+    pub(super) updated_ms: i64,
+}
+
+impl PeerDoc {
+    pub(super) fn from_row(r: PeerRow) -> Result<Self, Failure> {
+        Ok(PeerDoc {
+            updated_ms: to_i64(r.updated_ms, "updated_ms")?,
+            record: r.record.map(|v| v.to_string()),
+            peer_id: r.peer_id,
+            relation: r.relation,
+            addrs: r.addrs,
+            name: r.name,
+        })
+    }
+
+    pub(super) fn into_row(self) -> Result<PeerRow, Failure> {
+        let record = match self.record {
+            Some(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| Failure::Corrupt(format!("peer {}: record: {e}", self.peer_id)))?,
+            ),
+            None => None,
+        };
+        Ok(PeerRow {
+            updated_ms: to_u64(self.updated_ms, "updated_ms")?,
+            record,
+            peer_id: self.peer_id,
+            relation: self.relation,
+            addrs: self.addrs,
+            name: self.name,
+        })
+    }
+}
+
+/// `oc_cursors` and `oc_applied`: one number per peer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SeqDoc {
+    #[serde(rename = "_id")]
+    pub(super) peer: String,
+    pub(super) seq: i64,
+}
+
+/// The document an application reads: `_id` = the resource id, then the resource's own
+/// fields at top level.
+///
+/// # Errors
+/// Why MongoDB would refuse it: not an object, a field name starting with `$` or holding
+/// NUL, nesting beyond [`MAX_NESTING`], an integer beyond 2^63, an `_id` other than the
+/// id, or more than [`MAX_DOCUMENT_BYTES`] once encoded.
+pub fn resource_document(id: &str, resource: &Value) -> Result<Document, String> {
+    let Value::Object(fields) = resource else {
+        return Err("the resource is not a JSON object".to_owned());
+    };
+    check_names(resource, 1)?;
+    if let Some(own) = fields.get("_id") {
+        if own.as_str() != Some(id) {
+            return Err(format!("field _id {own} differs from the resource id"));
+        }
+    }
+    let body = bson::to_document(resource).map_err(|e| format!("not representable in BSON: {e}"))?;
+    let mut doc = Document::new();
+    doc.insert("_id", id);
+    for (k, v) in body {
+        if k != "_id" {
+            doc.insert(k, v);
+        }
+    }
+    let size = bson::to_vec(&doc)
+        .map_err(|e| format!("not representable in BSON: {e}"))?
+        .len();
+    if size > MAX_DOCUMENT_BYTES {
+        return Err(format!(
+            "the document is {size} bytes, MongoDB's limit is {MAX_DOCUMENT_BYTES}"
+        ));
+    }
+    Ok(doc)
+}
+
+/// Field names MongoDB refuses or misreads, at any depth.
+pub(super) fn check_names(v: &Value, depth: usize) -> Result<(), String> {
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Object(m) => {
+            for k in m.keys() {
+                if k.starts_with('$') {
+                    return Err(format!("field name {k:?} starts with '$'"));
+                }
+                if k.contains('\0') {
+                    return Err(format!("field name {k:?} contains NUL"));
+                }
+            }
+            Box::new(m.values())
+        }
+        Value::Array(a) => Box::new(a.iter()),
+        _ => return Ok(()),
+    };
+    if depth > MAX_NESTING {
+        return Err(format!("nested deeper than {MAX_NESTING} levels"));
+    }
+    for child in children {
+        check_names(child, depth + 1)?;
+    }
+    Ok(())
+}
+
+/// The resource document as JSON, without the `_id` the node added.
+pub(super) fn document_to_json(mut doc: Document) -> Value {
+    doc.remove("_id");
+    Bson::Document(doc).into_relaxed_extjson()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The borrowed documents are what the owned ones were: the on-disk format is unchanged.
+    #[test]
+    fn the_borrowed_documents_write_what_the_owned_ones_read() {
+        let row = OutboxRow {
+            id: 7,
+            subject: "CREATE_RESOURCE".into(),
+            msg_id: "origin:7".into(),
+            payload: br#"{"resource":{"id":"r1"}}"#.to_vec(),
+        };
+        let written = bson::to_document(&NewOutboxDoc::of(&row).unwrap()).unwrap();
+        let owned = OutboxDoc {
+            id: 7,
+            subject: row.subject.clone(),
+            msg_id: row.msg_id.clone(),
+            payload: Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: row.payload.clone(),
+            },
+        };
+        assert_eq!(written, bson::to_document(&owned).unwrap());
+        let read: OutboxDoc = bson::from_document(written).unwrap();
+        assert_eq!(read.into_row().unwrap(), row);
+
+        let key = VersionKey {
+            coll: "compute_resource".into(),
+            id: "r1".into(),
+        };
+        for tombstone in [None, Some(r#"{"id":"r1"}"#)] {
+            let new = NewVersionDoc {
+                key: &key,
+                data_type: "COMPUTE_RESOURCE",
+                origin: "origin",
+                version: 3,
+                deleted: tombstone.is_some(),
+                tombstone,
+            };
+            let owned = VersionDoc {
+                key: key.clone(),
+                data_type: "COMPUTE_RESOURCE".into(),
+                origin: "origin".into(),
+                version: 3,
+                deleted: tombstone.is_some(),
+                tombstone: tombstone.map(str::to_owned),
+            };
+            assert_eq!(
+                bson::to_document(&new).unwrap(),
+                bson::to_document(&owned).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn documents_refused_before_writing() {
+        let ok = resource_document("r1", &json!({"id": "r1", "n": 1, "a": [{"b": 2}]})).unwrap();
+        assert_eq!(ok.get_str("_id").unwrap(), "r1");
+        assert_eq!(ok.get_i64("n").unwrap(), 1);
+        for bad in [
+            json!({"id": "r1", "$where": 1}),
+            json!({"id": "r1", "nested": {"$set": 1}}),
+            json!({"id": "r1", "list": [{"$oid": "x"}]}),
+            json!({"id": "r1", "big": u64::MAX}),
+            json!({"id": "r1", "_id": "other"}),
+            json!(["not", "an", "object"]),
+        ] {
+            assert!(resource_document("r1", &bad).is_err(), "{bad}");
+        }
+        let mut deep = json!(1);
+        for _ in 0..120 {
+            deep = json!({"d": deep});
+        }
+        assert!(resource_document("r1", &deep).is_err());
+        let huge = json!({"id": "r1", "blob": "x".repeat(MAX_DOCUMENT_BYTES)});
+        assert!(resource_document("r1", &huge).is_err());
+    }
+}

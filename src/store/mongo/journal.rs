@@ -1,0 +1,118 @@
+//! The journal commit: this node's own events appended with the next seqs, `oc_own` kept in
+//! step for search answers, and the JetStream intake sequences recorded, in one transaction.
+
+use std::collections::HashMap;
+
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::ClientSession;
+
+use super::bson::{to_i64, to_u64, JournalDoc};
+use super::error::Failure;
+use super::names::{INTAKE, JOURNAL, OWN};
+use super::MongoStore;
+use crate::contract::{now_ms, Action, JournalEntry, NewEvent};
+
+impl MongoStore {
+    pub(super) async fn append_txn(
+        &self,
+        session: &mut ClientSession,
+        origin: &str,
+        events: &[NewEvent],
+        intake_seqs: &[u64],
+    ) -> Result<Vec<JournalEntry>, Failure> {
+        let journal = self.coll::<JournalDoc>(JOURNAL);
+        let head = journal
+            .find_one(doc! {"origin": origin})
+            .sort(doc! {"seq": -1})
+            .session(&mut *session)
+            .await?
+            .map(|d| to_u64(d.seq, "seq"))
+            .transpose()?
+            .unwrap_or(0);
+        let time_ms = now_ms();
+        let entries: Vec<JournalEntry> = events
+            .iter()
+            .zip(head + 1..)
+            .map(|(e, seq)| JournalEntry {
+                origin: origin.to_owned(),
+                seq,
+                action: e.action,
+                data_type: e.data_type.clone(),
+                user: e.user.clone(),
+                resource: e.resource.clone(),
+                time_ms,
+            })
+            .collect();
+        let docs = entries
+            .iter()
+            .map(JournalDoc::from_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        journal.insert_many(docs).session(&mut *session).await?;
+        self.index_own(session, &entries).await?;
+        if let (Some(last), false) = (entries.last(), intake_seqs.is_empty()) {
+            self.mark_intake(session, intake_seqs, last.seq).await?;
+        }
+        Ok(entries)
+    }
+
+    /// Keeps `oc_own` (this node's resources as its journal leaves them, for search
+    /// answers) in step with the journal, in the same transaction.
+    pub(super) async fn index_own(
+        &self,
+        s: &mut ClientSession,
+        entries: &[JournalEntry],
+    ) -> Result<(), Failure> {
+        // The last change of each resource in the batch wins.
+        let mut last: HashMap<(&str, &str), &JournalEntry> = HashMap::new();
+        for e in entries {
+            if let Some(id) = e.resource_id() {
+                last.insert((e.data_type.as_str(), id), e);
+            }
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Bson> = last
+            .keys()
+            .map(|(dt, id)| Bson::Document(doc! {"data_type": *dt, "id": *id}))
+            .collect();
+        let live: Vec<Document> = last
+            .iter()
+            .filter(|(_, e)| e.action != Action::Delete)
+            .map(|((dt, id), e)| {
+                doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json()}
+            })
+            .collect();
+        let own = self.coll::<Document>(OWN);
+        own.delete_many(doc! {"_id": {"$in": keys}})
+            .session(&mut *s)
+            .await?;
+        if !live.is_empty() {
+            own.insert_many(live).session(&mut *s).await?;
+        }
+        Ok(())
+    }
+
+    /// Records which JetStream messages this journal commit holds; a record already there
+    /// (a redelivery journaled anyway) is replaced.
+    pub(super) async fn mark_intake(
+        &self,
+        s: &mut ClientSession,
+        stream_seqs: &[u64],
+        seq: u64,
+    ) -> Result<(), Failure> {
+        let seq = to_i64(seq, "seq")?;
+        let ids = stream_seqs
+            .iter()
+            .map(|&n| to_i64(n, "stream seq"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let intake = self.coll::<Document>(INTAKE);
+        intake
+            .delete_many(doc! {"_id": {"$in": &ids}})
+            .session(&mut *s)
+            .await?;
+        let docs: Vec<Document> = ids.iter().map(|id| doc! {"_id": id, "seq": seq}).collect();
+        intake.insert_many(docs).session(&mut *s).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,663 @@
+//! The MongoDB store: resources where the site's applications read them, one collection
+//! per data type, and the node's bookkeeping in `oc_*` collections beside them.
+//!
+//! The document shapes, indexes and the reasons for the transaction settings are in
+//! `docs/MONGODB.md`. In short:
+//! - `append_journal` and `apply_batch` each run as ONE multi-document transaction with
+//!   write concern `majority` + journaled, so an acknowledgement is never sent for
+//!   something MongoDB could still lose, and an apply is all-or-nothing;
+//! - one writer at a time inside this process (like redb), so our own transactions never
+//!   conflict with each other and outbox ids are allocated without races;
+//! - a resource MongoDB would refuse is found before writing (and, failing that, by
+//!   applying the batch entry by entry) and becomes [`ApplyOutcome::Rejected`];
+//! - nothing connects at construction: MongoDB may be down when the node starts. Indexes
+//!   are created by the first operation that reaches it, and every failure to reach it is
+//!   [`StoreError::Unavailable`], which callers retry.
+//!
+//! One concern per file: `names` (collections, data type → collection), `bson` (document
+//! shapes and pre-write checks), `error` (retried, refused, corrupt), `schema`
+//! (collections and indexes), `txn` (durable transactions and their retries), `journal`
+//! (the journal commit), `plan` (checking and deciding a batch, pure), `apply` (the apply
+//! commit), `peers` (meeting a peer); this file: the settings, the client and the
+//! [`Store`] implementation over them.
+
+mod apply;
+mod bson;
+mod error;
+mod journal;
+mod names;
+mod peers;
+mod plan;
+mod schema;
+mod txn;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::options::{Acknowledgment, ClientOptions, CollectionOptions, DatabaseOptions, WriteConcern};
+use mongodb::{Client, Collection, Database};
+use serde_json::Value;
+use tokio::sync::{Mutex, OnceCell};
+
+pub use self::bson::{resource_document, MAX_DOCUMENT_BYTES, MAX_NESTING};
+pub use self::error::OpenError;
+pub use self::names::{collection_for, DEFAULT_DB};
+
+use self::bson::{
+    document_to_json, to_i64, to_u64, JournalDoc, OutboxDoc, PeerDoc, SeqDoc, VersionDoc, VersionKey,
+};
+use self::error::Failure;
+use self::names::{check_database_name, APPLIED, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS};
+use self::txn::durable;
+use super::{
+    ApplyOutcome, OutboxRow, OwnPage, PageBounds, PeerRow, Relation, Store, StoreError, StoreResult,
+    StoredResource,
+};
+use crate::contract::{JournalEntry, NewEvent};
+
+/// Most `known` rows one round of `trim_known_peers` deletes.
+const TRIM_CHUNK: u64 = 1000;
+
+/// Connection and retry settings; the defaults suit one node writing in batches.
+#[derive(Debug, Clone)]
+pub struct MongoSettings {
+    /// Connections kept per server: the single writer uses one, reads (partner links,
+    /// admin API) the rest.
+    pub max_pool_size: u32,
+    pub min_pool_size: u32,
+    /// How long one operation waits for a usable server before failing as unavailable.
+    pub server_selection_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Bound on waiting for the majority to acknowledge a commit.
+    pub write_timeout: Duration,
+    /// `GET /healthz` waits this long for a ping.
+    pub health_timeout: Duration,
+    /// Whole-transaction attempts on a transient error before reporting unavailable.
+    pub transaction_attempts: u32,
+    /// Commit attempts when MongoDB could not say whether a commit happened.
+    pub commit_attempts: u32,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        MongoSettings {
+            max_pool_size: 16,
+            min_pool_size: 1,
+            server_selection_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            health_timeout: Duration::from_secs(3),
+            transaction_attempts: 5,
+            commit_attempts: 5,
+        }
+    }
+}
+
+pub struct MongoStore {
+    client: Client,
+    db: Database,
+    settings: MongoSettings,
+    /// Collections and indexes, created by the first operation that reaches MongoDB.
+    setup: OnceCell<()>,
+    /// Resource collections known to exist: DDL stays out of transactions.
+    collections: StdMutex<HashSet<String>>,
+    /// One writing transaction at a time (see the module comment).
+    writer: Mutex<()>,
+    /// The last error an operation met, quoted by [`Store::health`].
+    last_error: StdMutex<Option<String>>,
+}
+
+impl MongoStore {
+    /// Prepares a client for `uri` and database `db` without contacting MongoDB, so the
+    /// node starts whether or not MongoDB is up.
+    ///
+    /// # Errors
+    /// A URI that does not parse (or whose SRV record cannot be resolved), or a database
+    /// name MongoDB does not accept.
+    pub async fn connect(uri: &str, db: &str, settings: MongoSettings) -> Result<Self, OpenError> {
+        check_database_name(db)?;
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| OpenError::Uri(e.to_string()))?;
+        // What the URI sets (maxPoolSize=, serverSelectionTimeoutMS=, ...) wins.
+        options.app_name.get_or_insert_with(|| "oc-discovery".to_owned());
+        options.max_pool_size.get_or_insert(settings.max_pool_size);
+        options.min_pool_size.get_or_insert(settings.min_pool_size);
+        options
+            .server_selection_timeout
+            .get_or_insert(settings.server_selection_timeout);
+        options.connect_timeout.get_or_insert(settings.connect_timeout);
+        let client = Client::with_options(options).map_err(|e| OpenError::Uri(e.to_string()))?;
+        let mut db_options = DatabaseOptions::default();
+        // Writes outside transactions (partnerships) are as durable as commits, except the
+        // few that use `relaxed` on purpose.
+        db_options.write_concern = Some(durable(&settings));
+        let database = client.database_with_options(db, db_options);
+        Ok(MongoStore {
+            client,
+            db: database,
+            settings,
+            setup: OnceCell::new(),
+            collections: StdMutex::new(HashSet::new()),
+            writer: Mutex::new(()),
+            last_error: StdMutex::new(None),
+        })
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Runs a `find` and collects every document, mapping driver errors the store's way.
+    async fn collect<T, F>(&self, find: F) -> StoreResult<Vec<T>>
+    where
+        F: std::future::IntoFuture<Output = mongodb::error::Result<mongodb::Cursor<T>>>,
+        T: serde::de::DeserializeOwned + Send + Sync + Unpin,
+    {
+        let cursor = find.await.map_err(|e| self.failed(e))?;
+        cursor.try_collect().await.map_err(|e| self.failed(e))
+    }
+
+    fn coll<T: Send + Sync>(&self, name: &str) -> Collection<T> {
+        self.db.collection(name)
+    }
+
+    /// A collection whose writes wait for the primary only, not the majority's journals:
+    /// for writes whose loss in a crash or failover costs a resend or a duplicate notice
+    /// at most (cursors, outbox removals, intake pruning), like the embedded store's
+    /// unsynced commits for the same writes.
+    fn relaxed(&self, name: &str) -> Collection<Document> {
+        let options = CollectionOptions::builder()
+            .write_concern(
+                WriteConcern::builder()
+                    .w(Acknowledgment::Nodes(1))
+                    .journal(false)
+                    .build(),
+            )
+            .build();
+        self.db.collection_with_options(name, options)
+    }
+
+    /// Remembers an error for `/healthz` and turns it into a [`StoreError`].
+    fn failed(&self, f: impl Into<Failure>) -> StoreError {
+        let e: StoreError = f.into().into();
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(e.to_string());
+        }
+        e
+    }
+
+    async fn read_seq(&self, coll: &str, key: &str) -> StoreResult<u64> {
+        self.ready().await?;
+        let doc = self
+            .coll::<SeqDoc>(coll)
+            .find_one(doc! {"_id": key})
+            .await
+            .map_err(|e| self.failed(e))?;
+        match doc {
+            Some(d) => to_u64(d.seq, coll).map_err(|e| self.failed(e)),
+            None => Ok(0),
+        }
+    }
+
+    /// Live documents of a collection by id.
+    async fn documents(&self, coll: &str, ids: Vec<&str>) -> StoreResult<HashMap<String, Value>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let docs: Vec<Document> = self
+            .collect(self.coll::<Document>(coll).find(doc! {"_id": {"$in": ids}}))
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                let id = d.get_str("_id").ok()?.to_owned();
+                Some((id, document_to_json(d)))
+            })
+            .collect())
+    }
+
+    fn stored(&self, v: &VersionDoc, live: &mut HashMap<String, Value>) -> StoreResult<StoredResource> {
+        let resource = if v.deleted {
+            v.tombstone_value().map_err(|e| self.failed(e))?
+        } else {
+            // Null when an application removed the document behind the node's back.
+            live.remove(&v.key.id).unwrap_or(Value::Null)
+        };
+        v.to_stored(resource).map_err(|e| self.failed(e))
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
+        self.append_journal_marked(origin, events, Vec::new()).await
+    }
+
+    async fn append_journal_marked(
+        &self,
+        origin: &str,
+        events: Vec<NewEvent>,
+        intake_seqs: Vec<u64>,
+    ) -> StoreResult<Vec<JournalEntry>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ready().await?;
+        let _writer = self.writer.lock().await;
+        let mut attempt = 1;
+        loop {
+            let mut session = self.begin().await.map_err(|e| self.failed(e))?;
+            let body = self.append_txn(&mut session, origin, &events, &intake_seqs).await;
+            match self.finish(session, body, attempt).await {
+                Ok(Some(entries)) => return Ok(entries),
+                Ok(None) => attempt += 1,
+                Err(e) => return Err(self.failed(e)),
+            }
+        }
+    }
+
+    async fn intake_seen(&self, seqs: Vec<u64>) -> StoreResult<Vec<u64>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ready().await?;
+        let ids = seqs
+            .iter()
+            .map(|&n| to_i64(n, "stream seq"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.failed(e))?;
+        let found: Vec<Document> = self
+            .collect(
+                self.coll::<Document>(INTAKE)
+                    .find(doc! {"_id": {"$in": ids}})
+                    .projection(doc! {"_id": 1}),
+            )
+            .await?;
+        let found: HashSet<i64> = found.iter().filter_map(|d| d.get_i64("_id").ok()).collect();
+        Ok(seqs
+            .into_iter()
+            .filter(|&n| i64::try_from(n).is_ok_and(|n| found.contains(&n)))
+            .collect())
+    }
+
+    async fn intake_high(&self) -> StoreResult<u64> {
+        self.ready().await?;
+        let last = self
+            .coll::<Document>(INTAKE)
+            .find_one(doc! {})
+            .sort(doc! {"_id": -1})
+            .projection(doc! {"_id": 1})
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(last
+            .and_then(|d| d.get_i64("_id").ok())
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0))
+    }
+
+    async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
+        self.ready().await?;
+        let below = i64::try_from(below).unwrap_or(i64::MAX);
+        self.relaxed(INTAKE)
+            .delete_many(doc! {"_id": {"$lt": below}})
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
+        self.ready().await?;
+        let from = to_i64(from, "seq").map_err(|e| self.failed(e))?;
+        let docs: Vec<JournalDoc> = self
+            .collect(
+                self.coll::<JournalDoc>(JOURNAL)
+                    .find(doc! {"origin": origin, "seq": {"$gte": from}})
+                    .sort(doc! {"seq": 1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        docs.into_iter()
+            .map(|d| d.into_entry().map_err(|e| self.failed(e)))
+            .collect()
+    }
+
+    async fn journal_head(&self, origin: &str) -> StoreResult<u64> {
+        self.ready().await?;
+        let last = self
+            .coll::<JournalDoc>(JOURNAL)
+            .find_one(doc! {"origin": origin})
+            .sort(doc! {"seq": -1})
+            .await
+            .map_err(|e| self.failed(e))?;
+        match last {
+            Some(d) => to_u64(d.seq, "seq").map_err(|e| self.failed(e)),
+            None => Ok(0),
+        }
+    }
+
+    async fn cursor(&self, peer: &str) -> StoreResult<u64> {
+        self.read_seq(CURSORS, peer).await
+    }
+
+    async fn set_cursor(&self, peer: &str, seq: u64) -> StoreResult<()> {
+        self.ready().await?;
+        let seq = to_i64(seq, "cursor").map_err(|e| self.failed(e))?;
+        self.relaxed(CURSORS)
+            .update_one(doc! {"_id": peer}, doc! {"$set": {"seq": seq}})
+            .upsert(true)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    async fn applied(&self, origin: &str) -> StoreResult<u64> {
+        self.read_seq(APPLIED, origin).await
+    }
+
+    async fn apply_batch(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: Vec<JournalEntry>,
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        self.apply_entries(origin, up_to, &entries).await
+    }
+
+    async fn apply_batch_clearing(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: std::sync::Arc<[JournalEntry]>,
+        published: Vec<u64>,
+    ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+        // One `delete_many` before the batch's transaction, outside it: a removal lost in a
+        // crash only republishes those rows.
+        self.outbox_remove(published).await?;
+        self.apply_entries(origin, up_to, &entries).await
+    }
+
+    async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {
+        self.ready().await?;
+        let docs: Vec<OutboxDoc> = self
+            .collect(
+                self.coll::<OutboxDoc>(OUTBOX)
+                    .find(doc! {})
+                    .sort(doc! {"_id": 1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        docs.into_iter()
+            .map(|d| d.into_row().map_err(|e| self.failed(e)))
+            .collect()
+    }
+
+    async fn outbox_remove(&self, ids: Vec<u64>) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.ready().await?;
+        let ids = ids
+            .into_iter()
+            .map(|id| to_i64(id, "outbox id"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.failed(e))?;
+        self.relaxed(OUTBOX)
+            .delete_many(doc! {"_id": {"$in": ids}})
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+        self.ready().await?;
+        let Ok(coll) = collection_for(self.db.name(), data_type) else {
+            return Ok(None);
+        };
+        let key = VersionKey {
+            coll,
+            id: id.to_owned(),
+        };
+        let version = self
+            .coll::<VersionDoc>(VERSIONS)
+            .find_one(doc! {"_id": key.to_bson()})
+            .await
+            .map_err(|e| self.failed(e))?;
+        let Some(v) = version else {
+            return Ok(None);
+        };
+        let ids = if v.deleted { vec![] } else { vec![id] };
+        let mut live = self.documents(&key.coll, ids).await?;
+        self.stored(&v, &mut live).map(Some)
+    }
+
+    async fn resources(
+        &self,
+        data_type: &str,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredResource>> {
+        self.ready().await?;
+        let Ok(coll) = collection_for(self.db.name(), data_type) else {
+            return Ok(Vec::new());
+        };
+        let mut filter = doc! {"_id.coll": &coll};
+        if let Some(after) = &after {
+            filter.insert("_id.id", doc! {"$gt": after});
+        }
+        let versions: Vec<VersionDoc> = self
+            .collect(
+                self.coll::<VersionDoc>(VERSIONS)
+                    .find(filter)
+                    .sort(doc! {"_id.coll": 1, "_id.id": 1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        let live_ids = versions
+            .iter()
+            .filter(|v| !v.deleted)
+            .map(|v| v.key.id.as_str())
+            .collect();
+        let mut live = self.documents(&coll, live_ids).await?;
+        versions.iter().map(|v| self.stored(v, &mut live)).collect()
+    }
+
+    async fn own_resources(&self, _origin: &str, data_type: &str) -> StoreResult<Vec<Value>> {
+        self.ready().await?;
+        let docs: Vec<Document> = self
+            .collect(
+                self.coll::<Document>(OWN)
+                    .find(doc! {"_id.data_type": data_type})
+                    .sort(doc! {"_id.data_type": 1, "_id.id": 1}),
+            )
+            .await?;
+        docs.iter()
+            .map(|d| {
+                let text = d
+                    .get_str("resource")
+                    .map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))?;
+                serde_json::from_str(text).map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))
+            })
+            .collect()
+    }
+
+    async fn own_resources_page(
+        &self,
+        _origin: &str,
+        data_type: &str,
+        after: Option<String>,
+        bounds: PageBounds,
+    ) -> StoreResult<OwnPage> {
+        self.ready().await?;
+        let mut filter = doc! {"_id.data_type": data_type};
+        if let Some(after) = &after {
+            filter.insert("_id.id", doc! {"$gt": after});
+        }
+        let limit = i64::try_from(bounds.max_count.max(1)).unwrap_or(i64::MAX);
+        let mut cursor = self
+            .coll::<Document>(OWN)
+            .find(filter)
+            .sort(doc! {"_id.data_type": 1, "_id.id": 1})
+            .limit(limit)
+            .batch_size(16)
+            .await
+            .map_err(|e| self.failed(e))?;
+        // Documents are taken from the cursor one at a time and kept as JSON text only;
+        // the page stops at its byte bound, leaving the rest of the batch unread.
+        let mut docs = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(d) = cursor.try_next().await.map_err(|e| self.failed(e))? {
+            let corrupt = |e: mongodb::bson::document::ValueAccessError| {
+                self.failed(Failure::Corrupt(format!("oc_own: {e}")))
+            };
+            let id = d
+                .get_document("_id")
+                .and_then(|k| k.get_str("id"))
+                .map_err(corrupt)?;
+            let text = d.get_str("resource").map_err(corrupt)?;
+            bytes = bytes.saturating_add(text.len()).saturating_add(id.len());
+            docs.push((id.to_owned(), text.to_owned()));
+            if bytes >= bounds.max_bytes {
+                break;
+            }
+        }
+        let full = docs.len() >= bounds.max_count.max(1) || bytes >= bounds.max_bytes;
+        let next = if full {
+            docs.last().map(|(id, _)| id.clone())
+        } else {
+            None
+        };
+        Ok(OwnPage { items: docs, next })
+    }
+
+    async fn peer(&self, peer_id: &str) -> StoreResult<Option<PeerRow>> {
+        self.ready().await?;
+        let doc = self
+            .coll::<PeerDoc>(PEERS)
+            .find_one(doc! {"_id": peer_id})
+            .await
+            .map_err(|e| self.failed(e))?;
+        doc.map(|d| d.into_row().map_err(|e| self.failed(e))).transpose()
+    }
+
+    /// Read and write in one transaction, so a relation set meanwhile is kept.
+    async fn meet_peer(&self, row: PeerRow) -> StoreResult<Relation> {
+        self.ready().await?;
+        let _writer = self.writer.lock().await;
+        let mut attempt = 1;
+        loop {
+            let mut session = self.begin().await.map_err(|e| self.failed(e))?;
+            let body = self.meet_txn(&mut session, row.clone()).await;
+            match self.finish(session, body, attempt).await {
+                Ok(Some(relation)) => return Ok(relation),
+                Ok(None) => attempt += 1,
+                Err(e) => return Err(self.failed(e)),
+            }
+        }
+    }
+
+    async fn peers(&self) -> StoreResult<Vec<PeerRow>> {
+        self.ready().await?;
+        let docs: Vec<PeerDoc> = self
+            .collect(self.coll::<PeerDoc>(PEERS).find(doc! {}).sort(doc! {"_id": 1}))
+            .await?;
+        docs.into_iter()
+            .map(|d| d.into_row().map_err(|e| self.failed(e)))
+            .collect()
+    }
+
+    async fn put_peer(&self, row: PeerRow) -> StoreResult<()> {
+        self.ready().await?;
+        let doc = PeerDoc::from_row(row).map_err(|e| self.failed(e))?;
+        self.coll::<PeerDoc>(PEERS)
+            .replace_one(doc! {"_id": &doc.peer_id}, &doc)
+            .upsert(true)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    async fn remove_peer(&self, peer_id: &str) -> StoreResult<()> {
+        self.ready().await?;
+        self.coll::<PeerDoc>(PEERS)
+            .delete_one(doc! {"_id": peer_id})
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    /// Counts the `known` rows (index `relation_seen`), then deletes the least recently
+    /// seen beyond `keep`, at most [`TRIM_CHUNK`] per round; the delete names the relation
+    /// again, so a row made a partner meanwhile stays.
+    async fn trim_known_peers(&self, keep: usize) -> StoreResult<usize> {
+        self.ready().await?;
+        let peers = self.coll::<Document>(PEERS);
+        let known = doc! {"relation": "known"};
+        let mut dropped = 0usize;
+        loop {
+            let count = peers
+                .count_documents(known.clone())
+                .await
+                .map_err(|e| self.failed(e))?;
+            let excess = count.saturating_sub(u64::try_from(keep).unwrap_or(u64::MAX));
+            if excess == 0 {
+                return Ok(dropped);
+            }
+            let limit = i64::try_from(excess.min(TRIM_CHUNK)).unwrap_or(1);
+            let oldest: Vec<Document> = self
+                .collect(
+                    peers
+                        .find(known.clone())
+                        .sort(doc! {"updated_ms": 1})
+                        .limit(limit)
+                        .projection(doc! {"_id": 1}),
+                )
+                .await?;
+            let ids: Vec<mongodb::bson::Bson> =
+                oldest.into_iter().filter_map(|d| d.get("_id").cloned()).collect();
+            if ids.is_empty() {
+                return Ok(dropped);
+            }
+            let deleted = peers
+                .delete_many(doc! {"_id": {"$in": ids}, "relation": "known"})
+                .await
+                .map_err(|e| self.failed(e))?
+                .deleted_count;
+            dropped = dropped.saturating_add(usize::try_from(deleted).unwrap_or(usize::MAX));
+            if deleted == 0 {
+                return Ok(dropped);
+            }
+        }
+    }
+
+    async fn health(&self) -> StoreResult<()> {
+        let timeout = self.settings.health_timeout;
+        let check = async {
+            self.ready().await?;
+            self.db
+                .run_command(doc! {"ping": 1})
+                .await
+                .map_err(|e| self.failed(e))?;
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, check).await {
+            Ok(result) => result,
+            Err(_) => {
+                let last = self
+                    .last_error
+                    .lock()
+                    .ok()
+                    .and_then(|l| l.clone())
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default();
+                Err(StoreError::Unavailable(format!(
+                    "mongodb did not answer a ping within {timeout:?}{last}"
+                )))
+            }
+        }
+    }
+}
