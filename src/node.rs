@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::answers::Answers;
+use crate::backoff::Backoff;
 use crate::commands::forwarder::Forwarder;
 use crate::commands::router::{CommandEnv, CommandRouter};
 use crate::config::{NodeConfig, StoreConfig};
@@ -45,6 +46,9 @@ const OUTBOX_ROUND: usize = 1024;
 /// Backoff bounds while the store cannot give the journal head at start-up.
 const HEAD_RETRY_MIN: Duration = Duration::from_millis(200);
 const HEAD_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Retry bounds of the start-up outbox drain (NATS or the store not answering yet).
+const OUTBOX_RETRY_MIN: Duration = Duration::from_millis(200);
+const OUTBOX_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Runs a node until `shutdown` completes. Must be called inside an actix `System`.
 ///
@@ -290,7 +294,7 @@ async fn announce_head(
     links: Recipient<JournalAdvanced>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut delay = HEAD_RETRY_MIN;
+    let mut backoff = Backoff::new(HEAD_RETRY_MIN, HEAD_RETRY_MAX);
     loop {
         match store.journal_head(&own_id).await {
             Ok(head) => {
@@ -300,13 +304,13 @@ async fn announce_head(
                 }
                 return;
             }
-            Err(e) => tracing::warn!(cause = %e, retry_in = ?delay, "cannot read the journal head"),
+            Err(e) => {
+                tracing::warn!(cause = %e, retry_in = ?backoff.current(), "cannot read the journal head")
+            }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = crate::shutdown::signalled(&mut stop) => return,
+        if !backoff.wait_or(crate::shutdown::signalled(&mut stop)).await {
+            return;
         }
-        delay = (delay * 2).min(HEAD_RETRY_MAX);
     }
 }
 
@@ -318,7 +322,7 @@ async fn drain_outbox(
     timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> bool {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(OUTBOX_RETRY_MIN, OUTBOX_RETRY_MAX);
     loop {
         let round = async {
             let rows = store.outbox(OUTBOX_ROUND).await.map_err(|e| e.to_string())?;
@@ -338,13 +342,14 @@ async fn drain_outbox(
         };
         match round.await {
             Ok(true) => return true,
-            Ok(false) => continue,
-            Err(e) => tracing::warn!(cause = %e, retry_in = ?delay, "outbox drain failed"),
+            Ok(false) => {
+                backoff.reset();
+                continue;
+            }
+            Err(e) => tracing::warn!(cause = %e, retry_in = ?backoff.current(), "outbox drain failed"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = crate::shutdown::signalled(&mut stop) => return false,
+        if !backoff.wait_or(crate::shutdown::signalled(&mut stop)).await {
+            return false;
         }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
