@@ -10,7 +10,7 @@ use common::*;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use oc_discovery::p2p::records::{self, PeerRecord};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, SearchFrame};
 use oc_discovery::p2p::{self, Client};
 use oc_discovery::search::PROTOCOL_SEARCH;
 use serde_json::{json, Value};
@@ -518,7 +518,7 @@ fn duplicating_responder(peer: &TestPeer) {
         while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
             let me = me.clone();
             tokio::spawn(async move {
-                let Ok(Some(Frame::SearchQuery {
+                let Ok(Some(SearchFrame::SearchQuery {
                     query_id, data_type, ..
                 })) = wire::read_frame(&mut stream, 1 << 20).await
                 else {
@@ -529,14 +529,14 @@ fn duplicating_responder(peer: &TestPeer) {
                     vec![r("dup-1"), r("dup-1"), r("dup-2")],
                     vec![r("dup-2"), r("dup-3")],
                 ] {
-                    let frame = Frame::SearchResults {
+                    let frame = SearchFrame::SearchResults {
                         query_id: query_id.clone(),
                         data_type: Some(data_type.clone()),
                         results,
                     };
                     wire::write_frame(&mut stream, &frame).await.unwrap();
                 }
-                let done = Frame::SearchDone {
+                let done = SearchFrame::SearchDone {
                     query_id,
                     count: 5,
                     skipped: 0,

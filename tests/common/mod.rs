@@ -310,7 +310,7 @@ impl HandPeer {
         futures::io::WriteHalf<libp2p::Stream>,
     ) {
         use futures::AsyncReadExt;
-        use oc_discovery::p2p::wire::{self, Frame};
+        use oc_discovery::p2p::wire::{self, ResourceFrame};
         let peer = site.id().parse().unwrap();
         let addr = format!("/ip4/127.0.0.1/tcp/{}", site.node.p2p_port)
             .parse()
@@ -325,7 +325,7 @@ impl HandPeer {
         let (r, mut w) = stream.split();
         wire::write_frame(
             &mut w,
-            &Frame::Hello {
+            &ResourceFrame::Hello {
                 origin: self.id.clone(),
                 head,
             },
