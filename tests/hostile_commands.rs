@@ -9,7 +9,7 @@ use std::time::Duration;
 use libp2p::Stream;
 use oc_discovery::commands::forwarder::{FORWARD_STREAMS_PER_PEER, MAX_FORWARD_STREAMS};
 use oc_discovery::commands::{PROTOCOL_CONSIDERS, PROTOCOL_PLANNER};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, ErrorFrame, ForwardFrame};
 use oc_testkit::{event, eventually, init_tracing, partner, HandPeer, Seen, Site, WAIT};
 use serde_json::{json, Value};
 
@@ -106,8 +106,8 @@ impl Traffic {
     }
 }
 
-fn forward(action: &str, n: usize) -> Frame {
-    Frame::Forward {
+fn forward(action: &str, n: usize) -> ForwardFrame {
+    ForwardFrame::Forward {
         action: action.to_owned(),
         data_type: "COMPUTE_RESOURCE".to_owned(),
         user: "mallory".to_owned(),
@@ -116,7 +116,7 @@ fn forward(action: &str, n: usize) -> Frame {
 }
 
 /// Sends one frame and reads the answer.
-async fn ask(stream: &mut Stream, frame: &Frame) -> Frame {
+async fn ask(stream: &mut Stream, frame: &ForwardFrame) -> ForwardFrame {
     wire::write_frame(stream, frame).await.expect("write");
     tokio::time::timeout(T, wire::read_frame(stream, 1 << 20))
         .await
@@ -125,9 +125,9 @@ async fn ask(stream: &mut Stream, frame: &Frame) -> Frame {
         .expect("an answer, not the end")
 }
 
-fn code(frame: &Frame) -> Option<&str> {
+fn code(frame: &ForwardFrame) -> Option<&str> {
     match frame {
-        Frame::Error { code, .. } => Some(code),
+        ForwardFrame::Error(ErrorFrame { code, .. }) => Some(code),
         _ => None,
     }
 }
@@ -163,7 +163,7 @@ async fn a_hostile_forward_is_republished_as_considers_from_its_real_id_and_a_fl
         .expect("considers stream");
     // PB_DELETE in the frame: the victim publishes PB_CONSIDERS, from the hostile's real id.
     let answer = ask(&mut stream, &forward("PB_DELETE", 0)).await;
-    assert!(matches!(answer, Frame::Ack { .. }), "{answer:?}");
+    assert!(matches!(answer, ForwardFrame::Ack { .. }), "{answer:?}");
     let from_hostile = |s: &[Seen]| {
         s.iter()
             .filter(|m| m.body["from_peer"] == hostile.id.as_str())
@@ -218,7 +218,7 @@ async fn a_hostile_forward_is_republished_as_considers_from_its_real_id_and_a_fl
         .open_stream(target, PROTOCOL_PLANNER, T)
         .await
         .expect("planner stream");
-    let end = tokio::time::timeout(WAIT, wire::read_frame(&mut planner, 1 << 20)).await;
+    let end = tokio::time::timeout(WAIT, wire::read_frame::<ForwardFrame, _>(&mut planner, 1 << 20)).await;
     assert!(
         matches!(end, Ok(Ok(None)) | Ok(Err(_))),
         "the idle planner stream was not closed: {end:?}"
@@ -286,8 +286,11 @@ async fn idle_planner_streams_of_many_peers_stalled_mid_frame_do_not_lock_out_a_
                 partial.extend(std::iter::repeat_n(b' ', PARTIAL_BODY));
                 let _ = tokio::time::timeout(T, stream.write_all(&partial)).await;
                 let _ = tokio::time::timeout(T, stream.flush()).await;
-                if let Ok(Ok(None) | Err(_)) =
-                    tokio::time::timeout(WAIT * 2, wire::read_frame(&mut stream, 1 << 20)).await
+                if let Ok(Ok(None) | Err(_)) = tokio::time::timeout(
+                    WAIT * 2,
+                    wire::read_frame::<ForwardFrame, _>(&mut stream, 1 << 20),
+                )
+                .await
                 {
                     closed.fetch_add(1, Ordering::Relaxed);
                 }

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::{PeerId, Stream};
 use oc_discovery::contract::{Action, NewEvent};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, SearchFrame};
 use oc_discovery::search::{GossipQuery, PROTOCOL_SEARCH};
 use oc_discovery::store::{PageBounds, Store};
 use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, RssPeak, Site, WAIT};
@@ -25,7 +25,7 @@ const GOOD_DT: &str = "GOOD_RESOURCE";
 
 /// Opens a search stream and sends `query`; a connection lost meanwhile (seen once on
 /// a loaded machine, outside what is tested here) is dialled again, once.
-async fn ask(rogue: &HandPeer, site: &Site, query: &Frame) -> Stream {
+async fn ask(rogue: &HandPeer, site: &Site, query: &SearchFrame) -> Stream {
     for attempt in 0..2 {
         let mut s = open_search(rogue, site).await;
         match wire::write_frame(&mut s, query).await {
@@ -137,7 +137,7 @@ fn lying_responder(rogue: &HandPeer, impersonated: String) -> Arc<AtomicU64> {
         while let Some((_, mut stream)) = incoming.next().await {
             let (me, impersonated, w) = (me.clone(), impersonated.clone(), w.clone());
             tokio::spawn(async move {
-                let Ok(Some(Frame::SearchQuery {
+                let Ok(Some(SearchFrame::SearchQuery {
                     query_id, data_type, ..
                 })) = wire::read_frame(&mut stream, 1 << 20).await
                 else {
@@ -177,7 +177,7 @@ fn lying_responder(rogue: &HandPeer, impersonated: String) -> Arc<AtomicU64> {
                     )
                 }));
                 for (data_type, results) in frames {
-                    let frame = Frame::SearchResults {
+                    let frame = SearchFrame::SearchResults {
                         query_id: query_id.clone(),
                         data_type,
                         results,
@@ -188,7 +188,7 @@ fn lying_responder(rogue: &HandPeer, impersonated: String) -> Arc<AtomicU64> {
                         _ => return,
                     };
                 }
-                let done = Frame::SearchDone {
+                let done = SearchFrame::SearchDone {
                     query_id,
                     count: 1000,
                     skipped: 0,
@@ -318,11 +318,11 @@ async fn read_answer(stream: &mut Stream, creator: &str, what: &str) -> (usize, 
             .await
             .unwrap_or_else(|_| panic!("{what}: nothing within {:?} after {got} results", WAIT * 3));
         match frame {
-            Ok(Some(Frame::SearchResults { results, .. })) => {
+            Ok(Some(SearchFrame::SearchResults { results, .. })) => {
                 assert!(results.iter().all(|r| r["creator_id"] == creator));
                 got += results.len();
             }
-            Ok(Some(Frame::SearchDone { count, .. })) => {
+            Ok(Some(SearchFrame::SearchDone { count, .. })) => {
                 assert_eq!(count as usize, got);
                 return (got, true);
             }
@@ -332,8 +332,8 @@ async fn read_answer(stream: &mut Stream, creator: &str, what: &str) -> (usize, 
     }
 }
 
-fn query(id: &str, search: &str, limit: u64) -> Frame {
-    Frame::SearchQuery {
+fn query(id: &str, search: &str, limit: u64) -> SearchFrame {
+    SearchFrame::SearchQuery {
         query_id: id.to_owned(),
         data_type: "BULK_RESOURCE".into(),
         search: search.to_owned(),
@@ -400,7 +400,7 @@ async fn a_victim_with_many_own_resources_answers_searches_with_bounded_memory()
         // The answer started: this stream holds a responder.
         let first = tokio::time::timeout(WAIT, wire::read_frame(&mut s, 1 << 20)).await;
         assert!(
-            matches!(first, Ok(Ok(Some(Frame::SearchResults { .. })))),
+            matches!(first, Ok(Ok(Some(SearchFrame::SearchResults { .. })))),
             "{first:?}"
         );
         stalled.push(s);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use oc_discovery::contract::{Action, JournalEntry};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, ErrorFrame, Frame, HeartbeatFrame, ResourceFrame, SyncFrame};
 use oc_discovery::p2p::{StreamKind, PROTOCOL_HEARTBEAT};
 use oc_discovery::sync::PROTOCOL_SYNC;
 use oc_testkit::{event, exchange, init_tracing, partner, HandPeer, RssPeak, Site, WAIT};
@@ -48,8 +48,8 @@ async fn open(a: &Arena, protocol: libp2p::StreamProtocol) -> libp2p::Stream {
     a.hand.open(&a.victim, protocol).await
 }
 
-async fn read<R: futures::AsyncRead + Unpin>(r: &mut R) -> Option<Frame> {
-    tokio::time::timeout(IO, wire::read_frame(r, 1 << 20))
+async fn read<F: Frame, R: futures::AsyncRead + Unpin>(r: &mut R) -> Option<F> {
+    tokio::time::timeout(IO, wire::read_frame::<F, R>(r, 1 << 20))
         .await
         .ok()
         .and_then(Result::ok)
@@ -82,8 +82,8 @@ async fn wait_online(site: &Site, peer: &str) {
     }
 }
 
-fn entry(origin: &str, seq: u64, pad: &str) -> Frame {
-    Frame::Event(JournalEntry {
+fn entry(origin: &str, seq: u64, pad: &str) -> ResourceFrame {
+    ResourceFrame::Event(JournalEntry {
         origin: origin.into(),
         seq,
         action: Action::Create,
@@ -107,14 +107,14 @@ async fn entries_that_never_fill_the_first_seq_hold_at_most_the_partner_buffer()
     let (mut r, mut w) = stream.split();
     wire::write_frame(
         &mut w,
-        &Frame::Hello {
+        &ResourceFrame::Hello {
             origin: a.hand.id.clone(),
             head: 1,
         },
     )
     .await
     .unwrap();
-    assert_eq!(read(&mut r).await, Some(Frame::Ack { seq: 0 }));
+    assert_eq!(read(&mut r).await, Some(ResourceFrame::Ack { seq: 0 }));
 
     // Seq 1 never comes; 900 KiB entries from seq 2 on, up to 400 of them (360 MiB), until
     // the victim stops reading (a write blocked for 5 s).
@@ -182,14 +182,14 @@ async fn a_new_stream_of_a_kind_replaces_the_open_one() {
         let (mut r, mut w) = stream.split();
         wire::write_frame(
             &mut w,
-            &Frame::Hello {
+            &ResourceFrame::Hello {
                 origin: a.hand.id.clone(),
                 head: 0,
             },
         )
         .await
         .unwrap();
-        assert_eq!(read(&mut r).await, Some(Frame::Ack { seq: 0 }));
+        assert_eq!(read(&mut r).await, Some(ResourceFrame::Ack { seq: 0 }));
         streams.push((r, w));
     }
     let (mut last_r, mut last_w) = streams.pop().unwrap();
@@ -205,7 +205,7 @@ async fn a_new_stream_of_a_kind_replaces_the_open_one() {
     wire::write_frame(&mut last_w, &entry(&a.hand.id, 1, "ok"))
         .await
         .unwrap();
-    assert_eq!(read(&mut last_r).await, Some(Frame::Ack { seq: 1 }));
+    assert_eq!(read(&mut last_r).await, Some(ResourceFrame::Ack { seq: 1 }));
     exchange(&a.victim, &a.good, "after", 3).await;
     let stored = a.victim.stored("COMPUTE_RESOURCE").await;
     assert!(
@@ -233,14 +233,14 @@ async fn heartbeat_and_sync_floods_leave_the_good_partner_its_share() {
     }
     // Only the last one is answered.
     let mut last = heartbeats.pop().unwrap();
-    wire::write_frame(&mut last, &Frame::Ping { nonce: 7 })
+    wire::write_frame(&mut last, &HeartbeatFrame::Ping { nonce: 7 })
         .await
         .unwrap();
-    assert_eq!(read(&mut last).await, Some(Frame::Pong { nonce: 7 }));
+    assert_eq!(read(&mut last).await, Some(HeartbeatFrame::Pong { nonce: 7 }));
     let mut first = heartbeats.swap_remove(0);
-    let _ = wire::write_frame(&mut first, &Frame::Ping { nonce: 1 }).await;
+    let _ = wire::write_frame(&mut first, &HeartbeatFrame::Ping { nonce: 1 }).await;
     assert_eq!(
-        read(&mut first).await,
+        read::<HeartbeatFrame, _>(&mut first).await,
         None,
         "a replaced heartbeat stream is not answered"
     );
@@ -261,8 +261,13 @@ async fn heartbeat_and_sync_floods_leave_the_good_partner_its_share() {
     for mut s in syncs {
         let (busy, served, reset) = (busy.clone(), served.clone(), reset.clone());
         readers.push(tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(3), wire::read_frame(&mut s, 1 << 20)).await {
-                Ok(Ok(Some(Frame::Error { code, .. }))) if code == "busy" => {
+            match tokio::time::timeout(
+                Duration::from_secs(3),
+                wire::read_frame::<SyncFrame, _>(&mut s, 1 << 20),
+            )
+            .await
+            {
+                Ok(Ok(Some(SyncFrame::Error(ErrorFrame { code, .. })))) if code == "busy" => {
                     busy.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Ok(Some(other))) => panic!("unexpected answer {other:?}"),
@@ -360,25 +365,25 @@ async fn an_ack_beyond_the_journal_head_moves_nothing() {
                     session_refused.clone(),
                 );
                 tokio::spawn(async move {
-                    if !matches!(read(&mut s).await, Some(Frame::Hello { .. })) {
+                    if !matches!(read(&mut s).await, Some(ResourceFrame::Hello { .. })) {
                         return;
                     }
                     let honest = honest_hello.load(Ordering::Relaxed);
                     let answer = if honest { 0 } else { HUGE };
-                    let _ = wire::write_frame(&mut s, &Frame::Ack { seq: answer }).await;
+                    let _ = wire::write_frame(&mut s, &ResourceFrame::Ack { seq: answer }).await;
                     let mut lied = false;
                     while let Some(f) = read(&mut s).await {
                         match f {
-                            Frame::Error { code, .. } if code == "invalid_field" => {
+                            ResourceFrame::Error(ErrorFrame { code, .. }) if code == "invalid_field" => {
                                 let counter = if honest { &session_refused } else { &hello_refused };
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
                             // The first entry of an honest session is answered with a lie,
                             // every one after it with the truth.
-                            Frame::Event(e) if honest => {
+                            ResourceFrame::Event(e) if honest => {
                                 let seq = if lied { e.seq } else { HUGE };
                                 lied = true;
-                                let _ = wire::write_frame(&mut s, &Frame::Ack { seq }).await;
+                                let _ = wire::write_frame(&mut s, &ResourceFrame::Ack { seq }).await;
                             }
                             _ => {}
                         }
@@ -391,8 +396,8 @@ async fn an_ack_beyond_the_journal_head_moves_nothing() {
     tokio::spawn(async move {
         while let Some((_, mut s)) = heartbeat.next().await {
             tokio::spawn(async move {
-                while let Some(Frame::Ping { nonce }) = read(&mut s).await {
-                    let _ = wire::write_frame(&mut s, &Frame::Pong { nonce }).await;
+                while let Some(HeartbeatFrame::Ping { nonce }) = read(&mut s).await {
+                    let _ = wire::write_frame(&mut s, &HeartbeatFrame::Pong { nonce }).await;
                 }
             });
         }

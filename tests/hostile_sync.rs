@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncWriteExt, StreamExt};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, ErrorFrame, ResourceFrame, SyncFrame};
 use oc_discovery::p2p::StreamKind;
 use oc_discovery::sync::PROTOCOL_SYNC;
 use oc_testkit::{event, exchange, init_tracing, partner, HandPeer, Site};
@@ -75,7 +75,7 @@ impl Scene {
 }
 
 /// Reads one frame from a sync stream within the patience.
-async fn next_frame(stream: &mut libp2p::Stream) -> Option<Frame> {
+async fn next_frame(stream: &mut libp2p::Stream) -> Option<SyncFrame> {
     tokio::time::timeout(PATIENCE, wire::read_frame(stream, 2 << 20))
         .await
         .expect("the owner answers in time")
@@ -83,15 +83,15 @@ async fn next_frame(stream: &mut libp2p::Stream) -> Option<Frame> {
 }
 
 /// The hostile owner's lies, one per sync request, in turn.
-fn lie(k: u64, since: u64) -> Vec<Frame> {
-    let header = |until: u64, total: u32, bytes: u64| Frame::SyncHeader {
+fn lie(k: u64, since: u64) -> Vec<SyncFrame> {
+    let header = |until: u64, total: u32, bytes: u64| SyncFrame::SyncHeader {
         since,
         until,
         head: until.max(since + 1),
         total,
         bytes,
     };
-    let part = |index: u32, total: u32, bytes: usize| Frame::SyncPart {
+    let part = |index: u32, total: u32, bytes: usize| SyncFrame::SyncPart {
         index,
         total,
         data: base64_of(&vec![b'x'; bytes]),
@@ -130,7 +130,7 @@ async fn a_lying_owner_gets_its_answers_refused_and_costs_no_memory() {
         let served = served.clone();
         tokio::spawn(async move {
             while let Some((_, mut stream)) = incoming.next().await {
-                let Ok(Ok(Some(Frame::SyncRequest { since, .. }))) =
+                let Ok(Ok(Some(SyncFrame::SyncRequest { since, .. }))) =
                     tokio::time::timeout(PATIENCE, wire::read_frame(&mut stream, 1 << 20)).await
                 else {
                     continue;
@@ -156,7 +156,7 @@ async fn a_lying_owner_gets_its_answers_refused_and_costs_no_memory() {
             if served.load(Ordering::SeqCst) >= lies {
                 return;
             }
-            wire::write_frame(&mut w, &Frame::Large { seq: 10 })
+            wire::write_frame(&mut w, &ResourceFrame::Large { seq: 10 })
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -229,7 +229,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
             .expect("sync stream")
     };
     let request =
-        |since: u64, until: Option<u64>, part_bytes: u64, parts: Option<Vec<u32>>| Frame::SyncRequest {
+        |since: u64, until: Option<u64>, part_bytes: u64, parts: Option<Vec<u32>>| SyncFrame::SyncRequest {
             origin: me.clone(),
             since,
             until,
@@ -239,7 +239,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
         };
     // Reads a whole answer: (header fields, part indexes in order).
     async fn answer(stream: &mut libp2p::Stream) -> ((u64, u64, u32, u64), Vec<u32>) {
-        let Some(Frame::SyncHeader {
+        let Some(SyncFrame::SyncHeader {
             until,
             head,
             total,
@@ -251,7 +251,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
         };
         let mut indexes = Vec::new();
         while let Some(frame) = next_frame(stream).await {
-            let Frame::SyncPart { index, .. } = frame else {
+            let SyncFrame::SyncPart { index, .. } = frame else {
                 panic!("not a part: {frame:?}");
             };
             indexes.push(index);
@@ -285,7 +285,7 @@ async fn a_greedy_puller_gets_capped_rounds_and_each_part_once() {
             .await
             .unwrap();
         match next_frame(&mut s).await {
-            Some(Frame::Error { code, .. }) => assert_eq!(code, "invalid_field"),
+            Some(SyncFrame::Error(ErrorFrame { code, .. })) => assert_eq!(code, "invalid_field"),
             other => panic!("expected invalid_field, got {other:?}"),
         }
         // As many indexes as parts, all the same: that part, once.
@@ -394,8 +394,8 @@ async fn stalled_length_prefixes_cost_nothing() {
     // two a peer may have served at once, they are answered `busy` and closed at once.
     let mut closed = 0;
     for s in &mut syncs {
-        let read = tokio::time::timeout(PATIENCE, wire::read_frame(s, 1 << 20)).await;
-        let busy = matches!(&read, Ok(Ok(Some(Frame::Error { code, .. }))) if code == "busy");
+        let read = tokio::time::timeout(PATIENCE, wire::read_frame::<SyncFrame, _>(s, 1 << 20)).await;
+        let busy = matches!(&read, Ok(Ok(Some(SyncFrame::Error(ErrorFrame { code, .. })))) if code == "busy");
         if busy || matches!(read, Ok(Ok(None)) | Ok(Err(_))) {
             closed += 1;
         }

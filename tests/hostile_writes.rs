@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::AsyncReadExt;
 use mongodb::bson::{doc, Document};
 use oc_discovery::contract::{Action, JournalEntry};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, ErrorFrame, ResourceFrame};
 use oc_discovery::p2p::StreamKind;
 use oc_testkit::{event, init_tracing, partner, Collector, HandPeer, MongoServer, Site};
 use serde_json::{json, Value};
@@ -40,7 +40,11 @@ impl Hostile {
     async fn connect(hand: HandPeer, victim: &Site, head: u64) -> Hostile {
         let (acks, create) = hand.hello(victim, head).await;
         let mut acks = acks;
-        assert_eq!(read(&mut acks).await, Frame::Ack { seq: 0 }, "hello answered");
+        assert_eq!(
+            read(&mut acks).await,
+            ResourceFrame::Ack { seq: 0 },
+            "hello answered"
+        );
         let update = open(&hand, victim, StreamKind::Update, head).await;
         let delete = open(&hand, victim, StreamKind::Delete, head).await;
         Hostile {
@@ -80,23 +84,23 @@ impl Hostile {
                 Action::Update => 1,
                 Action::Delete => 2,
             };
-            wire::write_frame(&mut self.writers[kind], &Frame::Event(e))
+            wire::write_frame(&mut self.writers[kind], &ResourceFrame::Event(e))
                 .await
                 .unwrap();
         }
         let mut errors = Vec::new();
         loop {
             match read(&mut self.acks).await {
-                Frame::Error {
+                ResourceFrame::Error(ErrorFrame {
                     seq: Some(seq),
                     code,
                     message,
-                } => {
+                }) => {
                     errors.push((seq, code));
                     self.messages.insert(seq, message);
                 }
-                Frame::Ack { seq } if seq >= last => break,
-                Frame::Ack { .. } => {}
+                ResourceFrame::Ack { seq } if seq >= last => break,
+                ResourceFrame::Ack { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -115,7 +119,7 @@ async fn open(hand: &HandPeer, victim: &Site, kind: StreamKind, head: u64) -> Wr
     let (_answers, mut w) = stream.split();
     wire::write_frame(
         &mut w,
-        &Frame::Hello {
+        &ResourceFrame::Hello {
             origin: hand.id.clone(),
             head,
         },
@@ -125,7 +129,7 @@ async fn open(hand: &HandPeer, victim: &Site, kind: StreamKind, head: u64) -> Wr
     w
 }
 
-async fn read(r: &mut Reader) -> Frame {
+async fn read(r: &mut Reader) -> ResourceFrame {
     tokio::time::timeout(Duration::from_secs(30), wire::read_frame(r, 1 << 20))
         .await
         .expect("an answer within 30 s")

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use oc_discovery::contract::{Action, JournalEntry};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, ErrorFrame, ResourceFrame};
 use oc_testkit::{event, init_tracing, partner, HandPeer, Site};
 use serde_json::{json, Value};
 
@@ -154,10 +154,10 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
 
     let hand = HandPeer::start(rogue_key);
     let (mut r, mut w) = hand.hello(&b, 3).await;
-    assert_eq!(read(&mut r).await, Frame::Ack { seq: 0 });
+    assert_eq!(read(&mut r).await, ResourceFrame::Ack { seq: 0 });
 
     let entry = |seq: u64, origin: &str, creator: &str| {
-        Frame::Event(JournalEntry {
+        ResourceFrame::Event(JournalEntry {
             origin: origin.into(),
             seq,
             action: Action::Create,
@@ -182,10 +182,10 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
     let mut acked = 0;
     while acked < 3 {
         match read(&mut r).await {
-            Frame::Error {
+            ResourceFrame::Error(ErrorFrame {
                 seq: Some(seq), code, ..
-            } => errors.push((seq, code)),
-            Frame::Ack { seq } => acked = seq,
+            }) => errors.push((seq, code)),
+            ResourceFrame::Ack { seq } => acked = seq,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -214,7 +214,7 @@ async fn forged_creator_and_origin_are_refused_and_the_stream_goes_on() {
     );
 }
 
-async fn read(r: &mut futures::io::ReadHalf<libp2p::Stream>) -> Frame {
+async fn read(r: &mut futures::io::ReadHalf<libp2p::Stream>) -> ResourceFrame {
     tokio::time::timeout(Duration::from_secs(10), wire::read_frame(r, 1 << 20))
         .await
         .expect("an answer within 10 s")

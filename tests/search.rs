@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 use oc_discovery::p2p::records::{self, PeerRecord};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, SearchFrame};
 use oc_discovery::search::PROTOCOL_SEARCH;
 use serde_json::{json, Value};
 
@@ -477,7 +477,7 @@ fn duplicating_responder(peer: &HandPeer) {
         while let Some((_, mut stream)) = futures::StreamExt::next(&mut incoming).await {
             let me = me.clone();
             tokio::spawn(async move {
-                let Ok(Some(Frame::SearchQuery {
+                let Ok(Some(SearchFrame::SearchQuery {
                     query_id, data_type, ..
                 })) = wire::read_frame(&mut stream, 1 << 20).await
                 else {
@@ -488,14 +488,14 @@ fn duplicating_responder(peer: &HandPeer) {
                     vec![r("dup-1"), r("dup-1"), r("dup-2")],
                     vec![r("dup-2"), r("dup-3")],
                 ] {
-                    let frame = Frame::SearchResults {
+                    let frame = SearchFrame::SearchResults {
                         query_id: query_id.clone(),
                         data_type: Some(data_type.clone()),
                         results,
                     };
                     wire::write_frame(&mut stream, &frame).await.unwrap();
                 }
-                let done = Frame::SearchDone {
+                let done = SearchFrame::SearchDone {
                     query_id,
                     count: 5,
                     skipped: 0,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use oc_discovery::contract::{Action, NewEvent};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, ResourceFrame, SyncFrame};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::Store;
 use oc_discovery::sync::plan::RoundCap;
@@ -73,16 +73,19 @@ async fn a_missing_part_is_asked_for_again_after_the_sync_timeout() {
     journal.append_journal(&rogue, events).await.unwrap();
 
     let hand = HandPeer::start(rogue_key);
-    let requests: Arc<Mutex<Vec<Frame>>> = Arc::default();
+    let requests: Arc<Mutex<Vec<SyncFrame>>> = Arc::default();
     let mut incoming = hand.net.accept(PROTOCOL_SYNC).unwrap();
     {
         let (requests, journal, rogue) = (requests.clone(), journal.clone(), rogue.clone());
         tokio::spawn(async move {
             let mut held = Vec::new();
             while let Some((_, mut stream)) = incoming.next().await {
-                let request = wire::read_frame(&mut stream, 1 << 20).await.unwrap().unwrap();
+                let request = wire::read_frame::<SyncFrame, _>(&mut stream, 1 << 20)
+                    .await
+                    .unwrap()
+                    .unwrap();
                 requests.lock().unwrap().push(request.clone());
-                let Frame::SyncRequest {
+                let SyncFrame::SyncRequest {
                     since,
                     until,
                     part_bytes,
@@ -117,13 +120,18 @@ async fn a_missing_part_is_asked_for_again_after_the_sync_timeout() {
     }
     let (mut r, mut w) = hand.hello(&b, 40).await;
     // "Entry 40 is too large for a frame": the node pulls 1..=40.
-    wire::write_frame(&mut w, &Frame::Large { seq: 40 })
+    wire::write_frame(&mut w, &ResourceFrame::Large { seq: 40 })
         .await
         .unwrap();
     let mut acked = 0;
     while acked < 40 {
-        match tokio::time::timeout(Duration::from_secs(30), wire::read_frame(&mut r, 1 << 20)).await {
-            Ok(Ok(Some(Frame::Ack { seq }))) => acked = seq,
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            wire::read_frame::<ResourceFrame, _>(&mut r, 1 << 20),
+        )
+        .await
+        {
+            Ok(Ok(Some(ResourceFrame::Ack { seq }))) => acked = seq,
             Ok(Ok(Some(other))) => panic!("unexpected {other:?}"),
             other => panic!("no ack: {other:?}; requests {:?}", requests.lock().unwrap()),
         }
@@ -132,7 +140,7 @@ async fn a_missing_part_is_asked_for_again_after_the_sync_timeout() {
     assert_eq!(b.stored("COMPUTE_RESOURCE").await.len(), 40);
     let requests = requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 2, "{requests:?}");
-    let Frame::SyncRequest {
+    let SyncFrame::SyncRequest {
         since: 0,
         until: Some(40),
         parts: Some(parts),

@@ -18,7 +18,7 @@ use crate::config::Tuning;
 use crate::contract::{self, ErrorCode};
 use crate::guard::{LogThrottle, PeerBuckets};
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame, FrameError};
+use crate::p2p::wire::{self, ErrorFrame, ForwardFrame, FrameError};
 
 /// Why [`OpenStreams::admit`] refused a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -244,7 +244,7 @@ impl Forwarder {
         loop {
             self.mark_idle(id);
             let read = tokio::select! {
-                read = tokio::time::timeout(idle, wire::read_frame(&mut stream, self.tuning.max_frame_bytes)) => read,
+                read = tokio::time::timeout(idle, wire::read_frame::<ForwardFrame, _>(&mut stream, self.tuning.max_frame_bytes)) => read,
                 _ = &mut closed => {
                     tracing::debug!(%peer, ?kind, "idle forwarding stream closed to make room");
                     break;
@@ -254,7 +254,9 @@ impl Forwarder {
                 break;
             }
             let answer = match read {
-                Ok(Ok(Some(frame))) => self.handle(peer, kind, frame).await,
+                Ok(Ok(Some(frame))) => self.handle(peer, kind, Some(frame)).await,
+                // A frame of another protocol is refused as any frame but `forward` is.
+                Ok(Err(FrameError::Unexpected { .. })) => self.handle(peer, kind, None).await,
                 Ok(Err(e)) if e.is_recoverable() => {
                     let code = match e {
                         FrameError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
@@ -279,8 +281,9 @@ impl Forwarder {
         let _ = tokio::time::timeout(t, stream.close()).await;
     }
 
-    /// The answer to one frame: `ack` once republished, `error` otherwise.
-    async fn handle(&self, peer: PeerId, kind: ForwardKind, frame: Frame) -> Frame {
+    /// The answer to one frame (`None`: a frame of another protocol): `ack` once
+    /// republished, `error` otherwise.
+    async fn handle(&self, peer: PeerId, kind: ForwardKind, frame: Option<ForwardFrame>) -> ForwardFrame {
         // Every frame costs a token, so junk floods are bounded like valid ones.
         if !self.buckets.try_take(&peer) {
             self.refused(
@@ -296,12 +299,12 @@ impl Forwarder {
                 ),
             );
         }
-        let Frame::Forward {
+        let Some(ForwardFrame::Forward {
             action: claimed,
             data_type,
             user,
             payload,
-        } = frame
+        }) = frame
         else {
             self.refused(
                 peer,
@@ -340,7 +343,7 @@ impl Forwarder {
         match tokio::time::timeout(self.tuning.io_timeout, published).await {
             Ok(Ok(())) => {
                 tracing::debug!(%peer, %action, "forwarded message republished");
-                Frame::Ack { seq: 0 }
+                ForwardFrame::Ack { seq: 0 }
             }
             other => {
                 let reason = match other {
@@ -377,8 +380,8 @@ impl Drop for SlotGuard {
     }
 }
 
-fn error_frame(code: ErrorCode, message: impl Into<String>) -> Frame {
-    Frame::error(None, code, message)
+fn error_frame(code: ErrorCode, message: impl Into<String>) -> ForwardFrame {
+    ForwardFrame::Error(ErrorFrame::new(None, code, message))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use crate::answers::Answers;
 use crate::config::Tuning;
 use crate::contract::{AppCommand, CommandAction};
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ForwardFrame};
 use crate::p2p::{self};
 use crate::peers::directory::Directory;
 
@@ -42,15 +42,15 @@ pub const PROTOCOL_PLANNER: StreamProtocol = StreamProtocol::new("/opencloud/res
 /// A frame encoded once (length prefix included), shared by every peer it goes to.
 type Encoded = Arc<[u8]>;
 
-fn encode(frame: &Frame) -> Encoded {
+fn encode(frame: &ForwardFrame) -> Encoded {
     let mut buf = Vec::new();
     wire::encode_frame(frame, &mut buf);
     buf.into()
 }
 
 /// The frame an application command travels in.
-fn forward_frame(command: &AppCommand) -> Frame {
-    Frame::Forward {
+fn forward_frame(command: &AppCommand) -> ForwardFrame {
+    ForwardFrame::Forward {
         action: command.action.as_str().to_owned(),
         data_type: command.data_type.clone(),
         user: command.user.clone(),

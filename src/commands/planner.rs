@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::{encode, Delivery, Encoded, PROTOCOL_PLANNER};
 use crate::contract::{self, ErrorCode, Refusal};
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ErrorFrame, ForwardFrame};
 
 /// Planner messages queued per peer while its stream is being (re)opened.
 const PLANNER_QUEUE: usize = 256;
@@ -63,7 +63,7 @@ impl Planners {
     pub fn queue(
         &mut self,
         peer: PeerId,
-        frame: &Frame,
+        frame: &ForwardFrame,
         ended: Recipient<PlannerEnded>,
     ) -> Result<(), Refusal> {
         let bytes = encode(frame);
@@ -271,9 +271,9 @@ async fn exchange(stream: &mut Stream, frame: &[u8], max: usize) -> Result<Resul
         .await
         .map_err(|e| e.to_string())?;
     loop {
-        match wire::read_frame(stream, max).await {
-            Ok(Some(Frame::Ack { .. })) => return Ok(Ok(())),
-            Ok(Some(Frame::Error { code, message, .. })) => {
+        match wire::read_frame::<ForwardFrame, _>(stream, max).await {
+            Ok(Some(ForwardFrame::Ack { .. })) => return Ok(Ok(())),
+            Ok(Some(ForwardFrame::Error(ErrorFrame { code, message, .. }))) => {
                 let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::Unreachable);
                 return Ok(Err(Refusal::new(code, message)));
             }

@@ -18,7 +18,7 @@ use crate::answers::{Answers, Refused};
 use crate::config::Tuning;
 use crate::contract::{self, AppCommand, CommandAction, ErrorCode, Refusal};
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ErrorFrame, ForwardFrame};
 use crate::p2p::{self};
 use crate::peers::directory::Directory;
 
@@ -249,9 +249,11 @@ async fn send_once(
         wire::write_encoded(&mut stream, &frame)
             .await
             .map_err(|e| e.to_string())?;
-        match wire::read_frame(&mut stream, d.tuning.max_frame_bytes).await {
-            Ok(Some(Frame::Ack { .. })) => Ok(()),
-            Ok(Some(Frame::Error { code, message, .. })) => Err(format!("{code}: {message}")),
+        match wire::read_frame::<ForwardFrame, _>(&mut stream, d.tuning.max_frame_bytes).await {
+            Ok(Some(ForwardFrame::Ack { .. })) => Ok(()),
+            Ok(Some(ForwardFrame::Error(ErrorFrame { code, message, .. }))) => {
+                Err(format!("{code}: {message}"))
+            }
             other => Err(format!("no acknowledgement: {other:?}")),
         }
     };

@@ -12,7 +12,7 @@ use crate::backoff::Backoff;
 use crate::contract::{ErrorCode, JournalEntry, Refusal};
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
-use crate::p2p::wire::Frame;
+use crate::p2p::wire::{ErrorFrame, ResourceFrame};
 use crate::store::ApplyOutcome;
 
 use super::InboundEnv;
@@ -21,10 +21,10 @@ use super::InboundEnv;
 pub(super) enum RunOutcome {
     /// Stored and published up to `up_to`; `replies` are the `error` frames of the entries
     /// refused, to send before the ack.
-    Applied { up_to: u64, replies: Vec<Frame> },
+    Applied { up_to: u64, replies: Vec<ResourceFrame> },
     /// The partnership ended while its streams were open: nothing applied, this `error`
     /// frame is the answer and the streams close.
-    NotPartner(Frame),
+    NotPartner(ResourceFrame),
     /// Shutdown came before the run was stored and published.
     Shutdown,
 }
@@ -93,7 +93,7 @@ impl Applier {
     }
 
     /// Counts and logs the end of the partnership; the `error` frame that answers it.
-    fn no_longer_partner(&self) -> Frame {
+    fn no_longer_partner(&self) -> ResourceFrame {
         self.env.metrics.refused("inbound", ErrorCode::NotPartner);
         if let Some(count) = self.log.hit(self.peer, "not_partner") {
             tracing::warn!(peer = %self.peer, code = "not_partner", count, "no longer a partner; its streams are closed");
@@ -107,7 +107,7 @@ impl Applier {
 
     /// Splits `run` into the entries to store and the `error` frames of the forged ones
     /// (counted and logged).
-    fn refuse_forged(&self, run: Vec<JournalEntry>) -> (Vec<JournalEntry>, Vec<Frame>) {
+    fn refuse_forged(&self, run: Vec<JournalEntry>) -> (Vec<JournalEntry>, Vec<ResourceFrame>) {
         let mut replies = Vec::new();
         let mut valid = Vec::with_capacity(run.len());
         for entry in run {
@@ -126,7 +126,7 @@ impl Applier {
     }
 
     /// Counts one stored entry's outcome; the `error` frame of a refusal by the store.
-    fn report(&self, seq: u64, outcome: &ApplyOutcome) -> Option<Frame> {
+    fn report(&self, seq: u64, outcome: &ApplyOutcome) -> Option<ResourceFrame> {
         let metrics = &self.env.metrics;
         let refusal = match outcome {
             ApplyOutcome::Applied => {
@@ -202,8 +202,8 @@ fn check(entry: &JournalEntry, origin: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-pub(super) fn error_frame(seq: Option<u64>, refusal: &Refusal) -> Frame {
-    Frame::error(seq, refusal.code, refusal.message.clone())
+pub(super) fn error_frame(seq: Option<u64>, refusal: &Refusal) -> ResourceFrame {
+    ResourceFrame::Error(ErrorFrame::new(seq, refusal.code, refusal.message.clone()))
 }
 
 /// Retries `op` with backoff until it succeeds; `None` when shutdown came first.

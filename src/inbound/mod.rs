@@ -46,7 +46,7 @@ use crate::config::Tuning;
 use crate::contract::ErrorCode;
 use crate::guard::{LogThrottle, PeerPool, PoolFull};
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ErrorFrame, ErrorOnly, HeartbeatFrame};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
 use crate::peers::partners::Partners;
 use crate::store::Store;
@@ -160,7 +160,7 @@ impl InboundApply {
     fn refuse(&self, peer: PeerId, mut stream: Stream, code: ErrorCode, message: &'static str) {
         let timeout = self.env.tuning.io_timeout;
         self.helper(&self.refusals, peer, "refusal", async move {
-            let frame = Frame::error(None, code, message);
+            let frame = ErrorOnly::Error(ErrorFrame::new(None, code, message));
             let _ = tokio::time::timeout(timeout, async {
                 let _ = wire::write_frame(&mut stream, &frame).await;
                 let _ = stream.close().await;
@@ -339,9 +339,9 @@ impl Handler<IncomingStream> for InboundApply {
 /// Answers `ping` with `pong` until the stream ends or stays idle too long.
 async fn answer_heartbeats(mut stream: Stream, idle: Duration, timeout: Duration, max: usize) {
     loop {
-        match tokio::time::timeout(idle, wire::read_frame(&mut stream, max)).await {
-            Ok(Ok(Some(Frame::Ping { nonce }))) => {
-                let pong = Frame::Pong { nonce };
+        match tokio::time::timeout(idle, wire::read_frame::<HeartbeatFrame, _>(&mut stream, max)).await {
+            Ok(Ok(Some(HeartbeatFrame::Ping { nonce }))) => {
+                let pong = HeartbeatFrame::Pong { nonce };
                 let written = tokio::time::timeout(timeout, wire::write_frame(&mut stream, &pong)).await;
                 if !matches!(written, Ok(Ok(()))) {
                     return;

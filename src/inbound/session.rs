@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::contract::{ErrorCode, JournalEntry, Refusal};
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame, FrameError};
+use crate::p2p::wire::{self, Frame, FrameError, ResourceFrame};
 use crate::p2p::StreamKind;
 use crate::sync;
 
@@ -52,7 +52,7 @@ enum Input {
     Frame {
         kind: StreamKind,
         generation: u64,
-        frame: Result<Option<Frame>, FrameError>,
+        frame: Result<Option<ResourceFrame>, FrameError>,
         held: Option<OwnedSemaphorePermit>,
     },
     /// Entries pulled by journal sync.
@@ -97,15 +97,19 @@ async fn read_stream<R>(
     R: futures::AsyncRead + Unpin,
 {
     loop {
-        let frame = wire::read_frame(&mut r, max).await;
+        let frame = wire::read_frame::<ResourceFrame, _>(&mut r, max).await;
         let (bytes, end) = match &frame {
-            Ok(Some(Frame::Event(entry))) => (Some(entry_bytes(entry)), false),
-            Ok(Some(Frame::Hello { origin, .. })) => {
+            Ok(Some(ResourceFrame::Event(entry))) => (Some(entry_bytes(entry)), false),
+            Ok(Some(ResourceFrame::Hello { origin, .. })) => {
                 (Some(origin.len().saturating_add(SMALL_INPUT_BYTES)), false)
             }
-            Ok(Some(Frame::Large { .. })) => (Some(SMALL_INPUT_BYTES), false),
+            Ok(Some(ResourceFrame::Large { .. })) => (Some(SMALL_INPUT_BYTES), false),
             Ok(Some(other)) => {
                 tracing::debug!(?kind, frame = other.kind(), "frame not for a receiver ignored");
+                continue;
+            }
+            Err(FrameError::Unexpected { kind: frame }) => {
+                tracing::debug!(?kind, frame, "frame not for a receiver ignored");
                 continue;
             }
             Ok(None) => (None, true),
@@ -309,13 +313,13 @@ impl Session {
         &mut self,
         kind: StreamKind,
         generation: u64,
-        frame: Result<Option<Frame>, FrameError>,
+        frame: Result<Option<ResourceFrame>, FrameError>,
         held: Option<OwnedSemaphorePermit>,
     ) {
         match frame {
-            Ok(Some(Frame::Hello { origin, head })) => self.on_hello(kind, origin, head).await,
-            Ok(Some(Frame::Event(entry))) => self.buffer(entry, held),
-            Ok(Some(Frame::Large { seq })) => self.want_sync(seq),
+            Ok(Some(ResourceFrame::Hello { origin, head })) => self.on_hello(kind, origin, head).await,
+            Ok(Some(ResourceFrame::Event(entry))) => self.buffer(entry, held),
+            Ok(Some(ResourceFrame::Large { seq })) => self.want_sync(seq),
             Ok(Some(other)) => tracing::debug!(peer = %self.peer, ?other, "unexpected frame from sender"),
             Err(e) if e.is_recoverable() => {
                 let code = match e {
@@ -342,7 +346,7 @@ impl Session {
         if origin == self.origin {
             self.write_to(
                 kind,
-                &[Frame::Ack {
+                &[ResourceFrame::Ack {
                     seq: self.reorder.applied(),
                 }],
             )
@@ -446,8 +450,8 @@ impl Session {
     }
 
     /// Sends refusals then the cumulative ack on the first open stream.
-    async fn send_ack(&mut self, mut frames: Vec<Frame>) {
-        frames.push(Frame::Ack {
+    async fn send_ack(&mut self, mut frames: Vec<ResourceFrame>) {
+        frames.push(ResourceFrame::Ack {
             seq: self.reorder.applied(),
         });
         if let Some(kind) = StreamKind::ALL
@@ -458,7 +462,7 @@ impl Session {
         }
     }
 
-    async fn write_to(&mut self, kind: StreamKind, frames: &[Frame]) {
+    async fn write_to(&mut self, kind: StreamKind, frames: &[ResourceFrame]) {
         let timeout = self.env.tuning.io_timeout;
         let Some((_, w)) = self.writers[kind as usize].as_mut() else {
             return;

@@ -35,7 +35,7 @@ use crate::config::Tuning;
 use crate::contract::ErrorCode;
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame, FrameError};
+use crate::p2p::wire::{self, ErrorFrame, Frame, FrameError, HeartbeatFrame, ResourceFrame};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
 use crate::store::{RawEntry, Store, StoreError};
 
@@ -158,11 +158,26 @@ struct Link {
 }
 
 type Writer = futures::io::BufWriter<WriteHalf<Stream>>;
-/// A frame from one of the session's streams: the resource streams by kind, `None` for
-/// the heartbeat stream.
-type Inbound = (Option<StreamKind>, Result<Option<Frame>, FrameError>);
+/// A frame from one of the session's streams, typed by its protocol.
+enum Inbound {
+    /// From the resource stream of this kind.
+    Resource(StreamKind, Result<Option<ResourceFrame>, FrameError>),
+    /// From the heartbeat stream.
+    Heartbeat(Result<Option<HeartbeatFrame>, FrameError>),
+}
+
+impl Inbound {
+    /// The resource stream it came on; `None` for the heartbeat stream.
+    fn stream(&self) -> Option<StreamKind> {
+        match self {
+            Inbound::Resource(kind, _) => Some(*kind),
+            Inbound::Heartbeat(_) => None,
+        }
+    }
+}
+
 /// A frame for the partner on one of the resource streams, in answer to one of its own.
-type Reply = Option<(StreamKind, Frame)>;
+type Reply = Option<(StreamKind, ResourceFrame)>;
 
 /// One session's streams and heartbeat bookkeeping.
 struct Session {
@@ -281,13 +296,13 @@ impl Link {
         let mut readers = Readers(Vec::with_capacity(4));
         let mut open = |stream: Stream, kind: Option<StreamKind>| {
             let (r, w) = stream.split();
-            let tx = tx.clone();
-            readers.0.push(tokio::spawn(wire::forward_frames(
-                r,
-                t.max_frame_bytes,
-                tx,
-                move |f| (kind, f),
-            )));
+            let (tx, max) = (tx.clone(), t.max_frame_bytes);
+            readers.0.push(match kind {
+                Some(kind) => tokio::spawn(wire::forward_frames(r, max, tx, move |f| {
+                    Inbound::Resource(kind, f)
+                })),
+                None => tokio::spawn(wire::forward_frames(r, max, tx, Inbound::Heartbeat)),
+            });
             futures::io::BufWriter::with_capacity(WRITE_BUFFER, w)
         };
         let head_at_hello = *head.borrow_and_update();
@@ -295,7 +310,7 @@ impl Link {
         for kind in StreamKind::ALL {
             let stream = env.net.open_stream(peer, kind.protocol(), t.io_timeout).await?;
             let mut w = open(stream, Some(kind));
-            let hello = Frame::Hello {
+            let hello = ResourceFrame::Hello {
                 origin: env.own_id.clone(),
                 head: head_at_hello,
             };
@@ -326,12 +341,13 @@ impl Link {
             if let Some(partner_has) = handshake.partner_has() {
                 return Ok(partner_has);
             }
-            let (kind, frame) = tokio::time::timeout(timeout, s.inbox.recv())
+            let received = tokio::time::timeout(timeout, s.inbox.recv())
                 .await
                 .map_err(|_| LinkError::Silent(timeout))?
                 .ok_or(LinkError::Closed("all"))?;
-            match (kind, frame.map_err(LinkError::Frame)?) {
-                (Some(kind), Some(Frame::Ack { seq })) => {
+            let stream = received.stream();
+            match received {
+                Inbound::Resource(kind, Ok(Some(ResourceFrame::Ack { seq }))) => {
                     let limit = self.ack_limit(head, seq).await;
                     if let Err(beyond) = handshake.answer(kind, seq, limit) {
                         // The partner claims what this node never journaled: nothing moves,
@@ -342,15 +358,26 @@ impl Link {
                         return Err(beyond.into());
                     }
                 }
-                (_, Some(Frame::Error { code, message, .. })) => {
+                Inbound::Resource(_, Ok(Some(ResourceFrame::Error(ErrorFrame { code, message, .. }))))
+                | Inbound::Heartbeat(Ok(Some(HeartbeatFrame::Error(ErrorFrame { code, message, .. })))) => {
                     return Err(LinkError::Refused { code, message })
                 }
-                (_, None) => return Err(LinkError::Closed(stream_name(kind))),
-                (_, Some(other)) => {
-                    tracing::debug!(peer = %self.peer, ?other, "unexpected frame during handshake")
+                Inbound::Resource(_, Ok(None)) | Inbound::Heartbeat(Ok(None)) => {
+                    return Err(LinkError::Closed(stream_name(stream)))
                 }
+                Inbound::Resource(_, Ok(Some(other))) => self.unexpected_in_handshake(other.kind()),
+                Inbound::Heartbeat(Ok(Some(other))) => self.unexpected_in_handshake(other.kind()),
+                Inbound::Resource(_, Err(FrameError::Unexpected { kind }))
+                | Inbound::Heartbeat(Err(FrameError::Unexpected { kind })) => {
+                    self.unexpected_in_handshake(kind)
+                }
+                Inbound::Resource(_, Err(e)) | Inbound::Heartbeat(Err(e)) => return Err(LinkError::Frame(e)),
             }
         }
+    }
+
+    fn unexpected_in_handshake(&self, frame: &'static str) {
+        tracing::debug!(peer = %self.peer, frame, "unexpected frame during handshake");
     }
 
     /// The open session: pushes what the window allows, handles the partner's frames, pings.
@@ -370,8 +397,8 @@ impl Link {
             let silence = t.pong_discard_timeout.saturating_sub(s.last_heard.elapsed());
             tokio::select! {
                 received = s.inbox.recv() => {
-                    let (kind, frame) = received.ok_or(LinkError::Closed("all"))?;
-                    self.received(s, head, kind, frame).await?;
+                    let received = received.ok_or(LinkError::Closed("all"))?;
+                    self.received(s, head, received).await?;
                 }
                 changed = head.changed() => {
                     if changed.is_err() {
@@ -380,7 +407,7 @@ impl Link {
                 }
                 _ = ping.tick() => {
                     let nonce = s.pings.ping(Instant::now());
-                    timed(t.io_timeout, None, wire::write_frame(&mut s.heartbeat, &Frame::Ping { nonce })).await?;
+                    timed(t.io_timeout, None, wire::write_frame(&mut s.heartbeat, &HeartbeatFrame::Ping { nonce })).await?;
                 }
                 _ = tokio::time::sleep(silence) => {
                     self.status.set(LinkState::Offline, Some(format!("no answer for {:?}", t.pong_discard_timeout)));
@@ -426,8 +453,8 @@ impl Link {
         }
         Metrics::add(&self.env.metrics.events_sent, count);
         self.window.sent(last);
-        while let Ok((kind, frame)) = s.inbox.try_recv() {
-            self.received(s, head, kind, frame).await?;
+        while let Ok(received) = s.inbox.try_recv() {
+            self.received(s, head, received).await?;
         }
         Ok(())
     }
@@ -437,10 +464,9 @@ impl Link {
         &mut self,
         s: &mut Session,
         head: &watch::Receiver<u64>,
-        kind: Option<StreamKind>,
-        frame: Result<Option<Frame>, FrameError>,
+        received: Inbound,
     ) -> Result<(), LinkError> {
-        let reply = self.on_frame(&mut s.pings, head, kind, frame).await?;
+        let reply = self.on_frame(&mut s.pings, head, received).await?;
         answer(self.tuning().io_timeout, &mut s.writers, reply).await?;
         s.last_heard = Instant::now();
         Ok(())
@@ -450,13 +476,13 @@ impl Link {
         &mut self,
         pings: &mut Pings,
         head: &watch::Receiver<u64>,
-        kind: Option<StreamKind>,
-        frame: Result<Option<Frame>, FrameError>,
+        received: Inbound,
     ) -> Result<Reply, LinkError> {
         let peer = self.peer;
+        let stream = received.stream();
         self.status.heard();
-        match frame {
-            Ok(Some(Frame::Ack { seq })) => {
+        match received {
+            Inbound::Resource(kind, Ok(Some(ResourceFrame::Ack { seq }))) => {
                 let limit = self.ack_limit(head, seq).await;
                 match self.window.ack(seq, limit) {
                     AckOutcome::Moved => {
@@ -464,49 +490,55 @@ impl Link {
                         Ok(None)
                     }
                     AckOutcome::Unchanged => Ok(None),
-                    AckOutcome::Beyond => {
-                        let refusal = self.refuse_ack(seq, limit);
-                        Ok(kind.map(|k| (k, refusal)))
-                    }
+                    AckOutcome::Beyond => Ok(Some((kind, self.refuse_ack(seq, limit)))),
                 }
             }
-            Ok(Some(Frame::Pong { nonce })) => {
+            Inbound::Heartbeat(Ok(Some(HeartbeatFrame::Pong { nonce }))) => {
                 if let Some(rtt) = pings.pong(nonce, Instant::now()) {
                     self.status.set_rtt(rtt);
                 }
                 Ok(None)
             }
-            Ok(Some(Frame::Error {
-                seq: Some(seq),
-                code,
-                message,
-            })) => {
-                // The partner refused one entry and moved past it; the journal keeps it.
-                let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::InvalidField);
-                self.env.metrics.refused("outbound", code);
-                if let Some(count) = self.log.hit(peer, code.as_str()) {
-                    tracing::warn!(%peer, seq, code = code.as_str(), %message, count, "partner refused an event");
-                }
-                Ok(None)
+            Inbound::Resource(_, Ok(Some(ResourceFrame::Error(error))))
+            | Inbound::Heartbeat(Ok(Some(HeartbeatFrame::Error(error)))) => self.on_error(error),
+            Inbound::Resource(_, Ok(Some(other))) => Ok(self.unexpected(stream, other.kind())),
+            Inbound::Heartbeat(Ok(Some(other))) => Ok(self.unexpected(stream, other.kind())),
+            Inbound::Resource(_, Ok(None)) | Inbound::Heartbeat(Ok(None)) => {
+                Err(LinkError::Closed(stream_name(stream)))
             }
-            Ok(Some(Frame::Error {
-                seq: None,
-                code,
-                message,
-            })) => Err(LinkError::Refused { code, message }),
-            Ok(Some(other)) => {
-                tracing::debug!(%peer, stream = stream_name(kind), ?other, "ignoring unexpected frame");
-                Ok(None)
-            }
-            Ok(None) => Err(LinkError::Closed(stream_name(kind))),
-            Err(e) if e.is_recoverable() => {
+            Inbound::Resource(_, Err(FrameError::Unexpected { kind }))
+            | Inbound::Heartbeat(Err(FrameError::Unexpected { kind })) => Ok(self.unexpected(stream, kind)),
+            Inbound::Resource(_, Err(e)) | Inbound::Heartbeat(Err(e)) if e.is_recoverable() => {
                 if let Some(count) = self.log.hit(peer, "unreadable_frame") {
-                    tracing::warn!(%peer, stream = stream_name(kind), cause = %e, count, "skipping unreadable frame from partner");
+                    tracing::warn!(%peer, stream = stream_name(stream), cause = %e, count, "skipping unreadable frame from partner");
                 }
                 Ok(None)
             }
-            Err(e) => Err(LinkError::Frame(e)),
+            Inbound::Resource(_, Err(e)) | Inbound::Heartbeat(Err(e)) => Err(LinkError::Frame(e)),
         }
+    }
+
+    /// An `error` frame from the partner: about one entry (counted, logged, the session goes
+    /// on), or about the session (it ends).
+    fn on_error(&self, error: ErrorFrame) -> Result<Reply, LinkError> {
+        let ErrorFrame { seq, code, message } = error;
+        let Some(seq) = seq else {
+            return Err(LinkError::Refused { code, message });
+        };
+        // The partner refused one entry and moved past it; the journal keeps it.
+        let peer = self.peer;
+        let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::InvalidField);
+        self.env.metrics.refused("outbound", code);
+        if let Some(count) = self.log.hit(peer, code.as_str()) {
+            tracing::warn!(%peer, seq, code = code.as_str(), %message, count, "partner refused an event");
+        }
+        Ok(None)
+    }
+
+    /// A frame the link does not expect on that stream: ignored.
+    fn unexpected(&self, stream: Option<StreamKind>, frame: &'static str) -> Reply {
+        tracing::debug!(peer = %self.peer, stream = stream_name(stream), frame, "ignoring unexpected frame");
+        None
     }
 
     /// The highest seq an ack may name: the head as the watch has it, or, if the ack is
@@ -525,18 +557,18 @@ impl Link {
 
     /// Refuses an ack beyond the head: a log line (throttled), a metric, and an `error`
     /// frame `invalid_field` for the partner's stream.
-    fn refuse_ack(&self, seq: u64, head: u64) -> Frame {
+    fn refuse_ack(&self, seq: u64, head: u64) -> ResourceFrame {
         let peer = self.peer;
         // The metric's `place` keeps the name the admin API documents.
         self.env.metrics.refused("partner_link", ErrorCode::InvalidField);
         if let Some(count) = self.log.hit(peer, "ack_beyond_head") {
             tracing::warn!(%peer, seq, head, code = "invalid_field", count, "ack beyond this node's journal head refused; the cursor does not move");
         }
-        Frame::error(
+        ResourceFrame::Error(ErrorFrame::new(
             None,
             ErrorCode::InvalidField,
             format!("ack {seq} is beyond this node's journal head {head}"),
-        )
+        ))
     }
 }
 
@@ -550,10 +582,10 @@ fn encode_entries(entries: Vec<RawEntry>, max_frame_bytes: usize, peer: PeerId) 
         let seq = entry.seq;
         if !wire::encode_event_json(&entry.json, buf) {
             tracing::error!(%peer, seq, "journal entry is not a JSON object; the partner pulls it");
-            wire::encode_frame(&Frame::Large { seq }, buf);
+            wire::encode_frame(&ResourceFrame::Large { seq }, buf);
         } else if buf.len() - before > max_frame_bytes {
             buf.truncate(before);
-            wire::encode_frame(&Frame::Large { seq }, buf);
+            wire::encode_frame(&ResourceFrame::Large { seq }, buf);
         }
     }
     bufs

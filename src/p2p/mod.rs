@@ -10,7 +10,7 @@
 //! - `event_loop`: the task owning the Swarm, the connection lifecycle.
 //! - `kad`, `gossip`: the loop's handlers of the DHT and of the search topic.
 //! - `state`: [`NetState`] and the counters of `/metrics`.
-//! - [`wire`]: frames and framing; [`records`]: signed peer records; [`record_store`]: the
+//! - [`wire`]: one typed frame enum per stream protocol over the shared framing; [`records`]: signed peer records; [`record_store`]: the
 //!   bounded DHT record store.
 //!
 //! Streams are opened and accepted through `libp2p-stream`'s `Control`, which talks to the

@@ -27,7 +27,7 @@ use super::PROTOCOL_SEARCH;
 use crate::contract::{ErrorCode, Refusal};
 use crate::guard::{PeerBuckets, PeerPool};
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, FrameError, SearchFrame};
 use crate::p2p::{GossipMessage, GossipVerdict};
 use crate::store::Relation;
 
@@ -140,15 +140,20 @@ impl Responder {
     async fn serve_stream(&self, peer: PeerId, mut stream: Stream) {
         let t = self.shared.env.tuning.io_timeout;
         let max = self.shared.env.tuning.max_frame_bytes;
-        let first = match tokio::time::timeout(t, wire::read_frame(&mut stream, max)).await {
+        let first = match tokio::time::timeout(t, wire::read_frame::<SearchFrame, _>(&mut stream, max)).await
+        {
             Ok(Ok(Some(frame))) => frame,
+            Ok(Err(FrameError::Unexpected { kind })) => {
+                tracing::debug!(%peer, frame = kind, "unexpected first frame on a search stream");
+                return;
+            }
             other => {
                 tracing::debug!(%peer, outcome = ?other.map(|r| r.map(|_| ())), "search stream without a first frame");
                 return;
             }
         };
         match first {
-            Frame::SearchQuery {
+            SearchFrame::SearchQuery {
                 query_id,
                 data_type,
                 search,

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 
 use super::matching::OwnMatches;
 use crate::contract::Refusal;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ErrorFrame, SearchFrame};
 
 /// Smallest frame a searcher may ask for.
 const MIN_FRAME: usize = 4096;
@@ -146,7 +146,7 @@ pub(super) async fn send_matches<W: AsyncWrite + Unpin>(
     if let Some(last) = batcher.take() {
         write_bytes(w, &encode_results(query_id, data_type, &last), timeout).await?;
     }
-    let done = Frame::SearchDone {
+    let done = SearchFrame::SearchDone {
         query_id: query_id.to_owned(),
         count: batcher.count,
         skipped: batcher.skipped,
@@ -170,15 +170,19 @@ async fn write_bytes<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame, timeout: Duration) -> std::io::Result<()> {
+async fn write<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &SearchFrame,
+    timeout: Duration,
+) -> std::io::Result<()> {
     match tokio::time::timeout(timeout, wire::write_frame(w, frame)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 
-pub(super) fn error_frame(refusal: &Refusal) -> Frame {
-    Frame::error(None, refusal.code, refusal.message.clone())
+pub(super) fn error_frame(refusal: &Refusal) -> SearchFrame {
+    SearchFrame::Error(ErrorFrame::new(None, refusal.code, refusal.message.clone()))
 }
 
 #[cfg(test)]
@@ -207,7 +211,7 @@ mod tests {
         for f in &frames {
             let bytes = encode_results("q1", "COMPUTE_RESOURCE", f);
             assert!(bytes.len() <= 4096 + 4, "{} bytes", bytes.len());
-            let Frame::SearchResults {
+            let SearchFrame::SearchResults {
                 data_type, results, ..
             } = wire::decode_frame(&bytes[4..]).unwrap()
             else {

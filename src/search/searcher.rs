@@ -30,7 +30,7 @@ use super::screen::{Dropped, Screen};
 use super::PROTOCOL_SEARCH;
 use crate::contract::now_ms;
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ErrorFrame, FrameError, SearchFrame};
 use crate::store::Relation;
 
 /// NATS subject of search results (node → application).
@@ -118,7 +118,7 @@ async fn search_resources(shared: &Arc<Shared>, query_id: &str, query: Query, in
     let targeted = match query.scope {
         Scope::Known | Scope::Partner => {
             let targets = targets(shared, query.scope).await;
-            let frame = Frame::SearchQuery {
+            let frame = SearchFrame::SearchQuery {
                 query_id: query_id.to_owned(),
                 data_type: query.data_type.clone(),
                 search: query.search.clone(),
@@ -250,7 +250,13 @@ async fn publish_gossip(shared: &Shared, query_id: &str, query: &Query) -> Resul
 }
 
 /// Asks one peer over a search stream; everything it says goes to `tx`.
-async fn ask_peer(shared: &Shared, peer: PeerId, frame: Frame, tx: mpsc::Sender<Answer>, deadline: Instant) {
+async fn ask_peer(
+    shared: &Shared,
+    peer: PeerId,
+    frame: SearchFrame,
+    tx: mpsc::Sender<Answer>,
+    deadline: Instant,
+) {
     let env = &shared.env;
     let t = env.tuning.io_timeout;
     let exchange = async {
@@ -263,7 +269,7 @@ async fn ask_peer(shared: &Shared, peer: PeerId, frame: Frame, tx: mpsc::Sender<
         wire::write_frame(&mut stream, &frame)
             .await
             .map_err(|e| format!("cannot send the query: {e}"))?;
-        let Frame::SearchQuery { query_id, .. } = &frame else {
+        let SearchFrame::SearchQuery { query_id, .. } = &frame else {
             return Err("not a query".to_owned());
         };
         let cap = env.tuning.search_peer_max_results;
@@ -369,12 +375,14 @@ pub(super) async fn on_answer_stream(
     shared: &Shared,
     find: &Recipient<FindSearch>,
     peer: PeerId,
-    first: Frame,
+    first: SearchFrame,
     mut stream: Stream,
 ) {
     let max = shared.env.tuning.max_frame_bytes;
     let query_id = match &first {
-        Frame::SearchResults { query_id, .. } | Frame::SearchDone { query_id, .. } => query_id.clone(),
+        SearchFrame::SearchResults { query_id, .. } | SearchFrame::SearchDone { query_id, .. } => {
+            query_id.clone()
+        }
         other => {
             tracing::debug!(%peer, frame = ?other, "unexpected first frame on a search stream");
             return;
@@ -392,7 +400,7 @@ pub(super) async fn on_answer_stream(
         return;
     };
     match first {
-        Frame::SearchResults {
+        SearchFrame::SearchResults {
             data_type, results, ..
         } => {
             let first = results.len() as u64;
@@ -444,7 +452,7 @@ async fn read_answers<R: AsyncRead + Unpin>(
     let (mut results_read, mut frames) = (0u64, 0u64);
     let most = cap.saturating_mul(2);
     loop {
-        let frame = wire::read_frame(r, max).await;
+        let frame = wire::read_frame::<SearchFrame, _>(r, max).await;
         frames = frames.saturating_add(1);
         if frames > most.saturating_add(1) {
             tracing::debug!(%peer, query_id, cap, "answer stream closed: more frames than the result cap");
@@ -452,7 +460,7 @@ async fn read_answers<R: AsyncRead + Unpin>(
             return Ok(());
         }
         match frame {
-            Ok(Some(Frame::SearchResults {
+            Ok(Some(SearchFrame::SearchResults {
                 query_id: q,
                 data_type,
                 results,
@@ -471,12 +479,17 @@ async fn read_answers<R: AsyncRead + Unpin>(
                     return Ok(());
                 }
             }
-            Ok(Some(Frame::SearchDone { query_id: q, .. })) if q == query_id => {
+            Ok(Some(SearchFrame::SearchDone { query_id: q, .. })) if q == query_id => {
                 let _ = tx.send(Answer::Done { peer }).await;
                 return Ok(());
             }
-            Ok(Some(Frame::Error { code, message, .. })) => return Err(format!("{code}: {message}")),
+            Ok(Some(SearchFrame::Error(ErrorFrame { code, message, .. }))) => {
+                return Err(format!("{code}: {message}"))
+            }
             Ok(Some(other)) => tracing::debug!(%peer, frame = ?other, "unexpected frame on a search stream"),
+            Err(FrameError::Unexpected { kind }) => {
+                tracing::debug!(%peer, frame = kind, "unexpected frame on a search stream")
+            }
             Ok(None) => return Err("stream ended before search_done".to_owned()),
             Err(e) if e.is_recoverable() => {
                 tracing::warn!(%peer, query_id, cause = %e, "unreadable search answer skipped")

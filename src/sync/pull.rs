@@ -9,7 +9,7 @@ use libp2p::PeerId;
 use crate::config::Tuning;
 use crate::contract::{ErrorCode, JournalEntry};
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ErrorFrame, Frame, FrameError, SyncFrame};
 use crate::p2p::{self};
 
 use super::plan::{Ask, Assembly, Header, PART_ENVELOPE};
@@ -71,7 +71,7 @@ async fn pull_range(
         .unwrap_or(usize::MAX)
         .saturating_add(PART_ENVELOPE * 4);
     for attempt in 1..=MAX_ATTEMPTS {
-        let request = Frame::SyncRequest {
+        let request = SyncFrame::SyncRequest {
             origin: peer.to_string(),
             since: ask.since,
             until: assembly.as_ref().map(|a| a.header().until),
@@ -84,9 +84,15 @@ async fn pull_range(
             let mut stream = net.open_stream(peer, PROTOCOL_SYNC, timeout).await?;
             wire::write_frame(&mut stream, &request).await?;
             loop {
-                match wire::read_frame(&mut stream, frame_cap).await? {
+                let read = match wire::read_frame::<SyncFrame, _>(&mut stream, frame_cap).await {
+                    Err(FrameError::Unexpected { kind }) => {
+                        return Err(invalid(format!("unexpected {kind} frame")))
+                    }
+                    read => read?,
+                };
+                match read {
                     None => return Ok::<(), SyncError>(()),
-                    Some(Frame::SyncHeader {
+                    Some(SyncFrame::SyncHeader {
                         since,
                         until,
                         head,
@@ -116,11 +122,11 @@ async fn pull_range(
                             None => assembly = Some(Assembly::new(ask, header)?),
                         }
                     }
-                    Some(Frame::SyncPart { index, total, data }) => match assembly.as_mut() {
+                    Some(SyncFrame::SyncPart { index, total, data }) => match assembly.as_mut() {
                         Some(a) => a.add(index, total, &data)?,
                         None => return Err(invalid(format!("part {index}/{total} before any header"))),
                     },
-                    Some(Frame::Error { code, message, .. }) => {
+                    Some(SyncFrame::Error(ErrorFrame { code, message, .. })) => {
                         return Err(SyncError::Refused {
                             code: clip(code, MAX_REFUSAL_CODE),
                             message: clip(message, MAX_REFUSAL_MESSAGE),

@@ -11,7 +11,7 @@ use libp2p::{PeerId, Stream};
 use crate::config::Tuning;
 use crate::contract::ErrorCode;
 use crate::metrics::Metrics;
-use crate::p2p::wire::{self, Frame};
+use crate::p2p::wire::{self, ErrorFrame, FrameError, SyncFrame};
 use crate::store::Store;
 
 use super::plan::{chunk_bytes, plan_until, wanted_parts, RoundCap};
@@ -106,8 +106,8 @@ impl Answer {
         self.blob.len() as u64
     }
 
-    pub fn header(&self) -> Frame {
-        Frame::SyncHeader {
+    pub fn header(&self) -> SyncFrame {
+        SyncFrame::SyncHeader {
             since: self.since,
             until: self.until,
             head: self.head,
@@ -116,11 +116,11 @@ impl Answer {
         }
     }
 
-    pub fn part(&self, index: u32) -> Option<Frame> {
+    pub fn part(&self, index: u32) -> Option<SyncFrame> {
         let start = (index as usize).checked_mul(self.chunk)?;
         let end = start.saturating_add(self.chunk).min(self.blob.len());
         let slice = self.blob.get(start..end).filter(|s| !s.is_empty())?;
-        Some(Frame::SyncPart {
+        Some(SyncFrame::SyncPart {
             index,
             total: self.total(),
             data: base64::engine::general_purpose::STANDARD.encode(slice),
@@ -145,10 +145,14 @@ pub async fn serve(
     metrics: &Metrics,
 ) -> Result<(), SyncError> {
     let (max_frame, timeout) = (tuning.max_frame_bytes, tuning.sync_timeout);
-    let request = tokio::time::timeout(timeout, wire::read_frame(&mut stream, max_frame))
+    let read = tokio::time::timeout(timeout, wire::read_frame::<SyncFrame, _>(&mut stream, max_frame))
         .await
-        .map_err(|_| invalid("no request in time"))??;
-    let Some(Frame::SyncRequest {
+        .map_err(|_| invalid("no request in time"))?;
+    let request = match read {
+        Err(FrameError::Unexpected { .. }) => return Err(invalid("expected a sync_request")),
+        read => read?,
+    };
+    let Some(SyncFrame::SyncRequest {
         origin,
         since,
         until,
@@ -227,7 +231,7 @@ async fn refuse(
     if let Some(count) = REFUSAL_LOG.hit(peer, code.as_str()) {
         tracing::warn!(%peer, code = code.as_str(), count, reason = %message, "sync request refused");
     }
-    let frame = Frame::error(None, code, message);
+    let frame = SyncFrame::Error(ErrorFrame::new(None, code, message));
     let _ = tokio::time::timeout(timeout, async {
         wire::write_frame(&mut *stream, &frame).await?;
         stream.close().await
@@ -292,7 +296,7 @@ mod tests {
             let mut framed = Vec::new();
             wire::encode_frame(&part, &mut framed);
             assert!(framed.len() <= 2048, "part {i} is {} bytes", framed.len());
-            let Frame::SyncPart { data, .. } = part else {
+            let SyncFrame::SyncPart { data, .. } = part else {
                 unreachable!()
             };
             joined.extend(base64::engine::general_purpose::STANDARD.decode(data).unwrap());
@@ -336,7 +340,7 @@ mod tests {
     fn parts_of(answer: &Answer) -> Vec<(u32, u32, String)> {
         (0..answer.total())
             .filter_map(|i| match answer.part(i) {
-                Some(Frame::SyncPart { index, total, data }) => Some((index, total, data)),
+                Some(SyncFrame::SyncPart { index, total, data }) => Some((index, total, data)),
                 _ => None,
             })
             .collect()

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::AsyncReadExt;
 use libp2p::identity::Keypair;
 use libp2p::{PeerId, Stream, StreamProtocol};
-use oc_discovery::p2p::wire::{self, Frame};
+use oc_discovery::p2p::wire::{self, ResourceFrame};
 use oc_discovery::p2p::{self, Client, StreamKind};
 
 use crate::{free_port, Site, WAIT};
@@ -116,7 +116,7 @@ impl HandPeer {
         let (r, mut w) = stream.split();
         wire::write_frame(
             &mut w,
-            &Frame::Hello {
+            &ResourceFrame::Hello {
                 origin: self.id.clone(),
                 head,
             },

@@ -1,4 +1,5 @@
-//! Framing and frames of the resource streams (`protocols/resource-streams.md`).
+//! The framing every stream protocol shares (`protocols/resource-streams.md`, "Framing"),
+//! generic over each protocol's [`Frame`] enum, and the `error` frame they all carry.
 //!
 //! A frame is a 4-byte big-endian length followed by that many bytes of JSON. Frames
 //! above the reader's cap are skipped (read and discarded) and reported, so one oversized
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
 
-use crate::contract::{ErrorCode, JournalEntry};
+use crate::contract::ErrorCode;
 
 /// Hard ceiling for any frame, whatever the configuration: a length above it means the
 /// peer does not speak our framing, and the stream is closed.
@@ -27,143 +28,56 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// Bytes read into the reader's own small buffer before a frame's body buffer grows.
 const FIRST_READ: usize = 256;
 
-/// One message on a resource stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Frame {
-    /// Sender → receiver, first frame on each stream: whose journal follows, and how far it
-    /// goes (a receiver far behind pulls the gap with the journal sync protocol).
-    Hello {
-        origin: String,
-        #[serde(default)]
-        head: u64,
-    },
-    /// Sender → receiver: one journal entry.
-    Event(JournalEntry),
-    /// Sender → receiver: the entry `seq` is larger than a frame may be; pull it with the
-    /// journal sync protocol, which splits it.
-    Large {
-        seq: u64,
-    },
-    /// Considers / planner: an application message for the receiver to republish on its
-    /// NATS as `PROPALGATION_EVENT` (answered by `ack`, or `error`).
-    Forward {
-        action: String,
-        data_type: String,
-        user: String,
-        payload: serde_json::Value,
-    },
-    /// Heartbeat, either way: the peer answers `pong` with the same nonce.
-    Ping {
-        nonce: u64,
-    },
-    Pong {
-        nonce: u64,
-    },
-    /// Journal sync, puller → owner: entries `since < seq <= until` of `origin` (until
-    /// chosen by the owner when absent; either way at most one round), cut in parts of at
-    /// most `part_bytes`, the whole answer at most `max_bytes` (the puller's round byte
-    /// cap; the owner's own cap when absent); `parts` asks again for only those parts of an
-    /// answer already begun.
-    SyncRequest {
-        origin: String,
-        since: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        until: Option<u64>,
-        part_bytes: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_bytes: Option<u64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        parts: Option<Vec<u32>>,
-    },
-    /// Journal sync, owner → puller: what the parts that follow hold.
-    SyncHeader {
-        since: u64,
-        until: u64,
-        head: u64,
-        total: u32,
-        bytes: u64,
-    },
-    /// Journal sync, owner → puller: part `index` of `total` (base64 of a slice of the JSON
-    /// lines of the entries).
-    SyncPart {
-        index: u32,
-        total: u32,
-        data: String,
-    },
-    /// Receiver → sender: every entry of the origin up to and including `seq` is handled
-    /// (applied, or refused with an `Error` frame). Cumulative.
-    Ack {
-        seq: u64,
-    },
-    /// Receiver → sender: a refusal, about one entry (`seq`) or about the stream.
-    Error {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        seq: Option<u64>,
-        code: String,
-        message: String,
-    },
-    /// Search (`protocols/search.md`), searcher → responder, first frame of a `known` /
-    /// `partner` search stream: the responder's own resources of `data_type` whose values
-    /// contain `search`, at most `limit`, in frames of at most `max_frame_bytes`.
-    SearchQuery {
-        query_id: String,
-        data_type: String,
-        search: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit: Option<u64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_frame_bytes: Option<u64>,
-    },
-    /// Search, responder → searcher: one batch of results (for an `all` search it is the
-    /// first frame of the stream the responder opens), all of `data_type` (the one asked;
-    /// a searcher drops batches without it or of another data type).
-    SearchResults {
-        query_id: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        data_type: Option<String>,
-        results: Vec<serde_json::Value>,
-    },
-    /// Search, responder → searcher: the last frame. `count` results were sent; `skipped`
-    /// matches were left out because one alone exceeds a frame.
-    SearchDone {
-        query_id: String,
-        #[serde(default)]
-        count: u64,
-        #[serde(default)]
-        skipped: u64,
-    },
+/// The frames of one protocol: a `#[serde(tag = "type", rename_all = "snake_case")]` enum,
+/// so that each frame is one JSON object whose `type` names it.
+pub trait Frame: Serialize + Sized {
+    /// The frame's `type` on the wire, for log lines (a whole frame may be large).
+    fn kind(&self) -> &'static str;
+
+    /// Decodes one frame's JSON body as a frame of this protocol.
+    ///
+    /// # Errors
+    /// The body is not JSON, or not a frame of this protocol.
+    fn decode(body: &[u8]) -> Result<Self, serde_json::Error>;
 }
 
-impl Frame {
-    /// An `error` frame: a refusal with its stable code, about entry `seq` or (`None`) the
-    /// stream.
-    pub fn error(seq: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Frame {
-        Frame::Error {
+/// Receiver → sender on every protocol: a refusal, about one entry (`seq`) or about the
+/// stream; `code` is one of [`ErrorCode`]'s stable codes. Each protocol's enum carries it as
+/// its `error` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorFrame {
+    /// A refusal with its stable code, about entry `seq` or (`None`) the stream.
+    pub fn new(seq: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
+        ErrorFrame {
             seq,
             code: code.as_str().to_owned(),
             message: message.into(),
         }
     }
+}
 
-    /// The frame's `type` on the wire, for log lines (a whole frame may be large).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Frame::Hello { .. } => "hello",
-            Frame::Event(_) => "event",
-            Frame::Large { .. } => "large",
-            Frame::Forward { .. } => "forward",
-            Frame::Ping { .. } => "ping",
-            Frame::Pong { .. } => "pong",
-            Frame::SyncRequest { .. } => "sync_request",
-            Frame::SyncHeader { .. } => "sync_header",
-            Frame::SyncPart { .. } => "sync_part",
-            Frame::Ack { .. } => "ack",
-            Frame::Error { .. } => "error",
-            Frame::SearchQuery { .. } => "search_query",
-            Frame::SearchResults { .. } => "search_results",
-            Frame::SearchDone { .. } => "search_done",
-        }
+/// An `error` frame alone, for a stream refused before its protocol matters (a peer that is
+/// not a partner, a helper pool that is full): the same bytes as any protocol's `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ErrorOnly {
+    Error(ErrorFrame),
+}
+
+impl Frame for ErrorOnly {
+    fn kind(&self) -> &'static str {
+        "error"
+    }
+
+    fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
     }
 }
 
@@ -174,9 +88,13 @@ pub enum FrameError {
     /// The frame was skipped; the stream is still usable.
     #[error("frame of {size} bytes exceeds the cap of {max} bytes")]
     TooLarge { size: usize, max: usize },
-    /// The frame was read whole but is not a valid [`Frame`]; the stream is still usable.
+    /// The frame was read whole but is not a valid frame; the stream is still usable.
     #[error("undecodable frame: {0}")]
     Decode(serde_json::Error),
+    /// The frame was read whole and is a valid frame of another protocol (its `type`); the
+    /// stream is still usable.
+    #[error("a {kind} frame does not belong to this protocol")]
+    Unexpected { kind: &'static str },
     /// The length prefix is absurd: the stream cannot be trusted any more.
     #[error("frame length {0} is beyond any sane limit")]
     Corrupt(usize),
@@ -189,12 +107,15 @@ pub enum FrameError {
 impl FrameError {
     /// Whether the stream can go on after this error.
     pub fn is_recoverable(&self) -> bool {
-        matches!(self, FrameError::TooLarge { .. } | FrameError::Decode(_))
+        matches!(
+            self,
+            FrameError::TooLarge { .. } | FrameError::Decode(_) | FrameError::Unexpected { .. }
+        )
     }
 }
 
 /// Appends one encoded frame to `out` (no I/O: callers batch frames and write once).
-pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
+pub fn encode_frame<F: Frame>(frame: &F, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; 4]);
     // Serializing our own enum into a Vec cannot fail.
@@ -212,30 +133,8 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
     }
 }
 
-/// Appends an `event` frame built from the JSON text of a [`JournalEntry`] without decoding
-/// it: the frame is that object with `"type":"event"` first. Returns false (and appends
-/// nothing) when `entry_json` is not a non-empty JSON object.
-pub fn encode_event_json(entry_json: &[u8], out: &mut Vec<u8>) -> bool {
-    const TAG: &[u8] = br#"{"type":"event","#;
-    let body = match entry_json.split_first() {
-        Some((b'{', rest)) if rest.first().is_some_and(|b| *b != b'}') => rest,
-        _ => return false,
-    };
-    let Some(len) = TAG
-        .len()
-        .checked_add(body.len())
-        .and_then(|n| u32::try_from(n).ok())
-    else {
-        return false;
-    };
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(TAG);
-    out.extend_from_slice(body);
-    true
-}
-
 /// Writes one frame and flushes.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWrite + Unpin, F: Frame>(w: &mut W, frame: &F) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(128);
     encode_frame(frame, &mut buf);
     write_encoded(w, &buf).await
@@ -336,7 +235,10 @@ impl Drop for Charge<'_> {
 ///
 /// # Errors
 /// See [`FrameError`]; recoverable errors leave the stream positioned at the next frame.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>, FrameError> {
+pub async fn read_frame<F: Frame, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<F>, FrameError> {
     read_frame_inner(r, max, None).await
 }
 
@@ -346,19 +248,19 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
 /// # Errors
 /// As [`read_frame`], and [`FrameError::OverBudget`] (not recoverable: the stream is in the
 /// middle of a frame) when the peer's frames being read already hold the whole budget.
-pub async fn read_frame_budgeted<R: AsyncRead + Unpin>(
+pub async fn read_frame_budgeted<F: Frame, R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
     budget: &ByteBudget,
-) -> Result<Option<Frame>, FrameError> {
+) -> Result<Option<F>, FrameError> {
     read_frame_inner(r, max, Some(budget)).await
 }
 
-async fn read_frame_inner<R: AsyncRead + Unpin>(
+async fn read_frame_inner<F: Frame, R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
     budget: Option<&ByteBudget>,
-) -> Result<Option<Frame>, FrameError> {
+) -> Result<Option<F>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(()) => {}
@@ -426,42 +328,33 @@ async fn read_frame_inner<R: AsyncRead + Unpin>(
         }
         filled = end;
     }
-    decode_frame(&body).map(Some).map_err(FrameError::Decode)
+    decode_frame(&body).map(Some)
 }
 
-/// Decodes one frame's JSON. Frames must be decoded here, not by `Frame`'s `Deserialize`
-/// alone: serde reads a tagged enum by first copying the whole object into an intermediate
-/// tree, from which an `event` frame's [`Resource`](crate::contract::Resource) (kept as JSON
-/// text) cannot be read. An `event` frame is therefore read straight into its
-/// [`JournalEntry`], which ignores the `type` key.
+/// Decodes one frame's JSON as a frame of protocol `F`.
 ///
 /// # Errors
-/// The body is not JSON, or not a frame.
-pub fn decode_frame(body: &[u8]) -> Result<Frame, serde_json::Error> {
-    /// How this node writes `event` frames ([`encode_event_json`], [`encode_frame`]).
-    const EVENT: &[u8] = br#"{"type":"event","#;
-    #[derive(Deserialize)]
-    struct Tag<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: std::borrow::Cow<'a, str>,
-    }
-    if body.starts_with(EVENT) || serde_json::from_slice::<Tag>(body)?.kind == "event" {
-        return serde_json::from_slice::<JournalEntry>(body).map(Frame::Event);
-    }
-    serde_json::from_slice(body)
+/// [`FrameError::Unexpected`] when the body is a valid frame of another protocol,
+/// [`FrameError::Decode`] when it is no frame at all.
+pub fn decode_frame<F: Frame>(body: &[u8]) -> Result<F, FrameError> {
+    F::decode(body).map_err(|e| match super::kind_in_any_protocol(body) {
+        Some(kind) => FrameError::Unexpected { kind },
+        None => FrameError::Decode(e),
+    })
 }
 
 /// Reads frames until the stream ends or fails for good, handing each result to `tx`
 /// (wrapped by `wrap`); the final `Ok(None)` or fatal error is handed over too. Stops early
 /// when the receiver is gone. The channel bound is the backpressure: a slow consumer stops
 /// the reading, and the peer's writes block on the transport window.
-pub async fn forward_frames<R, T, F>(mut r: R, max: usize, tx: tokio::sync::mpsc::Sender<T>, wrap: F)
+pub async fn forward_frames<F, R, T, W>(mut r: R, max: usize, tx: tokio::sync::mpsc::Sender<T>, wrap: W)
 where
+    F: Frame,
     R: AsyncRead + Unpin,
-    F: Fn(Result<Option<Frame>, FrameError>) -> T,
+    W: Fn(Result<Option<F>, FrameError>) -> T,
 {
     loop {
-        let frame = read_frame(&mut r, max).await;
+        let frame = read_frame::<F, R>(&mut r, max).await;
         let end = match &frame {
             Ok(Some(_)) => false,
             Ok(None) => true,
@@ -476,26 +369,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::Action;
-
-    #[tokio::test]
-    async fn an_event_frame_from_entry_json_reads_back_as_the_entry() {
-        let mut buf = Vec::new();
-        assert!(encode_event_json(
-            &serde_json::to_vec(&entry(5)).unwrap(),
-            &mut buf
-        ));
-        let mut expected = Vec::new();
-        encode_frame(&Frame::Event(entry(5)), &mut expected);
-        assert_eq!(buf, expected, "the same bytes as encoding the frame");
-        let read = read_frame(&mut buf.as_slice(), 1 << 20).await.unwrap();
-        assert_eq!(read, Some(Frame::Event(entry(5))));
-        for not_an_object in [&b""[..], b"{}", b"[1]", b"null"] {
-            let mut out = Vec::new();
-            assert!(!encode_event_json(not_an_object, &mut out));
-            assert!(out.is_empty());
-        }
-    }
+    use crate::contract::{Action, JournalEntry};
+    use crate::p2p::wire::{HeartbeatFrame, ResourceFrame, SearchFrame, SyncFrame};
 
     fn entry(seq: u64) -> JournalEntry {
         JournalEntry {
@@ -510,63 +385,63 @@ mod tests {
     }
 
     #[test]
-    fn an_event_frame_decodes_whatever_its_key_order_and_spacing() {
-        let written = r#"{ "origin": "o", "seq": 1, "action": "PB_UPDATE", "data_type": "D",
-            "user": "u", "resource": {"id": "r", "creator_id": "o"}, "type": "event", "time_ms": 1 }"#;
-        let Ok(Frame::Event(e)) = decode_frame(written.as_bytes()) else {
-            panic!("not an event frame")
-        };
+    fn an_error_frame_has_the_same_bytes_in_every_protocol() {
+        let error = ErrorFrame::new(Some(2), ErrorCode::InvalidField, "m");
+        let mut bytes = Vec::new();
+        encode_frame(&ResourceFrame::Error(error.clone()), &mut bytes);
+        let expected = br#"{"type":"error","seq":2,"code":"invalid_field","message":"m"}"#;
+        assert_eq!(bytes.get(4..), Some(&expected[..]));
+        for other in [
+            encode(&HeartbeatFrame::Error(error.clone())),
+            encode(&SyncFrame::Error(error.clone())),
+            encode(&ErrorOnly::Error(error.clone())),
+        ] {
+            assert_eq!(other, bytes);
+        }
+        let without_seq = br#"{"type":"error","code":"busy","message":"m"}"#;
         assert_eq!(
-            (e.seq, e.resource_id(), e.creator_id()),
-            (1, Some("r"), Some("o"))
+            decode_frame::<SyncFrame>(without_seq).unwrap(),
+            SyncFrame::Error(ErrorFrame::new(None, ErrorCode::Busy, "m"))
         );
-        assert_eq!(
-            e.resource.json(),
-            r#"{"id": "r", "creator_id": "o"}"#,
-            "kept as sent"
-        );
-        assert!(decode_frame(br#"{"seq": 1}"#).is_err(), "no type");
-        assert!(
-            decode_frame(br#"{"type":"event","seq":1}"#).is_err(),
-            "missing fields"
-        );
-        assert_eq!(
-            decode_frame(br#"{"seq":3,"type":"ack"}"#).unwrap(),
-            Frame::Ack { seq: 3 }
-        );
+    }
+
+    fn encode<F: Frame>(frame: &F) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(frame, &mut out);
+        out
     }
 
     #[tokio::test]
     async fn frames_round_trip_and_oversized_frames_are_skipped() {
         let mut buf = Vec::new();
-        encode_frame(&Frame::Event(entry(1)), &mut buf);
-        let big = Frame::Error {
+        encode_frame(&ResourceFrame::Event(entry(1)), &mut buf);
+        let big = ResourceFrame::Error(ErrorFrame {
             seq: None,
             code: "x".into(),
             message: "y".repeat(500),
-        };
+        });
         encode_frame(&big, &mut buf);
-        encode_frame(&Frame::Ack { seq: 7 }, &mut buf);
+        encode_frame(&ResourceFrame::Ack { seq: 7 }, &mut buf);
         buf.extend_from_slice(&3u32.to_be_bytes());
         buf.extend_from_slice(b"{{{");
         let mut r = futures::io::Cursor::new(buf);
         assert_eq!(
-            read_frame(&mut r, 200).await.unwrap(),
-            Some(Frame::Event(entry(1)))
+            read_frame::<ResourceFrame, _>(&mut r, 200).await.unwrap(),
+            Some(ResourceFrame::Event(entry(1)))
         );
         assert!(matches!(
-            read_frame(&mut r, 200).await,
+            read_frame::<ResourceFrame, _>(&mut r, 200).await,
             Err(FrameError::TooLarge { .. })
         ));
         assert_eq!(
-            read_frame(&mut r, 200).await.unwrap(),
-            Some(Frame::Ack { seq: 7 })
+            read_frame::<ResourceFrame, _>(&mut r, 200).await.unwrap(),
+            Some(ResourceFrame::Ack { seq: 7 })
         );
         assert!(matches!(
-            read_frame(&mut r, 200).await,
+            read_frame::<ResourceFrame, _>(&mut r, 200).await,
             Err(FrameError::Decode(_))
         ));
-        assert_eq!(read_frame(&mut r, 200).await.unwrap(), None);
+        assert_eq!(read_frame::<ResourceFrame, _>(&mut r, 200).await.unwrap(), None);
     }
     /// Gives `data` in reads of at most `step` bytes, then never ends (a stalled peer).
     struct Trickle {
@@ -601,7 +476,7 @@ mod tests {
         let budget = ByteBudget::new(1 << 30);
         let mut prefix_only = trickle((1u32 << 20).to_be_bytes().to_vec(), 4);
         {
-            let read = read_frame_budgeted(&mut prefix_only, 2 << 20, &budget);
+            let read = read_frame_budgeted::<ResourceFrame, _>(&mut prefix_only, 2 << 20, &budget);
             futures::pin_mut!(read);
             assert!(futures::poll!(read.as_mut()).is_pending());
             assert_eq!(budget.in_use(), 0, "nothing held for a bare prefix");
@@ -610,7 +485,7 @@ mod tests {
         data.extend(vec![b' '; 100_000]);
         let mut partial = trickle(data, 1 << 20);
         {
-            let read = read_frame_budgeted(&mut partial, 2 << 20, &budget);
+            let read = read_frame_budgeted::<ResourceFrame, _>(&mut partial, 2 << 20, &budget);
             futures::pin_mut!(read);
             assert!(futures::poll!(read.as_mut()).is_pending());
             let held = budget.in_use();
@@ -625,12 +500,14 @@ mod tests {
     #[tokio::test]
     async fn a_frame_read_in_small_pieces_is_whole_and_the_budget_bounds_half_read_frames() {
         let mut buf = Vec::new();
-        encode_frame(&Frame::Event(entry(9)), &mut buf);
+        encode_frame(&ResourceFrame::Event(entry(9)), &mut buf);
         let mut slow = trickle(buf.clone(), 3);
         let budget = ByteBudget::new(1 << 20);
         assert_eq!(
-            read_frame_budgeted(&mut slow, 1 << 20, &budget).await.unwrap(),
-            Some(Frame::Event(entry(9)))
+            read_frame_budgeted::<ResourceFrame, _>(&mut slow, 1 << 20, &budget)
+                .await
+                .unwrap(),
+            Some(ResourceFrame::Event(entry(9)))
         );
         assert_eq!(budget.in_use(), 0, "released once decoded");
 
@@ -645,10 +522,10 @@ mod tests {
             trickle(big(100 * 1024), 1 << 20),
             trickle(big(100 * 1024), 1 << 20),
         );
-        let first = read_frame_budgeted(&mut one, 1 << 20, &budget);
+        let first = read_frame_budgeted::<ResourceFrame, _>(&mut one, 1 << 20, &budget);
         futures::pin_mut!(first);
         assert!(futures::poll!(first.as_mut()).is_pending());
-        let second = read_frame_budgeted(&mut two, 1 << 20, &budget).await;
+        let second = read_frame_budgeted::<ResourceFrame, _>(&mut two, 1 << 20, &budget).await;
         assert!(matches!(second, Err(FrameError::OverBudget { .. })), "{second:?}");
         assert!(!second.unwrap_err().is_recoverable());
         assert!(budget.in_use() <= budget.limit());
@@ -659,9 +536,9 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut valid = Vec::new();
-        encode_frame(&Frame::Event(entry(1)), &mut valid);
+        encode_frame(&ResourceFrame::Event(entry(1)), &mut valid);
         encode_frame(
-            &Frame::SyncRequest {
+            &SyncFrame::SyncRequest {
                 origin: "o".into(),
                 since: 1,
                 until: Some(2),
@@ -683,18 +560,19 @@ mod tests {
                     bytes[at] = rng.gen();
                 }
             }
-            let _ = decode_frame(&bytes);
-            let _ = decode_frame(bytes.get(4..).unwrap_or_default());
+            let _ = decode_frame::<ResourceFrame>(&bytes);
+            let _ = decode_frame::<SyncFrame>(bytes.get(4..).unwrap_or_default());
             let mut r = bytes.as_slice();
             for _ in 0..4 {
-                if !matches!(read_frame(&mut r, 4096).await, Err(e) if e.is_recoverable()) {
+                if !matches!(read_frame::<ResourceFrame, _>(&mut r, 4096).await, Err(e) if e.is_recoverable())
+                {
                     break;
                 }
             }
         }
         let deep = "[".repeat(100_000);
         assert!(
-            decode_frame(deep.as_bytes()).is_err(),
+            decode_frame::<SearchFrame>(deep.as_bytes()).is_err(),
             "nesting is bounded by serde_json"
         );
     }
