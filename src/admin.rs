@@ -36,7 +36,7 @@ use crate::store::Store;
 
 const MAX_LIST_LIMIT: usize = 10_000;
 
-pub struct AdminState {
+pub(crate) struct AdminState {
     pub own_id: String,
     pub nats: async_nats::Client,
     /// Why NATS is not connected (a refused credential or certificate, ...).
@@ -50,17 +50,17 @@ pub struct AdminState {
 }
 
 /// What protects the admin API, read and checked at start-up before anything else starts.
-pub struct AdminSecurity {
+pub(crate) struct AdminSecurity {
     token: Option<crate::secret_file::Token>,
     tls: Option<rustls::ServerConfig>,
 }
 
 impl AdminSecurity {
-    pub fn has_token(&self) -> bool {
+    pub(crate) fn has_token(&self) -> bool {
         self.token.is_some()
     }
 
-    pub fn is_https(&self) -> bool {
+    pub(crate) fn is_https(&self) -> bool {
         self.tls.is_some()
     }
 }
@@ -68,7 +68,7 @@ impl AdminSecurity {
 /// Why the admin API cannot start as configured.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum AdminSetupError {
+pub(crate) enum AdminSetupError {
     #[error(transparent)]
     Token(#[from] crate::secret_file::TokenFileError),
     #[error(transparent)]
@@ -82,7 +82,7 @@ pub enum AdminSetupError {
 ///
 /// # Errors
 /// See [`AdminSetupError`].
-pub fn prepare(
+pub(crate) fn prepare(
     listen: &str,
     token_file: Option<&std::path::Path>,
     tls_files: Option<&crate::config::AdminTlsFiles>,
@@ -108,7 +108,7 @@ pub fn prepare(
 ///
 /// # Errors
 /// The address cannot be bound.
-pub fn serve(
+pub(crate) fn serve(
     addr: &str,
     security: AdminSecurity,
     state: AdminState,

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 
 /// Publishes replies and refusal reports for one part of the node (`place`).
 #[derive(Clone)]
-pub struct Answers {
+pub(crate) struct Answers {
     nats: Client,
     metrics: Arc<Metrics>,
     /// The `place` label of the refusals counter and log lines: `intake`, `commands`, ...
@@ -22,7 +22,7 @@ pub struct Answers {
 }
 
 /// What a refusal report says about the refused message.
-pub struct Refused<'a> {
+pub(crate) struct Refused<'a> {
     /// The subject the message came on.
     pub subject: &'a str,
     /// The action it asked for, when known (`PB_SEARCH`, ...).
@@ -34,12 +34,12 @@ pub struct Refused<'a> {
 }
 
 impl Answers {
-    pub fn new(nats: Client, metrics: Arc<Metrics>, place: &'static str) -> Self {
+    pub(crate) fn new(nats: Client, metrics: Arc<Metrics>, place: &'static str) -> Self {
         Answers { nats, metrics, place }
     }
 
     /// Reports one refused message: log line, metric, error event and the reply.
-    pub async fn refuse(&self, what: Refused<'_>, refusal: &Refusal) {
+    pub(crate) async fn refuse(&self, what: Refused<'_>, refusal: &Refusal) {
         tracing::warn!(
             place = self.place,
             subject = what.subject,
@@ -61,7 +61,7 @@ impl Answers {
     }
 
     /// Publishes `body` on `reply` when the requester asked for an answer.
-    pub async fn reply(&self, reply: Option<Subject>, body: &Value) {
+    pub(crate) async fn reply(&self, reply: Option<Subject>, body: &Value) {
         if let Some(reply) = reply {
             self.publish(reply, body).await;
         }
@@ -69,7 +69,7 @@ impl Answers {
 
     /// Publishes `body` on `subject`; a failure is logged (the answer is best effort: the
     /// requester's own timeout tells it).
-    pub async fn publish(&self, subject: Subject, body: &Value) {
+    pub(crate) async fn publish(&self, subject: Subject, body: &Value) {
         if let Err(e) = self.nats.publish(subject.clone(), body.to_string().into()).await {
             tracing::warn!(place = self.place, %subject, cause = %e, "cannot publish answer");
         }

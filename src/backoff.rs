@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// Exponential backoff between `min` and `max`.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     current: Duration,
@@ -14,7 +14,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff whose first delay is `min`. A `max` below `min` is taken as `min`.
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Backoff {
             min,
             max: max.max(min),
@@ -23,12 +23,12 @@ impl Backoff {
     }
 
     /// The delay to wait now, before the next attempt.
-    pub fn current(&self) -> Duration {
+    pub(crate) fn current(&self) -> Duration {
         self.current
     }
 
     /// Returns the delay to wait now and doubles the next one (saturating, capped at `max`).
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let now = self.current;
         self.current = self.current.saturating_mul(2).min(self.max);
         now
@@ -37,7 +37,7 @@ impl Backoff {
     /// The delay before a retry that follows `failures` failures in a row, as [`Self::next_delay`]
     /// would have given it: none before the first attempt, `min` after one failure, doubling
     /// up to `max`. For a retry loop a library runs and counts itself (the NATS client).
-    pub fn after_failures(&self, failures: usize) -> Duration {
+    pub(crate) fn after_failures(&self, failures: usize) -> Duration {
         let Some(doublings) = failures.checked_sub(1) else {
             return Duration::ZERO;
         };
@@ -46,12 +46,12 @@ impl Backoff {
     }
 
     /// After progress: the next delay is `min` again.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.current = self.min;
     }
 
     /// Waits the current delay (then doubles it); `false` when `stop` resolved first.
-    pub async fn wait_or<F: std::future::Future>(&mut self, stop: F) -> bool {
+    pub(crate) async fn wait_or<F: std::future::Future>(&mut self, stop: F) -> bool {
         let delay = self.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,

@@ -185,7 +185,7 @@ impl AdminClient {
     ///
     /// # Errors
     /// The token or CA file cannot be used.
-    pub fn from_args(args: &AdminClientArgs) -> anyhow::Result<AdminClient> {
+    pub(crate) fn from_args(args: &AdminClientArgs) -> anyhow::Result<AdminClient> {
         let token = args
             .admin_token_file
             .as_deref()

@@ -12,47 +12,47 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 
-pub const DEFAULT_DATA_DIR: &str = "./data";
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4001";
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_DATA_DIR: &str = "./data";
+pub(crate) const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub(crate) const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4001";
+pub(crate) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
+pub(crate) const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Default of `--max-partner-buffer-bytes`: 64 MiB per partner.
-pub const DEFAULT_MAX_PARTNER_BUFFER_BYTES: usize = 64 * 1024 * 1024;
-pub const DEFAULT_INTAKE_STREAM: &str = "OC_PROPAGATION";
+pub(crate) const DEFAULT_MAX_PARTNER_BUFFER_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const DEFAULT_INTAKE_STREAM: &str = "OC_PROPAGATION";
 /// Bytes the JetStream intake stream holds at most (`discard: new` beyond).
-pub const DEFAULT_INTAKE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+pub(crate) const DEFAULT_INTAKE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// Age after which the JetStream intake stream drops a message nobody consumed.
-pub const DEFAULT_INTAKE_MAX_AGE: &str = "7d";
+pub(crate) const DEFAULT_INTAKE_MAX_AGE: &str = "7d";
 /// Smallest `--intake-max-bytes` accepted.
-pub const MIN_INTAKE_MAX_BYTES: u64 = 1024;
+pub(crate) const MIN_INTAKE_MAX_BYTES: u64 = 1024;
 /// Forwarded commands (considers / planner) one peer may make this node republish, per second.
-pub const DEFAULT_FORWARD_RATE: f64 = 50.0;
+pub(crate) const DEFAULT_FORWARD_RATE: f64 = 50.0;
 /// Forwarded commands one peer may send at once above its rate.
-pub const DEFAULT_FORWARD_BURST: u32 = 100;
+pub(crate) const DEFAULT_FORWARD_BURST: u32 = 100;
 /// A planner stream that carried nothing for this long is closed (both sides).
-pub const DEFAULT_PLANNER_IDLE: &str = "10m";
+pub(crate) const DEFAULT_PLANNER_IDLE: &str = "10m";
 /// Bytes of one journal sync round (`--sync-max-bytes`).
-pub const DEFAULT_SYNC_MAX_BYTES: u64 = 16 * 1024 * 1024;
+pub(crate) const DEFAULT_SYNC_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Room for an entry's fields around its resource: `--sync-max-bytes` must exceed
 /// `--max-event-bytes` by this much, so that one entry always fits in a round.
 const SYNC_ENTRY_ROOM: u64 = 64 * 1024;
 /// Shortest period accepted for intervals and timeouts (zero would spin).
 const MIN_PERIOD: Duration = Duration::from_millis(10);
 /// Life of this node's signed peer record in the DHT; it is re-signed every half of it.
-pub const DEFAULT_RECORD_TTL: &str = "2m";
+pub(crate) const DEFAULT_RECORD_TTL: &str = "2m";
 /// Bounds of `--record-ttl` (the upper one is what other nodes accept).
-pub const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
-pub const MAX_RECORD_TTL: Duration = crate::p2p::records::MAX_AHEAD;
-pub const DEFAULT_MONGO_DB: &str = crate::store::mongo::DEFAULT_DB;
+pub(crate) const MIN_RECORD_TTL: Duration = Duration::from_secs(2);
+pub(crate) const MAX_RECORD_TTL: Duration = crate::p2p::records::MAX_AHEAD;
+pub(crate) const DEFAULT_MONGO_DB: &str = crate::store::mongo::DEFAULT_DB;
 /// Per peer and search: results kept, and bytes of their JSON.
-pub const DEFAULT_SEARCH_PEER_MAX_RESULTS: u64 = 1000;
-pub const DEFAULT_SEARCH_PEER_MAX_BYTES: u64 = 16 * 1024 * 1024;
+pub(crate) const DEFAULT_SEARCH_PEER_MAX_RESULTS: u64 = 1000;
+pub(crate) const DEFAULT_SEARCH_PEER_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Gossip queries per second from searchers without a known record, all together.
-pub const DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND: f64 = 2.0;
+pub(crate) const DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND: f64 = 2.0;
 /// Rows of relation `known` kept in the peers table (least recently seen dropped first).
-pub const DEFAULT_MAX_KNOWN_PEERS: usize = 10_000;
+pub(crate) const DEFAULT_MAX_KNOWN_PEERS: usize = 10_000;
 
 /// Which [`crate::store::Store`] backend holds the node's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -319,7 +319,7 @@ pub struct RunArgs {
 ///
 /// # Errors
 /// Anything else.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -420,7 +420,7 @@ pub fn parse() -> Result<Cli, ConfigError> {
 ///
 /// # Errors
 /// See [`parse`].
-pub fn parse_from<I, T>(args: I) -> Result<Cli, ConfigError>
+pub(crate) fn parse_from<I, T>(args: I) -> Result<Cli, ConfigError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,

@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why a [`PeerPool`] refused a permit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PoolFull {
+pub(crate) enum PoolFull {
     /// This peer already holds its share.
     #[error("this peer already holds its share of {0}")]
     Peer(usize),
@@ -25,7 +25,7 @@ pub enum PoolFull {
 }
 
 /// A pool of `total` permits in which one peer holds at most `per_peer`.
-pub struct PeerPool {
+pub(crate) struct PeerPool {
     total: usize,
     per_peer: usize,
     permits: Arc<Semaphore>,
@@ -33,14 +33,14 @@ pub struct PeerPool {
 }
 
 /// One permit of a [`PeerPool`], given back when dropped.
-pub struct PeerPermit {
+pub(crate) struct PeerPermit {
     pool: Arc<PeerPool>,
     peer: PeerId,
     _permit: OwnedSemaphorePermit,
 }
 
 impl PeerPool {
-    pub fn new(total: usize, per_peer: usize) -> Arc<PeerPool> {
+    pub(crate) fn new(total: usize, per_peer: usize) -> Arc<PeerPool> {
         Arc::new(PeerPool {
             total,
             per_peer: per_peer.min(total),
@@ -53,7 +53,7 @@ impl PeerPool {
     ///
     /// # Errors
     /// [`PoolFull`] says which bound was hit.
-    pub fn try_acquire(self: &Arc<Self>, peer: PeerId) -> Result<PeerPermit, PoolFull> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, peer: PeerId) -> Result<PeerPermit, PoolFull> {
         let Ok(mut held) = self.held.lock() else {
             return Err(PoolFull::Total(self.total));
         };
@@ -74,16 +74,13 @@ impl PeerPool {
         })
     }
 
+    #[cfg(test)]
     /// Permits `peer` holds now.
-    pub fn held_by(&self, peer: &PeerId) -> usize {
+    pub(crate) fn held_by(&self, peer: &PeerId) -> usize {
         self.held
             .lock()
             .map(|h| h.get(peer).copied().unwrap_or(0))
             .unwrap_or(0)
-    }
-
-    pub fn per_peer(&self) -> usize {
-        self.per_peer
     }
 }
 
@@ -102,7 +99,7 @@ impl Drop for PeerPermit {
 
 /// A token bucket: `burst` tokens at most, refilled at `per_second`.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     per_second: f64,
     burst: f64,
     tokens: f64,
@@ -110,7 +107,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub fn new(per_second: f64, burst: f64, now: Instant) -> TokenBucket {
+    pub(crate) fn new(per_second: f64, burst: f64, now: Instant) -> TokenBucket {
         let burst = burst.max(1.0);
         TokenBucket {
             per_second: per_second.max(0.0),
@@ -127,7 +124,7 @@ impl TokenBucket {
     }
 
     /// Takes one token if there is one.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -147,7 +144,7 @@ impl TokenBucket {
 /// One token bucket per peer, at most `max_peers` remembered. A full bucket is forgotten
 /// first (a new one would be the same); when every remembered bucket is in use, a peer not
 /// among them is refused until one refills.
-pub struct PeerBuckets<K = PeerId> {
+pub(crate) struct PeerBuckets<K = PeerId> {
     per_second: f64,
     burst: f64,
     max_peers: usize,
@@ -155,7 +152,7 @@ pub struct PeerBuckets<K = PeerId> {
 }
 
 impl<K: Eq + Hash + Clone> PeerBuckets<K> {
-    pub fn new(per_second: f64, burst: f64, max_peers: usize) -> PeerBuckets<K> {
+    pub(crate) fn new(per_second: f64, burst: f64, max_peers: usize) -> PeerBuckets<K> {
         PeerBuckets {
             per_second,
             burst,
@@ -165,11 +162,11 @@ impl<K: Eq + Hash + Clone> PeerBuckets<K> {
     }
 
     /// Takes a token of `key`'s bucket.
-    pub fn try_take(&self, key: &K) -> bool {
+    pub(crate) fn try_take(&self, key: &K) -> bool {
         self.try_take_at(key, Instant::now())
     }
 
-    pub fn try_take_at(&self, key: &K, now: Instant) -> bool {
+    pub(crate) fn try_take_at(&self, key: &K, now: Instant) -> bool {
         let Ok(mut buckets) = self.buckets.lock() else {
             return false;
         };
@@ -204,13 +201,13 @@ type ThrottleSlots<K> = HashMap<(Option<K>, &'static str), (Instant, u64)>;
 ///     tracing::warn!(%peer, code = "not_partner", count, "...");
 /// }
 /// ```
-pub struct LogThrottle<K = PeerId> {
+pub(crate) struct LogThrottle<K = PeerId> {
     every: Duration,
     seen: Mutex<ThrottleSlots<K>>,
 }
 
 impl<K: Hash + Eq> LogThrottle<K> {
-    pub fn new(every: Duration) -> LogThrottle<K> {
+    pub(crate) fn new(every: Duration) -> LogThrottle<K> {
         LogThrottle {
             every,
             seen: Mutex::new(HashMap::new()),
@@ -219,11 +216,11 @@ impl<K: Hash + Eq> LogThrottle<K> {
 
     /// `Some(count)` when this refusal should be logged now: `count` refusals of this kind
     /// (this one included) happened since the last line. `None`: counted, stay quiet.
-    pub fn hit(&self, peer: K, code: &'static str) -> Option<u64> {
+    pub(crate) fn hit(&self, peer: K, code: &'static str) -> Option<u64> {
         self.hit_at(peer, code, Instant::now())
     }
 
-    pub fn hit_at(&self, peer: K, code: &'static str, now: Instant) -> Option<u64> {
+    pub(crate) fn hit_at(&self, peer: K, code: &'static str, now: Instant) -> Option<u64> {
         let Ok(mut seen) = self.seen.lock() else {
             return Some(1);
         };

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use libp2p::identity::Keypair;
 
-pub const IDENTITY_FILE: &str = "identity.key";
+pub(crate) const IDENTITY_FILE: &str = "identity.key";
 
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     #[error("cannot read or write {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a libp2p key: {reason}")]
@@ -20,7 +20,7 @@ pub enum IdentityError {
 ///
 /// # Errors
 /// The directory is not writable or the file holds something that is not a key.
-pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
+pub(crate) fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
     let path = data_dir.join(IDENTITY_FILE);
     let io = |source| IdentityError::Io {
         path: path.clone(),

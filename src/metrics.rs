@@ -65,19 +65,19 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    pub fn record_rejected(&self, via: &'static str, reason: &'static str) {
+    pub(crate) fn record_rejected(&self, via: &'static str, reason: &'static str) {
         if let Ok(mut map) = self.records_rejected.lock() {
             *map.entry((via, reason)).or_default() += 1;
         }
     }
 
-    pub fn query_rejected(&self, reason: &'static str) {
+    pub(crate) fn query_rejected(&self, reason: &'static str) {
         if let Ok(mut map) = self.queries_rejected.lock() {
             *map.entry(reason).or_default() += 1;
         }
     }
 
-    pub fn results_dropped(&self, reason: &'static str, n: u64) {
+    pub(crate) fn results_dropped(&self, reason: &'static str, n: u64) {
         if let Ok(mut map) = self.results_dropped.lock() {
             let c = map.entry(reason).or_default();
             *c = c.saturating_add(n);
@@ -149,25 +149,17 @@ impl Discovery {
 }
 
 impl Metrics {
-    pub fn refused(&self, place: &'static str, code: ErrorCode) {
+    pub(crate) fn refused(&self, place: &'static str, code: ErrorCode) {
         if let Ok(mut map) = self.refusals.lock() {
             *map.entry((place, code.as_str())).or_default() += 1;
         }
     }
 
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Number of refusals counted for this place and code.
-    pub fn refusals(&self, place: &str, code: ErrorCode) -> u64 {
-        self.refusals
-            .lock()
-            .map(|m| m.get(&(place, code.as_str())).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, &AtomicU64); 11] = [
             (

@@ -20,19 +20,19 @@ use crate::backoff::Backoff;
 use crate::store::OutboxRow;
 
 /// Header JetStream uses to drop duplicate publishes.
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+pub(crate) const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// Messages buffered per subscription before the server marks us a slow consumer.
 const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
 /// Commands buffered in the client while the connection catches up.
 const CLIENT_CAPACITY: usize = 16 * 1024;
 /// Largest credentials, seed, password, token, CA, certificate or key file read (a `.creds`
 /// file is about 1 KiB, a CA bundle some 200 KiB).
-pub const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
+pub(crate) const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
 /// Most bytes of a server's error kept for `/healthz` and the log.
 const MAX_REASON_BYTES: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
+pub(crate) enum PublishError {
     #[error("publish failed: {0}")]
     Publish(String),
     #[error("NATS did not confirm within {0:?}")]
@@ -64,7 +64,7 @@ pub struct NatsTls {
 }
 
 impl NatsTls {
-    pub fn required(&self) -> bool {
+    pub(crate) fn required(&self) -> bool {
         self.ca.is_some() || self.client.is_some()
     }
 }
@@ -81,7 +81,7 @@ pub struct NatsSettings {
 /// A file named by a NATS option that cannot be used; the node does not start.
 #[derive(Debug, thiserror::Error)]
 #[error("{option} {}: {reason}", path.display())]
-pub struct FileError {
+pub(crate) struct FileError {
     /// The option naming the file (`--nats-creds`, ...).
     pub option: &'static str,
     pub path: PathBuf,
@@ -89,7 +89,7 @@ pub struct FileError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     #[error(transparent)]
     File(#[from] FileError),
     #[error("NATS client: {0}")]
@@ -102,7 +102,7 @@ pub enum ConnectError {
 ///
 /// # Errors
 /// A credentials, CA, certificate or key file is unreadable, too big or malformed.
-pub async fn connect(
+pub(crate) async fn connect(
     settings: &NatsSettings,
     timeout: Duration,
     retry: Backoff,
@@ -262,7 +262,7 @@ fn warn_if_shared(option: &'static str, path: &Path) {
 
 /// What `/healthz` says about NATS: why the client is not connected.
 #[derive(Debug, Default)]
-pub struct ConnectionStatus {
+pub(crate) struct ConnectionStatus {
     /// The last refusal or error of a server, cleared once connected.
     refusal: Mutex<Option<String>>,
     /// Failed attempts per server already reported.
@@ -271,7 +271,7 @@ pub struct ConnectionStatus {
 
 impl ConnectionStatus {
     /// `None` when connected, else the reason (the last server error, if any).
-    pub fn problem(&self, client: &Client) -> Option<String> {
+    pub(crate) fn problem(&self, client: &Client) -> Option<String> {
         if is_connected(client) {
             return None;
         }
@@ -342,7 +342,7 @@ fn reason(error: &str) -> String {
     reason
 }
 
-pub fn is_connected(client: &Client) -> bool {
+pub(crate) fn is_connected(client: &Client) -> bool {
     client.connection_state() == async_nats::connection::State::Connected
 }
 
@@ -352,7 +352,7 @@ pub fn is_connected(client: &Client) -> bool {
 /// by its PubAck (persisted, deduplicated on `Nats-Msg-Id`); a subject no stream captures
 /// gets a core publish confirmed by a flush round trip. Which is which is asked of the
 /// server and remembered for `CAPTURE_RECHECK`.
-pub struct Publisher {
+pub(crate) struct Publisher {
     client: Client,
     js: async_nats::jetstream::Context,
     /// Subject → (captured by a stream, when that was learned).
@@ -363,7 +363,7 @@ pub struct Publisher {
 const CAPTURE_RECHECK: Duration = Duration::from_secs(30);
 
 impl Publisher {
-    pub fn new(client: Client) -> Self {
+    pub(crate) fn new(client: Client) -> Self {
         let js = async_nats::jetstream::new(client.clone());
         Publisher {
             client,
@@ -394,7 +394,11 @@ impl Publisher {
     ///
     /// # Errors
     /// A publish was refused or not confirmed in time; the caller keeps the rows.
-    pub async fn publish_rows(&self, rows: &[OutboxRow], timeout: Duration) -> Result<(), PublishError> {
+    pub(crate) async fn publish_rows(
+        &self,
+        rows: &[OutboxRow],
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
         let failed = |e: &dyn std::fmt::Display| PublishError::Publish(e.to_string());
         let work = async {
             let mut acks = Vec::new();

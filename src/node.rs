@@ -38,7 +38,7 @@ use crate::store::Store;
 use crate::{admin, identity, nats, p2p, secret_file};
 
 /// Store file inside the data directory.
-pub const STORE_FILE: &str = "store.redb";
+pub(crate) const STORE_FILE: &str = "store.redb";
 /// How long shutdown waits for links to persist their cursors.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Outbox rows published per round at start-up.

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Largest admin token file accepted (whitespace included).
-pub const MAX_TOKEN_BYTES: u64 = 4096;
+pub(crate) const MAX_TOKEN_BYTES: u64 = 4096;
 
 /// Why a token file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +48,11 @@ impl Token {
         Ok(Token(String::from_utf8_lossy(token).into_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
 }
@@ -93,7 +93,7 @@ pub fn read_token(path: &Path) -> Result<Token, TokenFileError> {
 /// Logs a warning when `path` is readable, writable or executable by group or others
 /// (`what` names the file: "admin token", "identity key", "PSK"). Silent when the file
 /// cannot be inspected: whoever reads it reports that.
-pub fn warn_if_shared(path: &Path, what: &str) {
+pub(crate) fn warn_if_shared(path: &Path, what: &str) {
     if let Some(mode) = shared_mode(path) {
         tracing::warn!(
             path = %path.display(),

@@ -27,9 +27,9 @@ use crate::metrics::Metrics;
 use crate::secret_file::Token;
 
 /// Routes answered without a token (`GET` only).
-pub const OPEN_ROUTES: [&str; 2] = ["/healthz", "/metrics"];
+pub(crate) const OPEN_ROUTES: [&str; 2] = ["/healthz", "/metrics"];
 /// Error code of a refused request.
-pub const UNAUTHORIZED: &str = "unauthorized";
+pub(crate) const UNAUTHORIZED: &str = "unauthorized";
 /// A refusal of one kind from one address is logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Characters of a refused request's path kept in the log line.
@@ -47,7 +47,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refusal::MissingToken => "missing_token",
             Refusal::NotBearer => "not_bearer",
@@ -66,14 +66,14 @@ impl Refusal {
 
 /// The node's token (none: every request passes, which only a loopback listener allows),
 /// the counter and the log throttle of refusals.
-pub struct Gate {
+pub(crate) struct Gate {
     token: Option<Token>,
     metrics: Arc<Metrics>,
     log: LogThrottle<IpAddr>,
 }
 
 impl Gate {
-    pub fn new(token: Option<Token>, metrics: Arc<Metrics>) -> Gate {
+    pub(crate) fn new(token: Option<Token>, metrics: Arc<Metrics>) -> Gate {
         Gate {
             token,
             metrics,
@@ -85,7 +85,12 @@ impl Gate {
     ///
     /// # Errors
     /// Why it may not.
-    pub fn check(&self, method: &Method, path: &str, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+    pub(crate) fn check(
+        &self,
+        method: &Method,
+        path: &str,
+        authorization: Option<&[u8]>,
+    ) -> Result<(), Refusal> {
         let Some(token) = &self.token else {
             return Ok(());
         };
@@ -135,7 +140,7 @@ fn bearer(value: &[u8]) -> Result<&[u8], Refusal> {
 }
 
 /// The 401 answer.
-pub fn unauthorized(refusal: Refusal) -> HttpResponse {
+pub(crate) fn unauthorized(refusal: Refusal) -> HttpResponse {
     HttpResponse::Unauthorized()
         .insert_header((WWW_AUTHENTICATE, "Bearer"))
         .json(json!({"ok": false, "error": {"code": UNAUTHORIZED, "message": refusal.message()}}))
@@ -145,7 +150,7 @@ pub fn unauthorized(refusal: Refusal) -> HttpResponse {
 ///
 /// # Errors
 /// Those of the wrapped service.
-pub async fn require_token(
+pub(crate) async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
@@ -170,7 +175,7 @@ pub async fn require_token(
 /// Why the admin API may not start as configured.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ExposureError {
+pub(crate) enum ExposureError {
     #[error("cannot resolve --admin-listen {listen}: {source}")]
     Resolve { listen: String, source: std::io::Error },
     #[error(
@@ -186,7 +191,7 @@ pub enum ExposureError {
 ///
 /// # Errors
 /// `listen` does not resolve, or resolves to a non-loopback address while there is no token.
-pub fn check_exposure(listen: &str, has_token: bool) -> Result<(), ExposureError> {
+pub(crate) fn check_exposure(listen: &str, has_token: bool) -> Result<(), ExposureError> {
     if has_token {
         return Ok(());
     }

@@ -20,7 +20,7 @@ const MAX_PEM_BYTES: u64 = 1024 * 1024;
 /// Why the admin API's TLS configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum TlsSetupError {
+pub(crate) enum TlsSetupError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is larger than {MAX_PEM_BYTES} bytes: not a PEM certificate or key")]
@@ -38,7 +38,7 @@ pub enum TlsSetupError {
 /// # Errors
 /// A file is unreadable or too large, holds no PEM certificate (or key), or rustls refuses
 /// the pair (a key that does not match the certificate, an unsupported key type).
-pub fn server_config(files: &AdminTlsFiles) -> Result<ServerConfig, TlsSetupError> {
+pub(crate) fn server_config(files: &AdminTlsFiles) -> Result<ServerConfig, TlsSetupError> {
     let cert_pem = read_pem(&files.cert)?;
     let no_cert = |reason: String| TlsSetupError::NoCertificate {
         path: files.cert.clone(),

@@ -22,7 +22,7 @@ use crate::p2p::wire::{self, ErrorFrame, ForwardFrame, FrameError};
 
 /// Why [`OpenStreams::admit`] refused a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum StreamsFull {
+pub(crate) enum StreamsFull {
     #[error("this peer has {0} forwarding streams busy")]
     Peer(usize),
     #[error("all {0} forwarding streams are busy")]
@@ -36,7 +36,7 @@ pub enum StreamsFull {
 /// taken away, so idle planner streams of any number of peers cannot lock others out.
 ///
 /// Pure bookkeeping, generic over the handle that closes a stream (unit-tested).
-pub struct OpenStreams<H> {
+pub(crate) struct OpenStreams<H> {
     total: usize,
     per_peer: usize,
     next_id: u64,
@@ -51,7 +51,7 @@ struct OpenSlot<H> {
 }
 
 impl<H> OpenStreams<H> {
-    pub fn new(total: usize, per_peer: usize) -> Self {
+    pub(crate) fn new(total: usize, per_peer: usize) -> Self {
         let total = total.max(1);
         OpenStreams {
             total,
@@ -66,7 +66,12 @@ impl<H> OpenStreams<H> {
     ///
     /// # Errors
     /// [`StreamsFull`] when every stream that would have to go is busy.
-    pub fn admit(&mut self, peer: PeerId, close: H, now: Instant) -> Result<(u64, Option<H>), StreamsFull> {
+    pub(crate) fn admit(
+        &mut self,
+        peer: PeerId,
+        close: H,
+        now: Instant,
+    ) -> Result<(u64, Option<H>), StreamsFull> {
         let mine = self.open.values().filter(|s| s.peer == peer).count();
         let evicted = if mine >= self.per_peer {
             Some(
@@ -112,7 +117,7 @@ impl<H> OpenStreams<H> {
     }
 
     /// The stream waits for its next frame (it may be closed to make room).
-    pub fn idle(&mut self, id: u64, now: Instant) {
+    pub(crate) fn idle(&mut self, id: u64, now: Instant) {
         if let Some(s) = self.open.get_mut(&id) {
             s.idle_since = Some(now);
         }
@@ -120,7 +125,7 @@ impl<H> OpenStreams<H> {
 
     /// The stream handles a frame: it is not taken away meanwhile. False when it was
     /// closed to make room already.
-    pub fn busy(&mut self, id: u64) -> bool {
+    pub(crate) fn busy(&mut self, id: u64) -> bool {
         match self.open.get_mut(&id) {
             Some(s) => {
                 s.idle_since = None;
@@ -130,16 +135,13 @@ impl<H> OpenStreams<H> {
         }
     }
 
-    pub fn remove(&mut self, id: u64) {
+    pub(crate) fn remove(&mut self, id: u64) {
         self.open.remove(&id);
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.open.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
     }
 }
 
@@ -159,7 +161,7 @@ const FORWARD_LOG_EVERY: Duration = Duration::from_secs(10);
 /// `PB_PLANNER`, whatever the frame says), `from_peer` is the connection's peer id, each
 /// peer has a token bucket (`--forward-rate`, `--forward-burst`; over it: `rate_limited`),
 /// and streams are bounded by [`OpenStreams`].
-pub struct Forwarder {
+pub(crate) struct Forwarder {
     nats: async_nats::Client,
     metrics: Arc<Metrics>,
     tuning: Tuning,
@@ -169,7 +171,7 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(nats: async_nats::Client, metrics: Arc<Metrics>, tuning: Tuning) -> Arc<Forwarder> {
+    pub(crate) fn new(nats: async_nats::Client, metrics: Arc<Metrics>, tuning: Tuning) -> Arc<Forwarder> {
         Arc::new(Forwarder {
             nats,
             metrics,
@@ -186,7 +188,7 @@ impl Forwarder {
 
     /// Serves a considers / planner stream a peer opened, or resets it when the streams
     /// that would have to make room are all busy.
-    pub fn accept(self: &Arc<Self>, peer: PeerId, protocol: &StreamProtocol, stream: Stream) {
+    pub(crate) fn accept(self: &Arc<Self>, peer: PeerId, protocol: &StreamProtocol, stream: Stream) {
         let Some(kind) = ForwardKind::of(protocol) else {
             return;
         };

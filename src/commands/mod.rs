@@ -60,7 +60,7 @@ fn forward_frame(command: &AppCommand) -> ForwardFrame {
 
 /// What sending commands to chosen peers needs: reaching them, opening streams, and
 /// reporting on NATS what could not be delivered (`place="commands"`).
-pub struct Delivery {
+pub(crate) struct Delivery {
     pub net: p2p::Client,
     pub directory: Arc<Directory>,
     pub answers: Answers,
@@ -86,13 +86,13 @@ impl Delivery {
 /// Which forwarding protocol a stream speaks: it, not the frame, decides the action
 /// republished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardKind {
+pub(crate) enum ForwardKind {
     Considers,
     Planner,
 }
 
 impl ForwardKind {
-    pub fn of(protocol: &StreamProtocol) -> Option<ForwardKind> {
+    pub(crate) fn of(protocol: &StreamProtocol) -> Option<ForwardKind> {
         if *protocol == PROTOCOL_CONSIDERS {
             Some(ForwardKind::Considers)
         } else if *protocol == PROTOCOL_PLANNER {
@@ -103,7 +103,7 @@ impl ForwardKind {
     }
 
     /// The only action a stream of this kind republishes.
-    pub fn action(self) -> CommandAction {
+    pub(crate) fn action(self) -> CommandAction {
         match self {
             ForwardKind::Considers => CommandAction::Considers,
             ForwardKind::Planner => CommandAction::Planner,

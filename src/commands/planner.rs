@@ -22,20 +22,20 @@ use crate::p2p::wire::{self, ErrorFrame, ForwardFrame};
 /// Planner messages queued per peer while its stream is being (re)opened.
 const PLANNER_QUEUE: usize = 256;
 /// Peers with a planner stream at once; beyond, `PB_PLANNER` to a new peer is `busy`.
-pub const MAX_PLANNERS: usize = 256;
+pub(crate) const MAX_PLANNERS: usize = 256;
 /// Bytes of planner messages queued across all peers; beyond, `PB_PLANNER` is `busy`.
-pub const PLANNER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const PLANNER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A planner task ended: its entry goes, unless a newer task replaced it.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct PlannerEnded {
+pub(crate) struct PlannerEnded {
     pub peer: PeerId,
     pub generation: u64,
 }
 
 /// Each peer's planner queue and the task writing it.
-pub struct Planners {
+pub(crate) struct Planners {
     delivery: Arc<Delivery>,
     /// Each peer's queue and the generation of the task writing it: a task that ends
     /// (idle, closed, failed) removes its own entry, never a newer one.
@@ -46,7 +46,7 @@ pub struct Planners {
 }
 
 impl Planners {
-    pub fn new(delivery: Arc<Delivery>) -> Self {
+    pub(crate) fn new(delivery: Arc<Delivery>) -> Self {
         Planners {
             delivery,
             queues: HashMap::new(),
@@ -60,7 +60,7 @@ impl Planners {
     ///
     /// # Errors
     /// `busy` when the bytes, the peers or this peer's queue are at their bound.
-    pub fn queue(
+    pub(crate) fn queue(
         &mut self,
         peer: PeerId,
         frame: &ForwardFrame,
@@ -132,7 +132,7 @@ impl Planners {
     }
 
     /// Forgets the queue of a task that ended, unless a newer task replaced it.
-    pub fn ended(&mut self, msg: &PlannerEnded) {
+    pub(crate) fn ended(&mut self, msg: &PlannerEnded) {
         if self
             .queues
             .get(&msg.peer)
@@ -143,7 +143,7 @@ impl Planners {
     }
 
     /// Drops `peer`'s queue, which ends its task and closes the stream; whether one was open.
-    pub fn close(&mut self, peer: &PeerId) -> bool {
+    pub(crate) fn close(&mut self, peer: &PeerId) -> bool {
         self.queues.remove(peer).is_some_and(|(_, q)| !q.is_closed())
     }
 }

@@ -25,7 +25,7 @@ use crate::peers::directory::Directory;
 /// An application command and where to answer it.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Dispatch {
+pub(crate) struct Dispatch {
     pub command: AppCommand,
     pub reply: Option<Subject>,
 }
@@ -33,12 +33,12 @@ pub struct Dispatch {
 /// A search handed over by the router; the search service answers the application.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SearchRequest {
+pub(crate) struct SearchRequest {
     pub command: AppCommand,
     pub reply: Option<Subject>,
 }
 
-pub struct CommandEnv {
+pub(crate) struct CommandEnv {
     pub nats: async_nats::Client,
     pub net: p2p::Client,
     /// Reaches the peers a command names (the directory's `reach`).
@@ -48,14 +48,14 @@ pub struct CommandEnv {
     pub tuning: Tuning,
 }
 
-pub struct CommandRouter {
+pub(crate) struct CommandRouter {
     delivery: Arc<Delivery>,
     search: Option<Recipient<SearchRequest>>,
     planners: Planners,
 }
 
 impl CommandRouter {
-    pub fn new(env: CommandEnv) -> Self {
+    pub(crate) fn new(env: CommandEnv) -> Self {
         let delivery = Arc::new(Delivery {
             net: env.net,
             directory: env.directory,

@@ -14,15 +14,7 @@ pub enum Action {
     Delete,
 }
 
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Create => "PB_CREATE",
-            Action::Update => "PB_UPDATE",
-            Action::Delete => "PB_DELETE",
-        }
-    }
-}
+impl Action {}
 
 /// Application requests that are not journaled: searches and messages to chosen peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +26,7 @@ pub enum CommandAction {
 }
 
 impl CommandAction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CommandAction::Search => "PB_SEARCH",
             CommandAction::Considers => "PB_CONSIDERS",

@@ -32,7 +32,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub(crate) const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidJson,
         ErrorCode::MissingField,
         ErrorCode::InvalidField,
@@ -50,7 +50,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
             ErrorCode::MissingField => "missing_field",
@@ -84,7 +84,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Refusal {
             code,
             message: message.into(),
@@ -92,7 +92,7 @@ impl Refusal {
     }
 
     /// `{"code": "...", "message": "..."}` as used in replies and error events.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         serde_json::json!({"code": self.code.as_str(), "message": self.message})
     }
 }

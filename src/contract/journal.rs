@@ -19,16 +19,16 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
-    pub fn resource_id(&self) -> Option<&str> {
+    pub(crate) fn resource_id(&self) -> Option<&str> {
         self.resource.id()
     }
 
-    pub fn creator_id(&self) -> Option<&str> {
+    pub(crate) fn creator_id(&self) -> Option<&str> {
         self.resource.creator_id()
     }
 
     /// `<origin>:<seq>`: the `Nats-Msg-Id` of every publish this entry causes.
-    pub fn msg_id(&self) -> String {
+    pub(crate) fn msg_id(&self) -> String {
         format!("{}:{}", self.origin, self.seq)
     }
 }

@@ -40,7 +40,7 @@ impl ResourceNotice {
 
     /// The JSON body of a notice from its parts; the same bytes as [`Self::body_of`] for
     /// the entry they come from.
-    pub fn body(
+    pub(crate) fn body(
         data_type: &str,
         user: &str,
         resource: &RawValue,
@@ -59,7 +59,7 @@ impl ResourceNotice {
         serde_json::to_vec(&notice).unwrap_or_default()
     }
 
-    pub fn subject(action: Action) -> &'static str {
+    pub(crate) fn subject(action: Action) -> &'static str {
         match action {
             Action::Create | Action::Update => SUBJECT_CREATE,
             Action::Delete => SUBJECT_REMOVE,

@@ -63,7 +63,7 @@ impl Resource {
     /// Line breaks become spaces: journal sync carries entries as JSON lines, so an entry's
     /// JSON must hold none. Valid JSON has line breaks only between tokens (inside strings
     /// they are escaped), where a space means the same.
-    pub fn from_raw(raw: Box<RawValue>) -> Resource {
+    pub(crate) fn from_raw(raw: Box<RawValue>) -> Resource {
         let raw = if raw.get().contains(['\n', '\r']) {
             let flat = raw.get().replace(['\n', '\r'], " ");
             RawValue::from_string(flat).unwrap_or(raw)
@@ -76,12 +76,12 @@ impl Resource {
 
     /// # Errors
     /// `text` is not valid JSON.
-    pub fn from_json(text: &str) -> Result<Resource, serde_json::Error> {
+    pub(crate) fn from_json(text: &str) -> Result<Resource, serde_json::Error> {
         RawValue::from_string(text.to_owned()).map(Resource::from_raw)
     }
 
     /// The JSON text of a value (for tests and for callers that built a tree).
-    pub fn from_value(value: &Value) -> Resource {
+    pub(crate) fn from_value(value: &Value) -> Resource {
         // A Value always serializes, and to valid JSON.
         let text = serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned());
         Resource::from_json(&text).unwrap_or_else(|_| Resource::from_raw(RawValue::NULL.to_owned()))
@@ -92,7 +92,7 @@ impl Resource {
         self.raw.get()
     }
 
-    pub fn raw(&self) -> &RawValue {
+    pub(crate) fn raw(&self) -> &RawValue {
         &self.raw
     }
 

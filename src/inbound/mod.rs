@@ -69,16 +69,10 @@ const REFUSALS_PER_PEER: usize = 4;
 /// Most heartbeat answerers remembered: one per partner (a new heartbeat stream replaces
 /// the peer's previous one), so this only bounds a partner list larger than it.
 const MAX_HEARTBEATS: usize = 1024;
-/// Inbound streams one peer can hold open at once, whatever the protocols: three resource
-/// streams (a new one replaces the open one of its kind), one heartbeat stream (same rule),
-/// its sync and refusal shares, and its share of considers / planner streams (bounded by
-/// the forwarder, `commands::FORWARD_STREAMS_PER_PEER`).
-pub const MAX_STREAMS_PER_PEER: usize =
-    3 + 1 + SYNC_SERVES_PER_PEER + REFUSALS_PER_PEER + crate::commands::forwarder::FORWARD_STREAMS_PER_PEER;
 /// A repeated refusal from one peer is logged once per this interval, with its count.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-pub struct InboundEnv {
+pub(crate) struct InboundEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
     pub publisher: Arc<crate::nats::Publisher>,
@@ -91,7 +85,7 @@ pub struct InboundEnv {
     pub shutdown: watch::Receiver<bool>,
 }
 
-pub struct InboundApply {
+pub(crate) struct InboundApply {
     env: Arc<InboundEnv>,
     /// Repeated refusals logged once per interval per peer and code, shared with every
     /// session.
@@ -106,7 +100,7 @@ pub struct InboundApply {
 }
 
 impl InboundApply {
-    pub fn new(env: InboundEnv) -> Self {
+    pub(crate) fn new(env: InboundEnv) -> Self {
         InboundApply {
             env: Arc::new(env),
             log: Arc::new(LogThrottle::new(REFUSAL_LOG_EVERY)),
@@ -197,7 +191,7 @@ impl InboundApply {
 /// A stream opened by a peer on one of the protocols this actor serves.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct IncomingStream {
+pub(crate) struct IncomingStream {
     pub peer: PeerId,
     pub protocol: StreamProtocol,
     pub stream: Stream,

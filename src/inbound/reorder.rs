@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 /// What [`Reorder::offer`] did with an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Buffered {
+pub(crate) enum Buffered {
     /// At or below the applied mark: already handled, only the ack was missing.
     Stale,
     Kept,
@@ -34,7 +34,7 @@ pub enum Buffered {
 /// A journal pull to start: the origin's entries after `since`, until `target` is applied
 /// (`u64::MAX`: up to the origin's head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pull {
+pub(crate) struct Pull {
     pub since: u64,
     pub target: u64,
 }
@@ -54,7 +54,7 @@ struct Pulling {
 /// Bounded in seqs (`applied + 2 × send_window`) and in bytes (`max_bytes`, the byte size of
 /// each entry as the caller counts it). `T` is what the caller keeps with an entry.
 #[derive(Debug)]
-pub struct Reorder<T> {
+pub(crate) struct Reorder<T> {
     applied: u64,
     send_window: u64,
     entries: BTreeMap<u64, (T, usize)>,
@@ -73,7 +73,7 @@ pub struct Reorder<T> {
 impl<T> Reorder<T> {
     /// An empty buffer above `applied`, for a sender's `send_window`, holding at most
     /// `max_bytes` (an entry alone excepted).
-    pub fn new(applied: u64, send_window: u64, max_bytes: usize) -> Reorder<T> {
+    pub(crate) fn new(applied: u64, send_window: u64, max_bytes: usize) -> Reorder<T> {
         Reorder {
             applied,
             send_window,
@@ -88,30 +88,27 @@ impl<T> Reorder<T> {
     }
 
     /// The seq up to which the origin's entries are applied.
-    pub fn applied(&self) -> u64 {
+    pub(crate) fn applied(&self) -> u64 {
         self.applied
     }
 
-    pub fn max_bytes(&self) -> usize {
+    pub(crate) fn max_bytes(&self) -> usize {
         self.max_bytes
     }
 
+    #[cfg(test)]
     /// Bytes of the entries held.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// Entries held.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Takes entry `seq` of `bytes`, read from a stream or pulled.
-    pub fn offer(&mut self, seq: u64, item: T, bytes: usize) -> Buffered {
+    pub(crate) fn offer(&mut self, seq: u64, item: T, bytes: usize) -> Buffered {
         if seq <= self.applied {
             self.ack_owed = true;
             return Buffered::Stale;
@@ -155,13 +152,13 @@ impl<T> Reorder<T> {
     }
 
     /// Whether an entry of `bytes` would push something out (an entry alone always fits).
-    pub fn is_full_for(&self, bytes: usize) -> bool {
+    pub(crate) fn is_full_for(&self, bytes: usize) -> bool {
         !self.entries.is_empty() && self.bytes.saturating_add(bytes) > self.max_bytes
     }
 
     /// Takes the contiguous run after the applied mark, at most `max` entries, in seq order.
     /// The mark moves only with [`Reorder::mark_applied`], once the run is applied.
-    pub fn next_run(&mut self, max: usize) -> Vec<T> {
+    pub(crate) fn next_run(&mut self, max: usize) -> Vec<T> {
         let mut run = Vec::new();
         while run.len() < max {
             let Some(next) = self
@@ -183,25 +180,25 @@ impl<T> Reorder<T> {
     }
 
     /// A run up to `up_to` is applied (and acknowledged with it).
-    pub fn mark_applied(&mut self, up_to: u64) {
+    pub(crate) fn mark_applied(&mut self, up_to: u64) {
         self.applied = up_to;
         self.ack_owed = false;
     }
 
     /// Whether an ack is owed for stale entries; owed no more once asked.
-    pub fn take_ack_owed(&mut self) -> bool {
+    pub(crate) fn take_ack_owed(&mut self) -> bool {
         std::mem::take(&mut self.ack_owed)
     }
 
     /// Forgets the entries held (the partnership ended).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.entries.clear();
         self.bytes = 0;
     }
 
     /// The seq up to which a pull must go to fill what is missing after the applied mark (a
     /// hole before the first entry held, or entries dropped for lack of room), if anything.
-    pub fn missing_up_to(&self) -> Option<u64> {
+    pub(crate) fn missing_up_to(&self) -> Option<u64> {
         let next = self.applied.saturating_add(1);
         let hole = self
             .entries
@@ -216,7 +213,7 @@ impl<T> Reorder<T> {
 
     /// The periodic gap check: the pull target of what was missing at the previous check
     /// too, at the same applied mark (a hole that outlived one check interval).
-    pub fn check_gap(&mut self) -> Option<u64> {
+    pub(crate) fn check_gap(&mut self) -> Option<u64> {
         match self.missing_up_to() {
             Some(target) if self.gap_seen == Some((self.applied, target)) => Some(target),
             Some(target) => {
@@ -232,7 +229,7 @@ impl<T> Reorder<T> {
 
     /// The origin's `hello`: a head more than half a send window ahead is pulled rather than
     /// waited for.
-    pub fn hello(&mut self, head: u64) -> Option<Pull> {
+    pub(crate) fn hello(&mut self, head: u64) -> Option<Pull> {
         if head > self.applied.saturating_add(self.send_window / 2) {
             self.want_sync(head)
         } else {
@@ -242,7 +239,7 @@ impl<T> Reorder<T> {
 
     /// Entries up to `target` are wanted by pull: the pull to start now, if none is running
     /// (a running one takes the raised target at its end, [`Reorder::sync_done`]).
-    pub fn want_sync(&mut self, target: u64) -> Option<Pull> {
+    pub(crate) fn want_sync(&mut self, target: u64) -> Option<Pull> {
         self.pulling.target = self.pulling.target.max(target);
         (!self.pulling.running).then(|| self.start_pull())
     }
@@ -259,7 +256,7 @@ impl<T> Reorder<T> {
     /// The running pull ended (`ok`: it reached its target or the origin's head). Another
     /// pass when the target was raised meanwhile and is not applied yet; otherwise nothing is
     /// wanted any more (after a failure too: the next trigger asks again, no busy loop).
-    pub fn sync_done(&mut self, ok: bool) -> Option<Pull> {
+    pub(crate) fn sync_done(&mut self, ok: bool) -> Option<Pull> {
         self.pulling.running = false;
         let raised = self.pulling.target > self.pulling.started_for;
         if ok && raised && self.applied < self.pulling.target {

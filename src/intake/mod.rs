@@ -46,14 +46,14 @@ use crate::outbound::service::JournalAdvanced;
 use crate::store::Store;
 
 /// The `place` of the intake's refusals (log lines, `oc_refusals_total`).
-pub const PLACE: &str = "intake";
+pub(crate) const PLACE: &str = "intake";
 /// How often journaled stream sequences below the consumer's ack floor are forgotten.
 const INTAKE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Where events come from; shown on `/healthz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum IntakeMode {
+pub(crate) enum IntakeMode {
     Starting = 0,
     Core = 1,
     JetStream = 2,
@@ -61,7 +61,7 @@ pub enum IntakeMode {
 }
 
 impl IntakeMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             IntakeMode::Starting => "starting",
             IntakeMode::Core => "core",
@@ -73,10 +73,10 @@ impl IntakeMode {
 
 /// The intake's mode, readable by the admin API.
 #[derive(Default)]
-pub struct IntakeStatus(AtomicU8);
+pub(crate) struct IntakeStatus(AtomicU8);
 
 impl IntakeStatus {
-    pub fn mode(&self) -> IntakeMode {
+    pub(crate) fn mode(&self) -> IntakeMode {
         match self.0.load(Ordering::Relaxed) {
             1 => IntakeMode::Core,
             2 => IntakeMode::JetStream,
@@ -90,12 +90,12 @@ impl IntakeStatus {
     }
 }
 
-pub struct Intake {
+pub(crate) struct Intake {
     env: Arc<IntakeEnv>,
     stopping: bool,
 }
 /// What processing a batch needs; shared with the batch futures.
-pub struct IntakeEnv {
+pub(crate) struct IntakeEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
     pub nats: Client,
@@ -125,7 +125,7 @@ pub struct IntakeEnv {
 }
 
 impl Intake {
-    pub fn new(env: IntakeEnv) -> Self {
+    pub(crate) fn new(env: IntakeEnv) -> Self {
         Intake {
             env: Arc::new(env),
             stopping: false,
@@ -181,7 +181,7 @@ impl StreamHandler<Vec<Incoming>> for Intake {
 /// Stop consuming `PROPALGATION_EVENT` (shutdown); the batch in progress completes first.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct StopIntake;
+pub(crate) struct StopIntake;
 
 impl Handler<StopIntake> for Intake {
     type Result = ();

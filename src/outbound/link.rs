@@ -49,7 +49,7 @@ const PINGS_REMEMBERED: usize = 16;
 const WRITE_BUFFER: usize = 64 * 1024;
 
 /// What every link shares.
-pub struct LinkEnv {
+pub(crate) struct LinkEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
     pub net: p2p::Client,
@@ -88,7 +88,7 @@ impl From<AckBeyondHead> for LinkError {
 }
 
 /// Runs the link until shutdown, persisting the cursor on the way out.
-pub async fn run(
+pub(crate) async fn run(
     env: Arc<LinkEnv>,
     peer: PeerId,
     addr: Multiaddr,

@@ -17,14 +17,14 @@ use super::status::LinkStatus;
 /// The journal now ends at `head`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct JournalAdvanced {
+pub(crate) struct JournalAdvanced {
     pub head: u64,
 }
 
 /// Start replicating to a partner (no-op if it is one already).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AddPartner {
+pub(crate) struct AddPartner {
     pub peer: PeerId,
     pub addr: Multiaddr,
 }
@@ -32,23 +32,23 @@ pub struct AddPartner {
 /// Stop replicating to a peer (no-op if it is not a partner).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RemovePartner {
+pub(crate) struct RemovePartner {
     pub peer: PeerId,
 }
 
 /// Wait until every link has stopped and persisted its cursor (after the shutdown signal).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Drain;
+pub(crate) struct Drain;
 
 /// State of every partner link, for the admin API.
 #[derive(Message)]
 #[rtype(result = "Vec<PeerStatus>")]
-pub struct GetPeers;
+pub(crate) struct GetPeers;
 
 /// One row of `GET /api/peers` and `oc-discovery peers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerStatus {
+pub(crate) struct PeerStatus {
     pub peer_id: String,
     pub addrs: Vec<String>,
     pub connected: bool,
@@ -78,7 +78,7 @@ struct Link {
     task: JoinHandle<()>,
 }
 
-pub struct StreamService {
+pub(crate) struct StreamService {
     env: Arc<LinkEnv>,
     head: watch::Sender<u64>,
     links: BTreeMap<PeerId, Link>,
@@ -86,7 +86,7 @@ pub struct StreamService {
 
 impl StreamService {
     /// `head` is the journal head at start-up.
-    pub fn new(env: LinkEnv, head: u64) -> Self {
+    pub(crate) fn new(env: LinkEnv, head: u64) -> Self {
         let (tx, _) = watch::channel(head);
         StreamService {
             env: Arc::new(env),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::contract::now_ms;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkState {
+pub(crate) enum LinkState {
     /// Not (yet) answering, for less than `pong_discard_timeout`.
     Connecting,
     Online,
@@ -19,7 +19,7 @@ pub enum LinkState {
 }
 
 impl LinkState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LinkState::Connecting => "connecting",
             LinkState::Online => "online",
@@ -30,7 +30,7 @@ impl LinkState {
 }
 
 /// Live state of a link, read by the admin API without asking the link.
-pub struct LinkStatus {
+pub(crate) struct LinkStatus {
     acked: AtomicU64,
     /// Last heartbeat round trip, microseconds (0: none yet).
     rtt_us: AtomicU64,
@@ -48,7 +48,7 @@ struct StatusInner {
     last_error: Option<String>,
 }
 
-pub struct StatusSnapshot {
+pub(crate) struct StatusSnapshot {
     pub acked: u64,
     pub state: LinkState,
     pub since_ms: u64,
@@ -57,7 +57,7 @@ pub struct StatusSnapshot {
 }
 
 impl LinkStatus {
-    pub fn new(pong_discard_timeout: Duration) -> Self {
+    pub(crate) fn new(pong_discard_timeout: Duration) -> Self {
         LinkStatus {
             acked: AtomicU64::new(0),
             rtt_us: AtomicU64::new(0),
@@ -72,7 +72,7 @@ impl LinkStatus {
         }
     }
 
-    pub fn snapshot(&self) -> StatusSnapshot {
+    pub(crate) fn snapshot(&self) -> StatusSnapshot {
         let rtt = self.rtt_us.load(Ordering::Relaxed);
         let acked = self.acked.load(Ordering::Relaxed);
         let Ok(mut g) = self.inner.lock() else {

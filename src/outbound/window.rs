@@ -18,7 +18,7 @@ use crate::p2p::StreamKind;
 
 /// What an `ack` does to the cursor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckOutcome {
+pub(crate) enum AckOutcome {
     /// The cursor moves to the ack.
     Moved,
     /// At or below the cursor (acks are cumulative): nothing to do.
@@ -30,19 +30,19 @@ pub enum AckOutcome {
 
 /// An `ack` naming a seq above this node's journal head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckBeyondHead {
+pub(crate) struct AckBeyondHead {
     pub seq: u64,
     pub head: u64,
 }
 
 /// The partner's answers to the three `hello`s.
 #[derive(Debug, Default)]
-pub struct Handshake {
+pub(crate) struct Handshake {
     answered: [Option<u64>; 3],
 }
 
 impl Handshake {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Handshake::default()
     }
 
@@ -52,7 +52,7 @@ impl Handshake {
     /// # Errors
     /// An answer above `head`: the partner claims what this node never journaled; nothing is
     /// recorded and the session must end.
-    pub fn answer(&mut self, kind: StreamKind, seq: u64, head: u64) -> Result<(), AckBeyondHead> {
+    pub(crate) fn answer(&mut self, kind: StreamKind, seq: u64, head: u64) -> Result<(), AckBeyondHead> {
         if seq > head {
             return Err(AckBeyondHead { seq, head });
         }
@@ -61,7 +61,7 @@ impl Handshake {
     }
 
     /// What the partner has on every stream, once each stream answered.
-    pub fn partner_has(&self) -> Option<u64> {
+    pub(crate) fn partner_has(&self) -> Option<u64> {
         let mut lowest = u64::MAX;
         for answer in self.answered {
             lowest = lowest.min(answer?);
@@ -72,14 +72,14 @@ impl Handshake {
 
 /// A journal read the window allows: entries from `from`, at most `max` of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Read {
+pub(crate) struct Read {
     pub from: u64,
     pub max: usize,
 }
 
 /// The send window of one partner link. It lives as long as the link, across sessions.
 #[derive(Debug, Clone)]
-pub struct Window {
+pub(crate) struct Window {
     /// The cursor: every seq up to it is acknowledged by the partner.
     acked: u64,
     /// The next seq to push in this session.
@@ -93,7 +93,7 @@ pub struct Window {
 impl Window {
     /// A window whose cursor is `cursor` as read from the store, letting `size` entries
     /// beyond the cursor go unacknowledged. Nothing is pushed before [`Window::resume`].
-    pub fn new(cursor: u64, size: u64) -> Self {
+    pub(crate) fn new(cursor: u64, size: u64) -> Self {
         Window {
             acked: cursor,
             next: u64::MAX,
@@ -103,17 +103,18 @@ impl Window {
     }
 
     /// The cursor: every seq up to it is acknowledged.
-    pub fn acked(&self) -> u64 {
+    pub(crate) fn acked(&self) -> u64 {
         self.acked
     }
 
+    #[cfg(test)]
     /// The next seq to push.
-    pub fn next(&self) -> u64 {
+    pub(crate) fn next(&self) -> u64 {
         self.next
     }
 
     /// The last seq the window lets through.
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.acked.saturating_add(self.size)
     }
 
@@ -122,7 +123,7 @@ impl Window {
     /// announced `head_at_hello`. The cursor becomes the partner's report; returns the first
     /// seq to push: everything after the report, or, when the partner is more than a window
     /// behind, everything after the announced head (the partner pulls the rest).
-    pub fn resume(&mut self, partner_has: u64, head_at_hello: u64) -> u64 {
+    pub(crate) fn resume(&mut self, partner_has: u64, head_at_hello: u64) -> u64 {
         self.acked = partner_has;
         self.next = if head_at_hello > self.end() {
             head_at_hello.saturating_add(1)
@@ -135,7 +136,7 @@ impl Window {
     /// What to read from the journal now that it ends at `head`, in reads of at most
     /// `read_chunk` entries; `None` when everything up to `head` was pushed or the window is
     /// full.
-    pub fn to_read(&self, head: u64, read_chunk: usize) -> Option<Read> {
+    pub(crate) fn to_read(&self, head: u64, read_chunk: usize) -> Option<Read> {
         let last = head.min(self.end());
         if self.next > last {
             return None;
@@ -147,13 +148,13 @@ impl Window {
     }
 
     /// Entries up to `last` were written to the partner.
-    pub fn sent(&mut self, last: u64) {
+    pub(crate) fn sent(&mut self, last: u64) {
         self.next = self.next.max(last.saturating_add(1));
     }
 
     /// The partner's `ack` of `seq` (cumulative), `head` the highest seq this node ever
     /// pushed or served.
-    pub fn ack(&mut self, seq: u64, head: u64) -> AckOutcome {
+    pub(crate) fn ack(&mut self, seq: u64, head: u64) -> AckOutcome {
         if seq > head {
             AckOutcome::Beyond
         } else if seq > self.acked {
@@ -165,12 +166,12 @@ impl Window {
     }
 
     /// The cursor, when it differs from what was last written to the store.
-    pub fn unpersisted(&self) -> Option<u64> {
+    pub(crate) fn unpersisted(&self) -> Option<u64> {
         (self.acked != self.persisted).then_some(self.acked)
     }
 
     /// `cursor` is now in the store.
-    pub fn persisted(&mut self, cursor: u64) {
+    pub(crate) fn persisted(&mut self, cursor: u64) {
         self.persisted = cursor;
     }
 }

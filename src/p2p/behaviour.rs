@@ -62,7 +62,7 @@ pub(super) fn limit_label(denied: &str) -> &'static str {
 }
 
 #[derive(NetworkBehaviour)]
-pub struct Behaviour {
+pub(crate) struct Behaviour {
     /// The connection gater: blacklisted peers are refused and disconnected.
     pub(super) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     /// Connection limits (per peer, pending inbound, total); partners bypass them.

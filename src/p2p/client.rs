@@ -74,7 +74,6 @@ pub(super) enum Command {
 /// Cloneable handle on the network.
 #[derive(Clone)]
 pub struct Client {
-    local: PeerId,
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     state: Arc<NetState>,
@@ -82,24 +81,18 @@ pub struct Client {
 
 impl Client {
     pub(super) fn new(
-        local: PeerId,
         commands: mpsc::Sender<Command>,
         control: libp2p_stream::Control,
         state: Arc<NetState>,
     ) -> Self {
         Client {
-            local,
             commands,
             control,
             state,
         }
     }
 
-    pub fn local_peer_id(&self) -> PeerId {
-        self.local
-    }
-
-    pub fn state(&self) -> &NetState {
+    pub(crate) fn state(&self) -> &NetState {
         &self.state
     }
 
@@ -167,7 +160,7 @@ impl Client {
     ///
     /// # Errors
     /// The network loop has stopped.
-    pub async fn set_blocked(&self, peer: PeerId, blocked: bool) -> Result<(), NetError> {
+    pub(crate) async fn set_blocked(&self, peer: PeerId, blocked: bool) -> Result<(), NetError> {
         self.commands
             .send(Command::Block { peer, blocked })
             .await
@@ -178,7 +171,7 @@ impl Client {
     ///
     /// # Errors
     /// The network loop has stopped.
-    pub async fn set_partner(&self, peer: PeerId, partner: bool) -> Result<(), NetError> {
+    pub(crate) async fn set_partner(&self, peer: PeerId, partner: bool) -> Result<(), NetError> {
         self.commands
             .send(Command::Partner { peer, partner })
             .await
@@ -253,7 +246,7 @@ impl Client {
     ///
     /// # Errors
     /// The network loop has stopped or did not answer in time.
-    pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>, NetError> {
+    pub(crate) async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>, NetError> {
         let (reply, rx) = oneshot::channel();
         self.ask(Command::GetRecord { key, reply }, rx, timeout).await?
     }
@@ -269,7 +262,7 @@ impl Client {
     }
 
     /// Reports the verdict on a received gossip message (see [`GossipVerdict`]).
-    pub async fn report_gossip(
+    pub(crate) async fn report_gossip(
         &self,
         message_id: gossipsub::MessageId,
         source: PeerId,
@@ -290,7 +283,7 @@ impl Client {
     ///
     /// # Errors
     /// The network loop has stopped.
-    pub async fn subscribe(&self, sub: Subscription) -> Result<(), NetError> {
+    pub(crate) async fn subscribe(&self, sub: Subscription) -> Result<(), NetError> {
         self.commands
             .send(Command::Subscribe(sub))
             .await

@@ -21,7 +21,7 @@ use super::client::{Command, Subscription};
 use super::{GossipMessage, NetError, NetState, RecordEvent, DHT_PURGE_EVERY};
 
 /// A repeated refusal (record, connection) is logged once per this per peer, with its count.
-pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub(super) type GetReply = oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>;
 

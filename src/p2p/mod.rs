@@ -48,18 +48,19 @@ pub use kad::{RecordEvent, DHT_PURGE_EVERY};
 pub use state::{NetState, NetStats};
 pub use transport::read_psk;
 
-pub const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
-pub const PROTOCOL_UPDATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/update/1.0");
-pub const PROTOCOL_DELETE: StreamProtocol = StreamProtocol::new("/opencloud/resource/delete/1.0");
+pub(crate) const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
+pub(crate) const PROTOCOL_UPDATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/update/1.0");
+pub(crate) const PROTOCOL_DELETE: StreamProtocol = StreamProtocol::new("/opencloud/resource/delete/1.0");
 /// Partner liveness: `ping` / `pong` frames (`protocols/heartbeat.md`).
 pub const PROTOCOL_HEARTBEAT: StreamProtocol =
     StreamProtocol::new("/opencloud/resource/heartbeat/partner/1.0");
 /// The three resource streams, in the index order used by [`StreamKind`].
-pub const RESOURCE_PROTOCOLS: [StreamProtocol; 3] = [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
+pub(crate) const RESOURCE_PROTOCOLS: [StreamProtocol; 3] =
+    [PROTOCOL_CREATE, PROTOCOL_UPDATE, PROTOCOL_DELETE];
 /// Kademlia protocol of the OpenCloud DHT (peer records, `protocols/dht-peer-records.md`).
-pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/opencloud/kad/1.0.0");
+pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/opencloud/kad/1.0.0");
 /// gossipsub topic of `all` searches (`protocols/search.md`).
-pub const SEARCH_TOPIC: &str = "/opencloud/search/1.0";
+pub(crate) const SEARCH_TOPIC: &str = "/opencloud/search/1.0";
 /// Commands queued between the clients and the event loop.
 const COMMAND_QUEUE: usize = 64;
 
@@ -74,7 +75,7 @@ pub enum StreamKind {
 impl StreamKind {
     pub const ALL: [StreamKind; 3] = [StreamKind::Create, StreamKind::Update, StreamKind::Delete];
 
-    pub fn for_action(action: crate::contract::Action) -> Self {
+    pub(crate) fn for_action(action: crate::contract::Action) -> Self {
         match action {
             crate::contract::Action::Create => StreamKind::Create,
             crate::contract::Action::Update => StreamKind::Update,
@@ -129,13 +130,12 @@ pub fn build(
 ///
 /// # Errors
 /// See [`build`].
-pub fn build_with(
+pub(crate) fn build_with(
     key: Keypair,
     psk: Option<PreSharedKey>,
     listen: &[Multiaddr],
     limits: NetLimits,
 ) -> Result<(Client, EventLoop), NetError> {
-    let local = key.public().to_peer_id();
     let behaviour = behaviour::Behaviour::new(&key, limits)?;
     let mut swarm = transport::swarm(key, psk, behaviour)?;
     for addr in listen {
@@ -147,6 +147,6 @@ pub fn build_with(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let state = Arc::new(NetState::default());
     let control = swarm.behaviour().stream.new_control();
-    let client = Client::new(local, tx, control, state.clone());
+    let client = Client::new(tx, control, state.clone());
     Ok((client, EventLoop::new(swarm, rx, state)))
 }

@@ -37,7 +37,7 @@ const MAX_PROVIDED_KEYS: usize = 64;
 
 /// How much a stored record is worth keeping; lower is evicted first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Usefulness {
+pub(crate) enum Usefulness {
     /// Put here by a peer that does not own it.
     Relayed = 0,
     /// Put here by its owner.
@@ -48,7 +48,7 @@ pub enum Usefulness {
 
 /// Limits of the store.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_records: usize,
     pub max_bytes: usize,
     pub max_value_bytes: usize,
@@ -56,7 +56,7 @@ pub struct Limits {
 
 /// A verified record offered for storage, with what the loop knows of it.
 #[derive(Debug, Clone)]
-pub struct Offer {
+pub(crate) struct Offer {
     pub record: Record,
     /// Its [`PeerRecord::version`](super::records::PeerRecord::version).
     pub version: (u64, u64),
@@ -67,7 +67,7 @@ pub struct Offer {
 
 /// What an accepted offer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Stored {
+pub(crate) struct Stored {
     /// A record was under that key and this newer one replaced it.
     pub replaced: bool,
     /// Expired records purged to make room.
@@ -78,7 +78,7 @@ pub struct Stored {
 
 /// Why an offer was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The stored record under that key is as new or newer (and not the same record).
     #[error("a record as new or newer is stored under this key")]
     Stale { stored: (u64, u64) },
@@ -94,7 +94,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Stable label for logs and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refusal::Stale { .. } => "stale",
             Refusal::Unchanged => "unchanged",
@@ -105,7 +105,7 @@ impl Refusal {
 }
 
 /// A stored record with its bookkeeping (opaque outside this module).
-pub struct Entry {
+pub(crate) struct Entry {
     record: Record,
     version: (u64, u64),
     expires: Instant,
@@ -117,7 +117,7 @@ pub struct Entry {
 
 /// Counters since the store was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
+pub(crate) struct Counts {
     pub records: usize,
     pub bytes: usize,
     pub expired: u64,
@@ -125,7 +125,7 @@ pub struct Counts {
 }
 
 /// The record store (see the module documentation).
-pub struct PeerRecordStore {
+pub(crate) struct PeerRecordStore {
     local: PeerId,
     limits: Limits,
     entries: HashMap<RecordKey, Entry>,
@@ -141,7 +141,7 @@ pub struct PeerRecordStore {
 }
 
 impl PeerRecordStore {
-    pub fn new(local: PeerId, limits: Limits) -> PeerRecordStore {
+    pub(crate) fn new(local: PeerId, limits: Limits) -> PeerRecordStore {
         PeerRecordStore {
             local,
             limits,
@@ -163,7 +163,7 @@ impl PeerRecordStore {
         }
     }
 
-    pub fn counts(&self) -> Counts {
+    pub(crate) fn counts(&self) -> Counts {
         Counts {
             records: self.entries.len(),
             bytes: self.bytes,
@@ -172,8 +172,9 @@ impl PeerRecordStore {
         }
     }
 
+    #[cfg(test)]
     /// The version of the record stored under `key`, if any.
-    pub fn version_of(&self, key: &RecordKey) -> Option<(u64, u64)> {
+    pub(crate) fn version_of(&self, key: &RecordKey) -> Option<(u64, u64)> {
         self.entries.get(key).map(|e| e.version)
     }
 
@@ -216,7 +217,7 @@ impl PeerRecordStore {
     }
 
     /// Removes every record whose expiry is at or before `now`; returns how many.
-    pub fn purge_expired(&mut self, now: Instant) -> usize {
+    pub(crate) fn purge_expired(&mut self, now: Instant) -> usize {
         let mut purged = 0;
         while let Some((&(expires, _), key)) = self.by_expiry.first_key_value() {
             if expires > now {
@@ -240,7 +241,7 @@ impl PeerRecordStore {
     /// # Errors
     /// [`Refusal`]: stale or the same record, too large, or a full store of more useful
     /// records.
-    pub fn offer(&mut self, offer: Offer, now: Instant) -> Result<Stored, Refusal> {
+    pub(crate) fn offer(&mut self, offer: Offer, now: Instant) -> Result<Stored, Refusal> {
         if offer.record.value.len() > self.limits.max_value_bytes {
             return Err(Refusal::TooLarge);
         }

@@ -24,26 +24,26 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 /// DHT key prefix of the record stored by peer id.
-pub const PEER_KEY_PREFIX: &str = "/oc/peer/";
+pub(crate) const PEER_KEY_PREFIX: &str = "/oc/peer/";
 /// DHT key prefix of the record stored by name.
-pub const NAME_KEY_PREFIX: &str = "/oc/name/";
+pub(crate) const NAME_KEY_PREFIX: &str = "/oc/name/";
 /// First bytes of every signed byte string: a record signature can never be replayed as
 /// the signature of something else the key signs (search queries use their own domain).
-pub const SIGNING_DOMAIN: &[u8] = b"/opencloud/peer-record/1";
+pub(crate) const SIGNING_DOMAIN: &[u8] = b"/opencloud/peer-record/1";
 /// Domain of records carrying `issued_at` (a record of one layout cannot pass for the other).
-pub const SIGNING_DOMAIN_V2: &[u8] = b"/opencloud/peer-record/2";
+pub(crate) const SIGNING_DOMAIN_V2: &[u8] = b"/opencloud/peer-record/2";
 /// Largest encoded record accepted (the Kademlia packet cap is 16 KiB).
-pub const MAX_RECORD_BYTES: usize = 4096;
+pub(crate) const MAX_RECORD_BYTES: usize = 4096;
 /// Most addresses in one record.
 pub const MAX_ADDRS: usize = 16;
 /// Longest name, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 /// A record may not claim to stay valid longer than this from now: a leaked old record
 /// stops being served after at most this long.
-pub const MAX_AHEAD: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_AHEAD: Duration = Duration::from_secs(24 * 3600);
 /// Clock difference tolerated on `issued_at`: a record issued further ahead is refused, so
 /// nobody can sign a record that stays "newest" long after it was made.
-pub const MAX_ISSUE_SKEW: Duration = Duration::from_secs(60);
+pub(crate) const MAX_ISSUE_SKEW: Duration = Duration::from_secs(60);
 
 /// One node's signed description of itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +101,7 @@ pub enum RecordError {
 
 impl RecordError {
     /// Stable label for logs and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             RecordError::Undecodable(_) => "undecodable",
             RecordError::TooLarge(_) => "too_large",
@@ -155,7 +155,7 @@ fn push_field(out: &mut Vec<u8>, field: &str) {
 /// ```
 /// where `field(s)` is the 4-byte big-endian length of the UTF-8 bytes of `s` followed by
 /// them. Every string is taken exactly as it appears in the JSON.
-pub fn signing_bytes(
+pub(crate) fn signing_bytes(
     peer_id: &str,
     name: &str,
     addrs: &[String],
@@ -185,7 +185,7 @@ pub fn signing_bytes(
 }
 
 /// `addr` without a trailing `/p2p/<peer id>`.
-pub fn strip_peer_id(addr: &Multiaddr) -> Multiaddr {
+pub(crate) fn strip_peer_id(addr: &Multiaddr) -> Multiaddr {
     let mut a = addr.clone();
     if matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
         a.pop();
@@ -256,7 +256,7 @@ impl PeerRecord {
 
     /// What orders the records of one DHT key: the issue time (0 for records of earlier
     /// versions, which have none), then the expiry.
-    pub fn version(&self) -> (u64, u64) {
+    pub(crate) fn version(&self) -> (u64, u64) {
         (self.issued_at.unwrap_or(0), self.expires_at)
     }
 
@@ -361,7 +361,7 @@ impl PeerRecord {
     ///
     /// # Errors
     /// See [`PeerRecord::verify`]; [`RecordError::KeyMismatch`].
-    pub fn verify_for_key(&self, key: &[u8], now_ms: u64) -> Result<Verified, RecordError> {
+    pub(crate) fn verify_for_key(&self, key: &[u8], now_ms: u64) -> Result<Verified, RecordError> {
         let verified = self.verify(now_ms)?;
         let key_text = String::from_utf8_lossy(key);
         let names_it = match (

@@ -42,7 +42,7 @@ impl NetStats {
     }
 
     /// Connections refused per limit.
-    pub fn connections_refused(&self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn connections_refused(&self) -> Vec<(&'static str, u64)> {
         self.connections_refused
             .lock()
             .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
@@ -50,7 +50,7 @@ impl NetStats {
     }
 
     /// Appends the Prometheus text of these counters.
-    pub fn render(&self, out: &mut String) {
+    pub(crate) fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for (name, kind, help, v) in [
@@ -106,19 +106,19 @@ impl Default for NetState {
 impl NetState {
     /// Peers as they connect (a peer already connected is not announced again until it
     /// has been disconnected). A receiver that lagged gets `RecvError::Lagged`.
-    pub fn arrivals(&self) -> broadcast::Receiver<PeerId> {
+    pub(crate) fn arrivals(&self) -> broadcast::Receiver<PeerId> {
         self.arrivals.subscribe()
     }
 
-    pub fn is_listening(&self) -> bool {
+    pub(crate) fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
     }
 
-    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+    pub(crate) fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.listen_addrs.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
-    pub fn is_connected(&self, peer: &PeerId) -> bool {
+    pub(crate) fn is_connected(&self, peer: &PeerId) -> bool {
         self.connected.lock().map(|c| c.contains(peer)).unwrap_or(false)
     }
 }

@@ -17,9 +17,9 @@ use super::NetError;
 
 /// A handshake that has not finished by then is abandoned (a PSK mismatch hangs, it does
 /// not fail, so this is what refuses a peer without the key).
-pub const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections without open streams are closed after this.
-pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reads a `swarm.key` file (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits).
 ///

@@ -32,7 +32,7 @@ use crate::p2p::{self, NetError, RecordEvent};
 use crate::store::{PeerRow, Relation, Store};
 
 /// Queue of record events from the network loop (it drops events when full).
-pub const RECORD_EVENTS: usize = 1024;
+pub(crate) const RECORD_EVENTS: usize = 1024;
 /// Wait before the first publish, so listen addresses and bootstrap dials are in place.
 const FIRST_PUBLISH: Duration = Duration::from_millis(500);
 /// Wait after a failed publish (no peer took the record), doubled up to half the TTL.
@@ -41,7 +41,7 @@ const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 /// memory is cleared and records are written again once.
 const WRITTEN_MEMORY: usize = 4096;
 
-pub struct DirectoryEnv {
+pub(crate) struct DirectoryEnv {
     /// The node's identity: signs its record.
     pub key: Keypair,
     pub name: String,
@@ -67,7 +67,7 @@ pub struct Directory {
 }
 
 impl Directory {
-    pub fn new(env: DirectoryEnv) -> Arc<Self> {
+    pub(crate) fn new(env: DirectoryEnv) -> Arc<Self> {
         let own = env.key.public().to_peer_id();
         Arc::new(Directory {
             env,
@@ -80,15 +80,11 @@ impl Directory {
         &self.env.metrics.discovery
     }
 
-    pub fn name(&self) -> &str {
-        &self.env.name
-    }
-
     /// This node's record, signed now with its current listen addresses.
     ///
     /// # Errors
     /// The key cannot sign.
-    pub fn own_record(&self) -> Result<PeerRecord, RecordError> {
+    pub(crate) fn own_record(&self) -> Result<PeerRecord, RecordError> {
         let addrs: Vec<Multiaddr> = self
             .env
             .net
@@ -106,7 +102,7 @@ impl Directory {
     /// # Errors
     /// No peer took it under its id key (it stays in the local store), or the network
     /// loop has stopped.
-    pub async fn publish(&self) -> Result<(), NetError> {
+    pub(crate) async fn publish(&self) -> Result<(), NetError> {
         let record = self.own_record().map_err(|e| NetError::Dht(e.to_string()))?;
         let value = record.encode();
         let expires = Some(Instant::now() + self.env.ttl);
@@ -131,7 +127,7 @@ impl Directory {
 
     /// Dials the bootstrap nodes, then publishes the record until shutdown and keeps the
     /// store's copies of the records other nodes put here.
-    pub async fn run(
+    pub(crate) async fn run(
         self: Arc<Self>,
         mut events: mpsc::Receiver<RecordEvent>,
         mut shutdown: watch::Receiver<bool>,
@@ -185,7 +181,7 @@ impl Directory {
     }
 
     /// Keeps a valid record of another peer in the store.
-    pub async fn met(&self, record: &PeerRecord) {
+    pub(crate) async fn met(&self, record: &PeerRecord) {
         let Ok(peer) = record.peer_id.parse::<PeerId>() else {
             return;
         };
@@ -240,7 +236,7 @@ impl Directory {
     }
 
     /// Every valid record the DHT holds under `key` (each one met).
-    pub async fn lookup(&self, key: Vec<u8>, timeout: Duration) -> Vec<Verified> {
+    pub(crate) async fn lookup(&self, key: Vec<u8>, timeout: Duration) -> Vec<Verified> {
         let values = match self.env.net.get_record(key.clone(), timeout).await {
             Ok(v) => v,
             Err(e) => {
@@ -284,7 +280,7 @@ impl Directory {
 
     /// The current record of `peer`: its own when it is this node, the store's while
     /// valid, else the newest from the DHT.
-    pub async fn record_of(&self, peer: PeerId, timeout: Duration) -> Option<Verified> {
+    pub(crate) async fn record_of(&self, peer: PeerId, timeout: Duration) -> Option<Verified> {
         if peer == self.own {
             return self.own_record().ok().and_then(|r| r.verify(now_ms()).ok());
         }
@@ -300,7 +296,7 @@ impl Directory {
     }
 
     /// Records of the peers named `name`: the store's valid ones, else the DHT's.
-    pub async fn find_by_name(&self, name: &str, timeout: Duration) -> Vec<PeerRecord> {
+    pub(crate) async fn find_by_name(&self, name: &str, timeout: Duration) -> Vec<PeerRecord> {
         let mut out = Vec::new();
         if name == self.env.name {
             out.extend(self.own_record().ok());
@@ -326,7 +322,7 @@ impl Directory {
     }
 
     /// The record of `peer`, if it can be found.
-    pub async fn find_by_id(&self, peer: PeerId, timeout: Duration) -> Vec<PeerRecord> {
+    pub(crate) async fn find_by_id(&self, peer: PeerId, timeout: Duration) -> Vec<PeerRecord> {
         self.record_of(peer, timeout)
             .await
             .map(|v| v.record)
@@ -336,7 +332,7 @@ impl Directory {
 
     /// Known addresses of `peer` without asking the network: partner configuration, the
     /// store's row and its record (when still valid).
-    pub async fn known_addresses(&self, peer: PeerId) -> Vec<Multiaddr> {
+    pub(crate) async fn known_addresses(&self, peer: PeerId) -> Vec<Multiaddr> {
         let mut addrs: Vec<Multiaddr> = self.env.partners.addr(&peer).into_iter().collect();
         if let Ok(Some(row)) = self.env.store.peer(&peer.to_string()).await {
             addrs.extend(row.addrs.iter().filter_map(|a| a.parse().ok()));
@@ -351,7 +347,7 @@ impl Directory {
     ///
     /// # Errors
     /// No address, or none answered within `timeout` each.
-    pub async fn reach(&self, peer: PeerId, timeout: Duration) -> Result<(), String> {
+    pub(crate) async fn reach(&self, peer: PeerId, timeout: Duration) -> Result<(), String> {
         if self.env.net.state().is_connected(&peer) {
             return Ok(());
         }

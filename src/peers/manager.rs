@@ -40,7 +40,7 @@ use crate::store::{PeerRow, Relation, Store, StoreResult};
 const RESTORE_RETRY_MIN: Duration = Duration::from_millis(200);
 const RESTORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
-pub struct PeerEnv {
+pub(crate) struct PeerEnv {
     pub store: Arc<dyn Store>,
     pub net: p2p::Client,
     pub nats: async_nats::Client,
@@ -53,13 +53,13 @@ pub struct PeerEnv {
 }
 
 /// Where the partner links are told to follow a relation (the `StreamService`).
-pub struct Links {
+pub(crate) struct Links {
     pub add: Recipient<AddPartner>,
     pub remove: Recipient<RemovePartner>,
 }
 
 impl Links {
-    pub fn new<A>(links: Addr<A>) -> Self
+    pub(crate) fn new<A>(links: Addr<A>) -> Self
     where
         A: Actor + Handler<AddPartner> + Handler<RemovePartner>,
         A::Context: actix::dev::ToEnvelope<A, AddPartner> + actix::dev::ToEnvelope<A, RemovePartner>,
@@ -72,7 +72,7 @@ impl Links {
 }
 
 /// The one writer of partnerships and the blacklist; see the module comment.
-pub struct PeerManager {
+pub(crate) struct PeerManager {
     env: Arc<PeerEnv>,
     /// Reports refused PEER notices (`place="peers"`).
     answers: Answers,
@@ -81,7 +81,7 @@ pub struct PeerManager {
 }
 
 impl PeerManager {
-    pub fn new(env: PeerEnv) -> Self {
+    pub(crate) fn new(env: PeerEnv) -> Self {
         let answers = Answers::new(env.nats.clone(), env.metrics.clone(), "peers");
         PeerManager {
             env: Arc::new(env),
@@ -123,7 +123,7 @@ impl PeerManager {
 /// Sets a peer's relation (and address, required for a partner).
 #[derive(Message)]
 #[rtype(result = "Result<PeerRow, Refusal>")]
-pub struct SetRelation {
+pub(crate) struct SetRelation {
     pub peer: PeerId,
     pub addr: Option<Multiaddr>,
     pub relation: Relation,
@@ -132,17 +132,17 @@ pub struct SetRelation {
 /// Ends any relation with a peer: no longer a partner, no longer blacklisted.
 #[derive(Message)]
 #[rtype(result = "Result<bool, Refusal>")]
-pub struct Forget {
+pub(crate) struct Forget {
     pub peer: PeerId,
 }
 
 /// Partners and blacklisted peers, for the admin API and the CLI.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<PeerEntry>, Refusal>")]
-pub struct ListPeers;
+pub(crate) struct ListPeers;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerEntry {
+pub(crate) struct PeerEntry {
     pub peer_id: String,
     pub relation: Relation,
     pub addrs: Vec<String>,
@@ -432,7 +432,7 @@ impl PeerEnv {
 }
 
 /// JSON for an admin API refusal.
-pub fn refusal_json(r: &Refusal) -> Value {
+pub(crate) fn refusal_json(r: &Refusal) -> Value {
     json!({"ok": false, "error": r.to_json()})
 }
 

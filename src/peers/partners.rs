@@ -13,27 +13,27 @@ use libp2p::{Multiaddr, PeerId};
 pub struct Partners(RwLock<HashMap<PeerId, Option<Multiaddr>>>);
 
 impl Partners {
-    pub fn insert(&self, peer: PeerId, addr: Option<Multiaddr>) {
+    pub(crate) fn insert(&self, peer: PeerId, addr: Option<Multiaddr>) {
         if let Ok(mut s) = self.0.write() {
             s.insert(peer, addr);
         }
     }
 
-    pub fn remove(&self, peer: &PeerId) {
+    pub(crate) fn remove(&self, peer: &PeerId) {
         if let Ok(mut s) = self.0.write() {
             s.remove(peer);
         }
     }
 
-    pub fn contains(&self, peer: &PeerId) -> bool {
+    pub(crate) fn contains(&self, peer: &PeerId) -> bool {
         self.0.read().map(|s| s.contains_key(peer)).unwrap_or(false)
     }
 
-    pub fn addr(&self, peer: &PeerId) -> Option<Multiaddr> {
+    pub(crate) fn addr(&self, peer: &PeerId) -> Option<Multiaddr> {
         self.0.read().ok().and_then(|s| s.get(peer).cloned().flatten())
     }
 
-    pub fn peers(&self) -> Vec<PeerId> {
+    pub(crate) fn peers(&self) -> Vec<PeerId> {
         self.0
             .read()
             .map(|s| s.keys().copied().collect())

@@ -19,7 +19,7 @@ use crate::peers::partners::Partners;
 use crate::store::Store;
 
 /// Refusals of one kind from one peer logged once per this interval, with their count.
-pub const LOG_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 /// The `place` of search refusals in logs and `oc_refusals_total`: the command router's,
 /// which hands `PB_SEARCH` over.
 const PLACE: &str = "commands";

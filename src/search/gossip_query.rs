@@ -12,9 +12,9 @@ use super::query::{MAX_DATA_TYPE, MAX_SEARCH_BYTES};
 /// Longest query id accepted from a peer.
 pub(super) const MAX_QUERY_ID: usize = 64;
 /// Largest gossip query decoded (gossipsub's own `max_transmit_size` is the same).
-pub const MAX_GOSSIP_QUERY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_GOSSIP_QUERY_BYTES: usize = 64 * 1024;
 /// First bytes of the byte string a gossip query's signature covers.
-pub const QUERY_SIGNING_DOMAIN: &[u8] = b"/opencloud/search-query/1";
+pub(crate) const QUERY_SIGNING_DOMAIN: &[u8] = b"/opencloud/search-query/1";
 
 /// The message of an `all` search on the gossip topic, signed by the searcher.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ impl GossipQuery {
     /// `"/opencloud/search-query/1"`, then `query_id`, `searcher`, `data_type`, `search` each
     /// as a 4-byte big-endian length and the UTF-8 bytes, then `limit`, `max_frame_bytes`,
     /// `expires_at` as 8-byte big-endian integers.
-    pub fn signing_bytes(&self) -> Vec<u8> {
+    pub(crate) fn signing_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128 + self.search.len());
         out.extend_from_slice(QUERY_SIGNING_DOMAIN);
         for f in [&self.query_id, &self.searcher, &self.data_type, &self.search] {
@@ -74,7 +74,7 @@ impl GossipQuery {
 /// # Errors
 /// The reason, as counted in `oc_search_queries_rejected_total`: `undecodable` (not the
 /// JSON of a query, or over [`MAX_GOSSIP_QUERY_BYTES`]), `bad_searcher`, `limits`.
-pub fn decode_gossip_query(data: &[u8]) -> Result<(GossipQuery, PeerId), &'static str> {
+pub(crate) fn decode_gossip_query(data: &[u8]) -> Result<(GossipQuery, PeerId), &'static str> {
     if data.len() > MAX_GOSSIP_QUERY_BYTES {
         return Err("undecodable");
     }

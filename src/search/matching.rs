@@ -13,9 +13,9 @@ use super::query::MAX_LIMIT;
 use crate::store::{PageBounds, Store};
 
 /// A responder's store page: at most this many own resources...
-pub const PAGE_COUNT: usize = 256;
+pub(crate) const PAGE_COUNT: usize = 256;
 /// ... and no more added once this many bytes of JSON text are held.
-pub const PAGE_BYTES: usize = 1024 * 1024;
+pub(crate) const PAGE_BYTES: usize = 1024 * 1024;
 
 /// This node's own resources matching one query, read from the store in pages of at
 /// most [`PAGE_COUNT`] resources and [`PAGE_BYTES`] bytes of JSON text, each parsed alone

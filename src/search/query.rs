@@ -9,19 +9,19 @@ use serde_json::Value;
 use crate::contract::{AppCommand, ErrorCode, Refusal};
 
 /// The data type whose search looks up peer records instead of resources.
-pub const PEER_DATA_TYPE: &str = "PEER";
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(3000);
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_LIMIT: u64 = 1000;
-pub const MAX_LIMIT: u64 = 10_000;
+pub(crate) const PEER_DATA_TYPE: &str = "PEER";
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_millis(3000);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_LIMIT: u64 = 1000;
+pub(crate) const MAX_LIMIT: u64 = 10_000;
 /// Longest search text, in bytes.
-pub const MAX_SEARCH_BYTES: usize = 1024;
+pub(crate) const MAX_SEARCH_BYTES: usize = 1024;
 /// Longest data type accepted, from the application or a peer.
 pub(super) const MAX_DATA_TYPE: usize = 128;
 
 /// Who a resource search goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
+pub(crate) enum Scope {
     /// Everyone, over the gossip topic.
     All,
     /// Peers with relation `known` in the peers table (configured partners excluded).
@@ -170,7 +170,7 @@ fn optional_u64(p: &Value, name: &str) -> Result<Option<u64>, Refusal> {
 }
 
 /// 16 random hex digits.
-pub fn new_query_id() -> String {
+pub(crate) fn new_query_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 

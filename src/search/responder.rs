@@ -32,14 +32,14 @@ use crate::p2p::{GossipMessage, GossipVerdict};
 use crate::store::Relation;
 
 /// Inbound search streams and gossip queries served at once.
-pub const MAX_RESPONDERS: usize = 64;
+pub(crate) const MAX_RESPONDERS: usize = 64;
 /// Of [`MAX_RESPONDERS`], the most one peer (stream peer, or gossip relay) holds at once.
-pub const RESPONDERS_PER_PEER: usize = 4;
+pub(crate) const RESPONDERS_PER_PEER: usize = 4;
 /// Gossip queries per second of one searcher without a known peer record, and its burst.
-pub const UNKNOWN_KEY_RATE: f64 = 1.0;
-pub const UNKNOWN_KEY_BURST: f64 = 2.0;
+pub(crate) const UNKNOWN_KEY_RATE: f64 = 1.0;
+pub(crate) const UNKNOWN_KEY_BURST: f64 = 2.0;
 /// Searchers without a known record whose buckets are remembered; beyond, refused.
-pub const UNKNOWN_KEYS: usize = 1024;
+pub(crate) const UNKNOWN_KEYS: usize = 1024;
 
 /// What the responder helpers share.
 pub(super) struct Responder {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Duration, Instant};
 
 /// Batches buffered between the peers' streams and a search's aggregator.
-pub const ANSWERS_QUEUE: usize = 64;
+pub(crate) const ANSWERS_QUEUE: usize = 64;
 
 /// What a search's aggregator receives from the peers' streams.
 #[derive(Debug)]

@@ -34,9 +34,9 @@ use crate::p2p::wire::{self, ErrorFrame, FrameError, SearchFrame};
 use crate::store::Relation;
 
 /// NATS subject of search results (node → application).
-pub const SUBJECT_SEARCH_EVENT: &str = "SEARCH_EVENT";
+pub(crate) const SUBJECT_SEARCH_EVENT: &str = "SEARCH_EVENT";
 /// Peers asked at once by one `known` / `partner` search.
-pub const FANOUT: usize = 32;
+pub(crate) const FANOUT: usize = 32;
 
 /// A search the service admitted, as its task runs it.
 pub(super) struct Admitted {

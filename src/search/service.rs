@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::p2p::GossipMessage;
 
 /// Searches of the local application in flight; beyond, `busy`.
-pub const MAX_ACTIVE: usize = 64;
+pub(crate) const MAX_ACTIVE: usize = 64;
 /// Gossip queries buffered between the network loop and the service.
 pub const GOSSIP_QUEUE: usize = 256;
 
@@ -43,7 +43,7 @@ pub struct SearchService {
 
 impl SearchService {
     /// `gossip` is the receiving end of the network loop's gossip subscription.
-    pub fn new(env: SearchEnv, gossip: mpsc::Receiver<GossipMessage>) -> Self {
+    pub(crate) fn new(env: SearchEnv, gossip: mpsc::Receiver<GossipMessage>) -> Self {
         SearchService {
             shared: Arc::new(Shared::new(env)),
             in_flight: InFlight::new(MAX_ACTIVE),

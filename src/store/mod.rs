@@ -24,7 +24,7 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-pub type StoreResult<T> = Result<T, StoreError>;
+pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
 /// A resource as the receiving node keeps it, with the version that produced it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +70,7 @@ pub struct OwnPage {
 
 impl OwnPage {
     /// Fills a page from `(id, json)` pairs in id order, within `bounds`.
-    pub fn fill<E>(
+    pub(crate) fn fill<E>(
         mut items: impl Iterator<Item = Result<(String, String), E>>,
         bounds: PageBounds,
     ) -> Result<OwnPage, E> {
@@ -99,7 +99,7 @@ pub struct RawEntry {
 }
 
 impl RawEntry {
-    pub fn encode(entry: &JournalEntry) -> StoreResult<RawEntry> {
+    pub(crate) fn encode(entry: &JournalEntry) -> StoreResult<RawEntry> {
         Ok(RawEntry {
             seq: entry.seq,
             action: entry.action,
@@ -295,7 +295,7 @@ pub trait Store: Send + Sync + 'static {
 /// What [`Store::meet_peer`] keeps of an existing row: its relation, a partner's or
 /// blacklisted peer's addresses, and its record (with name and addresses) when that record
 /// is newer than the one met (a replayed old record does not bring back old addresses).
-pub fn keep_relation(met: &mut PeerRow, existing: PeerRow) {
+pub(crate) fn keep_relation(met: &mut PeerRow, existing: PeerRow) {
     met.relation = existing.relation;
     let newer_stored = match (&existing.record, &met.record) {
         (Some(stored), Some(incoming)) => record_version(stored) > record_version(incoming),
@@ -357,7 +357,7 @@ pub struct PeerRow {
 /// Who holds a stored resource and at which version: all the version rule reads. It
 /// deserializes from a stored [`StoredResource`] without building its resource.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Holder {
+pub(crate) struct Holder {
     pub origin: String,
     pub version: u64,
     /// A tombstone: the node's last write of this resource removed it.
@@ -398,7 +398,7 @@ impl std::fmt::Display for Owner {
 /// What the site holds under a resource's key besides the node's version row: what
 /// [`decide_at`] reads on top of the [`Holder`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Local<'a> {
+pub(crate) struct Local<'a> {
     /// The key (same data type and id) is one of this node's own live resources.
     pub own: bool,
     /// MongoDB: the document under the resource's id in its collection, if any. Always
@@ -408,14 +408,14 @@ pub struct Local<'a> {
 
 /// A document found in a resource collection, as far as the rule cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SiteDoc {
+pub(crate) struct SiteDoc {
     /// Its `creator_id` when that is a string.
     pub creator_id: Option<String>,
 }
 
 /// The version rule shared by every backend (ARCHITECTURE invariant 3): apply iff the
 /// incoming seq is higher than what is stored, and only the creator may change a resource.
-pub fn decide(existing: Option<&Holder>, entry: &JournalEntry) -> ApplyOutcome {
+pub(crate) fn decide(existing: Option<&Holder>, entry: &JournalEntry) -> ApplyOutcome {
     match existing {
         None => ApplyOutcome::Applied,
         Some(s) if s.origin != entry.origin => ApplyOutcome::Conflict {
@@ -432,7 +432,7 @@ pub fn decide(existing: Option<&Holder>, entry: &JournalEntry) -> ApplyOutcome {
 /// node wrote for that origin: a version row that is not a tombstone, and the document's
 /// `creator_id` equal to the origin. Anything else is a [`ApplyOutcome::Conflict`]: an
 /// application's document is never overwritten or removed by a partner.
-pub fn decide_at(existing: Option<&Holder>, local: &Local<'_>, entry: &JournalEntry) -> ApplyOutcome {
+pub(crate) fn decide_at(existing: Option<&Holder>, local: &Local<'_>, entry: &JournalEntry) -> ApplyOutcome {
     if local.own {
         return ApplyOutcome::Conflict {
             owner: Owner::ThisNode,
@@ -455,7 +455,7 @@ pub fn decide_at(existing: Option<&Holder>, local: &Local<'_>, entry: &JournalEn
 }
 
 /// The `CREATE_RESOURCE` / `REMOVE_RESOURCE` publish an applied entry owes NATS.
-pub fn outbox_row(entry: &JournalEntry, outbox_id: u64) -> OutboxRow {
+pub(crate) fn outbox_row(entry: &JournalEntry, outbox_id: u64) -> OutboxRow {
     use crate::contract::ResourceNotice;
     OutboxRow {
         id: outbox_id,

@@ -13,13 +13,13 @@ use crate::contract::JournalEntry;
 use super::{invalid, SyncError};
 
 /// Room left in each part for the frame's JSON envelope.
-pub const PART_ENVELOPE: usize = 256;
+pub(crate) const PART_ENVELOPE: usize = 256;
 /// Smallest part accepted from a puller (smaller would mean absurdly many parts).
-pub const MIN_PART_BYTES: u64 = 1024;
+pub(crate) const MIN_PART_BYTES: u64 = 1024;
 
 /// Bytes of one part's payload before base64, for a part frame of at most `part_bytes`
 /// (raised to [`MIN_PART_BYTES`]).
-pub fn chunk_bytes(part_bytes: u64) -> usize {
+pub(crate) fn chunk_bytes(part_bytes: u64) -> usize {
     let capped = usize::try_from(part_bytes.max(MIN_PART_BYTES)).unwrap_or(usize::MAX);
     let usable = capped.saturating_sub(PART_ENVELOPE);
     (usable / 4).saturating_mul(3).max(1)
@@ -36,7 +36,7 @@ pub struct RoundCap {
 }
 
 impl RoundCap {
-    pub fn from_tuning(t: &Tuning) -> RoundCap {
+    pub(crate) fn from_tuning(t: &Tuning) -> RoundCap {
         RoundCap {
             entries: t.sync_max_entries as u64,
             bytes: t.sync_max_bytes,
@@ -86,7 +86,7 @@ pub struct Ask {
 }
 
 impl Ask {
-    pub fn new(since: u64, tuning: &Tuning) -> Ask {
+    pub(crate) fn new(since: u64, tuning: &Tuning) -> Ask {
         Ask {
             since,
             part_bytes: tuning.max_frame_bytes as u64,
@@ -96,7 +96,7 @@ impl Ask {
     }
 
     /// Largest slice the owner may cut: that of our `part_bytes`.
-    pub fn max_chunk(&self) -> usize {
+    pub(crate) fn max_chunk(&self) -> usize {
         chunk_bytes(self.part_bytes)
     }
 
@@ -108,7 +108,7 @@ impl Ask {
     ///
     /// # Errors
     /// [`SyncError::Invalid`] naming the first rule broken.
-    pub fn check(&self, h: &Header) -> Result<(), SyncError> {
+    pub(crate) fn check(&self, h: &Header) -> Result<(), SyncError> {
         if h.since != self.since {
             return Err(invalid(format!(
                 "header since {} for a request since {}",
@@ -190,7 +190,7 @@ impl Assembly {
         self.parts.len()
     }
 
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.parts.len() == self.header.total as usize
     }
 
@@ -344,12 +344,13 @@ impl Assembly {
     }
 }
 
+#[cfg(test)]
 /// Checks and assembles one answer from its header and parts (in any order): the pure core
 /// of [`super::pull::pull`], for tests and fuzzing.
 ///
 /// # Errors
 /// See [`Assembly::new`], [`Assembly::add`], [`Assembly::finish`].
-pub fn assemble<'a>(
+pub(crate) fn assemble<'a>(
     ask: Ask,
     header: Header,
     parts: impl IntoIterator<Item = (u32, u32, &'a str)>,

@@ -16,14 +16,14 @@ use super::plan::{Ask, Assembly, Header, PART_ENVELOPE};
 use super::{invalid, SyncError, PROTOCOL_SYNC, REFUSAL_LOG};
 
 /// Requests for one range before the puller gives up until its next attempt.
-pub const MAX_ATTEMPTS: usize = 5;
+pub(crate) const MAX_ATTEMPTS: usize = 5;
 /// Longest `code` and `message` of an owner's `error` frame kept (they end up in logs).
 const MAX_REFUSAL_CODE: usize = 64;
 const MAX_REFUSAL_MESSAGE: usize = 512;
 
 /// What a pull brought back.
 #[derive(Debug)]
-pub struct Pulled {
+pub(crate) struct Pulled {
     pub entries: Vec<JournalEntry>,
     pub until: u64,
     /// The owner's journal head when it answered.
@@ -42,7 +42,7 @@ pub struct Pulled {
 /// # Errors
 /// The peer is unreachable, refuses, answers what was not asked, or the answer stays
 /// incomplete.
-pub async fn pull(
+pub(crate) async fn pull(
     net: &p2p::Client,
     peer: PeerId,
     since: u64,

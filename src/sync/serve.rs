@@ -102,7 +102,7 @@ impl Answer {
         u32::try_from(self.blob.len().div_ceil(self.chunk)).unwrap_or(u32::MAX)
     }
 
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.blob.len() as u64
     }
 
@@ -136,7 +136,7 @@ impl Answer {
 ///
 /// # Errors
 /// The stream failed or the request was not a sync request.
-pub async fn serve(
+pub(crate) async fn serve(
     store: &dyn Store,
     own_id: &str,
     peer: PeerId,

@@ -54,7 +54,7 @@ pub struct ErrorFrame {
 
 impl ErrorFrame {
     /// A refusal with its stable code, about entry `seq` or (`None`) the stream.
-    pub fn new(seq: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
+    pub(crate) fn new(seq: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
         ErrorFrame {
             seq,
             code: code.as_str().to_owned(),
@@ -168,7 +168,7 @@ impl ByteBudget {
         }
     }
 
-    pub fn limit(&self) -> usize {
+    pub(crate) fn limit(&self) -> usize {
         self.limit
     }
 

@@ -148,10 +148,6 @@ impl MongoStore {
         })
     }
 
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
     /// Runs a `find` and collects every document, mapping driver errors the store's way.
     async fn collect<T, F>(&self, find: F) -> StoreResult<Vec<T>>
     where
