@@ -211,7 +211,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         backoff_max: t.backoff_max,
         io_timeout: t.io_timeout,
         consumer: Default::default(),
-        journaled_high: Default::default(),
         answers: Answers::new(nats.clone(), metrics.clone(), intake::PLACE),
     })
     .start();

@@ -356,3 +356,97 @@ async fn sigterm_stops_cleanly_and_a_restart_resumes_where_it_stopped() {
         .unwrap();
     assert_eq!(head, N as u64);
 }
+
+/// The intake forgets a journaled stream sequence only once the stream no longer holds that
+/// message. Here an operator's consumer keeps every message stored after the node
+/// acknowledged them, and the node's consumer is deleted while the node is down: the
+/// consumer the node creates again delivers all of them anew (delivery count 1). Pruning by
+/// the consumer's ack floor alone had forgotten them, so they were journaled twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_consumer_redelivering_pruned_messages_journals_nothing_twice() {
+    init_tracing();
+    const N: u64 = 200;
+    let mut a = Site::jetstream().await;
+    a.node.start_healthy().await.unwrap();
+    let js = async_nats::jetstream::new(a.app.clone());
+    let stream = js.get_stream("OC_PROPAGATION").await.expect("intake stream");
+    // Another reader of the stream that never acknowledges: the messages stay stored.
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("operator".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("operator consumer");
+    publish_many(&a, "p", N as usize).await;
+    wait_head(&a, N).await;
+    // All acknowledged by the node's consumer; wait for the intake's pruning after that.
+    wait_settled(&stream, "all acknowledged by the node").await;
+    let seen = a.node.log().len();
+    wait_until("the intake pruned its records", Duration::from_secs(90), || {
+        a.node
+            .log()
+            .get(seen..)
+            .is_some_and(|l| l.contains("intake records pruned"))
+    })
+    .await
+    .unwrap();
+
+    a.node.kill();
+    stream
+        .delete_consumer(oc_discovery::intake::CONSUMER_NAME)
+        .await
+        .expect("delete the node's consumer");
+    a.node.start_healthy().await.unwrap();
+    let last = event("PB_CREATE", "last", &a.id(), json!({}));
+    a.publish(&last).await;
+    a.app.flush().await.unwrap();
+    // The new consumer delivered the N old messages and the last one, all acknowledged.
+    wait_settled(&stream, "the new consumer delivered and acknowledged all").await;
+    let head = journal_head(&a).await;
+    assert_eq!(
+        head,
+        N + 1,
+        "old messages journaled again: {}",
+        a.node.log_tail(30)
+    );
+}
+
+async fn journal_head(site: &Site) -> u64 {
+    site.node.get_json("/api/node").await.unwrap()["journal_head"]
+        .as_u64()
+        .unwrap()
+}
+
+async fn wait_head(site: &Site, n: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while journal_head(site).await < n {
+        assert!(std::time::Instant::now() < deadline, "journal head below {n}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the node's consumer exists, has nothing left to deliver and nothing
+/// unacknowledged.
+async fn wait_settled(stream: &async_nats::jetstream::stream::Stream, what: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !consumer_settled(stream).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn consumer_settled(stream: &async_nats::jetstream::stream::Stream) -> bool {
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+        stream.get_consumer(oc_discovery::intake::CONSUMER_NAME).await;
+    let Ok(mut consumer) = consumer else {
+        return false;
+    };
+    match consumer.info().await {
+        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence > 0,
+        Err(_) => false,
+    }
+}

@@ -27,7 +27,7 @@ mod batches;
 mod process;
 mod source;
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ use crate::store::Store;
 
 /// The `place` of the intake's refusals (log lines, `oc_refusals_total`).
 pub(crate) const PLACE: &str = "intake";
-/// How often journaled stream sequences below the consumer's ack floor are forgotten.
+/// How often journaled stream sequences the server can no longer deliver are forgotten.
 const INTAKE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Where events come from; shown on `/healthz`.
@@ -116,10 +116,6 @@ pub(crate) struct IntakeEnv {
     pub io_timeout: Duration,
     /// The JetStream consumer, once set up (to read its ack floor).
     pub consumer: std::sync::Mutex<Option<jetstream::consumer::PullConsumer>>,
-    /// Highest stream sequence known journaled (`Store::intake_high` when the JetStream
-    /// intake opens, then each journaled batch): a message at or below it is checked
-    /// against the store whatever its delivery count says.
-    pub journaled_high: AtomicU64,
     /// Replies and refusal reports, under [`PLACE`].
     pub answers: Answers,
 }

@@ -3,10 +3,9 @@
 //! answered and the JetStream messages acknowledged.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
+use async_nats::jetstream::{self, AckKind};
 use async_nats::Subject;
 use serde_json::json;
 
@@ -95,47 +94,64 @@ impl IntakeEnv {
         }
     }
 
-    /// Stream sequences of messages in `batch` that were journaled already. Checked: every
-    /// redelivery, and every message at or below the highest stream sequence journaled
-    /// (whatever its delivery count: a message a crashed node journaled must never be
-    /// taken again); a first delivery above it cannot have been journaled.
+    /// Stream sequences of messages in `batch` that were journaled already. Every JetStream
+    /// message is checked, whatever its delivery count: the count and the consumer's state
+    /// are the server's bookkeeping, which a crash or a server bug can get wrong, while a
+    /// stream sequence recorded in the journal commit is proof that message was journaled.
     async fn journaled_before(&self, batch: &[Incoming]) -> Vec<u64> {
-        let high = self.journaled_high.load(Ordering::Relaxed);
-        let redelivered: Vec<u64> = batch
+        let seqs: Vec<u64> = batch
             .iter()
             .filter_map(|m| m.js.as_ref())
-            .filter(|js| js.redelivered || js.stream_seq <= high)
             .map(|js| js.stream_seq)
             .collect();
-        if redelivered.is_empty() {
+        if seqs.is_empty() {
             return Vec::new();
         }
         let mut backoff = Backoff::new(STORE_RETRY_MIN, self.backoff_max);
         loop {
-            match self.store.intake_seen(redelivered.clone()).await {
+            match self.store.intake_seen(seqs.clone()).await {
                 Ok(seen) => return seen,
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::error!(cause = %e, retry_in = ?delay, "cannot check redelivered events; intake waits");
+                    tracing::error!(cause = %e, retry_in = ?delay, "cannot check which events were journaled already; intake waits");
                     tokio::time::sleep(delay).await;
                 }
             }
         }
     }
 
-    /// Forgets journaled stream sequences the server will never redeliver.
+    /// Forgets journaled stream sequences the server can never redeliver: those below both
+    /// the consumer's ack floor and the stream's first stored sequence. The ack floor alone is
+    /// not trusted: some nats-server versions let it run ahead of messages still pending
+    /// (nats-server #4086, #5227, #5727), and forgetting one of those journals it twice when
+    /// it comes back. A message the stream no longer holds cannot come back at all.
     pub(super) async fn prune(&self) {
-        let consumer = self.consumer.lock().ok().and_then(|c| c.clone());
-        let Some(mut consumer) = consumer else { return };
-        match consumer.info().await {
-            Ok(info) => {
-                let floor = info.ack_floor.stream_sequence;
-                if let Err(e) = self.store.intake_forget_below(floor).await {
-                    tracing::debug!(cause = %e, "cannot prune intake records");
-                }
-            }
-            Err(e) => tracing::debug!(cause = %e, "cannot read the intake consumer's ack floor"),
+        match tokio::time::timeout(self.io_timeout, self.redelivery_floor()).await {
+            Ok(Ok(floor)) => match self.store.intake_forget_below(floor).await {
+                Ok(()) => tracing::debug!(below = floor, "intake records pruned"),
+                Err(e) => tracing::debug!(cause = %e, "cannot prune intake records"),
+            },
+            Ok(Err(e)) => tracing::debug!(cause = %e, "cannot read the intake floor; nothing pruned"),
+            Err(_) => tracing::debug!("intake floor not read in time; nothing pruned"),
         }
+    }
+
+    /// The lowest stream sequence the server might still deliver to the intake consumer.
+    async fn redelivery_floor(&self) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+        let consumer = self.consumer.lock().ok().and_then(|c| c.clone());
+        let Some(mut consumer) = consumer else {
+            return Ok(0);
+        };
+        let ack_floor = consumer.info().await?.ack_floor.stream_sequence;
+        let js = jetstream::new(self.nats.clone());
+        let first_stored = js
+            .get_stream(&self.stream_name)
+            .await?
+            .info()
+            .await?
+            .state
+            .first_sequence;
+        Ok(redelivery_floor(ack_floor, first_stored))
     }
 
     /// Appends the batch; retries while the store is down (JetStream keeps the messages, so
@@ -172,9 +188,6 @@ impl IntakeEnv {
         };
         match entries {
             Ok(entries) => {
-                if let Some(last) = stream_range.1 {
-                    self.journaled_high.fetch_max(last, Ordering::Relaxed);
-                }
                 Metrics::add(&self.metrics.intake_accepted, count as u64);
                 Metrics::add(&self.metrics.journal_commits, 1);
                 for (entry, reply) in entries.iter().zip(replies) {
@@ -216,5 +229,29 @@ impl IntakeEnv {
             reply: msg.reply.clone(),
         };
         self.answers.refuse(refused, refusal).await;
+    }
+}
+
+/// Below this stream sequence nothing can be delivered again: the consumer acknowledged it
+/// (`ack_floor`, inclusive) and the stream no longer stores it (`first_stored` is the lowest
+/// sequence it holds). The lower of the two, so that a wrong ack floor forgets nothing.
+fn redelivery_floor(ack_floor: u64, first_stored: u64) -> u64 {
+    ack_floor.min(first_stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redelivery_floor;
+
+    #[test]
+    fn an_ack_floor_ahead_of_a_stored_message_forgets_nothing_it_may_redeliver() {
+        // The stream still holds 8000 (pending, journaled): its record must stay.
+        assert_eq!(redelivery_floor(9_999, 8_000), 8_000);
+    }
+
+    #[test]
+    fn acknowledged_and_removed_messages_are_forgotten() {
+        assert_eq!(redelivery_floor(7_999, 8_000), 7_999);
+        assert_eq!(redelivery_floor(0, 1), 0);
     }
 }

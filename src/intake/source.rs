@@ -3,7 +3,6 @@
 //! again) with backoff until NATS answers.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -43,7 +42,8 @@ pub(super) struct Incoming {
 pub(super) struct JsDelivery {
     pub(super) message: jetstream::Message,
     pub(super) stream_seq: u64,
-    /// Delivered before: it may have been journaled by a run that died before acking.
+    /// Delivered before, as the server counts (logged; whatever it says, the stream sequence
+    /// is checked against the journaled ones).
     pub(super) redelivered: bool,
 }
 
@@ -136,9 +136,6 @@ impl IntakeEnv {
         if let Ok(mut slot) = self.consumer.lock() {
             *slot = Some(consumer);
         }
-        // Unknown: check every message against the store rather than risk a duplicate.
-        let high = self.store.intake_high().await.unwrap_or(u64::MAX);
-        self.journaled_high.fetch_max(high, Ordering::Relaxed);
         tracing::info!(stream = %self.stream_name, consumer = CONSUMER_NAME, "JetStream intake ready");
         let source = messages.filter_map(|m| async move {
             match m {
