@@ -140,12 +140,17 @@ impl IntakeEnv {
         let high = self.store.intake_high().await.unwrap_or(u64::MAX);
         self.journaled_high.fetch_max(high, Ordering::Relaxed);
         tracing::info!(stream = %self.stream_name, consumer = CONSUMER_NAME, "JetStream intake ready");
-        let source = messages.filter_map(|m| async move {
-            match m {
+        let metrics = self.metrics.clone();
+        let source = messages.filter_map(move |m| {
+            futures::future::ready(match m {
                 Ok(message) => {
                     let (stream_seq, redelivered) = message
                         .info()
-                        .map(|i| (i.stream_sequence, i.delivered > 1))
+                        .map(|i| {
+                            let pending = i64::try_from(i.pending).unwrap_or(i64::MAX);
+                            metrics.intake_pending.set(pending);
+                            (i.stream_sequence, i.delivered > 1)
+                        })
                         .unwrap_or((0, true));
                     Some(Incoming {
                         subject: message.subject.clone(),
@@ -162,7 +167,7 @@ impl IntakeEnv {
                     tracing::warn!(cause = %e, "JetStream intake error");
                     None
                 }
-            }
+            })
         });
         Ok(Box::pin(source))
     }
