@@ -219,14 +219,29 @@ async fn resource(s: web::Data<AdminState>, path: web::Path<(String, String)>) -
     }
 }
 
+/// How long a scrape waits for the links' status before leaving the partner rows out.
+const SCRAPE_LINKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body({
-            let mut body = s.metrics.render();
-            s.net.state().stats.render(&mut body);
-            body
-        })
+    match s.links.send(GetPeers).timeout(SCRAPE_LINKS_TIMEOUT).await {
+        Ok(links) => s
+            .metrics
+            .set_partners(links.iter().map(|l| crate::metrics::PartnerFigures {
+                peer: &l.peer_id,
+                pending: l.pending,
+                lag: l.lag,
+                state: &l.state,
+                rtt_seconds: l.rtt_ms.map(|ms| ms / 1000.0),
+            })),
+        Err(e) => tracing::warn!(cause = %e, "metrics scrape without the partner links' status"),
+    }
+    let net = s.net.state();
+    match crate::metrics::render(&[s.metrics.registry(), net.stats.registry()]) {
+        Ok(body) => HttpResponse::Ok()
+            .content_type(crate::metrics::CONTENT_TYPE)
+            .body(body),
+        Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+    }
 }
 
 async fn list_partners(s: web::Data<AdminState>) -> HttpResponse {

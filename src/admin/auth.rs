@@ -9,7 +9,6 @@
 //! and reason ([`LogThrottle`]).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,7 +107,7 @@ impl Gate {
 
     /// Counts and (throttled) logs a refusal.
     fn report(&self, refusal: Refusal, peer: Option<SocketAddr>, method: &Method, path: &str) {
-        self.metrics.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
+        Metrics::add(&self.metrics.admin_unauthorized, 1);
         let ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
         if let Some(count) = self.log.hit(ip, refusal.as_str()) {
             let path: String = path.chars().take(LOGGED_PATH_CHARS).collect();

@@ -62,6 +62,7 @@ impl Applier {
         let valid: Arc<[JournalEntry]> = valid.into();
         let (env, origin) = (self.env.clone(), self.origin.clone());
         let published = std::mem::take(&mut self.published);
+        let started = std::time::Instant::now();
         let Some((outcomes, rows)) = retry(&env, "apply", || {
             env.store
                 .apply_batch_clearing(&origin, up_to, valid.clone(), published.clone())
@@ -71,6 +72,15 @@ impl Applier {
             return RunOutcome::Shutdown;
         };
         Metrics::add(&env.metrics.apply_commits, 1);
+        env.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        // `self.peer` is a partner (checked above): its label is one of a bounded set.
+        let applied = valid.iter().zip(&outcomes);
+        env.metrics.applied_lag(
+            &self.origin,
+            applied
+                .filter(|(_, o)| matches!(o, ApplyOutcome::Applied))
+                .map(|(e, _)| e.time_ms),
+        );
         for (seq, outcome) in seqs.iter().zip(&outcomes) {
             if let Some(frame) = self.report(*seq, outcome) {
                 replies.push(frame);
@@ -95,6 +105,7 @@ impl Applier {
     /// Counts and logs the end of the partnership; the `error` frame that answers it.
     fn no_longer_partner(&self) -> ResourceFrame {
         self.env.metrics.refused("inbound", ErrorCode::NotPartner);
+        self.env.metrics.forget_origin(&self.origin);
         if let Some(count) = self.log.hit(self.peer, "not_partner") {
             tracing::warn!(peer = %self.peer, code = "not_partner", count, "no longer a partner; its streams are closed");
         }

@@ -137,12 +137,17 @@ impl IntakeEnv {
             *slot = Some(consumer);
         }
         tracing::info!(stream = %self.stream_name, consumer = CONSUMER_NAME, "JetStream intake ready");
-        let source = messages.filter_map(|m| async move {
-            match m {
+        let metrics = self.metrics.clone();
+        let source = messages.filter_map(move |m| {
+            futures::future::ready(match m {
                 Ok(message) => {
                     let (stream_seq, redelivered) = message
                         .info()
-                        .map(|i| (i.stream_sequence, i.delivered > 1))
+                        .map(|i| {
+                            let pending = i64::try_from(i.pending).unwrap_or(i64::MAX);
+                            metrics.intake_pending.set(pending);
+                            (i.stream_sequence, i.delivered > 1)
+                        })
                         .unwrap_or((0, true));
                     Some(Incoming {
                         subject: message.subject.clone(),
@@ -159,7 +164,7 @@ impl IntakeEnv {
                     tracing::warn!(cause = %e, "JetStream intake error");
                     None
                 }
-            }
+            })
         });
         Ok(Box::pin(source))
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::metrics::Recorder;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{connection_limits, identify, kad, PeerId, Swarm};
@@ -151,6 +152,7 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.record(&event);
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
@@ -245,6 +247,19 @@ impl EventLoop {
                 ..
             })) => self.on_identify(peer_id, info),
             other => tracing::trace!(event = ?other, "swarm event"),
+        }
+    }
+
+    /// Counts the event in libp2p's metrics (`libp2p_*` on `/metrics`).
+    fn record(&self, event: &SwarmEvent<BehaviourEvent>) {
+        let m = &self.state.stats.libp2p;
+        m.record(event);
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+            _ => {}
         }
     }
 }

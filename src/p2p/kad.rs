@@ -161,10 +161,12 @@ impl EventLoop {
     fn update_dht_stats(&mut self) {
         let counts = self.swarm.behaviour_mut().kad.store_mut().counts();
         let stats = &self.state.stats;
-        stats.dht_records.store(counts.records as u64, Ordering::Relaxed);
-        stats.dht_bytes.store(counts.bytes as u64, Ordering::Relaxed);
-        stats.dht_expired.store(counts.expired, Ordering::Relaxed);
-        stats.dht_evicted.store(counts.evicted, Ordering::Relaxed);
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        stats.dht_records.set(gauge(counts.records));
+        stats.dht_bytes.set(gauge(counts.bytes));
+        // The store keeps these totals itself: copied, not added.
+        stats.dht_expired.inner().store(counts.expired, Ordering::Relaxed);
+        stats.dht_evicted.inner().store(counts.evicted, Ordering::Relaxed);
     }
 
     /// A peer put a record here: stored only if it verifies (signature, identity, expiry,

@@ -1,12 +1,17 @@
 //! What the rest of the node sees of the network without asking the event loop: listening,
-//! the listen addresses, the peers connected, arrivals, and the counters `/metrics` reads.
+//! the listen addresses, the peers connected, arrivals, and the network's metrics `/metrics` reads.
 //! The event loop writes it; everyone else reads it through [`super::Client::state`].
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use libp2p::{Multiaddr, PeerId};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 
 /// What the rest of the node can see of the network without asking the loop.
@@ -20,71 +25,82 @@ pub struct NetState {
     pub stats: NetStats,
 }
 
-/// Counters of the network loop, read by `/metrics`.
-#[derive(Default)]
+/// Counters of the network loop and libp2p's swarm metrics, in their own registry
+/// (`/metrics` encodes it after the node's).
 pub struct NetStats {
-    /// Records in the DHT record store and their bytes (gauges).
-    pub dht_records: AtomicU64,
-    pub dht_bytes: AtomicU64,
-    /// Records purged because they expired, evicted to make room (counters).
-    pub dht_expired: AtomicU64,
-    pub dht_evicted: AtomicU64,
+    /// Records in the DHT record store and their bytes.
+    pub dht_records: Gauge,
+    pub dht_bytes: Gauge,
+    /// Records purged because they expired, evicted to make room (the record store's own
+    /// running totals, stored as they are).
+    pub dht_expired: Counter,
+    pub dht_evicted: Counter,
     /// Connections refused by a limit, by limit (`per_peer`, `pending_incoming`, `total`).
-    connections_refused: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    connections_refused: Family<LimitLabels, Counter>,
+    /// `libp2p-metrics`: swarm (connections, dials, listeners), identify, kad, ping, gossipsub.
+    pub(super) libp2p: libp2p::metrics::Metrics,
+    registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+impl Default for NetStats {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let (dht_records, dht_bytes) = (Gauge::default(), Gauge::default());
+        let (dht_expired, dht_evicted) = (Counter::default(), Counter::default());
+        let connections_refused = Family::default();
+        let r = &mut registry;
+        r.register(
+            "oc_dht_records",
+            "Records in the DHT record store",
+            dht_records.clone(),
+        );
+        r.register(
+            "oc_dht_record_bytes",
+            "Bytes of the DHT record store",
+            dht_bytes.clone(),
+        );
+        r.register(
+            "oc_dht_records_expired",
+            "DHT records purged once expired",
+            dht_expired.clone(),
+        );
+        r.register(
+            "oc_dht_records_evicted",
+            "Valid DHT records evicted from a full store",
+            dht_evicted.clone(),
+        );
+        r.register(
+            "oc_connections_refused",
+            "Inbound connections refused by a connection limit",
+            connections_refused.clone(),
+        );
+        let libp2p = libp2p::metrics::Metrics::new(&mut registry);
+        NetStats {
+            dht_records,
+            dht_bytes,
+            dht_expired,
+            dht_evicted,
+            connections_refused,
+            libp2p,
+            registry,
+        }
+    }
 }
 
 impl NetStats {
     pub(super) fn refused(&self, limit: &'static str) {
-        if let Ok(mut m) = self.connections_refused.lock() {
-            let n = m.entry(limit).or_default();
-            *n = n.saturating_add(1);
-        }
-    }
-
-    /// Connections refused per limit.
-    pub(crate) fn connections_refused(&self) -> Vec<(&'static str, u64)> {
         self.connections_refused
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
-            .unwrap_or_default()
+            .get_or_create(&LimitLabels { limit })
+            .inc();
     }
 
-    /// Appends the Prometheus text of these counters.
-    pub(crate) fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        for (name, kind, help, v) in [
-            (
-                "oc_dht_records",
-                "gauge",
-                "Records in the DHT record store",
-                get(&self.dht_records),
-            ),
-            (
-                "oc_dht_record_bytes",
-                "gauge",
-                "Bytes of the DHT record store",
-                get(&self.dht_bytes),
-            ),
-            (
-                "oc_dht_records_expired_total",
-                "counter",
-                "DHT records purged once expired",
-                get(&self.dht_expired),
-            ),
-            (
-                "oc_dht_records_evicted_total",
-                "counter",
-                "Valid DHT records evicted from a full store",
-                get(&self.dht_evicted),
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        }
-        let _ = writeln!(out, "# HELP oc_connections_refused_total Inbound connections refused by a connection limit\n# TYPE oc_connections_refused_total counter");
-        for (limit, n) in self.connections_refused() {
-            let _ = writeln!(out, "oc_connections_refused_total{{limit=\"{limit}\"}} {n}");
-        }
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 
