@@ -279,6 +279,11 @@ impl ConnectionStatus {
         Some(refusal.unwrap_or_else(|| "nats not connected".to_owned()))
     }
 
+    /// The last server refusal or error, kept until a connection succeeds.
+    pub fn last_error(&self) -> Option<String> {
+        self.refusal.lock().ok().and_then(|r| r.clone())
+    }
+
     /// Before each connection attempt: logs and keeps the failures of the attempts since
     /// the last call (the client keeps each server's failure count and last error).
     fn attempts_failed(&self, servers: &[Server]) {

@@ -125,11 +125,9 @@ pub struct IntakeEnv {
 }
 
 impl Intake {
-    pub fn new(env: IntakeEnv) -> Self {
-        Intake {
-            env: Arc::new(env),
-            stopping: false,
-        }
+    /// The intake over `env`, which `POST /api/events` shares ([`IntakeEnv::submit`]).
+    pub fn new(env: Arc<IntakeEnv>) -> Self {
+        Intake { env, stopping: false }
     }
 
     fn open_source(&mut self, ctx: &mut Context<Self>) {
