@@ -27,7 +27,7 @@ fn seqs(page: &Value) -> Vec<u64> {
         .as_array()
         .expect("entries")
         .iter()
-        .map(|e| e["seq"].as_u64().expect("seq"))
+        .map(|e| e["seq"].as_u64().or(e["entry"]["seq"].as_u64()).expect("seq"))
         .collect()
 }
 

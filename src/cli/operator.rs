@@ -171,6 +171,7 @@ pub fn journal(args: &JournalArgs) -> anyhow::Result<String> {
             if args.applied {
                 row.push(text(&e["key"]));
             }
+            let e = if args.applied { &e["entry"] } else { e };
             row.extend([
                 text(&e["origin"]),
                 text(&e["seq"]),

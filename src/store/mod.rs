@@ -33,7 +33,7 @@ pub struct AppliedRecord {
     pub key: u64,
     /// When this node committed the apply, in milliseconds since the Unix epoch.
     pub applied_ms: u64,
-    #[serde(flatten)]
+    /// Nested, not flattened: the entry's raw resource text does not pass serde's flatten.
     pub entry: JournalEntry,
 }
 
@@ -42,7 +42,6 @@ pub struct AppliedRecord {
 pub(crate) struct AppliedRef<'a> {
     pub key: u64,
     pub applied_ms: u64,
-    #[serde(flatten)]
     pub entry: &'a JournalEntry,
 }
 
