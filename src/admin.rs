@@ -1,7 +1,13 @@
-//! Admin HTTP API (actix-web): health, partners, metrics, and the resources received.
+//! Admin HTTP API (actix-web): health, status, partners, metrics, the journal and what was
+//! applied, events and searches without NATS, and the resources received. Every error
+//! answer is [`reply::error`]'s `{"ok":false,"error":{"code","message"}}`.
 //!
 //! | path | answer |
 //! |---|---|
+//! | `GET /api/status` | [`status`]: intake, store, NATS, journal head, partner links |
+//! | `GET /api/journal`, `GET /api/applied` | [`history`]: pages newest first, `oldest_reached` |
+//! | `POST /api/events` | [`events`]: a `PROPALGATION_EVENT` journaled by the intake's path |
+//! | `POST /api/search` | [`search`]: a `PB_SEARCH`, its `SEARCH_EVENT`s as JSON lines |
 //! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`, `nats: authorization violation (nats://...)`) otherwise |
 //! | `GET /api/peers` | partners: `peer_id, addrs, connected, acked_seq, pending, state` |
 //! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
@@ -15,11 +21,17 @@
 //! [`tls`].
 
 pub mod auth;
+pub mod events;
+pub mod history;
+pub mod reply;
+pub mod search;
+pub mod status;
 pub mod tls;
 
 use std::sync::Arc;
 
 use actix::Addr;
+use actix_web::http::StatusCode;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
@@ -30,13 +42,13 @@ use crate::intake::{IntakeMode, IntakeStatus};
 use crate::metrics::Metrics;
 use crate::outbound::service::{GetPeers, StreamService};
 use crate::p2p;
-use crate::peers::manager::{refusal_json, Forget, ListPeers, PeerManager, SetRelation};
+use crate::peers::manager::{Forget, ListPeers, PeerManager, SetRelation};
 use crate::store::Relation;
 use crate::store::Store;
 
 const MAX_LIST_LIMIT: usize = 10_000;
 
-pub(crate) struct AdminState {
+pub struct AdminState {
     pub own_id: String,
     pub nats: async_nats::Client,
     /// Why NATS is not connected (a refused credential or certificate, ...).
@@ -47,6 +59,14 @@ pub(crate) struct AdminState {
     pub peers: Addr<PeerManager>,
     pub metrics: Arc<Metrics>,
     pub intake: Arc<IntakeStatus>,
+    /// The JetStream intake stream (its consumer's backlog is in `GET /api/status`).
+    pub intake_stream: String,
+    /// The intake's journaling path, for `POST /api/events`.
+    pub submit: Arc<crate::intake::IntakeEnv>,
+    /// `embedded` or `mongodb`.
+    pub store_kind: &'static str,
+    /// When the node started, for its uptime.
+    pub started: std::time::Instant,
 }
 
 /// What protects the admin API, read and checked at start-up before anything else starts.
@@ -124,12 +144,20 @@ pub(crate) fn serve(
             .route("/healthz", web::get().to(healthz))
             .route("/api/peers", web::get().to(peers))
             .route("/api/node", web::get().to(node))
+            .route("/api/status", web::get().to(status::status))
+            .route("/api/events", web::post().to(events::publish))
+            .route("/api/search", web::post().to(search::search))
+            .route("/api/journal", web::get().to(history::journal))
+            .route("/api/applied", web::get().to(history::applied))
             .route("/api/resources/{data_type}", web::get().to(resources))
             .route("/api/resources/{data_type}/{id}", web::get().to(resource))
             .route("/metrics", web::get().to(metrics))
             .route("/api/partners", web::get().to(list_partners))
             .route("/api/partners", web::post().to(add_partner))
             .route("/api/partners/{peer_id}", web::delete().to(remove_partner))
+            .app_data(reply::query_config())
+            .app_data(reply::json_config())
+            .default_service(web::to(reply::not_found))
     })
     .workers(1)
     .disable_signals();
@@ -175,7 +203,7 @@ async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
 async fn peers(s: web::Data<AdminState>) -> HttpResponse {
     match s.links.send(GetPeers).await {
         Ok(list) => HttpResponse::Ok().json(list),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+        Err(e) => reply::actor_gone(e),
     }
 }
 
@@ -206,7 +234,7 @@ async fn resources(
     let limit = q.limit.unwrap_or(1000).min(MAX_LIST_LIMIT);
     match s.store.resources(&path, q.after, limit).await {
         Ok(list) => HttpResponse::Ok().json(list),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+        Err(e) => reply::store(&e),
     }
 }
 
@@ -214,8 +242,8 @@ async fn resource(s: web::Data<AdminState>, path: web::Path<(String, String)>) -
     let (data_type, id) = path.into_inner();
     match s.store.resource(&data_type, &id).await {
         Ok(Some(r)) => HttpResponse::Ok().json(r),
-        Ok(None) => HttpResponse::NotFound().json(json!({"error": "no such resource"})),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+        Ok(None) => reply::error(StatusCode::NOT_FOUND, reply::NOT_FOUND, "no such resource"),
+        Err(e) => reply::store(&e),
     }
 }
 
@@ -247,8 +275,8 @@ async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
 async fn list_partners(s: web::Data<AdminState>) -> HttpResponse {
     match s.peers.send(ListPeers).await {
         Ok(Ok(list)) => HttpResponse::Ok().json(list),
-        Ok(Err(r)) => HttpResponse::ServiceUnavailable().json(refusal_json(&r)),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+        Ok(Err(r)) => reply::refusal(StatusCode::SERVICE_UNAVAILABLE, &r),
+        Err(e) => reply::actor_gone(e),
     }
 }
 
@@ -263,7 +291,7 @@ struct PartnerBody {
 }
 
 async fn add_partner(s: web::Data<AdminState>, body: web::Json<PartnerBody>) -> HttpResponse {
-    let bad = |r: Refusal| HttpResponse::BadRequest().json(refusal_json(&r));
+    let bad = |r: Refusal| reply::refusal(StatusCode::BAD_REQUEST, &r);
     let body = body.into_inner();
     let addr: Option<libp2p::Multiaddr> = match body.addr.as_deref().map(str::parse) {
         Some(Ok(a)) => Some(a),
@@ -301,25 +329,22 @@ async fn add_partner(s: web::Data<AdminState>, body: web::Json<PartnerBody>) -> 
     match s.peers.send(SetRelation { peer, addr, relation }).await {
         Ok(Ok(row)) => HttpResponse::Ok().json(json!({"ok": true, "peer": row})),
         Ok(Err(r)) if r.code == ErrorCode::StoreUnavailable => {
-            HttpResponse::ServiceUnavailable().json(refusal_json(&r))
+            reply::refusal(StatusCode::SERVICE_UNAVAILABLE, &r)
         }
         Ok(Err(r)) => bad(r),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+        Err(e) => reply::actor_gone(e),
     }
 }
 
 async fn remove_partner(s: web::Data<AdminState>, path: web::Path<String>) -> HttpResponse {
     let Ok(peer) = path.parse::<libp2p::PeerId>() else {
-        return HttpResponse::BadRequest().json(refusal_json(&Refusal::new(
-            ErrorCode::InvalidField,
-            "not a peer id",
-        )));
+        return reply::invalid_field("not a peer id");
     };
     match s.peers.send(Forget { peer }).await {
         Ok(Ok(existed)) => {
             HttpResponse::Ok().json(json!({"ok": true, "peer_id": peer.to_string(), "existed": existed}))
         }
-        Ok(Err(r)) => HttpResponse::ServiceUnavailable().json(refusal_json(&r)),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": e.to_string()})),
+        Ok(Err(r)) => reply::refusal(StatusCode::SERVICE_UNAVAILABLE, &r),
+        Err(e) => reply::actor_gone(e),
     }
 }

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 
 /// Publishes replies and refusal reports for one part of the node (`place`).
 #[derive(Clone)]
-pub(crate) struct Answers {
+pub struct Answers {
     nats: Client,
     metrics: Arc<Metrics>,
     /// The `place` label of the refusals counter and log lines: `intake`, `commands`, ...

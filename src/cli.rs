@@ -1,8 +1,12 @@
-//! The `id`, `peers` and `partners` commands, and the admin API client they and the test
-//! kit use ([`AdminClient`]: blocking `ureq` over HTTP or HTTPS, with the admin token).
+//! The `id`, `peers` and `partners` commands, the operator commands of [`operator`]
+//! (`status`, `journal`, `search`, `publish`, `resources`, `completions`), and the admin API
+//! client they and the test kit use ([`AdminClient`]: blocking `ureq` over HTTP or HTTPS,
+//! with the admin token).
 //!
 //! Exit codes (see `main.rs`): a node that cannot be reached, or that refuses the token
 //! (401), is an [`AdminError`], exit 3; other failures exit 1.
+
+pub mod operator;
 
 use std::io::Read;
 use std::path::Path;
@@ -243,6 +247,42 @@ impl AdminClient {
             .into());
         }
         Ok((answer.status, answer.body))
+    }
+
+    /// POSTs `body` (JSON) and hands back the answer's status and body as it arrives (a
+    /// stream of JSON lines), within `timeout` for the whole exchange; a 401 is an
+    /// [`AdminError`].
+    ///
+    /// # Errors
+    /// See [`AdminClient::call`].
+    pub fn stream(
+        &self,
+        path: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, std::io::BufReader<ureq::BodyReader<'static>>)> {
+        let url = format!("{}{path}", self.base);
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {}", t.as_str()));
+        let request = with_token(self.agent.post(&url), bearer.as_deref())
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .content_type("application/json");
+        let response = request.send(body).map_err(|e| self.failure(e))?;
+        let status = response.status().as_u16();
+        if status == 401 {
+            return Err(match self.token {
+                Some(_) => AdminError::WrongToken,
+                None => AdminError::NoToken,
+            }
+            .into());
+        }
+        let reader = response
+            .into_body()
+            .into_with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .reader();
+        Ok((status, std::io::BufReader::new(reader)))
     }
 
     fn failure(&self, e: ureq::Error) -> anyhow::Error {

@@ -89,6 +89,120 @@ pub enum Command {
     Peers(PeersArgs),
     /// Make, end and list partnerships (and the blacklist) of a running node.
     Partners(PartnersArgs),
+    /// A running node at a glance: intake, store, NATS, journal head, partner links.
+    Status(StatusArgs),
+    /// The node's own journal (or, with --applied, what it applied from partners), newest
+    /// first.
+    Journal(JournalArgs),
+    /// Search the network (PB_SEARCH) through a running node; results as they arrive.
+    Search(SearchArgs),
+    /// Publish a PROPALGATION_EVENT through a running node's admin API.
+    Publish(PublishArgs),
+    /// The resources a running node received from partners.
+    Resources(ResourcesArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JournalArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
+    /// Entries applied from partners (by local apply order) instead of the node's own.
+    #[arg(long)]
+    pub applied: bool,
+    /// Only entries older than this seq (with --applied: this apply key).
+    #[arg(long)]
+    pub before: Option<u64>,
+    /// Entries per page (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Only entries of this data type.
+    #[arg(long)]
+    pub data_type: Option<String>,
+    /// Only entries from this origin peer (with --applied).
+    #[arg(long, requires = "applied")]
+    pub origin: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Who a resource search goes to.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SearchScope {
+    All,
+    Known,
+    Partner,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
+    /// Data type searched (PEER: a peer record).
+    pub data_type: String,
+    /// Text searched.
+    pub text: String,
+    #[arg(long, value_enum, default_value = "all")]
+    pub scope: SearchScope,
+    /// Most results wanted.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// How long the peers have to answer.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print the SEARCH_EVENT bodies as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
+    /// PB_CREATE, PB_UPDATE or PB_DELETE.
+    pub action: String,
+    pub data_type: String,
+    /// File holding the payload (JSON), or - for standard input.
+    #[arg(long)]
+    pub payload: String,
+    /// Print the node's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResourcesArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
+    #[command(subcommand)]
+    pub action: ResourcesAction,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ResourcesAction {
+    /// The stored resources of a data type (tombstones included).
+    List { data_type: String },
+    /// One stored resource.
+    Get { data_type: String, id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
 }
 
 /// How the commands using the admin API reach it.

@@ -32,10 +32,12 @@
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
-//! - [`admin`]: admin HTTP API (bearer token, HTTPS); [`metrics`]: the Prometheus registry it serves.
+//! - [`admin`]: admin HTTP API (bearer token, HTTPS; status, journal and applied pages,
+//!   events and searches without NATS); [`metrics`]: the Prometheus registry it serves.
 //! - [`secret_file`]: the admin token file, and warnings for secret files others can read.
 //! - [`node`]: wires everything together and runs until shutdown.
-//! - [`cli`]: the `id`, `peers` and `partners` commands and their admin API client.
+//! - [`cli`]: the `id`, `peers`, `partners` and operator commands (`status`, `journal`,
+//!   `search`, `publish`, `resources`, `completions`) and their admin API client.
 
 pub mod admin;
 pub mod answers;

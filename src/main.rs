@@ -1,7 +1,7 @@
 //! The `oc-discovery` binary: parses the command line and runs one command.
 //!
-//! Exit codes: 0 done; 1 failed; 2 bad command line or config file; 3 the admin API could
-//! not be used (`peers`, `partners`: node unreachable, or token refused).
+//! Exit codes: 0 done; 1 failed (the node refused: its code is printed); 2 bad command line
+//! or config file; 3 the admin API could not be used (node unreachable, or token refused).
 
 use std::process::ExitCode;
 
@@ -27,6 +27,15 @@ fn main() -> ExitCode {
         Command::Id(args) => cli::id(&args).map(|id| println!("{id}")),
         Command::Peers(args) => cli::peers(&args).map(|out| print!("{out}")),
         Command::Partners(args) => cli::partners(&args).map(|out| print!("{out}")),
+        Command::Status(args) => cli::operator::status(&args).map(|out| print!("{out}")),
+        Command::Journal(args) => cli::operator::journal(&args).map(|out| print!("{out}")),
+        Command::Search(args) => cli::operator::search(&args),
+        Command::Publish(args) => cli::operator::publish(&args).map(|out| print!("{out}")),
+        Command::Resources(args) => cli::operator::resources(&args).map(|out| print!("{out}")),
+        Command::Completions(args) => {
+            print!("{}", cli::operator::completions(&args));
+            Ok(())
+        }
         Command::Run(args) => run(*args),
     };
     match result {

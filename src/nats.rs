@@ -262,7 +262,7 @@ fn warn_if_shared(option: &'static str, path: &Path) {
 
 /// What `/healthz` says about NATS: why the client is not connected.
 #[derive(Debug, Default)]
-pub(crate) struct ConnectionStatus {
+pub struct ConnectionStatus {
     /// The last refusal or error of a server, cleared once connected.
     refusal: Mutex<Option<String>>,
     /// Failed attempts per server already reported.
@@ -277,6 +277,11 @@ impl ConnectionStatus {
         }
         let refusal = self.refusal.lock().ok().and_then(|r| r.clone());
         Some(refusal.unwrap_or_else(|| "nats not connected".to_owned()))
+    }
+
+    /// The last server refusal or error, kept until a connection succeeds.
+    pub fn last_error(&self) -> Option<String> {
+        self.refusal.lock().ok().and_then(|r| r.clone())
     }
 
     /// Before each connection attempt: logs and keeps the failures of the attempts since

@@ -57,6 +57,7 @@ const OUTBOX_RETRY_MAX: Duration = Duration::from_secs(10);
 /// a token, unreadable identity or PSK, store locked, address in use, an unreadable or
 /// malformed NATS secret, CA, certificate or key file.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     // First: a node refused for its admin settings must not have touched anything.
     let admin_security = admin::prepare(
         &cfg.admin_listen,
@@ -194,7 +195,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     })
     .start();
     let intake_status = Arc::new(IntakeStatus::default());
-    let intake = Intake::new(IntakeEnv {
+    let intake_env = Arc::new(IntakeEnv {
         own_id: own_id.clone(),
         store: store.clone(),
         nats: nats.clone(),
@@ -212,8 +213,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         io_timeout: t.io_timeout,
         consumer: Default::default(),
         answers: Answers::new(nats.clone(), metrics.clone(), intake::PLACE),
-    })
-    .start();
+    });
+    let intake = Intake::new(intake_env.clone()).start();
     let admin_token = admin_security.has_token();
     let admin_https = admin_security.is_https();
     let server = admin::serve(
@@ -229,6 +230,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             peers,
             metrics,
             intake: intake_status,
+            intake_stream: cfg.intake_stream.clone(),
+            submit: intake_env,
+            store_kind: match cfg.store {
+                StoreConfig::Embedded => "embedded",
+                StoreConfig::Mongodb { .. } => "mongodb",
+            },
+            started,
         },
     )
     .with_context(|| format!("binding the admin API on {}", cfg.admin_listen))?;

@@ -25,7 +25,7 @@ use crate::peers::directory::Directory;
 /// An application command and where to answer it.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Dispatch {
+pub struct Dispatch {
     pub command: AppCommand,
     pub reply: Option<Subject>,
 }

@@ -73,7 +73,7 @@ impl IntakeMode {
 
 /// The intake's mode, readable by the admin API.
 #[derive(Default)]
-pub(crate) struct IntakeStatus(AtomicU8);
+pub struct IntakeStatus(AtomicU8);
 
 impl IntakeStatus {
     pub(crate) fn mode(&self) -> IntakeMode {
@@ -95,7 +95,7 @@ pub(crate) struct Intake {
     stopping: bool,
 }
 /// What processing a batch needs; shared with the batch futures.
-pub(crate) struct IntakeEnv {
+pub struct IntakeEnv {
     pub own_id: String,
     pub store: Arc<dyn Store>,
     pub nats: Client,
@@ -121,11 +121,9 @@ pub(crate) struct IntakeEnv {
 }
 
 impl Intake {
-    pub(crate) fn new(env: IntakeEnv) -> Self {
-        Intake {
-            env: Arc::new(env),
-            stopping: false,
-        }
+    /// The intake over `env`, which `POST /api/events` shares ([`IntakeEnv::submit`]).
+    pub(crate) fn new(env: Arc<IntakeEnv>) -> Self {
+        Intake { env, stopping: false }
     }
 
     fn open_source(&mut self, ctx: &mut Context<Self>) {

@@ -23,6 +23,14 @@ const CORE_RETRY_BUDGET: Duration = Duration::from_secs(5);
 /// First wait before asking a failing store again.
 const STORE_RETRY_MIN: Duration = Duration::from_millis(50);
 
+/// Where the answer to an accepted event goes.
+pub(super) enum Reply {
+    /// The NATS reply subject, when the application asked for one.
+    Nats(Option<Subject>),
+    /// `POST /api/events` waiting for its body.
+    Http(tokio::sync::oneshot::Sender<serde_json::Value>),
+}
+
 impl IntakeEnv {
     pub(super) async fn process(&self, batch: Vec<Incoming>) {
         let journaled_before = self.journaled_before(&batch).await;
@@ -30,7 +38,7 @@ impl IntakeEnv {
         // ack wait in the client): only the first is journaled.
         let mut in_batch = HashSet::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
-        let mut replies: Vec<Option<Subject>> = Vec::with_capacity(batch.len());
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         let mut stream_seqs = Vec::new();
         // Whether an error event went out, which must reach the server before the acks.
         let mut published = false;
@@ -50,7 +58,7 @@ impl IntakeEnv {
             match contract::decode_intake(&msg.payload, &self.own_id, self.max_event_bytes) {
                 Ok(Decoded::Accept(e)) => {
                     events.push(e);
-                    replies.push(msg.reply.clone());
+                    replies.push(Reply::Nats(msg.reply.clone()));
                     stream_seqs.extend(msg.js.as_ref().map(|js| js.stream_seq));
                 }
                 Ok(Decoded::OwnEcho) => Metrics::add(&self.metrics.intake_echoes, 1),
@@ -160,7 +168,7 @@ impl IntakeEnv {
     async fn journal(
         &self,
         events: Vec<contract::NewEvent>,
-        replies: Vec<Option<Subject>>,
+        replies: Vec<Reply>,
         stream_seqs: Vec<u64>,
         durable_source: bool,
     ) -> bool {
@@ -192,7 +200,7 @@ impl IntakeEnv {
                 Metrics::add(&self.metrics.journal_commits, 1);
                 for (entry, reply) in entries.iter().zip(replies) {
                     let body = json!({"ok": true, "origin": entry.origin, "seq": entry.seq});
-                    self.answers.reply(reply, &body).await;
+                    self.answer(reply, body).await;
                 }
                 if let Some(last) = entries.last() {
                     tracing::debug!(count, head = last.seq, stream_first = ?stream_range.0, stream_last = ?stream_range.1, "journaled");
@@ -213,11 +221,64 @@ impl IntakeEnv {
                     .await;
                 let refused = json!({"ok": false, "error": refusal.to_json()});
                 for reply in replies {
-                    self.answers.reply(reply, &refused).await;
+                    self.answer(reply, refused.clone()).await;
                 }
                 false
             }
         }
+    }
+
+    async fn answer(&self, reply: Reply, body: serde_json::Value) {
+        match reply {
+            Reply::Nats(subject) => self.answers.reply(subject, &body).await,
+            // A dropped receiver: the HTTP client went away; the event is journaled anyway.
+            Reply::Http(tx) => {
+                let _ = tx.send(body);
+            }
+        }
+    }
+
+    /// `POST /api/events`: one `PROPALGATION_EVENT` body decoded, checked and journaled by the
+    /// rules and the path of the NATS intake; returns the reply body it would publish.
+    /// Commands (`PB_SEARCH`, ...) are refused: they answer on NATS (`POST /api/search`).
+    pub async fn submit(&self, body: &[u8]) -> serde_json::Value {
+        let event = match contract::decode_intake(body, &self.own_id, self.max_event_bytes) {
+            Ok(Decoded::Accept(e)) => e,
+            Ok(Decoded::OwnEcho) => {
+                let echo = Refusal::new(
+                    ErrorCode::InvalidField,
+                    "from_app names this node: an echo of its own",
+                );
+                return self.refuse_submitted(body, &echo).await;
+            }
+            Ok(Decoded::Command(_)) => {
+                let command = Refusal::new(
+                    ErrorCode::UnsupportedAction,
+                    "commands go through NATS; PB_SEARCH through POST /api/search",
+                );
+                return self.refuse_submitted(body, &command).await;
+            }
+            Err(refusal) => return self.refuse_submitted(body, &refusal).await,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.journal(vec![event], vec![Reply::Http(tx)], Vec::new(), false)
+            .await;
+        rx.await.unwrap_or_else(|_| {
+            json!({"ok": false, "error": Refusal::new(ErrorCode::StoreUnavailable, "not journaled").to_json()})
+        })
+    }
+
+    /// The refusal report of the intake (log line, metric, error event) for a body of
+    /// `POST /api/events`, and the reply body.
+    async fn refuse_submitted(&self, body: &[u8], refusal: &Refusal) -> serde_json::Value {
+        let refused = Refused {
+            subject: "POST /api/events",
+            action: None,
+            body,
+            reply: None,
+        };
+        self.answers.refuse(refused, refusal).await;
+        json!({"ok": false, "error": refusal.to_json()})
     }
 
     /// Reply (when asked), error event, log line and metric for one refused message.

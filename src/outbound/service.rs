@@ -17,7 +17,7 @@ use super::status::LinkStatus;
 /// The journal now ends at `head`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct JournalAdvanced {
+pub struct JournalAdvanced {
     pub head: u64,
 }
 
@@ -78,7 +78,7 @@ struct Link {
     task: JoinHandle<()>,
 }
 
-pub(crate) struct StreamService {
+pub struct StreamService {
     env: Arc<LinkEnv>,
     head: watch::Sender<u64>,
     links: BTreeMap<PeerId, Link>,

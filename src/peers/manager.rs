@@ -25,7 +25,7 @@ use async_nats::Message as NatsMessage;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::partners::Partners;
 use crate::answers::{Answers, Refused};
@@ -72,7 +72,7 @@ impl Links {
 }
 
 /// The one writer of partnerships and the blacklist; see the module comment.
-pub(crate) struct PeerManager {
+pub struct PeerManager {
     env: Arc<PeerEnv>,
     /// Reports refused PEER notices (`place="peers"`).
     answers: Answers,
@@ -431,11 +431,6 @@ impl PeerEnv {
     }
 }
 
-/// JSON for an admin API refusal.
-pub(crate) fn refusal_json(r: &Refusal) -> Value {
-    json!({"ok": false, "error": r.to_json()})
-}
-
 #[cfg(test)]
 mod tests {
     //! The manager against an embedded store (answering peer writes late, every other
@@ -446,6 +441,8 @@ mod tests {
 
     use futures::StreamExt;
     use libp2p::identity::Keypair;
+
+    use serde_json::json;
 
     use super::*;
     use crate::contract::{JournalEntry, NewEvent};
@@ -525,6 +522,13 @@ mod tests {
         }
         async fn journal_head(&self, origin: &str) -> StoreResult<u64> {
             self.inner.journal_head(origin).await
+        }
+        async fn applied_log(
+            &self,
+            before: u64,
+            limit: usize,
+        ) -> StoreResult<Vec<crate::store::AppliedRecord>> {
+            self.inner.applied_log(before, limit).await
         }
         async fn cursor(&self, peer: &str) -> StoreResult<u64> {
             self.inner.cursor(peer).await

@@ -39,6 +39,7 @@ pub use env::SearchEnv;
 pub use gossip_query::GossipQuery;
 pub use query::{parse, Parsed, Query};
 pub use screen::dedupe_key;
+pub use searcher::SUBJECT_SEARCH_EVENT;
 pub use service::{SearchService, GOSSIP_QUEUE};
 
 pub const PROTOCOL_SEARCH: StreamProtocol = StreamProtocol::new("/opencloud/resource/search/1.0");

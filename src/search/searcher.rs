@@ -34,7 +34,7 @@ use crate::p2p::wire::{self, ErrorFrame, FrameError, SearchFrame};
 use crate::store::Relation;
 
 /// NATS subject of search results (node → application).
-pub(crate) const SUBJECT_SEARCH_EVENT: &str = "SEARCH_EVENT";
+pub const SUBJECT_SEARCH_EVENT: &str = "SEARCH_EVENT";
 /// Peers asked at once by one `known` / `partner` search.
 pub(crate) const FANOUT: usize = 32;
 

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    decide_at, outbox_row, ApplyOutcome, Holder, Local, OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry,
-    Store, StoreError, StoreResult, StoredResource,
+    decide_at, outbox_row, AppliedRecord, AppliedRef, ApplyOutcome, Holder, Local, OutboxRow, OwnPage,
+    PageBounds, PeerRow, RawEntry, Store, StoreError, StoreResult, StoredResource,
 };
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
@@ -45,6 +45,8 @@ const INTAKE: TableDefinition<u64, u64> = TableDefinition::new("intake");
 /// one B-tree insert and one removal per batch instead of one per event. Stores of earlier
 /// versions hold one row per key (row id → [`encode_outbox`] or JSON); both are read.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// The applied log: local apply counter -> [`AppliedRecord`] as JSON.
+const APPLIED_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("applied_log");
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -75,6 +77,7 @@ impl EmbeddedStore {
             txn.open_table(APPLIED).map_err(unavailable)?;
             txn.open_table(RESOURCES).map_err(unavailable)?;
             txn.open_table(OUTBOX).map_err(unavailable)?;
+            txn.open_table(APPLIED_LOG).map_err(unavailable)?;
             txn.open_table(INTAKE).map_err(unavailable)?;
             txn.open_table(OWN_AT).map_err(unavailable)?;
             txn.open_table(PEERS).map_err(unavailable)?;
@@ -540,6 +543,12 @@ impl Store for EmbeddedStore {
                 // transaction as the journal appends that write it, so none slips between.
                 let own = txn.open_table(OWN_AT).map_err(unavailable)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
+                let mut log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+                let mut next_key = match log.last().map_err(unavailable)? {
+                    Some((k, _)) => k.value() + 1,
+                    None => 1,
+                };
+                let applied_ms = now_ms();
                 // Ids keep growing within the commit: taken before the removals.
                 let mut next_id = match outbox.last().map_err(unavailable)? {
                     Some((k, _)) => k.value() + 1,
@@ -576,6 +585,14 @@ impl Store for EmbeddedStore {
                         };
                         let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
                         resources.insert(key, bytes.as_slice()).map_err(unavailable)?;
+                        let logged = AppliedRef {
+                            key: next_key,
+                            applied_ms,
+                            entry,
+                        };
+                        let bytes = serde_json::to_vec(&logged).map_err(corrupt)?;
+                        log.insert(next_key, bytes.as_slice()).map_err(unavailable)?;
+                        next_key += 1;
                         rows.push(row);
                         keys.push((&entry.data_type, id, entry.seq));
                     }
@@ -598,6 +615,20 @@ impl Store for EmbeddedStore {
             }
             txn.commit().map_err(unavailable)?;
             Ok((outcomes, rows))
+        })
+        .await
+    }
+
+    async fn applied_log(&self, before: u64, limit: usize) -> StoreResult<Vec<AppliedRecord>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in table.range(..before).map_err(unavailable)?.rev().take(limit) {
+                let (_, value) = row.map_err(unavailable)?;
+                out.push(serde_json::from_slice(value.value()).map_err(corrupt)?);
+            }
+            Ok(out)
         })
         .await
     }

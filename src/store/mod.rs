@@ -26,6 +26,25 @@ pub enum StoreError {
 
 pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
+/// One row of the applied log: an entry a partner sent that this node applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    /// The local apply counter: grows with every entry applied here, never reused.
+    pub key: u64,
+    /// When this node committed the apply, in milliseconds since the Unix epoch.
+    pub applied_ms: u64,
+    /// Nested, not flattened: the entry's raw resource text does not pass serde's flatten.
+    pub entry: JournalEntry,
+}
+
+/// [`AppliedRecord`] as written, borrowing the applied entry.
+#[derive(Serialize)]
+pub(crate) struct AppliedRef<'a> {
+    pub key: u64,
+    pub applied_ms: u64,
+    pub entry: &'a JournalEntry,
+}
+
 /// A resource as the receiving node keeps it, with the version that produced it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredResource {
@@ -192,6 +211,10 @@ pub trait Store: Send + Sync + 'static {
         up_to: u64,
         entries: Vec<JournalEntry>,
     ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)>;
+
+    /// Up to `limit` rows of the applied log with `key < before`, newest first: what this
+    /// node applied from partners, in local apply order. Written in the commit of each apply.
+    async fn applied_log(&self, before: u64, limit: usize) -> StoreResult<Vec<AppliedRecord>>;
 
     /// Oldest outbox rows first.
     async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>>;

@@ -8,13 +8,15 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::ClientSession;
 
-use super::bson::{to_i64, to_u64, NewOutboxDoc, NewVersionDoc, OutboxDoc, VersionDoc, VersionKey};
+use super::bson::{
+    to_i64, to_u64, AppliedLogDoc, NewOutboxDoc, NewVersionDoc, OutboxDoc, VersionDoc, VersionKey,
+};
 use super::error::Failure;
-use super::names::{APPLIED, COUNTERS, OUTBOX, OUTBOX_COUNTER, OWN, VERSIONS};
+use super::names::{APPLIED, APPLIED_LOG, COUNTERS, OUTBOX, OUTBOX_COUNTER, OWN, VERSIONS};
 use super::plan::{decide_batch, Decisions, OwnKeys, Planned, Site};
 use super::MongoStore;
 use crate::contract::JournalEntry;
-use crate::store::{outbox_row, ApplyOutcome, OutboxRow, SiteDoc, StoreResult};
+use crate::store::{outbox_row, AppliedRef, ApplyOutcome, OutboxRow, SiteDoc, StoreResult};
 
 impl MongoStore {
     /// [`Store::apply_batch`] on borrowed entries.
@@ -87,6 +89,7 @@ impl MongoStore {
             .collect();
         self.write_changes(s, plan, &changes, &stored).await?;
         self.insert_outbox(s, &new_rows).await?;
+        self.insert_applied_log(s, plan, &new_rows).await?;
         rows.extend(new_rows);
         rows.sort_by_key(|(i, _)| *i);
         self.coll::<Document>(APPLIED)
@@ -113,6 +116,37 @@ impl MongoStore {
             .map(|(_, r)| NewOutboxDoc::of(r))
             .collect::<Result<Vec<_>, _>>()?;
         self.coll::<NewOutboxDoc<'_>>(OUTBOX)
+            .insert_many(docs)
+            .session(&mut *s)
+            .await?;
+        Ok(())
+    }
+
+    /// One applied-log row per new outbox row, keyed by its id, in the apply's transaction.
+    async fn insert_applied_log(
+        &self,
+        s: &mut ClientSession,
+        plan: &[Planned<'_>],
+        rows: &[(usize, OutboxRow)],
+    ) -> Result<(), Failure> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let applied_ms = crate::contract::now_ms();
+        let mut docs = Vec::with_capacity(rows.len());
+        for (i, row) in rows {
+            let logged = AppliedRef {
+                key: row.id,
+                applied_ms,
+                entry: plan[*i].entry,
+            };
+            let json = serde_json::to_string(&logged).map_err(|e| Failure::Corrupt(e.to_string()))?;
+            docs.push(AppliedLogDoc {
+                key: to_i64(row.id, "applied log key")?,
+                json,
+            });
+        }
+        self.coll::<AppliedLogDoc>(APPLIED_LOG)
             .insert_many(docs)
             .session(&mut *s)
             .await?;

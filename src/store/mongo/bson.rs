@@ -226,6 +226,15 @@ impl PeerDoc {
     }
 }
 
+/// `oc_applied_log`: one applied entry, kept as the JSON text of an
+/// [`crate::store::AppliedRecord`] (a resource MongoDB could not hold as BSON still logs).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct AppliedLogDoc {
+    #[serde(rename = "_id")]
+    pub(super) key: i64,
+    pub(super) json: String,
+}
+
 /// `oc_cursors` and `oc_applied`: one number per peer.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct SeqDoc {

@@ -48,14 +48,17 @@ pub use self::error::OpenError;
 pub use self::names::{collection_for, DEFAULT_DB};
 
 use self::bson::{
-    document_to_json, to_i64, to_u64, JournalDoc, OutboxDoc, PeerDoc, SeqDoc, VersionDoc, VersionKey,
+    document_to_json, to_i64, to_u64, AppliedLogDoc, JournalDoc, OutboxDoc, PeerDoc, SeqDoc, VersionDoc,
+    VersionKey,
 };
 use self::error::Failure;
-use self::names::{check_database_name, APPLIED, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS};
+use self::names::{
+    check_database_name, APPLIED, APPLIED_LOG, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS,
+};
 use self::txn::durable;
 use super::{
-    ApplyOutcome, OutboxRow, OwnPage, PageBounds, PeerRow, Relation, Store, StoreError, StoreResult,
-    StoredResource,
+    AppliedRecord, ApplyOutcome, OutboxRow, OwnPage, PageBounds, PeerRow, Relation, Store, StoreError,
+    StoreResult, StoredResource,
 };
 use crate::contract::{JournalEntry, NewEvent};
 
@@ -375,6 +378,25 @@ impl Store for MongoStore {
         // crash only republishes those rows.
         self.outbox_remove(published).await?;
         self.apply_entries(origin, up_to, &entries).await
+    }
+
+    async fn applied_log(&self, before: u64, limit: usize) -> StoreResult<Vec<AppliedRecord>> {
+        self.ready().await?;
+        let before = i64::try_from(before).unwrap_or(i64::MAX);
+        let docs: Vec<AppliedLogDoc> = self
+            .collect(
+                self.coll::<AppliedLogDoc>(APPLIED_LOG)
+                    .find(doc! {"_id": {"$lt": before}})
+                    .sort(doc! {"_id": -1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        docs.iter()
+            .map(|d| {
+                serde_json::from_str(&d.json)
+                    .map_err(|e| self.failed(Failure::Corrupt(format!("applied log row {}: {e}", d.key))))
+            })
+            .collect()
     }
 
     async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {

@@ -11,6 +11,8 @@ pub(super) const CURSORS: &str = "oc_cursors";
 pub(super) const APPLIED: &str = "oc_applied";
 pub(super) const VERSIONS: &str = "oc_versions";
 pub(super) const OUTBOX: &str = "oc_outbox";
+/// The applied log, keyed by the outbox id of each apply (a counter never reused).
+pub(super) const APPLIED_LOG: &str = "oc_applied_log";
 pub(super) const COUNTERS: &str = "oc_counters";
 pub(super) const PEERS: &str = "oc_peers";
 pub(super) const INTAKE: &str = "oc_intake";

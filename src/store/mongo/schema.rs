@@ -8,7 +8,7 @@ use mongodb::options::IndexOptions;
 use mongodb::IndexModel;
 
 use super::error::{server_code, Failure, INVALID_NAMESPACE, NAMESPACE_EXISTS};
-use super::names::{APPLIED, COUNTERS, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS};
+use super::names::{APPLIED, APPLIED_LOG, COUNTERS, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS};
 use super::MongoStore;
 use crate::store::StoreResult;
 
@@ -32,7 +32,16 @@ impl MongoStore {
     pub(super) async fn create_schema(&self) -> Result<(), Failure> {
         self.check_topology().await?;
         for name in [
-            JOURNAL, CURSORS, APPLIED, VERSIONS, OUTBOX, COUNTERS, PEERS, INTAKE, OWN,
+            JOURNAL,
+            CURSORS,
+            APPLIED,
+            APPLIED_LOG,
+            VERSIONS,
+            OUTBOX,
+            COUNTERS,
+            PEERS,
+            INTAKE,
+            OWN,
         ] {
             self.create_collection(name).await?;
         }

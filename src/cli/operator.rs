@@ -1,0 +1,349 @@
+//! The operator commands over the admin API: `status`, `journal`, `search`, `publish`,
+//! `resources`, `completions`. Tables by default, `--json` for scripts. A refusal of the node
+//! is an error naming its code (exit 1); an unreachable node or a refused token is an
+//! [`super::AdminError`] (exit 3).
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use super::AdminClient;
+use crate::config::{
+    CompletionsArgs, JournalArgs, PublishArgs, ResourcesAction, ResourcesArgs, SearchArgs, SearchScope,
+    StatusArgs,
+};
+
+/// Largest `--payload` file read.
+const MAX_PAYLOAD_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// Time a search stream gets beyond its own timeout (the node's final event, the network).
+const SEARCH_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The node's answer as JSON when 200; else an error naming the node's code.
+fn expect_ok(status: u16, body: &str) -> anyhow::Result<Value> {
+    let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    if status == 200 && value["ok"] != false {
+        return Ok(value);
+    }
+    Err(refused(status, &value, body))
+}
+
+fn refused(status: u16, value: &Value, body: &str) -> anyhow::Error {
+    match (
+        value["error"]["code"].as_str(),
+        value["error"]["message"].as_str(),
+    ) {
+        (Some(code), Some(message)) => anyhow::anyhow!("the node refused ({status} {code}): {message}"),
+        _ => anyhow::anyhow!("the node answered {status}: {body}"),
+    }
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut all = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
+    all.extend(rows);
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            all.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in &all {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `oc-discovery status`.
+///
+/// # Errors
+/// The node is unreachable or refuses.
+pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
+    let client = AdminClient::from_args(&args.client)?;
+    let (code, body) = client.call("GET", "/api/status", None)?;
+    let s = expect_ok(code, &body)?;
+    if args.json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&s)?));
+    }
+    let mut out = format!(
+        "peer id       {}\nversion       {}\nuptime        {} s\nintake        {} (pending {})\nstore         {} ({})\nnats          {}{}\njournal head  {}\n\n",
+        text(&s["peer_id"]),
+        text(&s["version"]),
+        text(&s["uptime_s"]),
+        text(&s["intake"]["mode"]),
+        text(&s["intake"]["pending"]),
+        text(&s["store"]["kind"]),
+        if s["store"]["healthy"] == true { "healthy".to_owned() } else { text(&s["store"]["error"]) },
+        text(&s["nats"]["state"]),
+        s["nats"]["last_error"].as_str().map(|e| format!(" (last error: {e})")).unwrap_or_default(),
+        text(&s["journal_head"]),
+    );
+    let partners = s["partners"].as_array().cloned().unwrap_or_default();
+    let rows = partners
+        .iter()
+        .map(|p| {
+            vec![
+                text(&p["peer_id"]),
+                text(&p["state"]),
+                text(&p["acked_seq"]),
+                text(&p["pending"]),
+                text(&p["lag"]["oldest_unacked_age_ms"]),
+                text(&p["rtt_ms"]),
+                text(&p["last_error"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "PEER ID",
+            "STATE",
+            "ACKED SEQ",
+            "PENDING",
+            "OLDEST UNACKED MS",
+            "RTT MS",
+            "LAST ERROR",
+        ],
+        rows,
+    ));
+    if partners.is_empty() {
+        out.push_str("(no partners configured)\n");
+    }
+    Ok(out)
+}
+
+/// The query string of `journal`.
+fn journal_path(args: &JournalArgs) -> String {
+    let mut path = format!(
+        "/api/{}?limit={}",
+        if args.applied { "applied" } else { "journal" },
+        args.limit
+    );
+    if let Some(b) = args.before {
+        path.push_str(&format!("&before={b}"));
+    }
+    for (name, value) in [("data_type", &args.data_type), ("origin", &args.origin)] {
+        if let Some(v) = value {
+            path.push_str(&format!("&{name}={}", encode(v)));
+        }
+    }
+    path
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `oc-discovery journal [--applied]`.
+///
+/// # Errors
+/// The node is unreachable or refuses.
+pub fn journal(args: &JournalArgs) -> anyhow::Result<String> {
+    let client = AdminClient::from_args(&args.client)?;
+    let (code, body) = client.call("GET", &journal_path(args), None)?;
+    let page = expect_ok(code, &body)?;
+    if args.json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&page)?));
+    }
+    let entries = page["entries"].as_array().cloned().unwrap_or_default();
+    let rows = entries
+        .iter()
+        .map(|e| {
+            let mut row = Vec::new();
+            if args.applied {
+                row.push(text(&e["key"]));
+            }
+            let e = if args.applied { &e["entry"] } else { e };
+            row.extend([
+                text(&e["origin"]),
+                text(&e["seq"]),
+                text(&e["action"]),
+                text(&e["data_type"]),
+                text(&e["resource"]["id"]),
+                text(&e["user"]),
+            ]);
+            row
+        })
+        .collect();
+    let header: &[&str] = if args.applied {
+        &["KEY", "ORIGIN", "SEQ", "ACTION", "DATA TYPE", "ID", "USER"]
+    } else {
+        &["ORIGIN", "SEQ", "ACTION", "DATA TYPE", "ID", "USER"]
+    };
+    let mut out = table(header, rows);
+    match page["before"].as_u64() {
+        Some(b) if page["oldest_reached"] != true => out.push_str(&format!("(older: --before {b})\n")),
+        _ => out.push_str("(oldest entry reached)\n"),
+    }
+    Ok(out)
+}
+
+/// `oc-discovery search`: prints each `SEARCH_EVENT` as it arrives.
+///
+/// # Errors
+/// The node is unreachable, refuses the search, or the stream ends in an error line.
+pub fn search(args: &SearchArgs) -> anyhow::Result<()> {
+    let client = AdminClient::from_args(&args.client)?;
+    let scope = match args.scope {
+        SearchScope::All => "all",
+        SearchScope::Known => "known",
+        SearchScope::Partner => "partner",
+    };
+    let mut payload =
+        json!({"search": args.text, "type": scope, "timeout_ms": args.timeout.as_millis() as u64});
+    if let Some(limit) = args.limit {
+        payload["limit"] = json!(limit);
+    }
+    let body = json!({"action": "PB_SEARCH", "data_type": args.data_type, "payload": payload}).to_string();
+    let (code, lines) = client.stream("/api/search", &body, args.timeout + SEARCH_MARGIN)?;
+    if code != 200 {
+        let mut text = String::new();
+        lines.take(64 * 1024).read_to_string(&mut text)?;
+        return Err(refused(
+            code,
+            &serde_json::from_str(&text).unwrap_or(Value::Null),
+            &text,
+        ));
+    }
+    let spinner = std::io::stderr().is_terminal();
+    if spinner {
+        eprint!("searching…");
+    }
+    let mut out = std::io::stdout().lock();
+    let mut results = 0u64;
+    for line in lines.lines() {
+        let line = line.context("reading the search stream")?;
+        if spinner && results == 0 {
+            eprint!("\r          \r");
+        }
+        let event: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+        if event["ok"] == false {
+            return Err(refused(200, &event, &line));
+        }
+        if args.json {
+            writeln!(out, "{line}")?;
+        } else {
+            for r in event["results"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "{}  {}  {}",
+                    text(&event["from_peer"]),
+                    text(&r["id"]),
+                    text(&r["name"])
+                )?;
+            }
+            if event["done"] == true {
+                writeln!(
+                    out,
+                    "({} results, {} of {} peers answered)",
+                    text(&event["results_total"]),
+                    text(&event["peers_answered"]),
+                    text(&event["peers_targeted"])
+                )?;
+            }
+        }
+        out.flush()?;
+        results += 1;
+    }
+    Ok(())
+}
+
+/// `oc-discovery publish`.
+///
+/// # Errors
+/// The payload cannot be read, the node is unreachable or refuses the event.
+pub fn publish(args: &PublishArgs) -> anyhow::Result<String> {
+    let mut raw = Vec::new();
+    let read = if args.payload == "-" {
+        std::io::stdin()
+            .lock()
+            .take(MAX_PAYLOAD_FILE_BYTES + 1)
+            .read_to_end(&mut raw)
+    } else {
+        std::fs::File::open(&args.payload)
+            .and_then(|f| f.take(MAX_PAYLOAD_FILE_BYTES + 1).read_to_end(&mut raw))
+    };
+    read.with_context(|| format!("cannot read --payload {}", args.payload))?;
+    if raw.len() as u64 > MAX_PAYLOAD_FILE_BYTES {
+        bail!(
+            "--payload {} is larger than {MAX_PAYLOAD_FILE_BYTES} bytes",
+            args.payload
+        );
+    }
+    let payload: Value =
+        serde_json::from_slice(&raw).with_context(|| format!("--payload {} is not JSON", args.payload))?;
+    let body = json!({"action": args.action, "data_type": args.data_type, "payload": payload}).to_string();
+    let client = AdminClient::from_args(&args.client)?;
+    let (code, answer) = client.call("POST", "/api/events", Some(&body))?;
+    let value = expect_ok(code, &answer)?;
+    if args.json {
+        return Ok(format!("{value}\n"));
+    }
+    Ok(format!(
+        "journaled: {} seq {}\n",
+        text(&value["origin"]),
+        text(&value["seq"])
+    ))
+}
+
+/// `oc-discovery resources list|get`.
+///
+/// # Errors
+/// The node is unreachable or refuses.
+pub fn resources(args: &ResourcesArgs) -> anyhow::Result<String> {
+    let client = AdminClient::from_args(&args.client)?;
+    let path = match &args.action {
+        ResourcesAction::List { data_type } => format!("/api/resources/{}", encode(data_type)),
+        ResourcesAction::Get { data_type, id } => {
+            format!("/api/resources/{}/{}", encode(data_type), encode(id))
+        }
+    };
+    let (code, body) = client.call("GET", &path, None)?;
+    let value = expect_ok(code, &body)?;
+    if args.json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&value)?));
+    }
+    let list = match value {
+        Value::Array(list) => list,
+        one => vec![one],
+    };
+    let rows = list
+        .iter()
+        .map(|r| {
+            vec![
+                text(&r["data_type"]),
+                text(&r["id"]),
+                text(&r["origin"]),
+                text(&r["version"]),
+                if r["deleted"] == true { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    Ok(table(&["DATA TYPE", "ID", "ORIGIN", "VERSION", "DELETED"], rows))
+}
+
+/// `oc-discovery completions bash|zsh|fish`.
+pub fn completions(args: &CompletionsArgs) -> String {
+    let mut command = <crate::config::Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(args.shell, &mut command, "oc-discovery", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
