@@ -2,7 +2,6 @@
 //! names keep their meaning, the histograms counted, per-partner rows exist for the
 //! partner and only for it, libp2p's swarm metrics are there.
 
-
 use std::time::Duration;
 
 use oc_testkit::*;

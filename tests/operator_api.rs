@@ -1,7 +1,6 @@
 //! The operator's admin API end to end, against real nodes and nats-servers: journal and
 //! applied pages, status, `POST /api/events`, `POST /api/search`, and the CLI over them.
 
-
 use std::process::Command;
 
 use oc_testkit::*;
@@ -325,7 +324,10 @@ async fn post_search_streams_search_events_until_the_final_one() {
 #[test]
 fn cli_exit_codes_say_usage_unreachable_and_completions_print() {
     let run = |args: &[&str]| {
-        let out = Command::new(node_binary().unwrap()).args(args).output().expect("run");
+        let out = Command::new(node_binary().unwrap())
+            .args(args)
+            .output()
+            .expect("run");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -228,10 +228,9 @@ pub fn search(args: &SearchArgs) -> anyhow::Result<()> {
         eprint!("searching…");
     }
     let mut out = std::io::stdout().lock();
-    let mut results = 0u64;
-    for line in lines.lines() {
+    for (n, line) in lines.lines().enumerate() {
         let line = line.context("reading the search stream")?;
-        if spinner && results == 0 {
+        if spinner && n == 0 {
             eprint!("\r          \r");
         }
         let event: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
@@ -261,7 +260,6 @@ pub fn search(args: &SearchArgs) -> anyhow::Result<()> {
             }
         }
         out.flush()?;
-        results += 1;
     }
     Ok(())
 }

@@ -450,7 +450,7 @@ mod tests {
     use crate::store::{ApplyOutcome, OutboxRow, OwnPage, PageBounds, StoredResource};
     use oc_testkit::NatsServer;
 
-    const T: Duration = Duration::from_secs(10);
+    const T: Duration = Duration::from_secs(60);
 
     /// Stands for the partner links: remembers the last word it got for each peer.
     #[derive(Default)]
