@@ -505,12 +505,15 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Store for SlowReplies {
-        async fn append_journal(
+        async fn append_journal_marked(
             &self,
             origin: &str,
             events: Vec<NewEvent>,
+            intake_seqs: Vec<u64>,
         ) -> StoreResult<Vec<JournalEntry>> {
-            self.inner.append_journal(origin, events).await
+            self.inner
+                .append_journal_marked(origin, events, intake_seqs)
+                .await
         }
         async fn read_journal(
             &self,

@@ -217,10 +217,6 @@ fn last_seq(
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
-        self.append_journal_marked(origin, events, Vec::new()).await
-    }
-
     async fn append_journal_marked(
         &self,
         origin: &str,

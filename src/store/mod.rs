@@ -148,22 +148,22 @@ pub enum ApplyOutcome {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Appends the events to `origin`'s journal in one durable commit and returns their
-    /// entries, with consecutive seqs following the current head.
-    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>>;
+    /// entries, with consecutive seqs following the current head ([`Store::append_journal_marked`]
+    /// without intake sequences).
+    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
+        self.append_journal_marked(origin, events, Vec::new()).await
+    }
 
     /// [`Store::append_journal`] that also records, in the same commit, the JetStream stream
     /// sequences of the intake messages journaled, so a redelivery is recognised
-    /// ([`Store::intake_seen`]). A backend that does not record them journals redeliveries
-    /// again (at-least-once intake).
+    /// ([`Store::intake_seen`]). Every backend implements this one; `append_journal` is it
+    /// with no intake sequences.
     async fn append_journal_marked(
         &self,
         origin: &str,
         events: Vec<NewEvent>,
         intake_seqs: Vec<u64>,
-    ) -> StoreResult<Vec<JournalEntry>> {
-        let _ = intake_seqs;
-        self.append_journal(origin, events).await
-    }
+    ) -> StoreResult<Vec<JournalEntry>>;
 
     /// Which of these JetStream stream sequences were journaled already.
     async fn intake_seen(&self, seqs: Vec<u64>) -> StoreResult<Vec<u64>> {

@@ -233,10 +233,6 @@ impl MongoStore {
 
 #[async_trait]
 impl Store for MongoStore {
-    async fn append_journal(&self, origin: &str, events: Vec<NewEvent>) -> StoreResult<Vec<JournalEntry>> {
-        self.append_journal_marked(origin, events, Vec::new()).await
-    }
-
     async fn append_journal_marked(
         &self,
         origin: &str,
