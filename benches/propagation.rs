@@ -6,8 +6,11 @@
 //! source reads core NATS instead of a JetStream stream), `--store embedded|mongodb` (repeatable; default
 //! embedded), `--json PATH` (default target/bench/propagation.json).
 //!
-//! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. A
-//! scenario that loses an event makes the run fail; speed is printed, never asserted.
+//! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. The relay
+//! runs beside each figure that has a baseline (throughput, every latency pace, the bulk
+//! move the catch-up is set against); the run ends with the targets of docs/PERFORMANCE.md
+//! as ratios of this run. A scenario that loses an event makes the run fail; speed is
+//! printed, never asserted.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -277,33 +280,74 @@ async fn site(jetstream: bool, store: &str, mongo_uri: Option<&str>) -> anyhow::
     Ok(Site { nats, node, app })
 }
 
-/// The thinnest relay: subscribe on A, publish on B.
-async fn baseline(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(f64, (f64, f64, f64))> {
-    let (a, b) = (NatsServer::start()?, NatsServer::start()?);
-    let (ca, cb) = (
-        async_nats::connect(a.url()).await?,
-        async_nats::connect(b.url()).await?,
-    );
-    let relay_in = async_nats::connect(a.url()).await?;
-    let mut sub = relay_in.subscribe("bench").await?;
-    relay_in.flush().await?;
-    let relay_out = cb.clone();
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let _ = relay_out.publish("bench.out", m.payload).await;
-        }
-    });
-    let rx = Receiver::start(&cb, "bench.out", relay_key).await?;
+/// The thinnest relay: subscribe on A's core NATS, publish on B's, inside this process. It
+/// stays up for the whole run, so each figure of the node can be set against the relay's
+/// measured just before it.
+struct Relay {
+    a: NatsServer,
+    b: NatsServer,
+    publisher: async_nats::Client,
+    out: async_nats::Client,
+    /// Subjects used so far: each measurement gets fresh ones, so no delivery of an earlier
+    /// one is counted in it.
+    runs: usize,
+}
+
+impl Relay {
+    async fn start() -> anyhow::Result<Self> {
+        let (a, b) = (NatsServer::start()?, NatsServer::start()?);
+        let publisher = async_nats::connect(a.url()).await?;
+        let out = async_nats::connect(b.url()).await?;
+        Ok(Relay {
+            a,
+            b,
+            publisher,
+            out,
+            runs: 0,
+        })
+    }
+
+    /// Relays `n` events published at `rate` (0: as fast as possible). Returns the receiver
+    /// (counts, latencies) and the time from the first publish to the last delivery.
+    async fn run(&mut self, n: usize, rate: u64) -> anyhow::Result<(Receiver, usize, Duration)> {
+        self.runs += 1;
+        let (inbound, outbound) = (format!("bench{}", self.runs), format!("bench{}.out", self.runs));
+        let relay_in = async_nats::connect(self.a.url()).await?;
+        let mut sub = relay_in.subscribe(inbound.clone()).await?;
+        relay_in.flush().await?;
+        let relay_out = self.out.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let _ = relay_out.publish(outbound.clone(), m.payload).await;
+            }
+        });
+        let rx = Receiver::start(&self.out, &format!("bench{}.out", self.runs), relay_key).await?;
+        let t0 = Instant::now();
+        publish(&self.publisher, &inbound, "relay", n, rate).await?;
+        let (got, took) = rx.wait(n, t0).await;
+        forward.abort();
+        Ok((rx, got, took))
+    }
+
+    /// p50 / p99 / p999 of the relay at a fixed pace, for the same window as the node's.
+    async fn latency(&mut self, pace: u64, window: Duration) -> anyhow::Result<(f64, f64, f64)> {
+        let n = (pace as f64 * window.as_secs_f64()) as usize;
+        let (rx, _, _) = self.run(n, pace).await?;
+        Ok(rx.percentiles())
+    }
+}
+
+/// The relay's throughput (with its CPU per event) and the time it takes to move `bulk`
+/// events, the yardstick of the catch-up.
+async fn baseline(relay: &mut Relay, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
     let n = sizes.throughput;
     // The relay runs inside this process, with the load generator.
     let cpu = CpuMeter::start(&[
-        ("nats_a", a.pid()),
-        ("nats_b", b.pid()),
+        ("nats_a", relay.a.pid()),
+        ("nats_b", relay.b.pid()),
         ("relay_and_load_generator", Some(std::process::id())),
     ]);
-    let t0 = Instant::now();
-    publish(&ca, "bench", "relay", n, 0).await?;
-    let (got, took) = rx.wait(n, t0).await;
+    let (_, got, took) = relay.run(n, 0).await?;
     let rate = got as f64 / took.as_secs_f64().max(1e-9);
     println!(
         "baseline relay: {got}/{n} in {took:?} = {rate:.0} events/s, lost {}",
@@ -319,30 +363,32 @@ async fn baseline(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(f64, (f
         baseline: None,
         lost: (n - got) as u64,
     });
-    // Latency of the relay at the highest pace, for the ratio.
-    let rate_hi = *sizes.rates.last().unwrap_or(&1000);
-    let n_hi = (rate_hi as f64 * sizes.rate_window.as_secs_f64()) as usize;
-    let rx = Receiver::start(&cb, "bench.out2", relay_key).await?;
-    let relay_in2 = async_nats::connect(a.url()).await?;
-    let mut sub2 = relay_in2.subscribe("bench2").await?;
-    relay_in2.flush().await?;
-    let out2 = cb.clone();
-    tokio::spawn(async move {
-        while let Some(m) = sub2.next().await {
-            let _ = out2.publish("bench.out2", m.payload).await;
-        }
+    Ok(rate)
+}
+
+/// Seconds the relay takes to move `n` events published as fast as possible (core NATS may
+/// drop some for a slow consumer: the time is to the last delivery, the count is printed).
+async fn relay_bulk(relay: &mut Relay, n: usize, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
+    let (_, got, took) = relay.run(n, 0).await?;
+    println!("baseline relay: {got}/{n} moved in {took:?}");
+    rows.push(Row {
+        scenario: format!("catch-up {n}"),
+        store: "core-nats-relay".into(),
+        metric: "seconds".into(),
+        value: took.as_secs_f64(),
+        unit: "s".into(),
+        baseline: None,
+        lost: 0,
     });
-    let t0 = Instant::now();
-    publish(&ca, "bench2", "relay", n_hi, rate_hi).await?;
-    rx.wait(n_hi, t0).await;
-    Ok((rate, rx.percentiles()))
+    Ok(took.as_secs_f64())
 }
 
 async fn throughput_and_latency(
     store: &str,
     mongo: Option<&str>,
     sizes: &Sizes,
-    base: (f64, (f64, f64, f64)),
+    relay: &mut Relay,
+    base_rate: f64,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let (mut a, mut b) = (
@@ -412,15 +458,26 @@ async fn throughput_and_latency(
         metric: "events_per_s".into(),
         value: rate,
         unit: "events/s".into(),
-        baseline: Some(base.0),
+        baseline: Some(base_rate),
         lost: (n - got) as u64,
     });
 
+    // The fixed paces, then a quarter of the throughput just measured: the load a site
+    // would run at with room to spare, where latency must stay low.
+    let quarter = ((rate / 4.0 / 100.0).round() as u64 * 100).max(100);
+    let mut paces = sizes.rates.clone();
+    paces.push(quarter);
     let mut sent = n;
-    for &pace in &sizes.rates {
+    for (i, &pace) in paces.iter().enumerate() {
+        let label = if i + 1 == paces.len() {
+            format!("latency@{pace}/s (1/4)")
+        } else {
+            format!("latency@{pace}/s")
+        };
+        // The relay at the same pace, just before, for the ratio.
+        let (b50, b99, b999) = relay.latency(pace, sizes.rate_window).await?;
         let count = (pace as f64 * sizes.rate_window.as_secs_f64()) as usize;
         // A fresh receiver per pace so the percentiles are of that pace alone.
-        let before = rx.count();
         let rx_pace = Receiver::start(&b.app, "CREATE_RESOURCE", notice_key).await?;
         let t0 = Instant::now();
         publish(&a.app, "PROPALGATION_EVENT", &creator, count, pace).await?;
@@ -429,24 +486,21 @@ async fn throughput_and_latency(
         let (p50, p99, p999) = rx_pace.percentiles();
         println!("[{store}] latency at {pace}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms ({got}/{count})");
         let lost = (count - got) as u64;
-        let (_, (b50, b99, b999)) = base;
-        let last = pace == *sizes.rates.last().unwrap_or(&0);
         for (metric, value, bvalue) in [
             ("p50_ms", p50, b50),
             ("p99_ms", p99, b99),
             ("p999_ms", p999, b999),
         ] {
             rows.push(Row {
-                scenario: format!("latency@{pace}/s"),
+                scenario: label.clone(),
                 store: store.into(),
                 metric: metric.into(),
                 value,
                 unit: "ms".into(),
-                baseline: last.then_some(bvalue),
+                baseline: Some(bvalue),
                 lost,
             });
         }
-        let _ = before;
     }
     let (got, _) = rx.wait(sent, Instant::now()).await;
     if got < sent {
@@ -480,6 +534,8 @@ async fn fanout(
     links_online(&a.node, sizes.fanout_partners).await?;
     let n = sizes.fanout_events;
     let creator = a.node.peer_id.clone();
+    // Node A's CPU per source event with k partners, set against the one-partner run's.
+    let cpu = CpuMeter::start(&[("node_a", a.node.pid()), ("nats_a", a.nats.pid())]);
     let t0 = Instant::now();
     publish(&a.app, "PROPALGATION_EVENT", &creator, n, 0).await?;
     let mut worst = f64::MAX;
@@ -489,6 +545,7 @@ async fn fanout(
         lost += (n - got) as u64;
         worst = worst.min(got as f64 / took.as_secs_f64().max(1e-9));
     }
+    cpu.report(store, &format!("fanout x{}", sizes.fanout_partners), n, rows);
     println!(
         "[{store}] fan-out to {}: slowest partner {worst:.0} events/s, lost {lost}",
         sizes.fanout_partners
@@ -508,7 +565,13 @@ async fn fanout(
     Ok(())
 }
 
-async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+async fn catchup(
+    store: &str,
+    mongo: Option<&str>,
+    sizes: &Sizes,
+    relay_seconds: Option<f64>,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     let (mut a, mut b) = (
         site(source_jetstream(), store, mongo).await?,
         site(false, store, mongo).await?,
@@ -565,7 +628,7 @@ async fn catchup(store: &str, mongo: Option<&str>, sizes: &Sizes, rows: &mut Vec
         metric: "seconds".into(),
         value: took.as_secs_f64(),
         unit: "s".into(),
-        baseline: None,
+        baseline: relay_seconds,
         lost: (n - got) as u64,
     });
     rows.push(Row {
@@ -655,7 +718,21 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut rows = Vec::new();
-    let base = baseline(&sizes, &mut rows).await.context("baseline relay")?;
+    let mut relay = Relay::start()
+        .await
+        .context("starting the relay's nats-servers")?;
+    let base_rate = baseline(&mut relay, &sizes, &mut rows)
+        .await
+        .context("baseline relay")?;
+    let relay_catchup = if wanted("catchup") {
+        Some(
+            relay_bulk(&mut relay, sizes.catchup, &mut rows)
+                .await
+                .context("relay bulk")?,
+        )
+    } else {
+        None
+    };
     for store in &stores {
         // One mongod per store run, shared by its nodes (each node has its own database).
         let (mongo_uri, _mongod): (Option<String>, Option<MongoServer>) = match store.as_str() {
@@ -667,20 +744,30 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown store {other}: expected embedded or mongodb"),
         };
         if wanted("throughput") {
-            throughput_and_latency(store, mongo_uri.as_deref(), &sizes, base, &mut rows).await?;
+            throughput_and_latency(
+                store,
+                mongo_uri.as_deref(),
+                &sizes,
+                &mut relay,
+                base_rate,
+                &mut rows,
+            )
+            .await?;
         }
         if wanted("fanout") {
-            fanout(store, mongo_uri.as_deref(), &sizes, base.0, &mut rows).await?;
+            fanout(store, mongo_uri.as_deref(), &sizes, base_rate, &mut rows).await?;
         }
         if wanted("catchup") {
-            catchup(store, mongo_uri.as_deref(), &sizes, &mut rows).await?;
+            catchup(store, mongo_uri.as_deref(), &sizes, relay_catchup, &mut rows).await?;
         }
     }
     print_table(&rows);
+    let targets = targets(&rows, &stores, sizes.fanout_partners, relay_catchup);
+    print_targets(&targets);
     if let Some(dir) = json_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let report = json!({"smoke": smoke, "rows": rows, "machine": machine()});
+    let report = json!({"smoke": smoke, "rows": rows, "targets": targets, "machine": machine()});
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     println!("\nJSON written to {}", json_path.display());
     let lost: u64 = rows
@@ -693,6 +780,167 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("bench: 1 passed, 0 failed");
     Ok(())
+}
+
+/// One performance target of docs/PERFORMANCE.md, as measured in this run.
+#[derive(serde::Serialize)]
+struct Target {
+    target: String,
+    store: String,
+    value: f64,
+    /// `value` must be at most (`max`) or at least (`!max`) this.
+    limit: f64,
+    max: bool,
+    met: bool,
+}
+
+/// The value of one row of this run.
+fn find(rows: &[Row], scenario: &str, store: &str, metric: &str) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.scenario == scenario && r.store == store && r.metric == metric)
+        .map(|r| r.value)
+}
+
+/// The same row's relay figure.
+fn find_baseline(rows: &[Row], scenario: &str, store: &str, metric: &str) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.scenario == scenario && r.store == store && r.metric == metric)
+        .and_then(|r| r.baseline)
+}
+
+/// Each target as a ratio (or bound) computed from this run's rows; missing scenarios
+/// (`--only`) leave their targets out.
+fn targets(
+    rows: &[Row],
+    stores: &[String],
+    fanout_partners: usize,
+    relay_catchup: Option<f64>,
+) -> Vec<Target> {
+    let mut out = Vec::new();
+    let mut push = |target: &str, store: &str, value: Option<f64>, limit: f64, max: bool| {
+        if let Some(value) = value.filter(|v| v.is_finite()) {
+            let met = if max { value <= limit } else { value >= limit };
+            out.push(Target {
+                target: target.into(),
+                store: store.into(),
+                value,
+                limit,
+                max,
+                met,
+            });
+        }
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    for store in stores {
+        let s = store.as_str();
+        let cpu = |name: &str| find(rows, "cpu throughput", s, &format!("{name}_us_per_event"));
+        push(
+            "node A CPU / JetStream server CPU per event",
+            s,
+            ratio(cpu("node_a"), cpu("nats_a")),
+            0.3,
+            true,
+        );
+        push(
+            "node B CPU / JetStream server CPU per event",
+            s,
+            ratio(cpu("node_b"), cpu("nats_a")),
+            0.3,
+            true,
+        );
+        push(
+            "throughput / relay throughput",
+            s,
+            ratio(
+                find(rows, "throughput", s, "events_per_s"),
+                find_baseline(rows, "throughput", s, "events_per_s"),
+            ),
+            0.4,
+            false,
+        );
+        if let Some(quarter) = rows
+            .iter()
+            .find(|r| r.store == *store && r.scenario.ends_with("(1/4)") && r.metric == "p99_ms")
+        {
+            push(
+                &format!("p99 ms at a quarter of capacity ({})", quarter.scenario),
+                s,
+                Some(quarter.value),
+                10.0,
+                true,
+            );
+        }
+        push(
+            "p99 at 1000/s / relay p99 at 1000/s",
+            s,
+            ratio(
+                find(rows, "latency@1000/s", s, "p99_ms"),
+                find_baseline(rows, "latency@1000/s", s, "p99_ms"),
+            ),
+            3.0,
+            true,
+        );
+        let one = cpu("node_a");
+        let many = find(
+            rows,
+            &format!("cpu fanout x{fanout_partners}"),
+            s,
+            "node_a_us_per_event",
+        );
+        if let (Some(one), Some(many)) = (one, many) {
+            let extra = (many - one) / (fanout_partners.saturating_sub(1).max(1) as f64);
+            push(
+                "node A CPU per extra partner / with one partner",
+                s,
+                ratio(Some(extra), Some(one)),
+                0.2,
+                true,
+            );
+        }
+        let catchup = rows
+            .iter()
+            .find(|r| r.store == *store && r.scenario.starts_with("catch-up") && r.metric == "seconds")
+            .map(|r| r.value);
+        push(
+            "catch-up time / relay moving as many events",
+            s,
+            ratio(catchup, relay_catchup),
+            3.0,
+            true,
+        );
+        push("idle RSS MiB", s, find(rows, "memory", s, "idle_rss"), 64.0, true);
+    }
+    if stores.iter().any(|s| s == "mongodb") && stores.iter().any(|s| s == "embedded") {
+        push(
+            "MongoDB throughput / embedded throughput",
+            "mongodb",
+            ratio(
+                find(rows, "throughput", "mongodb", "events_per_s"),
+                find(rows, "throughput", "embedded", "events_per_s"),
+            ),
+            0.5,
+            false,
+        );
+    }
+    out
+}
+
+fn print_targets(targets: &[Target]) {
+    println!(
+        "\n{:<58} {:<10} {:>10} {:>10} {:>5}",
+        "target", "store", "value", "limit", "met"
+    );
+    for t in targets {
+        let limit = format!("{} {}", if t.max { "<=" } else { ">=" }, t.limit);
+        let met = if t.met { "yes" } else { "no" };
+        println!(
+            "{:<58} {:<10} {:>10.2} {:>10} {:>5}",
+            t.target, t.store, t.value, limit, met
+        );
+    }
 }
 
 fn machine() -> Value {
