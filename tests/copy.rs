@@ -21,7 +21,10 @@ const BIG_WAIT: Duration = Duration::from_secs(600);
 const BIG_BYTES: usize = 200 * 1024 * 1024;
 
 fn sha_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn sha_file(path: &Path) -> String {
@@ -157,7 +160,11 @@ async fn a_file_and_a_directory_arrive_whole_by_api_cli_and_nats() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "copy failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "copy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: Value = serde_json::from_slice(&out.stdout).expect("--json prints the job");
     assert_eq!(printed["state"], "done");
     assert_eq!(printed["kind"], "dir");
@@ -169,31 +176,59 @@ async fn a_file_and_a_directory_arrive_whole_by_api_cli_and_nats() {
     std::fs::write(dir.join("new.txt"), b"new").unwrap();
     // Over NATS, Gorgone's body plus the peer.
     let body = json!({"source": dir.display().to_string(), "destination": "sites/conf", "cache_dir": "/var/cache/x", "peer": b.id()});
-    let reply = a.app.request("REMOTECOPY", body.to_string().into()).await.unwrap();
+    let reply = a
+        .app
+        .request("REMOTECOPY", body.to_string().into())
+        .await
+        .unwrap();
     let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(reply["ok"], true, "{reply}");
     let id = reply["copy_id"].as_str().unwrap().to_owned();
-    assert_eq!(wait_finished(&a, &id, Duration::from_secs(120)).await["state"], "done");
+    assert_eq!(
+        wait_finished(&a, &id, Duration::from_secs(120)).await["state"],
+        "done"
+    );
     assert_eq!(tree(&root.join("sites/conf")), tree(&dir));
 
     // Refusals of the sender, in the node's usual shapes.
     let reply = a
         .app
-        .request("REMOTECOPY", json!({"source": "x", "destination": "y"}).to_string().into())
+        .request(
+            "REMOTECOPY",
+            json!({"source": "x", "destination": "y"}).to_string().into(),
+        )
         .await
         .unwrap();
     let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(reply["error"]["code"], "missing_field", "{reply}");
     let (status, answer) = post_copy(&a, &src.join("big.bin"), &b.id(), "/etc/passwd").await;
-    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("invalid_field")), "{answer}");
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_field")),
+        "{answer}"
+    );
     let (status, answer) = post_copy(&a, Path::new("/etc/passwd"), &b.id(), "x").await;
-    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("invalid_field")), "{answer}");
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_field")),
+        "{answer}"
+    );
     let stranger = HandPeer::fresh();
     let (status, answer) = post_copy(&a, &src.join("big.bin"), &stranger.id, "x").await;
-    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("not_partner")), "{answer}");
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("not_partner")),
+        "{answer}"
+    );
     // A refused copy is exit code 1 and the node's reason.
     let out = std::process::Command::new(node_binary().unwrap())
-        .args(["copy", "/nope", &format!("{}:x", b.id()), "--admin", &a.node.admin_url()])
+        .args([
+            "copy",
+            "/nope",
+            &format!("{}:x", b.id()),
+            "--admin",
+            &a.node.admin_url(),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -232,7 +267,10 @@ async fn a_200_mb_copy_survives_a_receiver_kill_and_a_cut_without_resending_ackn
         .expect("the partial file is kept")
         .path();
     let kept = std::fs::metadata(&part).unwrap().len();
-    assert!(kept >= total / 4, "the partial holds what was acknowledged ({kept})");
+    assert!(
+        kept >= total / 4,
+        "the partial holds what was acknowledged ({kept})"
+    );
     b.node.start_healthy().await.unwrap();
 
     // 2: the connection is cut (both relays hang), then restored.
@@ -297,17 +335,22 @@ fn rand_id() -> String {
 }
 
 async fn read(stream: &mut libp2p::Stream) -> CopyFrame {
-    tokio::time::timeout(Duration::from_secs(30), wire::read_frame::<CopyFrame, _>(stream, 1 << 20))
-        .await
-        .expect("an answer in time")
-        .expect("a frame")
-        .expect("not the end of the stream")
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        wire::read_frame::<CopyFrame, _>(stream, 1 << 20),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("a frame")
+    .expect("not the end of the stream")
 }
 
 /// Sends `bytes` in one chunk at `offset` and returns the answer.
 async fn chunk(stream: &mut libp2p::Stream, offset: u64, bytes: &[u8]) -> CopyFrame {
     let data = base64::engine::general_purpose::STANDARD.encode(bytes);
-    wire::write_frame(stream, &CopyFrame::CopyChunk { offset, data }).await.unwrap();
+    wire::write_frame(stream, &CopyFrame::CopyChunk { offset, data })
+        .await
+        .unwrap();
     read(stream).await
 }
 
@@ -331,7 +374,11 @@ fn raw_tar(name: &str, kind: tar::EntryType, link: Option<&str>) -> Vec<u8> {
     header.set_entry_type(kind);
     header.set_mode(0o644);
     let body = b"owned\n";
-    header.set_size(if kind == tar::EntryType::Regular { body.len() as u64 } else { 0 });
+    header.set_size(if kind == tar::EntryType::Regular {
+        body.len() as u64
+    } else {
+        0
+    });
     header.set_cksum();
     let mut out = header.as_bytes().to_vec();
     if kind == tar::EntryType::Regular {
@@ -378,14 +425,23 @@ async fn hostile_offers_are_refused_with_nothing_written() {
 
     // Tars with a symlink, a hard link, a device, an absolute path and `..`.
     for (what, tar_bytes) in [
-        ("symlink", raw_tar("l", tar::EntryType::Symlink, Some("/etc/passwd"))),
-        ("hard link", raw_tar("h", tar::EntryType::Link, Some("/etc/passwd"))),
+        (
+            "symlink",
+            raw_tar("l", tar::EntryType::Symlink, Some("/etc/passwd")),
+        ),
+        (
+            "hard link",
+            raw_tar("h", tar::EntryType::Link, Some("/etc/passwd")),
+        ),
         ("device", raw_tar("d", tar::EntryType::Char, None)),
         ("absolute", raw_tar("/tmp/owned", tar::EntryType::Regular, None)),
         ("dotdot", raw_tar("../owned", tar::EntryType::Regular, None)),
     ] {
         let (mut stream, answer) = offer(&liar, &b, "dir", "d", &tar_bytes, &sha_hex(&tar_bytes)).await;
-        assert!(matches!(answer, CopyFrame::CopyAccept { offset: 0, .. }), "{answer:?}");
+        assert!(
+            matches!(answer, CopyFrame::CopyAccept { offset: 0, .. }),
+            "{answer:?}"
+        );
         let mut answer = chunk(&mut stream, 0, &tar_bytes).await;
         if let CopyFrame::CopyAck { .. } = answer {
             answer = read(&mut stream).await;
@@ -398,7 +454,10 @@ async fn hostile_offers_are_refused_with_nothing_written() {
     let (mut stream, _) = offer(&liar, &b, "file", "f", &body, &sha).await;
     assert_eq!(code(&chunk(&mut stream, 3, &body).await), "invalid_field");
     let (mut stream, _) = offer(&liar, &b, "file", "f", &body, &sha_hex(b"other")).await;
-    assert!(matches!(chunk(&mut stream, 0, &body).await, CopyFrame::CopyAck { offset: 5 }));
+    assert!(matches!(
+        chunk(&mut stream, 0, &body).await,
+        CopyFrame::CopyAck { offset: 5 }
+    ));
     assert_eq!(code(&read(&mut stream).await), "hash_mismatch");
     // A malformed offer.
     let (_, answer) = offer(&liar, &b, "file", "f", &body, &"0".repeat(63)).await;
@@ -425,7 +484,10 @@ async fn hostile_offers_are_refused_with_nothing_written() {
     // And a good copy from the partner still lands.
     let (mut stream, answer) = offer(&liar, &b, "file", "ok/f", &body, &sha).await;
     assert!(matches!(answer, CopyFrame::CopyAccept { offset: 0, .. }));
-    assert!(matches!(chunk(&mut stream, 0, &body).await, CopyFrame::CopyAck { offset: 5 }));
+    assert!(matches!(
+        chunk(&mut stream, 0, &body).await,
+        CopyFrame::CopyAck { offset: 5 }
+    ));
     assert!(matches!(read(&mut stream).await, CopyFrame::CopyDone { .. }));
     assert_eq!(std::fs::read(root.join("ok/f")).unwrap(), body);
 }

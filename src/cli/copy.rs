@@ -28,10 +28,11 @@ fn split_target(target: &str) -> anyhow::Result<(&str, &str)> {
 /// `--timeout`.
 pub fn copy(args: &CopyArgs) -> anyhow::Result<String> {
     let (peer, destination) = split_target(&args.target)?;
-    let source = std::path::absolute(&args.source)
-        .with_context(|| format!("the source {:?}", args.source))?;
+    let source =
+        std::path::absolute(&args.source).with_context(|| format!("the source {:?}", args.source))?;
     let client = AdminClient::from_args(&args.client)?;
-    let body = json!({"source": source.display().to_string(), "peer": peer, "destination": destination}).to_string();
+    let body =
+        json!({"source": source.display().to_string(), "peer": peer, "destination": destination}).to_string();
     let (code, answer) = client.call("POST", "/api/copies", Some(&body))?;
     let value: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
     if code != 202 {

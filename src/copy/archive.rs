@@ -152,7 +152,12 @@ pub fn build_tar(src: &Path, out: &Path, max_bytes: u64) -> Result<u64, ArchiveE
             } else {
                 return Err(ArchiveError::Unsupported {
                     path: rel_path.display().to_string(),
-                    what: if ft.is_symlink() { "symlink" } else { "special file" }.to_owned(),
+                    what: if ft.is_symlink() {
+                        "symlink"
+                    } else {
+                        "special file"
+                    }
+                    .to_owned(),
                 });
             }
         }
@@ -189,10 +194,9 @@ enum Kind {
 }
 
 fn entry_kind(entry: &tar::Entry<'_, File>) -> Result<(PathBuf, Kind), ArchiveError> {
-    let raw = entry
-        .path_bytes()
-        .into_owned();
-    let name = String::from_utf8(raw).map_err(|e| ArchiveError::Unsafe(String::from_utf8_lossy(e.as_bytes()).into_owned()))?;
+    let raw = entry.path_bytes().into_owned();
+    let name = String::from_utf8(raw)
+        .map_err(|e| ArchiveError::Unsafe(String::from_utf8_lossy(e.as_bytes()).into_owned()))?;
     let path = safe_relative(&name)?;
     let t = entry.header().entry_type();
     let kind = match t {
@@ -204,7 +208,12 @@ fn entry_kind(entry: &tar::Entry<'_, File>) -> Result<(PathBuf, Kind), ArchiveEr
         tar::EntryType::Link => return Err(unsupported(&name, "hard link")),
         tar::EntryType::Char | tar::EntryType::Block => return Err(unsupported(&name, "device")),
         tar::EntryType::Fifo => return Err(unsupported(&name, "FIFO")),
-        other => return Err(unsupported(&name, &format!("tar entry of type {:?}", other.as_byte() as char))),
+        other => {
+            return Err(unsupported(
+                &name,
+                &format!("tar entry of type {:?}", other.as_byte() as char),
+            ))
+        }
     };
     Ok((path, kind))
 }
@@ -229,7 +238,10 @@ fn open_entries(tar_path: &Path) -> Result<tar::Archive<File>, ArchiveError> {
 pub fn check_tar(tar_path: &Path) -> Result<usize, ArchiveError> {
     let mut archive = open_entries(tar_path)?;
     let mut n = 0usize;
-    for entry in archive.entries().map_err(|e| ArchiveError::Malformed(e.to_string()))? {
+    for entry in archive
+        .entries()
+        .map_err(|e| ArchiveError::Malformed(e.to_string()))?
+    {
         let entry = entry.map_err(|e| ArchiveError::Malformed(e.to_string()))?;
         entry_kind(&entry)?;
         n += 1;
@@ -247,7 +259,10 @@ pub fn check_tar(tar_path: &Path) -> Result<usize, ArchiveError> {
 pub fn unpack_tar(tar_path: &Path, into: &Path) -> Result<(), ArchiveError> {
     fs::create_dir(into).map_err(io_at(into))?;
     let mut archive = open_entries(tar_path)?;
-    for entry in archive.entries().map_err(|e| ArchiveError::Malformed(e.to_string()))? {
+    for entry in archive
+        .entries()
+        .map_err(|e| ArchiveError::Malformed(e.to_string()))?
+    {
         let mut entry = entry.map_err(|e| ArchiveError::Malformed(e.to_string()))?;
         let (rel, kind) = entry_kind(&entry)?;
         let target = into.join(&rel);
@@ -321,7 +336,10 @@ mod tests {
         assert_eq!(fs::read(out.join("a.txt")).unwrap(), b"hello");
         assert_eq!(fs::read(out.join("b/c/d.bin")).unwrap(), vec![7u8; 10_000]);
         assert!(out.join("empty").is_dir());
-        assert!(matches!(build_tar(&src, &one, 100), Err(ArchiveError::TooLarge { .. })));
+        assert!(matches!(
+            build_tar(&src, &one, 100),
+            Err(ArchiveError::TooLarge { .. })
+        ));
     }
 
     #[cfg(unix)]
@@ -332,7 +350,10 @@ mod tests {
         fs::create_dir(&src).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", src.join("l")).unwrap();
         let tar_path = dir.path().join("x.tar");
-        assert!(matches!(build_tar(&src, &tar_path, 1 << 20), Err(ArchiveError::Unsupported { .. })));
+        assert!(matches!(
+            build_tar(&src, &tar_path, 1 << 20),
+            Err(ArchiveError::Unsupported { .. })
+        ));
 
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
@@ -340,6 +361,9 @@ mod tests {
         h.set_size(0);
         b.append_link(&mut h, "l", "/etc/passwd").unwrap();
         fs::write(&tar_path, b.into_inner().unwrap()).unwrap();
-        assert!(matches!(check_tar(&tar_path), Err(ArchiveError::Unsupported { .. })));
+        assert!(matches!(
+            check_tar(&tar_path),
+            Err(ArchiveError::Unsupported { .. })
+        ));
     }
 }

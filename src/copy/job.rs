@@ -121,30 +121,44 @@ pub(super) fn submit(service: &Arc<CopyService>, req: CopyRequest) -> Result<Job
         ));
     };
     if req.source.is_empty() || req.source.len() > MAX_SOURCE_BYTES || req.source.contains('\0') {
-        return Err(refusal(ErrorCode::InvalidField, "source: an empty, too long or malformed path"));
+        return Err(refusal(
+            ErrorCode::InvalidField,
+            "source: an empty, too long or malformed path",
+        ));
     }
     let given = Path::new(&req.source);
-    let path = if given.is_absolute() { given.to_path_buf() } else { root.join(given) };
+    let path = if given.is_absolute() {
+        given.to_path_buf()
+    } else {
+        root.join(given)
+    };
     let Some(source) = super::inside(root, &path) else {
         return Err(refusal(
             ErrorCode::InvalidField,
             "source: no such file or directory below --copy-source-root",
         ));
     };
-    let meta = std::fs::metadata(&source)
-        .map_err(|e| refusal(ErrorCode::InvalidField, format!("source: {e}")))?;
+    let meta =
+        std::fs::metadata(&source).map_err(|e| refusal(ErrorCode::InvalidField, format!("source: {e}")))?;
     let kind = if meta.is_file() {
         if meta.len() > settings.max_bytes {
             return Err(refusal(
                 ErrorCode::PayloadTooLarge,
-                format!("source: {} bytes, more than --copy-max-bytes {}", meta.len(), settings.max_bytes),
+                format!(
+                    "source: {} bytes, more than --copy-max-bytes {}",
+                    meta.len(),
+                    settings.max_bytes
+                ),
             ));
         }
         "file"
     } else if meta.is_dir() {
         "dir"
     } else {
-        return Err(refusal(ErrorCode::InvalidField, "source: neither a file nor a directory"));
+        return Err(refusal(
+            ErrorCode::InvalidField,
+            "source: neither a file nor a directory",
+        ));
     };
     let peer: PeerId = req
         .peer
@@ -196,7 +210,10 @@ pub(super) fn submit(service: &Arc<CopyService>, req: CopyRequest) -> Result<Job
         if let Ok(mut jobs) = service.jobs.lock() {
             jobs.remove(&job.id);
         }
-        return Err(refusal(ErrorCode::StoreUnavailable, format!("cannot record the job: {e}")));
+        return Err(refusal(
+            ErrorCode::StoreUnavailable,
+            format!("cannot record the job: {e}"),
+        ));
     }
     tracing::info!(copy_id = %job.id, %peer, source = %job.source, destination = %job.destination, kind, "copy queued");
     tokio::spawn(run(service.clone(), job.id.clone()));
@@ -388,25 +405,27 @@ async fn prepare(service: &CopyService, job: &Job) -> Result<(PathBuf, u64, Stri
     }
     let max = service.env.settings.max_bytes;
     let kind = job.kind.clone();
-    let prepared = tokio::task::spawn_blocking(move || -> Result<(PathBuf, u64, String, Option<(u64, u64)>), String> {
-        if kind == "dir" {
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let total = archive::build_tar(&source, &spool, max).map_err(|e| format!("source: {e}"))?;
-            let sha = super::sha256_file(&spool).map_err(|e| e.to_string())?;
-            Ok((spool, total, sha, None))
-        } else {
-            let before = stamp(&source).map_err(|e| format!("source: {e}"))?;
-            if before.0 > max {
-                return Err(format!("source: more than --copy-max-bytes {max}"));
+    let prepared = tokio::task::spawn_blocking(
+        move || -> Result<(PathBuf, u64, String, Option<(u64, u64)>), String> {
+            if kind == "dir" {
+                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                let total = archive::build_tar(&source, &spool, max).map_err(|e| format!("source: {e}"))?;
+                let sha = super::sha256_file(&spool).map_err(|e| e.to_string())?;
+                Ok((spool, total, sha, None))
+            } else {
+                let before = stamp(&source).map_err(|e| format!("source: {e}"))?;
+                if before.0 > max {
+                    return Err(format!("source: more than --copy-max-bytes {max}"));
+                }
+                let sha = super::sha256_file(&source).map_err(|e| format!("source: {e}"))?;
+                let after = stamp(&source).map_err(|e| format!("source: {e}"))?;
+                if before != after {
+                    return Err("the source file changed while it was hashed".to_owned());
+                }
+                Ok((source, after.0, sha, Some(after)))
             }
-            let sha = super::sha256_file(&source).map_err(|e| format!("source: {e}"))?;
-            let after = stamp(&source).map_err(|e| format!("source: {e}"))?;
-            if before != after {
-                return Err("the source file changed while it was hashed".to_owned());
-            }
-            Ok((source, after.0, sha, Some(after)))
-        }
-    })
+        },
+    )
     .await
     .map_err(|e| Stop::Retry(e.to_string()))?
     .map_err(Stop::Fatal)?;
@@ -482,7 +501,11 @@ async fn attempt(service: &CopyService, job: Job) -> Result<(), Stop> {
             service.metrics.bytes_sent.inc_by(len);
             let _ = update(service, &id, |j| j.bytes_sent = j.bytes_sent.saturating_add(len));
         }
-        let wait = if ledger.sent() >= total { finish_timeout } else { timeout };
+        let wait = if ledger.sent() >= total {
+            finish_timeout
+        } else {
+            timeout
+        };
         match read(&mut stream, max_frame, wait).await? {
             CopyFrame::CopyAck { offset } => {
                 ledger
@@ -516,7 +539,9 @@ async fn read(stream: &mut Stream, max: usize, timeout: Duration) -> Result<Copy
         Ok(Ok(Some(frame))) => Ok(frame),
         Ok(Ok(None)) => Err(Stop::Retry("the partner closed the stream".to_owned())),
         Ok(Err(e)) => Err(Stop::Retry(format!("reading from the partner: {e}"))),
-        Err(_) => Err(Stop::Retry(format!("no answer from the partner within {timeout:?}"))),
+        Err(_) => Err(Stop::Retry(format!(
+            "no answer from the partner within {timeout:?}"
+        ))),
     }
 }
 
@@ -527,6 +552,9 @@ fn unexpected(frame: CopyFrame) -> Stop {
             Stop::Retry(format!("the partner is busy: {}", e.message))
         }
         CopyFrame::Error(e) => Stop::Fatal(format!("the partner refused ({}): {}", e.code, e.message)),
-        other => Stop::Retry(format!("unexpected {} frame from the partner", wire::Frame::kind(&other))),
+        other => Stop::Retry(format!(
+            "unexpected {} frame from the partner",
+            wire::Frame::kind(&other)
+        )),
     }
 }

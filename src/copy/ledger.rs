@@ -190,7 +190,10 @@ mod tests {
     fn a_resumed_attempt_starts_at_what_the_receiver_holds() {
         let mut l = SendLedger::new(10, 7, 4, 8).unwrap();
         assert_eq!(l.next_chunk(), Some((7, 3)));
-        assert_eq!(SendLedger::new(10, 11, 4, 8), Err(OffsetError::PastTotal { end: 11, total: 10 }));
+        assert_eq!(
+            SendLedger::new(10, 11, 4, 8),
+            Err(OffsetError::PastTotal { end: 11, total: 10 })
+        );
         let mut done = SendLedger::new(10, 10, 4, 8).unwrap();
         assert!(done.is_complete());
         assert_eq!(done.next_chunk(), None);
@@ -200,23 +203,35 @@ mod tests {
     fn acks_must_move_forward_within_what_was_sent() {
         let mut l = SendLedger::new(10, 0, 4, 8).unwrap();
         l.next_chunk();
-        assert!(matches!(l.on_ack(5), Err(OffsetError::BadAck { .. })), "beyond sent");
+        assert!(
+            matches!(l.on_ack(5), Err(OffsetError::BadAck { .. })),
+            "beyond sent"
+        );
         assert_eq!(l.on_ack(4), Ok(4));
-        assert!(matches!(l.on_ack(4), Err(OffsetError::BadAck { .. })), "not forward");
+        assert!(
+            matches!(l.on_ack(4), Err(OffsetError::BadAck { .. })),
+            "not forward"
+        );
         assert!(matches!(l.on_ack(0), Err(OffsetError::BadAck { .. })));
     }
 
     #[test]
     fn the_receiver_takes_only_the_expected_chunk() {
         let mut c = ReceiveCursor::new(0, 10, 4).unwrap();
-        assert_eq!(c.check(1, 2), Err(OffsetError::Unexpected { got: 1, expected: 0 }));
+        assert_eq!(
+            c.check(1, 2),
+            Err(OffsetError::Unexpected { got: 1, expected: 0 })
+        );
         assert_eq!(c.check(0, 0), Err(OffsetError::EmptyChunk));
         assert_eq!(c.check(0, 5), Err(OffsetError::ChunkTooLarge { len: 5, max: 4 }));
         assert_eq!(c.check(0, 4), Ok(()));
         assert_eq!(c.advance(4), 4);
         assert_eq!(c.advance(4), 8);
         assert_eq!(c.check(8, 3), Err(OffsetError::PastTotal { end: 11, total: 10 }));
-        assert!(matches!(c.check(u64::MAX, 1), Err(OffsetError::Unexpected { .. })));
+        assert!(matches!(
+            c.check(u64::MAX, 1),
+            Err(OffsetError::Unexpected { .. })
+        ));
         assert_eq!(c.check(8, 2), Ok(()));
         c.advance(2);
         assert!(c.is_complete());
@@ -226,6 +241,9 @@ mod tests {
     #[test]
     fn an_overflowing_chunk_is_refused() {
         let c = ReceiveCursor::new(u64::MAX - 1, u64::MAX, u64::MAX).unwrap();
-        assert!(matches!(c.check(u64::MAX - 1, 2), Err(OffsetError::PastTotal { .. })));
+        assert!(matches!(
+            c.check(u64::MAX - 1, 2),
+            Err(OffsetError::PastTotal { .. })
+        ));
     }
 }

@@ -121,11 +121,31 @@ impl CopyMetrics {
             registry: Registry::default(),
         };
         let mut r = Registry::default();
-        r.register("oc_copy_bytes_sent", "Copy chunk bytes sent, resends included", m.bytes_sent.clone());
-        r.register("oc_copy_bytes_received", "Copy chunk bytes received and written", m.bytes_received.clone());
-        r.register("oc_copies_sent_done", "Copies sent and confirmed by the receiver", m.sent_done.clone());
-        r.register("oc_copies_sent_failed", "Copies sent that failed", m.sent_failed.clone());
-        r.register("oc_copies_received_done", "Copies received and put in place", m.received_done.clone());
+        r.register(
+            "oc_copy_bytes_sent",
+            "Copy chunk bytes sent, resends included",
+            m.bytes_sent.clone(),
+        );
+        r.register(
+            "oc_copy_bytes_received",
+            "Copy chunk bytes received and written",
+            m.bytes_received.clone(),
+        );
+        r.register(
+            "oc_copies_sent_done",
+            "Copies sent and confirmed by the receiver",
+            m.sent_done.clone(),
+        );
+        r.register(
+            "oc_copies_sent_failed",
+            "Copies sent that failed",
+            m.sent_failed.clone(),
+        );
+        r.register(
+            "oc_copies_received_done",
+            "Copies received and put in place",
+            m.received_done.clone(),
+        );
         m.registry = r;
         m
     }
@@ -254,8 +274,10 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

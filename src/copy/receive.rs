@@ -77,9 +77,15 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> Refused {
 /// partner or holds its share; served on a task otherwise.
 pub(super) fn incoming(service: &Arc<CopyService>, peer: PeerId, stream: Stream) {
     let refusal = if service.env.settings.root.is_none() {
-        Some((ErrorCode::UnsupportedAction, "this node accepts no copies: it runs without --copy-root".to_owned()))
+        Some((
+            ErrorCode::UnsupportedAction,
+            "this node accepts no copies: it runs without --copy-root".to_owned(),
+        ))
     } else if !service.env.partners.contains(&peer) {
-        Some((ErrorCode::NotPartner, "this node accepts copies from partners only".to_owned()))
+        Some((
+            ErrorCode::NotPartner,
+            "this node accepts copies from partners only".to_owned(),
+        ))
     } else {
         None
     };
@@ -133,18 +139,29 @@ async fn serve(service: &Arc<CopyService>, peer: PeerId, mut stream: Stream) {
 }
 
 fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_COPY_ID && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= MAX_COPY_ID
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Checks that no existing part of `dest` below `root` is a symlink, and what `dest` is.
 fn check_destination(root: &Path, rel: &Path, kind: &str) -> Result<PathBuf, Refused> {
     let invalid = |m: String| refused(ErrorCode::InvalidField, m);
-    if rel.components().next().is_some_and(|c| c.as_os_str() == STAGING_DIR) {
-        return Err(invalid(format!("destination: {STAGING_DIR} is this node's staging directory")));
+    if rel
+        .components()
+        .next()
+        .is_some_and(|c| c.as_os_str() == STAGING_DIR)
+    {
+        return Err(invalid(format!(
+            "destination: {STAGING_DIR} is this node's staging directory"
+        )));
     }
     let mut at = root.to_path_buf();
     let parts: Vec<_> = rel.components().collect();
@@ -159,13 +176,22 @@ fn check_destination(root: &Path, rel: &Path, kind: &str) -> Result<PathBuf, Ref
             return Err(invalid(format!("destination: {} is a symlink", rel.display())));
         }
         if !last && !meta.is_dir() {
-            return Err(invalid(format!("destination: a part of {} is not a directory", rel.display())));
+            return Err(invalid(format!(
+                "destination: a part of {} is not a directory",
+                rel.display()
+            )));
         }
         if last && kind == "file" && !meta.is_file() {
-            return Err(invalid(format!("destination: {} exists and is not a file", rel.display())));
+            return Err(invalid(format!(
+                "destination: {} exists and is not a file",
+                rel.display()
+            )));
         }
         if last && kind == "dir" && !meta.is_dir() {
-            return Err(invalid(format!("destination: {} exists and is not a directory", rel.display())));
+            return Err(invalid(format!(
+                "destination: {} exists and is not a directory",
+                rel.display()
+            )));
         }
     }
     Ok(root.join(rel))
@@ -175,13 +201,21 @@ fn check_destination(root: &Path, rel: &Path, kind: &str) -> Result<PathBuf, Ref
 fn disk(e: &std::io::Error, what: &str) -> Refused {
     let full = e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull;
     Refused {
-        code: if full { ErrorCode::NoSpace } else { ErrorCode::StoreUnavailable },
+        code: if full {
+            ErrorCode::NoSpace
+        } else {
+            ErrorCode::StoreUnavailable
+        },
         message: format!("{what}: {e}"),
         discard: full,
     }
 }
 
-async fn read_frame(stream: &mut Stream, max: usize, timeout: Duration) -> Result<Option<CopyFrame>, Refused> {
+async fn read_frame(
+    stream: &mut Stream,
+    max: usize,
+    timeout: Duration,
+) -> Result<Option<CopyFrame>, Refused> {
     match tokio::time::timeout(timeout, wire::read_frame::<CopyFrame, _>(stream, max)).await {
         Ok(Ok(frame)) => Ok(frame),
         Ok(Err(e)) => Err(refused(ErrorCode::InvalidJson, format!("not a copy frame: {e}"))),
@@ -198,7 +232,11 @@ async fn write_frame(stream: &mut Stream, frame: &CopyFrame, timeout: Duration) 
 }
 
 /// Takes over the slot of `key` (asking a stale stream of the same copy to stop).
-async fn take_slot(service: &CopyService, key: &str, timeout: Duration) -> Result<(Arc<Slot>, tokio::sync::OwnedMutexGuard<()>), Refused> {
+async fn take_slot(
+    service: &CopyService,
+    key: &str,
+    timeout: Duration,
+) -> Result<(Arc<Slot>, tokio::sync::OwnedMutexGuard<()>), Refused> {
     let slot = {
         let Ok(mut map) = service.receiving.lock() else {
             return Err(refused(ErrorCode::Busy, "retry later"));
@@ -227,7 +265,10 @@ async fn take_slot(service: &CopyService, key: &str, timeout: Duration) -> Resul
             }
             Ok((slot, guard))
         }
-        Err(_) => Err(refused(ErrorCode::Busy, "another stream of this copy is still open; retry later")),
+        Err(_) => Err(refused(
+            ErrorCode::Busy,
+            "another stream of this copy is still open; retry later",
+        )),
     }
 }
 
@@ -293,7 +334,10 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
         sha256,
     } = first
     else {
-        return Err(refused(ErrorCode::InvalidField, "the first frame must be copy_offer"));
+        return Err(refused(
+            ErrorCode::InvalidField,
+            "the first frame must be copy_offer",
+        ));
     };
     let invalid = |m: &str| refused(ErrorCode::InvalidField, m);
     if !valid_id(&copy_id) {
@@ -308,7 +352,10 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
     if total > env.settings.max_bytes {
         return Err(refused(
             ErrorCode::PayloadTooLarge,
-            format!("total: {total} bytes, more than this node's --copy-max-bytes {}", env.settings.max_bytes),
+            format!(
+                "total: {total} bytes, more than this node's --copy-max-bytes {}",
+                env.settings.max_bytes
+            ),
         ));
     }
     let rel = archive::safe_relative(&destination).map_err(|_| {
@@ -337,12 +384,21 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let held = match known {
-        Some(s) if s.done && Staged { done: false, ..s.clone() } == offer => {
+        Some(s)
+            if s.done
+                && Staged {
+                    done: false,
+                    ..s.clone()
+                } == offer =>
+        {
             // Already in place (the sender missed our copy_done): tell it again.
             let _ = write_frame(stream, &CopyFrame::CopyDone { sha256 }, timeout).await;
             return Ok(());
         }
-        Some(s) if s == offer => tokio::fs::metadata(&part_path).await.map(|m| m.len()).unwrap_or(0),
+        Some(s) if s == offer => tokio::fs::metadata(&part_path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0),
         _ => {
             bound_staged(&staging, &peer.to_string(), &key);
             remove_staged(&staging, &key);
@@ -364,7 +420,16 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
     tokio::io::AsyncSeekExt::seek(&mut part, std::io::SeekFrom::Start(held))
         .await
         .map_err(|e| disk(&e, "partial file"))?;
-    if !write_frame(stream, &CopyFrame::CopyAccept { offset: held, max_chunk: MAX_CHUNK }, timeout).await? {
+    if !write_frame(
+        stream,
+        &CopyFrame::CopyAccept {
+            offset: held,
+            max_chunk: MAX_CHUNK,
+        },
+        timeout,
+    )
+    .await?
+    {
         return Ok(());
     }
     tracing::info!(%peer, copy_id, offset = held, total, kind, destination = %rel.display(), "receiving copy");
@@ -434,14 +499,22 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
 
 /// Checks the hash and puts the copy in place (blocking steps on a blocking thread).
 async fn finish(staging: &Path, key: &str, part: &Path, dest: &Path, offer: &Staged) -> Result<(), Refused> {
-    let (staging, key, part, dest, offer) =
-        (staging.to_path_buf(), key.to_owned(), part.to_path_buf(), dest.to_path_buf(), offer.clone());
+    let (staging, key, part, dest, offer) = (
+        staging.to_path_buf(),
+        key.to_owned(),
+        part.to_path_buf(),
+        dest.to_path_buf(),
+        offer.clone(),
+    );
     tokio::task::spawn_blocking(move || {
         let sha = super::sha256_file(&part).map_err(|e| disk(&e, "reading the copy"))?;
         if sha != offer.sha256 {
             return Err(refused(
                 ErrorCode::HashMismatch,
-                format!("the bytes received hash to {sha}, not the announced {}", offer.sha256),
+                format!(
+                    "the bytes received hash to {sha}, not the announced {}",
+                    offer.sha256
+                ),
             ));
         }
         if let Some(parent) = dest.parent() {

@@ -43,7 +43,10 @@ pub(super) async fn spawn(service: Arc<CopyService>) {
                 Ok(req) => match service.submit(req) {
                     Ok(job) => {
                         answers
-                            .reply(msg.reply, &json!({"ok": true, "copy_id": job.id, "state": job.state}))
+                            .reply(
+                                msg.reply,
+                                &json!({"ok": true, "copy_id": job.id, "state": job.state}),
+                            )
                             .await
                     }
                     Err(refusal) => refuse(&answers, &msg, &refusal).await,
@@ -79,18 +82,28 @@ pub(crate) fn parse(body: &[u8]) -> Result<CopyRequest, Refusal> {
             format!("the body is larger than {MAX_BODY_BYTES} bytes"),
         ));
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| Refusal::new(ErrorCode::InvalidJson, e.to_string()))?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| Refusal::new(ErrorCode::InvalidJson, e.to_string()))?;
     let field = |name: &str| -> Result<String, Refusal> {
         match &v[name] {
             Value::String(s) => Ok(s.clone()),
-            Value::Null => Err(Refusal::new(ErrorCode::MissingField, format!("{name} is required"))),
-            _ => Err(Refusal::new(ErrorCode::InvalidField, format!("{name} must be a string"))),
+            Value::Null => Err(Refusal::new(
+                ErrorCode::MissingField,
+                format!("{name} is required"),
+            )),
+            _ => Err(Refusal::new(
+                ErrorCode::InvalidField,
+                format!("{name} must be a string"),
+            )),
         }
     };
     // Gorgone's staging directory: this node stages in its own data directory, where a
     // copy can resume; the field is accepted as a string and otherwise unused.
     if !matches!(v["cache_dir"], Value::Null | Value::String(_)) {
-        return Err(Refusal::new(ErrorCode::InvalidField, "cache_dir must be a string"));
+        return Err(Refusal::new(
+            ErrorCode::InvalidField,
+            "cache_dir must be a string",
+        ));
     }
     Ok(CopyRequest {
         source: field("source")?,
@@ -106,10 +119,24 @@ mod tests {
     #[test]
     fn gorgone_bodies_with_a_peer_parse() {
         let r = parse(br#"{"source":"/a","destination":"b","cache_dir":"/var/cache","peer":"p"}"#).unwrap();
-        assert_eq!((r.source.as_str(), r.peer.as_str(), r.destination.as_str()), ("/a", "p", "b"));
-        assert_eq!(parse(br#"{"source":"/a","destination":"b"}"#).unwrap_err().code, ErrorCode::MissingField);
-        assert_eq!(parse(br#"{"source":1,"peer":"p","destination":"b"}"#).unwrap_err().code, ErrorCode::InvalidField);
+        assert_eq!(
+            (r.source.as_str(), r.peer.as_str(), r.destination.as_str()),
+            ("/a", "p", "b")
+        );
+        assert_eq!(
+            parse(br#"{"source":"/a","destination":"b"}"#).unwrap_err().code,
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            parse(br#"{"source":1,"peer":"p","destination":"b"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidField
+        );
         assert_eq!(parse(b"nope").unwrap_err().code, ErrorCode::InvalidJson);
-        assert_eq!(parse(&vec![b' '; MAX_BODY_BYTES + 1]).unwrap_err().code, ErrorCode::PayloadTooLarge);
+        assert_eq!(
+            parse(&vec![b' '; MAX_BODY_BYTES + 1]).unwrap_err().code,
+            ErrorCode::PayloadTooLarge
+        );
     }
 }
