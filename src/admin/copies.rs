@@ -14,10 +14,15 @@ use serde_json::json;
 
 use super::{reply, AdminState};
 use crate::contract::ErrorCode;
-use crate::copy::CopyRequest;
+use crate::copy::remotecopy;
 
-pub async fn start(s: web::Data<AdminState>, body: web::Json<CopyRequest>) -> HttpResponse {
-    match s.copies.submit(body.into_inner()) {
+pub async fn start(s: web::Data<AdminState>, payload: web::Payload) -> HttpResponse {
+    let body = match super::events::read_body(payload, remotecopy::MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(answer) => return answer,
+    };
+    let submitted = remotecopy::parse(&body).and_then(|req| s.copies.submit(req));
+    match submitted {
         Ok(job) => {
             let mut answer = serde_json::to_value(&job).unwrap_or_else(|_| json!({"id": job.id}));
             answer["ok"] = json!(true);

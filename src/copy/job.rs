@@ -384,6 +384,15 @@ fn stamp(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((meta.len(), mtime))
 }
 
+/// What an attempt sends: the file (the source, or a directory's tar), its size and hash,
+/// and the source file's stamp.
+struct Prepared {
+    path: PathBuf,
+    total: u64,
+    sha: String,
+    stamp: Option<(u64, u64)>,
+}
+
 /// Hashes the source (a directory: builds its tar first); returns (file to send, total, sha).
 async fn prepare(service: &CopyService, job: &Job) -> Result<(PathBuf, u64, String), Stop> {
     let dir = service.jobs_dir();
@@ -405,31 +414,44 @@ async fn prepare(service: &CopyService, job: &Job) -> Result<(PathBuf, u64, Stri
     }
     let max = service.env.settings.max_bytes;
     let kind = job.kind.clone();
-    let prepared = tokio::task::spawn_blocking(
-        move || -> Result<(PathBuf, u64, String, Option<(u64, u64)>), String> {
-            if kind == "dir" {
-                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                let total = archive::build_tar(&source, &spool, max).map_err(|e| format!("source: {e}"))?;
-                let sha = super::sha256_file(&spool).map_err(|e| e.to_string())?;
-                Ok((spool, total, sha, None))
-            } else {
-                let before = stamp(&source).map_err(|e| format!("source: {e}"))?;
-                if before.0 > max {
-                    return Err(format!("source: more than --copy-max-bytes {max}"));
-                }
-                let sha = super::sha256_file(&source).map_err(|e| format!("source: {e}"))?;
-                let after = stamp(&source).map_err(|e| format!("source: {e}"))?;
-                if before != after {
-                    return Err("the source file changed while it was hashed".to_owned());
-                }
-                Ok((source, after.0, sha, Some(after)))
+    let prepared = tokio::task::spawn_blocking(move || -> Result<Prepared, String> {
+        if kind == "dir" {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let total = archive::build_tar(&source, &spool, max).map_err(|e| format!("source: {e}"))?;
+            let sha = super::sha256_file(&spool).map_err(|e| e.to_string())?;
+            Ok(Prepared {
+                path: spool,
+                total,
+                sha,
+                stamp: None,
+            })
+        } else {
+            let before = stamp(&source).map_err(|e| format!("source: {e}"))?;
+            if before.0 > max {
+                return Err(format!("source: more than --copy-max-bytes {max}"));
             }
-        },
-    )
+            let sha = super::sha256_file(&source).map_err(|e| format!("source: {e}"))?;
+            let after = stamp(&source).map_err(|e| format!("source: {e}"))?;
+            if before != after {
+                return Err("the source file changed while it was hashed".to_owned());
+            }
+            Ok(Prepared {
+                path: source,
+                total: after.0,
+                sha,
+                stamp: Some(after),
+            })
+        }
+    })
     .await
     .map_err(|e| Stop::Retry(e.to_string()))?
     .map_err(Stop::Fatal)?;
-    let (path, total, sha, stamp) = prepared;
+    let Prepared {
+        path,
+        total,
+        sha,
+        stamp,
+    } = prepared;
     let job = update(service, &job.id, |j| {
         j.total = Some(total);
         j.sha256 = Some(sha.clone());

@@ -47,6 +47,9 @@ pub const DEFAULT_COPY_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_COPY_MAX_PER_PEER: usize = 2;
 /// Copies received at once from all partners together.
 const MAX_INBOUND_COPIES: usize = 16;
+/// Refusals being written at once, in all and per peer; beyond, the stream is reset.
+const MAX_REFUSALS: usize = 64;
+const REFUSALS_PER_PEER: usize = 4;
 /// Copies this node sends at once; the others wait `queued`.
 const MAX_RUNNING_COPIES: usize = 4;
 /// Jobs `queued` or `running` at once; beyond, a new copy is refused `busy`.
@@ -160,6 +163,8 @@ pub struct CopyService {
     running: Arc<Semaphore>,
     /// Inbound copy streams: a bounded share per partner.
     inbound: Arc<PeerPool>,
+    /// Refusals being written (`not_partner`, `busy`): a bounded share per peer.
+    refusals: Arc<PeerPool>,
     /// The stream receiving each (peer, copy id) now, so that a new stream of the same copy
     /// takes over from a stale one instead of writing the same file beside it.
     receiving: Mutex<HashMap<String, Arc<receive::Slot>>>,
@@ -176,6 +181,7 @@ impl CopyService {
             jobs: Mutex::new(HashMap::new()),
             running: Arc::new(Semaphore::new(MAX_RUNNING_COPIES)),
             inbound: PeerPool::new(MAX_INBOUND_COPIES, per_peer),
+            refusals: PeerPool::new(MAX_REFUSALS, REFUSALS_PER_PEER),
             receiving: Mutex::new(HashMap::new()),
             log: LogThrottle::new(REFUSAL_LOG_EVERY),
             env,

@@ -28,8 +28,16 @@ use crate::p2p::wire::{self, CopyFrame, ErrorFrame, ErrorOnly};
 
 /// The staging directory inside `--copy-root` (never a destination).
 pub const STAGING_DIR: &str = ".oc-copy";
-/// Largest chunk this node accepts.
+/// Largest chunk this node accepts (smaller when its frame cap needs it).
 const MAX_CHUNK: u64 = super::job::CHUNK_BYTES;
+/// Room for the JSON around a chunk's base64 in its frame.
+const FRAME_ROOM: u64 = 1024;
+
+/// The largest chunk whose base64 frame fits below `max_frame`.
+fn max_chunk(max_frame: usize) -> u64 {
+    ((max_frame as u64).saturating_sub(FRAME_ROOM) / 4 * 3).clamp(1, MAX_CHUNK)
+}
+
 /// Copies (partial or finished) one peer keeps staged; beyond, its oldest is dropped.
 const MAX_STAGED_PER_PEER: usize = 16;
 /// Longest copy id accepted.
@@ -91,7 +99,7 @@ pub(super) fn incoming(service: &Arc<CopyService>, peer: PeerId, stream: Stream)
     };
     if let Some((code, message)) = refusal {
         service.refused(peer, code, &message);
-        refuse(service, stream, code, message);
+        refuse(service, peer, stream, code, message);
         return;
     }
     match service.inbound.try_acquire(peer) {
@@ -105,13 +113,17 @@ pub(super) fn incoming(service: &Arc<CopyService>, peer: PeerId, stream: Stream)
         Err(full) => {
             let message = format!("too many copies from you at once ({full}); retry later");
             service.refused(peer, ErrorCode::Busy, &message);
-            refuse(service, stream, ErrorCode::Busy, message);
+            refuse(service, peer, stream, ErrorCode::Busy, message);
         }
     }
 }
 
-/// Writes an `error` frame and closes, within `io_timeout`, on a task of its own.
-fn refuse(service: &CopyService, mut stream: Stream, code: ErrorCode, message: String) {
+/// Writes an `error` frame and closes, within `io_timeout`, on a refusal permit (a bounded
+/// share per peer); without one, the stream is dropped (reset) with no frame.
+fn refuse(service: &CopyService, peer: PeerId, mut stream: Stream, code: ErrorCode, message: String) {
+    let Ok(permit) = service.refusals.try_acquire(peer) else {
+        return;
+    };
     let timeout = service.env.tuning.io_timeout;
     tokio::spawn(async move {
         let frame = ErrorOnly::Error(ErrorFrame::new(None, code, message));
@@ -120,6 +132,7 @@ fn refuse(service: &CopyService, mut stream: Stream, code: ErrorCode, message: S
             let _ = stream.close().await;
         })
         .await;
+        drop(permit);
     });
 }
 
@@ -218,6 +231,11 @@ async fn read_frame(
 ) -> Result<Option<CopyFrame>, Refused> {
     match tokio::time::timeout(timeout, wire::read_frame::<CopyFrame, _>(stream, max)).await {
         Ok(Ok(frame)) => Ok(frame),
+        // A broken stream has nobody to answer: the partial waits for the next offer.
+        Ok(Err(wire::FrameError::Io(_))) => Ok(None),
+        Ok(Err(e @ wire::FrameError::TooLarge { .. })) => {
+            Err(refused(ErrorCode::PayloadTooLarge, e.to_string()))
+        }
         Ok(Err(e)) => Err(refused(ErrorCode::InvalidJson, format!("not a copy frame: {e}"))),
         // Nothing to answer on a stream that went quiet: the partial waits for the next offer.
         Err(_) => Ok(None),
@@ -305,6 +323,12 @@ fn remove_staged(staging: &Path, key: &str) {
     let _ = std::fs::remove_file(staging.join(format!("{key}.json")));
     let _ = std::fs::remove_dir_all(staging.join(format!("{key}.dir")));
     let _ = std::fs::remove_dir_all(staging.join(format!("{key}.old")));
+}
+
+/// [`remove_staged`] on a blocking thread (an unpacked directory may be large).
+async fn remove_staged_async(staging: &Path, key: &str) {
+    let (staging, key) = (staging.to_path_buf(), key.to_owned());
+    let _ = tokio::task::spawn_blocking(move || remove_staged(&staging, &key)).await;
 }
 
 fn write_staged(path: &Path, staged: &Staged) -> std::io::Result<()> {
@@ -407,7 +431,8 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
         }
     };
     let held = held.min(total);
-    let mut cursor = ReceiveCursor::new(held, total, MAX_CHUNK).map_err(|e| invalid(&e.to_string()))?;
+    let chunk_cap = max_chunk(max_frame);
+    let mut cursor = ReceiveCursor::new(held, total, chunk_cap).map_err(|e| invalid(&e.to_string()))?;
     let mut part = tokio::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -424,7 +449,7 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
         stream,
         &CopyFrame::CopyAccept {
             offset: held,
-            max_chunk: MAX_CHUNK,
+            max_chunk: chunk_cap,
         },
         timeout,
     )
@@ -471,7 +496,7 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
     match result {
         Err(mut r) => {
             if r.discard {
-                remove_staged(&staging, &key);
+                remove_staged_async(&staging, &key).await;
             }
             r.discard = false;
             return Err(r);
@@ -490,7 +515,7 @@ async fn receive(service: &Arc<CopyService>, peer: PeerId, stream: &mut Stream) 
             Ok(())
         }
         Err(r) => {
-            remove_staged(&staging, &key);
+            remove_staged_async(&staging, &key).await;
             tracing::warn!(%peer, copy_id, place = PLACE, code = r.code.as_str(), reason = %r.message, "copy data removed");
             Err(r)
         }

@@ -15,7 +15,7 @@ use crate::contract::{ErrorCode, Refusal};
 /// The subject (Gorgone's event name).
 pub const SUBJECT_REMOTECOPY: &str = "REMOTECOPY";
 /// Largest `REMOTECOPY` body read.
-const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Subscribes and answers until shutdown; a subscription failure is logged and the node
 /// runs without the subject.
@@ -71,7 +71,8 @@ async fn refuse(answers: &Answers, msg: &async_nats::Message, refusal: &Refusal)
         .await;
 }
 
-/// The request in a `REMOTECOPY` body.
+/// The request in a `REMOTECOPY` body (and in a `POST /api/copies` body: one decoder, one
+/// set of codes).
 ///
 /// # Errors
 /// Too large, not JSON, a missing or non-string field.
