@@ -305,6 +305,11 @@ async fn a_200_mb_copy_survives_a_receiver_kill_and_a_cut_without_resending_ackn
     // Only what was in flight at each interruption travelled twice: at most one window per
     // interruption, never an acknowledged chunk.
     let sent = done["bytes_sent"].as_u64().unwrap();
+    eprintln!(
+        "200 MB copy: {sent} bytes sent for {total} ({} resent), {} attempts",
+        sent.saturating_sub(total),
+        done["attempts"]
+    );
     assert!(sent >= total);
     assert!(
         sent <= total + 2 * WINDOW_BYTES,
@@ -312,6 +317,41 @@ async fn a_200_mb_copy_survives_a_receiver_kill_and_a_cut_without_resending_ackn
     );
     assert_eq!(a.node.metric("oc_copy_bytes_sent_total").await.unwrap(), sent);
     assert!(!part.exists(), "the partial file is gone once in place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_killed_mid_copy_resumes_after_its_restart() {
+    init_tracing();
+    const BYTES: usize = 48 * 1024 * 1024;
+    let (mut a, mut b) = (Site::new().await, Site::new().await);
+    partner(&mut a, &mut [&mut b]);
+    let (src, root) = copy_dirs(&mut a, &mut b);
+    let data = noise(BYTES, 4);
+    let want = sha_hex(&data);
+    std::fs::write(src.join("db.dump"), &data).unwrap();
+    drop(data);
+    a.node.start_healthy().await.unwrap();
+    b.node.start_healthy().await.unwrap();
+    let (status, answer) = post_copy(&a, &src.join("db.dump"), &b.id(), "dumps/db.dump").await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_owned();
+    let total = BYTES as u64;
+
+    wait_acked(&a, &id, total / 3).await;
+    a.node.kill();
+    a.node.start_healthy().await.unwrap();
+    // The job is back from A's data directory and resumes from B's offset.
+    let done = wait_finished(&a, &id, BIG_WAIT).await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(sha_file(&root.join("dumps/db.dump")), want);
+    // B counted every chunk it wrote: what it held when A died was not sent again.
+    let received = b.node.metric("oc_copy_bytes_received_total").await.unwrap();
+    eprintln!("sender restart: {received} bytes received for {total}");
+    assert!(received >= total);
+    assert!(
+        received <= total + WINDOW_BYTES,
+        "{received} bytes received for {total}: acknowledged chunks were sent again"
+    );
 }
 
 /// A hand peer's copy stream to `site`: offers, and returns the node's first answer.
@@ -472,6 +512,14 @@ async fn hostile_offers_are_refused_with_nothing_written() {
     assert!(written(&root).is_empty(), "written: {:?}", written(&root));
     assert!(tree(&outside).is_empty());
     assert!(!Path::new("/tmp/owned").exists());
+
+    // At most --copy-max-per-peer (2) copies of one partner at once: a third is busy.
+    let (_one, first) = offer(&liar, &b, "file", "p/1", &body, &sha).await;
+    let (_two, second) = offer(&liar, &b, "file", "p/2", &body, &sha).await;
+    assert!(matches!(first, CopyFrame::CopyAccept { .. }) && matches!(second, CopyFrame::CopyAccept { .. }));
+    let (_, third) = offer(&liar, &b, "file", "p/3", &body, &sha).await;
+    assert_eq!(code(&third), "busy");
+    drop((_one, _two));
 
     // A peer that is not a partner is refused, logged and counted.
     let stranger = HandPeer::fresh();
