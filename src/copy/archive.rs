@@ -193,7 +193,7 @@ enum Kind {
     Dir,
 }
 
-fn entry_kind(entry: &tar::Entry<'_, File>) -> Result<(PathBuf, Kind), ArchiveError> {
+fn entry_kind<R: Read>(entry: &tar::Entry<'_, R>) -> Result<(PathBuf, Kind), ArchiveError> {
     let raw = entry.path_bytes().into_owned();
     let name = String::from_utf8(raw)
         .map_err(|e| ArchiveError::Unsafe(String::from_utf8_lossy(e.as_bytes()).into_owned()))?;
@@ -236,7 +236,16 @@ fn open_entries(tar_path: &Path) -> Result<tar::Archive<File>, ArchiveError> {
 /// # Errors
 /// The first entry refused, or a malformed tar.
 pub fn check_tar(tar_path: &Path) -> Result<usize, ArchiveError> {
-    let mut archive = open_entries(tar_path)?;
+    let file = File::open(tar_path).map_err(io_at(tar_path))?;
+    check_tar_from(io::BufReader::new(file))
+}
+
+/// [`check_tar`] of a tar read from `reader`; returns its number of entries.
+///
+/// # Errors
+/// As [`check_tar`].
+pub fn check_tar_from<R: Read>(reader: R) -> Result<usize, ArchiveError> {
+    let mut archive = tar::Archive::new(reader);
     let mut n = 0usize;
     for entry in archive
         .entries()
