@@ -505,6 +505,17 @@ async fn hostile_offers_are_refused_with_nothing_written() {
         CopyFrame::CopyAck { offset: 5 }
     ));
     assert_eq!(code(&read(&mut stream).await), "hash_mismatch");
+    // A total above --copy-max-bytes (1 GiB by default) is refused before any byte.
+    let mut stream = liar.open(&b, PROTOCOL_COPY).await;
+    let huge = CopyFrame::CopyOffer {
+        copy_id: rand_id(),
+        kind: "file".into(),
+        destination: "huge".into(),
+        total: 1 << 40,
+        sha256: sha.clone(),
+    };
+    wire::write_frame(&mut stream, &huge).await.unwrap();
+    assert_eq!(code(&read(&mut stream).await), "payload_too_large");
     // A malformed offer.
     let (_, answer) = offer(&liar, &b, "file", "f", &body, &"0".repeat(63)).await;
     assert_eq!(code(&answer), "invalid_field", "a malformed hash");

@@ -580,3 +580,62 @@ fn tar_refusal(e: ArchiveError) -> Refused {
         e => refused(ErrorCode::InvalidField, format!("tar: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_no_space_and_drops_the_partial() {
+        let full = disk(&std::io::Error::from_raw_os_error(28), "writing");
+        assert_eq!(full.code, ErrorCode::NoSpace);
+        assert!(full.discard);
+        let other = disk(&std::io::Error::other("eio"), "writing");
+        assert_eq!(other.code, ErrorCode::StoreUnavailable);
+        assert!(!other.discard);
+    }
+
+    #[test]
+    fn the_chunk_limit_fits_the_frame_cap() {
+        assert_eq!(max_chunk(1024 * 1024), MAX_CHUNK);
+        let small = max_chunk(4096);
+        assert!(small.div_ceil(3) * 4 + FRAME_ROOM <= 4096 + 4);
+        assert_eq!(max_chunk(0), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn destinations_through_symlinks_or_of_another_kind_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink("/tmp", root.join("l")).unwrap();
+        let check = |rel: &str, kind: &str| check_destination(root, Path::new(rel), kind).map(|_| ());
+        assert!(check("d/new", "file").is_ok());
+        assert!(check("f", "file").is_ok(), "a file replaces a file");
+        assert!(check("d", "dir").is_ok(), "a directory replaces a directory");
+        for (rel, kind) in [
+            ("l/x", "file"),
+            ("l", "dir"),
+            ("f/x", "file"),
+            ("d", "file"),
+            ("f", "dir"),
+            (".oc-copy/x", "file"),
+        ] {
+            let refused = check(rel, kind).expect_err(rel);
+            assert_eq!(refused.code, ErrorCode::InvalidField, "{rel}");
+        }
+    }
+
+    #[test]
+    fn ids_and_hashes_are_well_formed() {
+        assert!(valid_id("0123456789abcdef"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("../x"));
+        assert!(!valid_id(&"a".repeat(65)));
+        assert!(is_hex64(&"a".repeat(64)));
+        assert!(!is_hex64(&"A".repeat(64)));
+        assert!(!is_hex64(&"a".repeat(63)));
+    }
+}
