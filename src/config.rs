@@ -880,11 +880,13 @@ impl TryFrom<RunArgs> for NodeConfig {
             ("--max-pending-incoming", run.max_pending_incoming as usize),
             ("--max-connections", run.max_connections as usize),
             ("--copy-max-per-peer", run.copy_max_per_peer),
-            ("--copy-max-bytes", usize::from(run.copy_max_bytes > 0)),
         ] {
             if n == 0 {
                 return Err(ConfigError::Zero(flag));
             }
+        }
+        if run.copy_max_bytes == 0 {
+            return Err(ConfigError::Zero("--copy-max-bytes"));
         }
         let tuning = Tuning {
             max_frame_bytes: run.max_frame_bytes,
@@ -1086,6 +1088,37 @@ mod tests {
         assert!(matches!(
             NodeConfig::try_from(run_args(&["--record-ttl", "1s"])),
             Err(ConfigError::RecordTtl)
+        ));
+    }
+
+    #[test]
+    fn copy_options_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "copy-root = \"/srv/in\"\ncopy_max_bytes = 4096\n").unwrap();
+        let path = file.to_str().unwrap();
+        let cfg =
+            NodeConfig::try_from(run_args(&["--config", path, "--copy-source-root", "/srv/out"])).unwrap();
+        assert_eq!(cfg.copy.root.as_deref(), Some(std::path::Path::new("/srv/in")));
+        assert_eq!(
+            cfg.copy.source_root.as_deref(),
+            Some(std::path::Path::new("/srv/out"))
+        );
+        assert_eq!(cfg.copy.max_bytes, 4096);
+        assert_eq!(cfg.copy.max_per_peer, crate::copy::DEFAULT_COPY_MAX_PER_PEER);
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(
+            cfg.copy,
+            crate::copy::CopySettings::default(),
+            "copies off by default"
+        );
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--copy-max-per-peer", "0"])),
+            Err(ConfigError::Zero("--copy-max-per-peer"))
+        ));
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--copy-max-bytes", "0"])),
+            Err(ConfigError::Zero("--copy-max-bytes"))
         ));
     }
 

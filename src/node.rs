@@ -55,7 +55,8 @@ const OUTBOX_RETRY_MAX: Duration = Duration::from_secs(10);
 /// # Errors
 /// Start-up failures: unusable admin token or TLS files, a non-loopback admin address without
 /// a token, unreadable identity or PSK, store locked, address in use, an unreadable or
-/// malformed NATS secret, CA, certificate or key file.
+/// malformed NATS secret, CA, certificate or key file, an unusable `--copy-root` or
+/// `--copy-source-root`.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // First: a node refused for its admin settings must not have touched anything.
@@ -225,7 +226,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         tuning: t.clone(),
         shutdown: stop_rx.clone(),
     })
-    .await;
+    .await?;
     let admin_token = admin_security.has_token();
     let admin_https = admin_security.is_https();
     let server = admin::serve(

@@ -87,6 +87,18 @@ impl Default for CopySettings {
     }
 }
 
+/// Why the copy service cannot start as configured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CopySetupError {
+    #[error("{flag} {}: {source}", path.display())]
+    Root {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// What the copy service works with.
 pub(crate) struct CopyEnv {
     pub data_dir: PathBuf,
@@ -172,9 +184,35 @@ pub struct CopyService {
 }
 
 impl CopyService {
-    /// Loads the jobs left by a previous run, resumes the unfinished ones, starts accepting
+    /// Prepares `--copy-root` (created if missing) and `--copy-source-root` (must exist),
+    /// loads the jobs left by a previous run, resumes the unfinished ones, starts accepting
     /// copy streams and the `REMOTECOPY` subject.
-    pub(crate) async fn start(env: CopyEnv) -> Arc<CopyService> {
+    ///
+    /// # Errors
+    /// A copy root that cannot be created, or a source root that is not a directory.
+    pub(crate) async fn start(mut env: CopyEnv) -> Result<Arc<CopyService>, CopySetupError> {
+        if let Some(root) = env.settings.root.take() {
+            let prepared = std::fs::create_dir_all(&root).and_then(|()| root.canonicalize());
+            env.settings.root = Some(prepared.map_err(|source| CopySetupError::Root {
+                flag: "--copy-root",
+                path: root.clone(),
+                source,
+            })?);
+        }
+        if let Some(root) = env.settings.source_root.take() {
+            let checked = root.canonicalize().and_then(|p| {
+                if p.is_dir() {
+                    Ok(p)
+                } else {
+                    Err(std::io::Error::other("not a directory"))
+                }
+            });
+            env.settings.source_root = Some(checked.map_err(|source| CopySetupError::Root {
+                flag: "--copy-source-root",
+                path: root.clone(),
+                source,
+            })?);
+        }
         let per_peer = env.settings.max_per_peer.max(1);
         let service = Arc::new(CopyService {
             metrics: CopyMetrics::new(),
@@ -189,7 +227,7 @@ impl CopyService {
         job::resume_all(&service);
         service.clone().accept();
         remotecopy::spawn(service.clone()).await;
-        service
+        Ok(service)
     }
 
     pub(crate) fn registry(&self) -> &Registry {
