@@ -216,7 +216,8 @@ pub(super) fn submit(service: &Arc<CopyService>, req: CopyRequest) -> Result<Job
         ));
     }
     tracing::info!(copy_id = %job.id, %peer, source = %job.source, destination = %job.destination, kind, "copy queued");
-    tokio::spawn(run(service.clone(), job.id.clone()));
+    // On the node's runtime, not on the admin API's worker that may be calling this.
+    service.runtime.spawn(run(service.clone(), job.id.clone()));
     Ok(job)
 }
 
@@ -289,7 +290,7 @@ pub(super) fn resume_all(service: &Arc<CopyService>) {
     }
     for id in resumed {
         tracing::info!(copy_id = %id, "resuming copy");
-        tokio::spawn(run(service.clone(), id));
+        service.runtime.spawn(run(service.clone(), id));
     }
 }
 

@@ -181,6 +181,9 @@ pub struct CopyService {
     /// takes over from a stale one instead of writing the same file beside it.
     receiving: Mutex<HashMap<String, Arc<receive::Slot>>>,
     log: LogThrottle,
+    /// The node's multi-thread runtime: jobs run there, whoever submits them (the admin
+    /// API's handlers run on a worker runtime of their own).
+    runtime: tokio::runtime::Handle,
 }
 
 impl CopyService {
@@ -222,6 +225,7 @@ impl CopyService {
             refusals: PeerPool::new(MAX_REFUSALS, REFUSALS_PER_PEER),
             receiving: Mutex::new(HashMap::new()),
             log: LogThrottle::new(REFUSAL_LOG_EVERY),
+            runtime: tokio::runtime::Handle::current(),
             env,
         });
         job::resume_all(&service);
