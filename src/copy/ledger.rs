@@ -246,4 +246,56 @@ mod tests {
             Err(OffsetError::PastTotal { .. })
         ));
     }
+
+    proptest::proptest! {
+        /// A sender and a receiver driven by the two types, the connection cut after random
+        /// numbers of chunks (what was in flight is lost, the receiver keeps what it wrote):
+        /// the receiver ends with every byte once, in order, and the sender sent at most one
+        /// window more per cut.
+        #[test]
+        fn cuts_cost_at_most_a_window_each_and_lose_nothing(
+            total in 0u64..5_000,
+            chunk in 1u64..300,
+            window_chunks in 1u64..6,
+            cuts in proptest::collection::vec(0usize..40, 0..6),
+        ) {
+            let window = chunk * window_chunks;
+            let mut held = 0u64; // the receiver's file length
+            let mut sent = 0u64;
+            let mut happened = 0u64;
+            let mut cuts = cuts.into_iter();
+            loop {
+                let mut ledger = SendLedger::new(total, held, chunk, window).unwrap();
+                let mut cursor = ReceiveCursor::new(held, total, chunk).unwrap();
+                let cut_after = cuts.next();
+                let mut in_flight = std::collections::VecDeque::new();
+                let mut steps = 0usize;
+                let mut cut = false;
+                while !ledger.is_complete() {
+                    while let Some((offset, len)) = ledger.next_chunk() {
+                        sent += len;
+                        in_flight.push_back((offset, len));
+                    }
+                    if cut_after == Some(steps) {
+                        cut = true;
+                        break;
+                    }
+                    steps += 1;
+                    let (offset, len) = in_flight.pop_front().unwrap();
+                    proptest::prop_assert!(cursor.check(offset, len).is_ok());
+                    held = cursor.advance(len);
+                    proptest::prop_assert!(ledger.on_ack(held).is_ok());
+                }
+                if !cut {
+                    break;
+                }
+                happened += 1;
+            }
+            proptest::prop_assert_eq!(held, total);
+            proptest::prop_assert!(
+                sent <= total + happened * window,
+                "{} bytes sent for {} with {} cuts", sent, total, happened
+            );
+        }
+    }
 }
