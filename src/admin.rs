@@ -13,6 +13,7 @@
 //! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
 //! | `GET /api/resources/{data_type}?after=ID&limit=N` | stored resources (tombstones included) |
 //! | `GET /api/resources/{data_type}/{id}` | one stored resource, 404 if unknown |
+//! | `POST /api/copies`, `GET /api/copies`, `GET /api/copies/{id}` | [`copies`]: remote copies to partners |
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Who may call it: [`auth`]. With `--admin-token-file`, every route but `GET /healthz` and
@@ -21,6 +22,7 @@
 //! [`tls`].
 
 pub mod auth;
+pub mod copies;
 pub mod events;
 pub mod history;
 pub mod reply;
@@ -58,6 +60,8 @@ pub struct AdminState {
     pub links: Addr<StreamService>,
     pub peers: Addr<PeerManager>,
     pub metrics: Arc<Metrics>,
+    /// Remote copies (`/api/copies`).
+    pub copies: Arc<crate::copy::CopyService>,
     pub intake: Arc<IntakeStatus>,
     /// The JetStream intake stream (its consumer's backlog is in `GET /api/status`).
     pub intake_stream: String,
@@ -151,6 +155,9 @@ pub(crate) fn serve(
             .route("/api/applied", web::get().to(history::applied))
             .route("/api/resources/{data_type}", web::get().to(resources))
             .route("/api/resources/{data_type}/{id}", web::get().to(resource))
+            .route("/api/copies", web::post().to(copies::start))
+            .route("/api/copies", web::get().to(copies::list))
+            .route("/api/copies/{id}", web::get().to(copies::one))
             .route("/metrics", web::get().to(metrics))
             .route("/api/partners", web::get().to(list_partners))
             .route("/api/partners", web::post().to(add_partner))
@@ -264,7 +271,7 @@ async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
         Err(e) => tracing::warn!(cause = %e, "metrics scrape without the partner links' status"),
     }
     let net = s.net.state();
-    match crate::metrics::render(&[s.metrics.registry(), net.stats.registry()]) {
+    match crate::metrics::render(&[s.metrics.registry(), net.stats.registry(), s.copies.registry()]) {
         Ok(body) => HttpResponse::Ok()
             .content_type(crate::metrics::CONTENT_TYPE)
             .body(body),

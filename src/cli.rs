@@ -1,11 +1,12 @@
 //! The `id`, `peers` and `partners` commands, the operator commands of [`operator`]
-//! (`status`, `journal`, `search`, `publish`, `resources`, `completions`), and the admin API
+//! (`status`, `journal`, `search`, `publish`, `resources`, `completions`), [`copy`], and the admin API
 //! client they and the test kit use ([`AdminClient`]: blocking `ureq` over HTTP or HTTPS,
 //! with the admin token).
 //!
 //! Exit codes (see `main.rs`): a node that cannot be reached, or that refuses the token
 //! (401), is an [`AdminError`], exit 3; other failures exit 1.
 
+pub mod copy;
 pub mod operator;
 
 use std::io::Read;

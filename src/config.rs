@@ -102,6 +102,26 @@ pub enum Command {
     Resources(ResourcesArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
+    /// Copy a file or directory on the node's disk to a partner (`<PEER_ID>:<DEST>`, DEST
+    /// below the partner's --copy-root); waits until it is done or failed.
+    Copy(CopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    #[command(flatten)]
+    pub client: AdminClientArgs,
+    /// File or directory to copy, on the node's disk, below its --copy-source-root (a
+    /// relative path is made absolute from the current directory).
+    pub source: String,
+    /// `<PEER_ID>:<DEST>`: the partner, and the path below its --copy-root.
+    pub target: String,
+    /// Longest wait for the copy to end; the node goes on with it past this.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print the final state of the copy as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -427,6 +447,20 @@ pub struct RunArgs {
     /// Most established connections in total, both directions (partners are exempt).
     #[arg(long, env = "OC_DISCOVERY_MAX_CONNECTIONS", default_value_t = crate::p2p::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: u32,
+    /// The only directory partners' copies are written below (`/opencloud/copy/1.0`);
+    /// without it, copies to this node are refused.
+    #[arg(long, env = "OC_DISCOVERY_COPY_ROOT", value_name = "DIR")]
+    pub copy_root: Option<PathBuf>,
+    /// The only directory copies to partners are read from (`POST /api/copies`,
+    /// `REMOTECOPY`); without it, this node sends no copies.
+    #[arg(long, env = "OC_DISCOVERY_COPY_SOURCE_ROOT", value_name = "DIR")]
+    pub copy_source_root: Option<PathBuf>,
+    /// Largest copy sent or received, in bytes (a directory: its tar).
+    #[arg(long, env = "OC_DISCOVERY_COPY_MAX_BYTES", default_value_t = crate::copy::DEFAULT_COPY_MAX_BYTES)]
+    pub copy_max_bytes: u64,
+    /// Copies one partner may send to this node at once; beyond, `busy`.
+    #[arg(long, env = "OC_DISCOVERY_COPY_MAX_PER_PEER", default_value_t = crate::copy::DEFAULT_COPY_MAX_PER_PEER)]
+    pub copy_max_per_peer: usize,
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h`, `7d`, or a bare number of seconds.
@@ -673,6 +707,9 @@ pub struct NodeConfig {
     /// Connection limits (`--max-connections-per-peer`, `--max-pending-incoming`,
     /// `--max-connections`).
     pub net_limits: crate::p2p::NetLimits,
+    /// Remote copy: `--copy-root`, `--copy-source-root`, `--copy-max-bytes`,
+    /// `--copy-max-per-peer`.
+    pub copy: crate::copy::CopySettings,
     pub tuning: Tuning,
 }
 
@@ -842,10 +879,14 @@ impl TryFrom<RunArgs> for NodeConfig {
             ),
             ("--max-pending-incoming", run.max_pending_incoming as usize),
             ("--max-connections", run.max_connections as usize),
+            ("--copy-max-per-peer", run.copy_max_per_peer),
         ] {
             if n == 0 {
                 return Err(ConfigError::Zero(flag));
             }
+        }
+        if run.copy_max_bytes == 0 {
+            return Err(ConfigError::Zero("--copy-max-bytes"));
         }
         let tuning = Tuning {
             max_frame_bytes: run.max_frame_bytes,
@@ -899,6 +940,12 @@ impl TryFrom<RunArgs> for NodeConfig {
                 max_connections_per_peer: run.max_connections_per_peer,
                 max_pending_incoming: run.max_pending_incoming,
                 max_connections: run.max_connections,
+            },
+            copy: crate::copy::CopySettings {
+                root: run.copy_root,
+                source_root: run.copy_source_root,
+                max_bytes: run.copy_max_bytes,
+                max_per_peer: run.copy_max_per_peer,
             },
             tuning,
         })
@@ -1041,6 +1088,37 @@ mod tests {
         assert!(matches!(
             NodeConfig::try_from(run_args(&["--record-ttl", "1s"])),
             Err(ConfigError::RecordTtl)
+        ));
+    }
+
+    #[test]
+    fn copy_options_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "copy-root = \"/srv/in\"\ncopy_max_bytes = 4096\n").unwrap();
+        let path = file.to_str().unwrap();
+        let cfg =
+            NodeConfig::try_from(run_args(&["--config", path, "--copy-source-root", "/srv/out"])).unwrap();
+        assert_eq!(cfg.copy.root.as_deref(), Some(std::path::Path::new("/srv/in")));
+        assert_eq!(
+            cfg.copy.source_root.as_deref(),
+            Some(std::path::Path::new("/srv/out"))
+        );
+        assert_eq!(cfg.copy.max_bytes, 4096);
+        assert_eq!(cfg.copy.max_per_peer, crate::copy::DEFAULT_COPY_MAX_PER_PEER);
+        let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert_eq!(
+            cfg.copy,
+            crate::copy::CopySettings::default(),
+            "copies off by default"
+        );
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--copy-max-per-peer", "0"])),
+            Err(ConfigError::Zero("--copy-max-per-peer"))
+        ));
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--copy-max-bytes", "0"])),
+            Err(ConfigError::Zero("--copy-max-bytes"))
         ));
     }
 

@@ -32,12 +32,16 @@
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
+//! - [`copy`]: remote copy of files and directories to partners (`/opencloud/copy/1.0`):
+//!   [`copy::job`] (the sender's jobs, resumed after a restart), [`copy::receive`] (writes
+//!   below `--copy-root` only), [`copy::archive`] (tar of a directory), [`copy::ledger`]
+//!   (offsets and acks, pure), [`copy::remotecopy`] (the `REMOTECOPY` subject).
 //! - [`admin`]: admin HTTP API (bearer token, HTTPS; status, journal and applied pages,
 //!   events and searches without NATS); [`metrics`]: the Prometheus registry it serves.
 //! - [`secret_file`]: the admin token file, and warnings for secret files others can read.
 //! - [`node`]: wires everything together and runs until shutdown.
 //! - [`cli`]: the `id`, `peers`, `partners` and operator commands (`status`, `journal`,
-//!   `search`, `publish`, `resources`, `completions`) and their admin API client.
+//!   `search`, `publish`, `resources`, `copy`, `completions`) and their admin API client.
 
 pub mod admin;
 pub mod answers;
@@ -46,6 +50,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod contract;
+pub mod copy;
 pub mod guard;
 pub mod identity;
 pub mod inbound;

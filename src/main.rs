@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Search(args) => cli::operator::search(&args),
         Command::Publish(args) => cli::operator::publish(&args).map(|out| print!("{out}")),
         Command::Resources(args) => cli::operator::resources(&args).map(|out| print!("{out}")),
+        Command::Copy(args) => cli::copy::copy(&args).map(|out| print!("{out}")),
         Command::Completions(args) => {
             print!("{}", cli::operator::completions(&args));
             Ok(())

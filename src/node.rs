@@ -4,7 +4,7 @@
 //! consumer exists: identity → store → network loop → NATS → StreamService (links, one per
 //! configured partner) → outbox drain, and inbound apply once the drain is done → peer
 //! manager → peer directory (record publishing) → search service → command router →
-//! intake → admin API. Only inbound apply waits for the drain; the parts after it start at
+//! intake → remote copy → admin API. Only inbound apply waits for the drain; the parts after it start at
 //! once.
 //!
 //! A store that is down at start-up (MongoDB) does not stop the node: every user of the
@@ -55,7 +55,8 @@ const OUTBOX_RETRY_MAX: Duration = Duration::from_secs(10);
 /// # Errors
 /// Start-up failures: unusable admin token or TLS files, a non-loopback admin address without
 /// a token, unreadable identity or PSK, store locked, address in use, an unreadable or
-/// malformed NATS secret, CA, certificate or key file.
+/// malformed NATS secret, CA, certificate or key file, an unusable `--copy-root` or
+/// `--copy-source-root`.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // First: a node refused for its admin settings must not have touched anything.
@@ -215,6 +216,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         answers: Answers::new(nats.clone(), metrics.clone(), intake::PLACE),
     });
     let intake = Intake::new(intake_env.clone()).start();
+    let copies = crate::copy::CopyService::start(crate::copy::CopyEnv {
+        data_dir: cfg.data_dir.clone(),
+        settings: cfg.copy.clone(),
+        net: net.clone(),
+        nats: nats.clone(),
+        partners: partners.clone(),
+        metrics: metrics.clone(),
+        tuning: t.clone(),
+        shutdown: stop_rx.clone(),
+    })
+    .await?;
     let admin_token = admin_security.has_token();
     let admin_https = admin_security.is_https();
     let server = admin::serve(
@@ -229,6 +241,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             links: links.clone(),
             peers,
             metrics,
+            copies,
             intake: intake_status,
             intake_stream: cfg.intake_stream.clone(),
             submit: intake_env,

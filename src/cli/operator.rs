@@ -28,7 +28,7 @@ fn expect_ok(status: u16, body: &str) -> anyhow::Result<Value> {
     Err(refused(status, &value, body))
 }
 
-fn refused(status: u16, value: &Value, body: &str) -> anyhow::Error {
+pub(super) fn refused(status: u16, value: &Value, body: &str) -> anyhow::Error {
     match (
         value["error"]["code"].as_str(),
         value["error"]["message"].as_str(),

@@ -29,10 +29,14 @@ pub enum ErrorCode {
     InvalidDocument,
     /// A peer sent more than its rate allows (forwarded commands); retry later.
     RateLimited,
+    /// Remote copy: the bytes received do not hash to the announced SHA-256 (removed).
+    HashMismatch,
+    /// Remote copy: the receiver's disk is full (the partial data is removed).
+    NoSpace,
 }
 
 impl ErrorCode {
-    pub(crate) const ALL: [ErrorCode; 15] = [
+    pub(crate) const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidJson,
         ErrorCode::MissingField,
         ErrorCode::InvalidField,
@@ -48,6 +52,8 @@ impl ErrorCode {
         ErrorCode::NatsUnavailable,
         ErrorCode::InvalidDocument,
         ErrorCode::RateLimited,
+        ErrorCode::HashMismatch,
+        ErrorCode::NoSpace,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -67,6 +73,8 @@ impl ErrorCode {
             ErrorCode::NatsUnavailable => "nats_unavailable",
             ErrorCode::InvalidDocument => "invalid_document",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::HashMismatch => "hash_mismatch",
+            ErrorCode::NoSpace => "no_space",
         }
     }
 

@@ -18,7 +18,8 @@ use libp2p::PeerId;
 use oc_discovery::contract::{self, Action, CommandAction, Decoded, JournalEntry};
 use oc_discovery::p2p::records::{self, PeerRecord};
 use oc_discovery::p2p::wire::{
-    self, ErrorFrame, ForwardFrame, Frame, FrameError, HeartbeatFrame, ResourceFrame, SearchFrame, SyncFrame,
+    self, CopyFrame, ErrorFrame, ForwardFrame, Frame, FrameError, HeartbeatFrame, ResourceFrame, SearchFrame,
+    SyncFrame,
 };
 use oc_discovery::search::GossipQuery;
 use oc_discovery::sync::plan;
@@ -46,6 +47,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("records", records),
     ("search", search),
     ("heartbeat", heartbeat),
+    ("copy", copy),
 ];
 
 /// A fixed key for the targets: seed records and gossip queries are signed with it, so the
@@ -340,6 +342,45 @@ pub fn heartbeat(data: &[u8]) {
     }
 }
 
+/// Remote copy (`protocols/copy.md`): the bytes as a copy stream (each frame round-trips; each
+/// chunk's data goes through the receiver's base64 decode and offset check, which keep it
+/// within the offer), and the same bytes as a received directory's tar (the check never
+/// panics, and what it accepts holds at most its entry limit).
+pub fn copy(data: &[u8]) {
+    use oc_discovery::copy::{archive, ledger::ReceiveCursor};
+    /// The receiver's largest chunk in the target.
+    const CHUNK_CAP: u64 = 512;
+    let mut cursor: Option<ReceiveCursor> = None;
+    for frame in read_all::<CopyFrame>(data, FRAME_CAP) {
+        check_round_trip(&frame);
+        match frame {
+            CopyFrame::CopyOffer { total, .. } => cursor = ReceiveCursor::new(0, total, CHUNK_CAP).ok(),
+            CopyFrame::CopyChunk { offset, data } => {
+                let (Some(c), Ok(bytes)) = (
+                    cursor.as_mut(),
+                    base64::engine::general_purpose::STANDARD.decode(data.as_bytes()),
+                ) else {
+                    continue;
+                };
+                let len = bytes.len() as u64;
+                if c.check(offset, len).is_ok() {
+                    let before = c.expected();
+                    let after = c.advance(len);
+                    assert_eq!(
+                        after,
+                        before + len,
+                        "an accepted chunk moves the offset by its length"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Ok(n) = archive::check_tar_from(data) {
+        assert!(n <= archive::MAX_TAR_ENTRIES);
+    }
+}
+
 /// Every frame `read_frame` gets from `data` as a stream, past recoverable errors, as the
 /// stream readers do.
 fn read_all<F: Frame>(data: &[u8], cap: usize) -> Vec<F> {
@@ -561,6 +602,52 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             ]
             .concat(),
         ],
+        "copy" => {
+            let body = b"define host {}\n".to_vec();
+            let mut tar = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            let _ = tar.append_data(&mut h, "engine", std::io::empty());
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(body.len() as u64);
+            let _ = tar.append_data(&mut h, "engine/main.cfg", body.as_slice());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            let _ = tar.append_link(&mut h, "l", "/etc/passwd");
+            let tar = tar.into_inner().unwrap_or_default();
+            let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+            vec![
+                [
+                    frame(&CopyFrame::CopyOffer {
+                        copy_id: "0123456789abcdef".into(),
+                        kind: "file".into(),
+                        destination: "conf/main.cfg".into(),
+                        total: body.len() as u64,
+                        sha256: "0".repeat(64),
+                    }),
+                    frame(&CopyFrame::CopyChunk {
+                        offset: 0,
+                        data: b64(&body[..4]),
+                    }),
+                    frame(&CopyFrame::CopyChunk {
+                        offset: 4,
+                        data: b64(&body[4..]),
+                    }),
+                    frame(&CopyFrame::CopyAck { offset: 4 }),
+                    frame(&CopyFrame::CopyAccept {
+                        offset: 0,
+                        max_chunk: 262_144,
+                    }),
+                    frame(&CopyFrame::CopyDone { sha256: "0".repeat(64) }),
+                ]
+                .concat(),
+                tar,
+            ]
+        }
         _ => Vec::new(),
     }
 }

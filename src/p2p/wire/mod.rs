@@ -9,6 +9,7 @@
 //! - [`sync`]: [`SyncFrame`], journal sync (`protocols/journal-sync.md`).
 //! - [`forward`]: [`ForwardFrame`], considers and planner (`protocols/considers-planner.md`).
 //! - [`search`]: [`SearchFrame`], search streams (`protocols/search.md`).
+//! - [`copy`]: [`CopyFrame`], remote copy of files (`protocols/copy.md`).
 //!
 //! A reader names the protocol it reads (`read_frame::<SyncFrame>`), so a frame of another
 //! protocol cannot be represented where it does not belong: it is reported as
@@ -16,6 +17,7 @@
 //! frame at all ([`FrameError::Decode`]). The bytes on the wire are the same as when one enum
 //! served every protocol.
 
+pub mod copy;
 pub mod forward;
 pub mod framing;
 pub mod heartbeat;
@@ -23,6 +25,7 @@ pub mod resource;
 pub mod search;
 pub mod sync;
 
+pub use copy::CopyFrame;
 pub use forward::ForwardFrame;
 pub use framing::{
     decode_frame, encode_frame, forward_frames, read_frame, read_frame_budgeted, write_encoded, write_frame,
@@ -44,4 +47,5 @@ fn kind_in_any_protocol(body: &[u8]) -> Option<&'static str> {
         .or_else(|| kind::<SyncFrame>(body))
         .or_else(|| kind::<ForwardFrame>(body))
         .or_else(|| kind::<SearchFrame>(body))
+        .or_else(|| kind::<CopyFrame>(body))
 }
