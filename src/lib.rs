@@ -32,8 +32,11 @@
 //! - [`backoff`]: the one retry delay rule every retry loop uses.
 //! - [`guard`]: per-peer shares of helper pools, token buckets, throttled refusal logs.
 //! - [`nats`]: NATS connection and the confirmed publisher.
+//! - [`feed`]: the live feed: journal and applied entries as they are committed, in a
+//!   bounded ring every feed client reads at its own pace.
 //! - [`admin`]: admin HTTP API (bearer token, HTTPS; status, journal and applied pages,
-//!   events and searches without NATS); [`metrics`]: the Prometheus registry it serves.
+//!   the live feed WebSocket and the web page, events and searches without NATS);
+//!   [`metrics`]: the Prometheus registry it serves.
 //! - [`secret_file`]: the admin token file, and warnings for secret files others can read.
 //! - [`node`]: wires everything together and runs until shutdown.
 //! - [`cli`]: the `id`, `peers`, `partners` and operator commands (`status`, `journal`,
@@ -46,6 +49,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod contract;
+pub mod feed;
 pub mod guard;
 pub mod identity;
 pub mod inbound;
