@@ -121,8 +121,12 @@ pub struct JournalArgs {
     #[arg(long)]
     pub applied: bool,
     /// Only entries older than this seq (with --applied: this apply key).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     pub before: Option<u64>,
+    /// After the newest --limit entries (oldest first), print entries as they are committed,
+    /// until interrupted (over the WebSocket GET /api/feed).
+    #[arg(long)]
+    pub follow: bool,
     /// Entries per page (at most 1000).
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
