@@ -267,15 +267,19 @@ async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
             for l in &links {
                 ages.push(status::oldest_unacked_ms(&s, l).await.unwrap_or(0));
             }
-            s.metrics
-                .set_partners(links.iter().zip(ages).map(|(l, age_ms)| crate::metrics::PartnerFigures {
-                    peer: &l.peer_id,
-                    pending: l.pending,
-                    lag: l.lag,
-                    state: &l.state,
-                    rtt_seconds: l.rtt_ms.map(|ms| ms / 1000.0),
-                    lag_seconds: age_ms as f64 / 1000.0,
-                }))
+            s.metrics.set_partners(
+                links
+                    .iter()
+                    .zip(ages)
+                    .map(|(l, age_ms)| crate::metrics::PartnerFigures {
+                        peer: &l.peer_id,
+                        pending: l.pending,
+                        lag: l.lag,
+                        state: &l.state,
+                        rtt_seconds: l.rtt_ms.map(|ms| ms / 1000.0),
+                        lag_seconds: age_ms as f64 / 1000.0,
+                    }),
+            )
         }
         Err(e) => tracing::warn!(cause = %e, "metrics scrape without the partner links' status"),
     }

@@ -302,7 +302,8 @@ impl AdminClient {
         &self,
         path: &str,
         read_timeout: Duration,
-    ) -> anyhow::Result<tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>> {
+    ) -> anyhow::Result<tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>>
+    {
         use tungstenite::client::IntoClientRequest;
         let (scheme, rest) = self
             .base
@@ -328,7 +329,12 @@ impl AdminClient {
             base: self.base.clone(),
             cause,
         };
-        let host = request.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+        let host = request
+            .uri()
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
         let port = request.uri().port_u16().unwrap_or(default_port);
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
             .map_err(|e| unreachable(e.to_string()))?
@@ -364,7 +370,10 @@ impl AdminClient {
                     .map(String::from_utf8_lossy)
                     .unwrap_or_default()
                     .into_owned();
-                bail!("the node answered {} to the feed handshake: {body}", answer.status())
+                bail!(
+                    "the node answered {} to the feed handshake: {body}",
+                    answer.status()
+                )
             }
             Err(e) => return Err(unreachable(e.to_string()).into()),
         };
@@ -406,11 +415,13 @@ fn rustls_config(certs: &[ureq::tls::Certificate<'static>]) -> anyhow::Result<ru
             .add(rustls::pki_types::CertificateDer::from(c.der().to_vec()))
             .context("an --admin-ca certificate is not usable")?;
     }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 /// The certificates of a PEM file (`--admin-ca`).

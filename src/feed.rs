@@ -105,9 +105,7 @@ impl Ring {
         self.next_id = self.next_id.saturating_add(1);
         self.bytes = self.bytes.saturating_add(item.cost());
         self.items.push_back(item);
-        while self.items.len() > self.max_entries
-            || (self.bytes > self.max_bytes && self.items.len() > 1)
-        {
+        while self.items.len() > self.max_entries || (self.bytes > self.max_bytes && self.items.len() > 1) {
             if let Some(old) = self.items.pop_front() {
                 self.bytes = self.bytes.saturating_sub(old.cost());
             }
@@ -187,7 +185,9 @@ impl Live {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
         // The ring holds no invariant a panicking holder could break half-way.
-        self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -347,13 +347,16 @@ pub async fn follow_applied(feed: Arc<Feed>, store: Arc<dyn Store>, mut stop: wa
         if let Some(newest) = newer.first() {
             last = newest.key;
         }
-        let items = newer.into_iter().rev().filter_map(|r| match serde_json::to_string(&r) {
-            Ok(json) => Some((r.key, r.entry.data_type, r.entry.origin, Arc::from(json))),
-            Err(err) => {
-                tracing::warn!(cause = %err, key = r.key, "live feed: applied record not encoded");
-                None
-            }
-        });
+        let items = newer
+            .into_iter()
+            .rev()
+            .filter_map(|r| match serde_json::to_string(&r) {
+                Ok(json) => Some((r.key, r.entry.data_type, r.entry.origin, Arc::from(json))),
+                Err(err) => {
+                    tracing::warn!(cause = %err, key = r.key, "live feed: applied record not encoded");
+                    None
+                }
+            });
         feed.applied.push_all(items.collect::<Vec<_>>());
     }
 }
@@ -389,7 +392,10 @@ mod tests {
         let r = ring_of(100, 10, 1 << 20);
         let read = r.read(1, 4);
         assert_eq!(read.skipped, 90);
-        assert_eq!(read.items.iter().map(|i| i.key).collect::<Vec<_>>(), vec![91, 92, 93, 94]);
+        assert_eq!(
+            read.items.iter().map(|i| i.key).collect::<Vec<_>>(),
+            vec![91, 92, 93, 94]
+        );
         let rest = r.read(read.next, 100);
         assert_eq!(rest.skipped, 0);
         assert_eq!(rest.items.len(), 6);

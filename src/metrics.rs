@@ -488,7 +488,10 @@ mod tests {
         let text = render(&[m.registry()]).unwrap();
         assert!(text.contains("oc_partner_pending{peer=\"b\"} 2\n"), "{text}");
         assert!(text.contains("oc_partner_state{peer=\"b\",state=\"online\"} 1\n"));
-        assert!(text.contains("oc_partner_lag_seconds{peer=\"b\"} 1.5\n"), "{text}");
+        assert!(
+            text.contains("oc_partner_lag_seconds{peer=\"b\"} 1.5\n"),
+            "{text}"
+        );
         assert!(!text.contains("peer=\"a\""), "{text}");
     }
 }

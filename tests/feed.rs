@@ -43,7 +43,10 @@ async fn the_feed_pages_back_goes_live_pauses_resumes_and_filters() {
     let mut feed = FeedClient::connect(&a.node).await.unwrap();
     let first = feed.subscribe(journal()).await.unwrap();
     assert_eq!(seqs(&first), vec![7, 6, 5]);
-    assert_eq!((first["oldest_reached"].clone(), first["before"].clone()), (json!(false), json!(5)));
+    assert_eq!(
+        (first["oldest_reached"].clone(), first["before"].clone()),
+        (json!(false), json!(5))
+    );
     feed.send(&json!({"type": "older", "before": 5})).await.unwrap();
     let second = feed.expect("page").await.unwrap();
     assert_eq!(seqs(&second), vec![4, 3, 2]);
@@ -63,12 +66,21 @@ async fn the_feed_pages_back_goes_live_pauses_resumes_and_filters() {
     feed.send(&json!({"type": "pause"})).await.unwrap();
     publish_n(&a, &me, 9, 1, "COMPUTE_RESOURCE").await;
     eventually("entry 9 journaled", async || {
-        a.node.get_json("/api/node").await.ok().map(|n| n["journal_head"].clone()) == Some(json!(9))
+        a.node
+            .get_json("/api/node")
+            .await
+            .ok()
+            .map(|n| n["journal_head"].clone())
+            == Some(json!(9))
     })
     .await;
     feed.send(&json!({"type": "resume"})).await.unwrap();
     let resumed = feed.expect("page").await.unwrap();
-    assert_eq!(seqs(&resumed), vec![9, 8, 7], "the first message after resume is the page");
+    assert_eq!(
+        seqs(&resumed),
+        vec![9, 8, 7],
+        "the first message after resume is the page"
+    );
     publish_n(&a, &me, 10, 1, "COMPUTE_RESOURCE").await;
     assert_eq!(feed.expect("live").await.unwrap()["entry"]["seq"], 10);
 
@@ -76,7 +88,9 @@ async fn the_feed_pages_back_goes_live_pauses_resumes_and_filters() {
     publish_n(&a, &me, 11, 2, "STORAGE_RESOURCE").await;
     let mut storage = FeedClient::connect(&a.node).await.unwrap();
     let page = storage
-        .subscribe(json!({"type": "subscribe", "feed": "journal", "portion": 10, "data_type": "STORAGE_RESOURCE"}))
+        .subscribe(
+            json!({"type": "subscribe", "feed": "journal", "portion": 10, "data_type": "STORAGE_RESOURCE"}),
+        )
         .await
         .unwrap();
     assert_eq!(seqs(&page), vec![12, 11]);
@@ -84,7 +98,10 @@ async fn the_feed_pages_back_goes_live_pauses_resumes_and_filters() {
     publish_n(&a, &me, 13, 1, "COMPUTE_RESOURCE").await;
     publish_n(&a, &me, 14, 1, "STORAGE_RESOURCE").await;
     let live = storage.expect("live").await.unwrap();
-    assert_eq!(live["entry"]["seq"], 14, "entry 13 (another data type) is not sent: {live}");
+    assert_eq!(
+        live["entry"]["seq"], 14,
+        "entry 13 (another data type) is not sent: {live}"
+    );
     // The unfiltered client saw 11 to 14 in order.
     for seq in 11..=14 {
         assert_eq!(feed.expect("live").await.unwrap()["entry"]["seq"], seq);
@@ -108,9 +125,13 @@ async fn bad_messages_get_error_frames_and_the_connection_goes_on() {
     let e = feed.expect("error").await.unwrap();
     assert_eq!(code(e.clone()), "invalid_field");
     assert!(e["message"].as_str().unwrap().contains("subscribe"), "{e}");
-    feed.send(&json!({"type": "subscribe", "feed": "journal", "portion": 5000})).await.unwrap();
+    feed.send(&json!({"type": "subscribe", "feed": "journal", "portion": 5000}))
+        .await
+        .unwrap();
     assert_eq!(code(feed.expect("error").await.unwrap()), "invalid_field");
-    feed.send(&json!({"type": "subscribe", "feed": "gossip"})).await.unwrap();
+    feed.send(&json!({"type": "subscribe", "feed": "gossip"}))
+        .await
+        .unwrap();
     assert_eq!(code(feed.expect("error").await.unwrap()), "invalid_field");
     feed.send_raw(Message::binary(vec![1, 2, 3])).await.unwrap();
     assert_eq!(code(feed.expect("error").await.unwrap()), "invalid_json");
@@ -137,7 +158,13 @@ async fn bad_messages_get_error_frames_and_the_connection_goes_on() {
     feed.send_raw(Message::text("x".repeat(64 * 1024))).await.unwrap();
     assert_eq!(code(feed.expect("error").await.unwrap()), "payload_too_large");
     assert!(feed.recv().await.is_err());
-    assert!(a.node.metric("oc_refusals_total{place=\"admin_feed\",code=\"busy\"}").await.unwrap() >= 1);
+    assert!(
+        a.node
+            .metric("oc_refusals_total{place=\"admin_feed\",code=\"busy\"}")
+            .await
+            .unwrap()
+            >= 1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,10 +243,16 @@ async fn the_feed_needs_the_token_like_every_route() {
     let mut with = FeedClient::connect(&a.node).await.unwrap();
     with.subscribe(journal()).await.unwrap();
     a.node.admin_token = None;
-    let refused = FeedClient::connect(&a.node).await.err().expect("refused without a token");
+    let refused = FeedClient::connect(&a.node)
+        .await
+        .err()
+        .expect("refused without a token");
     assert!(refused.to_string().contains("401"), "{refused}");
     a.node.admin_token = Some("wrong".into());
-    let refused = FeedClient::connect(&a.node).await.err().expect("refused with a wrong token");
+    let refused = FeedClient::connect(&a.node)
+        .await
+        .err()
+        .expect("refused with a wrong token");
     assert!(refused.to_string().contains("refused the token"), "{refused}");
 }
 
@@ -287,10 +320,16 @@ async fn journal_follow_prints_the_page_then_entries_as_they_come() {
     let follow = Follow::start(&a, &["--json", "--limit", "2"]);
     let first: Value = serde_json::from_str(&follow.line().await).unwrap();
     let second: Value = serde_json::from_str(&follow.line().await).unwrap();
-    assert_eq!((first["seq"].clone(), second["seq"].clone()), (json!(2), json!(3)));
+    assert_eq!(
+        (first["seq"].clone(), second["seq"].clone()),
+        (json!(2), json!(3))
+    );
     publish_n(&a, &me, 4, 1, "COMPUTE_RESOURCE").await;
     let live: Value = serde_json::from_str(&follow.line().await).unwrap();
-    assert_eq!((live["seq"].clone(), live["origin"].clone()), (json!(4), json!(me)));
+    assert_eq!(
+        (live["seq"].clone(), live["origin"].clone()),
+        (json!(4), json!(me))
+    );
 
     // The applied side on the partner, as a table: the header, then A's entries as B applies them.
     let applied = Follow::start(&b, &["--applied", "--origin", &me, "--limit", "1"]);

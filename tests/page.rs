@@ -59,7 +59,12 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
     let me = a.id();
     // 120 entries, every tenth a STORAGE_RESOURCE.
     for i in 1..=120 {
-        let mut body = event("PB_CREATE", &format!("res-{i:03}"), &me, json!({"name": format!("resource {i}")}));
+        let mut body = event(
+            "PB_CREATE",
+            &format!("res-{i:03}"),
+            &me,
+            json!({"name": format!("resource {i}")}),
+        );
         if i % 10 == 0 {
             body["data_type"] = json!("STORAGE_RESOURCE");
         }
@@ -77,7 +82,10 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
         .await
         .unwrap();
     wait_for(&browser, "the token dialog", async |b| {
-        b.js("return document.getElementById('login').open;", vec![]).await.ok() == Some(json!(true))
+        b.js("return document.getElementById('login').open;", vec![])
+            .await
+            .ok()
+            == Some(json!(true))
     })
     .await;
     input.send_keys(TOKEN).await.unwrap();
@@ -90,46 +98,78 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
         .await
         .unwrap();
     let kept = browser
-        .js("return sessionStorage.getItem('oc-discovery.admin-token');", vec![])
+        .js(
+            "return sessionStorage.getItem('oc-discovery.admin-token');",
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(kept, json!(TOKEN));
 
     // The first portion: the newest 50, newest on top, live.
-    wait_for(&browser, "the first portion", async |b| keys(b).await.first() == Some(&120)).await;
+    wait_for(&browser, "the first portion", async |b| {
+        keys(b).await.first() == Some(&120)
+    })
+    .await;
     let first = keys(&browser).await;
     assert_eq!(first, (71..=120).rev().collect::<Vec<_>>());
     assert_eq!(text_of(&browser, "#state").await, "live");
-    assert_eq!(text_of(&browser, "#peer-rows tr[data-peer] td.state").await, "online");
+    assert_eq!(
+        text_of(&browser, "#peer-rows tr[data-peer] td.state").await,
+        "online"
+    );
 
     // Scrolling down: older pages until "oldest reached"; scrolling away from the top paused.
     wait_for(&browser, "the oldest entry after scrolling", async |b| {
         let _ = b
-            .js("const f = document.getElementById('feed'); f.scrollTop = f.scrollHeight;", vec![])
+            .js(
+                "const f = document.getElementById('feed'); f.scrollTop = f.scrollHeight;",
+                vec![],
+            )
             .await;
         text_of(b, "#end").await == "oldest reached"
     })
     .await;
     assert_eq!(keys(&browser).await, (1..=120).rev().collect::<Vec<_>>());
     assert_eq!(text_of(&browser, "#state").await, "paused");
-    browser.screenshot(&screenshot_dir().join("feed-oldest.png")).await.unwrap();
+    browser
+        .screenshot(&screenshot_dir().join("feed-oldest.png"))
+        .await
+        .unwrap();
 
     // Paused: a new entry is committed and sent to a live client, not to the page.
     let mut watcher = FeedClient::connect(&a.node).await.unwrap();
-    watcher.subscribe(json!({"type": "subscribe", "feed": "journal", "portion": 1})).await.unwrap();
-    a.publish_ok(&event("PB_UPDATE", "res-001", &me, json!({"name": "renamed"}))).await;
+    watcher
+        .subscribe(json!({"type": "subscribe", "feed": "journal", "portion": 1}))
+        .await
+        .unwrap();
+    a.publish_ok(&event("PB_UPDATE", "res-001", &me, json!({"name": "renamed"})))
+        .await;
     assert_eq!(watcher.expect("live").await.unwrap()["entry"]["seq"], 121);
-    assert!(!keys(&browser).await.contains(&121), "a paused page shows no live row");
+    assert!(
+        !keys(&browser).await.contains(&121),
+        "a paused page shows no live row"
+    );
 
     // Resume: the newest portion again (121 on top), then live rows again.
-    browser.client.find(Locator::Id("resume")).await.unwrap().click().await.unwrap();
+    browser
+        .client
+        .find(Locator::Id("resume"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_for(&browser, "the newest portion after resume", async |b| {
         keys(b).await == (72..=121).rev().collect::<Vec<_>>()
     })
     .await;
     assert_eq!(text_of(&browser, "#state").await, "live");
     a.publish_ok(&event("PB_DELETE", "res-002", &me, json!({}))).await;
-    wait_for(&browser, "a live row on top", async |b| keys(b).await.first() == Some(&122)).await;
+    wait_for(&browser, "a live row on top", async |b| {
+        keys(b).await.first() == Some(&122)
+    })
+    .await;
     assert_eq!(text_of(&browser, "#rows tr.entry td.action").await, "delete");
 
     // A filter by data type.
@@ -148,10 +188,16 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
     })
     .await;
     let types: Value = browser
-        .js("return [...document.querySelectorAll('#rows td.type')].map(t => t.textContent);", vec![])
+        .js(
+            "return [...document.querySelectorAll('#rows td.type')].map(t => t.textContent);",
+            vec![],
+        )
         .await
         .unwrap();
-    assert!(types.as_array().unwrap().iter().all(|t| t == "STORAGE_RESOURCE"), "{types}");
+    assert!(
+        types.as_array().unwrap().iter().all(|t| t == "STORAGE_RESOURCE"),
+        "{types}"
+    );
     assert_eq!(text_of(&browser, "#end").await, "oldest reached");
     filter.clear().await.unwrap();
     browser
@@ -162,7 +208,10 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
         .click()
         .await
         .unwrap();
-    wait_for(&browser, "the unfiltered page", async |b| keys(b).await.first() == Some(&122)).await;
+    wait_for(&browser, "the unfiltered page", async |b| {
+        keys(b).await.first() == Some(&122)
+    })
+    .await;
 
     // The partner goes offline: the partners table shows it.
     b.node.stop();
@@ -170,15 +219,27 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
         text_of(b, "#peer-rows tr[data-peer] td.state").await == "offline"
     })
     .await;
-    browser.screenshot(&screenshot_dir().join("feed.png")).await.unwrap();
+    browser
+        .screenshot(&screenshot_dir().join("feed.png"))
+        .await
+        .unwrap();
 
     // Phone width: the same page, one column.
     browser.client.set_window_size(390, 844).await.unwrap();
-    browser.screenshot(&screenshot_dir().join("feed-phone.png")).await.unwrap();
-    let width: Value = browser
-        .js("return [document.documentElement.scrollWidth, window.innerWidth];", vec![])
+    browser
+        .screenshot(&screenshot_dir().join("feed-phone.png"))
         .await
         .unwrap();
-    assert!(width[0].as_f64() <= width[1].as_f64(), "no horizontal scrolling at phone width: {width}");
+    let width: Value = browser
+        .js(
+            "return [document.documentElement.scrollWidth, window.innerWidth];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        width[0].as_f64() <= width[1].as_f64(),
+        "no horizontal scrolling at phone width: {width}"
+    );
     browser.close().await;
 }

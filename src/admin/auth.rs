@@ -316,9 +316,15 @@ mod tests {
         let value = protocol_token(&h).expect("a token");
         let g = gate(Some("s3cret"));
         assert_eq!(g.check(&Method::GET, FEED_PATH, Some(&value)), Ok(()));
-        h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer.czNjcmV1"));
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("bearer.czNjcmV1"),
+        );
         let wrong = protocol_token(&h).expect("a token");
-        assert_eq!(g.check(&Method::GET, FEED_PATH, Some(&wrong)), Err(Refusal::WrongToken));
+        assert_eq!(
+            g.check(&Method::GET, FEED_PATH, Some(&wrong)),
+            Err(Refusal::WrongToken)
+        );
         h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer.!!"));
         assert_eq!(protocol_token(&h), None);
     }

@@ -99,15 +99,16 @@ pub fn decode(text: &str) -> Result<ClientMessage, FeedError> {
         _ => FeedError::new(ErrorCode::InvalidJson, e.to_string()),
     })?;
     match &msg {
-        ClientMessage::Subscribe {
-            portion: Some(n), ..
-        } if *n == 0 || *n > MAX_LIMIT => Err(FeedError::new(
-            ErrorCode::InvalidField,
-            format!("portion must be between 1 and {MAX_LIMIT}, not {n}"),
-        )),
-        ClientMessage::Older { before: 0 } => {
-            Err(FeedError::new(ErrorCode::InvalidField, "before must be at least 1"))
+        ClientMessage::Subscribe { portion: Some(n), .. } if *n == 0 || *n > MAX_LIMIT => {
+            Err(FeedError::new(
+                ErrorCode::InvalidField,
+                format!("portion must be between 1 and {MAX_LIMIT}, not {n}"),
+            ))
         }
+        ClientMessage::Older { before: 0 } => Err(FeedError::new(
+            ErrorCode::InvalidField,
+            "before must be at least 1",
+        )),
         _ => Ok(msg),
     }
 }
@@ -478,13 +479,25 @@ mod tests {
             })
         );
         assert_eq!(decode(r#"{"type":"pause"}"#), Ok(ClientMessage::Pause));
-        assert_eq!(decode(r#"{"type":"older","before":3}"#), Ok(ClientMessage::Older { before: 3 }));
+        assert_eq!(
+            decode(r#"{"type":"older","before":3}"#),
+            Ok(ClientMessage::Older { before: 3 })
+        );
         let code = |t: &str| decode(t).map_err(|e| e.code.as_str()).err();
         assert_eq!(code("{nope"), Some("invalid_json"));
         assert_eq!(code(r#"{"type":"explode"}"#), Some("invalid_field"));
-        assert_eq!(code(r#"{"type":"subscribe","feed":"other"}"#), Some("invalid_field"));
-        assert_eq!(code(r#"{"type":"subscribe","feed":"journal","portion":0}"#), Some("invalid_field"));
-        assert_eq!(code(r#"{"type":"subscribe","feed":"journal","portion":1001}"#), Some("invalid_field"));
+        assert_eq!(
+            code(r#"{"type":"subscribe","feed":"other"}"#),
+            Some("invalid_field")
+        );
+        assert_eq!(
+            code(r#"{"type":"subscribe","feed":"journal","portion":0}"#),
+            Some("invalid_field")
+        );
+        assert_eq!(
+            code(r#"{"type":"subscribe","feed":"journal","portion":1001}"#),
+            Some("invalid_field")
+        );
         assert_eq!(code(r#"{"type":"older","before":0}"#), Some("invalid_field"));
         assert_eq!(code(r#"{"type":"older","before":-1}"#), Some("invalid_field"));
     }
@@ -502,6 +515,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["type"], "page");
         assert_eq!(v["entries"].as_array().unwrap().len(), 2);
-        assert_eq!((v["oldest_reached"].clone(), v["before"].clone()), (json!(false), json!(4)));
+        assert_eq!(
+            (v["oldest_reached"].clone(), v["before"].clone()),
+            (json!(false), json!(4))
+        );
     }
 }

@@ -212,7 +212,11 @@ fn follow_line(args: &JournalArgs, item: &Value) -> String {
     let e = if args.applied { &item["entry"] } else { item };
     let mut line = String::new();
     if args.applied {
-        line.push_str(&format!("{:>8}  {:<52}  ", text(&item["key"]), text(&e["origin"])));
+        line.push_str(&format!(
+            "{:>8}  {:<52}  ",
+            text(&item["key"]),
+            text(&e["origin"])
+        ));
     }
     line.push_str(&format!(
         "{:>8}  {:<16}  {:<20}  {:<24}  {}",
@@ -254,7 +258,11 @@ fn follow(args: &JournalArgs) -> anyhow::Result<()> {
         } else {
             String::new()
         };
-        writeln!(out, "{header}{:>8}  {:<16}  {:<20}  {:<24}  USER", "SEQ", "ACTION", "DATA TYPE", "ID")?;
+        writeln!(
+            out,
+            "{header}{:>8}  {:<16}  {:<20}  {:<24}  USER",
+            "SEQ", "ACTION", "DATA TYPE", "ID"
+        )?;
     }
     loop {
         let msg = match ws.read() {
@@ -265,7 +273,10 @@ fn follow(args: &JournalArgs) -> anyhow::Result<()> {
             }
             Ok(_) => continue,
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
             {
                 return Err(super::AdminError::Unreachable {
                     base: args.client.admin.clone(),
@@ -294,11 +305,7 @@ fn follow(args: &JournalArgs) -> anyhow::Result<()> {
                 "({} entries skipped: the node went faster than this terminal read)",
                 text(&v["skipped"])
             ),
-            Some("error") => bail!(
-                "the node refused ({}): {}",
-                text(&v["code"]),
-                text(&v["message"])
-            ),
+            Some("error") => bail!("the node refused ({}): {}", text(&v["code"]), text(&v["message"])),
             _ => {}
         }
         out.flush()?;

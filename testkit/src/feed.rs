@@ -29,8 +29,8 @@ impl FeedClient {
     /// The handshake fails (the error is the node crate's: `AdminError` for 401).
     pub async fn connect(node: &NodeProcess) -> anyhow::Result<FeedClient> {
         let client = node.admin_client()?;
-        let ws = tokio::task::spawn_blocking(move || client.websocket("/api/feed", FEED_READ_TIMEOUT))
-            .await??;
+        let ws =
+            tokio::task::spawn_blocking(move || client.websocket("/api/feed", FEED_READ_TIMEOUT)).await??;
         Ok(FeedClient { ws: Some(ws) })
     }
 
