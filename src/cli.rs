@@ -25,7 +25,7 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
 /// Largest `--admin-ca` file read.
 const MAX_CA_BYTES: u64 = 1024 * 1024;
-/// Largest feed message read (a page is at most 4 MiB plus one entry).
+/// Largest feed message read (a page is at most 2 MiB plus one entry).
 const MAX_FEED_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Exit code of an [`AdminError`].
 pub const EXIT_ADMIN_UNAVAILABLE: u8 = 3;

@@ -68,6 +68,8 @@ pub struct Read {
     pub items: Vec<Arc<LiveItem>>,
     /// The cursor to read from next time.
     pub next: u64,
+    /// Whether entries were left for the next read (a bound was reached).
+    pub more: bool,
 }
 
 /// The newest committed entries, bounded in count and bytes; no I/O inside.
@@ -117,16 +119,29 @@ impl Ring {
         self.next_id
     }
 
-    /// Up to `max` entries from cursor `from` on, and how many were skipped because they
-    /// already left the ring.
-    pub fn read(&self, from: u64, max: usize) -> Read {
+    /// Up to `max` entries and about `max_bytes` (at least one entry) from cursor `from` on,
+    /// and how many were skipped because they already left the ring.
+    pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Read {
         let oldest = self.items.front().map_or(self.next_id, |i| i.id);
         let start = from.max(oldest).min(self.next_id);
         let skipped = start.saturating_sub(from);
         let offset = usize::try_from(start - oldest).unwrap_or(usize::MAX);
-        let items: Vec<Arc<LiveItem>> = self.items.iter().skip(offset).take(max).cloned().collect();
+        let mut items: Vec<Arc<LiveItem>> = Vec::new();
+        let mut bytes = 0usize;
+        for item in self.items.iter().skip(offset) {
+            if items.len() >= max || (!items.is_empty() && bytes.saturating_add(item.cost()) > max_bytes) {
+                break;
+            }
+            bytes = bytes.saturating_add(item.cost());
+            items.push(item.clone());
+        }
         let next = items.last().map_or(start, |i| i.id.saturating_add(1));
-        Read { skipped, items, next }
+        Read {
+            skipped,
+            items,
+            next,
+            more: next < self.next_id,
+        }
     }
 
     /// Bytes held now.
@@ -168,8 +183,8 @@ impl Live {
     }
 
     /// See [`Ring::read`].
-    pub fn read(&self, from: u64, max: usize) -> Read {
-        self.lock().read(from, max)
+    pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Read {
+        self.lock().read(from, max, max_bytes)
     }
 
     fn push_all(&self, items: impl IntoIterator<Item = (u64, String, String, Arc<str>)>) {
@@ -379,10 +394,10 @@ mod tests {
         let cursor = r.cursor();
         r.push(7, "T", "o", Arc::from("a"));
         r.push(8, "T", "o", Arc::from("b"));
-        let read = r.read(cursor, 100);
+        let read = r.read(cursor, 100, usize::MAX);
         assert_eq!(read.skipped, 0);
         assert_eq!(read.items.iter().map(|i| i.key).collect::<Vec<_>>(), vec![7, 8]);
-        let again = r.read(read.next, 100);
+        let again = r.read(read.next, 100, usize::MAX);
         assert!(again.items.is_empty() && again.skipped == 0);
         assert_eq!(again.next, read.next);
     }
@@ -390,15 +405,20 @@ mod tests {
     #[test]
     fn a_reader_behind_the_ring_learns_how_many_it_missed() {
         let r = ring_of(100, 10, 1 << 20);
-        let read = r.read(1, 4);
+        let read = r.read(1, 4, usize::MAX);
         assert_eq!(read.skipped, 90);
         assert_eq!(
             read.items.iter().map(|i| i.key).collect::<Vec<_>>(),
             vec![91, 92, 93, 94]
         );
-        let rest = r.read(read.next, 100);
+        let rest = r.read(read.next, 100, usize::MAX);
         assert_eq!(rest.skipped, 0);
         assert_eq!(rest.items.len(), 6);
+        assert!(read.more && !rest.more);
+        // A byte bound: at least one entry, then what fits.
+        let one = r.read(read.next, 100, 1);
+        assert_eq!(one.items.len(), 1);
+        assert!(one.more);
     }
 
     #[test]

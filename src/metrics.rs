@@ -1,5 +1,5 @@
 //! The node's metrics in a `prometheus-client` registry, served on `GET /metrics`
-//! (OpenMetrics text). Every name, type and label is listed in docs/METRICS.md.
+//! (OpenMetrics text). Every name, type and label is listed in protocols/admin-http.md.
 //!
 //! Counters and gauges are atomics shared with the registry, so the hot paths only add.
 //! Labels are bounded: refusals by (place, code) from fixed sets, per-partner figures only

@@ -139,6 +139,19 @@ async fn bad_messages_get_error_frames_and_the_connection_goes_on() {
     let page = feed.subscribe(journal()).await.unwrap();
     assert_eq!(seqs(&page), vec![2, 1]);
 
+    // An entry larger than a frame goes out in continuation frames, live and in a page.
+    let filler = "z".repeat(300 * 1024);
+    a.publish_ok(&event("PB_CREATE", "big", &me, json!({"filler": filler})))
+        .await;
+    let live = feed.expect("live").await.unwrap();
+    assert_eq!(
+        live["entry"]["resource"]["filler"].as_str().map(str::len),
+        Some(filler.len())
+    );
+    let page = feed.subscribe(journal()).await.unwrap();
+    assert_eq!(seqs(&page), vec![3, 2, 1]);
+    assert_eq!(page["entries"][0], live["entry"]);
+
     // Too many clients: the third is told `busy`; a place freed is taken again.
     let mut second = FeedClient::connect(&a.node).await.unwrap();
     second.subscribe(journal()).await.unwrap();

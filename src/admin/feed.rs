@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Item, Session};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
@@ -33,15 +33,20 @@ pub const PROTOCOL: &str = "oc-discovery.feed";
 /// Largest client message (text frame, continuations together).
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// Largest `page` message: beyond, the page ends early with a `before` cursor.
-pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Messages larger than this go out as continuation frames of this size, so that the
+/// client's outgoing queue (32 frames) holds at most 32 of them: 2 MiB.
+pub const FRAME_BYTES: usize = 64 * 1024;
 /// Longest wait for the client to take one message; then it is disconnected.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// The node pings this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A client heard from (any frame, pongs included) less recently is disconnected.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Live entries taken from the ring at once.
+/// Live entries taken from the ring at once, and their bytes (at least one entry): what a
+/// client holds of entries the ring may meanwhile drop.
 const LIVE_BATCH: usize = 64;
+const LIVE_BATCH_BYTES: usize = 256 * 1024;
 
 /// Which log a client follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -187,12 +192,26 @@ impl Client {
         }
     }
 
+    /// Sends one text message, in frames of [`FRAME_BYTES`] when larger; each frame waits
+    /// at most [`SEND_TIMEOUT`] for room in the client's queue.
     async fn send(&mut self, text: String) -> Result<(), End> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.session.text(text)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_closed)) => Err(End::Gone),
-            Err(_) => Err(End::Slow),
+        if text.len() <= FRAME_BYTES {
+            return wait_send(self.session.text(text)).await;
         }
+        let bytes = bytes::Bytes::from(text);
+        let mut at = 0;
+        while at < bytes.len() {
+            let end = (at + FRAME_BYTES).min(bytes.len());
+            let part = bytes.slice(at..end);
+            let item = match (at, end == bytes.len()) {
+                (0, _) => Item::FirstText(part),
+                (_, true) => Item::Last(part),
+                _ => Item::Continue(part),
+            };
+            wait_send(self.session.continuation(item)).await?;
+            at = end;
+        }
+        Ok(())
     }
 
     async fn error(&mut self, e: &FeedError) -> Result<(), End> {
@@ -299,31 +318,39 @@ impl Client {
         let Some(sub) = &self.sub else {
             return Ok(());
         };
-        let read = self.live(sub.feed).read(sub.cursor, LIVE_BATCH);
-        let more = read.items.len() >= LIVE_BATCH;
+        let read = self.live(sub.feed).read(sub.cursor, LIVE_BATCH, LIVE_BATCH_BYTES);
         let Some(sub) = &mut self.sub else {
             return Ok(());
         };
         sub.cursor = read.next;
-        if more {
+        if read.more {
             sub.newest.mark_changed();
         }
-        let texts: Vec<String> = read
-            .items
-            .iter()
-            .filter(|i| i.key > sub.seen_up_to && sub.keeps(&i.data_type, &i.origin))
-            .map(|i| format!("{{\"type\":\"live\",\"entry\":{}}}", i.json))
+        let (seen_up_to, items) = (sub.seen_up_to, read.items);
+        let wanted: Vec<_> = items
+            .into_iter()
+            .filter(|i| i.key > seen_up_to && sub.keeps(&i.data_type, &i.origin))
             .collect();
         if read.skipped > 0 {
             self.state.metrics.feed_lagged.inc_by(read.skipped);
-            tracing::info!(peer = %self.peer, skipped = read.skipped, "feed client lagged");
+            tracing::debug!(peer = %self.peer, skipped = read.skipped, "feed client lagged");
             self.send(json!({"type": "lagged", "skipped": read.skipped}).to_string())
                 .await?;
         }
-        for text in texts {
-            self.send(text).await?;
+        // One message built at a time: the entries are shared with the ring until sent.
+        for item in wanted {
+            self.send(format!("{{\"type\":\"live\",\"entry\":{}}}", item.json))
+                .await?;
         }
         Ok(())
+    }
+}
+
+async fn wait_send(send: impl std::future::Future<Output = Result<(), actix_ws::Closed>>) -> Result<(), End> {
+    match tokio::time::timeout(SEND_TIMEOUT, send).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_closed)) => Err(End::Gone),
+        Err(_) => Err(End::Slow),
     }
 }
 
