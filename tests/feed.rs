@@ -261,6 +261,24 @@ async fn the_feed_needs_the_token_like_every_route() {
         .err()
         .expect("refused without a token");
     assert!(refused.to_string().contains("401"), "{refused}");
+    // A browser page of another origin (its Origin header) is refused, with or without token.
+    a.node.admin_token = Some("feed-s3cret-token".into());
+    let url = format!("ws://127.0.0.1:{}/api/feed", a.node.admin_port);
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).unwrap();
+    request
+        .headers_mut()
+        .insert("Origin", "http://evil.example".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("Authorization", "Bearer feed-s3cret-token".parse().unwrap());
+    match tungstenite::connect(request) {
+        Err(tungstenite::Error::Http(answer)) => {
+            assert_eq!(answer.status(), 403);
+            let body = String::from_utf8_lossy(answer.body().as_deref().unwrap_or_default()).into_owned();
+            assert!(body.contains("forbidden_origin"), "{body}");
+        }
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
     a.node.admin_token = Some("wrong".into());
     let refused = FeedClient::connect(&a.node)
         .await

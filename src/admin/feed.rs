@@ -354,6 +354,34 @@ async fn wait_send(send: impl std::future::Future<Output = Result<(), actix_ws::
     }
 }
 
+/// Error code (403) of a handshake from a page of another origin.
+pub const FORBIDDEN_ORIGIN: &str = "forbidden_origin";
+
+/// Browsers send `Origin` with every WebSocket and do not apply the same-origin rule to
+/// them: without this check any web page the operator opens could read the feed of a node
+/// on its loopback (no token there). Clients that are not browsers send no `Origin`.
+///
+/// # Errors
+/// The `Origin` header, when it names another host and port than `Host`.
+fn same_origin(req: &HttpRequest) -> Result<(), String> {
+    use actix_web::http::header::{HOST, ORIGIN};
+    let Some(origin) = req.headers().get(ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
+    if !host.is_empty() && authority.eq_ignore_ascii_case(host) {
+        Ok(())
+    } else {
+        Err(origin.to_owned())
+    }
+}
+
 /// Where feed refusals are counted in `oc_refusals_total`.
 pub const PLACE: &str = "admin_feed";
 
@@ -385,6 +413,15 @@ pub async fn feed(
     body: web::Payload,
     s: web::Data<AdminState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if let Err(origin) = same_origin(&req) {
+        s.metrics.refused(PLACE, ErrorCode::InvalidField);
+        tracing::warn!(origin = %origin.chars().take(128).collect::<String>(), "feed refused: a page of another origin");
+        return Ok(super::reply::error(
+            actix_web::http::StatusCode::FORBIDDEN,
+            FORBIDDEN_ORIGIN,
+            "a WebSocket from a page of another origin is refused",
+        ));
+    }
     let (response, mut session, stream) = actix_ws::handle_with_protocols(&req, body, &[PROTOCOL])?;
     let peer = req
         .peer_addr()
