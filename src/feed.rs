@@ -8,7 +8,8 @@
 //! entries) and pushes it into a [`Ring`] bounded in entries and in bytes. Every client reads
 //! the same ring at its own pace through its own cursor: a slow client never slows the node
 //! nor grows memory; one that falls behind the ring's oldest entry learns how many it
-//! missed ([`Read::skipped`]) and goes on from the oldest kept.
+//! missed ([`Read::skipped`]) and goes on from the oldest kept. While no client is connected
+//! the followers only move their position to the newest key: nothing is read or encoded.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -287,6 +288,15 @@ pub async fn follow_journal(
         }
     };
     while next_round(&feed.journal, &mut stop).await {
+        // Nobody watching: move past what is committed without reading or encoding it. The
+        // head is read before the client count: a client counted after it reads its page
+        // after this head, so nothing it should get live is skipped.
+        if let Ok(head) = store.journal_head(&own_id).await {
+            if feed.clients() == 0 {
+                last = last.max(head);
+                continue;
+            }
+        }
         loop {
             let rows = match store
                 .read_journal(&own_id, last.saturating_add(1), FOLLOW_WINDOW)
@@ -329,6 +339,13 @@ pub async fn follow_applied(feed: Arc<Feed>, store: Arc<dyn Store>, mut stop: wa
     };
     let cap = feed.applied.lock().max_entries;
     while next_round(&feed.applied, &mut stop).await {
+        // Nobody watching: see `follow_journal`.
+        if let Ok(rows) = store.applied_log(u64::MAX, 1).await {
+            if feed.clients() == 0 {
+                last = last.max(rows.first().map_or(0, |r| r.key));
+                continue;
+            }
+        }
         // Newest first, walking back to `last`; at most a ring's worth (older ones would
         // leave the ring at once: clients count them as skipped).
         let mut newer = Vec::new();
