@@ -1,8 +1,9 @@
 //! The web page at `/` in headless Chromium through WebDriver (Debian's `chromium` and
 //! `chromium-driver`; the test fails with the install command without them), against two
 //! real nodes: the token asked once, the first portion, scrolling back to "oldest reached",
-//! pause (a new entry not shown), resume (the newest portion, live again), a filter, and a
-//! partner going offline in the partners table. Screenshots go to target/screenshots/.
+//! pause (a new entry not shown), resume (the newest portion, live again), a filter, the
+//! partner's applied tab and an origin filter, the token not asked again, a partner going
+//! offline in the partners table, phone width. Screenshots go to target/screenshots/.
 
 use std::path::PathBuf;
 
@@ -212,6 +213,56 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
         keys(b).await.first() == Some(&122)
     })
     .await;
+
+    // The partner's page (no token there): the applied tab, by origin.
+    browser.client.goto(&b.node.admin_url()).await.unwrap();
+    wait_for(&browser, "the partner's journal tab", async |b| {
+        text_of(b, "#state").await == "live"
+    })
+    .await;
+    browser
+        .client
+        .find(Locator::Id("tab-applied"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&browser, "the applied tab", async |b| {
+        keys(b).await.first() == Some(&122)
+    })
+    .await;
+    let origin: Value = browser
+        .js("return document.querySelector('#rows td.origin').title;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(origin, json!(me));
+    let by_origin = browser.client.find(Locator::Id("filter-origin")).await.unwrap();
+    by_origin.send_keys("12D3KooWNobody").await.unwrap();
+    browser
+        .client
+        .find(Locator::Css("#filters button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&browser, "nothing from another origin", async |b| {
+        keys(b).await.is_empty() && text_of(b, "#end").await == "oldest reached"
+    })
+    .await;
+
+    // Back on this node's page: the token is still in the tab, not asked again.
+    browser.client.goto(&a.node.admin_url()).await.unwrap();
+    wait_for(&browser, "the page without a second token prompt", async |b| {
+        keys(b).await.first() == Some(&122)
+    })
+    .await;
+    let asked: Value = browser
+        .js("return document.getElementById('login').open;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(asked, json!(false), "the token is asked once");
 
     // The partner goes offline: the partners table shows it.
     b.node.stop();
