@@ -1,7 +1,8 @@
 //! The `id`, `peers` and `partners` commands, the operator commands of [`operator`]
 //! (`status`, `journal`, `search`, `publish`, `resources`, `completions`), and the admin API
 //! client they and the test kit use ([`AdminClient`]: blocking `ureq` over HTTP or HTTPS,
-//! with the admin token).
+//! with the admin token; [`AdminClient::websocket`]: the live feed over `tungstenite`, for
+//! `journal --follow`).
 //!
 //! Exit codes (see `main.rs`): a node that cannot be reached, or that refuses the token
 //! (401), is an [`AdminError`], exit 3; other failures exit 1.

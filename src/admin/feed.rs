@@ -10,10 +10,12 @@
 //!
 //! Bounds: clients at once (`--feed-max-clients`, then `busy`), bytes of a client message
 //! ([`MAX_MESSAGE_BYTES`]), bytes of a page ([`MAX_PAGE_BYTES`], the rest follows with
-//! `older`), the client's outgoing queue (actix-ws' 32 messages, then the client's task
-//! waits, at most [`SEND_TIMEOUT`]), silence ([`IDLE_TIMEOUT`], pings every
+//! `older`), the client's outgoing queue (actix-ws' 32 frames; messages over [`FRAME_BYTES`]
+//! go as continuation frames, so at most 2 MiB wait there; then the client's task waits, at
+//! most [`SEND_TIMEOUT`] per frame), silence ([`IDLE_TIMEOUT`], pings every
 //! [`PING_INTERVAL`]). A bad message gets `{"type":"error","code","message"}` and the
-//! connection stays.
+//! connection stays. Who may connect: the admin token ([`super::auth`], also as the
+//! `bearer.` subprotocol), and no page of another origin ([`same_origin`]).
 
 use std::time::{Duration, Instant};
 
