@@ -15,7 +15,7 @@
 //! most [`SEND_TIMEOUT`] per frame), silence ([`IDLE_TIMEOUT`], pings every
 //! [`PING_INTERVAL`]). A bad message gets `{"type":"error","code","message"}` and the
 //! connection stays. Who may connect: the admin token ([`super::auth`], also as the
-//! `bearer.` subprotocol), and no page of another origin ([`same_origin`]).
+//! `bearer.` subprotocol), and no page of another origin (`same_origin`).
 
 use std::time::{Duration, Instant};
 
