@@ -2,10 +2,11 @@
 //! start-up rule that a node without a token listens on loopback only.
 //!
 //! With `--admin-token-file`, every request but `GET /healthz` and `GET /metrics` (open to
-//! probes and Prometheus) and the web page's static files (`PAGE_ROUTES`) must carry `Authorization: Bearer <token>`; the middleware wraps
-//! the whole App, so a route added later is covered by default. `GET /api/feed` (a
-//! WebSocket, whose browser API cannot set headers) also takes the token as the
-//! subprotocol `bearer.<token in base64url>`, checked by the same constant-time comparison. A refused request gets 401,
+//! probes and Prometheus) and the web page's static files (`PAGE_ROUTES`) must carry
+//! `Authorization: Bearer <token>`; the middleware wraps the whole App, so a route added
+//! later is covered by default. `GET /api/feed` (a WebSocket, whose browser API cannot set
+//! headers) also takes the token as the subprotocol `bearer.<token in base64url>`, checked
+//! by the same constant-time comparison. A refused request gets 401,
 //! `WWW-Authenticate: Bearer` and `{"ok":false,"error":{"code":"unauthorized",...}}`, is
 //! counted in `oc_admin_unauthorized_total` and logged, once per 10 s per client address
 //! and reason ([`LogThrottle`]).
