@@ -346,14 +346,18 @@ impl AdminClient {
         // The handshake within the HTTP timeout; then reads wait for the feed.
         tcp.set_read_timeout(Some(HTTP_TIMEOUT))?;
         tcp.set_write_timeout(Some(HTTP_TIMEOUT))?;
-        let connector = match (&self.ca, ws_scheme) {
-            (Some(certs), "wss") => Some(tungstenite::Connector::Rustls(Arc::new(rustls_config(certs)?))),
-            _ => None,
+        // Our own rustls configuration (ring, the CA or the public web roots): tungstenite's
+        // default one needs a process-wide crypto provider.
+        let connector = match ws_scheme {
+            "wss" => tungstenite::Connector::Rustls(Arc::new(rustls_config(
+                self.ca.as_deref().map(Vec::as_slice),
+            )?)),
+            _ => tungstenite::Connector::Plain,
         };
         let config = tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(MAX_FEED_MESSAGE_BYTES))
             .max_frame_size(Some(MAX_FEED_MESSAGE_BYTES));
-        let (ws, _) = match tungstenite::client_tls_with_config(request, tcp, Some(config), connector) {
+        let (ws, _) = match tungstenite::client_tls_with_config(request, tcp, Some(config), Some(connector)) {
             Ok(done) => done,
             Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(answer)))
                 if answer.status() == 401 =>
@@ -408,13 +412,19 @@ fn with_token<B>(request: ureq::RequestBuilder<B>, bearer: Option<&str>) -> ureq
     }
 }
 
-/// A rustls client configuration trusting `certs` only (ring, as the rest of the node).
-fn rustls_config(certs: &[ureq::tls::Certificate<'static>]) -> anyhow::Result<rustls::ClientConfig> {
+/// A rustls client configuration (ring, as the rest of the node) trusting `certs` only, or
+/// the public web roots without them.
+fn rustls_config(certs: Option<&[ureq::tls::Certificate<'static>]>) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs {
-        roots
-            .add(rustls::pki_types::CertificateDer::from(c.der().to_vec()))
-            .context("an --admin-ca certificate is not usable")?;
+    match certs {
+        Some(certs) => {
+            for c in certs {
+                roots
+                    .add(rustls::pki_types::CertificateDer::from(c.der().to_vec()))
+                    .context("an --admin-ca certificate is not usable")?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     Ok(
         rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
