@@ -569,6 +569,30 @@ mod tests {
     }
 
     #[test]
+    fn only_pages_of_the_node_s_own_origin_may_open_the_feed() {
+        use actix_web::test::TestRequest;
+        let req = |origin: Option<&str>| {
+            let r = TestRequest::get().insert_header(("Host", "127.0.0.1:8650"));
+            match origin {
+                Some(o) => r.insert_header(("Origin", o)),
+                None => r,
+            }
+            .to_http_request()
+        };
+        assert!(same_origin(&req(None)).is_ok(), "not a browser");
+        assert!(same_origin(&req(Some("http://127.0.0.1:8650"))).is_ok());
+        assert!(same_origin(&req(Some("https://127.0.0.1:8650"))).is_ok());
+        for other in [
+            "http://evil.example",
+            "http://127.0.0.1:8651",
+            "null",
+            "http://127.0.0.1:8650.evil",
+        ] {
+            assert!(same_origin(&req(Some(other))).is_err(), "{other}");
+        }
+    }
+
+    #[test]
     fn a_page_over_the_byte_cap_ends_early_with_a_cursor() {
         let big = "x".repeat(MAX_PAGE_BYTES / 3);
         let page = history::Page {
