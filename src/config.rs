@@ -141,8 +141,12 @@ pub struct JournalArgs {
     #[arg(long)]
     pub applied: bool,
     /// Only entries older than this seq (with --applied: this apply key).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     pub before: Option<u64>,
+    /// After the newest --limit entries (oldest first), print entries as they are committed,
+    /// until interrupted (over the WebSocket GET /api/feed).
+    #[arg(long)]
+    pub follow: bool,
     /// Entries per page (at most 1000).
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
@@ -434,6 +438,14 @@ pub struct RunArgs {
     /// node does not hold (each also limited to 1 per second, burst 2); beyond, ignored.
     #[arg(long, env = "OC_DISCOVERY_SEARCH_UNKNOWN_QUERIES_PER_SECOND", default_value_t = DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND)]
     pub search_unknown_queries_per_second: f64,
+    /// Live feed (`GET /api/feed`, the web page) clients connected at once; beyond, refused
+    /// with `busy`.
+    #[arg(long, env = "OC_DISCOVERY_FEED_MAX_CLIENTS", default_value_t = crate::feed::DEFAULT_MAX_CLIENTS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub feed_max_clients: u32,
+    /// Bytes of recent entries each live feed (journal, applied) keeps for its clients; a
+    /// client further behind gets `lagged`.
+    #[arg(long, env = "OC_DISCOVERY_FEED_RING_BYTES", default_value_t = crate::feed::DEFAULT_RING_BYTES as u64, value_parser = clap::value_parser!(u64).range(4096..=1 << 32))]
+    pub feed_ring_bytes: u64,
     /// Most rows of relation `known` in the peers table; beyond, the least recently seen
     /// are dropped (partners and blacklisted peers never are).
     #[arg(long, env = "OC_DISCOVERY_MAX_KNOWN_PEERS", default_value_t = DEFAULT_MAX_KNOWN_PEERS)]
@@ -773,6 +785,9 @@ pub struct Tuning {
     pub search_peer_max_bytes: u64,
     /// Gossip queries per second from searchers without a known peer record, all together.
     pub search_unknown_queries_per_second: f64,
+    /// Live feed clients at once (`GET /api/feed`), and bytes each feed's ring keeps.
+    pub feed_max_clients: usize,
+    pub feed_ring_bytes: usize,
 }
 
 impl Default for Tuning {
@@ -801,6 +816,8 @@ impl Default for Tuning {
             search_peer_max_results: DEFAULT_SEARCH_PEER_MAX_RESULTS,
             search_peer_max_bytes: DEFAULT_SEARCH_PEER_MAX_BYTES,
             search_unknown_queries_per_second: DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND,
+            feed_max_clients: crate::feed::DEFAULT_MAX_CLIENTS,
+            feed_ring_bytes: crate::feed::DEFAULT_RING_BYTES,
         }
     }
 }
@@ -904,6 +921,8 @@ impl TryFrom<RunArgs> for NodeConfig {
             search_peer_max_results: run.search_peer_max_results,
             search_peer_max_bytes: run.search_peer_max_bytes,
             search_unknown_queries_per_second: run.search_unknown_queries_per_second,
+            feed_max_clients: usize::try_from(run.feed_max_clients).unwrap_or(usize::MAX),
+            feed_ring_bytes: usize::try_from(run.feed_ring_bytes).unwrap_or(usize::MAX),
             ..Tuning::default()
         };
         let admin_tls = match (run.admin_tls_cert, run.admin_tls_key) {

@@ -36,8 +36,11 @@
 //!   [`copy::job`] (the sender's jobs, resumed after a restart), [`copy::receive`] (writes
 //!   below `--copy-root` only), [`copy::archive`] (tar of a directory), [`copy::ledger`]
 //!   (offsets and acks, pure), [`copy::remotecopy`] (the `REMOTECOPY` subject).
+//! - [`feed`]: the live feed: journal and applied entries as they are committed, in a
+//!   bounded ring every feed client reads at its own pace.
 //! - [`admin`]: admin HTTP API (bearer token, HTTPS; status, journal and applied pages,
-//!   events and searches without NATS); [`metrics`]: the Prometheus registry it serves.
+//!   the live feed WebSocket and the web page, events and searches without NATS);
+//!   [`metrics`]: the Prometheus registry it serves.
 //! - [`secret_file`]: the admin token file, and warnings for secret files others can read.
 //! - [`node`]: wires everything together and runs until shutdown.
 //! - [`cli`]: the `id`, `peers`, `partners` and operator commands (`status`, `journal`,
@@ -51,6 +54,7 @@ pub mod commands;
 pub mod config;
 pub mod contract;
 pub mod copy;
+pub mod feed;
 pub mod guard;
 pub mod identity;
 pub mod inbound;

@@ -1,5 +1,5 @@
 //! The node's metrics in a `prometheus-client` registry, served on `GET /metrics`
-//! (OpenMetrics text). Every name, type and label is listed in docs/METRICS.md.
+//! (OpenMetrics text). Every name, type and label is listed in protocols/admin-http.md.
 //!
 //! Counters and gauges are atomics shared with the registry, so the hot paths only add.
 //! Labels are bounded: refusals by (place, code) from fixed sets, per-partner figures only
@@ -78,6 +78,8 @@ pub struct PartnerFigures<'a> {
     pub lag: u64,
     pub state: &'a str,
     pub rtt_seconds: Option<f64>,
+    /// Age of the oldest own journal entry the partner has not acknowledged (0 when none).
+    pub lag_seconds: f64,
 }
 
 pub struct Metrics {
@@ -109,11 +111,16 @@ pub struct Metrics {
     pub apply_seconds: Histogram,
     /// Admin API requests refused for a missing or wrong token (401).
     pub admin_unauthorized: Count,
+    /// Live entries feed clients missed because they could not keep up (`lagged`).
+    pub feed_lagged: Count,
+    /// Feed clients connected (set at scrape time).
+    pub feed_clients: Gauge,
     refusals: Family<RefusalLabels, Counter>,
     /// Origin's journal time to applied here, per partner.
     lag_seconds: HistogramFamily<OriginLabels>,
     partner_pending: Family<PeerLabels, Gauge>,
     partner_lag: Family<PeerLabels, Gauge>,
+    partner_lag_seconds: Family<PeerLabels, SecondsGauge>,
     partner_state: Family<PeerStateLabels, Gauge>,
     partner_rtt: Family<PeerLabels, SecondsGauge>,
     /// Peer records and searches.
@@ -226,10 +233,13 @@ impl Default for Metrics {
             apply_commits: Count::default(),
             apply_seconds: apply_buckets(),
             admin_unauthorized: Count::default(),
+            feed_lagged: Count::default(),
+            feed_clients: Gauge::default(),
             refusals: Family::default(),
             lag_seconds: Family::new_with_constructor(lag_buckets),
             partner_pending: Family::default(),
             partner_lag: Family::default(),
+            partner_lag_seconds: Family::default(),
             partner_state: Family::default(),
             partner_rtt: Family::default(),
             discovery: Discovery::default(),
@@ -243,7 +253,7 @@ impl Metrics {
     /// Puts every metric in the registry (each is a shared handle: the clone is the same).
     fn registered(mut self) -> Self {
         let mut r = Registry::default();
-        let counters: [(&str, &str, &Count); 11] = [
+        let counters: [(&str, &str, &Count); 12] = [
             (
                 "oc_intake_accepted",
                 "Events accepted from the local application",
@@ -295,6 +305,11 @@ impl Metrics {
                 "Admin API requests refused for a missing or wrong token",
                 &self.admin_unauthorized,
             ),
+            (
+                "oc_feed_lagged",
+                "Live entries feed clients missed because they could not keep up",
+                &self.feed_lagged,
+            ),
         ];
         for (name, help, c) in counters {
             r.register(name, help, c.clone());
@@ -328,6 +343,16 @@ impl Metrics {
             "oc_partner_lag",
             "Own journal entries a partner lags behind (liveness contract name)",
             self.partner_lag.clone(),
+        );
+        r.register(
+            "oc_partner_lag_seconds",
+            "Age of the oldest own journal entry a partner has not acknowledged (0 when none)",
+            self.partner_lag_seconds.clone(),
+        );
+        r.register(
+            "oc_feed_clients",
+            "Live feed (GET /api/feed) clients connected",
+            self.feed_clients.clone(),
         );
         r.register(
             "oc_partner_state",
@@ -381,6 +406,7 @@ impl Metrics {
     pub fn set_partners<'a>(&self, links: impl IntoIterator<Item = PartnerFigures<'a>>) {
         self.partner_pending.clear();
         self.partner_lag.clear();
+        self.partner_lag_seconds.clear();
         self.partner_state.clear();
         self.partner_rtt.clear();
         for link in links {
@@ -390,6 +416,9 @@ impl Metrics {
             let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             self.partner_pending.get_or_create(&peer).set(gauge(link.pending));
             self.partner_lag.get_or_create(&peer).set(gauge(link.lag));
+            self.partner_lag_seconds
+                .get_or_create(&peer)
+                .set(link.lag_seconds);
             self.partner_state
                 .get_or_create(&PeerStateLabels {
                     peer: peer.peer.clone(),
@@ -452,12 +481,17 @@ mod tests {
             lag: 2,
             state: "online",
             rtt_seconds: Some(0.005),
+            lag_seconds: 1.5,
         };
         m.set_partners([figures("a"), figures("b")]);
         m.set_partners([figures("b")]);
         let text = render(&[m.registry()]).unwrap();
         assert!(text.contains("oc_partner_pending{peer=\"b\"} 2\n"), "{text}");
         assert!(text.contains("oc_partner_state{peer=\"b\",state=\"online\"} 1\n"));
+        assert!(
+            text.contains("oc_partner_lag_seconds{peer=\"b\"} 1.5\n"),
+            "{text}"
+        );
         assert!(!text.contains("peer=\"a\""), "{text}");
     }
 }

@@ -127,6 +127,22 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     // Inbound apply starts once the publishes a previous run left in the outbox are out, so
     // notices of one origin reach NATS in order.
     let publisher = Arc::new(nats::Publisher::new(nats.clone()));
+    let feed = crate::feed::Feed::new(
+        crate::feed::DEFAULT_RING_ENTRIES,
+        t.feed_ring_bytes,
+        t.feed_max_clients,
+    );
+    tokio::spawn(crate::feed::follow_journal(
+        feed.clone(),
+        store.clone(),
+        own_id.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(crate::feed::follow_applied(
+        feed.clone(),
+        store.clone(),
+        stop_rx.clone(),
+    ));
     let inbound_env = InboundEnv {
         own_id: own_id.clone(),
         store: store.clone(),
@@ -137,6 +153,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         metrics: metrics.clone(),
         tuning: t.clone(),
         shutdown: stop_rx.clone(),
+        feed: feed.clone(),
     };
     let drain = drain_outbox(store.clone(), publisher, t.io_timeout, stop_rx.clone());
     actix::spawn(async move {
@@ -214,6 +231,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         io_timeout: t.io_timeout,
         consumer: Default::default(),
         answers: Answers::new(nats.clone(), metrics.clone(), intake::PLACE),
+        feed: feed.clone(),
     });
     let intake = Intake::new(intake_env.clone()).start();
     let copies = crate::copy::CopyService::start(crate::copy::CopyEnv {
@@ -250,6 +268,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
                 StoreConfig::Mongodb { .. } => "mongodb",
             },
             started,
+            feed,
         },
     )
     .with_context(|| format!("binding the admin API on {}", cfg.admin_listen))?;

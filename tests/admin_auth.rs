@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use oc_discovery::cli::AdminClient;
 use oc_discovery::secret_file::Token;
 use oc_testkit::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const TOKEN: &str = "tok-0123456789abcdef0123456789abcdef";
 
@@ -377,4 +377,51 @@ async fn https_with_a_private_ca_serves_the_cli_and_a_wrong_token_exits_3() {
     let (code, _, err) = cli(peers(&token_file, None)).await;
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("connecting to"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_feed_over_wss_trusts_the_private_ca_only() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca_pem, cert_pem, key_pem) = test_pki();
+    let ca = file(d, "ca.pem", &ca_pem, 0o644);
+    let cert = file(d, "cert.pem", &cert_pem, 0o644);
+    let key = file(d, "key.pem", &key_pem, 0o600);
+    let mut site = site_with_token(d).await;
+    site.node.extra_args.extend([
+        "--admin-tls-cert".into(),
+        cert.display().to_string(),
+        "--admin-tls-key".into(),
+        key.display().to_string(),
+    ]);
+    site.node.admin_ca = Some(ca.clone());
+    site.node.start_healthy().await.unwrap();
+    let me = site.id();
+    site.publish_ok(&event("PB_CREATE", "over-tls", &me, json!({})))
+        .await;
+
+    // wss:// with the CA and the token: the page, then a live entry.
+    let mut feed = FeedClient::connect(&site.node).await.unwrap();
+    let page = feed
+        .subscribe(json!({"type": "subscribe", "feed": "journal", "portion": 5}))
+        .await
+        .unwrap();
+    assert_eq!(page["entries"][0]["resource"]["id"], "over-tls");
+    site.publish_ok(&event("PB_CREATE", "live-over-tls", &me, json!({})))
+        .await;
+    let live = feed.expect("live").await.unwrap();
+    assert_eq!(live["entry"]["resource"]["id"], "live-over-tls");
+
+    // Without the CA the node's certificate is not trusted: unreachable, exit 3 in the CLI.
+    let untrusted = client(&site.node.admin_url(), Some(TOKEN), None);
+    let refused =
+        tokio::task::spawn_blocking(move || untrusted.websocket("/api/feed", Duration::from_secs(10)).err())
+            .await
+            .unwrap()
+            .expect("an untrusted certificate is refused");
+    assert!(
+        refused.downcast_ref::<oc_discovery::cli::AdminError>().is_some(),
+        "{refused:#}"
+    );
 }

@@ -135,3 +135,47 @@ async fn metrics_after_propagation() {
         .sum();
     assert!(established >= 1.0, "libp2p swarm metrics present and counting");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_lag_in_seconds_grows_while_the_partner_is_away_and_ends_at_zero() {
+    init_tracing();
+    let mut a = Site::new().await;
+    let mut b = Site::new().await;
+    partner(&mut a, &mut [&mut b]);
+    a.node.start_healthy().await.unwrap();
+    let me = a.id();
+    a.publish_ok(&event("PB_CREATE", "lagging", &me, json!({}))).await;
+    let series = format!("oc_partner_lag_seconds{{peer=\"{}\"}}", b.id());
+    // The partner never acknowledged: the entry's age, growing.
+    let mut first = None;
+    for _ in 0..600 {
+        let v = value(&scrape(&a).await, &series);
+        match (first, v) {
+            (None, Some(v)) if v > 0.0 => first = Some(v),
+            (Some(f), Some(v)) if v > f => break,
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown = value(&scrape(&a).await, &series).expect("the gauge");
+    assert!(first.is_some_and(|f| grown > f), "{first:?} then {grown}");
+    assert_eq!(
+        value(
+            &scrape(&a).await,
+            &format!("oc_partner_lag{{peer=\"{}\"}}", b.id())
+        ),
+        Some(1.0),
+        "oc_partner_lag stays in entries"
+    );
+    // The partner comes and acknowledges: 0.
+    b.node.start_healthy().await.unwrap();
+    let mut now = grown;
+    for _ in 0..600 {
+        now = value(&scrape(&a).await, &series).unwrap_or(-1.0);
+        if now == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(now, 0.0);
+}

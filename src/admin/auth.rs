@@ -2,8 +2,11 @@
 //! start-up rule that a node without a token listens on loopback only.
 //!
 //! With `--admin-token-file`, every request but `GET /healthz` and `GET /metrics` (open to
-//! probes and Prometheus) must carry `Authorization: Bearer <token>`; the middleware wraps
-//! the whole App, so a route added later is covered by default. A refused request gets 401,
+//! probes and Prometheus) and the web page's static files (`PAGE_ROUTES`) must carry
+//! `Authorization: Bearer <token>`; the middleware wraps the whole App, so a route added
+//! later is covered by default. `GET /api/feed` (a WebSocket, whose browser API cannot set
+//! headers) also takes the token as the subprotocol `bearer.<token in base64url>`, checked
+//! by the same constant-time comparison. A refused request gets 401,
 //! `WWW-Authenticate: Bearer` and `{"ok":false,"error":{"code":"unauthorized",...}}`, is
 //! counted in `oc_admin_unauthorized_total` and logged, once per 10 s per client address
 //! and reason ([`LogThrottle`]).
@@ -27,6 +30,9 @@ use crate::secret_file::Token;
 
 /// Routes answered without a token (`GET` only).
 pub(crate) const OPEN_ROUTES: [&str; 2] = ["/healthz", "/metrics"];
+/// The web page and its static files, answered without a token (`GET` only): they hold no
+/// data; every request the page makes carries the token.
+pub(crate) const PAGE_ROUTES: [&str; 3] = ["/", "/ui/feed.js", "/ui/feed.css"];
 /// Error code of a refused request.
 pub(crate) const UNAUTHORIZED: &str = "unauthorized";
 /// A refusal of one kind from one address is logged at most this often.
@@ -93,7 +99,7 @@ impl Gate {
         let Some(token) = &self.token else {
             return Ok(());
         };
-        if method == Method::GET && OPEN_ROUTES.contains(&path) {
+        if method == Method::GET && (OPEN_ROUTES.contains(&path) || PAGE_ROUTES.contains(&path)) {
             return Ok(());
         }
         let given = bearer(authorization.ok_or(Refusal::MissingToken)?)?;
@@ -138,6 +144,32 @@ fn bearer(value: &[u8]) -> Result<&[u8], Refusal> {
     Ok(token)
 }
 
+/// The live feed's path, where a browser (which cannot set headers on a WebSocket) may
+/// carry the token as a subprotocol instead.
+pub(crate) const FEED_PATH: &str = "/api/feed";
+/// Prefix of the subprotocol carrying the token: `bearer.<token in base64url, no padding>`.
+pub(crate) const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
+/// Longest `Sec-WebSocket-Protocol` entry looked at.
+const MAX_PROTOCOL_CHARS: usize = 1024;
+
+/// `Bearer <token>` from a `Sec-WebSocket-Protocol: ..., bearer.<base64url token>` header;
+/// `None` when there is no such entry or it does not decode (then the request has no token).
+fn protocol_token(headers: &actix_web::http::header::HeaderMap) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let offered = headers
+        .get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| p.len() <= MAX_PROTOCOL_CHARS && p.starts_with(TOKEN_PROTOCOL_PREFIX))?;
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&offered[TOKEN_PROTOCOL_PREFIX.len()..])
+        .ok()?;
+    let mut value = b"Bearer ".to_vec();
+    value.extend_from_slice(&token);
+    Some(value)
+}
+
 /// The 401 answer.
 pub(crate) fn unauthorized(refusal: Refusal) -> HttpResponse {
     HttpResponse::Unauthorized()
@@ -155,7 +187,13 @@ pub(crate) async fn require_token(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let verdict = match req.app_data::<web::Data<Gate>>() {
         Some(gate) => {
-            let auth = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+            let from_protocol = match req.headers().get(AUTHORIZATION) {
+                None if req.path() == FEED_PATH => protocol_token(req.headers()),
+                _ => None,
+            };
+            let auth = from_protocol
+                .as_deref()
+                .or_else(|| req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()));
             let verdict = gate.check(req.method(), req.path(), auth);
             if let Err(refusal) = verdict {
                 gate.report(refusal, req.peer_addr(), req.method(), req.path());
@@ -258,7 +296,38 @@ mod tests {
             g.check(&Method::GET, "/anything", None),
             Err(Refusal::MissingToken)
         );
+        assert_eq!(g.check(&Method::GET, "/", None), Ok(()));
+        assert_eq!(g.check(&Method::GET, "/ui/feed.js", None), Ok(()));
+        assert_eq!(
+            g.check(&Method::GET, "/api/feed", None),
+            Err(Refusal::MissingToken)
+        );
         assert_eq!(gate(None).check(&post, "/api/partners", None), Ok(()));
+    }
+
+    #[test]
+    fn the_feed_takes_the_token_as_a_subprotocol() {
+        use actix_web::http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+        let mut h = HeaderMap::new();
+        // "s3cret" in base64url without padding.
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("oc-discovery.feed, bearer.czNjcmV0"),
+        );
+        let value = protocol_token(&h).expect("a token");
+        let g = gate(Some("s3cret"));
+        assert_eq!(g.check(&Method::GET, FEED_PATH, Some(&value)), Ok(()));
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("bearer.czNjcmV1"),
+        );
+        let wrong = protocol_token(&h).expect("a token");
+        assert_eq!(
+            g.check(&Method::GET, FEED_PATH, Some(&wrong)),
+            Err(Refusal::WrongToken)
+        );
+        h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer.!!"));
+        assert_eq!(protocol_token(&h), None);
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub async fn journal(s: web::Data<AdminState>, q: web::Query<HistoryQuery>) -> H
     }
 }
 
-async fn journal_page(s: &AdminState, req: &PageRequest) -> StoreResult<Page<JournalEntry>> {
+pub(crate) async fn journal_page(s: &AdminState, req: &PageRequest) -> StoreResult<Page<JournalEntry>> {
     let head = s.store.journal_head(&s.own_id).await?;
     let before = req.before.unwrap_or(u64::MAX).min(head.saturating_add(1));
     let mut pager = Pager::new(before, req.limit, req.data_type.is_some());
@@ -188,7 +188,7 @@ pub async fn applied(s: web::Data<AdminState>, q: web::Query<HistoryQuery>) -> H
     }
 }
 
-async fn applied_page(s: &AdminState, req: &PageRequest) -> StoreResult<Page<AppliedRecord>> {
+pub(crate) async fn applied_page(s: &AdminState, req: &PageRequest) -> StoreResult<Page<AppliedRecord>> {
     let filtered = req.data_type.is_some() || req.origin.is_some();
     let mut pager = Pager::new(req.before.unwrap_or(u64::MAX), req.limit, filtered);
     while let Some((below, n)) = pager.next_window() {

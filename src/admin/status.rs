@@ -44,22 +44,27 @@ pub async fn status(s: web::Data<AdminState>) -> HttpResponse {
     }))
 }
 
+/// Milliseconds since the oldest own journal entry the partner has not acknowledged was
+/// journaled; `None` when it acknowledged everything or the store does not answer.
+pub(crate) async fn oldest_unacked_ms(s: &AdminState, p: &PeerStatus) -> Option<u64> {
+    if p.pending == 0 {
+        return None;
+    }
+    match s
+        .store
+        .read_journal(&s.own_id, p.acked_seq.saturating_add(1), 1)
+        .await
+    {
+        Ok(rows) => rows
+            .first()
+            .map(|e| crate::contract::now_ms().saturating_sub(e.time_ms)),
+        Err(_) => None,
+    }
+}
+
 /// One partner: its link figures, and the age of the oldest entry it has not acknowledged.
 async fn partner(s: &AdminState, p: PeerStatus) -> Value {
-    let oldest_unacked_ms = if p.pending == 0 {
-        None
-    } else {
-        match s
-            .store
-            .read_journal(&s.own_id, p.acked_seq.saturating_add(1), 1)
-            .await
-        {
-            Ok(rows) => rows
-                .first()
-                .map(|e| crate::contract::now_ms().saturating_sub(e.time_ms)),
-            Err(_) => None,
-        }
-    };
+    let oldest_unacked_ms = oldest_unacked_ms(s, &p).await;
     json!({
         "peer_id": p.peer_id,
         "addrs": p.addrs,

@@ -157,6 +157,10 @@ fn encode(v: &str) -> String {
 /// # Errors
 /// The node is unreachable or refuses.
 pub fn journal(args: &JournalArgs) -> anyhow::Result<String> {
+    if args.follow {
+        follow(args)?;
+        return Ok(String::new());
+    }
     let client = AdminClient::from_args(&args.client)?;
     let (code, body) = client.call("GET", &journal_path(args), None)?;
     let page = expect_ok(code, &body)?;
@@ -194,6 +198,118 @@ pub fn journal(args: &JournalArgs) -> anyhow::Result<String> {
         _ => out.push_str("(oldest entry reached)\n"),
     }
     Ok(out)
+}
+
+/// Longest silence of the feed (the node pings every 20 s) before `--follow` gives up.
+const FOLLOW_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(65);
+
+/// One entry of a journal or applied page as a line of `journal --follow`: fixed columns, or
+/// the entry's JSON with `--json`.
+fn follow_line(args: &JournalArgs, item: &Value) -> String {
+    if args.json {
+        return format!("{item}\n");
+    }
+    let e = if args.applied { &item["entry"] } else { item };
+    let mut line = String::new();
+    if args.applied {
+        line.push_str(&format!(
+            "{:>8}  {:<52}  ",
+            text(&item["key"]),
+            text(&e["origin"])
+        ));
+    }
+    line.push_str(&format!(
+        "{:>8}  {:<16}  {:<20}  {:<24}  {}",
+        text(&e["seq"]),
+        text(&e["action"]),
+        text(&e["data_type"]),
+        text(&e["resource"]["id"]),
+        text(&e["user"]),
+    ));
+    format!("{}\n", line.trim_end())
+}
+
+/// `oc-discovery journal --follow [--applied]`: the newest page (oldest first), then each
+/// entry as it is committed, until interrupted or the node goes away.
+///
+/// # Errors
+/// The node is unreachable, refuses, or closes the feed.
+fn follow(args: &JournalArgs) -> anyhow::Result<()> {
+    use tungstenite::Message;
+    let client = AdminClient::from_args(&args.client)?;
+    let mut ws = client.websocket("/api/feed", FOLLOW_READ_TIMEOUT)?;
+    let mut subscribe = json!({
+        "type": "subscribe",
+        "feed": if args.applied { "applied" } else { "journal" },
+        "portion": args.limit,
+    });
+    if let Some(t) = &args.data_type {
+        subscribe["data_type"] = json!(t);
+    }
+    if let Some(o) = &args.origin {
+        subscribe["origin"] = json!(o);
+    }
+    ws.send(Message::text(subscribe.to_string()))
+        .context("sending the subscription")?;
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        let header = if args.applied {
+            format!("{:>8}  {:<52}  ", "KEY", "ORIGIN")
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "{header}{:>8}  {:<16}  {:<20}  {:<24}  USER",
+            "SEQ", "ACTION", "DATA TYPE", "ID"
+        )?;
+    }
+    loop {
+        let msg = match ws.read() {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Close(frame)) => {
+                let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                bail!("the node closed the feed {why}");
+            }
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(super::AdminError::Unreachable {
+                    base: args.client.admin.clone(),
+                    cause: format!("the feed was silent for {} s", FOLLOW_READ_TIMEOUT.as_secs()),
+                }
+                .into());
+            }
+            Err(e) => {
+                return Err(super::AdminError::Unreachable {
+                    base: args.client.admin.clone(),
+                    cause: format!("the feed broke: {e}"),
+                }
+                .into())
+            }
+        };
+        let v: Value = serde_json::from_str(&msg).context("a feed message that is not JSON")?;
+        match v["type"].as_str() {
+            Some("page") => {
+                let entries = v["entries"].as_array().cloned().unwrap_or_default();
+                for e in entries.iter().rev() {
+                    out.write_all(follow_line(args, e).as_bytes())?;
+                }
+            }
+            Some("live") => out.write_all(follow_line(args, &v["entry"]).as_bytes())?,
+            Some("lagged") => eprintln!(
+                "({} entries skipped: the node went faster than this terminal read)",
+                text(&v["skipped"])
+            ),
+            Some("error") => bail!("the node refused ({}): {}", text(&v["code"]), text(&v["message"])),
+            _ => {}
+        }
+        out.flush()?;
+    }
 }
 
 /// `oc-discovery search`: prints each `SEARCH_EVENT` as it arrives.

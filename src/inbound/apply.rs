@@ -72,6 +72,7 @@ impl Applier {
             return RunOutcome::Shutdown;
         };
         Metrics::add(&env.metrics.apply_commits, 1);
+        env.feed.applied.advanced();
         env.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
         // `self.peer` is a partner (checked above): its label is one of a bounded set.
         let applied = valid.iter().zip(&outcomes);

@@ -83,6 +83,8 @@ pub(crate) struct InboundEnv {
     pub metrics: Arc<Metrics>,
     pub tuning: Tuning,
     pub shutdown: watch::Receiver<bool>,
+    /// Told of every apply commit (the live feed).
+    pub feed: Arc<crate::feed::Feed>,
 }
 
 pub(crate) struct InboundApply {

@@ -118,6 +118,8 @@ pub struct IntakeEnv {
     pub consumer: std::sync::Mutex<Option<jetstream::consumer::PullConsumer>>,
     /// Replies and refusal reports, under [`PLACE`].
     pub answers: Answers,
+    /// Told of every journal commit (the live feed).
+    pub feed: Arc<crate::feed::Feed>,
 }
 
 impl Intake {

@@ -198,6 +198,7 @@ impl IntakeEnv {
             Ok(entries) => {
                 Metrics::add(&self.metrics.intake_accepted, count as u64);
                 Metrics::add(&self.metrics.journal_commits, 1);
+                self.feed.journal.advanced();
                 for (entry, reply) in entries.iter().zip(replies) {
                     let body = json!({"ok": true, "origin": entry.origin, "seq": entry.seq});
                     self.answer(reply, body).await;

@@ -13,19 +13,25 @@
 //! - [`site`]: a site of the integration tests (a nats-server, a node, an application
 //!   client), partnerships between sites, event builders, traffic between two sites.
 //! - [`collector`]: what a site's NATS shows on some subjects.
+//! - [`feed`]: a client of a node's live feed WebSocket ([`FeedClient`]).
+//! - [`browser`]: headless Chromium through chromedriver (WebDriver), for the web page.
 //! - [`hand_peer`]: a libp2p peer driven by hand from the test (the node's own network
 //!   stack, no node): rogue partners, lying responders, scripted journal owners.
 //! - [`relay`]: a TCP relay a test can cut and restore (a network partition).
 //! - [`fuzzing`]: the fuzz targets' bodies and seeds, shared by `fuzz/` and the corpus
 //!   replay test.
 
+pub mod browser;
 pub mod collector;
+pub mod feed;
 pub mod fuzzing;
 pub mod hand_peer;
 pub mod relay;
 pub mod site;
 
+pub use browser::Browser;
 pub use collector::{Collector, Seen};
+pub use feed::FeedClient;
 pub use hand_peer::HandPeer;
 pub use relay::Relay;
 pub use site::{
