@@ -242,7 +242,7 @@ impl Client {
                 self.error(&e).await.map(|()| None)
             }
             Err(e) => {
-                let e = FeedError::new(ErrorCode::StoreUnavailable, e.to_string());
+                let e = FeedError::new(e.code(), e.to_string());
                 self.error(&e).await.map(|()| None)
             }
         }

@@ -3,24 +3,75 @@
 //! then older pages by cursor until `oldest_reached`).
 //!
 //! The work per request is bounded: rows are read in windows of [`WINDOW`] below the cursor,
-//! and at most [`MAX_EXAMINED`] rows are looked at. A filter that matches little stops there
-//! with `oldest_reached: false` and a `before` cursor to continue from.
+//! at most [`MAX_EXAMINED`] rows are looked at, and a page stops once its entries hold
+//! [`MAX_PAGE_BYTES`] of resources (entries are up to `--max-event-bytes` each). A page that
+//! stops early has `oldest_reached: false` and a `before` cursor to continue from. At most
+//! [`PAGE_READS`] pages are read at once (HTTP routes and the live feed's pages together),
+//! so the memory of page reads is bounded whatever the number of clients.
 
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use super::{reply, AdminState};
-use crate::contract::JournalEntry;
-use crate::store::{AppliedRecord, StoreResult};
+use crate::contract::{ErrorCode, JournalEntry};
+use crate::store::{AppliedRecord, StoreError};
 
 /// Entries per page when the request gives no `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
 /// Largest `limit` accepted.
 pub const MAX_LIMIT: usize = 1000;
-/// Rows read from the store at once.
-pub const WINDOW: usize = 250;
+/// Rows read from the store at once (each up to `--max-event-bytes`).
+pub const WINDOW: usize = 64;
 /// Rows looked at per request at most, whatever the filter.
 pub const MAX_EXAMINED: usize = 10_000;
+/// Resource bytes in one page at most (a page always holds at least one entry).
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Pages read at once in the whole node; others wait up to [`PAGE_WAIT`].
+pub const PAGE_READS: usize = 4;
+/// How long a page read waits for its turn before `busy`.
+pub const PAGE_WAIT: Duration = Duration::from_secs(10);
+
+static PAGE_PERMITS: Semaphore = Semaphore::const_new(PAGE_READS);
+
+/// Why a page could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PageError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// [`PAGE_READS`] pages were being read for [`PAGE_WAIT`].
+    #[error("{PAGE_READS} pages are being read; try again")]
+    Busy,
+}
+
+impl PageError {
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            PageError::Store(_) => ErrorCode::StoreUnavailable,
+            PageError::Busy => ErrorCode::Busy,
+        }
+    }
+
+    fn reply(&self) -> HttpResponse {
+        match self {
+            PageError::Store(e) => reply::store(e),
+            PageError::Busy => reply::error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy.as_str(), self),
+        }
+    }
+}
+
+/// Waits for one of the [`PAGE_READS`] turns.
+async fn page_turn() -> Result<tokio::sync::SemaphorePermit<'static>, PageError> {
+    match tokio::time::timeout(PAGE_WAIT, PAGE_PERMITS.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        // Timed out, or closed (never: the semaphore is never closed).
+        _ => Err(PageError::Busy),
+    }
+}
 
 /// The query string of both routes (`origin` only filters `/api/applied`).
 #[derive(Debug, Deserialize)]
@@ -81,6 +132,8 @@ pub struct Pager<T> {
     cursor: u64,
     examined: usize,
     entries: Vec<T>,
+    /// Bytes of the entries kept, as `feed`'s `size` counts them.
+    bytes: usize,
     oldest_reached: bool,
 }
 
@@ -93,14 +146,16 @@ impl<T> Pager<T> {
             cursor: before,
             examined: 0,
             entries: Vec::new(),
+            bytes: 0,
             oldest_reached: before <= 1,
         }
     }
 
     /// The next window to read: (keys below this, at most this many rows); `None` when the
-    /// page is full, the oldest entry was reached or [`MAX_EXAMINED`] rows were looked at.
+    /// page is full (in entries or [`MAX_PAGE_BYTES`]), the oldest entry was reached or
+    /// [`MAX_EXAMINED`] rows were looked at.
     pub fn next_window(&self) -> Option<(u64, usize)> {
-        if self.oldest_reached || self.entries.len() >= self.limit || self.examined >= MAX_EXAMINED {
+        if self.oldest_reached || self.full() || self.examined >= MAX_EXAMINED {
             return None;
         }
         let wanted = if self.filtered {
@@ -111,23 +166,29 @@ impl<T> Pager<T> {
         Some((self.cursor, wanted.min(WINDOW).min(MAX_EXAMINED - self.examined)))
     }
 
-    /// Takes a window's rows, newest first, keeping those `keep` accepts; `exhausted`: no row
-    /// is older than this window. An empty window ends the log too (rows are only ever
-    /// removed from its old end).
+    fn full(&self) -> bool {
+        self.entries.len() >= self.limit || self.bytes >= MAX_PAGE_BYTES
+    }
+
+    /// Takes a window's rows, newest first, keeping those `keep` accepts; `size` is a kept
+    /// row's bytes; `exhausted`: no row is older than this window. An empty window ends the
+    /// log too (rows are only ever removed from its old end).
     pub fn feed(
         &mut self,
         rows: Vec<T>,
         exhausted: bool,
         key: impl Fn(&T) -> u64,
         keep: impl Fn(&T) -> bool,
+        size: impl Fn(&T) -> usize,
     ) {
         let empty = rows.is_empty();
         for row in rows {
             self.examined += 1;
             self.cursor = key(&row);
             if keep(&row) {
+                self.bytes = self.bytes.saturating_add(size(&row));
                 self.entries.push(row);
-                if self.entries.len() >= self.limit {
+                if self.full() {
                     return;
                 }
             }
@@ -152,11 +213,12 @@ pub async fn journal(s: web::Data<AdminState>, q: web::Query<HistoryQuery>) -> H
     };
     match journal_page(&s, &req).await {
         Ok(page) => HttpResponse::Ok().json(page),
-        Err(e) => reply::store(&e),
+        Err(e) => e.reply(),
     }
 }
 
-pub(crate) async fn journal_page(s: &AdminState, req: &PageRequest) -> StoreResult<Page<JournalEntry>> {
+pub(crate) async fn journal_page(s: &AdminState, req: &PageRequest) -> Result<Page<JournalEntry>, PageError> {
+    let _turn = page_turn().await?;
     let head = s.store.journal_head(&s.own_id).await?;
     let before = req.before.unwrap_or(u64::MAX).min(head.saturating_add(1));
     let mut pager = Pager::new(before, req.limit, req.data_type.is_some());
@@ -171,6 +233,7 @@ pub(crate) async fn journal_page(s: &AdminState, req: &PageRequest) -> StoreResu
             from <= 1,
             |e| e.seq,
             |e| matches(&req.data_type, &e.data_type),
+            |e| e.resource.json().len(),
         );
     }
     Ok(pager.finish())
@@ -184,11 +247,15 @@ pub async fn applied(s: web::Data<AdminState>, q: web::Query<HistoryQuery>) -> H
     };
     match applied_page(&s, &req).await {
         Ok(page) => HttpResponse::Ok().json(page),
-        Err(e) => reply::store(&e),
+        Err(e) => e.reply(),
     }
 }
 
-pub(crate) async fn applied_page(s: &AdminState, req: &PageRequest) -> StoreResult<Page<AppliedRecord>> {
+pub(crate) async fn applied_page(
+    s: &AdminState,
+    req: &PageRequest,
+) -> Result<Page<AppliedRecord>, PageError> {
+    let _turn = page_turn().await?;
     let filtered = req.data_type.is_some() || req.origin.is_some();
     let mut pager = Pager::new(req.before.unwrap_or(u64::MAX), req.limit, filtered);
     while let Some((below, n)) = pager.next_window() {
@@ -199,6 +266,7 @@ pub(crate) async fn applied_page(s: &AdminState, req: &PageRequest) -> StoreResu
             exhausted,
             |r| r.key,
             |r| matches(&req.data_type, &r.entry.data_type) && matches(&req.origin, &r.entry.origin),
+            |r| r.entry.resource.json().len(),
         );
     }
     Ok(pager.finish())
@@ -219,7 +287,7 @@ mod tests {
         while let Some((below, w)) = pager.next_window() {
             let rows: Vec<u64> = (1..below).rev().take(w).collect();
             let exhausted = rows.len() < w || rows.last() == Some(&1);
-            pager.feed(rows, exhausted, |k| *k, keep);
+            pager.feed(rows, exhausted, |k| *k, keep, |_| 1);
         }
         pager.finish()
     }
@@ -262,6 +330,26 @@ mod tests {
             }
         }
         assert_eq!(found, vec![3]);
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_with_at_least_one_entry() {
+        let big = MAX_PAGE_BYTES / 3 + 1;
+        let mut pager = Pager::new(11, 100, false);
+        let (below, n) = pager.next_window().unwrap();
+        pager.feed(
+            (1..below).rev().take(n).collect(),
+            true,
+            |k| *k,
+            |_| true,
+            |_| big,
+        );
+        let p = pager.finish();
+        assert_eq!(p.entries, vec![10, 9, 8], "the third entry crosses the budget");
+        assert_eq!((p.oldest_reached, p.before), (false, Some(8)));
+        let mut huge = Pager::new(3, 100, false);
+        huge.feed(vec![2u64, 1], true, |k| *k, |_| true, |_| usize::MAX);
+        assert_eq!(huge.finish().entries, vec![2], "one entry even above the budget");
     }
 
     #[test]
