@@ -194,6 +194,12 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // libp2p's relay serves only on a node with an external address: a node
+                // offering a relay declares that it is reachable where it listens.
+                let circuit = address.iter().any(|p| p == Protocol::P2pCircuit);
+                if self.relay_access.is_some() && !circuit {
+                    self.swarm.add_external_address(address.clone());
+                }
                 if let Ok(mut addrs) = self.state.listen_addrs.lock() {
                     addrs.push(address);
                 }
