@@ -349,11 +349,21 @@ pub struct RunArgs {
     pub relay_server: bool,
     /// A peer id allowed to reserve a slot on this node's relay besides its partners;
     /// repeat for several.
-    #[arg(long = "relay-allow", env = "OC_DISCOVERY_RELAY_ALLOW", value_delimiter = ',', value_name = "PEER_ID")]
+    #[arg(
+        long = "relay-allow",
+        env = "OC_DISCOVERY_RELAY_ALLOW",
+        value_delimiter = ',',
+        value_name = "PEER_ID"
+    )]
     pub relay_allow: Vec<PeerId>,
     /// A relay (multiaddr ending in /p2p/<relay id>) this node reserves a slot on and
     /// listens through, reachable as <relay>/p2p-circuit/p2p/<own id>; repeat for several.
-    #[arg(long = "relay", env = "OC_DISCOVERY_RELAY", value_delimiter = ',', value_name = "MULTIADDR")]
+    #[arg(
+        long = "relay",
+        env = "OC_DISCOVERY_RELAY",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
     pub relay: Vec<Multiaddr>,
     /// Largest PROPALGATION_EVENT accepted, in bytes; larger ones get payload_too_large.
     #[arg(long, env = "OC_DISCOVERY_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES)]

@@ -65,7 +65,10 @@ async fn partners_over_websocket_inside_the_private_network() {
     let mut a = ws_site("ws", "ip4/127.0.0.1").await;
     let mut b = ws_site("ws", "ip4/127.0.0.1").await;
     let mut c = ws_site("ws", "ip4/127.0.0.1").await;
-    a.node.partners = vec![ws_addr(&b, "ws", "ip4/127.0.0.1"), ws_addr(&c, "ws", "ip4/127.0.0.1")];
+    a.node.partners = vec![
+        ws_addr(&b, "ws", "ip4/127.0.0.1"),
+        ws_addr(&c, "ws", "ip4/127.0.0.1"),
+    ];
     b.node.partners = vec![ws_addr(&a, "ws", "ip4/127.0.0.1")];
     c.node.partners = vec![ws_addr(&a, "ws", "ip4/127.0.0.1")];
     a.node.extra_args = vec!["--psk-file".into(), good.clone()];
@@ -121,7 +124,10 @@ async fn partners_over_websocket_tls_with_a_certificate_made_here() {
     }
     exchange(&a, &b, "wss", 5).await;
     let row = peer_row(&a, &b.id()).await;
-    assert!(["us", "them"].contains(&row["dialed_by"].as_str().unwrap()), "{row}");
+    assert!(
+        ["us", "them"].contains(&row["dialed_by"].as_str().unwrap()),
+        "{row}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,21 +145,50 @@ async fn bad_transport_flags_are_refused_at_start_naming_the_flag() {
     let wss = "/ip4/127.0.0.1/tcp/1/wss";
     let cases: [(Vec<&str>, &str); 6] = [
         (vec!["--listen", wss], "--tls-cert and --tls-key"),
-        (vec!["--listen", wss, "--tls-cert", other_cert.to_str().unwrap()], "--tls-cert and --tls-key go together"),
         (
-            vec!["--listen", wss, "--tls-cert", not_pem.to_str().unwrap(), "--tls-key", key_pem.to_str().unwrap()],
+            vec!["--listen", wss, "--tls-cert", other_cert.to_str().unwrap()],
+            "--tls-cert and --tls-key go together",
+        ),
+        (
+            vec![
+                "--listen",
+                wss,
+                "--tls-cert",
+                not_pem.to_str().unwrap(),
+                "--tls-key",
+                key_pem.to_str().unwrap(),
+            ],
             "--tls-cert",
         ),
         (
-            vec!["--listen", wss, "--tls-cert", other_cert.to_str().unwrap(), "--tls-key", key_pem.to_str().unwrap()],
+            vec![
+                "--listen",
+                wss,
+                "--tls-cert",
+                other_cert.to_str().unwrap(),
+                "--tls-key",
+                key_pem.to_str().unwrap(),
+            ],
             "--tls-cert and --tls-key cannot be used together",
         ),
-        (vec!["--listen", "/ip4/127.0.0.1/udp/1/quic-v1"], "QUIC is not supported"),
-        (vec!["--relay", "/ip4/127.0.0.1/tcp/1"], "--relay /ip4/127.0.0.1/tcp/1 must end in /p2p/"),
+        (
+            vec!["--listen", "/ip4/127.0.0.1/udp/1/quic-v1"],
+            "QUIC is not supported",
+        ),
+        (
+            vec!["--relay", "/ip4/127.0.0.1/tcp/1"],
+            "--relay /ip4/127.0.0.1/tcp/1 must end in /p2p/",
+        ),
     ];
     for (args, expected) in cases {
         let out = Command::new(&binary)
-            .args(["run", "--data-dir", data.to_str().unwrap(), "--nats-url", "nats://127.0.0.1:1"])
+            .args([
+                "run",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--nats-url",
+                "nats://127.0.0.1:1",
+            ])
             .args(["--admin-listen", "127.0.0.1:1"])
             .args(&args)
             .output()
@@ -193,9 +228,16 @@ async fn dial_out_only(scheme: &str) {
     a.node.partners = vec![format!("/ip4/127.0.0.1/tcp/1{suffix}/p2p/{}", b.id())];
     b.node.partners = vec![format!("/ip4/127.0.0.1/tcp/{}{suffix}/p2p/{}", cut.port, a.id())];
     for s in [&mut a, &mut b] {
-        s.node.extra_args = ["--backoff-max", "1s", "--ping-interval", "1s", "--pong-discard-timeout", "4s"]
-            .map(String::from)
-            .to_vec();
+        s.node.extra_args = [
+            "--backoff-max",
+            "1s",
+            "--ping-interval",
+            "1s",
+            "--pong-discard-timeout",
+            "4s",
+        ]
+        .map(String::from)
+        .to_vec();
         s.node.start_healthy().await.unwrap();
     }
     let node_b = b.node.get_json("/api/node").await.unwrap();
@@ -215,10 +257,20 @@ async fn dial_out_only(scheme: &str) {
     .await;
     let (me_a, me_b) = (a.id(), b.id());
     for i in 0..3 {
-        a.publish_ok(&oc_testkit::event("PB_CREATE", &format!("{scheme}-cut-a-{i}"), &me_a, json!({})))
-            .await;
-        b.publish_ok(&oc_testkit::event("PB_CREATE", &format!("{scheme}-cut-b-{i}"), &me_b, json!({})))
-            .await;
+        a.publish_ok(&oc_testkit::event(
+            "PB_CREATE",
+            &format!("{scheme}-cut-a-{i}"),
+            &me_a,
+            json!({}),
+        ))
+        .await;
+        b.publish_ok(&oc_testkit::event(
+            "PB_CREATE",
+            &format!("{scheme}-cut-b-{i}"),
+            &me_b,
+            json!({}),
+        ))
+        .await;
     }
     cut.restore();
     exchange(&a, &b, &format!("{scheme}-2"), 1).await;
@@ -228,8 +280,13 @@ async fn dial_out_only(scheme: &str) {
     // B killed: what A journals meanwhile reaches B once it is back and has dialled.
     b.node.kill();
     for i in 0..3 {
-        a.publish_ok(&oc_testkit::event("PB_CREATE", &format!("{scheme}-down-{i}"), &me_a, json!({})))
-            .await;
+        a.publish_ok(&oc_testkit::event(
+            "PB_CREATE",
+            &format!("{scheme}-down-{i}"),
+            &me_a,
+            json!({}),
+        ))
+        .await;
     }
     b.node.start_healthy().await.unwrap();
     stored(&b, &format!("{scheme}-down-"), 3).await;
@@ -278,7 +335,12 @@ async fn two_nodes_listening_only_through_a_relay_propagate_through_it() {
     b.node.partners = vec![via(&a)];
     for s in [&mut a, &mut b, &mut stranger] {
         s.node.listen = Vec::new();
-        s.node.extra_args = vec!["--relay".into(), relay.node.addr(), "--backoff-max".into(), "1s".into()];
+        s.node.extra_args = vec![
+            "--relay".into(),
+            relay.node.addr(),
+            "--backoff-max".into(),
+            "1s".into(),
+        ];
     }
     a.node.start_healthy().await.unwrap();
     b.node.start_healthy().await.unwrap();

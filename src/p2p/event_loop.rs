@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::metrics::Recorder;
-use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::core::transport::ListenerId;
+use libp2p::metrics::Recorder;
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{autonat, connection_limits, dcutr, identify, kad, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -348,7 +348,9 @@ impl EventLoop {
                 result,
             })) => match result {
                 Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: direct connection"),
-                Err(e) => tracing::debug!(peer = %remote_peer_id, cause = %e, "hole punching failed; staying relayed"),
+                Err(e) => {
+                    tracing::debug!(peer = %remote_peer_id, cause = %e, "hole punching failed; staying relayed")
+                }
             },
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),

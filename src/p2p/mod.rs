@@ -50,8 +50,8 @@ pub use client::{Client, Subscription};
 pub use event_loop::EventLoop;
 pub use gossip::{GossipMessage, GossipVerdict};
 pub use kad::{RecordEvent, DHT_PURGE_EVERY};
-pub use state::{NetState, NetStats};
 pub use relay::Reachability;
+pub use state::{NetState, NetStats};
 pub use tls::{WssTlsError, WssTlsFiles};
 pub use transport::read_psk;
 
@@ -149,7 +149,13 @@ pub fn build(
     psk: Option<PreSharedKey>,
     listen: &[Multiaddr],
 ) -> Result<(Client, EventLoop), NetError> {
-    build_with(key, psk, listen, NetLimits::default(), &TransportOptions::default())
+    build_with(
+        key,
+        psk,
+        listen,
+        NetLimits::default(),
+        &TransportOptions::default(),
+    )
 }
 
 /// [`build`] with given connection limits.

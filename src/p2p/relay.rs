@@ -76,7 +76,9 @@ pub(crate) fn server_config(access: RelayAccess) -> relay::Config {
     };
     config
         .reservation_rate_limiters
-        .push(Box::new(move |peer: PeerId, _: &Multiaddr, _| access.may_reserve(&peer)));
+        .push(Box::new(move |peer: PeerId, _: &Multiaddr, _| {
+            access.may_reserve(&peer)
+        }));
     config
 }
 

@@ -73,17 +73,18 @@ fn certificates(flag: &'static str, path: &Path) -> Result<Vec<tls::Certificate>
 ///
 /// # Errors
 /// A file is unreadable, holds no certificate or key, or the pair does not go together.
-pub(crate) fn config(server: Option<&WssTlsFiles>, extra_ca: Option<&Path>) -> Result<tls::Config, WssTlsError> {
+pub(crate) fn config(
+    server: Option<&WssTlsFiles>,
+    extra_ca: Option<&Path>,
+) -> Result<tls::Config, WssTlsError> {
     let mut builder = tls::Config::builder();
     if let Some(ca) = extra_ca {
         for cert in certificates("--tls-ca", ca)? {
-            builder
-                .add_trust(&cert)
-                .map_err(|e| WssTlsError::NoCertificate {
-                    flag: "--tls-ca",
-                    path: ca.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
+            builder.add_trust(&cert).map_err(|e| WssTlsError::NoCertificate {
+                flag: "--tls-ca",
+                path: ca.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         }
     }
     if let Some(files) = server {
