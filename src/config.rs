@@ -1529,4 +1529,49 @@ mod tests {
             assert!(help.contains(flag), "{flag} missing from run --help");
         }
     }
+    #[test]
+    fn transport_options_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        let relay = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+        std::fs::write(
+            &file,
+            format!("relay-server = true\nrelay = [\"{relay}\"]\ntls-ca = \"/etc/ca.pem\"\n"),
+        )
+        .unwrap();
+        let cfg =
+            NodeConfig::try_from(run_args(&["--config", file.to_str().unwrap(), "--listen", ""])).unwrap();
+        assert!(cfg.listen.is_empty(), "an empty --listen listens nowhere");
+        assert!(cfg.transport.relay_server);
+        assert_eq!(cfg.transport.relays, vec![relay.parse::<Multiaddr>().unwrap()]);
+        assert_eq!(cfg.transport.tls_ca, Some(PathBuf::from("/etc/ca.pem")));
+        let plain = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert!(!plain.transport.relay_server);
+        assert_eq!(plain.listen.len(), 1);
+    }
+
+    #[test]
+    fn wss_needs_its_certificate_and_quic_is_refused() {
+        let wss = ["--listen", "/ip4/0.0.0.0/tcp/443/wss"];
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&wss)),
+            Err(ConfigError::WssWithoutTls(_))
+        ));
+        let half = [&wss[..], &["--tls-cert", "c.pem"]].concat();
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&half)),
+            Err(ConfigError::TlsPair)
+        ));
+        let both = [&wss[..], &["--tls-cert", "c.pem", "--tls-key", "k.pem"]].concat();
+        let cfg = NodeConfig::try_from(run_args(&both)).unwrap();
+        assert!(cfg.transport.wss_tls.is_some());
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--listen", "/ip4/0.0.0.0/udp/4001/quic-v1"])),
+            Err(ConfigError::Quic(_))
+        ));
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--relay", "/ip4/198.51.100.1/tcp/4001"])),
+            Err(ConfigError::RelayWithoutPeerId(_))
+        ));
+    }
 }
