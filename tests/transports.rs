@@ -362,6 +362,14 @@ async fn two_nodes_listening_only_through_a_relay_propagate_through_it() {
     })
     .await;
     assert!(relay.node.log().contains(&stranger.id()));
+    assert!(
+        relay
+            .node
+            .metric("oc_relay_refused_total{request=\"reservation\"}")
+            .await
+            .unwrap()
+            >= 1
+    );
     let node_s = stranger.node.get_json("/api/node").await.unwrap();
     assert_eq!(node_s["listen_addrs"], json!([]), "{node_s}");
     exchange(&a, &b, "relayed-after", 2).await;
