@@ -3,7 +3,8 @@
 //! made here); TLS flags refused at start; a partner that listens nowhere and only dials
 //! out, exchanging events and considers both ways and catching up after a cut and after a
 //! restart, on TCP and on ws; two nodes that listen only through a relay propagating
-//! through it, and a peer the relay does not allow refused.
+//! through it (and again after the relay restarted), and a peer the relay does not allow
+//! refused.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -324,7 +325,12 @@ async fn two_nodes_listening_only_through_a_relay_propagate_through_it() {
     let mut a = Site::new().await;
     let mut b = Site::new().await;
     let mut stranger = Site::new().await;
+    // Everyone in one private network: the circuits travel inside PSK connections.
+    let keys = tempfile::tempdir().unwrap();
+    let psk = write_psk(keys.path(), "net.key", 0x33);
     relay.node.extra_args = vec![
+        "--psk-file".into(),
+        psk.clone(),
         "--relay-server".into(),
         "--relay-allow".into(),
         format!("{},{}", a.id(), b.id()),
@@ -335,12 +341,16 @@ async fn two_nodes_listening_only_through_a_relay_propagate_through_it() {
     b.node.partners = vec![via(&a)];
     for s in [&mut a, &mut b, &mut stranger] {
         s.node.listen = Vec::new();
-        s.node.extra_args = vec![
-            "--relay".into(),
-            relay.node.addr(),
-            "--backoff-max".into(),
-            "1s".into(),
-        ];
+        s.node.extra_args = [
+            "--psk-file",
+            &psk,
+            "--relay",
+            &relay.node.addr(),
+            "--backoff-max",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     a.node.start_healthy().await.unwrap();
     b.node.start_healthy().await.unwrap();
@@ -370,7 +380,28 @@ async fn two_nodes_listening_only_through_a_relay_propagate_through_it() {
             .unwrap()
             >= 1
     );
+    // Its admin API comes up after its network: ask until it answers.
+    eventually("the stranger's admin API", || async {
+        stranger.node.get_json("/api/node").await.is_ok()
+    })
+    .await;
     let node_s = stranger.node.get_json("/api/node").await.unwrap();
     assert_eq!(node_s["listen_addrs"], json!([]), "{node_s}");
+
+    // The relay restarted: both ask for their slot again, the links redial through it and
+    // what A journaled meanwhile reaches B.
+    relay.node.kill();
+    let me_a = a.id();
+    for i in 0..3 {
+        a.publish_ok(&oc_testkit::event(
+            "PB_CREATE",
+            &format!("relay-down-{i}"),
+            &me_a,
+            json!({}),
+        ))
+        .await;
+    }
+    relay.node.start_healthy().await.unwrap();
+    stored(&b, "relay-down-", 3).await;
     exchange(&a, &b, "relayed-after", 2).await;
 }
