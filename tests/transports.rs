@@ -129,6 +129,21 @@ async fn partners_over_websocket_tls_with_a_certificate_made_here() {
         ["us", "them"].contains(&row["dialed_by"].as_str().unwrap()),
         "{row}"
     );
+
+    // A node that does not trust the certificate (no --tls-ca) never connects: the
+    // certificate is always verified.
+    let mut c = Site::new().await;
+    c.node.listen = Vec::new();
+    c.node.partners = vec![ws_addr(&a, "wss", "dns4/localhost")];
+    c.node.start_healthy().await.unwrap();
+    eventually("the untrusted certificate refused", || async {
+        let err = peer_row(&c, &a.id()).await["last_error"]
+            .to_string()
+            .to_lowercase();
+        err.contains("certificate") || err.contains("issuer")
+    })
+    .await;
+    assert_eq!(peer_row(&c, &a.id()).await["connected"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
