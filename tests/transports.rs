@@ -4,7 +4,7 @@
 //! out, exchanging events and considers both ways and catching up after a cut and after a
 //! restart, on TCP and on ws; two nodes that listen only through a relay propagating
 //! through it (and again after the relay restarted), and a peer the relay does not allow
-//! refused.
+//! refused; a WebSocket frame above the cap refused while partners go on.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -419,4 +419,58 @@ async fn two_nodes_listening_only_through_a_relay_propagate_through_it() {
     relay.node.start_healthy().await.unwrap();
     stored(&b, "relay-down-", 3).await;
     exchange(&a, &b, "relayed-after", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_websocket_frame_is_refused_and_partners_go_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_tracing();
+    let mut a = ws_site("ws", "ip4/127.0.0.1").await;
+    let mut b = ws_site("ws", "ip4/127.0.0.1").await;
+    a.node.partners = vec![ws_addr(&b, "ws", "ip4/127.0.0.1")];
+    b.node.partners = vec![ws_addr(&a, "ws", "ip4/127.0.0.1")];
+    for s in [&mut a, &mut b] {
+        s.node.start_healthy().await.unwrap();
+    }
+    exchange(&a, &b, "before", 2).await;
+
+    // A client that upgrades to WebSocket, then announces a 100 MiB frame.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", a.node.p2p_port))
+        .await
+        .unwrap();
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(oc_testkit::WAIT, raw.read(&mut byte))
+            .await
+            .expect("an upgrade answer")
+            .unwrap();
+        assert_eq!(n, 1, "closed before answering the upgrade");
+        answer.push(byte[0]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let mut frame = vec![0x82, 0xFF];
+    frame.extend_from_slice(&(100u64 * 1024 * 1024).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0u8; 4096]);
+    let _ = raw.write_all(&frame).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(oc_testkit::WAIT, raw.read_to_end(&mut rest)).await;
+    eventually("the oversized frame refused", || async {
+        a.node.log().lines().any(|l| {
+            l.contains("inbound connection refused") && l.contains("payload too large: len = 104857600")
+        })
+    })
+    .await;
+    exchange(&a, &b, "after", 2).await;
 }

@@ -294,7 +294,7 @@ impl EventLoop {
                     return;
                 }
                 // A peer without our PSK ends here, after the transport timeout.
-                tracing::warn!(addr = %send_back_addr, cause = %error, "inbound connection refused");
+                tracing::warn!(addr = %send_back_addr, cause = %with_causes(&error), "inbound connection refused");
             }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!(cause = %error, "listener error")
@@ -408,3 +408,23 @@ impl EventLoop {
         }
     }
 }
+
+/// An error followed by its causes (`outer: inner: ...`, at most [`MAX_CAUSES`] deep):
+/// libp2p's listen errors say little without them.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    for _ in 0..MAX_CAUSES {
+        let Some(cause) = source else { break };
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Causes of an error written in a log line.
+const MAX_CAUSES: usize = 8;
