@@ -365,6 +365,10 @@ pub struct RunArgs {
         value_name = "MULTIADDR"
     )]
     pub relay: Vec<Multiaddr>,
+    /// Let AutoNAT probe and confirm private and loopback addresses too (sites reaching
+    /// each other over a private network or a VPN); by default only global ones.
+    #[arg(long, env = "OC_DISCOVERY_AUTONAT_PRIVATE_IPS")]
+    pub autonat_private_ips: bool,
     /// Largest PROPALGATION_EVENT accepted, in bytes; larger ones get payload_too_large.
     #[arg(long, env = "OC_DISCOVERY_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES)]
     pub max_event_bytes: usize,
@@ -995,6 +999,7 @@ fn transport_options(run: &RunArgs) -> Result<crate::p2p::TransportOptions, Conf
         relay_server: run.relay_server,
         relay_allow: run.relay_allow.clone(),
         relays: run.relay.clone(),
+        autonat_private_ips: run.autonat_private_ips,
     })
 }
 

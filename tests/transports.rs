@@ -474,3 +474,25 @@ async fn an_oversized_websocket_frame_is_refused_and_partners_go_on() {
     .await;
     exchange(&a, &b, "after", 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autonat_learns_that_a_listening_node_is_reachable() {
+    init_tracing();
+    let (mut a, mut b) = (Site::new().await, Site::new().await);
+    oc_testkit::partner(&mut a, &mut [&mut b]);
+    // Loopback addresses are probed only with --autonat-private-ips.
+    for s in [&mut a, &mut b] {
+        s.node.extra_args = vec!["--autonat-private-ips".into()];
+        s.node.start_healthy().await.unwrap();
+    }
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", a.node.p2p_port);
+    eventually("A found public, its listen address confirmed", || async {
+        let node = a.node.get_json("/api/node").await.unwrap();
+        node["reachability"] == "public"
+            && node["external_addrs"].as_array().is_some_and(|e| {
+                e.iter()
+                    .any(|x| x.as_str().is_some_and(|x| x.starts_with(&listen)))
+            })
+    })
+    .await;
+}

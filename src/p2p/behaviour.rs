@@ -93,12 +93,14 @@ impl Behaviour {
     ///
     /// # Errors
     /// gossipsub refuses its configuration or the subscription.
-    /// `relay_server` is the access list of the relay this node offers, if it offers one.
+    /// `relay_server` is the access list of the relay this node offers, if it offers one;
+    /// `autonat_private_ips` lets AutoNAT probe and confirm addresses that are not global.
     pub(super) fn new(
         key: &Keypair,
         limits: NetLimits,
         relay_client: relay::client::Behaviour,
         relay_server: Option<RelayAccess>,
+        autonat_private_ips: bool,
     ) -> Result<Behaviour, NetError> {
         let transport_err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
         let local = key.public().to_peer_id();
@@ -108,7 +110,13 @@ impl Behaviour {
                 .map(|access| relay::Behaviour::new(local, super::relay::server_config(access)))
                 .into(),
             dcutr: dcutr::Behaviour::new(local),
-            autonat: autonat::Behaviour::new(local, autonat::Config::default()),
+            autonat: autonat::Behaviour::new(
+                local,
+                autonat::Config {
+                    only_global_ips: !autonat_private_ips,
+                    ..autonat::Config::default()
+                },
+            ),
             stream: libp2p_stream::Behaviour::new(),
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_owned(),

@@ -137,6 +137,9 @@ pub struct TransportOptions {
     /// `--relay`: relays (ending in `/p2p/<relay id>`) this node reserves a slot on and
     /// listens through (`<relay>/p2p-circuit`).
     pub relays: Vec<Multiaddr>,
+    /// `--autonat-private-ips`: AutoNAT probes and confirms private and loopback addresses
+    /// too (sites that reach each other over a private network or a VPN).
+    pub autonat_private_ips: bool,
 }
 
 /// Builds the swarm with the default [`NetLimits`] and starts listening; returns the client
@@ -175,8 +178,9 @@ pub(crate) fn build_with(
         .then(|| relay::RelayAccess::new(&options.relay_allow));
     let behaviour_key = key.clone();
     let relay_access = access.clone();
+    let private_ips = options.autonat_private_ips;
     let mut swarm = transport::swarm(key, psk, tls, move |relay_client| {
-        behaviour::Behaviour::new(&behaviour_key, limits, relay_client, relay_access)
+        behaviour::Behaviour::new(&behaviour_key, limits, relay_client, relay_access, private_ips)
     })?;
     for addr in listen {
         swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
