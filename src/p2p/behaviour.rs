@@ -2,8 +2,8 @@
 //! the connection limits (partners exempt), `libp2p-stream` for the node's own protocols,
 //! identify, ping, Kademlia with the bounded [`PeerRecordStore`], gossipsub for `all`
 //! searches, and NAT traversal: the circuit relay v2 client, the relay server when offered
-//! (`--relay-server`, [`super::relay`]), DCUtR hole punching and AutoNAT. Its events are handled by the event loop ([`super::event_loop`], `kad`,
-//! `gossip`).
+//! (`--relay-server`, [`super::relay`]), DCUtR hole punching and AutoNAT. Its events are
+//! handled by the event loop ([`super::event_loop`], `kad`, `gossip`).
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
