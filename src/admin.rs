@@ -11,8 +11,8 @@
 //! | `GET /api/feed` | [`feed`]: a WebSocket, the journal or applied log live (page, older, pause, resume) |
 //! | `GET /`, `/ui/*` | [`page`]: the web page (live feed and peers), files built into the binary |
 //! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`, `nats: authorization violation (nats://...)`) otherwise |
-//! | `GET /api/peers` | partners: `peer_id, addrs, connected, acked_seq, pending, state` |
-//! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head` |
+//! | `GET /api/peers` | partners: `peer_id, addrs, connected, dialed_by, acked_seq, pending, state` |
+//! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head, reachability, external_addrs` |
 //! | `GET /api/resources/{data_type}?after=ID&limit=N` | stored resources (tombstones included) |
 //! | `GET /api/resources/{data_type}/{id}` | one stored resource, 404 if unknown |
 //! | `POST /api/copies`, `GET /api/copies`, `GET /api/copies/{id}` | [`copies`]: remote copies to partners |
@@ -233,7 +233,15 @@ async fn node(s: web::Data<AdminState>) -> HttpResponse {
         .iter()
         .map(ToString::to_string)
         .collect();
-    HttpResponse::Ok().json(json!({"peer_id": s.own_id, "listen_addrs": addrs, "journal_head": head}))
+    let (reachability, external) = s.net.state().reachability();
+    let external: Vec<String> = external.iter().map(ToString::to_string).collect();
+    HttpResponse::Ok().json(json!({
+        "peer_id": s.own_id,
+        "listen_addrs": addrs,
+        "journal_head": head,
+        "reachability": reachability.as_str(),
+        "external_addrs": external,
+    }))
 }
 
 #[derive(Deserialize)]

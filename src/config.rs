@@ -332,7 +332,9 @@ pub struct RunArgs {
     /// Private key (PEM) of --nats-tls-cert.
     #[arg(long, env = "OC_DISCOVERY_NATS_TLS_KEY", value_name = "FILE")]
     pub nats_tls_key: Option<PathBuf>,
-    /// libp2p listen address; repeat for several.
+    /// libp2p listen address: TCP (`/ip4/0.0.0.0/tcp/4001`), WebSocket (`.../tcp/443/ws`)
+    /// or WebSocket over TLS (`.../tcp/443/wss`, needs --tls-cert and --tls-key); repeat
+    /// for several. An empty value (`--listen ''`) listens nowhere: the node only dials out.
     #[arg(long = "listen", env = "OC_DISCOVERY_LISTEN", value_delimiter = ',', default_value = DEFAULT_LISTEN)]
     pub listen: Vec<Multiaddr>,
     /// Admin HTTP API address (health, peers, metrics, resources).
@@ -355,6 +357,42 @@ pub struct RunArgs {
     /// Pre-shared key file (swarm.key format) making a private network.
     #[arg(long, env = "OC_DISCOVERY_PSK_FILE")]
     pub psk_file: Option<PathBuf>,
+    /// PEM certificate chain presented by the `/wss` listeners (with --tls-key).
+    #[arg(long, env = "OC_DISCOVERY_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "OC_DISCOVERY_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM certificates trusted for `/wss` partners besides the web's root authorities
+    /// (a private CA, or a partner's self-signed certificate).
+    #[arg(long, env = "OC_DISCOVERY_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Offer circuit relay v2: partners (and --relay-allow peers) behind NAT may reserve a
+    /// slot here and be reached through this node.
+    #[arg(long, env = "OC_DISCOVERY_RELAY_SERVER")]
+    pub relay_server: bool,
+    /// A peer id allowed to reserve a slot on this node's relay besides its partners;
+    /// repeat for several.
+    #[arg(
+        long = "relay-allow",
+        env = "OC_DISCOVERY_RELAY_ALLOW",
+        value_delimiter = ',',
+        value_name = "PEER_ID"
+    )]
+    pub relay_allow: Vec<PeerId>,
+    /// A relay (multiaddr ending in /p2p/<relay id>) this node reserves a slot on and
+    /// listens through, reachable as <relay>/p2p-circuit/p2p/<own id>; repeat for several.
+    #[arg(
+        long = "relay",
+        env = "OC_DISCOVERY_RELAY",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub relay: Vec<Multiaddr>,
+    /// Let AutoNAT probe and confirm private and loopback addresses too (sites reaching
+    /// each other over a private network or a VPN); by default only global ones.
+    #[arg(long, env = "OC_DISCOVERY_AUTONAT_PRIVATE_IPS")]
+    pub autonat_private_ips: bool,
     /// Largest PROPALGATION_EVENT accepted, in bytes; larger ones get payload_too_large.
     #[arg(long, env = "OC_DISCOVERY_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES)]
     pub max_event_bytes: usize,
@@ -565,6 +603,14 @@ pub enum ConfigError {
     NatsClientCert,
     #[error("--admin-tls-cert and --admin-tls-key go together: give both or neither")]
     AdminTlsPair,
+    #[error("--tls-cert and --tls-key go together: give both or neither")]
+    TlsPair,
+    #[error("--listen {0} is a /wss address: it needs --tls-cert and --tls-key (PEM files)")]
+    WssWithoutTls(Multiaddr),
+    #[error("--relay {0} must end in /p2p/<relay peer id>")]
+    RelayWithoutPeerId(Multiaddr),
+    #[error("--listen {0}: QUIC is not supported (it cannot carry the PSK private network); use /tcp, /ws or /wss")]
+    Quic(Multiaddr),
 }
 
 /// Parses the process arguments; `run` options given neither as a flag nor in the
@@ -703,6 +749,8 @@ pub struct NodeConfig {
     pub admin_tls: Option<AdminTlsFiles>,
     pub partners: Vec<(PeerId, Multiaddr)>,
     pub psk_file: Option<PathBuf>,
+    /// `/wss` certificates, the relay offered, the relays listened through.
+    pub transport: crate::p2p::TransportOptions,
     pub max_event_bytes: usize,
     pub intake_stream: String,
     /// Limits of the JetStream intake stream (`discard: new`).
@@ -830,6 +878,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             return Err(ConfigError::MaxEventBytes);
         }
         let nats = nats_settings(&run)?;
+        let transport = transport_options(&run)?;
         let partners = run
             .partner
             .into_iter()
@@ -930,6 +979,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             (None, None) => None,
             _ => return Err(ConfigError::AdminTlsPair),
         };
+        let listen: Vec<Multiaddr> = run.listen.into_iter().filter(|a| !a.is_empty()).collect();
         let store = match run.store {
             StoreKind::Embedded => StoreConfig::Embedded,
             StoreKind::Mongodb => StoreConfig::Mongodb {
@@ -940,12 +990,13 @@ impl TryFrom<RunArgs> for NodeConfig {
         Ok(NodeConfig {
             data_dir: run.data_dir,
             nats,
-            listen: run.listen,
+            listen,
             admin_listen: run.admin_listen,
             admin_token_file: run.admin_token_file,
             admin_tls,
             partners,
             psk_file: run.psk_file,
+            transport,
             max_event_bytes: run.max_event_bytes,
             store,
             intake_stream: run.intake_stream,
@@ -969,6 +1020,53 @@ impl TryFrom<RunArgs> for NodeConfig {
             tuning,
         })
     }
+}
+
+/// The transport options of `run`, checked: a `/wss` listener has its certificate, a
+/// relay names its peer id, no QUIC (see `protocols/transports.md`).
+///
+/// # Errors
+/// Half a TLS pair, `/wss` without one, a relay without `/p2p/<id>`, a QUIC address.
+fn transport_options(run: &RunArgs) -> Result<crate::p2p::TransportOptions, ConfigError> {
+    use libp2p::multiaddr::Protocol;
+    let wss_tls = match (&run.tls_cert, &run.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::p2p::WssTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None) => None,
+        _ => return Err(ConfigError::TlsPair),
+    };
+    for addr in run.listen.iter().chain(&run.partner).chain(&run.relay) {
+        if addr
+            .iter()
+            .any(|p| matches!(p, Protocol::Quic | Protocol::QuicV1))
+        {
+            return Err(ConfigError::Quic(addr.clone()));
+        }
+    }
+    if wss_tls.is_none() {
+        if let Some(addr) = run
+            .listen
+            .iter()
+            .find(|a| a.iter().any(|p| matches!(p, Protocol::Wss(_) | Protocol::Tls)))
+        {
+            return Err(ConfigError::WssWithoutTls(addr.clone()));
+        }
+    }
+    for relay in &run.relay {
+        if !matches!(relay.iter().last(), Some(Protocol::P2p(_))) {
+            return Err(ConfigError::RelayWithoutPeerId(relay.clone()));
+        }
+    }
+    Ok(crate::p2p::TransportOptions {
+        wss_tls,
+        tls_ca: run.tls_ca.clone(),
+        relay_server: run.relay_server,
+        relay_allow: run.relay_allow.clone(),
+        relays: run.relay.clone(),
+        autonat_private_ips: run.autonat_private_ips,
+    })
 }
 
 /// The NATS servers, credentials and TLS of `run`, checked.
@@ -1532,5 +1630,50 @@ mod tests {
         ] {
             assert!(help.contains(flag), "{flag} missing from run --help");
         }
+    }
+    #[test]
+    fn transport_options_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        let relay = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+        std::fs::write(
+            &file,
+            format!("relay-server = true\nrelay = [\"{relay}\"]\ntls-ca = \"/etc/ca.pem\"\n"),
+        )
+        .unwrap();
+        let cfg =
+            NodeConfig::try_from(run_args(&["--config", file.to_str().unwrap(), "--listen", ""])).unwrap();
+        assert!(cfg.listen.is_empty(), "an empty --listen listens nowhere");
+        assert!(cfg.transport.relay_server);
+        assert_eq!(cfg.transport.relays, vec![relay.parse::<Multiaddr>().unwrap()]);
+        assert_eq!(cfg.transport.tls_ca, Some(PathBuf::from("/etc/ca.pem")));
+        let plain = NodeConfig::try_from(run_args(&[])).unwrap();
+        assert!(!plain.transport.relay_server);
+        assert_eq!(plain.listen.len(), 1);
+    }
+
+    #[test]
+    fn wss_needs_its_certificate_and_quic_is_refused() {
+        let wss = ["--listen", "/ip4/0.0.0.0/tcp/443/wss"];
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&wss)),
+            Err(ConfigError::WssWithoutTls(_))
+        ));
+        let half = [&wss[..], &["--tls-cert", "c.pem"]].concat();
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&half)),
+            Err(ConfigError::TlsPair)
+        ));
+        let both = [&wss[..], &["--tls-cert", "c.pem", "--tls-key", "k.pem"]].concat();
+        let cfg = NodeConfig::try_from(run_args(&both)).unwrap();
+        assert!(cfg.transport.wss_tls.is_some());
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--listen", "/ip4/0.0.0.0/udp/4001/quic-v1"])),
+            Err(ConfigError::Quic(_))
+        ));
+        assert!(matches!(
+            NodeConfig::try_from(run_args(&["--relay", "/ip4/198.51.100.1/tcp/4001"])),
+            Err(ConfigError::RelayWithoutPeerId(_))
+        ));
     }
 }

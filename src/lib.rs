@@ -13,8 +13,9 @@
 //! - [`outbound`]: one partner link per partner, feeding it the journal: [`outbound::service`]
 //!   (the actor owning the links), [`outbound::link`] (one link's I/O loop),
 //!   [`outbound::window`] (its send window, ack and resume rules, pure), [`outbound::status`].
-//! - [`p2p`]: the network layer: transport, behaviour, the event loop that alone owns the
-//!   Swarm, the [`p2p::Client`] handle, the DHT and search gossip handlers; [`p2p::wire`]: one
+//! - [`p2p`]: the network layer: transports (TCP, WebSocket and `/wss` with [`p2p::tls`],
+//!   relay circuits), behaviour ([`p2p::relay`]: relay server limits, DCUtR, AutoNAT), the
+//!   event loop that alone owns the Swarm, the [`p2p::Client`] handle, the DHT and search gossip handlers; [`p2p::wire`]: one
 //!   frame enum per stream protocol over one shared framing;
 //!   [`p2p::records`]: signed peer records.
 //! - [`search`]: `PB_SEARCH`: peer records, resource searches and their answers.

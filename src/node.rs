@@ -75,7 +75,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let psk = cfg.psk_file.as_deref().map(p2p::read_psk).transpose()?;
     let private = psk.is_some();
     // The directory signs the node's peer record and the search service its gossip queries.
-    let (net, event_loop) = p2p::build_with(key.clone(), psk, &cfg.listen, cfg.net_limits)?;
+    let (net, event_loop) = p2p::build_with(key.clone(), psk, &cfg.listen, cfg.net_limits, &cfg.transport)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let net_task = tokio::spawn(event_loop.run(stop_rx.clone()));
 

@@ -69,6 +69,7 @@ async fn partner(s: &AdminState, p: PeerStatus) -> Value {
         "peer_id": p.peer_id,
         "addrs": p.addrs,
         "connected": p.connected,
+        "dialed_by": p.dialed_by,
         "state": p.state,
         "since": p.since,
         "acked_seq": p.acked_seq,

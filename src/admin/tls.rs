@@ -64,7 +64,7 @@ pub(crate) fn server_config(files: &AdminTlsFiles) -> Result<ServerConfig, TlsSe
         .map_err(rejected)
 }
 
-fn read_pem(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
+pub(crate) fn read_pem(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
     let read = |source| TlsSetupError::Read {
         path: path.to_path_buf(),
         source,

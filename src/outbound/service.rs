@@ -70,6 +70,10 @@ pub(crate) struct PeerStatus {
     /// Last error of the link, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Which side opened the connection in use: `us` or `them` (`null` when not connected).
+    /// A partner that can only dial out shows `them` on the other side.
+    #[serde(default)]
+    pub dialed_by: Option<String>,
 }
 
 struct Link {
@@ -171,6 +175,7 @@ impl Handler<GetPeers> for StreamService {
                         since: snap.since_ms,
                         rtt_ms: snap.rtt_ms,
                         last_error: snap.last_error,
+                        dialed_by: self.env.net.state().dialed_by(peer).map(str::to_owned),
                     }
                 })
                 .collect(),

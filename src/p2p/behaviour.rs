@@ -1,15 +1,20 @@
 //! The node's `NetworkBehaviour` and its configuration: the connection gater (blacklist),
 //! the connection limits (partners exempt), `libp2p-stream` for the node's own protocols,
-//! identify, ping, Kademlia with the bounded [`PeerRecordStore`] and gossipsub for `all`
-//! searches. Its events are handled by the event loop ([`super::event_loop`], `kad`,
-//! `gossip`).
+//! identify, ping, Kademlia with the bounded [`PeerRecordStore`], gossipsub for `all`
+//! searches, and NAT traversal: the circuit relay v2 client, the relay server when offered
+//! (`--relay-server`, [`super::relay`]), DCUtR hole punching and AutoNAT. Its events are
+//! handled by the event loop ([`super::event_loop`], `kad`, `gossip`).
 
 use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{allow_block_list, connection_limits, gossipsub, identify, kad, ping, PeerId};
+use libp2p::{
+    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, kad, ping, relay, PeerId,
+};
 use std::time::Duration;
 
 use super::record_store::{self, PeerRecordStore};
+use super::relay::RelayAccess;
 use super::{records, NetError, KAD_PROTOCOL, SEARCH_TOPIC};
 
 /// identify's protocol version: peers of another network are easy to spot in logs.
@@ -72,6 +77,14 @@ pub(crate) struct Behaviour {
     pub(super) ping: ping::Behaviour,
     pub(super) kad: kad::Behaviour<PeerRecordStore>,
     pub(super) gossip: gossipsub::Behaviour,
+    /// Dials and listens through relays (`/p2p-circuit` addresses).
+    pub(super) relay_client: relay::client::Behaviour,
+    /// The relay offered to others, with `--relay-server` only.
+    pub(super) relay: Toggle<relay::Behaviour>,
+    /// Upgrades a relayed connection to a direct one when both sides can (hole punching).
+    pub(super) dcutr: dcutr::Behaviour,
+    /// Learns whether peers can dial this node back (reachability in `/api/node`).
+    pub(super) autonat: autonat::Behaviour,
 }
 
 impl Behaviour {
@@ -80,9 +93,30 @@ impl Behaviour {
     ///
     /// # Errors
     /// gossipsub refuses its configuration or the subscription.
-    pub(super) fn new(key: &Keypair, limits: NetLimits) -> Result<Behaviour, NetError> {
+    /// `relay_server` is the access list of the relay this node offers, if it offers one;
+    /// `autonat_private_ips` lets AutoNAT probe and confirm addresses that are not global.
+    pub(super) fn new(
+        key: &Keypair,
+        limits: NetLimits,
+        relay_client: relay::client::Behaviour,
+        relay_server: Option<RelayAccess>,
+        autonat_private_ips: bool,
+    ) -> Result<Behaviour, NetError> {
         let transport_err = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+        let local = key.public().to_peer_id();
         let mut behaviour = Behaviour {
+            relay_client,
+            relay: relay_server
+                .map(|access| relay::Behaviour::new(local, super::relay::server_config(access)))
+                .into(),
+            dcutr: dcutr::Behaviour::new(local),
+            autonat: autonat::Behaviour::new(
+                local,
+                autonat::Config {
+                    only_global_ips: !autonat_private_ips,
+                    ..autonat::Config::default()
+                },
+            ),
             stream: libp2p_stream::Behaviour::new(),
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_owned(),

@@ -2,8 +2,10 @@
 //! [`Command`]s of the [`super::Client`] handles and the DHT purge tick, and answers each
 //! command through its `oneshot`. Operations in flight wait in `pending_*` maps keyed by
 //! peer or query id. Kademlia and gossipsub events are handled in [`super::kad`] and
-//! [`super::gossip`]; this file keeps the connection lifecycle. It never awaits another
-//! component: discovery events are handed over with `try_send`.
+//! [`super::gossip`]; this file keeps the connection lifecycle (with which side dialled
+//! each connection), the listeners through relays (asked again when lost), and the
+//! relay, hole punching and AutoNAT events. It never awaits another component: discovery
+//! events are handed over with `try_send`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -11,14 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::metrics::Recorder;
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, SwarmEvent};
-use libp2p::{connection_limits, identify, kad, PeerId, Swarm};
+use libp2p::{autonat, connection_limits, dcutr, identify, kad, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::behaviour::{limit_label, Behaviour, BehaviourEvent};
 use super::client::{Command, Subscription};
+use super::relay::{Reachability, RelayAccess, RELAY_RELISTEN_EVERY};
 use super::{GossipMessage, NetError, NetState, RecordEvent, DHT_PURGE_EVERY};
 
 /// A repeated refusal (record, connection) is logged once per this per peer, with its count.
@@ -41,6 +46,11 @@ pub struct EventLoop {
     pub(super) gossip_events: Option<mpsc::Sender<GossipMessage>>,
     /// Repeated refusals of one peer's records or connections, logged once per interval.
     pub(super) refusals: crate::guard::LogThrottle,
+    /// Who may reserve a slot on the relay this node offers (`None`: it offers none).
+    pub(super) relay_access: Option<RelayAccess>,
+    /// The circuit addresses (`<relay>/p2p-circuit`) this node wants to listen on, and the
+    /// listener of each that is open.
+    relay_listens: Vec<(Multiaddr, Option<ListenerId>)>,
 }
 
 impl EventLoop {
@@ -59,6 +69,28 @@ impl EventLoop {
             record_events: None,
             gossip_events: None,
             refusals: crate::guard::LogThrottle::new(REFUSAL_LOG_EVERY),
+            relay_access: None,
+            relay_listens: Vec::new(),
+        }
+    }
+
+    /// Reserves a slot on `relay` and listens through it; asked again every
+    /// [`RELAY_RELISTEN_EVERY`] while the reservation is lost.
+    pub(super) fn listen_via_relay(&mut self, relay: Multiaddr) {
+        let circuit = relay.with(Protocol::P2pCircuit);
+        self.relay_listens.push((circuit, None));
+        self.relisten();
+    }
+
+    fn relisten(&mut self) {
+        for (circuit, listener) in &mut self.relay_listens {
+            if listener.is_some() {
+                continue;
+            }
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => *listener = Some(id),
+                Err(e) => tracing::warn!(addr = %circuit, cause = %e, "cannot listen through the relay"),
+            }
         }
     }
 
@@ -66,10 +98,13 @@ impl EventLoop {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut purge = tokio::time::interval(DHT_PURGE_EVERY);
         purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut relisten = tokio::time::interval(RELAY_RELISTEN_EVERY);
+        relisten.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = purge.tick() => self.purge_records(),
+                _ = relisten.tick() => self.relisten(),
                 command = self.commands.recv() => match command {
                     Some(c) => self.on_command(c),
                     None => break,
@@ -139,6 +174,9 @@ impl EventLoop {
     }
 
     fn set_partner(&mut self, peer: PeerId, partner: bool) {
+        if let Some(access) = &self.relay_access {
+            access.set_partner(peer, partner);
+        }
         let limits = &mut self.swarm.behaviour_mut().limits;
         if partner {
             limits.bypass_peer_id(&peer);
@@ -156,6 +194,12 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // libp2p's relay serves only on a node with an external address: a node
+                // offering a relay declares that it is reachable where it listens.
+                let circuit = address.iter().any(|p| p == Protocol::P2pCircuit);
+                if self.relay_access.is_some() && !circuit {
+                    self.swarm.add_external_address(address.clone());
+                }
                 if let Ok(mut addrs) = self.state.listen_addrs.lock() {
                     addrs.push(address);
                 }
@@ -168,13 +212,20 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
-                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), num_established, "connected");
+                let dialed_by = if endpoint.is_dialer() { "us" } else { "them" };
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), dialed_by, relayed = endpoint.is_relayed(), num_established, "connected");
                 if let Ok(mut c) = self.state.connected.lock() {
                     c.insert(peer_id);
+                }
+                if let Ok(mut c) = self.state.connections.lock() {
+                    c.entry(peer_id)
+                        .or_default()
+                        .push((connection_id, endpoint.is_dialer()));
                 }
                 if num_established.get() == 1 {
                     // No listener is an answer too: nobody waits for this peer.
@@ -187,11 +238,20 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, num_established, cause = ?cause, "connection closed");
+                if let Ok(mut c) = self.state.connections.lock() {
+                    if let Some(list) = c.get_mut(&peer_id) {
+                        list.retain(|(id, _)| *id != connection_id);
+                        if list.is_empty() {
+                            c.remove(&peer_id);
+                        }
+                    }
+                }
                 if num_established == 0 {
                     if let Ok(mut c) = self.state.connected.lock() {
                         c.remove(&peer_id);
@@ -234,11 +294,64 @@ impl EventLoop {
                     return;
                 }
                 // A peer without our PSK ends here, after the transport timeout.
-                tracing::warn!(addr = %send_back_addr, cause = %error, "inbound connection refused");
+                tracing::warn!(addr = %send_back_addr, cause = %with_causes(&error), "inbound connection refused");
             }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!(cause = %error, "listener error")
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                for addr in &addresses {
+                    if let Ok(mut addrs) = self.state.listen_addrs.lock() {
+                        addrs.retain(|a| a != addr);
+                    }
+                }
+                if let Some((circuit, listener)) = self
+                    .relay_listens
+                    .iter_mut()
+                    .find(|(_, l)| *l == Some(listener_id))
+                {
+                    *listener = None;
+                    let cause = reason.err().map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!(addr = %circuit, cause, retry_in = ?RELAY_RELISTEN_EVERY, "relay reservation lost or refused");
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                if let Ok(mut r) = self.state.reachability.lock() {
+                    if !r.1.contains(&address) {
+                        r.1.push(address);
+                    }
+                }
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                if let Ok(mut r) = self.state.reachability.lock() {
+                    r.1.retain(|a| a != &address);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new })) => {
+                let reachability = Reachability::of(&new);
+                tracing::info!(old = ?old, new = ?new, reachability = reachability.as_str(), "reachability changed");
+                if let Ok(mut r) = self.state.reachability.lock() {
+                    r.0 = reachability;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                tracing::info!(event = ?event, "relay client")
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: direct connection"),
+                Err(e) => {
+                    tracing::debug!(peer = %remote_peer_id, cause = %e, "hole punching failed; staying relayed")
+                }
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => self.on_gossip_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -259,7 +372,59 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(e)) => m.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => m.record(e),
             _ => {}
         }
     }
+
+    /// The relay server's decisions: refusals are logged (throttled per peer) and counted.
+    fn on_relay_event(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::ReservationReqAccepted { src_peer_id, renewed } => {
+                tracing::info!(peer = %src_peer_id, renewed, "relay reservation accepted")
+            }
+            relay::Event::ReservationReqDenied { src_peer_id, status } => {
+                self.state.stats.relay_refused("reservation");
+                if let Some(count) = self.refusals.hit(src_peer_id, "relay_reservation") {
+                    tracing::warn!(peer = %src_peer_id, code = "relay_reservation_refused", status = ?status, count, "relay reservation refused (not a partner nor --relay-allow, or over a limit)");
+                }
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relay circuit opened"),
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status,
+            } => {
+                self.state.stats.relay_refused("circuit");
+                if let Some(count) = self.refusals.hit(src_peer_id, "relay_circuit") {
+                    tracing::warn!(src = %src_peer_id, dst = %dst_peer_id, code = "relay_circuit_refused", status = ?status, count, "relay circuit refused");
+                }
+            }
+            other => tracing::debug!(event = ?other, "relay"),
+        }
+    }
 }
+
+/// An error followed by its causes (`outer: inner: ...`, at most [`MAX_CAUSES`] deep):
+/// libp2p's listen errors say little without them.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    for _ in 0..MAX_CAUSES {
+        let Some(cause) = source else { break };
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Causes of an error written in a log line.
+const MAX_CAUSES: usize = 8;

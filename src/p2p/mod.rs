@@ -3,9 +3,12 @@
 //! it commands with a `oneshot` for the answer; [`NetState`] is what can be read without
 //! asking the loop.
 //!
-//! - `transport`: TCP with DNS, the optional PSK private network, Noise, Yamux, timeouts.
+//! - `transport`: TCP and WebSocket (`/ws`, `/wss`) with DNS, the optional PSK private
+//!   network on every transport, Noise, Yamux, timeouts, the relay client transport.
+//! - [`tls`]: the certificates of `/wss`.
 //! - `behaviour`: the `NetworkBehaviour` (gater, connection limits, streams, identify, ping,
-//!   Kademlia, gossipsub) and its configuration.
+//!   Kademlia, gossipsub, relay client and server, DCUtR, AutoNAT) and its configuration.
+//! - [`relay`]: the relay server's limits and access, reachability.
 //! - `client`: the [`Client`] handle and its commands.
 //! - `event_loop`: the task owning the Swarm, the connection lifecycle.
 //! - `kad`, `gossip`: the loop's handlers of the DHT and of the search topic.
@@ -26,7 +29,9 @@ mod gossip;
 mod kad;
 pub mod record_store;
 pub mod records;
+pub mod relay;
 mod state;
+pub mod tls;
 mod transport;
 pub mod wire;
 
@@ -45,7 +50,9 @@ pub use client::{Client, Subscription};
 pub use event_loop::EventLoop;
 pub use gossip::{GossipMessage, GossipVerdict};
 pub use kad::{RecordEvent, DHT_PURGE_EVERY};
+pub use relay::Reachability;
 pub use state::{NetState, NetStats};
+pub use tls::{WssTlsError, WssTlsFiles};
 pub use transport::read_psk;
 
 pub(crate) const PROTOCOL_CREATE: StreamProtocol = StreamProtocol::new("/opencloud/resource/create/1.0");
@@ -111,6 +118,28 @@ pub enum NetError {
     Dht(String),
     #[error("gossip: {0}")]
     Gossip(String),
+    #[error(transparent)]
+    Tls(#[from] WssTlsError),
+}
+
+/// How the node reaches and is reached beyond plain TCP: `/wss` certificates, the relay it
+/// offers, the relays it listens on.
+#[derive(Debug, Clone, Default)]
+pub struct TransportOptions {
+    /// `--tls-cert` / `--tls-key`: needed to listen on `/wss`.
+    pub wss_tls: Option<WssTlsFiles>,
+    /// `--tls-ca`: certificates trusted for `/wss` dials besides the web's roots.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// `--relay-server`: offer circuit relay v2 to partners and `relay_allow`.
+    pub relay_server: bool,
+    /// `--relay-allow`: peers besides partners allowed to reserve a slot on this relay.
+    pub relay_allow: Vec<PeerId>,
+    /// `--relay`: relays (ending in `/p2p/<relay id>`) this node reserves a slot on and
+    /// listens through (`<relay>/p2p-circuit`).
+    pub relays: Vec<Multiaddr>,
+    /// `--autonat-private-ips`: AutoNAT probes and confirms private and loopback addresses
+    /// too (sites that reach each other over a private network or a VPN).
+    pub autonat_private_ips: bool,
 }
 
 /// Builds the swarm with the default [`NetLimits`] and starts listening; returns the client
@@ -123,7 +152,13 @@ pub fn build(
     psk: Option<PreSharedKey>,
     listen: &[Multiaddr],
 ) -> Result<(Client, EventLoop), NetError> {
-    build_with(key, psk, listen, NetLimits::default())
+    build_with(
+        key,
+        psk,
+        listen,
+        NetLimits::default(),
+        &TransportOptions::default(),
+    )
 }
 
 /// [`build`] with given connection limits.
@@ -135,9 +170,18 @@ pub(crate) fn build_with(
     psk: Option<PreSharedKey>,
     listen: &[Multiaddr],
     limits: NetLimits,
+    options: &TransportOptions,
 ) -> Result<(Client, EventLoop), NetError> {
-    let behaviour = behaviour::Behaviour::new(&key, limits)?;
-    let mut swarm = transport::swarm(key, psk, behaviour)?;
+    let tls = tls::config(options.wss_tls.as_ref(), options.tls_ca.as_deref())?;
+    let access = options
+        .relay_server
+        .then(|| relay::RelayAccess::new(&options.relay_allow));
+    let behaviour_key = key.clone();
+    let relay_access = access.clone();
+    let private_ips = options.autonat_private_ips;
+    let mut swarm = transport::swarm(key, psk, tls, move |relay_client| {
+        behaviour::Behaviour::new(&behaviour_key, limits, relay_client, relay_access, private_ips)
+    })?;
     for addr in listen {
         swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
             addr: addr.clone(),
@@ -147,6 +191,15 @@ pub(crate) fn build_with(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let state = Arc::new(NetState::default());
     let control = swarm.behaviour().stream.new_control();
+    if listen.is_empty() && options.relays.is_empty() {
+        // Dial-out only, by choice: there is nothing to wait for.
+        state.listening.store(true, std::sync::atomic::Ordering::Release);
+    }
     let client = Client::new(tx, control, state.clone());
-    Ok((client, EventLoop::new(swarm, rx, state)))
+    let mut event_loop = EventLoop::new(swarm, rx, state);
+    event_loop.relay_access = access;
+    for relay in &options.relays {
+        event_loop.listen_via_relay(relay.clone());
+    }
+    Ok((client, event_loop))
 }

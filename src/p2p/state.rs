@@ -1,11 +1,13 @@
 //! What the rest of the node sees of the network without asking the event loop: listening,
-//! the listen addresses, the peers connected, arrivals, and the network's metrics `/metrics` reads.
+//! the listen addresses, the peers connected (and which side dialled), arrivals, the
+//! reachability AutoNAT learnt, and the network's metrics `/metrics` reads.
 //! The event loop writes it; everyone else reads it through [`super::Client::state`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,6 +21,11 @@ pub struct NetState {
     pub(super) listening: AtomicBool,
     pub(super) listen_addrs: Mutex<Vec<Multiaddr>>,
     pub(super) connected: Mutex<HashSet<PeerId>>,
+    /// The open connections of each connected peer, oldest first, with whether this node
+    /// dialled it (`/api/peers`: `dialed_by`).
+    pub(super) connections: Mutex<HashMap<PeerId, Vec<(ConnectionId, bool)>>>,
+    /// AutoNAT's verdict and the external addresses confirmed (`/api/node`).
+    pub(super) reachability: Mutex<(super::relay::Reachability, Vec<Multiaddr>)>,
     /// Each peer we had no connection with as it gets its first.
     pub(super) arrivals: broadcast::Sender<PeerId>,
     /// What the DHT record store and the connection limits did (`/metrics`).
@@ -37,6 +44,8 @@ pub struct NetStats {
     pub dht_evicted: Counter,
     /// Connections refused by a limit, by limit (`per_peer`, `pending_incoming`, `total`).
     connections_refused: Family<LimitLabels, Counter>,
+    /// Requests this node's relay refused, by request (`reservation`, `circuit`).
+    relay_refused: Family<RelayLabels, Counter>,
     /// `libp2p-metrics`: swarm (connections, dials, listeners), identify, kad, ping, gossipsub.
     pub(super) libp2p: libp2p::metrics::Metrics,
     registry: Registry,
@@ -47,12 +56,18 @@ struct LimitLabels {
     limit: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabels {
+    request: &'static str,
+}
+
 impl Default for NetStats {
     fn default() -> Self {
         let mut registry = Registry::default();
         let (dht_records, dht_bytes) = (Gauge::default(), Gauge::default());
         let (dht_expired, dht_evicted) = (Counter::default(), Counter::default());
         let connections_refused = Family::default();
+        let relay_refused = Family::default();
         let r = &mut registry;
         r.register(
             "oc_dht_records",
@@ -79,6 +94,11 @@ impl Default for NetStats {
             "Inbound connections refused by a connection limit",
             connections_refused.clone(),
         );
+        r.register(
+            "oc_relay_refused",
+            "Relay reservations and circuits this node's relay refused",
+            relay_refused.clone(),
+        );
         let libp2p = libp2p::metrics::Metrics::new(&mut registry);
         NetStats {
             dht_records,
@@ -86,6 +106,7 @@ impl Default for NetStats {
             dht_expired,
             dht_evicted,
             connections_refused,
+            relay_refused,
             libp2p,
             registry,
         }
@@ -97,6 +118,10 @@ impl NetStats {
         self.connections_refused
             .get_or_create(&LimitLabels { limit })
             .inc();
+    }
+
+    pub(super) fn relay_refused(&self, request: &'static str) {
+        self.relay_refused.get_or_create(&RelayLabels { request }).inc();
     }
 
     pub fn registry(&self) -> &Registry {
@@ -113,6 +138,8 @@ impl Default for NetState {
             listening: AtomicBool::new(false),
             listen_addrs: Mutex::default(),
             connected: Mutex::default(),
+            connections: Mutex::default(),
+            reachability: Mutex::default(),
             arrivals: broadcast::channel(ARRIVALS_QUEUE).0,
             stats: NetStats::default(),
         }
@@ -132,6 +159,19 @@ impl NetState {
 
     pub(crate) fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.listen_addrs.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// Which side opened the oldest open connection with `peer`: `us` or `them`; `None`
+    /// when not connected.
+    pub fn dialed_by(&self, peer: &PeerId) -> Option<&'static str> {
+        let connections = self.connections.lock().ok()?;
+        let (_, we_dialled) = connections.get(peer)?.first()?;
+        Some(if *we_dialled { "us" } else { "them" })
+    }
+
+    /// AutoNAT's verdict and the external addresses confirmed so far.
+    pub fn reachability(&self) -> (super::relay::Reachability, Vec<Multiaddr>) {
+        self.reachability.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     pub(crate) fn is_connected(&self, peer: &PeerId) -> bool {

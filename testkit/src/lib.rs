@@ -322,6 +322,9 @@ pub struct NodeProcess {
     pub admin_port: u16,
     pub nats_url: String,
     pub partners: Vec<String>,
+    /// The `--listen` addresses; default `/ip4/127.0.0.1/tcp/<p2p_port>`. Empty: the node
+    /// listens nowhere (it only dials out).
+    pub listen: Vec<String>,
     pub extra_args: Vec<String>,
     /// Environment variables set for the process (e.g. `OC_DISCOVERY_STORE`).
     pub extra_env: Vec<(String, String)>,
@@ -361,16 +364,18 @@ impl NodeProcess {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        let p2p_port = free_port()?;
         Ok(NodeProcess {
             binary: binary.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
             child: None,
             peer_id: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            p2p_port: free_port()?,
+            p2p_port,
             admin_port: free_port()?,
             nats_url: nats_url.to_owned(),
             partners: Vec::new(),
+            listen: vec![format!("/ip4/127.0.0.1/tcp/{p2p_port}")],
             extra_args: Vec::new(),
             extra_env: Vec::new(),
             admin_token: None,
@@ -428,8 +433,13 @@ impl NodeProcess {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--nats-url", &self.nats_url])
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.p2p_port)])
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)]);
+        for addr in &self.listen {
+            cmd.args(["--listen", addr]);
+        }
+        if self.listen.is_empty() {
+            cmd.args(["--listen", ""]);
+        }
         for p in &self.partners {
             cmd.args(["--partner", p]);
         }
