@@ -8,7 +8,7 @@ use mongodb::ClientSession;
 
 use super::bson::{to_i64, to_u64, JournalDoc};
 use super::error::Failure;
-use super::names::{INTAKE, JOURNAL, OWN};
+use super::names::{GONE, INTAKE, JOURNAL, OWN};
 use super::MongoStore;
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent};
 
@@ -76,19 +76,30 @@ impl MongoStore {
             .keys()
             .map(|(dt, id)| Bson::Document(doc! {"data_type": *dt, "id": *id}))
             .collect();
-        let live: Vec<Document> = last
-            .iter()
-            .filter(|(_, e)| e.action != Action::Delete)
-            .map(|((dt, id), e)| {
-                doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json()}
-            })
-            .collect();
+        let mut live: Vec<Document> = Vec::new();
+        let mut gone: Vec<Document> = Vec::new();
+        for ((dt, id), e) in &last {
+            let seq = to_i64(e.seq, "seq")?;
+            if e.action == Action::Delete {
+                gone.push(doc! {"_id": {"data_type": *dt, "id": *id}, "seq": seq});
+            } else {
+                live.push(doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json(), "seq": seq});
+            }
+        }
         let own = self.coll::<Document>(OWN);
-        own.delete_many(doc! {"_id": {"$in": keys}})
+        own.delete_many(doc! {"_id": {"$in": keys.clone()}})
             .session(&mut *s)
             .await?;
         if !live.is_empty() {
             own.insert_many(live).session(&mut *s).await?;
+        }
+        let tombstones = self.coll::<Document>(GONE);
+        tombstones
+            .delete_many(doc! {"_id": {"$in": keys}})
+            .session(&mut *s)
+            .await?;
+        if !gone.is_empty() {
+            tombstones.insert_many(gone).session(&mut *s).await?;
         }
         Ok(())
     }
