@@ -57,6 +57,7 @@ use session::{spawn_session, Attach};
 mod apply;
 pub mod reorder;
 mod session;
+mod snapshot;
 
 /// Sync requests served at once, across all peers, and per peer (a third from one peer is
 /// answered `busy`).
@@ -299,10 +300,32 @@ impl Handler<IncomingStream> for InboundApply {
                 }
             };
             let env = self.env.clone();
+            let session = self.session(peer).clone();
             tokio::spawn(async move {
                 let t = &env.tuning;
-                let served =
-                    sync::serve::serve(env.store.as_ref(), &env.own_id, peer, stream, t, &env.metrics).await;
+                let mut stream = stream;
+                let served = match sync::serve::first_frame(&mut stream, t).await {
+                    // An origin's snapshot job: its session applies it, in order with the
+                    // rest of what comes from it.
+                    Ok(Some(begin @ wire::SyncFrame::SnapshotBegin { .. })) => {
+                        drop(permit);
+                        let (reader, writer) = stream.split();
+                        let attach = Attach::Snapshot {
+                            begin,
+                            reader,
+                            writer: BufWriter::with_capacity(16 * 1024, writer),
+                        };
+                        if session.send(attach).await.is_err() {
+                            tracing::debug!(%peer, "session gone: snapshot stream dropped");
+                        }
+                        return;
+                    }
+                    Ok(first) => {
+                        sync::serve::serve(env.store.as_ref(), &env.own_id, peer, stream, first, t, &env.metrics)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = served {
                     tracing::debug!(%peer, cause = %e, "sync request not served");
                 }
