@@ -254,6 +254,12 @@ pub enum PartnersAction {
         #[arg(long)]
         json: bool,
     },
+    /// Start a snapshot job towards a partner: its current state of this node's resources,
+    /// then the journal (refused with `busy` while one runs).
+    Resync {
+        /// The partner's peer id.
+        peer_id: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -1468,7 +1468,7 @@ mod tests {
         };
         let full = |id: u64| StoredRow::Full(row(id));
         // An earlier version's single row (JSON) under its own id, then two groups.
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.db.read().unwrap().begin_write().unwrap();
         {
             let mut t = txn.open_table(OUTBOX).unwrap();
             t.insert(1, serde_json::to_vec(&row(1)).unwrap().as_slice())
@@ -1518,7 +1518,7 @@ mod tests {
         }
         assert_eq!(store.outbox(100).await.unwrap(), rows, "rebuilt byte for byte");
         let stored = {
-            let txn = store.db.begin_read().unwrap();
+            let txn = store.db.read().unwrap().begin_read().unwrap();
             let table = txn.open_table(OUTBOX).unwrap();
             let (k, v) = table.last().unwrap().unwrap();
             decode_group(k.value(), v.value()).unwrap()
@@ -1539,7 +1539,7 @@ mod tests {
             .outbox_remove(rows.iter().map(|r| r.id).collect())
             .await
             .unwrap();
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.db.read().unwrap().begin_write().unwrap();
         {
             let mut t = txn.open_table(OUTBOX).unwrap();
             let stale = StoredRow::Ref {

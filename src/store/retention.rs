@@ -67,9 +67,10 @@ pub fn bounds(
 }
 
 /// What the compaction task reads of each partner: the owner of the partner links.
+#[async_trait::async_trait]
 pub trait PartnerMarks: Send + Sync + 'static {
-    /// The partners' cursors and running snapshot positions.
-    fn marks(&self) -> Vec<(String, u64, Option<u64>)>;
+    /// Each partner's peer id, cursor and running snapshot position.
+    async fn marks(&self) -> Vec<(String, u64, Option<u64>)>;
 }
 
 /// One compaction run: bounds from the partners, compaction, space given back when
@@ -86,7 +87,7 @@ pub async fn run_once(
     let head = store.journal_head(origin).await?;
     let floor = store.journal_floor(origin).await?;
     let mut marks = Vec::new();
-    for (_, cursor, snapshot_at) in partners.marks() {
+    for (_, cursor, snapshot_at) in partners.marks().await {
         let oldest_unacked_ms = if cursor >= head || cursor < floor {
             None
         } else {
@@ -119,7 +120,8 @@ pub async fn run_once(
     Ok(report)
 }
 
-/// Runs compaction every `--compact-interval` until shutdown.
+/// Runs compaction every `--compact-interval` until shutdown (the first run one interval
+/// after start-up).
 pub async fn run(
     store: Arc<dyn Store>,
     origin: String,
@@ -128,7 +130,10 @@ pub async fn run(
     metrics: Arc<crate::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(t.compact_interval);
+    // The first run waits one interval: partnerships made at run time are re-applied at
+    // start-up, and a run before they are would not wait for them.
+    let first = tokio::time::Instant::now() + t.compact_interval;
+    let mut tick = tokio::time::interval_at(first, t.compact_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
