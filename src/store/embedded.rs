@@ -61,6 +61,7 @@ pub struct EmbeddedStore {
     /// Written (exclusively) only by [`Store::reclaim_space`]: redb's `compact()` needs
     /// the database alone.
     db: Arc<std::sync::RwLock<Database>>,
+    path: std::path::PathBuf,
 }
 
 fn floor_key(origin: &str) -> String {
@@ -105,6 +106,7 @@ impl EmbeddedStore {
         txn.commit().map_err(unavailable)?;
         Ok(EmbeddedStore {
             db: Arc::new(std::sync::RwLock::new(db)),
+            path: path.to_path_buf(),
         })
     }
 
@@ -421,13 +423,15 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| compact(db, &origin, bounds)).await
     }
 
-    async fn reclaim_space(&self) -> StoreResult<()> {
-        let db = self.db.clone();
+    async fn reclaim_space(&self) -> StoreResult<u64> {
+        let (db, path) = (self.db.clone(), self.path.clone());
         tokio::task::spawn_blocking(move || {
+            let len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let before = len();
             let mut db = db.write().map_err(|_| unavailable("store lock poisoned"))?;
             // Each call moves some pages towards the start; the file shrinks at the end.
             while db.compact().map_err(unavailable)? {}
-            Ok(())
+            Ok(before.saturating_sub(len()))
         })
         .await
         .map_err(unavailable)?

@@ -344,9 +344,10 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Gives the space freed by compaction back to the file system where the backend can
-    /// (redb: `compact()`; MongoDB: the `compact` command on the journal).
-    async fn reclaim_space(&self) -> StoreResult<()> {
-        Ok(())
+    /// (redb: `compact()`; MongoDB: the `compact` command on the journal). Returns the
+    /// bytes given back (redb: the file's shrink; MongoDB: the command's `bytesFreed`).
+    async fn reclaim_space(&self) -> StoreResult<u64> {
+        Ok(0)
     }
 
     /// Bytes the journal takes on disk (for `--journal-max-bytes` and the metrics).

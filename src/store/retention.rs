@@ -107,8 +107,9 @@ pub async fn run_once(
     let b = bounds(head, &marks, now_ms(), bytes, t);
     let report = store.compact_journal(origin, b).await?;
     if report.removed + report.tombstones_dropped > 0 {
-        store.reclaim_space().await?;
+        let freed = store.reclaim_space().await?;
         tracing::info!(
+            freed,
             examined = report.examined,
             removed = report.removed,
             tombstones_dropped = report.tombstones_dropped,

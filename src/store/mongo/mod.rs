@@ -344,7 +344,7 @@ impl Store for MongoStore {
         self.compact(origin, bounds).await
     }
 
-    async fn reclaim_space(&self) -> StoreResult<()> {
+    async fn reclaim_space(&self) -> StoreResult<u64> {
         self.reclaim().await
     }
 

@@ -267,16 +267,31 @@ impl MongoStore {
     }
 
     /// WiredTiger keeps the pages of removed documents for reuse; `compact` gives them
-    /// back to the file system. MongoDB before 4.4 needs `force` on a primary.
-    pub(super) async fn reclaim(&self) -> StoreResult<()> {
+    /// back to the file system (MongoDB 6.0 needs `force` on a primary). Pages of documents
+    /// removed within the snapshot history window (5 s by default) are not free yet: they
+    /// come back at the next run. Returns the command's `bytesFreed`.
+    pub(super) async fn reclaim(&self) -> StoreResult<u64> {
         self.ready().await?;
-        let plain = self.db.run_command(doc! {"compact": JOURNAL}).await;
-        if let Err(first) = plain {
-            if let Err(e) = self.db.run_command(doc! {"compact": JOURNAL, "force": true}).await {
-                tracing::warn!(cause = %first, retry_cause = %e, "mongodb: compact refused; freed journal space is reused by later writes but not given back");
-            }
+        // Pages of removed documents are free for `compact` only after a checkpoint.
+        if let Err(e) = self.client.database("admin").run_command(doc! {"fsync": 1}).await {
+            tracing::debug!(cause = %e, "mongodb: fsync refused; compact waits for the next checkpoint");
         }
-        Ok(())
+        let reply = match self.db.run_command(doc! {"compact": JOURNAL}).await {
+            Ok(reply) => reply,
+            Err(first) => match self.db.run_command(doc! {"compact": JOURNAL, "force": true}).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::warn!(cause = %first, retry_cause = %e, "mongodb: compact refused; freed journal space is reused by later writes but not given back");
+                    return Ok(0);
+                }
+            },
+        };
+        Ok(match reply.get("bytesFreed") {
+            Some(Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
+            Some(Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
+            Some(Bson::Double(f)) if *f > 0.0 => *f as u64,
+            _ => 0,
+        })
     }
 
     pub(super) async fn journal_storage(&self) -> StoreResult<u64> {
