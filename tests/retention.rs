@@ -135,9 +135,12 @@ where
     let report = store.compact_journal(A, bounds(u64::MAX, u64::MAX)).await.unwrap();
     assert_eq!(report.tombstones_dropped as usize, RESOURCES / 10 - 1);
     assert_eq!(count_journal(store.as_ref()).await, live + 1);
-    // The next seq follows the head.
-    let next = store.append_journal(A, vec![ev(Action::Create, "new", 0)]).await.unwrap();
-    assert_eq!(next[0].seq, head + 1);
+    // A change to a resource whose latest entry is below the floor removes that entry in
+    // its commit: below the floor only the latest stays.
+    let kept = count_journal(store.as_ref()).await;
+    let next = store.append_journal(A, vec![ev(Action::Update, "r00001", 7)]).await.unwrap();
+    assert_eq!(next[0].seq, head + 1, "the next seq follows the head");
+    assert_eq!(count_journal(store.as_ref()).await, kept);
 
     // MongoDB keeps removed documents for its snapshot history (5 s by default) before
     // their pages are free: the space comes back at a later run.

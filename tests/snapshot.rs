@@ -134,10 +134,9 @@ async fn late_partner(count: usize, mongo: Option<&MongoServer>) {
     let expected = history(&a, 0, count, 1).await;
     eprintln!("{count} resources journaled in {:?}", started.elapsed());
     compacted_to_head(&a).await;
-    // Superseded creations (updated or deleted) and the tombstones but the head's.
-    let superseded = expected.values().filter(|n| **n == 2).count() + (count - expected.len());
-    let compacted = metric(&a, "oc_journal_compacted_total").await as usize;
-    assert!(compacted + 1 >= superseded + (count - expected.len()), "compacted {compacted}");
+    // Creations superseded by their updates as these came go with the updates' commits
+    // (below the floor only the latest stays); the rest goes by the compaction runs.
+    assert!(metric(&a, "oc_journal_compacted_total").await > 0, "compaction ran");
 
     b.node.start_healthy().await.unwrap();
     let (status, body) = a
@@ -284,4 +283,89 @@ async fn a_snapshot_resumes_after_either_side_is_killed_on_mongodb() {
     let mongo = MongoServer::start().await.unwrap();
     interrupted(Victim::Sender, Some(&mongo)).await;
     interrupted(Victim::Receiver, Some(&mongo)).await;
+}
+
+/// A partner absent longer than `--partner-max-lag` is not waited for: the journal is
+/// compacted past its cursor and it gets a snapshot, whose sweep removes what was deleted
+/// meanwhile (with `REMOVE_RESOURCE` notices); a partner merely behind is waited for and
+/// gets the journal.
+async fn lagging_and_slow(mongo: Option<&MongoServer>) {
+    init_tracing();
+    let (mut a, mut b, mut c) = (Site::jetstream().await, Site::new().await, Site::new().await);
+    short_retention(&mut a, "8s");
+    if let Some(m) = mongo {
+        on_mongodb(&mut a, m, "snap_lag_a");
+        on_mongodb(&mut b, m, "snap_lag_b");
+        on_mongodb(&mut c, m, "snap_lag_c");
+    }
+    oc_testkit::partner(&mut a, &mut [&mut b, &mut c]);
+    let removed_on_b = b.collect(&["REMOVE_RESOURCE"]).await;
+    for s in [&mut a, &mut b, &mut c] {
+        s.node.start_healthy().await.unwrap();
+    }
+    let mut expected = history(&a, 0, 200, 1).await;
+    for s in [&b, &c] {
+        within("round 1 everywhere", LONG, async || live(s).await == expected).await;
+    }
+    let b_cursor = head(&a).await;
+
+    // B goes away; A deletes some of what B holds, and more.
+    b.node.kill();
+    let gone: Vec<usize> = (0..200).filter(|i| i % 10 == 3).collect();
+    publish(&a, "PB_DELETE", gone.iter().copied(), 1).await;
+    for i in &gone {
+        expected.remove(&format!("r{i:06}"));
+    }
+    expected.extend(history(&a, 1000, 200, 1).await);
+    within("round 2 on C", LONG, async || live(&c).await == expected).await;
+    // Longer than --partner-max-lag: B is no longer waited for.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    within("the journal compacted past B's cursor", LONG, async || {
+        metric(&a, "oc_journal_floor").await > b_cursor
+    })
+    .await;
+
+    // C falls behind for a moment: it is waited for, and gets the journal.
+    c.node.kill();
+    expected.extend(history(&a, 2000, 50, 1).await);
+    c.node.start_healthy().await.unwrap();
+    within("round 3 on C by the journal", LONG, async || live(&c).await == expected).await;
+    let c_id = c.id();
+    assert_eq!(peer_row(&a, &c_id).await["snapshot"]["state"], 0);
+    assert_eq!(metric(&a, "oc_snapshot_jobs_done_total").await, 0, "no snapshot for C");
+    assert!(
+        !a.node.log().lines().any(|l| l.contains("partner needs a snapshot") && l.contains(&c_id)),
+        "C was never sent a snapshot"
+    );
+
+    // B comes back behind the floor: a snapshot, then the journal.
+    b.node.start_healthy().await.unwrap();
+    let (b_id, h) = (b.id(), head(&a).await);
+    within("B's snapshot done and confirmed", LONG, async || {
+        let row = peer_row(&a, &b_id).await;
+        row["snapshot"]["state"] == 0 && row["acked_seq"].as_u64() == Some(h)
+    })
+    .await;
+    assert_eq!(metric(&a, "oc_snapshot_jobs_done_total").await, 1);
+    assert!(live(&b).await == expected, "B holds exactly A's current resources");
+    assert_eq!(metric(&b, "oc_snapshot_removed_total").await, gone.len() as u64);
+    let removed: std::collections::BTreeSet<String> = removed_on_b
+        .all()
+        .into_iter()
+        .filter_map(|s| s.body["resource"]["id"].as_str().map(str::to_owned))
+        .collect();
+    for i in &gone {
+        assert!(removed.contains(&format!("r{i:06}")), "REMOVE_RESOURCE of r{i:06} on B");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_partner_gets_a_snapshot_a_merely_slow_one_the_journal() {
+    lagging_and_slow(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_partner_gets_a_snapshot_a_merely_slow_one_the_journal_on_mongodb() {
+    let mongo = MongoServer::start().await.unwrap();
+    lagging_and_slow(Some(&mongo)).await;
 }

@@ -184,7 +184,9 @@ async fn send_parts(
     job: &mut SenderJob,
 ) -> Result<(), SnapshotError> {
     let store = env.store.as_ref();
-    let max_bytes = page_bytes(env.tuning.max_frame_bytes);
+    // A page ends with the entry that crosses its byte bound: three quarters of a part
+    // leave room for it, so that a page of small resources is one part.
+    let max_bytes = page_bytes(env.tuning.max_frame_bytes).saturating_mul(3) / 4;
     loop {
         let page = store
             .snapshot_page(&env.own_id, job.after.clone(), PAGE_RESOURCES, max_bytes)

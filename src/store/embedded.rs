@@ -256,6 +256,7 @@ impl Store for EmbeddedStore {
                 let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
                 let mut own = txn.open_table(OWN_AT).map_err(unavailable)?;
                 let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
+                let floor = read_floor(&txn.open_table(META).map_err(unavailable)?, &floor_key(&origin))?;
                 let mut seq = last_seq(&table, &origin)?;
                 let time_ms = now_ms();
                 for e in events {
@@ -273,6 +274,16 @@ impl Store for EmbeddedStore {
                     table
                         .insert((origin.as_str(), seq), bytes.as_slice())
                         .map_err(unavailable)?;
+                    // Below the compaction floor only the latest entry of a resource stays:
+                    // the one this entry supersedes goes in the same commit.
+                    let key = (entry.data_type.as_str(), e.resource_id.as_str());
+                    let previous = match own.get(key).map_err(unavailable)? {
+                        Some(v) => Some(v.value()),
+                        None => gone.get(key).map_err(unavailable)?.map(|v| v.value()),
+                    };
+                    if let Some(p) = previous.filter(|p| *p <= floor) {
+                        table.remove((origin.as_str(), p)).map_err(unavailable)?;
+                    }
                     // The own-resources index follows the journal in the same commit.
                     index_own(&mut own, &entry, &e.resource_id)?;
                     index_gone(&mut gone, &entry, &e.resource_id)?;
