@@ -146,13 +146,21 @@ async fn late_partner(count: usize, mongo: Option<&MongoServer>) {
         .unwrap();
     assert_eq!(status, 200, "{body}");
     let started = Instant::now();
+    let rss_a = oc_testkit::RssPeak::watch(a.node.pid().unwrap());
+    let rss_b = oc_testkit::RssPeak::watch(b.node.pid().unwrap());
     let (b_id, h) = (b.id(), head(&a).await);
     within("the snapshot done and confirmed", LONG, async || {
         let row = peer_row(&a, &b_id).await;
         row["snapshot"]["state"] == 0 && row["acked_seq"].as_u64() == Some(h)
     })
     .await;
-    eprintln!("snapshot of {} resources in {:?}", expected.len(), started.elapsed());
+    eprintln!(
+        "snapshot of {} resources in {:?}; peak RSS: sender {} MiB, receiver {} MiB",
+        expected.len(),
+        started.elapsed(),
+        rss_a.peak() >> 20,
+        rss_b.peak() >> 20
+    );
     assert_eq!(metric(&a, "oc_snapshot_jobs_done_total").await, 1);
     let got = live(&b).await;
     assert_eq!(got.len(), expected.len());
