@@ -359,13 +359,16 @@ async fn resync_partner(s: web::Data<AdminState>, path: web::Path<String>) -> Ht
         return reply::invalid_field("not a peer id");
     };
     match s.links.send(Resync { peer }).await {
-        Ok(Ok(())) => HttpResponse::Accepted().json(json!({"ok": true, "peer_id": peer.to_string(), "snapshot": "requested"})),
-        Ok(Err(e @ ResyncRefused::NotPartner(_))) => {
-            reply::refusal(StatusCode::NOT_FOUND, &Refusal::new(ErrorCode::NotPartner, e.to_string()))
-        }
-        Ok(Err(e @ ResyncRefused::Busy(_))) => {
-            reply::refusal(StatusCode::CONFLICT, &Refusal::new(ErrorCode::Busy, e.to_string()))
-        }
+        Ok(Ok(())) => HttpResponse::Accepted()
+            .json(json!({"ok": true, "peer_id": peer.to_string(), "snapshot": "requested"})),
+        Ok(Err(e @ ResyncRefused::NotPartner(_))) => reply::refusal(
+            StatusCode::NOT_FOUND,
+            &Refusal::new(ErrorCode::NotPartner, e.to_string()),
+        ),
+        Ok(Err(e @ ResyncRefused::Busy(_))) => reply::refusal(
+            StatusCode::CONFLICT,
+            &Refusal::new(ErrorCode::Busy, e.to_string()),
+        ),
         Err(e) => reply::actor_gone(e),
     }
 }

@@ -56,7 +56,13 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<String> {
 
 fn render_table(peers: &[PeerStatus]) -> String {
     let mut rows = vec![[
-        "PEER ID", "STATE", "CONNECTED", "ACKED SEQ", "PENDING", "SNAPSHOT", "ADDRESS",
+        "PEER ID",
+        "STATE",
+        "CONNECTED",
+        "ACKED SEQ",
+        "PENDING",
+        "SNAPSHOT",
+        "ADDRESS",
     ]
     .map(String::from)];
     for p in peers {
@@ -108,7 +114,8 @@ pub fn partners(args: &PartnersArgs) -> anyhow::Result<String> {
             client.call("DELETE", &format!("/api/partners/{peer_id}"), None)?
         }
         PartnersAction::Resync { peer_id } => {
-            let (status, body) = client.call("POST", &format!("/api/partners/{peer_id}/resync"), Some("{}"))?;
+            let (status, body) =
+                client.call("POST", &format!("/api/partners/{peer_id}/resync"), Some("{}"))?;
             if status == 202 {
                 return Ok(format!("{body}\n"));
             }

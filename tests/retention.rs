@@ -20,7 +20,9 @@ const UPDATES: usize = 4;
 
 /// Bytes that do not compress (WiredTiger compresses, and skips files under 1 MiB).
 fn noise(seed: u64) -> String {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..25)
         .map(|_| {
             x ^= x << 13;
@@ -32,7 +34,9 @@ fn noise(seed: u64) -> String {
 }
 
 fn ev(action: Action, id: &str, n: usize) -> NewEvent {
-    let seed = id.bytes().fold(n as u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let seed = id
+        .bytes()
+        .fold(n as u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
     let resource = json!({"id": id, "creator_id": A, "n": n, "pad": noise(seed)});
     NewEvent {
         action,
@@ -103,14 +107,22 @@ where
     let after_half = count_journal(store.as_ref()).await;
     assert!(after_half < total, "something compacted");
     let untouched = store.read_journal(A, half + 1, usize::MAX).await.unwrap();
-    assert_eq!(untouched.len() as u64, head - half, "entries after the bound are all there");
+    assert_eq!(
+        untouched.len() as u64,
+        head - half,
+        "entries after the bound are all there"
+    );
 
     // Everything acknowledged, tombstones kept (retention not reached).
     let report = store.compact_journal(A, bounds(u64::MAX, 0)).await.unwrap();
     assert_eq!(report.floor, head - 1, "the head entry stays whatever it is");
     let live = RESOURCES - RESOURCES / 10;
     let kept = count_journal(store.as_ref()).await;
-    assert_eq!(kept, live + RESOURCES / 10, "one entry per live resource, one tombstone per deleted");
+    assert_eq!(
+        kept,
+        live + RESOURCES / 10,
+        "one entry per live resource, one tombstone per deleted"
+    );
     assert_eq!(store.own_count(A).await.unwrap() as usize, live);
 
     // The snapshot read: every live resource once, its latest entry, in key order.
@@ -132,13 +144,19 @@ where
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "key order");
 
     // Tombstones past their retention go, but not the head entry.
-    let report = store.compact_journal(A, bounds(u64::MAX, u64::MAX)).await.unwrap();
+    let report = store
+        .compact_journal(A, bounds(u64::MAX, u64::MAX))
+        .await
+        .unwrap();
     assert_eq!(report.tombstones_dropped as usize, RESOURCES / 10 - 1);
     assert_eq!(count_journal(store.as_ref()).await, live + 1);
     // A change to a resource whose latest entry is below the floor removes that entry in
     // its commit: below the floor only the latest stays.
     let kept = count_journal(store.as_ref()).await;
-    let next = store.append_journal(A, vec![ev(Action::Update, "r00001", 7)]).await.unwrap();
+    let next = store
+        .append_journal(A, vec![ev(Action::Update, "r00001", 7)])
+        .await
+        .unwrap();
     assert_eq!(next[0].seq, head + 1, "the next seq follows the head");
     assert_eq!(count_journal(store.as_ref()).await, kept);
 
@@ -179,8 +197,11 @@ async fn mongodb_compaction_keeps_the_latest_and_frees_storage() {
     init_tracing();
     let server = MongoServer::start().await.unwrap();
     let db = "retention_test";
-    let store: Arc<dyn Store> =
-        Arc::new(MongoStore::connect(&server.uri(), db, MongoSettings::default()).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(
+        MongoStore::connect(&server.uri(), db, MongoSettings::default())
+            .await
+            .unwrap(),
+    );
     let client = server.client().await.unwrap();
     // The collection's storageSize as collStats reports it did not drop right after the
     // command in our runs although `bytesFreed` did: the command's figure is asserted.

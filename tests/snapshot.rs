@@ -21,7 +21,10 @@ const LONG: Duration = Duration::from_secs(1200);
 async fn within(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -31,7 +34,17 @@ fn args(site: &mut Site, args: &[&str]) {
 }
 
 fn on_mongodb(site: &mut Site, mongo: &MongoServer, db: &str) {
-    args(site, &["--store", "mongodb", "--mongo-uri", &mongo.uri(), "--mongo-db", db]);
+    args(
+        site,
+        &[
+            "--store",
+            "mongodb",
+            "--mongo-uri",
+            &mongo.uri(),
+            "--mongo-db",
+            db,
+        ],
+    );
 }
 
 /// Short retention, so that compaction happens within the test.
@@ -77,7 +90,8 @@ async fn history(site: &Site, from: usize, count: usize, round: u64) -> BTreeMap
     publish(site, "PB_CREATE", ids.clone(), round).await;
     publish(site, "PB_UPDATE", ids.clone().filter(|i| i % 10 == 1), round + 1).await;
     publish(site, "PB_DELETE", ids.clone().filter(|i| i % 10 == 2), round).await;
-    let events = count + ids.clone().filter(|i| i % 10 == 1).count() + ids.clone().filter(|i| i % 10 == 2).count();
+    let events =
+        count + ids.clone().filter(|i| i % 10 == 1).count() + ids.clone().filter(|i| i % 10 == 2).count();
     let until = start + events as u64;
     within("the history journaled", LONG, async || head(site).await >= until).await;
     ids.filter(|i| i % 10 != 2)
@@ -136,12 +150,19 @@ async fn late_partner(count: usize, mongo: Option<&MongoServer>) {
     compacted_to_head(&a).await;
     // Creations superseded by their updates as these came go with the updates' commits
     // (below the floor only the latest stays); the rest goes by the compaction runs.
-    assert!(metric(&a, "oc_journal_compacted_total").await > 0, "compaction ran");
+    assert!(
+        metric(&a, "oc_journal_compacted_total").await > 0,
+        "compaction ran"
+    );
 
     b.node.start_healthy().await.unwrap();
     let (status, body) = a
         .node
-        .request("POST", "/api/partners", Some(&json!({"addr": b.node.addr()}).to_string()))
+        .request(
+            "POST",
+            "/api/partners",
+            Some(&json!({"addr": b.node.addr()}).to_string()),
+        )
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
@@ -167,7 +188,8 @@ async fn late_partner(count: usize, mongo: Option<&MongoServer>) {
     assert!(got == expected, "B holds exactly A's current resources");
     // And the journal follows from the snapshot's position.
     let me = a.id();
-    a.publish(&event("PB_CREATE", "after", &me, json!({"n": 9}))).await;
+    a.publish(&event("PB_CREATE", "after", &me, json!({"n": 9})))
+        .await;
     within("the next event by the journal", LONG, async || {
         live(&b).await.get("after") == Some(&9)
     })
@@ -211,7 +233,11 @@ async fn interrupted(victim: Victim, mongo: Option<&MongoServer>) {
     b.node.start_healthy().await.unwrap();
     let (status, body) = a
         .node
-        .request("POST", "/api/partners", Some(&json!({"addr": b.node.addr()}).to_string()))
+        .request(
+            "POST",
+            "/api/partners",
+            Some(&json!({"addr": b.node.addr()}).to_string()),
+        )
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
@@ -223,7 +249,9 @@ async fn interrupted(victim: Victim, mongo: Option<&MongoServer>) {
         row["snapshot"]["state"] == 1 && row["snapshot"]["sent"].as_u64().unwrap_or(0) >= total / 3
     })
     .await;
-    let sent_before = peer_row(&a, &b_id).await["snapshot"]["sent"].as_u64().unwrap_or(0);
+    let sent_before = peer_row(&a, &b_id).await["snapshot"]["sent"]
+        .as_u64()
+        .unwrap_or(0);
     let applied_before = metric(&b, "oc_snapshot_parts_applied_total").await;
     assert!(sent_before < total, "killed before the end");
     match victim {
@@ -233,7 +261,10 @@ async fn interrupted(victim: Victim, mongo: Option<&MongoServer>) {
             // The job is back as persisted, not at zero.
             let row = peer_row(&a, &b_id).await;
             assert_eq!(row["snapshot"]["state"], 1, "{row}");
-            assert!(row["snapshot"]["sent"].as_u64().unwrap_or(0) >= sent_before, "{row}");
+            assert!(
+                row["snapshot"]["sent"].as_u64().unwrap_or(0) >= sent_before,
+                "{row}"
+            );
         }
         Victim::Receiver => {
             b.node.kill();
@@ -273,7 +304,10 @@ async fn interrupted(victim: Victim, mongo: Option<&MongoServer>) {
         Victim::Receiver => applied_before + metric(&b, "oc_snapshot_parts_applied_total").await,
     };
     eprintln!("{victim:?} killed after {applied_before} parts applied; parts sent by A's last run {parts_sent}, applied by B in all {parts_applied}");
-    assert!(live(&b).await == expected, "B holds exactly A's current resources");
+    assert!(
+        live(&b).await == expected,
+        "B holds exactly A's current resources"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,12 +371,22 @@ async fn lagging_and_slow(mongo: Option<&MongoServer>) {
     c.node.kill();
     expected.extend(history(&a, 2000, 50, 1).await);
     c.node.start_healthy().await.unwrap();
-    within("round 3 on C by the journal", LONG, async || live(&c).await == expected).await;
+    within("round 3 on C by the journal", LONG, async || {
+        live(&c).await == expected
+    })
+    .await;
     let c_id = c.id();
     assert_eq!(peer_row(&a, &c_id).await["snapshot"]["state"], 0);
-    assert_eq!(metric(&a, "oc_snapshot_jobs_done_total").await, 0, "no snapshot for C");
+    assert_eq!(
+        metric(&a, "oc_snapshot_jobs_done_total").await,
+        0,
+        "no snapshot for C"
+    );
     assert!(
-        !a.node.log().lines().any(|l| l.contains("partner needs a snapshot") && l.contains(&c_id)),
+        !a.node
+            .log()
+            .lines()
+            .any(|l| l.contains("partner needs a snapshot") && l.contains(&c_id)),
         "C was never sent a snapshot"
     );
 
@@ -355,7 +399,10 @@ async fn lagging_and_slow(mongo: Option<&MongoServer>) {
     })
     .await;
     assert_eq!(metric(&a, "oc_snapshot_jobs_done_total").await, 1);
-    assert!(live(&b).await == expected, "B holds exactly A's current resources");
+    assert!(
+        live(&b).await == expected,
+        "B holds exactly A's current resources"
+    );
     assert_eq!(metric(&b, "oc_snapshot_removed_total").await, gone.len() as u64);
     let removed: std::collections::BTreeSet<String> = removed_on_b
         .all()
@@ -363,7 +410,10 @@ async fn lagging_and_slow(mongo: Option<&MongoServer>) {
         .filter_map(|s| s.body["resource"]["id"].as_str().map(str::to_owned))
         .collect();
     for i in &gone {
-        assert!(removed.contains(&format!("r{i:06}")), "REMOVE_RESOURCE of r{i:06} on B");
+        assert!(
+            removed.contains(&format!("r{i:06}")),
+            "REMOVE_RESOURCE of r{i:06} on B"
+        );
     }
 }
 

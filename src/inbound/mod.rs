@@ -308,21 +308,33 @@ impl Handler<IncomingStream> for InboundApply {
                     // An origin's snapshot job: its session applies it, in order with the
                     // rest of what comes from it.
                     Ok(Some(begin @ wire::SyncFrame::SnapshotBegin { .. })) => {
-                        drop(permit);
+                        // The permit is held until the session took the stream: a peer
+                        // opening snapshot streams faster than its session takes them gets
+                        // `busy` beyond its share.
                         let (reader, writer) = stream.split();
                         let attach = Attach::Snapshot {
                             begin,
                             reader,
                             writer: BufWriter::with_capacity(16 * 1024, writer),
                         };
-                        if session.send(attach).await.is_err() {
-                            tracing::debug!(%peer, "session gone: snapshot stream dropped");
+                        let taken = tokio::time::timeout(t.sync_timeout, session.send(attach)).await;
+                        if !matches!(taken, Ok(Ok(()))) {
+                            tracing::debug!(%peer, "session busy or gone: snapshot stream dropped");
                         }
+                        drop(permit);
                         return;
                     }
                     Ok(first) => {
-                        sync::serve::serve(env.store.as_ref(), &env.own_id, peer, stream, first, t, &env.metrics)
-                            .await
+                        sync::serve::serve(
+                            env.store.as_ref(),
+                            &env.own_id,
+                            peer,
+                            stream,
+                            first,
+                            t,
+                            &env.metrics,
+                        )
+                        .await
                     }
                     Err(e) => Err(e),
                 };

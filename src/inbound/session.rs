@@ -319,7 +319,10 @@ impl Session {
                 }
             }
             Input::Snapshot(input) => {
-                let current = self.snapshot.as_ref().is_some_and(|s| s.generation == input.generation);
+                let current = self
+                    .snapshot
+                    .as_ref()
+                    .is_some_and(|s| s.generation == input.generation);
                 if !current {
                     return true;
                 }

@@ -27,7 +27,7 @@ use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, ErrorFrame, FrameError, SyncFrame};
 use crate::store::{ResourceKey, SNAPSHOT_REMOVAL_USER};
-use crate::sync::snapshot::{page_bytes, receiver_key, ReceiverJob};
+use crate::sync::snapshot::{page_bytes, receiver_key, PartLimits, ReceiverJob};
 
 use super::apply::{retry, Applier, RunOutcome};
 use super::InboundEnv;
@@ -57,7 +57,9 @@ pub(super) async fn read_frames<I: From<SnapshotInput> + Send + 'static>(
     loop {
         let frame = wire::read_frame::<SyncFrame, _>(&mut r, max).await;
         let (bytes, end) = match &frame {
-            Ok(Some(SyncFrame::SnapshotPart { data, .. })) => (data.len().saturating_add(SMALL_FRAME_BYTES), false),
+            Ok(Some(SyncFrame::SnapshotPart { data, .. })) => {
+                (data.len().saturating_add(SMALL_FRAME_BYTES), false)
+            }
             Ok(Some(_)) => (SMALL_FRAME_BYTES, false),
             _ => (SMALL_FRAME_BYTES, true),
         };
@@ -99,7 +101,11 @@ impl Drop for SnapshotIn {
 }
 
 impl SnapshotIn {
-    pub(super) fn new(generation: u64, writer: BufWriter<WriteHalf<Stream>>, reader: tokio::task::JoinHandle<()>) -> Self {
+    pub(super) fn new(
+        generation: u64,
+        writer: BufWriter<WriteHalf<Stream>>,
+        reader: tokio::task::JoinHandle<()>,
+    ) -> Self {
         SnapshotIn {
             generation,
             writer,
@@ -153,15 +159,25 @@ impl SnapshotIn {
                 data,
                 continued,
             } => {
-                let max_part = page_bytes(env.tuning.max_frame_bytes);
-                let max_line = usize::try_from(env.tuning.sync_max_bytes).unwrap_or(usize::MAX);
+                let limits = PartLimits {
+                    max_part: page_bytes(env.tuning.max_frame_bytes),
+                    max_line: usize::try_from(env.tuning.sync_max_bytes).unwrap_or(usize::MAX),
+                };
                 let Some(state) = self.job.as_mut() else {
                     return self
-                        .refuse(env, log, peer, Refusal::new(crate::contract::ErrorCode::InvalidField, format!("no snapshot job {job} begun on this stream")))
+                        .refuse(
+                            env,
+                            log,
+                            peer,
+                            Refusal::new(
+                                crate::contract::ErrorCode::InvalidField,
+                                format!("no snapshot job {job} begun on this stream"),
+                            ),
+                        )
                         .await;
                 };
                 let before_after = state.after.clone();
-                let part = match state.take_part(&origin, job, index, &data, continued, max_part, max_line) {
+                let part = match state.take_part(&origin, job, index, &data, continued, limits) {
                     Ok(part) => part,
                     Err(refusal) => return self.refuse(env, log, peer, refusal).await,
                 };
@@ -176,11 +192,24 @@ impl SnapshotIn {
                         return step;
                     }
                     if let Some(upto) = &last {
-                        if let Some(step) = sweep(env, applier, &origin, applied, position, before_after, Some(upto.clone()), &keys).await {
+                        if let Some(step) = sweep(
+                            env,
+                            applier,
+                            &origin,
+                            applied,
+                            position,
+                            before_after,
+                            Some(upto.clone()),
+                            &keys,
+                        )
+                        .await
+                        {
                             return step;
                         }
                     }
-                    let Some(state) = self.job.as_mut() else { return Step::Close };
+                    let Some(state) = self.job.as_mut() else {
+                        return Step::Close;
+                    };
                     state.applied(last, count);
                     let saved = state.clone();
                     if !self.save(env, &origin, &saved).await {
@@ -190,10 +219,22 @@ impl SnapshotIn {
                 }
                 self.reply(&SyncFrame::SnapshotAck { job, index }).await
             }
-            SyncFrame::SnapshotEnd { job, parts, resources } => {
+            SyncFrame::SnapshotEnd {
+                job,
+                parts,
+                resources,
+            } => {
                 let Some(state) = self.job.clone() else {
                     return self
-                        .refuse(env, log, peer, Refusal::new(crate::contract::ErrorCode::InvalidField, format!("no snapshot job {job} begun on this stream")))
+                        .refuse(
+                            env,
+                            log,
+                            peer,
+                            Refusal::new(
+                                crate::contract::ErrorCode::InvalidField,
+                                format!("no snapshot job {job} begun on this stream"),
+                            ),
+                        )
                         .await;
                 };
                 if let Err(refusal) = state.check_end(job, parts, resources) {
@@ -201,7 +242,18 @@ impl SnapshotIn {
                 }
                 if !state.done {
                     let none = HashSet::new();
-                    if let Some(step) = sweep(env, applier, &origin, applied, state.position, state.after.clone(), None, &none).await {
+                    if let Some(step) = sweep(
+                        env,
+                        applier,
+                        &origin,
+                        applied,
+                        state.position,
+                        state.after.clone(),
+                        None,
+                        &none,
+                    )
+                    .await
+                    {
                         return step;
                     }
                     // The applied mark moves to the snapshot's position, in the apply's commit.
@@ -216,7 +268,13 @@ impl SnapshotIn {
                     self.job = Some(done);
                     tracing::info!(%peer, job, position = state.position, resources, parts, "snapshot applied");
                 }
-                match self.reply(&SyncFrame::SnapshotDone { job, position: state.position }).await {
+                match self
+                    .reply(&SyncFrame::SnapshotDone {
+                        job,
+                        position: state.position,
+                    })
+                    .await
+                {
                     Step::Continue => Step::Applied(state.position.max(applied)),
                     other => other,
                 }
@@ -224,7 +282,10 @@ impl SnapshotIn {
             other => {
                 let refusal = Refusal::new(
                     crate::contract::ErrorCode::InvalidField,
-                    format!("{} is not a frame of a snapshot sender", wire::Frame::kind(&other)),
+                    format!(
+                        "{} is not a frame of a snapshot sender",
+                        wire::Frame::kind(&other)
+                    ),
                 );
                 self.refuse(env, log, peer, refusal).await
             }
@@ -235,20 +296,33 @@ impl SnapshotIn {
         // Numbers and strings: serializing cannot fail.
         let bytes = serde_json::to_vec(job).unwrap_or_default();
         let key = receiver_key(origin);
-        retry(env, "persist snapshot job", || env.store.set_meta(&key, Some(bytes.clone())))
+        retry(env, "persist snapshot job", || {
+            env.store.set_meta(&key, Some(bytes.clone()))
+        })
         .await
         .is_some()
     }
 
     async fn reply(&mut self, frame: &SyncFrame) -> Step {
-        match tokio::time::timeout(std::time::Duration::from_secs(10), wire::write_frame(&mut self.writer, frame)).await {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            wire::write_frame(&mut self.writer, frame),
+        )
+        .await
+        {
             Ok(Ok(())) => Step::Continue,
             _ => Step::Close,
         }
     }
 
     /// Counts, logs (throttled) and answers a refusal; the stream then closes.
-    pub(super) async fn refuse(&mut self, env: &Arc<InboundEnv>, log: &LogThrottle, peer: PeerId, refusal: Refusal) -> Step {
+    pub(super) async fn refuse(
+        &mut self,
+        env: &Arc<InboundEnv>,
+        log: &LogThrottle,
+        peer: PeerId,
+        refusal: Refusal,
+    ) -> Step {
         env.metrics.refused("snapshot", refusal.code);
         if let Some(count) = log.hit(peer, refusal.code.as_str()) {
             tracing::warn!(%peer, code = refusal.code.as_str(), count, reason = %refusal.message, "snapshot frame refused");
@@ -286,15 +360,14 @@ async fn sweep(
     loop {
         let (f, u) = (from.clone(), upto.clone());
         let Some(page) = retry(env, "read resources to sweep", || {
-            env.store.origin_resources(origin, f.clone(), u.clone(), SWEEP_PAGE)
+            env.store
+                .origin_resources(origin, f.clone(), u.clone(), SWEEP_PAGE)
         })
         .await
         else {
             return Some(Step::Shutdown);
         };
-        let Some(last) = page.last().map(|r| (r.data_type.clone(), r.id.clone())) else {
-            return None;
-        };
+        let last = page.last().map(|r| (r.data_type.clone(), r.id.clone()))?;
         let full = page.len() >= SWEEP_PAGE;
         let removals: Vec<JournalEntry> = page
             .into_iter()

@@ -126,7 +126,10 @@ impl Handler<Resync> for StreamService {
     type Result = Result<(), ResyncRefused>;
 
     fn handle(&mut self, msg: Resync, _: &mut Self::Context) -> Self::Result {
-        let link = self.links.get(&msg.peer).ok_or(ResyncRefused::NotPartner(msg.peer))?;
+        let link = self
+            .links
+            .get(&msg.peer)
+            .ok_or(ResyncRefused::NotPartner(msg.peer))?;
         link.status.request_resync()?;
         tracing::info!(peer = %msg.peer, "snapshot requested");
         Ok(())

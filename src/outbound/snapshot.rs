@@ -19,8 +19,10 @@ use super::status::LinkStatus;
 use crate::contract::now_ms;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, ErrorFrame, FrameError, SyncFrame};
-use crate::store::{StoreError, Store};
-use crate::sync::snapshot::{cut, page_bytes, sender_key, SenderJob, PAGE_RESOURCES, STATE_DONE, STATE_IDLE, STATE_RUNNING};
+use crate::store::{Store, StoreError};
+use crate::sync::snapshot::{
+    cut, page_bytes, sender_key, SenderJob, PAGE_RESOURCES, STATE_DONE, STATE_IDLE, STATE_RUNNING,
+};
 use crate::sync::PROTOCOL_SYNC;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +60,12 @@ pub(super) async fn load(store: &dyn Store, peer: &PeerId, status: &LinkStatus) 
     job
 }
 
-async fn persist(store: &dyn Store, peer: &PeerId, status: &LinkStatus, job: &SenderJob) -> Result<(), StoreError> {
+async fn persist(
+    store: &dyn Store,
+    peer: &PeerId,
+    status: &LinkStatus,
+    job: &SenderJob,
+) -> Result<(), StoreError> {
     let key = sender_key(&peer.to_string());
     let value = if job.state == STATE_IDLE {
         None
@@ -94,7 +101,9 @@ impl Channel {
         .await
         .map_err(|_| SnapshotError::Timeout(self.timeout))??;
         match read {
-            Some(SyncFrame::Error(ErrorFrame { code, message, .. })) => Err(SnapshotError::Refused { code, message }),
+            Some(SyncFrame::Error(ErrorFrame { code, message, .. })) => {
+                Err(SnapshotError::Refused { code, message })
+            }
             Some(frame) => Ok(frame),
             None => Err(SnapshotError::Protocol("stream closed by the partner".into())),
         }

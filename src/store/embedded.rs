@@ -461,7 +461,10 @@ impl Store for EmbeddedStore {
     async fn own_count(&self, _origin: &str) -> StoreResult<u64> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            txn.open_table(OWN_AT).map_err(unavailable)?.len().map_err(unavailable)
+            txn.open_table(OWN_AT)
+                .map_err(unavailable)?
+                .len()
+                .map_err(unavailable)
         })
         .await
     }
@@ -493,7 +496,9 @@ impl Store for EmbeddedStore {
                 let (dt, id) = k.value();
                 let seq = seq.value();
                 let Some(value) = journal.get((origin.as_str(), seq)).map_err(unavailable)? else {
-                    return Err(corrupt(format!("own resource points at missing journal seq {seq}")));
+                    return Err(corrupt(format!(
+                        "own resource points at missing journal seq {seq}"
+                    )));
                 };
                 let raw = raw_entry(seq, value.value())?;
                 bytes = bytes.saturating_add(raw.json.len());
@@ -550,7 +555,10 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let meta = txn.open_table(META).map_err(unavailable)?;
-            Ok(meta.get(key.as_str()).map_err(unavailable)?.map(|v| v.value().to_vec()))
+            Ok(meta
+                .get(key.as_str())
+                .map_err(unavailable)?
+                .map(|v| v.value().to_vec()))
         })
         .await
     }
@@ -1266,7 +1274,9 @@ fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<Co
             let up_to = bounds.up_to.min(head.saturating_sub(1));
             let room = bounds.max_examined.saturating_sub(report.examined as usize);
             let batch = room.min(COMPACT_BATCH);
-            let mut examined: Vec<(u64, Option<Action>, String, Option<String>, u64)> = Vec::new();
+            // (seq, action, data type, resource id, time) of each entry examined.
+            type Examined = (u64, Option<Action>, String, Option<String>, u64);
+            let mut examined: Vec<Examined> = Vec::new();
             let mut done = batch == 0 || floor >= up_to;
             if !done {
                 for item in journal
@@ -1281,7 +1291,13 @@ fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<Co
                         break;
                     }
                     let id = entry.resource_id().map(str::to_owned);
-                    examined.push((k.value().1, Some(entry.action), entry.data_type, id, entry.time_ms));
+                    examined.push((
+                        k.value().1,
+                        Some(entry.action),
+                        entry.data_type,
+                        id,
+                        entry.time_ms,
+                    ));
                 }
                 if examined.len() < batch {
                     done = true;

@@ -143,13 +143,20 @@ pub async fn run(
         }
         match run_once(store.as_ref(), &origin, partners.as_ref(), &t).await {
             Ok(report) => {
-                crate::metrics::Metrics::add(&metrics.journal_compacted, report.removed + report.tombstones_dropped);
-                metrics.journal_floor.set(i64::try_from(report.floor).unwrap_or(i64::MAX));
+                crate::metrics::Metrics::add(
+                    &metrics.journal_compacted,
+                    report.removed + report.tombstones_dropped,
+                );
+                metrics
+                    .journal_floor
+                    .set(i64::try_from(report.floor).unwrap_or(i64::MAX));
             }
             Err(e) => tracing::warn!(cause = %e, "journal compaction failed; retried at the next interval"),
         }
         if let Ok(bytes) = store.journal_bytes().await {
-            metrics.journal_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            metrics
+                .journal_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
     }
 }
@@ -178,7 +185,13 @@ mod tests {
         assert_eq!(b.older_than_ms, now - 30 * DAY);
         assert_eq!(b.tombstones_older_than_ms, now - 90 * DAY);
         // One silent for 31 days is not.
-        let b = bounds(50, &[mark(10, Some(now - 31 * DAY)), mark(40, Some(now))], now, 0, &t);
+        let b = bounds(
+            50,
+            &[mark(10, Some(now - 31 * DAY)), mark(40, Some(now))],
+            now,
+            0,
+            &t,
+        );
         assert_eq!(b.up_to, 40);
         // Behind the floor already: not waited for.
         assert_eq!(bounds(50, &[mark(3, None)], now, 0, &t).up_to, 50);

@@ -141,7 +141,10 @@ impl Answer {
 ///
 /// # Errors
 /// Nothing readable came in time.
-pub(crate) async fn first_frame(stream: &mut Stream, tuning: &Tuning) -> Result<Option<SyncFrame>, SyncError> {
+pub(crate) async fn first_frame(
+    stream: &mut Stream,
+    tuning: &Tuning,
+) -> Result<Option<SyncFrame>, SyncError> {
     let (max_frame, timeout) = (tuning.max_frame_bytes, tuning.sync_timeout);
     let read = tokio::time::timeout(timeout, wire::read_frame::<SyncFrame, _>(stream, max_frame))
         .await
@@ -191,7 +194,15 @@ pub(crate) async fn serve(
     if since < floor {
         // The range is compacted: the puller gets a snapshot from this node's link instead.
         let message = format!("journal compacted up to {floor}: entries after {since} come by snapshot");
-        refuse(&mut stream, peer, ErrorCode::InvalidField, message, metrics, timeout).await;
+        refuse(
+            &mut stream,
+            peer,
+            ErrorCode::InvalidField,
+            message,
+            metrics,
+            timeout,
+        )
+        .await;
         return Ok(());
     }
     let part_bytes = part_bytes.min(max_frame as u64);

@@ -103,6 +103,14 @@ pub struct ReceiverJob {
     pub pending: Vec<u8>,
 }
 
+/// The receiver's bounds on a part: its data (`max_part` bytes once decoded) and a line
+/// continued across parts (`max_line` bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLimits {
+    pub max_part: usize,
+    pub max_line: usize,
+}
+
 /// What a complete (not continued) part brings: its entries, in key order.
 #[derive(Debug, Default, PartialEq)]
 pub struct PartEntries {
@@ -124,9 +132,9 @@ impl ReceiverJob {
         index: u32,
         data: &str,
         continued: bool,
-        max_part: usize,
-        max_line: usize,
+        limits: PartLimits,
     ) -> Result<Option<PartEntries>, Refusal> {
+        let PartLimits { max_part, max_line } = limits;
         if self.done || job != self.job {
             return Err(Refusal::new(
                 ErrorCode::InvalidField,
@@ -224,7 +232,10 @@ fn parse_lines(
             ));
         }
         let Some(id) = entry.resource_id().filter(|id| !id.is_empty()) else {
-            return Err(Refusal::new(ErrorCode::InvalidField, "snapshot entry without a resource id"));
+            return Err(Refusal::new(
+                ErrorCode::InvalidField,
+                "snapshot entry without a resource id",
+            ));
         };
         let key = (entry.data_type.clone(), id.to_owned());
         let previous = out.last().map(|(k, _)| k).or(after);
@@ -277,6 +288,10 @@ mod tests {
         v
     }
 
+    fn lim(max_part: usize, max_line: usize) -> PartLimits {
+        PartLimits { max_part, max_line }
+    }
+
     fn job() -> ReceiverJob {
         ReceiverJob {
             job: 7,
@@ -292,7 +307,10 @@ mod tests {
         let parts = cut(&blob, 4096);
         assert_eq!(parts.len(), 1);
         let mut j = job();
-        let got = j.take_part("o", 7, 0, &parts[0].0, false, 1 << 20, 1 << 20).unwrap().unwrap();
+        let got = j
+            .take_part("o", 7, 0, &parts[0].0, false, lim(1 << 20, 1 << 20))
+            .unwrap()
+            .unwrap();
         assert_eq!(got.entries.len(), 2);
         j.applied(got.entries.last().map(|(k, _)| k.clone()), 2);
         assert_eq!(j.after, Some(("A".into(), "2".into())));
@@ -301,7 +319,9 @@ mod tests {
         let parts = cut(&big, 4096);
         assert!(parts.len() > 2 && parts[..parts.len() - 1].iter().all(|p| p.1));
         for (i, (data, continued)) in parts.iter().enumerate() {
-            let got = j.take_part("o", 7, 1 + i as u32, data, *continued, 1 << 20, 1 << 20).unwrap();
+            let got = j
+                .take_part("o", 7, 1 + i as u32, data, *continued, lim(1 << 20, 1 << 20))
+                .unwrap();
             assert_eq!(got.is_some(), !continued);
         }
         assert_eq!(j.next_part, 1 + parts.len() as u32);
@@ -312,21 +332,51 @@ mod tests {
         let data = cut(&line("o", "A", "1", 3), 4096).remove(0).0;
         let mut j = job();
         let code = |r: Result<Option<PartEntries>, Refusal>| r.err().map(|r| r.code);
-        assert_eq!(code(j.take_part("o", 8, 0, &data, false, 1 << 20, 1 << 20)), Some(ErrorCode::InvalidField), "another job");
-        assert_eq!(code(j.take_part("o", 7, 3, &data, false, 1 << 20, 1 << 20)), Some(ErrorCode::InvalidField), "out of order");
-        assert_eq!(code(j.take_part("o", 7, 0, &data, false, 8, 1 << 20)), Some(ErrorCode::PayloadTooLarge), "oversize");
-        assert_eq!(code(j.take_part("x", 7, 0, &data, false, 1 << 20, 1 << 20)), Some(ErrorCode::ForgedOrigin));
-        assert_eq!(code(j.take_part("o", 7, 0, "!!", false, 1 << 20, 1 << 20)), Some(ErrorCode::InvalidField));
+        assert_eq!(
+            code(j.take_part("o", 8, 0, &data, false, lim(1 << 20, 1 << 20))),
+            Some(ErrorCode::InvalidField),
+            "another job"
+        );
+        assert_eq!(
+            code(j.take_part("o", 7, 3, &data, false, lim(1 << 20, 1 << 20))),
+            Some(ErrorCode::InvalidField),
+            "out of order"
+        );
+        assert_eq!(
+            code(j.take_part("o", 7, 0, &data, false, lim(8, 1 << 20))),
+            Some(ErrorCode::PayloadTooLarge),
+            "oversize"
+        );
+        assert_eq!(
+            code(j.take_part("x", 7, 0, &data, false, lim(1 << 20, 1 << 20))),
+            Some(ErrorCode::ForgedOrigin)
+        );
+        assert_eq!(
+            code(j.take_part("o", 7, 0, "!!", false, lim(1 << 20, 1 << 20))),
+            Some(ErrorCode::InvalidField)
+        );
         assert_eq!(j, job(), "nothing moved");
         // Keys must ascend past the last one applied.
         j.after = Some(("A".into(), "5".into()));
-        assert_eq!(code(j.take_part("o", 7, 0, &data, false, 1 << 20, 1 << 20)), Some(ErrorCode::InvalidField));
+        assert_eq!(
+            code(j.take_part("o", 7, 0, &data, false, lim(1 << 20, 1 << 20))),
+            Some(ErrorCode::InvalidField)
+        );
         // A continued line may not grow without bound.
         let mut j = job();
         let piece = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 100]);
-        assert!(j.take_part("o", 7, 0, &piece, true, 100, 150).unwrap().is_none());
-        assert!(j.take_part("o", 7, 1, &piece, true, 100, 150).unwrap().is_none());
-        assert_eq!(code(j.take_part("o", 7, 2, &piece, true, 100, 150)), Some(ErrorCode::PayloadTooLarge));
+        assert!(j
+            .take_part("o", 7, 0, &piece, true, lim(100, 150))
+            .unwrap()
+            .is_none());
+        assert!(j
+            .take_part("o", 7, 1, &piece, true, lim(100, 150))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            code(j.take_part("o", 7, 2, &piece, true, lim(100, 150))),
+            Some(ErrorCode::PayloadTooLarge)
+        );
     }
 
     #[test]

@@ -83,7 +83,9 @@ impl MongoStore {
             if e.action == Action::Delete {
                 gone.push(doc! {"_id": {"data_type": *dt, "id": *id}, "seq": seq});
             } else {
-                live.push(doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json(), "seq": seq});
+                live.push(
+                    doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json(), "seq": seq},
+                );
             }
         }
         // Below the compaction floor only the latest entry of a resource stays: the ones

@@ -58,8 +58,8 @@ use self::names::{
 };
 use self::txn::durable;
 use super::{
-    AppliedRecord, ApplyOutcome, CompactBounds, CompactReport, OutboxRow, ResourceKey, SnapshotPage, OwnPage, PageBounds, PeerRow, Relation, Store, StoreError,
-    StoreResult, StoredResource,
+    AppliedRecord, ApplyOutcome, CompactBounds, CompactReport, OutboxRow, OwnPage, PageBounds, PeerRow,
+    Relation, ResourceKey, SnapshotPage, Store, StoreError, StoreResult, StoredResource,
 };
 use crate::contract::{JournalEntry, NewEvent};
 

@@ -50,7 +50,10 @@ fn upto_filter(upto: &Option<ResourceKey>, dt_field: &str, id_field: &str) -> Do
 
 fn key_of(d: &Document) -> Option<(String, String)> {
     let k = d.get_document("_id").ok()?;
-    Some((k.get_str("data_type").ok()?.to_owned(), k.get_str("id").ok()?.to_owned()))
+    Some((
+        k.get_str("data_type").ok()?.to_owned(),
+        k.get_str("id").ok()?.to_owned(),
+    ))
 }
 
 fn seq_of(d: &Document) -> Option<u64> {
@@ -108,7 +111,11 @@ impl MongoStore {
 
     /// The latest seq `oc_own` (`live`) or `oc_gone` records for each key; `None` inside
     /// when the document has no seq (written by an earlier version).
-    async fn latest(&self, coll: &str, keys: &[(String, String)]) -> StoreResult<HashMap<(String, String), Option<u64>>> {
+    async fn latest(
+        &self,
+        coll: &str,
+        keys: &[(String, String)],
+    ) -> StoreResult<HashMap<(String, String), Option<u64>>> {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
@@ -250,7 +257,8 @@ impl MongoStore {
             else {
                 continue;
             };
-            if to_u64(entry.time_ms, "time_ms").map_err(|e| self.failed(e))? > bounds.tombstones_older_than_ms {
+            if to_u64(entry.time_ms, "time_ms").map_err(|e| self.failed(e))? > bounds.tombstones_older_than_ms
+            {
                 continue;
             }
             journal
@@ -278,7 +286,11 @@ impl MongoStore {
         }
         let reply = match self.db.run_command(doc! {"compact": JOURNAL}).await {
             Ok(reply) => reply,
-            Err(first) => match self.db.run_command(doc! {"compact": JOURNAL, "force": true}).await {
+            Err(first) => match self
+                .db
+                .run_command(doc! {"compact": JOURNAL, "force": true})
+                .await
+            {
                 Ok(reply) => reply,
                 Err(e) => {
                     tracing::warn!(cause = %first, retry_cause = %e, "mongodb: compact refused; freed journal space is reused by later writes but not given back");
@@ -414,7 +426,10 @@ impl MongoStore {
             .await?;
         let mut by_coll: HashMap<&str, Vec<&str>> = HashMap::new();
         for v in &versions {
-            by_coll.entry(v.key.coll.as_str()).or_default().push(v.key.id.as_str());
+            by_coll
+                .entry(v.key.coll.as_str())
+                .or_default()
+                .push(v.key.id.as_str());
         }
         let mut live = HashMap::new();
         for (coll, ids) in by_coll {

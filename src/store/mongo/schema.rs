@@ -8,7 +8,9 @@ use mongodb::options::IndexOptions;
 use mongodb::IndexModel;
 
 use super::error::{server_code, Failure, INVALID_NAMESPACE, NAMESPACE_EXISTS};
-use super::names::{GONE, META, APPLIED, APPLIED_LOG, COUNTERS, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS};
+use super::names::{
+    APPLIED, APPLIED_LOG, COUNTERS, CURSORS, GONE, INTAKE, JOURNAL, META, OUTBOX, OWN, PEERS, VERSIONS,
+};
 use super::MongoStore;
 use crate::store::StoreResult;
 
