@@ -207,6 +207,14 @@ async fn a_partner_added_after_100_000_resources_gets_exactly_the_current_ones_o
     late_partner(100_000, Some(&mongo)).await;
 }
 
+/// docs/PERFORMANCE.md's figure: a snapshot of 1 000 000 resources, time and peak RSS of
+/// both sides (`cargo test --release --test snapshot -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: 1 000 000 resources, run it with --release"]
+async fn a_partner_added_after_1_000_000_resources() {
+    late_partner(1_000_000, None).await;
+}
+
 /// Which side a test kills in the middle of a snapshot.
 #[derive(Clone, Copy, Debug)]
 enum Victim {
