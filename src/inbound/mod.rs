@@ -324,6 +324,28 @@ impl Handler<IncomingStream> for InboundApply {
                         drop(permit);
                         return;
                     }
+                    // A snapshot frame with no job begun on the stream.
+                    Ok(Some(other)) if wire::Frame::kind(&other).starts_with("snapshot_") => {
+                        let refusal = crate::contract::Refusal::new(
+                            ErrorCode::InvalidField,
+                            format!(
+                                "{} without a snapshot_begin on this stream",
+                                wire::Frame::kind(&other)
+                            ),
+                        );
+                        env.metrics.refused("snapshot", refusal.code);
+                        if let Some(count) = sync::REFUSAL_LOG.hit(peer, "snapshot_without_job") {
+                            tracing::warn!(%peer, code = refusal.code.as_str(), count, reason = %refusal.message, "snapshot frame refused");
+                        }
+                        let frame =
+                            wire::SyncFrame::Error(ErrorFrame::new(None, refusal.code, refusal.message));
+                        let _ = tokio::time::timeout(t.io_timeout, async {
+                            wire::write_frame(&mut stream, &frame).await?;
+                            AsyncWriteExt::close(&mut stream).await
+                        })
+                        .await;
+                        Ok(())
+                    }
                     Ok(first) => {
                         sync::serve::serve(
                             env.store.as_ref(),
