@@ -11,7 +11,8 @@
 //! | `GET /api/feed` | [`feed`]: a WebSocket, the journal or applied log live (page, older, pause, resume) |
 //! | `GET /`, `/ui/*` | [`page`]: the web page (live feed and peers), files built into the binary |
 //! | `GET /healthz` | 200 `{"status":"ok"}` once NATS is connected, the swarm listens and the store answers; 503 with `reasons` (e.g. `store unavailable: ...`, `nats: authorization violation (nats://...)`) otherwise |
-//! | `GET /api/peers` | partners: `peer_id, addrs, connected, dialed_by, acked_seq, pending, state` |
+//! | `GET /api/peers` | partners: `peer_id, addrs, connected, dialed_by, acked_seq, pending, state, snapshot` |
+//! | `POST /api/partners/{peer_id}/resync` | starts a snapshot job towards a partner: 202, 404 not a partner, 409 `busy` |
 //! | `GET /api/node` | this node: `peer_id, listen_addrs, journal_head, reachability, external_addrs` |
 //! | `GET /api/resources/{data_type}?after=ID&limit=N` | stored resources (tombstones included) |
 //! | `GET /api/resources/{data_type}/{id}` | one stored resource, 404 if unknown |
@@ -172,6 +173,7 @@ pub(crate) fn serve(
             .route("/api/partners", web::get().to(list_partners))
             .route("/api/partners", web::post().to(add_partner))
             .route("/api/partners/{peer_id}", web::delete().to(remove_partner))
+            .route("/api/partners/{peer_id}/resync", web::post().to(resync_partner))
             .app_data(reply::query_config())
             .app_data(reply::json_config())
             .default_service(web::to(reply::not_found))
@@ -383,6 +385,28 @@ async fn remove_partner(s: web::Data<AdminState>, path: web::Path<String>) -> Ht
             HttpResponse::Ok().json(json!({"ok": true, "peer_id": peer.to_string(), "existed": existed}))
         }
         Ok(Err(r)) => reply::refusal(StatusCode::SERVICE_UNAVAILABLE, &r),
+        Err(e) => reply::actor_gone(e),
+    }
+}
+
+/// `POST /api/partners/{peer_id}/resync`: a snapshot job towards the partner, at most one
+/// at a time (a second request while one is asked for or runs gets 409 `busy`).
+async fn resync_partner(s: web::Data<AdminState>, path: web::Path<String>) -> HttpResponse {
+    use crate::outbound::service::{Resync, ResyncRefused};
+    let Ok(peer) = path.parse::<libp2p::PeerId>() else {
+        return reply::invalid_field("not a peer id");
+    };
+    match s.links.send(Resync { peer }).await {
+        Ok(Ok(())) => HttpResponse::Accepted()
+            .json(json!({"ok": true, "peer_id": peer.to_string(), "snapshot": "requested"})),
+        Ok(Err(e @ ResyncRefused::NotPartner(_))) => reply::refusal(
+            StatusCode::NOT_FOUND,
+            &Refusal::new(ErrorCode::NotPartner, e.to_string()),
+        ),
+        Ok(Err(e @ ResyncRefused::Busy(_))) => reply::refusal(
+            StatusCode::CONFLICT,
+            &Refusal::new(ErrorCode::Busy, e.to_string()),
+        ),
         Err(e) => reply::actor_gone(e),
     }
 }

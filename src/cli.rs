@@ -59,8 +59,16 @@ pub fn peers(args: &PeersArgs) -> anyhow::Result<String> {
 }
 
 fn render_table(peers: &[PeerStatus]) -> String {
-    let mut rows =
-        vec![["PEER ID", "STATE", "CONNECTED", "ACKED SEQ", "PENDING", "ADDRESS"].map(String::from)];
+    let mut rows = vec![[
+        "PEER ID",
+        "STATE",
+        "CONNECTED",
+        "ACKED SEQ",
+        "PENDING",
+        "SNAPSHOT",
+        "ADDRESS",
+    ]
+    .map(String::from)];
     for p in peers {
         rows.push([
             p.peer_id.clone(),
@@ -68,10 +76,11 @@ fn render_table(peers: &[PeerStatus]) -> String {
             if p.connected { "yes" } else { "no" }.to_owned(),
             p.acked_seq.to_string(),
             p.pending.to_string(),
+            snapshot_cell(&p.snapshot),
             p.addrs.first().cloned().unwrap_or_default(),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..7)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -86,7 +95,15 @@ fn render_table(peers: &[PeerStatus]) -> String {
     out
 }
 
-/// `oc-discovery partners add|remove|list`.
+/// The snapshot column: `0` when idle, else `state sent/total @P`.
+fn snapshot_cell(s: &crate::outbound::service::SnapshotView) -> String {
+    if s.state == 0 {
+        return "0".to_owned();
+    }
+    format!("{} {}/{} @{}", s.state, s.sent, s.total, s.position)
+}
+
+/// `oc-discovery partners add|remove|list|resync`.
 ///
 /// # Errors
 /// The admin API is unreachable or refuses the change (its error is shown).
@@ -99,6 +116,14 @@ pub fn partners(args: &PartnersArgs) -> anyhow::Result<String> {
         }
         PartnersAction::Remove { peer_id } => {
             client.call("DELETE", &format!("/api/partners/{peer_id}"), None)?
+        }
+        PartnersAction::Resync { peer_id } => {
+            let (status, body) =
+                client.call("POST", &format!("/api/partners/{peer_id}/resync"), Some("{}"))?;
+            if status == 202 {
+                return Ok(format!("{body}\n"));
+            }
+            (status, body)
         }
         PartnersAction::List { json } => {
             let (status, body) = client.call("GET", "/api/partners", None)?;

@@ -278,6 +278,12 @@ pub enum PartnersAction {
         #[arg(long)]
         json: bool,
     },
+    /// Start a snapshot job towards a partner: its current state of this node's resources,
+    /// then the journal (refused with `busy` while one runs).
+    Resync {
+        /// The partner's peer id.
+        peer_id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -434,6 +440,25 @@ pub struct RunArgs {
     /// Period of the safety-net journal sync with each partner.
     #[arg(long, env = "OC_DISCOVERY_SYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sync_interval: Duration,
+    /// Journal entries older than this (and acknowledged by every partner still waited
+    /// for) are compacted: per resource only its latest entry or tombstone is kept.
+    #[arg(long, env = "OC_DISCOVERY_JOURNAL_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub journal_retention: Duration,
+    /// When the journal holds more bytes than this, it is compacted up to what every
+    /// partner acknowledged, whatever the entries' age (0: no byte limit).
+    #[arg(long, env = "OC_DISCOVERY_JOURNAL_MAX_BYTES", default_value_t = 0)]
+    pub journal_max_bytes: u64,
+    /// Tombstones (latest entries of deleted resources) in the compacted journal are
+    /// dropped after this.
+    #[arg(long, env = "OC_DISCOVERY_TOMBSTONE_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub tombstone_retention: Duration,
+    /// A partner that has acknowledged nothing for this long is no longer waited for by
+    /// compaction; once the journal is compacted past its cursor it gets a snapshot.
+    #[arg(long, env = "OC_DISCOVERY_PARTNER_MAX_LAG", default_value = "30d", value_parser = parse_duration)]
+    pub partner_max_lag: Duration,
+    /// Period of the journal compaction (also the first run after start-up).
+    #[arg(long, env = "OC_DISCOVERY_COMPACT_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub compact_interval: Duration,
     /// Most bytes of one journal sync round (entries as JSON lines), on both sides: the
     /// owner cuts a round there, the puller refuses an answer announcing more. At least
     /// --max-event-bytes + 64 KiB, so one entry always fits.
@@ -836,6 +861,12 @@ pub struct Tuning {
     /// Live feed clients at once (`GET /api/feed`), and bytes each feed's ring keeps.
     pub feed_max_clients: usize,
     pub feed_ring_bytes: usize,
+    /// Retention: see [`crate::store::retention`].
+    pub journal_retention: Duration,
+    pub journal_max_bytes: u64,
+    pub tombstone_retention: Duration,
+    pub partner_max_lag: Duration,
+    pub compact_interval: Duration,
 }
 
 impl Default for Tuning {
@@ -866,6 +897,11 @@ impl Default for Tuning {
             search_unknown_queries_per_second: DEFAULT_SEARCH_UNKNOWN_QUERIES_PER_SECOND,
             feed_max_clients: crate::feed::DEFAULT_MAX_CLIENTS,
             feed_ring_bytes: crate::feed::DEFAULT_RING_BYTES,
+            journal_retention: Duration::from_secs(30 * 86_400),
+            journal_max_bytes: 0,
+            tombstone_retention: Duration::from_secs(90 * 86_400),
+            partner_max_lag: Duration::from_secs(30 * 86_400),
+            compact_interval: Duration::from_secs(600),
         }
     }
 }
@@ -905,6 +941,10 @@ impl TryFrom<RunArgs> for NodeConfig {
             ("--sync-interval", run.sync_interval),
             ("--backoff-min", run.backoff_min),
             ("--planner-idle", run.planner_idle),
+            ("--journal-retention", run.journal_retention),
+            ("--tombstone-retention", run.tombstone_retention),
+            ("--partner-max-lag", run.partner_max_lag),
+            ("--compact-interval", run.compact_interval),
         ] {
             if d < MIN_PERIOD {
                 return Err(ConfigError::TooShort(flag));
@@ -972,6 +1012,11 @@ impl TryFrom<RunArgs> for NodeConfig {
             search_unknown_queries_per_second: run.search_unknown_queries_per_second,
             feed_max_clients: usize::try_from(run.feed_max_clients).unwrap_or(usize::MAX),
             feed_ring_bytes: usize::try_from(run.feed_ring_bytes).unwrap_or(usize::MAX),
+            journal_retention: run.journal_retention,
+            journal_max_bytes: run.journal_max_bytes,
+            tombstone_retention: run.tombstone_retention,
+            partner_max_lag: run.partner_max_lag,
+            compact_interval: run.compact_interval,
             ..Tuning::default()
         };
         let admin_tls = match (run.admin_tls_cert, run.admin_tls_key) {

@@ -9,10 +9,12 @@
 //! - [`contract`]: the application contract: NATS subjects, event decoding, error codes.
 //! - [`intake`]: NATS intake actor: decodes `PROPALGATION_EVENT`, journals, replies.
 //! - [`store`]: journal, resources, cursors and outbox behind the [`store::Store`] trait:
-//!   [`store::embedded`] (a redb file, default) or [`store::mongo`] (the site's MongoDB).
+//!   [`store::embedded`] (a redb file, default) or [`store::mongo`] (the site's MongoDB);
+//!   [`store::retention`]: journal compaction (what a run may remove, the periodic task).
 //! - [`outbound`]: one partner link per partner, feeding it the journal: [`outbound::service`]
 //!   (the actor owning the links), [`outbound::link`] (one link's I/O loop),
-//!   [`outbound::window`] (its send window, ack and resume rules, pure), [`outbound::status`].
+//!   [`outbound::window`] (its send window, ack and resume rules, pure), [`outbound::status`],
+//!   [`outbound::snapshot`] (a snapshot job towards a partner behind the compacted journal).
 //! - [`p2p`]: the network layer: transports (TCP, WebSocket and `/wss` with [`p2p::tls`],
 //!   relay circuits), behaviour ([`p2p::relay`]: relay server limits, DCUtR, AutoNAT), the
 //!   event loop that alone owns the Swarm, the [`p2p::Client`] handle, the DHT and search gossip handlers; [`p2p::wire`]: one
@@ -21,9 +23,10 @@
 //! - [`search`]: `PB_SEARCH`: peer records, resource searches and their answers.
 //! - [`inbound`]: applies partners' events, publishes them, acknowledges:
 //!   [`inbound::reorder`] (the pure reorder, gap and sync decisions), a session per partner,
-//!   the apply of a run.
+//!   the apply of a run, the snapshot frames an origin sends.
 //! - [`sync`]: journal sync, pulling a partner's journal in parts to fill gaps:
-//!   [`sync::plan`] (the pure round rules), [`sync::serve`] (owner), [`sync::pull`] (puller).
+//!   [`sync::plan`] (the pure round rules), [`sync::serve`] (owner), [`sync::pull`] (puller);
+//!   [`sync::snapshot`] (the pure rules of snapshot jobs).
 //! - [`peers`]: [`peers::partners`] (the one partner registry), [`peers::manager`] (the
 //!   `PeerManager` actor: partnerships and the blacklist), [`peers::directory`] (this node's
 //!   peer record in the DHT, the peers met, finding and reaching a peer).

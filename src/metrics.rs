@@ -115,6 +115,20 @@ pub struct Metrics {
     pub feed_lagged: Count,
     /// Feed clients connected (set at scrape time).
     pub feed_clients: Gauge,
+    /// Journal entries removed by compaction (superseded entries and old tombstones).
+    pub journal_compacted: Count,
+    /// The compaction floor of the own journal.
+    pub journal_floor: Gauge,
+    /// Bytes the journal takes in the store.
+    pub journal_bytes: Gauge,
+    /// Snapshot parts sent to partners and acknowledged (resends included).
+    pub snapshot_parts_sent: Count,
+    /// Snapshot parts received from partners and applied.
+    pub snapshot_parts_applied: Count,
+    /// Resources a snapshot receiver removed as absent from the origin's snapshot.
+    pub snapshot_removed: Count,
+    /// Snapshot jobs completed, as sender.
+    pub snapshot_jobs_done: Count,
     refusals: Family<RefusalLabels, Counter>,
     /// Origin's journal time to applied here, per partner.
     lag_seconds: HistogramFamily<OriginLabels>,
@@ -235,6 +249,13 @@ impl Default for Metrics {
             admin_unauthorized: Count::default(),
             feed_lagged: Count::default(),
             feed_clients: Gauge::default(),
+            journal_compacted: Count::default(),
+            journal_floor: Gauge::default(),
+            journal_bytes: Gauge::default(),
+            snapshot_parts_sent: Count::default(),
+            snapshot_parts_applied: Count::default(),
+            snapshot_removed: Count::default(),
+            snapshot_jobs_done: Count::default(),
             refusals: Family::default(),
             lag_seconds: Family::new_with_constructor(lag_buckets),
             partner_pending: Family::default(),
@@ -253,7 +274,32 @@ impl Metrics {
     /// Puts every metric in the registry (each is a shared handle: the clone is the same).
     fn registered(mut self) -> Self {
         let mut r = Registry::default();
-        let counters: [(&str, &str, &Count); 12] = [
+        let counters: [(&str, &str, &Count); 17] = [
+            (
+                "oc_journal_compacted",
+                "Journal entries removed by compaction",
+                &self.journal_compacted,
+            ),
+            (
+                "oc_snapshot_parts_sent",
+                "Snapshot parts sent to partners and acknowledged",
+                &self.snapshot_parts_sent,
+            ),
+            (
+                "oc_snapshot_parts_applied",
+                "Snapshot parts received from partners and applied",
+                &self.snapshot_parts_applied,
+            ),
+            (
+                "oc_snapshot_removed",
+                "Resources removed as absent from an origin's snapshot",
+                &self.snapshot_removed,
+            ),
+            (
+                "oc_snapshot_jobs_done",
+                "Snapshot jobs completed as sender",
+                &self.snapshot_jobs_done,
+            ),
             (
                 "oc_intake_accepted",
                 "Events accepted from the local application",
@@ -318,6 +364,16 @@ impl Metrics {
             "oc_refusals",
             "Refused inputs by place and error code",
             self.refusals.clone(),
+        );
+        r.register(
+            "oc_journal_floor",
+            "Compaction floor of the own journal",
+            self.journal_floor.clone(),
+        );
+        r.register(
+            "oc_journal_bytes",
+            "Bytes the journal takes in the store",
+            self.journal_bytes.clone(),
         );
         r.register(
             "oc_intake_pending",

@@ -114,6 +114,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             stop_rx.clone(),
         ));
     }
+    tokio::spawn(crate::store::retention::run(
+        store.clone(),
+        own_id.clone(),
+        Arc::new(links.clone()),
+        t.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     let partners = Arc::new(Partners::default());
     for (peer, addr) in &cfg.partners {
         partners.insert(*peer, Some(addr.clone()));

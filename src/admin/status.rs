@@ -77,6 +77,7 @@ async fn partner(s: &AdminState, p: PeerStatus) -> Value {
         "lag": {"seq": p.lag, "oldest_unacked_age_ms": oldest_unacked_ms},
         "rtt_ms": p.rtt_ms,
         "last_error": p.last_error,
+        "snapshot": p.snapshot,
     })
 }
 

@@ -57,6 +57,7 @@ use session::{spawn_session, Attach};
 mod apply;
 pub mod reorder;
 mod session;
+mod snapshot;
 
 /// Sync requests served at once, across all peers, and per peer (a third from one peer is
 /// answered `busy`).
@@ -301,10 +302,66 @@ impl Handler<IncomingStream> for InboundApply {
                 }
             };
             let env = self.env.clone();
+            let session = self.session(peer).clone();
             tokio::spawn(async move {
                 let t = &env.tuning;
-                let served =
-                    sync::serve::serve(env.store.as_ref(), &env.own_id, peer, stream, t, &env.metrics).await;
+                let mut stream = stream;
+                let served = match sync::serve::first_frame(&mut stream, t).await {
+                    // An origin's snapshot job: its session applies it, in order with the
+                    // rest of what comes from it.
+                    Ok(Some(begin @ wire::SyncFrame::SnapshotBegin { .. })) => {
+                        // The permit is held until the session took the stream: a peer
+                        // opening snapshot streams faster than its session takes them gets
+                        // `busy` beyond its share.
+                        let (reader, writer) = stream.split();
+                        let attach = Attach::Snapshot {
+                            begin,
+                            reader,
+                            writer: BufWriter::with_capacity(16 * 1024, writer),
+                        };
+                        let taken = tokio::time::timeout(t.sync_timeout, session.send(attach)).await;
+                        if !matches!(taken, Ok(Ok(()))) {
+                            tracing::debug!(%peer, "session busy or gone: snapshot stream dropped");
+                        }
+                        drop(permit);
+                        return;
+                    }
+                    // A snapshot frame with no job begun on the stream.
+                    Ok(Some(other)) if wire::Frame::kind(&other).starts_with("snapshot_") => {
+                        let refusal = crate::contract::Refusal::new(
+                            ErrorCode::InvalidField,
+                            format!(
+                                "{} without a snapshot_begin on this stream",
+                                wire::Frame::kind(&other)
+                            ),
+                        );
+                        env.metrics.refused("snapshot", refusal.code);
+                        if let Some(count) = sync::REFUSAL_LOG.hit(peer, "snapshot_without_job") {
+                            tracing::warn!(%peer, code = refusal.code.as_str(), count, reason = %refusal.message, "snapshot frame refused");
+                        }
+                        let frame =
+                            wire::SyncFrame::Error(ErrorFrame::new(None, refusal.code, refusal.message));
+                        let _ = tokio::time::timeout(t.io_timeout, async {
+                            wire::write_frame(&mut stream, &frame).await?;
+                            AsyncWriteExt::close(&mut stream).await
+                        })
+                        .await;
+                        Ok(())
+                    }
+                    Ok(first) => {
+                        sync::serve::serve(
+                            env.store.as_ref(),
+                            &env.own_id,
+                            peer,
+                            stream,
+                            first,
+                            t,
+                            &env.metrics,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = served {
                     tracing::debug!(%peer, cause = %e, "sync request not served");
                 }

@@ -20,6 +20,7 @@ use crate::sync;
 
 use super::apply::{error_frame, retry, Applier, RunOutcome};
 use super::reorder::{Buffered, Pull, Reorder};
+use super::snapshot::{SnapshotIn, SnapshotInput, Step};
 use super::InboundEnv;
 
 /// Inputs buffered between the stream readers and a session (also bounded in bytes: the
@@ -42,6 +43,12 @@ pub(super) enum Attach {
     },
     /// Time for the safety-net sync.
     PeriodicSync,
+    /// A sync stream on which the origin began a snapshot job (`begin`, its first frame).
+    Snapshot {
+        begin: crate::p2p::wire::SyncFrame,
+        reader: ReadHalf<Stream>,
+        writer: BufWriter<WriteHalf<Stream>>,
+    },
 }
 
 /// What a session's inputs carry.
@@ -59,6 +66,14 @@ enum Input {
     Synced(Vec<JournalEntry>),
     /// The pull task ended.
     SyncDone(Result<(), String>),
+    /// A frame of the origin's snapshot stream.
+    Snapshot(SnapshotInput),
+}
+
+impl From<SnapshotInput> for Input {
+    fn from(i: SnapshotInput) -> Input {
+        Input::Snapshot(i)
+    }
 }
 
 /// Bytes an entry takes in memory, roughly: its JSON text and strings, plus the struct.
@@ -173,6 +188,8 @@ struct Session {
     generation: u64,
     inputs: mpsc::Sender<Input>,
     inputs_rx: Option<mpsc::Receiver<Input>>,
+    /// The origin's open snapshot stream, if any (a new one replaces it).
+    snapshot: Option<SnapshotIn>,
 }
 
 impl Session {
@@ -195,6 +212,7 @@ impl Session {
             generation: 0,
             inputs,
             inputs_rx: Some(inputs_rx),
+            snapshot: None,
         })
     }
 
@@ -209,6 +227,11 @@ impl Session {
                 a = attach.recv() => match a {
                     Some(Attach::Stream { kind, reader, writer }) => self.attach(kind, reader, writer),
                     Some(Attach::PeriodicSync) => self.want_sync(u64::MAX),
+                    Some(Attach::Snapshot { begin, reader, writer }) => {
+                        if !self.attach_snapshot(begin, reader, writer).await {
+                            break;
+                        }
+                    }
                     None => break,
                 },
                 input = rx.recv() => {
@@ -295,6 +318,29 @@ impl Session {
                     self.buffer(entry, None);
                 }
             }
+            Input::Snapshot(input) => {
+                let current = self
+                    .snapshot
+                    .as_ref()
+                    .is_some_and(|s| s.generation == input.generation);
+                if !current {
+                    return true;
+                }
+                match input.frame {
+                    Ok(Some(frame)) => return self.on_snapshot(frame).await,
+                    Ok(None) => self.snapshot = None,
+                    Err(e) => {
+                        let code = match e {
+                            FrameError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+                            _ => ErrorCode::InvalidJson,
+                        };
+                        let refusal = Refusal::new(code, format!("unreadable snapshot frame: {e}"));
+                        if let Some(mut s) = self.snapshot.take() {
+                            s.refuse(&self.env, &self.log, self.peer, refusal).await;
+                        }
+                    }
+                }
+            }
             Input::SyncDone(result) => {
                 if let Err(e) = &result {
                     if let Some(count) = self.log.hit(self.peer, "sync_failed") {
@@ -338,6 +384,51 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Takes a snapshot stream (replacing an open one) and its first frame. Returns false
+    /// on shutdown.
+    async fn attach_snapshot(
+        &mut self,
+        begin: crate::p2p::wire::SyncFrame,
+        reader: ReadHalf<Stream>,
+        writer: BufWriter<WriteHalf<Stream>>,
+    ) -> bool {
+        self.generation = self.generation.saturating_add(1);
+        let generation = self.generation;
+        let task = tokio::spawn(super::snapshot::read_frames(
+            reader,
+            self.env.tuning.max_frame_bytes,
+            self.budget.clone(),
+            self.reorder.max_bytes(),
+            self.inputs.clone(),
+            generation,
+        ));
+        self.snapshot = Some(SnapshotIn::new(generation, writer, task));
+        self.on_snapshot(begin).await
+    }
+
+    /// One frame of the snapshot stream. Returns false on shutdown.
+    async fn on_snapshot(&mut self, frame: crate::p2p::wire::SyncFrame) -> bool {
+        let Some(snapshot) = self.snapshot.as_mut() else {
+            return true;
+        };
+        let applied = self.reorder.applied();
+        match snapshot
+            .on_frame(&self.env, &self.log, self.peer, &mut self.applier, applied, frame)
+            .await
+        {
+            Step::Continue => {}
+            Step::Close => self.snapshot = None,
+            Step::Applied(position) => {
+                // What was buffered is older than the snapshot: the journal follows from P.
+                self.reorder.clear();
+                self.reorder.mark_applied(position);
+                self.applied_tx.send_replace(position);
+            }
+            Step::Shutdown => return false,
+        }
+        true
     }
 
     /// Answers a `hello` with the applied mark (and pulls when its head is far ahead), or

@@ -79,6 +79,14 @@ enum LinkError {
     Frame(FrameError),
     #[error("the partner acknowledged seq {seq}, beyond this node's journal head {head}")]
     AckBeyondHead { seq: u64, head: u64 },
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotError),
+    /// Not a failure: the snapshot job ended, the next session follows the journal from P.
+    #[error("snapshot done at {0}: the journal follows")]
+    SnapshotDone(u64),
+    /// Not a failure: an operator asked for a snapshot; the next session runs it.
+    #[error("resync requested")]
+    Resync,
 }
 
 impl From<AckBeyondHead> for LinkError {
@@ -111,7 +119,12 @@ pub(crate) async fn run(
             backoff.reset();
         }
         if let Err(e) = outcome {
-            link.ended(&e, backoff.current());
+            if matches!(e, LinkError::SnapshotDone(_) | LinkError::Resync) {
+                tracing::info!(%peer, cause = %e, "partner session restarts");
+                backoff.reset();
+            } else {
+                link.ended(&e, backoff.current());
+            }
         }
         // Only a connection made while the link waits cuts the wait short (one the
         // session made itself must not, or a partner that drops us would be retried
@@ -219,6 +232,7 @@ impl Link {
             0
         });
         status.set_acked(cursor);
+        super::snapshot::load(env.store.as_ref(), &peer, &status).await;
         let window = Window::new(cursor, env.tuning.send_window);
         Link {
             env,
@@ -276,6 +290,20 @@ impl Link {
         let partner_has = self.handshake(&mut session, head).await?;
         if partner_has != self.window.acked() {
             tracing::info!(peer = %self.peer, cursor = self.window.acked(), partner_has, "resuming from the partner's report");
+        }
+        // Behind the compacted journal (or a job to finish, or asked for): a snapshot, then
+        // the journal from its position in the next session.
+        let floor = self.env.store.journal_floor(&self.env.own_id).await?;
+        let job_open = self.status.snapshot_job().state != crate::sync::snapshot::STATE_IDLE;
+        if partner_has < floor || job_open || self.status.resync_requested() {
+            self.status.heard();
+            self.status.set(LinkState::Online, None);
+            tracing::info!(peer = %self.peer, partner_has, floor, job_open, "partner needs a snapshot");
+            let position = super::snapshot::run(&self.env, self.peer, &self.status).await?;
+            self.window = Window::new(position, self.env.tuning.send_window);
+            self.status.set_acked(position);
+            drop(session);
+            return Err(LinkError::SnapshotDone(position));
         }
         // Far behind: the partner pulls up to our head by journal sync; we push what follows.
         let push_from = self.window.resume(partner_has, head_at_hello);
@@ -412,6 +440,11 @@ impl Link {
                 _ = tokio::time::sleep(silence) => {
                     self.status.set(LinkState::Offline, Some(format!("no answer for {:?}", t.pong_discard_timeout)));
                     return Err(LinkError::Silent(t.pong_discard_timeout));
+                }
+                _ = self.status.wake.notified() => {
+                    if self.status.resync_requested() {
+                        return Err(LinkError::Resync);
+                    }
                 }
             }
             self.persist_if_due().await;

@@ -7,5 +7,6 @@
 
 pub mod link;
 pub mod service;
+pub mod snapshot;
 pub mod status;
 pub mod window;

@@ -74,6 +74,87 @@ pub(crate) struct PeerStatus {
     /// A partner that can only dial out shows `them` on the other side.
     #[serde(default)]
     pub dialed_by: Option<String>,
+    /// The snapshot job towards the partner.
+    #[serde(default)]
+    pub snapshot: SnapshotView,
+}
+
+/// A snapshot job as `/api/peers`, `/api/status` and `oc-discovery peers` show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// 0 idle, 1 running, 2 done and waiting for the partner's confirmation.
+    pub state: u8,
+    /// The job id (0 when idle).
+    #[serde(default)]
+    pub job: u64,
+    /// Journal position P of the snapshot.
+    #[serde(default)]
+    pub position: u64,
+    /// Resources confirmed by the partner.
+    #[serde(default)]
+    pub sent: u64,
+    /// Own resources when the job began.
+    #[serde(default)]
+    pub total: u64,
+}
+
+impl From<crate::sync::snapshot::SenderJob> for SnapshotView {
+    fn from(j: crate::sync::snapshot::SenderJob) -> Self {
+        SnapshotView {
+            state: j.state,
+            job: j.job,
+            position: j.position,
+            sent: j.sent,
+            total: j.total,
+        }
+    }
+}
+
+/// Start a snapshot job towards a partner (`partners resync`).
+#[derive(Message)]
+#[rtype(result = "Result<(), ResyncRefused>")]
+pub(crate) struct Resync {
+    pub peer: PeerId,
+}
+
+/// Why a resync request was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ResyncRefused {
+    #[error("{0} is not a partner")]
+    NotPartner(PeerId),
+    #[error(transparent)]
+    Busy(#[from] super::status::SnapshotBusy),
+}
+
+impl Handler<Resync> for StreamService {
+    type Result = Result<(), ResyncRefused>;
+
+    fn handle(&mut self, msg: Resync, _: &mut Self::Context) -> Self::Result {
+        let link = self
+            .links
+            .get(&msg.peer)
+            .ok_or(ResyncRefused::NotPartner(msg.peer))?;
+        link.status.request_resync()?;
+        tracing::info!(peer = %msg.peer, "snapshot requested");
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::store::retention::PartnerMarks for Addr<StreamService> {
+    async fn marks(&self) -> Vec<(String, u64, Option<u64>)> {
+        match self.send(GetPeers).await {
+            Ok(peers) => peers
+                .into_iter()
+                .map(|p| {
+                    let at = (p.snapshot.state != 0).then_some(p.snapshot.position);
+                    (p.peer_id, p.acked_seq, at)
+                })
+                .collect(),
+            // The service is gone (shutdown): hold everything.
+            Err(_) => vec![(String::new(), 0, Some(0))],
+        }
+    }
 }
 
 struct Link {
@@ -176,6 +257,7 @@ impl Handler<GetPeers> for StreamService {
                         rtt_ms: snap.rtt_ms,
                         last_error: snap.last_error,
                         dialed_by: self.env.net.state().dialed_by(peer).map(str::to_owned),
+                        snapshot: link.status.snapshot_job().into(),
                     }
                 })
                 .collect(),

@@ -1,11 +1,12 @@
 //! The live state of a partner link (state, since when, cursor, heartbeat round trip, last
 //! error), written by the link and read by the admin API without asking the link.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::contract::now_ms;
+use crate::sync::snapshot::{SenderJob, STATE_IDLE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LinkState {
@@ -36,6 +37,19 @@ pub(crate) struct LinkStatus {
     rtt_us: AtomicU64,
     inner: Mutex<StatusInner>,
     pong_discard_timeout: Duration,
+    /// The snapshot job towards this partner, as last persisted.
+    snapshot: Mutex<SenderJob>,
+    /// An operator asked for a snapshot (`partners resync`); the link takes it.
+    resync: AtomicBool,
+    /// Wakes the link's open session to take a resync request.
+    pub(super) wake: tokio::sync::Notify,
+}
+
+/// A second resync request while a job runs.
+#[derive(Debug, thiserror::Error)]
+#[error("a snapshot job towards this partner is already {state}")]
+pub struct SnapshotBusy {
+    pub state: &'static str,
 }
 
 struct StatusInner {
@@ -69,7 +83,43 @@ impl LinkStatus {
                 last_error: None,
             }),
             pong_discard_timeout,
+            snapshot: Mutex::new(SenderJob::default()),
+            resync: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The snapshot job as last persisted (state 0 when none).
+    pub(crate) fn snapshot_job(&self) -> SenderJob {
+        self.snapshot.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    pub(super) fn set_snapshot_job(&self, job: &SenderJob) {
+        if let Ok(mut g) = self.snapshot.lock() {
+            *g = job.clone();
+        }
+    }
+
+    /// Asks for a snapshot; refused while one is asked for or running (at most one per
+    /// partner).
+    pub(crate) fn request_resync(&self) -> Result<(), SnapshotBusy> {
+        if self.snapshot_job().state != STATE_IDLE {
+            return Err(SnapshotBusy { state: "running" });
+        }
+        if self.resync.swap(true, Ordering::AcqRel) {
+            return Err(SnapshotBusy { state: "requested" });
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Whether a resync was asked for (the flag stays until the job is done).
+    pub(super) fn resync_requested(&self) -> bool {
+        self.resync.load(Ordering::Acquire)
+    }
+
+    pub(super) fn resync_taken(&self) {
+        self.resync.store(false, Ordering::Release);
     }
 
     pub(crate) fn snapshot(&self) -> StatusSnapshot {

@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    decide_at, outbox_row, AppliedRecord, AppliedRef, ApplyOutcome, Holder, Local, OutboxRow, OwnPage,
-    PageBounds, PeerRow, RawEntry, Store, StoreError, StoreResult, StoredResource,
+    decide_at, outbox_row, AppliedRecord, AppliedRef, ApplyOutcome, CompactBounds, CompactReport, Holder,
+    Local, OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry, ResourceKey, SnapshotPage, Store, StoreError,
+    StoreResult, StoredResource,
 };
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
@@ -47,9 +48,24 @@ const INTAKE: TableDefinition<u64, u64> = TableDefinition::new("intake");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// The applied log: local apply counter -> [`AppliedRecord`] as JSON.
 const APPLIED_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("applied_log");
+/// (data_type, id) → seq of the delete entry of this node's own resource that was deleted
+/// last (absent while it lives): what compaction keeps as its tombstone.
+const OWN_GONE: TableDefinition<(&str, &str), u64> = TableDefinition::new("own_gone");
+/// The node's small bookkeeping values ([`Store::meta`]): snapshot jobs, the compaction
+/// floor (`floor:<origin>`), whether `OWN_GONE` was built (`own_gone`).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Journal entries examined per compaction commit.
+const COMPACT_BATCH: usize = 8192;
 
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    /// Written (exclusively) only by [`Store::reclaim_space`]: redb's `compact()` needs
+    /// the database alone.
+    db: Arc<std::sync::RwLock<Database>>,
+    path: std::path::PathBuf,
+}
+
+fn floor_key(origin: &str) -> String {
+    format!("floor:{origin}")
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -81,11 +97,17 @@ impl EmbeddedStore {
             txn.open_table(INTAKE).map_err(unavailable)?;
             txn.open_table(OWN_AT).map_err(unavailable)?;
             txn.open_table(PEERS).map_err(unavailable)?;
+            txn.open_table(OWN_GONE).map_err(unavailable)?;
+            txn.open_table(META).map_err(unavailable)?;
             index_known_peers(&txn)?;
             migrate_own_copies(&txn)?;
+            build_own_gone(&txn)?;
         }
         txn.commit().map_err(unavailable)?;
-        Ok(EmbeddedStore { db: Arc::new(db) })
+        Ok(EmbeddedStore {
+            db: Arc::new(std::sync::RwLock::new(db)),
+            path: path.to_path_buf(),
+        })
     }
 
     /// Up to `limit` journal values of `origin` from seq `from`, each read by `read(seq, value)`.
@@ -117,9 +139,12 @@ impl EmbeddedStore {
         F: FnOnce(&Database) -> StoreResult<T> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(unavailable)?
+        tokio::task::spawn_blocking(move || {
+            let db = db.read().map_err(|_| unavailable("store lock poisoned"))?;
+            f(&db)
+        })
+        .await
+        .map_err(unavailable)?
     }
 }
 
@@ -230,6 +255,8 @@ impl Store for EmbeddedStore {
             {
                 let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
                 let mut own = txn.open_table(OWN_AT).map_err(unavailable)?;
+                let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
+                let floor = read_floor(&txn.open_table(META).map_err(unavailable)?, &floor_key(&origin))?;
                 let mut seq = last_seq(&table, &origin)?;
                 let time_ms = now_ms();
                 for e in events {
@@ -247,8 +274,19 @@ impl Store for EmbeddedStore {
                     table
                         .insert((origin.as_str(), seq), bytes.as_slice())
                         .map_err(unavailable)?;
+                    // Below the compaction floor only the latest entry of a resource stays:
+                    // the one this entry supersedes goes in the same commit.
+                    let key = (entry.data_type.as_str(), e.resource_id.as_str());
+                    let previous = match own.get(key).map_err(unavailable)? {
+                        Some(v) => Some(v.value()),
+                        None => gone.get(key).map_err(unavailable)?.map(|v| v.value()),
+                    };
+                    if let Some(p) = previous.filter(|p| *p <= floor) {
+                        table.remove((origin.as_str(), p)).map_err(unavailable)?;
+                    }
                     // The own-resources index follows the journal in the same commit.
                     index_own(&mut own, &entry, &e.resource_id)?;
+                    index_gone(&mut gone, &entry, &e.resource_id)?;
                     out.push(entry);
                 }
             }
@@ -377,6 +415,167 @@ impl Store for EmbeddedStore {
                 })
                 .map_while(|r| r.transpose());
             OwnPage::fill(items, bounds)
+        })
+        .await
+    }
+
+    async fn journal_floor(&self, origin: &str) -> StoreResult<u64> {
+        let key = floor_key(origin);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let meta = txn.open_table(META).map_err(unavailable)?;
+            read_floor(&meta, &key)
+        })
+        .await
+    }
+
+    async fn compact_journal(&self, origin: &str, bounds: CompactBounds) -> StoreResult<CompactReport> {
+        let origin = origin.to_owned();
+        self.blocking(move |db| compact(db, &origin, bounds)).await
+    }
+
+    async fn reclaim_space(&self) -> StoreResult<u64> {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let before = len();
+            let mut db = db.write().map_err(|_| unavailable("store lock poisoned"))?;
+            // Each call moves some pages towards the start; the file shrinks at the end.
+            while db.compact().map_err(unavailable)? {}
+            Ok(before.saturating_sub(len()))
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn journal_bytes(&self) -> StoreResult<u64> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let stats = table.stats().map_err(unavailable)?;
+            Ok(stats.stored_bytes().saturating_add(stats.metadata_bytes()))
+        })
+        .await
+    }
+
+    async fn own_count(&self, _origin: &str) -> StoreResult<u64> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            txn.open_table(OWN_AT)
+                .map_err(unavailable)?
+                .len()
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn snapshot_page(
+        &self,
+        origin: &str,
+        after: Option<ResourceKey>,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> StoreResult<SnapshotPage> {
+        use std::ops::Bound;
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let own = txn.open_table(OWN_AT).map_err(unavailable)?;
+            let journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let start = match &after {
+                Some((dt, id)) => Bound::Excluded((dt.as_str(), id.as_str())),
+                None => Bound::Unbounded,
+            };
+            let mut page = SnapshotPage::default();
+            let mut bytes = 0usize;
+            for item in own
+                .range::<(&str, &str)>((start, Bound::Unbounded))
+                .map_err(unavailable)?
+            {
+                let (k, seq) = item.map_err(unavailable)?;
+                let (dt, id) = k.value();
+                let seq = seq.value();
+                let Some(value) = journal.get((origin.as_str(), seq)).map_err(unavailable)? else {
+                    return Err(corrupt(format!(
+                        "own resource points at missing journal seq {seq}"
+                    )));
+                };
+                let raw = raw_entry(seq, value.value())?;
+                bytes = bytes.saturating_add(raw.json.len());
+                page.entries.push(((dt.to_owned(), id.to_owned()), raw));
+                if page.entries.len() >= max_count.max(1) || bytes >= max_bytes {
+                    page.next = page.entries.last().map(|(k, _)| k.clone());
+                    break;
+                }
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn origin_resources(
+        &self,
+        origin: &str,
+        after: Option<ResourceKey>,
+        upto: Option<ResourceKey>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredResource>> {
+        use std::ops::Bound;
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RESOURCES).map_err(unavailable)?;
+            let start = match &after {
+                Some((dt, id)) => Bound::Excluded((dt.as_str(), id.as_str())),
+                None => Bound::Unbounded,
+            };
+            let end = match &upto {
+                Some((dt, id)) => Bound::Included((dt.as_str(), id.as_str())),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for item in table.range::<(&str, &str)>((start, end)).map_err(unavailable)? {
+                let (_, v) = item.map_err(unavailable)?;
+                let holder: Holder = serde_json::from_slice(v.value()).map_err(corrupt)?;
+                if holder.origin != origin || holder.deleted {
+                    continue;
+                }
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let meta = txn.open_table(META).map_err(unavailable)?;
+            Ok(meta
+                .get(key.as_str())
+                .map_err(unavailable)?
+                .map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn set_meta(&self, key: &str, value: Option<Vec<u8>>) -> StoreResult<()> {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut meta = txn.open_table(META).map_err(unavailable)?;
+                match value {
+                    Some(v) => meta.insert(key.as_str(), v.as_slice()).map(|_| ()),
+                    None => meta.remove(key.as_str()).map(|_| ()),
+                }
+                .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
         })
         .await
     }
@@ -1034,6 +1233,182 @@ fn index_own(
     Ok(())
 }
 
+fn read_floor(meta: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> StoreResult<u64> {
+    match meta.get(key).map_err(unavailable)? {
+        Some(v) => {
+            let bytes: [u8; 8] = v.value().try_into().map_err(corrupt)?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
+/// A journal value as a [`RawEntry`].
+fn raw_entry(seq: u64, value: &[u8]) -> StoreResult<RawEntry> {
+    match split_journal_value(value) {
+        (Some(action), json) => Ok(RawEntry {
+            seq,
+            action,
+            json: json.to_vec(),
+        }),
+        (None, json) => RawEntry::encode(&serde_json::from_slice(json).map_err(corrupt)?),
+    }
+}
+
+/// [`Store::compact_journal`]: commits of at most [`COMPACT_BATCH`] entries examined, each
+/// removing the entries a later one of the same resource supersedes and moving the floor;
+/// then the tombstones of the compacted range past their retention.
+fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<CompactReport> {
+    let key = floor_key(origin);
+    let mut report = CompactReport::default();
+    loop {
+        let txn = db.begin_write().map_err(unavailable)?;
+        let (done, floor) = {
+            let mut journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let own = txn.open_table(OWN_AT).map_err(unavailable)?;
+            let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            let floor = read_floor(&meta, &key)?;
+            // The head entry stays whatever it is: the next seq follows it.
+            let head = last_seq(&journal, origin)?;
+            let up_to = bounds.up_to.min(head.saturating_sub(1));
+            let room = bounds.max_examined.saturating_sub(report.examined as usize);
+            let batch = room.min(COMPACT_BATCH);
+            // (seq, action, data type, resource id, time) of each entry examined.
+            type Examined = (u64, Option<Action>, String, Option<String>, u64);
+            let mut examined: Vec<Examined> = Vec::new();
+            let mut done = batch == 0 || floor >= up_to;
+            if !done {
+                for item in journal
+                    .range((origin, floor.saturating_add(1))..=(origin, up_to))
+                    .map_err(unavailable)?
+                    .take(batch)
+                {
+                    let (k, v) = item.map_err(unavailable)?;
+                    let entry = decode_journal(v.value())?;
+                    if entry.time_ms > bounds.older_than_ms {
+                        done = true;
+                        break;
+                    }
+                    let id = entry.resource_id().map(str::to_owned);
+                    examined.push((
+                        k.value().1,
+                        Some(entry.action),
+                        entry.data_type,
+                        id,
+                        entry.time_ms,
+                    ));
+                }
+                if examined.len() < batch {
+                    done = true;
+                }
+            }
+            let mut new_floor = floor;
+            for (seq, action, data_type, id, time_ms) in &examined {
+                report.examined += 1;
+                new_floor = *seq;
+                let Some(id) = id else {
+                    journal.remove((origin, *seq)).map_err(unavailable)?;
+                    report.removed += 1;
+                    continue;
+                };
+                let k = (data_type.as_str(), id.as_str());
+                let latest = if *action == Some(Action::Delete) {
+                    gone.get(k).map_err(unavailable)?.map(|v| v.value())
+                } else {
+                    own.get(k).map_err(unavailable)?.map(|v| v.value())
+                };
+                if latest != Some(*seq) {
+                    journal.remove((origin, *seq)).map_err(unavailable)?;
+                    report.removed += 1;
+                } else if *action == Some(Action::Delete) && *time_ms <= bounds.tombstones_older_than_ms {
+                    journal.remove((origin, *seq)).map_err(unavailable)?;
+                    gone.remove(k).map_err(unavailable)?;
+                    report.tombstones_dropped += 1;
+                }
+            }
+            if new_floor > floor {
+                meta.insert(key.as_str(), new_floor.to_be_bytes().as_slice())
+                    .map_err(unavailable)?;
+            }
+            (done, new_floor)
+        };
+        txn.commit().map_err(unavailable)?;
+        report.floor = floor;
+        if done {
+            break;
+        }
+    }
+    report.tombstones_dropped += drop_old_tombstones(db, origin, report.floor, bounds)?;
+    Ok(report)
+}
+
+/// Drops the tombstones at or below `floor` journaled before the tombstone retention.
+fn drop_old_tombstones(db: &Database, origin: &str, floor: u64, bounds: CompactBounds) -> StoreResult<u64> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let mut dropped = 0;
+    {
+        let mut journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+        let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
+        let mut old: Vec<(String, String, u64)> = Vec::new();
+        for item in gone.iter().map_err(unavailable)? {
+            let (k, seq) = item.map_err(unavailable)?;
+            let seq = seq.value();
+            if seq > floor {
+                continue;
+            }
+            let Some(v) = journal.get((origin, seq)).map_err(unavailable)? else {
+                continue;
+            };
+            if decode_journal(v.value())?.time_ms <= bounds.tombstones_older_than_ms {
+                let (dt, id) = k.value();
+                old.push((dt.to_owned(), id.to_owned(), seq));
+            }
+        }
+        for (dt, id, seq) in old {
+            journal.remove((origin, seq)).map_err(unavailable)?;
+            gone.remove((dt.as_str(), id.as_str())).map_err(unavailable)?;
+            dropped += 1;
+        }
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok(dropped)
+}
+
+/// Points the tombstone index at a delete entry (or forgets the key, for a create or
+/// update).
+fn index_gone(
+    gone: &mut redb::Table<(&'static str, &'static str), u64>,
+    entry: &JournalEntry,
+    resource_id: &str,
+) -> StoreResult<()> {
+    let key = (entry.data_type.as_str(), resource_id);
+    if entry.action == Action::Delete {
+        gone.insert(key, entry.seq).map_err(unavailable)?;
+    } else {
+        gone.remove(key).map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Stores of earlier versions have no `OWN_GONE`: build it from the journal once.
+fn build_own_gone(txn: &redb::WriteTransaction) -> StoreResult<()> {
+    let mut meta = txn.open_table(META).map_err(unavailable)?;
+    if meta.get("own_gone").map_err(unavailable)?.is_some() {
+        return Ok(());
+    }
+    let journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+    let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
+    for item in journal.iter().map_err(unavailable)? {
+        let (_, v) = item.map_err(unavailable)?;
+        let entry = decode_journal(v.value())?;
+        let Some(id) = entry.resource_id() else { continue };
+        index_gone(&mut gone, &entry, id)?;
+    }
+    meta.insert("own_gone", [1u8].as_slice()).map_err(unavailable)?;
+    Ok(())
+}
+
 /// Stores written before the own-resources index became a pointer kept full copies in
 /// `OWN_COPIES`: rebuild `OWN_AT` from the journal (which holds only this node's events),
 /// then drop the copies.
@@ -1124,7 +1499,7 @@ mod tests {
         };
         let full = |id: u64| StoredRow::Full(row(id));
         // An earlier version's single row (JSON) under its own id, then two groups.
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.db.read().unwrap().begin_write().unwrap();
         {
             let mut t = txn.open_table(OUTBOX).unwrap();
             t.insert(1, serde_json::to_vec(&row(1)).unwrap().as_slice())
@@ -1174,7 +1549,7 @@ mod tests {
         }
         assert_eq!(store.outbox(100).await.unwrap(), rows, "rebuilt byte for byte");
         let stored = {
-            let txn = store.db.begin_read().unwrap();
+            let txn = store.db.read().unwrap().begin_read().unwrap();
             let table = txn.open_table(OUTBOX).unwrap();
             let (k, v) = table.last().unwrap().unwrap();
             decode_group(k.value(), v.value()).unwrap()
@@ -1195,7 +1570,7 @@ mod tests {
             .outbox_remove(rows.iter().map(|r| r.id).collect())
             .await
             .unwrap();
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.db.read().unwrap().begin_write().unwrap();
         {
             let mut t = txn.open_table(OUTBOX).unwrap();
             let stale = StoredRow::Ref {

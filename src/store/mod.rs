@@ -6,6 +6,7 @@
 
 pub mod embedded;
 pub mod mongo;
+pub mod retention;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,44 @@ pub enum ApplyOutcome {
     Rejected {
         reason: String,
     },
+}
+
+/// A resource's key: `(data_type, id)`; snapshots and their sweeps go in this order.
+pub type ResourceKey = (String, String);
+
+/// What one compaction run may remove ([`Store::compact_journal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactBounds {
+    /// Only entries with `seq <= up_to` are compacted: what every partner still waited for
+    /// acknowledged.
+    pub up_to: u64,
+    /// Only entries journaled at or before this time (ms since the epoch) are compacted.
+    pub older_than_ms: u64,
+    /// Tombstones of the compacted range journaled at or before this time are dropped.
+    pub tombstones_older_than_ms: u64,
+    /// Most entries examined in this run (the rest waits for the next run).
+    pub max_examined: usize,
+}
+
+/// What one compaction run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    pub examined: u64,
+    /// Entries removed: superseded by a later entry of their resource.
+    pub removed: u64,
+    /// Tombstones dropped after `--tombstone-retention`.
+    pub tombstones_dropped: u64,
+    /// Every entry `<= floor` has been compacted ([`Store::journal_floor`]).
+    pub floor: u64,
+}
+
+/// One page of [`Store::snapshot_page`]: the latest journal entry of each live own
+/// resource, in key order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotPage {
+    pub entries: Vec<(ResourceKey, RawEntry)>,
+    /// The key to read after for the next page; `None`: this page was the last.
+    pub next: Option<ResourceKey>,
 }
 
 #[async_trait]
@@ -283,6 +322,83 @@ pub trait Store: Send + Sync + 'static {
         after: Option<String>,
         bounds: PageBounds,
     ) -> StoreResult<OwnPage>;
+
+    /// The compaction floor of `origin`'s journal: entries `<= floor` were compacted (per
+    /// resource only its latest entry, or its tombstone until `--tombstone-retention`), so
+    /// a partner whose cursor is below it needs a snapshot. 0 when never compacted.
+    ///
+    /// Both backends implement the retention methods; their defaults are a store that
+    /// never compacts and keeps no bookkeeping values (for wrappers in tests).
+    async fn journal_floor(&self, origin: &str) -> StoreResult<u64> {
+        let _ = origin;
+        Ok(0)
+    }
+
+    /// Compacts `origin`'s journal from the floor on, within `bounds`: removes each entry a
+    /// later entry of the same resource supersedes, and the tombstones older than
+    /// `bounds.tombstones_older_than_ms`; moves the floor. Several commits of bounded size;
+    /// an interrupted run leaves a valid journal (only superseded entries go).
+    async fn compact_journal(&self, origin: &str, bounds: CompactBounds) -> StoreResult<CompactReport> {
+        let _ = (origin, bounds);
+        Ok(CompactReport::default())
+    }
+
+    /// Gives the space freed by compaction back to the file system where the backend can
+    /// (redb: `compact()`; MongoDB: the `compact` command on the journal). Returns the
+    /// bytes given back (redb: the file's shrink; MongoDB: the command's `bytesFreed`).
+    async fn reclaim_space(&self) -> StoreResult<u64> {
+        Ok(0)
+    }
+
+    /// Bytes the journal takes on disk (for `--journal-max-bytes` and the metrics).
+    async fn journal_bytes(&self) -> StoreResult<u64> {
+        Ok(0)
+    }
+
+    /// How many own live resources a snapshot holds now (its `total`).
+    async fn own_count(&self, origin: &str) -> StoreResult<u64> {
+        let _ = origin;
+        Ok(0)
+    }
+
+    /// Up to `max_count` own live resources after `after` (all data types, key order),
+    /// each as its latest journal entry, none added once `max_bytes` are held (at least
+    /// one when one remains).
+    async fn snapshot_page(
+        &self,
+        origin: &str,
+        after: Option<ResourceKey>,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> StoreResult<SnapshotPage> {
+        let _ = (origin, after, max_count, max_bytes);
+        Ok(SnapshotPage::default())
+    }
+
+    /// Resources stored for `origin` (a partner) with `after < key <= upto` (`upto`
+    /// `None`: to the end), live ones only, at most `limit`, in key order: what a snapshot
+    /// receiver compares with the part it applied.
+    async fn origin_resources(
+        &self,
+        origin: &str,
+        after: Option<ResourceKey>,
+        upto: Option<ResourceKey>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredResource>> {
+        let _ = (origin, after, upto, limit);
+        Ok(Vec::new())
+    }
+
+    /// A small persisted value of the node's own bookkeeping (snapshot jobs), by key.
+    async fn meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let _ = key;
+        Ok(None)
+    }
+    /// Writes (or with `None` removes) a [`Store::meta`] value, durably.
+    async fn set_meta(&self, key: &str, value: Option<Vec<u8>>) -> StoreResult<()> {
+        let _ = (key, value);
+        Ok(())
+    }
 
     /// Peers this node met, with their relation.
     async fn peers(&self) -> StoreResult<Vec<PeerRow>>;
@@ -483,8 +599,24 @@ pub(crate) fn outbox_row(entry: &JournalEntry, outbox_id: u64) -> OutboxRow {
     OutboxRow {
         id: outbox_id,
         subject: ResourceNotice::subject(entry.action).to_owned(),
-        msg_id: entry.msg_id(),
+        msg_id: notice_msg_id(entry),
         payload: ResourceNotice::body_of(entry),
+    }
+}
+
+/// The `user` of the removals a snapshot receiver makes for resources absent from the
+/// snapshot (deleted in the origin's compacted journal): several share the seq of the
+/// snapshot's position, so their `Nats-Msg-Id` also names the resource.
+pub const SNAPSHOT_REMOVAL_USER: &str = "oc-discovery:snapshot";
+
+/// `Nats-Msg-Id` of an applied entry: `<origin>:<seq>`, and for a snapshot removal
+/// `<origin>:<seq>:<data_type>/<id>`.
+fn notice_msg_id(entry: &JournalEntry) -> String {
+    match entry.resource_id() {
+        Some(id) if entry.action == Action::Delete && entry.user == SNAPSHOT_REMOVAL_USER => {
+            format!("{}:{}/{id}", entry.msg_id(), entry.data_type)
+        }
+        _ => entry.msg_id(),
     }
 }
 

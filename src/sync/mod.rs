@@ -33,6 +33,7 @@ use crate::p2p::{self};
 pub mod plan;
 pub mod pull;
 pub mod serve;
+pub mod snapshot;
 
 pub const PROTOCOL_SYNC: StreamProtocol = StreamProtocol::new("/opencloud/journal/sync/1.0");
 

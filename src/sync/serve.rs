@@ -136,22 +136,36 @@ impl Answer {
 ///
 /// # Errors
 /// The stream failed or the request was not a sync request.
+/// Reads the first frame of a sync stream (a `sync_request`, or a `snapshot_begin` when
+/// the peer is an origin starting a snapshot job), within `--sync-timeout`.
+///
+/// # Errors
+/// Nothing readable came in time.
+pub(crate) async fn first_frame(
+    stream: &mut Stream,
+    tuning: &Tuning,
+) -> Result<Option<SyncFrame>, SyncError> {
+    let (max_frame, timeout) = (tuning.max_frame_bytes, tuning.sync_timeout);
+    let read = tokio::time::timeout(timeout, wire::read_frame::<SyncFrame, _>(stream, max_frame))
+        .await
+        .map_err(|_| invalid("no request in time"))?;
+    match read {
+        Err(FrameError::Unexpected { .. }) => Err(invalid("expected a sync_request")),
+        read => Ok(read?),
+    }
+}
+
+/// Serves the request `request` (the stream's first frame) from `peer`, then closes.
 pub(crate) async fn serve(
     store: &dyn Store,
     own_id: &str,
     peer: PeerId,
     mut stream: Stream,
+    request: Option<SyncFrame>,
     tuning: &Tuning,
     metrics: &Metrics,
 ) -> Result<(), SyncError> {
     let (max_frame, timeout) = (tuning.max_frame_bytes, tuning.sync_timeout);
-    let read = tokio::time::timeout(timeout, wire::read_frame::<SyncFrame, _>(&mut stream, max_frame))
-        .await
-        .map_err(|_| invalid("no request in time"))?;
-    let request = match read {
-        Err(FrameError::Unexpected { .. }) => return Err(invalid("expected a sync_request")),
-        read => read?,
-    };
     let Some(SyncFrame::SyncRequest {
         origin,
         since,
@@ -169,6 +183,21 @@ pub(crate) async fn serve(
             &mut stream,
             peer,
             ErrorCode::ForgedOrigin,
+            message,
+            metrics,
+            timeout,
+        )
+        .await;
+        return Ok(());
+    }
+    let floor = store.journal_floor(own_id).await?;
+    if since < floor {
+        // The range is compacted: the puller gets a snapshot from this node's link instead.
+        let message = format!("journal compacted up to {floor}: entries after {since} come by snapshot");
+        refuse(
+            &mut stream,
+            peer,
+            ErrorCode::InvalidField,
             message,
             metrics,
             timeout,

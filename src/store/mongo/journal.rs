@@ -8,7 +8,7 @@ use mongodb::ClientSession;
 
 use super::bson::{to_i64, to_u64, JournalDoc};
 use super::error::Failure;
-use super::names::{INTAKE, JOURNAL, OWN};
+use super::names::{GONE, INTAKE, JOURNAL, META, OWN};
 use super::MongoStore;
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent};
 
@@ -76,19 +76,72 @@ impl MongoStore {
             .keys()
             .map(|(dt, id)| Bson::Document(doc! {"data_type": *dt, "id": *id}))
             .collect();
-        let live: Vec<Document> = last
-            .iter()
-            .filter(|(_, e)| e.action != Action::Delete)
-            .map(|((dt, id), e)| {
-                doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json()}
-            })
-            .collect();
+        let mut live: Vec<Document> = Vec::new();
+        let mut gone: Vec<Document> = Vec::new();
+        for ((dt, id), e) in &last {
+            let seq = to_i64(e.seq, "seq")?;
+            if e.action == Action::Delete {
+                gone.push(doc! {"_id": {"data_type": *dt, "id": *id}, "seq": seq});
+            } else {
+                live.push(
+                    doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json(), "seq": seq},
+                );
+            }
+        }
+        // Below the compaction floor only the latest entry of a resource stays: the ones
+        // these entries supersede go in the same transaction.
+        let origin = entries.first().map_or("", |e| e.origin.as_str());
+        let floor = self
+            .coll::<Document>(META)
+            .find_one(doc! {"_id": format!("floor:{origin}")})
+            .session(&mut *s)
+            .await?
+            .and_then(|d| d.get_binary_generic("value").ok().cloned())
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        if floor > 0 {
+            let mut superseded: Vec<String> = Vec::new();
+            for coll in [OWN, GONE] {
+                let mut cursor = self
+                    .coll::<Document>(coll)
+                    .find(doc! {"_id": {"$in": keys.clone()}})
+                    .projection(doc! {"seq": 1})
+                    .session(&mut *s)
+                    .await?;
+                while let Some(d) = cursor.next(&mut *s).await.transpose()? {
+                    let seq = match d.get("seq") {
+                        Some(Bson::Int64(n)) => u64::try_from(*n).ok(),
+                        Some(Bson::Int32(n)) => u64::try_from(*n).ok(),
+                        _ => None,
+                    };
+                    if let (Some(seq), Some(e)) = (seq, entries.first()) {
+                        if seq <= floor {
+                            superseded.push(format!("{}:{seq}", e.origin));
+                        }
+                    }
+                }
+            }
+            if !superseded.is_empty() {
+                self.coll::<Document>(JOURNAL)
+                    .delete_many(doc! {"_id": {"$in": superseded}})
+                    .session(&mut *s)
+                    .await?;
+            }
+        }
         let own = self.coll::<Document>(OWN);
-        own.delete_many(doc! {"_id": {"$in": keys}})
+        own.delete_many(doc! {"_id": {"$in": keys.clone()}})
             .session(&mut *s)
             .await?;
         if !live.is_empty() {
             own.insert_many(live).session(&mut *s).await?;
+        }
+        let tombstones = self.coll::<Document>(GONE);
+        tombstones
+            .delete_many(doc! {"_id": {"$in": keys}})
+            .session(&mut *s)
+            .await?;
+        if !gone.is_empty() {
+            tombstones.insert_many(gone).session(&mut *s).await?;
         }
         Ok(())
     }

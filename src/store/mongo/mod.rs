@@ -28,6 +28,7 @@ mod journal;
 mod names;
 mod peers;
 mod plan;
+mod retention;
 mod schema;
 mod txn;
 
@@ -57,8 +58,8 @@ use self::names::{
 };
 use self::txn::durable;
 use super::{
-    AppliedRecord, ApplyOutcome, OutboxRow, OwnPage, PageBounds, PeerRow, Relation, Store, StoreError,
-    StoreResult, StoredResource,
+    AppliedRecord, ApplyOutcome, CompactBounds, CompactReport, OutboxRow, OwnPage, PageBounds, PeerRow,
+    Relation, ResourceKey, SnapshotPage, Store, StoreError, StoreResult, StoredResource,
 };
 use crate::contract::{JournalEntry, NewEvent};
 
@@ -333,6 +334,54 @@ impl Store for MongoStore {
             Some(d) => to_u64(d.seq, "seq").map_err(|e| self.failed(e)),
             None => Ok(0),
         }
+    }
+
+    async fn journal_floor(&self, origin: &str) -> StoreResult<u64> {
+        self.floor(origin).await
+    }
+
+    async fn compact_journal(&self, origin: &str, bounds: CompactBounds) -> StoreResult<CompactReport> {
+        self.compact(origin, bounds).await
+    }
+
+    async fn reclaim_space(&self) -> StoreResult<u64> {
+        self.reclaim().await
+    }
+
+    async fn journal_bytes(&self) -> StoreResult<u64> {
+        self.journal_storage().await
+    }
+
+    async fn own_count(&self, _origin: &str) -> StoreResult<u64> {
+        self.count_own().await
+    }
+
+    async fn snapshot_page(
+        &self,
+        origin: &str,
+        after: Option<ResourceKey>,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> StoreResult<SnapshotPage> {
+        self.snapshot(origin, after, max_count, max_bytes).await
+    }
+
+    async fn origin_resources(
+        &self,
+        origin: &str,
+        after: Option<ResourceKey>,
+        upto: Option<ResourceKey>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredResource>> {
+        self.of_origin(origin, after, upto, limit).await
+    }
+
+    async fn meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.meta_get(key).await
+    }
+
+    async fn set_meta(&self, key: &str, value: Option<Vec<u8>>) -> StoreResult<()> {
+        self.meta_set(key, value).await
     }
 
     async fn cursor(&self, peer: &str) -> StoreResult<u64> {

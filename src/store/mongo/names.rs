@@ -17,6 +17,10 @@ pub(super) const COUNTERS: &str = "oc_counters";
 pub(super) const PEERS: &str = "oc_peers";
 pub(super) const INTAKE: &str = "oc_intake";
 pub(super) const OWN: &str = "oc_own";
+/// This node's deleted own resources: key → seq of the delete entry (compaction keeps it).
+pub(super) const GONE: &str = "oc_gone";
+/// Small bookkeeping values: snapshot jobs, the compaction floor.
+pub(super) const META: &str = "oc_meta";
 /// No data type may map to a collection with this prefix.
 pub(super) const RESERVED_PREFIX: &str = "oc_";
 /// `oc_counters` document holding the last outbox id handed out.

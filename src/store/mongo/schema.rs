@@ -8,7 +8,9 @@ use mongodb::options::IndexOptions;
 use mongodb::IndexModel;
 
 use super::error::{server_code, Failure, INVALID_NAMESPACE, NAMESPACE_EXISTS};
-use super::names::{APPLIED, APPLIED_LOG, COUNTERS, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS};
+use super::names::{
+    APPLIED, APPLIED_LOG, COUNTERS, CURSORS, GONE, INTAKE, JOURNAL, META, OUTBOX, OWN, PEERS, VERSIONS,
+};
 use super::MongoStore;
 use crate::store::StoreResult;
 
@@ -42,6 +44,8 @@ impl MongoStore {
             PEERS,
             INTAKE,
             OWN,
+            GONE,
+            META,
         ] {
             self.create_collection(name).await?;
         }
@@ -49,6 +53,14 @@ impl MongoStore {
             (JOURNAL, doc! {"origin": 1, "seq": 1}, "origin_seq", true),
             (VERSIONS, doc! {"_id.coll": 1, "_id.id": 1}, "coll_id", false),
             (OWN, doc! {"_id.data_type": 1, "_id.id": 1}, "data_type_id", false),
+            (GONE, doc! {"seq": 1}, "seq", false),
+            // A snapshot receiver's sweep: one origin's resources in key order.
+            (
+                VERSIONS,
+                doc! {"origin": 1, "data_type": 1, "_id.id": 1},
+                "origin_key",
+                false,
+            ),
             (OUTBOX, doc! {"msg_id": 1}, "msg_id", false),
             // `trim_known_peers`: count the known rows, find the least recently seen.
             (
