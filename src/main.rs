@@ -16,6 +16,10 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // One process-wide rustls provider (ring), so no TLS client built by a library (NATS,
+    // the admin client, the feed's WebSocket) has to guess one if another crate ever
+    // compiles a second provider in. Nothing else has installed one yet.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match config::parse() {
         Ok(c) => c,
         Err(e) => {

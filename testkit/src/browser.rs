@@ -70,12 +70,11 @@ impl Browser {
                 ],
             },
         }))?;
-        // The WebDriver client's TLS stack needs a process-wide provider when more than one is
-        // compiled in; an earlier install (another browser) is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let started = std::time::Instant::now();
         let client = loop {
-            let attempt = fantoccini::ClientBuilder::rustls()?
+            // chromedriver is on loopback: plain HTTP.
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            let attempt = fantoccini::ClientBuilder::new(connector)
                 .capabilities(caps.clone())
                 .connect(&url)
                 .await;
