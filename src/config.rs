@@ -17,6 +17,8 @@ pub(crate) const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub(crate) const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4001";
 pub(crate) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8650";
 pub(crate) const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Default of `--applied-log-max-rows`: about 1 GiB of applied log at 1 KiB per entry.
+pub(crate) const DEFAULT_APPLIED_LOG_MAX_ROWS: u64 = 1_000_000;
 pub(crate) const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Default of `--max-partner-buffer-bytes`: 64 MiB per partner.
 pub(crate) const DEFAULT_MAX_PARTNER_BUFFER_BYTES: usize = 64 * 1024 * 1024;
@@ -459,6 +461,15 @@ pub struct RunArgs {
     /// Period of the journal compaction (also the first run after start-up).
     #[arg(long, env = "OC_DISCOVERY_COMPACT_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub compact_interval: Duration,
+    /// Rows of the applied log (`/api/applied`, the applied feed) applied longer ago than
+    /// this are removed at each compaction run.
+    #[arg(long, env = "OC_DISCOVERY_APPLIED_LOG_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub applied_log_retention: Duration,
+    /// The applied log keeps at most this many rows (the newest), whatever their age (at
+    /// least 1).
+    #[arg(long, env = "OC_DISCOVERY_APPLIED_LOG_MAX_ROWS", default_value_t = DEFAULT_APPLIED_LOG_MAX_ROWS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub applied_log_max_rows: u64,
     /// Most bytes of one journal sync round (entries as JSON lines), on both sides: the
     /// owner cuts a round there, the puller refuses an answer announcing more. At least
     /// --max-event-bytes + 64 KiB, so one entry always fits.
@@ -867,6 +878,9 @@ pub struct Tuning {
     pub tombstone_retention: Duration,
     pub partner_max_lag: Duration,
     pub compact_interval: Duration,
+    /// Applied log retention: see [`crate::store::retention::trim_applied_log`].
+    pub applied_log_retention: Duration,
+    pub applied_log_max_rows: u64,
 }
 
 impl Default for Tuning {
@@ -902,6 +916,8 @@ impl Default for Tuning {
             tombstone_retention: Duration::from_secs(90 * 86_400),
             partner_max_lag: Duration::from_secs(30 * 86_400),
             compact_interval: Duration::from_secs(600),
+            applied_log_retention: Duration::from_secs(30 * 86_400),
+            applied_log_max_rows: DEFAULT_APPLIED_LOG_MAX_ROWS,
         }
     }
 }
@@ -945,6 +961,7 @@ impl TryFrom<RunArgs> for NodeConfig {
             ("--tombstone-retention", run.tombstone_retention),
             ("--partner-max-lag", run.partner_max_lag),
             ("--compact-interval", run.compact_interval),
+            ("--applied-log-retention", run.applied_log_retention),
         ] {
             if d < MIN_PERIOD {
                 return Err(ConfigError::TooShort(flag));
@@ -1017,6 +1034,8 @@ impl TryFrom<RunArgs> for NodeConfig {
             tombstone_retention: run.tombstone_retention,
             partner_max_lag: run.partner_max_lag,
             compact_interval: run.compact_interval,
+            applied_log_retention: run.applied_log_retention,
+            applied_log_max_rows: run.applied_log_max_rows,
             ..Tuning::default()
         };
         let admin_tls = match (run.admin_tls_cert, run.admin_tls_key) {

@@ -117,6 +117,8 @@ pub struct Metrics {
     pub feed_clients: Gauge,
     /// Journal entries removed by compaction (superseded entries and old tombstones).
     pub journal_compacted: Count,
+    /// Applied-log rows removed by retention (`--applied-log-retention`, `--applied-log-max-rows`).
+    pub applied_log_trimmed: Count,
     /// The compaction floor of the own journal.
     pub journal_floor: Gauge,
     /// Bytes the journal takes in the store.
@@ -250,6 +252,7 @@ impl Default for Metrics {
             feed_lagged: Count::default(),
             feed_clients: Gauge::default(),
             journal_compacted: Count::default(),
+            applied_log_trimmed: Count::default(),
             journal_floor: Gauge::default(),
             journal_bytes: Gauge::default(),
             snapshot_parts_sent: Count::default(),
@@ -274,11 +277,16 @@ impl Metrics {
     /// Puts every metric in the registry (each is a shared handle: the clone is the same).
     fn registered(mut self) -> Self {
         let mut r = Registry::default();
-        let counters: [(&str, &str, &Count); 17] = [
+        let counters: [(&str, &str, &Count); 18] = [
             (
                 "oc_journal_compacted",
                 "Journal entries removed by compaction",
                 &self.journal_compacted,
+            ),
+            (
+                "oc_applied_log_trimmed",
+                "Applied log rows removed by retention",
+                &self.applied_log_trimmed,
             ),
             (
                 "oc_snapshot_parts_sent",

@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use oc_discovery::contract::{Action, JournalEntry, NewEvent};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::mongo::{MongoSettings, MongoStore};
-use oc_discovery::store::{ApplyOutcome, Owner, PeerRow, Relation, Store, StoreError, StoredResource};
+use oc_discovery::store::{
+    AppliedRecord, ApplyOutcome, Owner, PeerRow, Relation, Store, StoreError, StoredResource,
+};
 use oc_testkit::{init_tracing, MongoServer};
 use serde_json::{json, Value};
 
@@ -753,6 +755,50 @@ async fn restart_durability(b: &mut dyn Backend) {
     assert_eq!(next[0].seq, 3);
 }
 
+/// Retention trims the applied log from its old end only: by count, then by age.
+async fn applied_log_trim(b: &mut dyn Backend) {
+    let store = b.fresh("applied_log_trim").await;
+    assert_eq!(
+        store.trim_applied_log(u64::MAX, 1, 100).await.unwrap(),
+        0,
+        "empty log"
+    );
+    let batch: Vec<JournalEntry> = (1..=6)
+        .map(|seq| entry(A, seq, Action::Create, &format!("t{seq}"), json!({})))
+        .collect();
+    store.apply_batch(A, 6, batch).await.unwrap();
+    let keys = |log: Vec<AppliedRecord>| log.iter().map(|r| r.entry.seq).collect::<Vec<u64>>();
+    // Young rows, more than the count keeps: the oldest go, two at most per call.
+    assert_eq!(store.trim_applied_log(0, 3, 2).await.unwrap(), 2);
+    assert_eq!(store.trim_applied_log(0, 3, 100).await.unwrap(), 1);
+    assert_eq!(
+        keys(store.applied_log(u64::MAX, 10).await.unwrap()),
+        vec![6, 5, 4]
+    );
+    assert_eq!(
+        store.trim_applied_log(0, 3, 100).await.unwrap(),
+        0,
+        "nothing older, count kept"
+    );
+    // Older than the cut-off: all go but the newest, which holds the key counter.
+    let newest = store.applied_log(u64::MAX, 1).await.unwrap()[0].key;
+    assert_eq!(store.trim_applied_log(u64::MAX, 1000, 100).await.unwrap(), 2);
+    assert_eq!(keys(store.applied_log(u64::MAX, 10).await.unwrap()), vec![6]);
+    assert_eq!(
+        store.trim_applied_log(u64::MAX, 1, 100).await.unwrap(),
+        0,
+        "the newest stays"
+    );
+    // Keys keep growing after a trim.
+    store
+        .apply_batch(A, 7, vec![entry(A, 7, Action::Create, "t7", json!({}))])
+        .await
+        .unwrap();
+    let log = store.applied_log(u64::MAX, 10).await.unwrap();
+    assert_eq!(keys(log.clone()), vec![7, 6]);
+    assert!(log[0].key > newest, "a key is never reused");
+}
+
 macro_rules! run_cases {
     ($backend:expr, $($case:ident),+ $(,)?) => {
         $(
@@ -780,6 +826,7 @@ async fn embedded_backend() {
         cursors_and_applied_marks,
         idempotent_apply,
         applied_log,
+        applied_log_trim,
         conflict_with_another_origin,
         own_resources_are_no_partners,
         tombstones,
@@ -808,6 +855,7 @@ async fn mongodb_backend() {
         cursors_and_applied_marks,
         idempotent_apply,
         applied_log,
+        applied_log_trim,
         conflict_with_another_origin,
         own_resources_are_no_partners,
         tombstones,

@@ -814,6 +814,53 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn trim_applied_log(
+        &self,
+        older_than_ms: u64,
+        keep_rows: u64,
+        max_remove: usize,
+    ) -> StoreResult<u64> {
+        self.blocking(move |db| {
+            let mut txn = db.begin_write().map_err(unavailable)?;
+            let mut removed = 0u64;
+            {
+                let mut log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+                let Some(last) = log.last().map_err(unavailable)?.map(|(k, _)| k.value()) else {
+                    return Ok(0);
+                };
+                while removed < max_remove as u64 {
+                    let Some((key, trims)) = ({
+                        match log.first().map_err(unavailable)? {
+                            Some((k, v)) => {
+                                let key = k.value();
+                                let rows = last.saturating_sub(key).saturating_add(1);
+                                let trims = super::trims_applied_row(rows, keep_rows, older_than_ms, || {
+                                    super::applied_ms_of(v.value()).map_err(corrupt)
+                                })?;
+                                Some((key, trims))
+                            }
+                            None => None,
+                        }
+                    }) else {
+                        break;
+                    };
+                    if !trims {
+                        break;
+                    }
+                    log.remove(key).map_err(unavailable)?;
+                    removed += 1;
+                }
+            }
+            if removed > 0 {
+                // A trim lost in a crash is done again by the next run: no fsync needed.
+                txn.set_durability(Durability::None).map_err(unavailable)?;
+                txn.commit().map_err(unavailable)?;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn applied_log(&self, before: u64, limit: usize) -> StoreResult<Vec<AppliedRecord>> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;

@@ -38,6 +38,31 @@ pub struct AppliedRecord {
     pub entry: JournalEntry,
 }
 
+/// Whether the oldest remaining applied-log row goes ([`Store::trim_applied_log`]): `rows`
+/// are left from it to the newest (itself included), `applied_ms` tells its age (read only
+/// when the count alone does not decide). The newest row always stays: the next key
+/// follows it, so keys are never reused (a page cursor keeps its meaning).
+pub(crate) fn trims_applied_row(
+    rows: u64,
+    keep_rows: u64,
+    older_than_ms: u64,
+    applied_ms: impl FnOnce() -> StoreResult<u64>,
+) -> StoreResult<bool> {
+    if rows <= 1 {
+        return Ok(false);
+    }
+    Ok(rows > keep_rows || applied_ms()? <= older_than_ms)
+}
+
+/// The apply time of an applied-log row's JSON, without decoding its entry.
+pub(crate) fn applied_ms_of(json: &[u8]) -> Result<u64, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Stamp {
+        applied_ms: u64,
+    }
+    serde_json::from_slice::<Stamp>(json).map(|s| s.applied_ms)
+}
+
 /// [`AppliedRecord`] as written, borrowing the applied entry.
 #[derive(Serialize)]
 pub(crate) struct AppliedRef<'a> {
@@ -352,6 +377,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Bytes the journal takes on disk (for `--journal-max-bytes` and the metrics).
     async fn journal_bytes(&self) -> StoreResult<u64> {
+        Ok(0)
+    }
+
+    /// Trims the applied log ([`Store::applied_log`]) from its oldest end: removes the rows
+    /// beyond the newest `keep_rows`, and the rows applied at or before `older_than_ms`,
+    /// at most `max_remove` in one call. Rows are only ever removed from the old end, so
+    /// the keys that remain stay contiguous, and the newest row always stays, so keys are
+    /// never reused. Returns how many were removed.
+    async fn trim_applied_log(
+        &self,
+        older_than_ms: u64,
+        keep_rows: u64,
+        max_remove: usize,
+    ) -> StoreResult<u64> {
+        let _ = (older_than_ms, keep_rows, max_remove);
         Ok(0)
     }
 

@@ -121,8 +121,38 @@ pub async fn run_once(
     Ok(report)
 }
 
+/// Most applied-log rows removed in one store call; a run calls again until done, up to
+/// [`MAX_APPLIED_TRIM_PER_RUN`].
+pub const APPLIED_TRIM_BATCH: usize = 10_000;
+/// Most applied-log rows removed per run; the rest waits for the next run.
+pub const MAX_APPLIED_TRIM_PER_RUN: u64 = 1_000_000;
+
+/// Trims the applied log to `--applied-log-retention` and `--applied-log-max-rows`, in
+/// batches of [`APPLIED_TRIM_BATCH`] rows. Returns the rows removed.
+///
+/// # Errors
+/// The store failed (what was removed before stays removed).
+pub async fn trim_applied_log(store: &dyn Store, t: &Tuning) -> StoreResult<u64> {
+    let ms = u64::try_from(t.applied_log_retention.as_millis()).unwrap_or(u64::MAX);
+    let older_than_ms = now_ms().saturating_sub(ms);
+    let mut removed = 0u64;
+    while removed < MAX_APPLIED_TRIM_PER_RUN {
+        let n = store
+            .trim_applied_log(older_than_ms, t.applied_log_max_rows, APPLIED_TRIM_BATCH)
+            .await?;
+        removed = removed.saturating_add(n);
+        if n < APPLIED_TRIM_BATCH as u64 {
+            break;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "applied log trimmed");
+    }
+    Ok(removed)
+}
+
 /// Runs compaction every `--compact-interval` until shutdown (the first run one interval
-/// after start-up).
+/// after start-up), and trims the applied log in the same runs.
 pub async fn run(
     store: Arc<dyn Store>,
     origin: String,
@@ -152,6 +182,10 @@ pub async fn run(
                     .set(i64::try_from(report.floor).unwrap_or(i64::MAX));
             }
             Err(e) => tracing::warn!(cause = %e, "journal compaction failed; retried at the next interval"),
+        }
+        match trim_applied_log(store.as_ref(), &t).await {
+            Ok(n) => crate::metrics::Metrics::add(&metrics.applied_log_trimmed, n),
+            Err(e) => tracing::warn!(cause = %e, "applied log trim failed; retried at the next interval"),
         }
         if let Ok(bytes) = store.journal_bytes().await {
             metrics

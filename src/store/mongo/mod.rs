@@ -425,6 +425,54 @@ impl Store for MongoStore {
         self.apply_entries(origin, up_to, &entries).await
     }
 
+    async fn trim_applied_log(
+        &self,
+        older_than_ms: u64,
+        keep_rows: u64,
+        max_remove: usize,
+    ) -> StoreResult<u64> {
+        self.ready().await?;
+        let log = self.coll::<AppliedLogDoc>(APPLIED_LOG);
+        let newest = log
+            .find_one(doc! {})
+            .sort(doc! {"_id": -1})
+            .await
+            .map_err(|e| self.failed(e))?;
+        let Some(last) = newest.map(|d| d.key) else {
+            return Ok(0);
+        };
+        // The oldest rows, up to the most one call removes: the first one kept ends the cut.
+        let oldest: Vec<AppliedLogDoc> = self
+            .collect(
+                log.find(doc! {})
+                    .sort(doc! {"_id": 1})
+                    .limit(i64::try_from(max_remove).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        let mut cut = None;
+        for d in &oldest {
+            let rows = u64::try_from(last.saturating_sub(d.key))
+                .unwrap_or(0)
+                .saturating_add(1);
+            let trims = super::trims_applied_row(rows, keep_rows, older_than_ms, || {
+                super::applied_ms_of(d.json.as_bytes())
+                    .map_err(|e| self.failed(Failure::Corrupt(format!("applied log row {}: {e}", d.key))))
+            })?;
+            if !trims {
+                break;
+            }
+            cut = Some(d.key);
+        }
+        let Some(cut) = cut else {
+            return Ok(0);
+        };
+        let done = log
+            .delete_many(doc! {"_id": {"$lte": cut}})
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(done.deleted_count)
+    }
+
     async fn applied_log(&self, before: u64, limit: usize) -> StoreResult<Vec<AppliedRecord>> {
         self.ready().await?;
         let before = i64::try_from(before).unwrap_or(i64::MAX);
