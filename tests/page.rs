@@ -40,6 +40,16 @@ async fn text_of(b: &Browser, css: &str) -> String {
     v.as_str().unwrap_or_default().to_owned()
 }
 
+async fn click(b: &Browser, at: Locator<'_>) {
+    b.client
+        .find(at)
+        .await
+        .expect("element")
+        .click()
+        .await
+        .expect("click");
+}
+
 async fn wait_for(b: &Browser, what: &str, check: impl AsyncFn(&Browser) -> bool) {
     eventually(what, async || check(b).await).await;
 }
@@ -90,14 +100,7 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
     })
     .await;
     input.send_keys(TOKEN).await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#login-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::Css("#login-form button[type=submit]")).await;
     let kept = browser
         .js(
             "return sessionStorage.getItem('oc-discovery.admin-token');",
@@ -153,14 +156,7 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
     );
 
     // Resume: the newest portion again (121 on top), then live rows again.
-    browser
-        .client
-        .find(Locator::Id("resume"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::Id("resume")).await;
     wait_for(&browser, "the newest portion after resume", async |b| {
         keys(b).await == (72..=121).rev().collect::<Vec<_>>()
     })
@@ -176,14 +172,7 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
     // A filter by data type.
     let filter = browser.client.find(Locator::Id("filter-type")).await.unwrap();
     filter.send_keys("STORAGE_RESOURCE").await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::Css("#filters button[type=submit]")).await;
     wait_for(&browser, "the filtered page", async |b| {
         keys(b).await == (1..=12).rev().map(|i| i * 10).collect::<Vec<_>>()
     })
@@ -201,14 +190,7 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
     );
     assert_eq!(text_of(&browser, "#end").await, "oldest reached");
     filter.clear().await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::Css("#filters button[type=submit]")).await;
     wait_for(&browser, "the unfiltered page", async |b| {
         keys(b).await.first() == Some(&122)
     })
@@ -220,14 +202,7 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
         text_of(b, "#state").await == "live"
     })
     .await;
-    browser
-        .client
-        .find(Locator::Id("tab-applied"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::Id("tab-applied")).await;
     wait_for(&browser, "the applied tab", async |b| {
         keys(b).await.first() == Some(&122)
     })
@@ -239,14 +214,7 @@ async fn the_page_follows_the_feed_pages_back_pauses_resumes_filters_and_shows_p
     assert_eq!(origin, json!(me));
     let by_origin = browser.client.find(Locator::Id("filter-origin")).await.unwrap();
     by_origin.send_keys("12D3KooWNobody").await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::Css("#filters button[type=submit]")).await;
     wait_for(&browser, "nothing from another origin", async |b| {
         keys(b).await.is_empty() && text_of(b, "#end").await == "oldest reached"
     })

@@ -164,17 +164,7 @@ impl SnapshotIn {
                     max_line: usize::try_from(env.tuning.sync_max_bytes).unwrap_or(usize::MAX),
                 };
                 let Some(state) = self.job.as_mut() else {
-                    return self
-                        .refuse(
-                            env,
-                            log,
-                            peer,
-                            Refusal::new(
-                                crate::contract::ErrorCode::InvalidField,
-                                format!("no snapshot job {job} begun on this stream"),
-                            ),
-                        )
-                        .await;
+                    return self.refuse(env, log, peer, no_job(job)).await;
                 };
                 let before_after = state.after.clone();
                 let part = match state.take_part(&origin, job, index, &data, continued, limits) {
@@ -225,17 +215,7 @@ impl SnapshotIn {
                 resources,
             } => {
                 let Some(state) = self.job.clone() else {
-                    return self
-                        .refuse(
-                            env,
-                            log,
-                            peer,
-                            Refusal::new(
-                                crate::contract::ErrorCode::InvalidField,
-                                format!("no snapshot job {job} begun on this stream"),
-                            ),
-                        )
-                        .await;
+                    return self.refuse(env, log, peer, no_job(job)).await;
                 };
                 if let Err(refusal) = state.check_end(job, parts, resources) {
                     return self.refuse(env, log, peer, refusal).await;
@@ -393,4 +373,12 @@ async fn sweep(
         }
         from = Some(last);
     }
+}
+
+/// A snapshot frame of a job this stream has not begun.
+fn no_job(job: u64) -> Refusal {
+    Refusal::new(
+        crate::contract::ErrorCode::InvalidField,
+        format!("no snapshot job {job} begun on this stream"),
+    )
 }
