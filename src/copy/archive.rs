@@ -236,15 +236,64 @@ fn open_entries(tar_path: &Path) -> Result<tar::Archive<File>, ArchiveError> {
 /// # Errors
 /// The first entry refused, or a malformed tar.
 pub fn check_tar(tar_path: &Path) -> Result<usize, ArchiveError> {
-    let file = File::open(tar_path).map_err(io_at(tar_path))?;
-    check_tar_from(io::BufReader::new(file))
+    let open = || {
+        File::open(tar_path)
+            .map(io::BufReader::new)
+            .map_err(io_at(tar_path))
+    };
+    check_metadata(open()?)?;
+    check_entries(open()?)
 }
 
-/// [`check_tar`] of a tar read from `reader`; returns its number of entries.
+/// [`check_tar`] of a tar read from `reader` (read twice: hence `Clone`, e.g. a byte
+/// slice); returns its number of entries.
 ///
 /// # Errors
 /// As [`check_tar`].
-pub fn check_tar_from<R: Read>(reader: R) -> Result<usize, ArchiveError> {
+pub fn check_tar_from<R: Read + Clone>(reader: R) -> Result<usize, ArchiveError> {
+    check_metadata(reader.clone())?;
+    check_entries(reader)
+}
+
+/// Bytes a GNU long name / long link or PAX header entry may hold: the tar crate reads
+/// such an entry whole into memory (by the size its header gives) before the name it
+/// carries can be checked, so its size is checked first.
+pub const MAX_METADATA_ENTRY_BYTES: u64 = MAX_PATH_BYTES as u64 + 4096;
+
+/// The first pass: the tar's entries as raw headers, metadata entries bounded in size.
+fn check_metadata<R: Read>(reader: R) -> Result<(), ArchiveError> {
+    let mut archive = tar::Archive::new(reader);
+    let raw = archive
+        .entries()
+        .map_err(|e| ArchiveError::Malformed(e.to_string()))?
+        .raw(true);
+    for (n, entry) in raw.enumerate() {
+        let entry = entry.map_err(|e| ArchiveError::Malformed(e.to_string()))?;
+        // Each file may come with a long name, a long link and a PAX header.
+        if n > MAX_TAR_ENTRIES.saturating_mul(4) {
+            return Err(ArchiveError::TooManyEntries { max: MAX_TAR_ENTRIES });
+        }
+        let t = entry.header().entry_type();
+        let metadata = t.is_gnu_longname()
+            || t.is_gnu_longlink()
+            || t.is_pax_local_extensions()
+            || t.is_pax_global_extensions();
+        let size = entry
+            .header()
+            .size()
+            .map_err(|e| ArchiveError::Malformed(e.to_string()))?;
+        if metadata && size > MAX_METADATA_ENTRY_BYTES {
+            return Err(ArchiveError::Malformed(format!(
+                "a metadata entry (type {:?}) of {size} bytes: at most {MAX_METADATA_ENTRY_BYTES}",
+                t.as_byte() as char
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The second pass: every entry (names merged) a plain file or directory under a safe path.
+fn check_entries<R: Read>(reader: R) -> Result<usize, ArchiveError> {
     let mut archive = tar::Archive::new(reader);
     let mut n = 0usize;
     for entry in archive
@@ -373,6 +422,24 @@ mod tests {
         assert!(matches!(
             check_tar(&tar_path),
             Err(ArchiveError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn a_long_name_entry_bigger_than_a_path_is_refused_before_it_is_read() {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::GNULongName);
+        header.set_size(MAX_METADATA_ENTRY_BYTES + 1);
+        header.set_cksum();
+        let mut bytes = header.as_bytes().to_vec();
+        bytes.resize(
+            bytes.len() + (MAX_METADATA_ENTRY_BYTES as usize + 1).div_ceil(512) * 512,
+            b'a',
+        );
+        bytes.extend_from_slice(&[0u8; 1024]);
+        assert!(matches!(
+            check_tar_from(bytes.as_slice()),
+            Err(ArchiveError::Malformed(_))
         ));
     }
 }

@@ -493,7 +493,8 @@ async fn attempt(service: &CopyService, job: Job) -> Result<(), Stop> {
     let max_frame = env.tuning.max_frame_bytes;
     let (start, max_chunk) = match read(&mut stream, max_frame, timeout).await? {
         CopyFrame::CopyAccept { offset, max_chunk } => (offset, max_chunk),
-        CopyFrame::CopyDone { .. } => return Ok(()),
+        // The receiver has it already (an earlier attempt finished): the same content only.
+        CopyFrame::CopyDone { sha256 } if sha256 == sha => return Ok(()),
         other => return Err(unexpected(other)),
     };
     // The chunk's base64 (4/3) and its JSON must fit in a frame of ours as well.

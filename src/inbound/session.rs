@@ -403,6 +403,7 @@ impl Session {
             self.reorder.max_bytes(),
             self.inputs.clone(),
             generation,
+            self.env.tuning.sync_timeout,
         ));
         self.snapshot = Some(SnapshotIn::new(generation, writer, task));
         self.on_snapshot(begin).await

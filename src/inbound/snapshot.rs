@@ -45,7 +45,8 @@ pub(super) struct SnapshotInput {
 }
 
 /// Reads the snapshot stream's frames into the session's inputs, each taking its bytes of
-/// the session's budget first (a sender that does not wait for acks is held back).
+/// the session's budget first (a sender that does not wait for acks is held back). An
+/// origin silent for `idle` ends the stream, as its close would: it resumes on a new one.
 pub(super) async fn read_frames<I: From<SnapshotInput> + Send + 'static>(
     mut r: ReadHalf<Stream>,
     max: usize,
@@ -53,9 +54,12 @@ pub(super) async fn read_frames<I: From<SnapshotInput> + Send + 'static>(
     budget_bytes: usize,
     tx: mpsc::Sender<I>,
     generation: u64,
+    idle: std::time::Duration,
 ) {
     loop {
-        let frame = wire::read_frame::<SyncFrame, _>(&mut r, max).await;
+        let frame = tokio::time::timeout(idle, wire::read_frame::<SyncFrame, _>(&mut r, max))
+            .await
+            .unwrap_or(Ok(None));
         let (bytes, end) = match &frame {
             Ok(Some(SyncFrame::SnapshotPart { data, .. })) => {
                 (data.len().saturating_add(SMALL_FRAME_BYTES), false)

@@ -10,7 +10,7 @@
 //! the snapshot's position, so that the journal it resumes from stays whole.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -73,8 +73,45 @@ pub trait PartnerMarks: Send + Sync + 'static {
     async fn marks(&self) -> Vec<(String, u64, Option<u64>)>;
 }
 
+/// Entries removed since the space was last given back that make a run give it back.
+pub const RECLAIM_MIN_ENTRIES: u64 = 100_000;
+/// A run that removed anything gives the space back when it was last given back this long
+/// ago (redb's `compact()` holds the store alone while it runs: not at every run).
+pub const RECLAIM_EVERY: Duration = Duration::from_secs(6 * 3600);
+
+/// When to give freed space back: after [`RECLAIM_MIN_ENTRIES`] removals, or after
+/// [`RECLAIM_EVERY`] when anything was removed.
+#[derive(Debug)]
+pub struct Reclaim {
+    pending: u64,
+    last: Instant,
+}
+
+impl Default for Reclaim {
+    fn default() -> Self {
+        Reclaim {
+            pending: 0,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl Reclaim {
+    /// Counts `removed` entries; true when the space is to be given back at `now`.
+    fn due(&mut self, removed: u64, now: Instant) -> bool {
+        self.pending = self.pending.saturating_add(removed);
+        self.pending >= RECLAIM_MIN_ENTRIES
+            || (self.pending > 0 && now.saturating_duration_since(self.last) >= RECLAIM_EVERY)
+    }
+
+    fn done(&mut self, now: Instant) {
+        self.pending = 0;
+        self.last = now;
+    }
+}
+
 /// One compaction run: bounds from the partners, compaction, space given back when
-/// anything was removed.
+/// [`Reclaim`] says so.
 ///
 /// # Errors
 /// The store failed.
@@ -83,6 +120,7 @@ pub async fn run_once(
     origin: &str,
     partners: &dyn PartnerMarks,
     t: &Tuning,
+    reclaim: &mut Reclaim,
 ) -> StoreResult<CompactReport> {
     let head = store.journal_head(origin).await?;
     let floor = store.journal_floor(origin).await?;
@@ -106,8 +144,15 @@ pub async fn run_once(
     let bytes = store.journal_bytes().await?;
     let b = bounds(head, &marks, now_ms(), bytes, t);
     let report = store.compact_journal(origin, b).await?;
-    if report.removed + report.tombstones_dropped > 0 {
-        let freed = store.reclaim_space().await?;
+    let removed = report.removed.saturating_add(report.tombstones_dropped);
+    if removed > 0 {
+        let freed = if reclaim.due(removed, Instant::now()) {
+            let freed = store.reclaim_space().await?;
+            reclaim.done(Instant::now());
+            freed
+        } else {
+            0
+        };
         tracing::info!(
             freed,
             examined = report.examined,
@@ -166,12 +211,13 @@ pub async fn run(
     let first = tokio::time::Instant::now() + t.compact_interval;
     let mut tick = tokio::time::interval_at(first, t.compact_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reclaim = Reclaim::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = crate::shutdown::signalled(&mut shutdown) => return,
         }
-        match run_once(store.as_ref(), &origin, partners.as_ref(), &t).await {
+        match run_once(store.as_ref(), &origin, partners.as_ref(), &t, &mut reclaim).await {
             Ok(report) => {
                 crate::metrics::Metrics::add(
                     &metrics.journal_compacted,
@@ -243,5 +289,20 @@ mod tests {
         };
         assert_eq!(bounds(5, &[], DAY, 1001, &t).older_than_ms, u64::MAX);
         assert_eq!(bounds(5, &[], DAY, 999, &t).older_than_ms, 0);
+    }
+
+    #[test]
+    fn space_is_given_back_after_many_removals_or_after_a_while() {
+        let t0 = Instant::now();
+        let mut r = Reclaim { pending: 0, last: t0 };
+        assert!(!r.due(0, t0), "nothing removed");
+        assert!(!r.due(RECLAIM_MIN_ENTRIES - 1, t0));
+        assert!(r.due(1, t0), "the removals add up");
+        r.done(t0);
+        assert!(!r.due(10, t0));
+        let later = t0 + RECLAIM_EVERY;
+        assert!(r.due(0, later), "a while later, what was removed is given back");
+        r.done(later);
+        assert!(!r.due(0, later + RECLAIM_EVERY), "nothing pending");
     }
 }

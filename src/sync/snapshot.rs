@@ -60,8 +60,10 @@ pub struct SenderJob {
 
 impl SenderJob {
     /// Takes the receiver's report of where it is ([`SyncFrame::SnapshotReady`]) as the
-    /// resume point: it persisted it after applying. A report for another job, or one
-    /// claiming more resources than the job holds, is refused.
+    /// resume point: it persisted it after applying. A report for another job, or a part
+    /// index without the key it follows, is refused. `resources` is only the progress shown
+    /// (`sent`): pages read the live resources, so it may pass the `total` counted when the
+    /// job began.
     ///
     /// [`SyncFrame::SnapshotReady`]: crate::p2p::wire::SyncFrame::SnapshotReady
     pub fn resume_from(
