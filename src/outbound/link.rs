@@ -43,6 +43,10 @@ use crate::store::{RawEntry, Store, StoreError};
 const INBOX: usize = 1024;
 /// A repeated refusal of the partner's frames is logged once per this interval.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// A partner that reports itself behind the compacted journal again this soon after a
+/// snapshot finished gets no new one until then (the report is the partner's word: a
+/// partner lying about it would have the whole store read and sent in a loop).
+pub(crate) const SNAPSHOT_MIN_INTERVAL: Duration = Duration::from_secs(60);
 /// Unanswered pings remembered for their round trip.
 const PINGS_REMEMBERED: usize = 16;
 /// Write buffer of each stream.
@@ -87,6 +91,13 @@ enum LinkError {
     /// Not a failure: an operator asked for a snapshot; the next session runs it.
     #[error("resync requested")]
     Resync,
+    /// The partner reports itself behind the floor again right after a snapshot.
+    #[error("the partner reports seq {partner_has}, behind the compacted journal ({floor}), again {since:?} after a snapshot: no new one before {SNAPSHOT_MIN_INTERVAL:?}")]
+    SnapshotTooSoon {
+        partner_has: u64,
+        floor: u64,
+        since: Duration,
+    },
 }
 
 impl From<AckBeyondHead> for LinkError {
@@ -168,6 +179,8 @@ struct Link {
     window: Window,
     /// When the cursor was last written to the store.
     persisted_at: Instant,
+    /// When this link's last snapshot job finished.
+    snapshot_done_at: Option<Instant>,
 }
 
 type Writer = futures::io::BufWriter<WriteHalf<Stream>>;
@@ -242,6 +255,7 @@ impl Link {
             log: LogThrottle::new(REFUSAL_LOG_EVERY),
             window,
             persisted_at: Instant::now(),
+            snapshot_done_at: None,
         }
     }
 
@@ -295,11 +309,21 @@ impl Link {
         // the journal from its position in the next session.
         let floor = self.env.store.journal_floor(&self.env.own_id).await?;
         let job_open = self.status.snapshot_job().state != crate::sync::snapshot::STATE_IDLE;
-        if partner_has < floor || job_open || self.status.resync_requested() {
+        let resync = self.status.resync_requested();
+        if partner_has < floor || job_open || resync {
+            let since = self.snapshot_done_at.map(|at| at.elapsed());
+            if let Some(since) = since.filter(|s| !job_open && !resync && *s < SNAPSHOT_MIN_INTERVAL) {
+                return Err(LinkError::SnapshotTooSoon {
+                    partner_has,
+                    floor,
+                    since,
+                });
+            }
             self.status.heard();
             self.status.set(LinkState::Online, None);
             tracing::info!(peer = %self.peer, partner_has, floor, job_open, "partner needs a snapshot");
             let position = super::snapshot::run(&self.env, self.peer, &self.status).await?;
+            self.snapshot_done_at = Some(Instant::now());
             self.window = Window::new(position, self.env.tuning.send_window);
             self.status.set_acked(position);
             drop(session);
