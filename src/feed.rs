@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use crate::backoff::Backoff;
-use crate::store::Store;
+use crate::store::{AppliedRecord, Store};
 
 /// Entries a ring keeps at most.
 pub const DEFAULT_RING_ENTRIES: usize = 4096;
@@ -120,6 +120,17 @@ impl Ring {
         self.next_id
     }
 
+    /// Counts `n` entries that were committed but never pushed (more than a ring's worth
+    /// arrived at once): they take ids, and what the ring held goes (the entries pushed
+    /// next fill it anyway), so a client behind is told it skipped them too.
+    pub fn skip(&mut self, n: u64) {
+        if n > 0 {
+            self.items.clear();
+            self.bytes = 0;
+            self.next_id = self.next_id.saturating_add(n);
+        }
+    }
+
     /// Up to `max` entries and about `max_bytes` (at least one entry) from cursor `from` on,
     /// and how many were skipped because they already left the ring.
     pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Read {
@@ -188,9 +199,11 @@ impl Live {
         self.lock().read(from, max, max_bytes)
     }
 
-    fn push_all(&self, items: impl IntoIterator<Item = (u64, String, String, Arc<str>)>) {
+    /// Pushes `items` after counting `skipped` entries that were never read ([`Ring::skip`]).
+    fn push_all(&self, skipped: u64, items: impl IntoIterator<Item = (u64, String, String, Arc<str>)>) {
         let newest = {
             let mut ring = self.lock();
+            ring.skip(skipped);
             for (key, data_type, origin, json) in items {
                 ring.push(key, &data_type, &origin, json);
             }
@@ -317,7 +330,7 @@ pub async fn follow_journal(
                     Err(err) => tracing::warn!(cause = %err, seq = e.seq, "live feed: entry not encoded"),
                 }
             }
-            feed.journal.push_all(items);
+            feed.journal.push_all(0, items);
             if !full {
                 break;
             }
@@ -347,9 +360,10 @@ pub async fn follow_applied(feed: Arc<Feed>, store: Arc<dyn Store>, mut stop: wa
             }
         }
         // Newest first, walking back to `last`; at most a ring's worth (older ones would
-        // leave the ring at once: clients count them as skipped).
-        let mut newer = Vec::new();
+        // leave the ring at once: they are counted as skipped, keys being contiguous).
+        let mut newer: Vec<AppliedRecord> = Vec::new();
         let mut before = u64::MAX;
+        let mut reached_last = false;
         let complete = loop {
             let rows = match store.applied_log(before, FOLLOW_WINDOW).await {
                 Ok(rows) => rows,
@@ -369,6 +383,7 @@ pub async fn follow_applied(feed: Arc<Feed>, store: Arc<dyn Store>, mut stop: wa
                 newer.push(r);
             }
             if reached || newer.len() >= cap {
+                reached_last = reached;
                 break true;
             }
         };
@@ -376,6 +391,11 @@ pub async fn follow_applied(feed: Arc<Feed>, store: Arc<dyn Store>, mut stop: wa
             // Read again at the next round: pushing the newer part alone would leave a hole.
             continue;
         }
+        // Keys between `last` and the oldest read were applied but not read.
+        let skipped = match newer.last() {
+            Some(oldest) if !reached_last => oldest.key.saturating_sub(last).saturating_sub(1),
+            _ => 0,
+        };
         if let Some(newest) = newer.first() {
             last = newest.key;
         }
@@ -389,7 +409,7 @@ pub async fn follow_applied(feed: Arc<Feed>, store: Arc<dyn Store>, mut stop: wa
                     None
                 }
             });
-        feed.applied.push_all(items.collect::<Vec<_>>());
+        feed.applied.push_all(skipped, items.collect::<Vec<_>>());
     }
 }
 
@@ -403,6 +423,22 @@ mod tests {
             r.push(k, "T", "o", Arc::from(format!("{{\"seq\":{k}}}")));
         }
         r
+    }
+
+    #[test]
+    fn entries_never_pushed_count_as_skipped_for_a_reader_behind() {
+        let mut r = ring_of(3, 10, 1 << 20);
+        let cursor = r.cursor();
+        r.skip(5);
+        r.push(9, "T", "o", Arc::from("x"));
+        let read = r.read(cursor, 10, 1 << 20);
+        assert_eq!(read.skipped, 5);
+        assert_eq!(read.items.iter().map(|i| i.key).collect::<Vec<_>>(), vec![9]);
+        let from_start = r.read(1, 10, 1 << 20);
+        assert_eq!(
+            from_start.skipped, 8,
+            "the three held before and the five never pushed"
+        );
     }
 
     #[test]
