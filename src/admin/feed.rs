@@ -19,6 +19,7 @@
 
 use std::time::{Duration, Instant};
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Item, Session};
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::history::{self, PageRequest, DEFAULT_LIMIT, MAX_LIMIT};
-use super::AdminState;
+use super::{reply, AdminState};
 use crate::contract::ErrorCode;
 use crate::feed::{ClientSlot, Live};
 
@@ -41,6 +42,12 @@ pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 pub const FRAME_BYTES: usize = 64 * 1024;
 /// Longest wait for the client to take one message; then it is disconnected.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Refusals (`busy`) sent on a WebSocket at once; beyond, one too many gets HTTP 503 `busy`.
+pub const MAX_REFUSALS: usize = 16;
+/// How long sending a refusal and its close may take.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+static REFUSALS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_REFUSALS);
 /// The node pings this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A client heard from (any frame, pongs included) less recently is disconnected.
@@ -424,29 +431,47 @@ pub async fn feed(
             "a WebSocket from a page of another origin is refused",
         ));
     }
-    let (response, mut session, stream) = actix_ws::handle_with_protocols(&req, body, &[PROTOCOL])?;
     let peer = req
         .peer_addr()
         .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    let slot = s.feed.join();
+    // One too many is told so on the WebSocket (a browser shows it), by a bounded number of
+    // short tasks; beyond those, with a plain HTTP answer.
+    let refusal = match slot {
+        Some(_) => None,
+        None => match REFUSALS.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                s.metrics.refused(PLACE, ErrorCode::Busy);
+                return Ok(reply::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Busy.as_str(),
+                    "too many feed clients; try again later",
+                ));
+            }
+        },
+    };
+    let (response, mut session, stream) = actix_ws::handle_with_protocols(&req, body, &[PROTOCOL])?;
     let stream = stream
         .max_frame_size(MAX_MESSAGE_BYTES)
         .aggregate_continuations()
         .max_continuation_size(MAX_MESSAGE_BYTES);
-    match s.feed.join() {
-        Some(slot) => {
+    match (slot, refusal) {
+        (Some(slot), _) => {
             actix_web::rt::spawn(serve(s, session, stream, peer, slot));
         }
-        None => {
+        (None, permit) => {
             s.metrics.refused(PLACE, ErrorCode::Busy);
             tracing::warn!(%peer, clients = s.feed.clients(), "feed client refused: too many clients");
             let e = FeedError::new(ErrorCode::Busy, "too many feed clients; try again later");
             actix_web::rt::spawn(async move {
-                let _ = tokio::time::timeout(SEND_TIMEOUT, session.text(e.to_text())).await;
+                let _permit = permit;
+                let _ = tokio::time::timeout(REFUSAL_TIMEOUT, session.text(e.to_text())).await;
                 let reason = CloseReason {
                     code: CloseCode::Again,
                     description: Some("too many feed clients".to_owned()),
                 };
-                let _ = tokio::time::timeout(SEND_TIMEOUT, session.close(Some(reason))).await;
+                let _ = tokio::time::timeout(REFUSAL_TIMEOUT, session.close(Some(reason))).await;
             });
         }
     }
