@@ -351,6 +351,27 @@ pub(crate) fn is_connected(client: &Client) -> bool {
     client.connection_state() == async_nats::connection::State::Connected
 }
 
+/// Waits until the server has taken every subscription `client` made so far; `false` when
+/// that is not confirmed within `timeout`.
+///
+/// async-nats' `subscribe` returns once the SUB is queued and its `flush` once it is
+/// written to the socket, not once the server has it: a message another client publishes
+/// meanwhile finds no subscriber and is dropped (core NATS). The server handles one
+/// connection's protocol in order, so a message this client publishes to a fresh inbox it
+/// subscribed to comes back only after the server took the earlier subscriptions.
+pub(crate) async fn subscriptions_confirmed(client: &Client, timeout: Duration) -> bool {
+    let round_trip = async {
+        let inbox = client.new_inbox();
+        let mut echo = client.subscribe(inbox.clone()).await.ok()?;
+        client.publish(inbox, "".into()).await.ok()?;
+        let back = futures::StreamExt::next(&mut echo).await;
+        // Dropping the subscriber unsubscribes too; this only says it at once.
+        let _ = echo.unsubscribe().await;
+        back
+    };
+    matches!(tokio::time::timeout(timeout, round_trip).await, Ok(Some(_)))
+}
+
 /// Publishes what the node owes applications, confirmed before anyone moves on.
 ///
 /// A subject captured by a JetStream stream is published through JetStream and confirmed

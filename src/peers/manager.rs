@@ -39,6 +39,8 @@ use crate::store::{PeerRow, Relation, Store, StoreResult};
 /// Backoff bounds while the persisted relations cannot be read at start-up.
 const RESTORE_RETRY_MIN: Duration = Duration::from_millis(200);
 const RESTORE_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Longest wait at start for the server to confirm the PEER subscriptions ([`subscribe`]).
+const SUBSCRIBE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct PeerEnv {
     pub store: Arc<dyn Store>,
@@ -172,11 +174,26 @@ impl Actor for PeerManager {
 }
 
 /// Both PEER resource subjects as one stream; `None` (logged) when the server refuses.
+///
+/// Returns once the server has both subscriptions ([`crate::nats::subscriptions_confirmed`]):
+/// a notice published after the manager has `started` reaches it. While NATS is down
+/// there is nothing to confirm (the client subscribes again on connect) and the manager
+/// does not wait.
 async fn subscribe(nats: &async_nats::Client) -> Option<impl futures::Stream<Item = NatsMessage>> {
     let create = nats.subscribe(contract::SUBJECT_CREATE).await;
     let remove = nats.subscribe(contract::SUBJECT_REMOVE).await;
     match (create, remove) {
-        (Ok(c), Ok(r)) => Some(futures::stream::select(c, r)),
+        (Ok(c), Ok(r)) => {
+            if crate::nats::is_connected(nats)
+                && !crate::nats::subscriptions_confirmed(nats, SUBSCRIBE_CONFIRM_TIMEOUT).await
+            {
+                tracing::warn!(
+                    timeout = ?SUBSCRIBE_CONFIRM_TIMEOUT,
+                    "PEER resource subscriptions not confirmed by the server in time"
+                );
+            }
+            Some(futures::stream::select(c, r))
+        }
         (c, r) => {
             let cause = c.err().map(|e| e.to_string()).or(r.err().map(|e| e.to_string()));
             tracing::error!(cause = ?cause, "cannot subscribe to PEER resources; run-time partnerships off");
