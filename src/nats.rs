@@ -1,6 +1,7 @@
 //! The site's NATS: connecting (a cluster of servers, credentials, TLS), what `/healthz`
 //! says about the connection, and publishing what the node owes applications with a
-//! confirmation (a flush round trip) before anything that depends on it moves on.
+//! confirmation (a JetStream PubAck, or for a subject no stream captures a flush: written
+//! to the server's socket) before anything that depends on it moves on.
 //!
 //! The client reconnects by itself (delays from [`Backoff`]); before each attempt it shows
 //! the node the servers' last errors, which become one log line per failed attempt and the
@@ -376,7 +377,8 @@ pub(crate) async fn subscriptions_confirmed(client: &Client, timeout: Duration) 
 ///
 /// A subject captured by a JetStream stream is published through JetStream and confirmed
 /// by its PubAck (persisted, deduplicated on `Nats-Msg-Id`); a subject no stream captures
-/// gets a core publish confirmed by a flush round trip. Which is which is asked of the
+/// gets a core publish followed by a flush (written to the server's socket; core NATS
+/// confirms no more than that). Which is which is asked of the
 /// server and remembered for `CAPTURE_RECHECK`.
 pub(crate) struct Publisher {
     client: Client,

@@ -58,12 +58,10 @@ impl IntakeEnv {
                 if !self.nats.server_info().jetstream {
                     match self.nats.subscribe(contract::SUBJECT_PROPAGATION).await {
                         Ok(sub) => {
-                            // The SUB must reach the server before /healthz says ready, or
-                            // a request sent right after gets "no responders".
-                            if !matches!(
-                                tokio::time::timeout(self.io_timeout, self.nats.flush()).await,
-                                Ok(Ok(()))
-                            ) {
+                            // The server must hold the SUB before /healthz says ready, or a
+                            // request sent right after gets "no responders" (a flush only
+                            // writes it to the socket).
+                            if !crate::nats::subscriptions_confirmed(&self.nats, self.io_timeout).await {
                                 tracing::warn!("subscription not confirmed by the server in time");
                             }
                             tracing::warn!(
