@@ -542,10 +542,10 @@ pub struct RunArgs {
     #[arg(long, env = "OC_DISCOVERY_COPY_SOURCE_ROOT", value_name = "DIR")]
     pub copy_source_root: Option<PathBuf>,
     /// Largest copy sent or received, in bytes (a directory: its tar).
-    #[arg(long, env = "OC_DISCOVERY_COPY_MAX_BYTES", default_value_t = crate::copy::DEFAULT_COPY_MAX_BYTES)]
+    #[arg(long, env = "OC_DISCOVERY_COPY_MAX_BYTES", default_value_t = DEFAULT_COPY_MAX_BYTES)]
     pub copy_max_bytes: u64,
     /// Copies one partner may send to this node at once; beyond, `busy`.
-    #[arg(long, env = "OC_DISCOVERY_COPY_MAX_PER_PEER", default_value_t = crate::copy::DEFAULT_COPY_MAX_PER_PEER)]
+    #[arg(long, env = "OC_DISCOVERY_COPY_MAX_PER_PEER", default_value_t = DEFAULT_COPY_MAX_PER_PEER)]
     pub copy_max_per_peer: usize,
 }
 
@@ -805,15 +805,41 @@ pub struct NodeConfig {
     pub net_limits: crate::p2p::NetLimits,
     /// Remote copy: `--copy-root`, `--copy-source-root`, `--copy-max-bytes`,
     /// `--copy-max-per-peer`.
-    pub copy: crate::copy::CopySettings,
+    pub copy: CopySettings,
     pub tuning: Tuning,
 }
 
-/// PEM files of the admin API's HTTPS certificate chain and private key.
+pub use crate::admin::tls::AdminTlsFiles;
+
+/// Default of `--copy-max-bytes`: the largest file or directory tar sent or received.
+pub const DEFAULT_COPY_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default of `--copy-max-per-peer`: copies one partner may send to this node at once.
+pub const DEFAULT_COPY_MAX_PER_PEER: usize = 2;
+
+/// The copy options of `run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminTlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub struct CopySettings {
+    /// `--copy-root`: the only directory copies from partners are written below; none, and
+    /// copies are refused.
+    pub root: Option<PathBuf>,
+    /// `--copy-source-root`: the only directory copies are read from; none, and this node
+    /// sends no copies.
+    pub source_root: Option<PathBuf>,
+    /// `--copy-max-bytes`: the largest copy sent or received (a directory: its tar).
+    pub max_bytes: u64,
+    /// `--copy-max-per-peer`: copies one partner may send to this node at once.
+    pub max_per_peer: usize,
+}
+
+impl Default for CopySettings {
+    fn default() -> Self {
+        CopySettings {
+            root: None,
+            source_root: None,
+            max_bytes: DEFAULT_COPY_MAX_BYTES,
+            max_per_peer: DEFAULT_COPY_MAX_PER_PEER,
+        }
+    }
 }
 
 /// The store backend with its settings.
@@ -1075,7 +1101,7 @@ impl TryFrom<RunArgs> for NodeConfig {
                 max_pending_incoming: run.max_pending_incoming,
                 max_connections: run.max_connections,
             },
-            copy: crate::copy::CopySettings {
+            copy: CopySettings {
                 root: run.copy_root,
                 source_root: run.copy_source_root,
                 max_bytes: run.copy_max_bytes,
@@ -1286,13 +1312,9 @@ mod tests {
             Some(std::path::Path::new("/srv/out"))
         );
         assert_eq!(cfg.copy.max_bytes, 4096);
-        assert_eq!(cfg.copy.max_per_peer, crate::copy::DEFAULT_COPY_MAX_PER_PEER);
+        assert_eq!(cfg.copy.max_per_peer, DEFAULT_COPY_MAX_PER_PEER);
         let cfg = NodeConfig::try_from(run_args(&[])).unwrap();
-        assert_eq!(
-            cfg.copy,
-            crate::copy::CopySettings::default(),
-            "copies off by default"
-        );
+        assert_eq!(cfg.copy, CopySettings::default(), "copies off by default");
         assert!(matches!(
             NodeConfig::try_from(run_args(&["--copy-max-per-peer", "0"])),
             Err(ConfigError::Zero("--copy-max-per-peer"))

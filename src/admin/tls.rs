@@ -12,7 +12,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
-use crate::config::AdminTlsFiles;
+/// PEM files of the admin API's HTTPS certificate chain and private key
+/// (`--admin-tls-cert`, `--admin-tls-key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 /// Largest PEM file read (a certificate chain is a few KiB).
 const MAX_PEM_BYTES: u64 = 1024 * 1024;

@@ -41,10 +41,7 @@ pub use job::{CopyRequest, Job, JobState};
 
 /// The copy stream protocol.
 pub const PROTOCOL_COPY: StreamProtocol = StreamProtocol::new("/opencloud/copy/1.0");
-/// Default of `--copy-max-bytes`: the largest file or directory tar sent or received.
-pub const DEFAULT_COPY_MAX_BYTES: u64 = 1024 * 1024 * 1024;
-/// Default of `--copy-max-per-peer`: copies one partner may send to this node at once.
-pub const DEFAULT_COPY_MAX_PER_PEER: usize = 2;
+pub use crate::config::{CopySettings, DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_PER_PEER};
 /// Copies received at once from all partners together.
 const MAX_INBOUND_COPIES: usize = 16;
 /// Refusals being written at once, in all and per peer; beyond, the stream is reset.
@@ -60,32 +57,6 @@ const MAX_FINISHED_JOBS: usize = 256;
 const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// The `place` of this module's refusals (`oc_refusals_total`, log lines).
 pub(crate) const PLACE: &str = "copy";
-
-/// The copy options of `run`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CopySettings {
-    /// `--copy-root`: the only directory copies from partners are written below; none, and
-    /// copies are refused.
-    pub root: Option<PathBuf>,
-    /// `--copy-source-root`: the only directory copies are read from; none, and this node
-    /// sends no copies.
-    pub source_root: Option<PathBuf>,
-    /// `--copy-max-bytes`: the largest copy sent or received (a directory: its tar).
-    pub max_bytes: u64,
-    /// `--copy-max-per-peer`: copies one partner may send to this node at once.
-    pub max_per_peer: usize,
-}
-
-impl Default for CopySettings {
-    fn default() -> Self {
-        CopySettings {
-            root: None,
-            source_root: None,
-            max_bytes: DEFAULT_COPY_MAX_BYTES,
-            max_per_peer: DEFAULT_COPY_MAX_PER_PEER,
-        }
-    }
-}
 
 /// Why the copy service cannot start as configured.
 #[derive(Debug, thiserror::Error)]

@@ -37,7 +37,7 @@ use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, ErrorFrame, Frame, FrameError, HeartbeatFrame, ResourceFrame};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
-use crate::store::{RawEntry, Store, StoreError};
+use crate::store::{RawEntry, StoreError};
 
 /// Frames from the partner buffered between the stream readers and the session.
 const INBOX: usize = 1024;
@@ -52,15 +52,7 @@ const PINGS_REMEMBERED: usize = 16;
 /// Write buffer of each stream.
 const WRITE_BUFFER: usize = 64 * 1024;
 
-/// What every link shares.
-pub(crate) struct LinkEnv {
-    pub own_id: String,
-    pub store: Arc<dyn Store>,
-    pub net: p2p::Client,
-    pub metrics: Arc<Metrics>,
-    pub tuning: Tuning,
-    pub shutdown: watch::Receiver<bool>,
-}
+pub(crate) use super::LinkEnv;
 
 #[derive(Debug, thiserror::Error)]
 enum LinkError {

@@ -10,3 +10,22 @@ pub mod service;
 pub mod snapshot;
 pub mod status;
 pub mod window;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::Tuning;
+use crate::metrics::Metrics;
+use crate::p2p;
+use crate::store::Store;
+
+/// What every link (and its snapshot jobs) shares.
+pub(crate) struct LinkEnv {
+    pub own_id: String,
+    pub store: Arc<dyn Store>,
+    pub net: p2p::Client,
+    pub metrics: Arc<Metrics>,
+    pub tuning: Tuning,
+    pub shutdown: watch::Receiver<bool>,
+}

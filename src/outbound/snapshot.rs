@@ -14,8 +14,8 @@ use futures::io::{ReadHalf, WriteHalf};
 use futures::AsyncReadExt;
 use libp2p::{PeerId, Stream};
 
-use super::link::LinkEnv;
 use super::status::LinkStatus;
+use super::LinkEnv;
 use crate::contract::now_ms;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, ErrorFrame, FrameError, SyncFrame};
