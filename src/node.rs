@@ -102,6 +102,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             metrics: metrics.clone(),
             tuning: t.clone(),
             shutdown: stop_rx.clone(),
+            frames: Default::default(),
         },
         head,
     )

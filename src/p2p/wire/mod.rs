@@ -32,7 +32,7 @@ pub use framing::{
     ByteBudget, ErrorFrame, ErrorOnly, Frame, FrameError, ABSOLUTE_MAX_FRAME, READ_CHUNK,
 };
 pub use heartbeat::HeartbeatFrame;
-pub use resource::{encode_event_json, ResourceFrame};
+pub use resource::{encode_event_json, event_frame_len, ResourceFrame};
 pub use search::SearchFrame;
 pub use sync::SyncFrame;
 

@@ -63,6 +63,11 @@ impl Frame for ResourceFrame {
     }
 }
 
+/// The bytes [`encode_event_json`] writes for `entry_json` (an upper bound when it refuses it).
+pub fn event_frame_len(entry_json: &[u8]) -> usize {
+    (4 + EVENT_TAG.len()).saturating_add(entry_json.len())
+}
+
 /// Appends an `event` frame built from the JSON text of a [`JournalEntry`] without decoding
 /// it: the frame is that object with `"type":"event"` first. Returns false (and appends
 /// nothing) when `entry_json` is not a non-empty JSON object.
