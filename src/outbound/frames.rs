@@ -89,26 +89,41 @@ impl FrameBatch {
     }
 }
 
-/// The batch last read by any link, for the others reading from the same seq.
+/// Batches kept at once: links a little apart (one woken by a later commit than another)
+/// each find the batch that starts where they stand.
+const KEPT_BATCHES: usize = 16;
+
+/// The batches last read by the links, for the others reading from the same seq.
 #[derive(Default)]
 pub(crate) struct SharedFrames {
-    last: Mutex<Option<Arc<FrameBatch>>>,
+    /// Oldest first; at most [`KEPT_BATCHES`] and [`MAX_SHARED_BYTES`] in all.
+    kept: Mutex<std::collections::VecDeque<Arc<FrameBatch>>>,
 }
 
 impl SharedFrames {
-    /// The batch read from `from`, when a link read it last.
+    /// The batch read from `from`, when a link read one lately.
     pub fn get(&self, from: u64) -> Option<Arc<FrameBatch>> {
-        let last = self.last.lock().ok()?;
-        last.as_ref().filter(|b| b.from == from && b.len() > 0).cloned()
+        let kept = self.kept.lock().ok()?;
+        kept.iter().rev().find(|b| b.from == from && b.len() > 0).cloned()
     }
 
-    /// Keeps `batch` for the other links (unless it is too large to keep).
+    /// Keeps `batch` for the other links, dropping the oldest beyond the bounds (a batch
+    /// too large to keep is not kept).
     pub fn put(&self, batch: &Arc<FrameBatch>) {
         if batch.bytes() > MAX_SHARED_BYTES {
             return;
         }
-        if let Ok(mut last) = self.last.lock() {
-            *last = Some(batch.clone());
+        let Ok(mut kept) = self.kept.lock() else {
+            return;
+        };
+        kept.retain(|b| b.from != batch.from);
+        kept.push_back(batch.clone());
+        let mut bytes: usize = kept.iter().map(|b| b.bytes()).sum();
+        while kept.len() > KEPT_BATCHES || bytes > MAX_SHARED_BYTES {
+            match kept.pop_front() {
+                Some(old) => bytes -= old.bytes(),
+                None => break,
+            }
         }
     }
 }
@@ -195,5 +210,15 @@ mod tests {
         shared.put(&big);
         assert!(shared.get(9).is_none(), "too large to keep");
         assert!(shared.get(7).is_some());
+        for from in 10..10 + KEPT_BATCHES as u64 {
+            shared.put(&Arc::new(FrameBatch::encode(
+                from,
+                vec![raw(from, Action::Create, 1)],
+                1 << 20,
+                |_, _| {},
+            )));
+        }
+        assert!(shared.get(7).is_none(), "the oldest went");
+        assert!(shared.get(10).is_some() && shared.get(9 + KEPT_BATCHES as u64).is_some());
     }
 }
