@@ -102,7 +102,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             metrics: metrics.clone(),
             tuning: t.clone(),
             shutdown: stop_rx.clone(),
-            frames: Default::default(),
         },
         head,
     )

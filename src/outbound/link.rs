@@ -28,7 +28,6 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{Multiaddr, PeerId, Stream};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use super::frames::FrameBatch;
 use super::status::{LinkState, LinkStatus};
 use super::window::{AckBeyondHead, AckOutcome, Handshake, Read, Window};
 use crate::backoff::Backoff;
@@ -38,7 +37,7 @@ use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::p2p::wire::{self, ErrorFrame, Frame, FrameError, HeartbeatFrame, ResourceFrame};
 use crate::p2p::{self, StreamKind, PROTOCOL_HEARTBEAT};
-use crate::store::StoreError;
+use crate::store::{RawEntry, StoreError};
 
 /// Frames from the partner buffered between the stream readers and the session.
 const INBOX: usize = 1024;
@@ -478,39 +477,20 @@ impl Link {
     ) -> Result<(), LinkError> {
         let t = self.tuning();
         let (timeout, max_frame_bytes) = (t.io_timeout, t.max_frame_bytes);
-        // Another link may have read and encoded this very batch: its frames serve here too.
-        let batch = match self.env.frames.get(read.from) {
-            Some(batch) => batch,
-            None => {
-                let entries = self
-                    .env
-                    .store
-                    .read_journal_raw(&self.env.own_id, read.from, read.max)
-                    .await?;
-                let peer = self.peer;
-                let batch = Arc::new(FrameBatch::encode(
-                    read.from,
-                    entries,
-                    max_frame_bytes,
-                    |seq, not_json| {
-                        if not_json {
-                            tracing::error!(%peer, seq, "journal entry is not a JSON object; the partner pulls it");
-                        }
-                    },
-                ));
-                self.env.frames.put(&batch);
-                batch
-            }
-        };
-        let Some(last) = batch.last_seq(read.max.min(batch.len())) else {
+        let entries = self
+            .env
+            .store
+            .read_journal_raw(&self.env.own_id, read.from, read.max)
+            .await?;
+        let Some(last) = entries.last().map(|e| e.seq) else {
             // The head was announced before the commit became visible; wait for more.
             tokio::time::sleep(Duration::from_millis(1)).await;
             return Ok(());
         };
-        let count = read.max.min(batch.len()) as u64;
-        let bufs = batch.prefix(read.max);
+        let count = entries.len() as u64;
+        let bufs = encode_entries(entries, max_frame_bytes, self.peer);
         for kind in StreamKind::ALL {
-            let buf = bufs[kind as usize];
+            let buf = &bufs[kind as usize];
             if !buf.is_empty() {
                 let w = &mut s.writers[kind as usize];
                 timed(timeout, Some(kind), async {
@@ -639,6 +619,31 @@ impl Link {
             format!("ack {seq} is beyond this node's journal head {head}"),
         ))
     }
+}
+
+/// The frames of `entries`, one buffer per resource stream: each entry as an `event`, or as
+/// a `large` marker when it does not fit in a frame (the partner pulls it).
+fn encode_entries(entries: Vec<RawEntry>, max_frame_bytes: usize, peer: PeerId) -> [Vec<u8>; 3] {
+    // Sized once: growing by doubling copied each batch (megabytes) about twice over.
+    let mut sizes = [0usize; 3];
+    for entry in &entries {
+        let size = &mut sizes[StreamKind::for_action(entry.action) as usize];
+        *size = size.saturating_add(wire::event_frame_len(&entry.json));
+    }
+    let mut bufs: [Vec<u8>; 3] = sizes.map(Vec::with_capacity);
+    for entry in entries {
+        let buf = &mut bufs[StreamKind::for_action(entry.action) as usize];
+        let before = buf.len();
+        let seq = entry.seq;
+        if !wire::encode_event_json(&entry.json, buf) {
+            tracing::error!(%peer, seq, "journal entry is not a JSON object; the partner pulls it");
+            wire::encode_frame(&ResourceFrame::Large { seq }, buf);
+        } else if buf.len() - before > max_frame_bytes {
+            buf.truncate(before);
+            wire::encode_frame(&ResourceFrame::Large { seq }, buf);
+        }
+    }
+    bufs
 }
 
 /// Writes `reply`, if any.

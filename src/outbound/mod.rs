@@ -1,12 +1,10 @@
 //! Outbound: this node's journal replicated to each partner.
 //!
 //! - [`service`]: the `StreamService` actor, owning one link per partner and the journal head.
-//! - [`frames`]: the newest journal batch as frames, encoded once for all links.
 //! - [`link`]: one link's I/O loop (dial, streams, handshake, push, heartbeat, reconnect).
 //! - [`window`]: the link's rules without I/O (handshake, send window, acks, resume).
 //! - [`status`]: a link's live state, read by the admin API.
 
-pub mod frames;
 pub mod link;
 pub mod service;
 pub mod snapshot;
@@ -30,6 +28,4 @@ pub(crate) struct LinkEnv {
     pub metrics: Arc<Metrics>,
     pub tuning: Tuning,
     pub shutdown: watch::Receiver<bool>,
-    /// The batch a link read last, for the links reading from the same seq.
-    pub frames: frames::SharedFrames,
 }
