@@ -3,6 +3,7 @@
 //! answered and the JetStream messages acknowledged.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -177,15 +178,19 @@ impl IntakeEnv {
             stream_seqs.iter().min().copied(),
             stream_seqs.iter().max().copied(),
         );
+        // Lent to each attempt: a retry needs them again, and a copy per attempt cost a
+        // copy of every resource's JSON.
+        let events: Arc<[contract::NewEvent]> = events.into();
+        let stream_seqs: Arc<[u64]> = stream_seqs.into();
         let started = std::time::Instant::now();
         let mut backoff = Backoff::new(STORE_RETRY_MIN, self.backoff_max);
-        let entries = loop {
+        let seqs = loop {
             match self
                 .store
-                .append_journal_marked(&self.own_id, events.clone(), stream_seqs.clone())
+                .append_journal_lent(&self.own_id, events.clone(), stream_seqs.clone())
                 .await
             {
-                Ok(entries) => break Ok(entries),
+                Ok(seqs) => break Ok(seqs),
                 Err(e) if durable_source || started.elapsed() < CORE_RETRY_BUDGET => {
                     let delay = backoff.next_delay();
                     tracing::error!(cause = %e, count, retry_in = ?delay, "journal append failed; intake waits");
@@ -194,18 +199,23 @@ impl IntakeEnv {
                 Err(e) => break Err(e),
             }
         };
-        match entries {
-            Ok(entries) => {
+        match seqs {
+            Ok(seqs) => {
                 Metrics::add(&self.metrics.intake_accepted, count as u64);
                 Metrics::add(&self.metrics.journal_commits, 1);
                 self.feed.journal.advanced();
-                for (entry, reply) in entries.iter().zip(replies) {
-                    let body = json!({"ok": true, "origin": entry.origin, "seq": entry.seq});
+                for (&seq, reply) in seqs.iter().zip(replies) {
+                    // JetStream messages have no reply subject (the server's PubAck answered):
+                    // no body to build for them.
+                    if matches!(reply, Reply::Nats(None)) {
+                        continue;
+                    }
+                    let body = json!({"ok": true, "origin": self.own_id, "seq": seq});
                     self.answer(reply, body).await;
                 }
-                if let Some(last) = entries.last() {
-                    tracing::debug!(count, head = last.seq, stream_first = ?stream_range.0, stream_last = ?stream_range.1, "journaled");
-                    self.links.do_send(JournalAdvanced { head: last.seq });
+                if let Some(&last) = seqs.last() {
+                    tracing::debug!(count, head = last, stream_first = ?stream_range.0, stream_last = ?stream_range.1, "journaled");
+                    self.links.do_send(JournalAdvanced { head: last });
                 }
                 true
             }

@@ -21,7 +21,7 @@ use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, Resource
 /// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// (origin, seq) → the entry's action code then the JSON of its [`JournalEntry`]
-/// ([`journal_value`]; stores of earlier versions hold the JSON alone).
+/// ([`write_journal_value`]; stores of earlier versions hold the JSON alone).
 const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
 /// partner peer id → seq acknowledged by that partner.
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
@@ -40,8 +40,14 @@ const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 /// [`Store::trim_known_peers`] drops them (least recently seen first), and their count.
 /// Built from `PEERS` at open when missing (stores of earlier versions).
 const PEERS_SEEN: TableDefinition<(u64, &str), ()> = TableDefinition::new("peers_seen");
-/// JetStream stream sequence of a journaled intake message → its journal seq.
+/// Stores of earlier versions: JetStream stream sequence of a journaled intake message → its
+/// journal seq, one row per message; moved to `INTAKE_RUNS` at open.
 const INTAKE: TableDefinition<u64, u64> = TableDefinition::new("intake");
+/// The JetStream stream sequences of journaled intake messages, as runs: first → last
+/// (inclusive). A batch's sequences are mostly consecutive and follow the previous batch's,
+/// so a commit rewrites one row instead of adding one per message. Runs never overlap nor
+/// touch (`add_run` merges them).
+const INTAKE_RUNS: TableDefinition<u64, u64> = TableDefinition::new("intake_runs");
 /// highest row id in the group → the outbox rows of one applied batch ([`encode_group`]):
 /// one B-tree insert and one removal per batch instead of one per event. Stores of earlier
 /// versions hold one row per key (row id → [`encode_outbox`] or JSON); both are read.
@@ -94,7 +100,7 @@ impl EmbeddedStore {
             txn.open_table(RESOURCES).map_err(unavailable)?;
             txn.open_table(OUTBOX).map_err(unavailable)?;
             txn.open_table(APPLIED_LOG).map_err(unavailable)?;
-            txn.open_table(INTAKE).map_err(unavailable)?;
+            txn.open_table(INTAKE_RUNS).map_err(unavailable)?;
             txn.open_table(OWN_AT).map_err(unavailable)?;
             txn.open_table(PEERS).map_err(unavailable)?;
             txn.open_table(OWN_GONE).map_err(unavailable)?;
@@ -102,6 +108,7 @@ impl EmbeddedStore {
             index_known_peers(&txn)?;
             migrate_own_copies(&txn)?;
             build_own_gone(&txn)?;
+            migrate_intake_rows(&txn)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(EmbeddedStore {
@@ -250,54 +257,34 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<Vec<JournalEntry>> {
         let origin = origin.to_owned();
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let mut out = Vec::with_capacity(events.len());
-            {
-                let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
-                let mut own = txn.open_table(OWN_AT).map_err(unavailable)?;
-                let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
-                let floor = read_floor(&txn.open_table(META).map_err(unavailable)?, &floor_key(&origin))?;
-                let mut seq = last_seq(&table, &origin)?;
-                let time_ms = now_ms();
-                for e in events {
-                    seq += 1;
-                    let entry = JournalEntry {
-                        origin: origin.clone(),
-                        seq,
-                        action: e.action,
-                        data_type: e.data_type,
-                        user: e.user,
-                        resource: e.resource,
-                        time_ms,
-                    };
-                    let bytes = journal_value(&entry)?;
-                    table
-                        .insert((origin.as_str(), seq), bytes.as_slice())
-                        .map_err(unavailable)?;
-                    // Below the compaction floor only the latest entry of a resource stays:
-                    // the one this entry supersedes goes in the same commit.
-                    let key = (entry.data_type.as_str(), e.resource_id.as_str());
-                    let previous = match own.get(key).map_err(unavailable)? {
-                        Some(v) => Some(v.value()),
-                        None => gone.get(key).map_err(unavailable)?.map(|v| v.value()),
-                    };
-                    if let Some(p) = previous.filter(|p| *p <= floor) {
-                        table.remove((origin.as_str(), p)).map_err(unavailable)?;
-                    }
-                    // The own-resources index follows the journal in the same commit.
-                    index_own(&mut own, &entry, &e.resource_id)?;
-                    index_gone(&mut gone, &entry, &e.resource_id)?;
-                    out.push(entry);
-                }
-            }
-            if let Some(last) = out.last() {
-                let mut intake = txn.open_table(INTAKE).map_err(unavailable)?;
-                for stream_seq in intake_seqs {
-                    intake.insert(stream_seq, last.seq).map_err(unavailable)?;
-                }
-            }
-            txn.commit().map_err(unavailable)?;
-            Ok(out)
+            let (first, time_ms) = append_events(db, &origin, &events, &intake_seqs)?;
+            // The events move into their entries: nothing is copied.
+            Ok((first..)
+                .zip(events)
+                .map(|(seq, e)| JournalEntry {
+                    origin: origin.clone(),
+                    seq,
+                    action: e.action,
+                    data_type: e.data_type,
+                    user: e.user,
+                    resource: e.resource,
+                    time_ms,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn append_journal_lent(
+        &self,
+        origin: &str,
+        events: Arc<[NewEvent]>,
+        intake_seqs: Arc<[u64]>,
+    ) -> StoreResult<Vec<u64>> {
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let (first, _) = append_events(db, &origin, &events, &intake_seqs)?;
+            Ok((first..).take(events.len()).collect())
         })
         .await
     }
@@ -670,14 +657,24 @@ impl Store for EmbeddedStore {
     async fn intake_seen(&self, seqs: Vec<u64>) -> StoreResult<Vec<u64>> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(INTAKE).map_err(unavailable)?;
-            let mut seen = Vec::new();
-            for seq in seqs {
-                if table.get(seq).map_err(unavailable)?.is_some() {
-                    seen.push(seq);
+            let table = txn.open_table(INTAKE_RUNS).map_err(unavailable)?;
+            let (Some(&low), Some(&high)) = (seqs.iter().min(), seqs.iter().max()) else {
+                return Ok(Vec::new());
+            };
+            // The runs that may hold a queried seq: the one reaching `low` from below, and
+            // those starting in [low, high]. Ascending, disjoint.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            if let Some(item) = table.range(..low).map_err(unavailable)?.next_back() {
+                let (k, v) = item.map_err(unavailable)?;
+                if v.value() >= low {
+                    runs.push((k.value(), v.value()));
                 }
             }
-            Ok(seen)
+            for item in table.range(low..=high).map_err(unavailable)? {
+                let (k, v) = item.map_err(unavailable)?;
+                runs.push((k.value(), v.value()));
+            }
+            Ok(seqs.into_iter().filter(|&seq| in_runs(&runs, seq)).collect())
         })
         .await
     }
@@ -685,8 +682,8 @@ impl Store for EmbeddedStore {
     async fn intake_high(&self) -> StoreResult<u64> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(INTAKE).map_err(unavailable)?;
-            let high = table.last().map_err(unavailable)?.map(|(k, _)| k.value());
+            let table = txn.open_table(INTAKE_RUNS).map_err(unavailable)?;
+            let high = table.last().map_err(unavailable)?.map(|(_, last)| last.value());
             Ok(high.unwrap_or(0))
         })
         .await
@@ -695,10 +692,24 @@ impl Store for EmbeddedStore {
     async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(INTAKE)
-                .map_err(unavailable)?
-                .retain_in(..below, |_, _| false)
-                .map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(INTAKE_RUNS).map_err(unavailable)?;
+                table
+                    .retain_in(..below, |_, last| last >= below)
+                    .map_err(unavailable)?;
+                // What is left below is the run reaching `below`: it starts there now.
+                let straddling = match table.range(..below).map_err(unavailable)?.next_back() {
+                    Some(item) => Some(item.map_err(unavailable)?.1.value()),
+                    None => None,
+                };
+                if let Some(last) = straddling {
+                    table.retain_in(..below, |_, _| false).map_err(unavailable)?;
+                    let at = table.get(below).map_err(unavailable)?.map(|v| v.value());
+                    table
+                        .insert(below, last.max(at.unwrap_or(0)))
+                        .map_err(unavailable)?;
+                }
+            }
             txn.commit().map_err(unavailable)
         })
         .await
@@ -960,17 +971,194 @@ impl Store for EmbeddedStore {
     }
 }
 
+/// Appends `events` to `origin`'s journal in one commit, with the runs of `intake_seqs`;
+/// returns the seq of the first entry (the others follow it) and the entries' time.
+fn append_events(
+    db: &Database,
+    origin: &str,
+    events: &[NewEvent],
+    intake_seqs: &[u64],
+) -> StoreResult<(u64, u64)> {
+    let time_ms = now_ms();
+    let txn = db.begin_write().map_err(unavailable)?;
+    let first;
+    {
+        let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+        let mut own = txn.open_table(OWN_AT).map_err(unavailable)?;
+        let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
+        let floor = read_floor(&txn.open_table(META).map_err(unavailable)?, &floor_key(origin))?;
+        let mut seq = last_seq(&table, origin)?;
+        first = seq.saturating_add(1);
+        // One buffer for every value of the commit.
+        let mut value = Vec::with_capacity(2048);
+        for e in events {
+            seq = seq
+                .checked_add(1)
+                .ok_or_else(|| corrupt("journal seq overflow"))?;
+            value.clear();
+            let entry = EntryRef {
+                origin,
+                seq,
+                action: e.action,
+                data_type: &e.data_type,
+                user: &e.user,
+                resource: &e.resource,
+                time_ms,
+            };
+            write_journal_value(&mut value, &entry)?;
+            table
+                .insert((origin, seq), value.as_slice())
+                .map_err(unavailable)?;
+            // The own-resources index follows the journal in the same commit.
+            let key = (e.data_type.as_str(), e.resource_id.as_str());
+            let previous = reindex(&mut own, &mut gone, key, e.action, seq)?;
+            // Below the compaction floor only the latest entry of a resource stays: the one
+            // this entry supersedes goes in the same commit.
+            if let Some(p) = previous.filter(|p| *p <= floor) {
+                table.remove((origin, p)).map_err(unavailable)?;
+            }
+        }
+    }
+    if !events.is_empty() {
+        record_intake(&txn, intake_seqs)?;
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok((first, time_ms))
+}
+
+/// Points the own-resources index (`OWN_AT`) and the tombstone index (`OWN_GONE`) at the
+/// entry `seq` of `action` on `key`, as [`index_own`] then [`index_gone`] do, and returns the
+/// seq of the entry it supersedes: the live state's, else the tombstone's. The values the
+/// insert and the remove hand back are those lookups, which saves two B-tree descents per
+/// event.
+fn reindex(
+    own: &mut redb::Table<(&'static str, &'static str), u64>,
+    gone: &mut redb::Table<(&'static str, &'static str), u64>,
+    key: (&str, &str),
+    action: Action,
+    seq: u64,
+) -> StoreResult<Option<u64>> {
+    let (was_own, was_gone) = if action == Action::Delete {
+        let was_own = own.remove(key).map_err(unavailable)?.map(|v| v.value());
+        let was_gone = gone.insert(key, seq).map_err(unavailable)?.map(|v| v.value());
+        (was_own, was_gone)
+    } else {
+        let was_own = own.insert(key, seq).map_err(unavailable)?.map(|v| v.value());
+        let was_gone = gone.remove(key).map_err(unavailable)?.map(|v| v.value());
+        (was_own, was_gone)
+    };
+    Ok(was_own.or(was_gone))
+}
+
+/// A [`JournalEntry`] borrowing from the event it is made of: the same fields in the same
+/// order, so the same JSON, without moving or copying the resource.
+#[derive(serde::Serialize)]
+struct EntryRef<'a> {
+    origin: &'a str,
+    seq: u64,
+    action: Action,
+    data_type: &'a str,
+    user: &'a str,
+    resource: &'a Resource,
+    time_ms: u64,
+}
+
+/// Records the stream sequences of a journal commit as runs.
+fn record_intake(txn: &redb::WriteTransaction, seqs: &[u64]) -> StoreResult<()> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut table = txn.open_table(INTAKE_RUNS).map_err(unavailable)?;
+    let mut run: Option<(u64, u64)> = None;
+    for seq in sorted {
+        run = match run {
+            Some((first, last)) if last.checked_add(1) == Some(seq) => Some((first, seq)),
+            Some((first, last)) => {
+                add_run(&mut table, first, last)?;
+                Some((seq, seq))
+            }
+            None => Some((seq, seq)),
+        };
+    }
+    if let Some((first, last)) = run {
+        add_run(&mut table, first, last)?;
+    }
+    Ok(())
+}
+
+/// Adds the run `first..=last` to `INTAKE_RUNS`, merged with the runs it overlaps or touches.
+fn add_run(table: &mut redb::Table<u64, u64>, first: u64, last: u64) -> StoreResult<()> {
+    let (mut low, mut high) = (first, last);
+    if let Some(item) = table.range(..first).map_err(unavailable)?.next_back() {
+        let (k, v) = item.map_err(unavailable)?;
+        if v.value().saturating_add(1) >= first {
+            low = k.value();
+            high = high.max(v.value());
+        }
+    }
+    // Runs starting in [low, high + 1] join; a joining run may take `high` further (not
+    // past the next run while runs never touch, but checked again all the same).
+    let mut joined: Vec<u64> = Vec::new();
+    loop {
+        let mut grew = false;
+        for item in table.range(low..=high.saturating_add(1)).map_err(unavailable)? {
+            let (k, v) = item.map_err(unavailable)?;
+            if !joined.contains(&k.value()) {
+                joined.push(k.value());
+            }
+            if v.value() > high {
+                high = v.value();
+                grew = true;
+            }
+        }
+        if !grew {
+            break;
+        }
+    }
+    for start in joined {
+        table.remove(start).map_err(unavailable)?;
+    }
+    table.insert(low, high).map_err(unavailable)?;
+    Ok(())
+}
+
+/// Whether `seq` is in one of `runs` (ascending by first seq, disjoint).
+fn in_runs(runs: &[(u64, u64)], seq: u64) -> bool {
+    let after = runs.partition_point(|&(first, _)| first <= seq);
+    after > 0 && runs[after - 1].1 >= seq
+}
+
+/// Stores of earlier versions record one `INTAKE` row per stream sequence: moved into
+/// `INTAKE_RUNS`, then the table is dropped.
+fn migrate_intake_rows(txn: &redb::WriteTransaction) -> StoreResult<()> {
+    let seqs: Vec<u64> = {
+        let old = txn.open_table(INTAKE).map_err(unavailable)?;
+        let mut seqs = Vec::new();
+        for item in old.iter().map_err(unavailable)? {
+            seqs.push(item.map_err(unavailable)?.0.value());
+        }
+        seqs
+    };
+    record_intake(txn, &seqs)?;
+    txn.delete_table(INTAKE).map_err(unavailable)?;
+    if !seqs.is_empty() {
+        tracing::info!(records = seqs.len(), "intake records moved to runs");
+    }
+    Ok(())
+}
+
 /// A journal value: one byte for the action, then the entry's JSON, so a sender learns which
 /// stream an entry goes on without parsing it ([`Store::read_journal_raw`]).
-fn journal_value(entry: &JournalEntry) -> StoreResult<Vec<u8>> {
-    let mut out = Vec::with_capacity(1024);
+fn write_journal_value(out: &mut Vec<u8>, entry: &EntryRef<'_>) -> StoreResult<()> {
     out.push(match entry.action {
         Action::Create => 1,
         Action::Update => 2,
         Action::Delete => 3,
     });
-    serde_json::to_writer(&mut out, entry).map_err(corrupt)?;
-    Ok(out)
+    serde_json::to_writer(&mut *out, entry).map_err(corrupt)
 }
 
 /// The action (absent in values of earlier versions, which are the JSON alone) and the JSON.
@@ -1660,5 +1848,217 @@ mod tests {
             Relation::Known
         );
         assert!(store.peer("nobody").await.unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod intake_tests {
+    use super::*;
+
+    fn event(action: Action, id: &str) -> NewEvent {
+        NewEvent {
+            action,
+            data_type: "dt".into(),
+            user: "u".into(),
+            from_app: "app".into(),
+            resource: serde_json::json!({"id": id, "pad": "x"}).into(),
+            resource_id: id.into(),
+        }
+    }
+
+    fn runs(store: &EmbeddedStore) -> Vec<(u64, u64)> {
+        let db = store.db.read().unwrap();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(INTAKE_RUNS).unwrap();
+        table
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.value(), v.value())
+            })
+            .collect()
+    }
+
+    async fn mark(store: &EmbeddedStore, n: &mut usize, seqs: Vec<u64>) {
+        *n += 1;
+        let id = format!("r{n}");
+        store
+            .append_journal_lent("o", vec![event(Action::Create, &id)].into(), seqs.into())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn stream_sequences_are_kept_as_runs_with_the_same_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let mut n = 0;
+        mark(&store, &mut n, vec![12, 10, 11, 15, 16, 11]).await;
+        assert_eq!(runs(&store), vec![(10, 12), (15, 16)]);
+        assert_eq!(
+            store.intake_seen((8..=18).collect()).await.unwrap(),
+            vec![10, 11, 12, 15, 16]
+        );
+        assert_eq!(
+            store.intake_seen(vec![16, 9, 10]).await.unwrap(),
+            vec![16, 10],
+            "in the order asked"
+        );
+        // The gap filled: one run; the next batch extends it.
+        mark(&store, &mut n, vec![13, 14]).await;
+        mark(&store, &mut n, vec![17, 18]).await;
+        assert_eq!(runs(&store), vec![(10, 18)]);
+        mark(&store, &mut n, vec![30]).await;
+        mark(&store, &mut n, vec![0, 1, u64::MAX]).await;
+        assert_eq!(
+            runs(&store),
+            vec![(0, 1), (10, 18), (30, 30), (u64::MAX, u64::MAX)]
+        );
+        assert_eq!(store.intake_high().await.unwrap(), u64::MAX);
+        assert_eq!(
+            store
+                .intake_seen(vec![0, 2, 9, 18, 19, 29, 30, 31, u64::MAX])
+                .await
+                .unwrap(),
+            vec![0, 18, 30, u64::MAX]
+        );
+        // A run reaching the floor keeps what is at or above it.
+        store.intake_forget_below(12).await.unwrap();
+        assert_eq!(runs(&store), vec![(12, 18), (30, 30), (u64::MAX, u64::MAX)]);
+        assert_eq!(store.intake_seen(vec![11, 12]).await.unwrap(), vec![12]);
+        store.intake_forget_below(30).await.unwrap();
+        assert_eq!(runs(&store), vec![(30, 30), (u64::MAX, u64::MAX)]);
+        store.intake_forget_below(u64::MAX).await.unwrap();
+        assert_eq!(runs(&store), vec![(u64::MAX, u64::MAX)]);
+        // A commit with no events records nothing; one without sequences neither.
+        store
+            .append_journal_marked("o", Vec::new(), vec![40])
+            .await
+            .unwrap();
+        store
+            .append_journal("o", vec![event(Action::Create, "x")])
+            .await
+            .unwrap();
+        assert_eq!(runs(&store), vec![(u64::MAX, u64::MAX)]);
+        assert!(store.intake_seen(Vec::new()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn intake_rows_of_earlier_versions_become_runs_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(EmbeddedStore::open(&path).unwrap());
+        {
+            // An earlier version's rows: stream seq → journal seq.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(INTAKE).unwrap();
+                for (stream, journal) in [(5, 1), (6, 1), (7, 2), (9, 3), (3, 1)] {
+                    t.insert(stream, journal).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(runs(&store), vec![(3, 3), (5, 7), (9, 9)]);
+        assert_eq!(
+            store.intake_seen((2..=10).collect()).await.unwrap(),
+            vec![3, 5, 6, 7, 9]
+        );
+        assert_eq!(store.intake_high().await.unwrap(), 9);
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(runs(&store), vec![(3, 3), (5, 7), (9, 9)], "moved once");
+        let db = store.db.read().unwrap();
+        let txn = db.begin_read().unwrap();
+        let names: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n == "intake"), "{names:?}");
+    }
+
+    #[test]
+    fn a_borrowed_entry_is_the_json_of_its_journal_entry() {
+        let e = event(Action::Update, "r1");
+        let borrowed = EntryRef {
+            origin: "o",
+            seq: 7,
+            action: e.action,
+            data_type: &e.data_type,
+            user: &e.user,
+            resource: &e.resource,
+            time_ms: 99,
+        };
+        let owned = JournalEntry {
+            origin: "o".into(),
+            seq: 7,
+            action: e.action,
+            data_type: e.data_type.clone(),
+            user: e.user.clone(),
+            resource: e.resource.clone(),
+            time_ms: 99,
+        };
+        let mut value = Vec::new();
+        write_journal_value(&mut value, &borrowed).unwrap();
+        assert_eq!(value[0], 2);
+        assert_eq!(&value[1..], serde_json::to_vec(&owned).unwrap().as_slice());
+        assert_eq!(decode_journal(&value).unwrap(), owned);
+    }
+
+    /// `reindex` against the lookups and index updates it replaces, over every sequence of
+    /// actions on two keys up to a length.
+    #[test]
+    fn reindexing_finds_and_leaves_what_the_separate_lookups_did() {
+        const REF_OWN: TableDefinition<(&str, &str), u64> = TableDefinition::new("ref_own");
+        const REF_GONE: TableDefinition<(&str, &str), u64> = TableDefinition::new("ref_gone");
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("s.redb")).unwrap();
+        let actions = [Action::Create, Action::Update, Action::Delete];
+        // Every sequence of 5 steps over (2 keys × 3 actions): 6^5 = 7 776.
+        for code in 0..6u32.pow(5) {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut own = txn.open_table(OWN_AT).unwrap();
+                let mut gone = txn.open_table(OWN_GONE).unwrap();
+                let mut ref_own = txn.open_table(REF_OWN).unwrap();
+                let mut ref_gone = txn.open_table(REF_GONE).unwrap();
+                let mut c = code;
+                for seq in 1..=5u64 {
+                    let step = c % 6;
+                    c /= 6;
+                    let id = if step < 3 { "a" } else { "b" };
+                    let action = actions[(step % 3) as usize];
+                    let key = ("dt", id);
+                    let expected = match ref_own.get(key).unwrap() {
+                        Some(v) => Some(v.value()),
+                        None => ref_gone.get(key).unwrap().map(|v| v.value()),
+                    };
+                    let entry = JournalEntry {
+                        origin: "o".into(),
+                        seq,
+                        action,
+                        data_type: "dt".into(),
+                        user: String::new(),
+                        resource: serde_json::json!({"id": id}).into(),
+                        time_ms: 0,
+                    };
+                    index_own(&mut ref_own, &entry, id).unwrap();
+                    index_gone(&mut ref_gone, &entry, id).unwrap();
+                    let found = reindex(&mut own, &mut gone, key, action, seq).unwrap();
+                    assert_eq!(found, expected, "sequence {code}, step {seq}");
+                }
+                for id in ["a", "b"] {
+                    let key = ("dt", id);
+                    let get = |t: &redb::Table<(&str, &str), u64>| t.get(key).unwrap().map(|v| v.value());
+                    assert_eq!(get(&own), get(&ref_own), "sequence {code}");
+                    assert_eq!(get(&gone), get(&ref_gone), "sequence {code}");
+                }
+            }
+            txn.abort().unwrap();
+        }
     }
 }

@@ -8,6 +8,8 @@ pub mod embedded;
 pub mod mongo;
 pub mod retention;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -228,6 +230,21 @@ pub trait Store: Send + Sync + 'static {
         events: Vec<NewEvent>,
         intake_seqs: Vec<u64>,
     ) -> StoreResult<Vec<JournalEntry>>;
+
+    /// [`Store::append_journal_marked`] for a caller that keeps the events to try again after
+    /// a failure and needs only the entries' seqs (in order): the events are lent, not
+    /// copied for each attempt, and a backend may serialize them where they are.
+    async fn append_journal_lent(
+        &self,
+        origin: &str,
+        events: Arc<[NewEvent]>,
+        intake_seqs: Arc<[u64]>,
+    ) -> StoreResult<Vec<u64>> {
+        let entries = self
+            .append_journal_marked(origin, events.to_vec(), intake_seqs.to_vec())
+            .await?;
+        Ok(entries.into_iter().map(|e| e.seq).collect())
+    }
 
     /// Which of these JetStream stream sequences were journaled already.
     async fn intake_seen(&self, seqs: Vec<u64>) -> StoreResult<Vec<u64>> {
