@@ -431,17 +431,31 @@ impl Publisher {
         let work = async {
             let mut acks = Vec::new();
             let mut core = false;
+            // The rows of a batch share one or two subjects: each is looked up (and its
+            // `Subject` built) once per call, not once per row.
+            let mut subjects: Vec<(&str, async_nats::Subject, bool)> = Vec::new();
             for row in rows {
-                if self.is_captured(&row.subject, timeout).await {
+                let known = subjects.iter().find(|(s, _, _)| *s == row.subject.as_str());
+                let (subject, captured) = match known {
+                    Some((_, subject, captured)) => (subject.clone(), *captured),
+                    None => {
+                        let captured = self.is_captured(&row.subject, timeout).await;
+                        let subject = async_nats::Subject::from(row.subject.as_str());
+                        subjects.push((&row.subject, subject.clone(), captured));
+                        (subject, captured)
+                    }
+                };
+                let payload = bytes::Bytes::copy_from_slice(&row.payload);
+                if captured {
                     let ack = self
                         .js
-                        .publish_with_headers(row.subject.clone(), headers(row), row.payload.clone().into())
+                        .publish_with_headers(subject, headers(row), payload)
                         .await
                         .map_err(|e| failed(&e))?;
                     acks.push(ack);
                 } else {
                     self.client
-                        .publish_with_headers(row.subject.clone(), headers(row), row.payload.clone().into())
+                        .publish_with_headers(subject, headers(row), payload)
                         .await
                         .map_err(|e| failed(&e))?;
                     core = true;

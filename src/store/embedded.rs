@@ -11,11 +11,11 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    decide_at, outbox_row, AppliedRecord, AppliedRef, ApplyOutcome, CompactBounds, CompactReport, Holder,
+    decide_at, outbox_row, AppliedRecord, ApplyOutcome, CompactBounds, CompactReport, Holder,
     Local, OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry, ResourceKey, SnapshotPage, Store, StoreError,
     StoreResult, StoredResource,
 };
-use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
+use crate::contract::{now_ms, Action, JournalEntry, NewEvent, ResourceNotice};
 
 /// redb's page cache. Its default (1 GiB) made a node catching up on a million events
 /// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.
@@ -512,6 +512,7 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RESOURCES).map_err(unavailable)?;
+            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
             let start = match &after {
                 Some((dt, id)) => Bound::Excluded((dt.as_str(), id.as_str())),
                 None => Bound::Unbounded,
@@ -522,12 +523,12 @@ impl Store for EmbeddedStore {
             };
             let mut out = Vec::new();
             for item in table.range::<(&str, &str)>((start, end)).map_err(unavailable)? {
-                let (_, v) = item.map_err(unavailable)?;
-                let holder: Holder = serde_json::from_slice(v.value()).map_err(corrupt)?;
+                let (k, v) = item.map_err(unavailable)?;
+                let holder = decode_holder(k.value(), v.value())?;
                 if holder.origin != origin || holder.deleted {
                     continue;
                 }
-                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+                out.push(decode_resource(&log, k.value(), v.value())?);
                 if out.len() >= limit {
                     break;
                 }
@@ -761,6 +762,8 @@ impl Store for EmbeddedStore {
                     None => 1,
                 };
                 remove_outbox_rows(&mut outbox, published)?;
+                // Reused for every entry: one allocation per batch, not two per event.
+                let (mut state_buf, mut log_buf) = (Vec::with_capacity(128), Vec::with_capacity(2048));
                 for entry in entries.iter() {
                     let Some(id) = entry.resource_id() else {
                         outcomes.push(ApplyOutcome::Stale);
@@ -768,7 +771,7 @@ impl Store for EmbeddedStore {
                     };
                     let key = (entry.data_type.as_str(), id);
                     let existing: Option<Holder> = match resources.get(key).map_err(unavailable)? {
-                        Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+                        Some(v) => Some(decode_holder(key, v.value())?),
                         None => None,
                     };
                     // Only the node writes `resources`: no site document to consider.
@@ -780,24 +783,13 @@ impl Store for EmbeddedStore {
                     if outcome == ApplyOutcome::Applied {
                         let row = outbox_row(entry, next_id);
                         next_id += 1;
-                        let stored = StoredRef {
-                            data_type: &entry.data_type,
-                            id,
-                            origin: &entry.origin,
-                            version: entry.seq,
-                            deleted: entry.action == Action::Delete,
-                            user: &entry.user,
-                            resource: &entry.resource,
-                        };
-                        let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
-                        resources.insert(key, bytes.as_slice()).map_err(unavailable)?;
-                        let logged = AppliedRef {
-                            key: next_key,
-                            applied_ms,
-                            entry,
-                        };
-                        let bytes = serde_json::to_vec(&logged).map_err(corrupt)?;
-                        log.insert(next_key, bytes.as_slice()).map_err(unavailable)?;
+                        // The resource is written once, in the applied-log row; the state
+                        // points at it ([`StateBody::At`]).
+                        let deleted = entry.action == Action::Delete;
+                        encode_state_at(&mut state_buf, &entry.origin, entry.seq, deleted, next_key);
+                        resources.insert(key, state_buf.as_slice()).map_err(unavailable)?;
+                        encode_logged(&mut log_buf, applied_ms, entry, id)?;
+                        log.insert(next_key, log_buf.as_slice()).map_err(unavailable)?;
                         next_key += 1;
                         rows.push(row);
                         keys.push((&entry.data_type, id, entry.seq));
@@ -836,6 +828,7 @@ impl Store for EmbeddedStore {
             let mut removed = 0u64;
             {
                 let mut log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+                let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
                 let Some(last) = log.last().map_err(unavailable)?.map(|(k, _)| k.value()) else {
                     return Ok(0);
                 };
@@ -846,7 +839,7 @@ impl Store for EmbeddedStore {
                                 let key = k.value();
                                 let rows = last.saturating_sub(key).saturating_add(1);
                                 let trims = super::trims_applied_row(rows, keep_rows, older_than_ms, || {
-                                    super::applied_ms_of(v.value()).map_err(corrupt)
+                                    logged_ms(key, v.value())
                                 })?;
                                 Some((key, trims))
                             }
@@ -858,7 +851,9 @@ impl Store for EmbeddedStore {
                     if !trims {
                         break;
                     }
-                    log.remove(key).map_err(unavailable)?;
+                    if let Some(row) = log.remove(key).map_err(unavailable)? {
+                        inline_before_trim(&mut resources, key, row.value())?;
+                    }
                     removed += 1;
                 }
             }
@@ -878,8 +873,8 @@ impl Store for EmbeddedStore {
             let table = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
             let mut out = Vec::new();
             for row in table.range(..before).map_err(unavailable)?.rev().take(limit) {
-                let (_, value) = row.map_err(unavailable)?;
-                out.push(serde_json::from_slice(value.value()).map_err(corrupt)?);
+                let (key, value) = row.map_err(unavailable)?;
+                out.push(decode_logged(key.value(), value.value())?);
             }
             Ok(out)
         })
@@ -891,11 +886,12 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(OUTBOX).map_err(unavailable)?;
             let resources = txn.open_table(RESOURCES).map_err(unavailable)?;
+            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
             let mut out = Vec::new();
             for item in table.range(0u64..).map_err(unavailable)? {
                 let (k, v) = item.map_err(unavailable)?;
                 for row in decode_group(k.value(), v.value())? {
-                    out.extend(resolve(row, &resources)?);
+                    out.extend(resolve(row, &resources, &log)?);
                 }
                 if out.len() >= limit {
                     break;
@@ -927,11 +923,10 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RESOURCES).map_err(unavailable)?;
-            match table
-                .get((data_type.as_str(), id.as_str()))
-                .map_err(unavailable)?
-            {
-                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
+            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            let key = (data_type.as_str(), id.as_str());
+            match table.get(key).map_err(unavailable)? {
+                Some(v) => Ok(Some(decode_resource(&log, key, v.value())?)),
                 None => Ok(None),
             }
         })
@@ -948,6 +943,7 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RESOURCES).map_err(unavailable)?;
+            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
             let start = after.clone().unwrap_or_default();
             let mut out = Vec::new();
             // Keys sort by data_type then id; stop at the first key of another data type.
@@ -963,7 +959,7 @@ impl Store for EmbeddedStore {
                 if after.as_deref() == Some(id) {
                     continue;
                 }
-                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+                out.push(decode_resource(&log, (dt, id), v.value())?);
             }
             Ok(out)
         })
@@ -1175,7 +1171,9 @@ fn decode_journal(value: &[u8]) -> StoreResult<JournalEntry> {
     serde_json::from_slice(split_journal_value(value).1).map_err(corrupt)
 }
 
-/// A [`StoredResource`] borrowing from its entry: the same JSON, without copying the resource.
+/// A [`StoredResource`] as earlier versions stored it (JSON), still read by
+/// [`decode_state`]; tests write it to check that.
+#[cfg(test)]
 #[derive(serde::Serialize)]
 struct StoredRef<'a> {
     data_type: &'a str,
@@ -1186,7 +1184,7 @@ struct StoredRef<'a> {
     /// Not part of [`StoredResource`]: kept so an outbox row can point at this state
     /// instead of holding a copy of its notice ([`StoredRow::Ref`]).
     user: &'a str,
-    resource: &'a Resource,
+    resource: &'a crate::contract::Resource,
 }
 
 /// What a notice needs of a stored state.
@@ -1260,6 +1258,7 @@ fn stored_rows(rows: &[OutboxRow], keys: &[(&str, &str, u64)]) -> Vec<StoredRow>
 fn resolve(
     row: StoredRow,
     resources: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    log: &impl ReadableTable<u64, &'static [u8]>,
 ) -> StoreResult<Option<OutboxRow>> {
     let (id, subject, msg_id, data_type, resource_id, version) = match row {
         StoredRow::Full(row) => return Ok(Some(row)),
@@ -1272,11 +1271,9 @@ fn resolve(
             version,
         } => (id, subject, msg_id, data_type, resource_id, version),
     };
-    let state: Option<StoredNotice> = match resources
-        .get((data_type.as_str(), resource_id.as_str()))
-        .map_err(unavailable)?
-    {
-        Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+    let key = (data_type.as_str(), resource_id.as_str());
+    let state: Option<StoredNotice> = match resources.get(key).map_err(unavailable)? {
+        Some(v) => Some(decode_notice(log, key, v.value())?),
         None => None,
     };
     match state {
@@ -1291,6 +1288,294 @@ fn resolve(
             Ok(None)
         }
     }
+}
+
+/// First byte of a stored state in the binary layout of [`encode_state_inline`] (a state of
+/// an earlier version is JSON, [`StoredRef`], and starts with `{`).
+const STATE_INLINE: u8 = 1;
+/// First byte of a stored state whose user and resource are those of the entry in its
+/// applied-log row ([`encode_state_at`]).
+const STATE_AT: u8 = 2;
+/// First byte of an applied-log row in the binary layout of [`encode_logged`] (a row of an
+/// earlier version is JSON, [`AppliedRef`], and starts with `{`).
+const LOG_BINARY: u8 = 1;
+
+/// A stored state decoded from any layout, borrowing from its bytes where it can.
+struct State<'a> {
+    origin: std::borrow::Cow<'a, str>,
+    version: u64,
+    deleted: bool,
+    body: StateBody<'a>,
+}
+
+/// Where a stored state's user and resource are.
+enum StateBody<'a> {
+    /// In the state itself: the user and the resource's JSON text.
+    Inline { user: &'a str, resource: &'a str },
+    /// In the entry of the applied-log row under this key: the state was written with that
+    /// row, and a trim that removes the row first copies them into the state
+    /// ([`inline_before_trim`]).
+    At(u64),
+    /// The JSON layout of earlier versions: the whole value.
+    Json(&'a [u8]),
+}
+
+/// The start of both binary layouts: the tag, u64 LE version, one byte deleted, origin.
+fn put_state_head(out: &mut Vec<u8>, tag: u8, origin: &str, version: u64, deleted: bool) {
+    out.push(tag);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.push(u8::from(deleted));
+    put_field(out, origin);
+}
+
+/// `1, version, deleted, origin, user (a field), the resource's JSON text`.
+fn encode_state_inline(out: &mut Vec<u8>, origin: &str, version: u64, deleted: bool, user: &str, resource: &str) {
+    out.clear();
+    put_state_head(out, STATE_INLINE, origin, version, deleted);
+    put_field(out, user);
+    out.extend_from_slice(resource.as_bytes());
+}
+
+/// `2, version, deleted, origin, u64 LE applied-log key`: an apply writes the resource
+/// once, in its applied-log row, instead of twice (docs/PERFORMANCE.md).
+fn encode_state_at(out: &mut Vec<u8>, origin: &str, version: u64, deleted: bool, log_key: u64) {
+    out.clear();
+    put_state_head(out, STATE_AT, origin, version, deleted);
+    out.extend_from_slice(&log_key.to_le_bytes());
+}
+
+/// Reads a stored state of any layout; `key` `(data_type, id)` names it in errors.
+fn decode_state<'a>(key: (&str, &str), bytes: &'a [u8]) -> StoreResult<State<'a>> {
+    let truncated = || corrupt(format!("stored state {}/{} truncated", key.0, key.1));
+    let tag = match bytes.first() {
+        Some(&t @ (STATE_INLINE | STATE_AT)) => t,
+        _ => {
+            let h: Holder = serde_json::from_slice(bytes).map_err(corrupt)?;
+            return Ok(State {
+                origin: h.origin.into(),
+                version: h.version,
+                deleted: h.deleted,
+                body: StateBody::Json(bytes),
+            });
+        }
+    };
+    let (version, rest) = bytes[1..].split_first_chunk::<8>().ok_or_else(truncated)?;
+    let (deleted, mut rest) = rest.split_first().ok_or_else(truncated)?;
+    let origin = take_str(&mut rest).ok_or_else(truncated)??;
+    let body = if tag == STATE_INLINE {
+        let user = take_str(&mut rest).ok_or_else(truncated)??;
+        let resource = std::str::from_utf8(rest).map_err(corrupt)?;
+        StateBody::Inline { user, resource }
+    } else {
+        let (log_key, _) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;
+        StateBody::At(u64::from_le_bytes(*log_key))
+    };
+    Ok(State {
+        origin: origin.into(),
+        version: u64::from_le_bytes(*version),
+        deleted: *deleted != 0,
+        body,
+    })
+}
+
+/// What the version rule reads of a stored state.
+fn decode_holder(key: (&str, &str), bytes: &[u8]) -> StoreResult<Holder> {
+    let state = decode_state(key, bytes)?;
+    Ok(Holder {
+        origin: state.origin.into_owned(),
+        version: state.version,
+        deleted: state.deleted,
+    })
+}
+
+/// What a state's readers need of an applied entry: its user and resource.
+#[derive(serde::Deserialize)]
+struct EntryBody {
+    #[serde(default)]
+    user: String,
+    resource: Box<serde_json::value::RawValue>,
+}
+
+/// The user and resource of a binary state: its own, or its applied-log row's.
+fn state_body(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    key: (&str, &str),
+    body: &StateBody<'_>,
+) -> StoreResult<EntryBody> {
+    match body {
+        StateBody::Inline { user, resource } => Ok(EntryBody {
+            user: (*user).to_owned(),
+            resource: serde_json::value::RawValue::from_string((*resource).to_owned()).map_err(corrupt)?,
+        }),
+        StateBody::At(log_key) => match log.get(*log_key).map_err(unavailable)? {
+            Some(row) => logged_body(*log_key, row.value()),
+            None => Err(corrupt(format!(
+                "stored state {}/{} points at missing applied-log row {log_key}",
+                key.0, key.1
+            ))),
+        },
+        StateBody::Json(bytes) => serde_json::from_slice(bytes).map_err(corrupt),
+    }
+}
+
+/// A stored state as [`StoredResource`].
+fn decode_resource(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    key: (&str, &str),
+    bytes: &[u8],
+) -> StoreResult<StoredResource> {
+    let state = decode_state(key, bytes)?;
+    if let StateBody::Json(json) = state.body {
+        return serde_json::from_slice(json).map_err(corrupt);
+    }
+    let body = state_body(log, key, &state.body)?;
+    Ok(StoredResource {
+        data_type: key.0.to_owned(),
+        id: key.1.to_owned(),
+        origin: state.origin.into_owned(),
+        version: state.version,
+        deleted: state.deleted,
+        resource: serde_json::from_str(body.resource.get()).map_err(corrupt)?,
+    })
+}
+
+/// A stored state as [`StoredNotice`].
+fn decode_notice(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    key: (&str, &str),
+    bytes: &[u8],
+) -> StoreResult<StoredNotice> {
+    let state = decode_state(key, bytes)?;
+    if let StateBody::Json(json) = state.body {
+        return serde_json::from_slice(json).map_err(corrupt);
+    }
+    let body = state_body(log, key, &state.body)?;
+    Ok(StoredNotice {
+        origin: state.origin.into_owned(),
+        version: state.version,
+        user: body.user,
+        resource: body.resource,
+    })
+}
+
+/// `1, u64 LE applied_ms, data type and resource id (fields), the entry's JSON`: the key is
+/// the table's, the resource's key lets a trim find the state pointing here.
+fn encode_logged(out: &mut Vec<u8>, applied_ms: u64, entry: &JournalEntry, resource_id: &str) -> StoreResult<()> {
+    out.clear();
+    out.push(LOG_BINARY);
+    out.extend_from_slice(&applied_ms.to_le_bytes());
+    put_field(out, &entry.data_type);
+    put_field(out, resource_id);
+    serde_json::to_writer(&mut *out, entry).map_err(corrupt)
+}
+
+/// The header of a binary applied-log row.
+struct LogHead<'a> {
+    applied_ms: u64,
+    /// `(data_type, id)` of the resource: a trim looks up the state that may point here.
+    resource: (&'a str, &'a str),
+}
+
+/// A binary applied-log row's header and entry JSON; `None` for a JSON row of an earlier
+/// version (the whole [`AppliedRecord`]).
+fn split_logged(key: u64, bytes: &[u8]) -> StoreResult<Option<(LogHead<'_>, &[u8])>> {
+    let Some((&LOG_BINARY, rest)) = bytes.split_first() else {
+        return Ok(None);
+    };
+    let truncated = || corrupt(format!("applied-log row {key} truncated"));
+    let (ms, mut rest) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;
+    let data_type = take_str(&mut rest).ok_or_else(truncated)??;
+    let id = take_str(&mut rest).ok_or_else(truncated)??;
+    let head = LogHead {
+        applied_ms: u64::from_le_bytes(*ms),
+        resource: (data_type, id),
+    };
+    Ok(Some((head, rest)))
+}
+
+/// An applied-log row of either layout as its record.
+fn decode_logged(key: u64, bytes: &[u8]) -> StoreResult<AppliedRecord> {
+    match split_logged(key, bytes)? {
+        Some((head, json)) => Ok(AppliedRecord {
+            key,
+            applied_ms: head.applied_ms,
+            entry: serde_json::from_slice(json).map_err(corrupt)?,
+        }),
+        None => serde_json::from_slice(bytes).map_err(corrupt),
+    }
+}
+
+/// The apply time of an applied-log row of either layout, without decoding its entry.
+fn logged_ms(key: u64, bytes: &[u8]) -> StoreResult<u64> {
+    match split_logged(key, bytes)? {
+        Some((head, _)) => Ok(head.applied_ms),
+        None => super::applied_ms_of(bytes).map_err(corrupt),
+    }
+}
+
+/// The user and resource of the entry of an applied-log row of either layout.
+fn logged_body(key: u64, bytes: &[u8]) -> StoreResult<EntryBody> {
+    #[derive(serde::Deserialize)]
+    struct Record {
+        entry: EntryBody,
+    }
+    match split_logged(key, bytes)? {
+        Some((_, json)) => serde_json::from_slice(json).map_err(corrupt),
+        None => serde_json::from_slice::<Record>(bytes)
+            .map(|r| r.entry)
+            .map_err(corrupt),
+    }
+}
+
+/// Before applied-log row `key` (`row`) is trimmed: the stored state still pointing at it
+/// takes its user and resource inline, in the same commit, so the state outlives the row.
+/// A JSON row of an earlier version has no state pointing at it.
+fn inline_before_trim(
+    resources: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
+    key: u64,
+    row: &[u8],
+) -> StoreResult<()> {
+    let Some((head, _)) = split_logged(key, row)? else {
+        return Ok(());
+    };
+    let rewrite = match resources.get(head.resource).map_err(unavailable)? {
+        Some(v) => {
+            let state = decode_state(head.resource, v.value())?;
+            match state.body {
+                StateBody::At(at) if at == key => {
+                    let body = logged_body(key, row)?;
+                    let mut out = Vec::new();
+                    encode_state_inline(
+                        &mut out,
+                        &state.origin,
+                        state.version,
+                        state.deleted,
+                        &body.user,
+                        body.resource.get(),
+                    );
+                    Some(out)
+                }
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    if let Some(bytes) = rewrite {
+        resources
+            .insert(head.resource, bytes.as_slice())
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Reads a field written by [`put_field`] off the front of `rest`, borrowed; `None` when
+/// `rest` is too short.
+fn take_str<'a>(rest: &mut &'a [u8]) -> Option<StoreResult<&'a str>> {
+    let (len, tail) = rest.split_first_chunk::<4>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    let text = tail.get(..len)?;
+    *rest = &tail[len..];
+    Some(std::str::from_utf8(text).map_err(corrupt))
 }
 
 /// First byte of an outbox row in the binary layout (a JSON row starts with `{`).
@@ -1694,6 +1979,7 @@ async fn read_u64(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::Resource;
     use crate::store::Relation;
 
     fn row(id: &str, relation: Relation, name: &str) -> PeerRow {
@@ -1820,6 +2106,101 @@ mod tests {
         }
         txn.commit().unwrap();
         assert!(store.outbox(100).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn states_point_at_their_log_row_until_a_trim_inlines_them_and_old_json_rows_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let entry = |seq: u64, action: Action, id: &str| JournalEntry {
+            origin: "o".into(),
+            seq,
+            action,
+            data_type: "D".into(),
+            user: format!("u{seq}"),
+            resource: Resource::from_json(&format!(r#"{{ "id": "{id}", "creator_id": "o", "v": {seq} }}"#))
+                .unwrap(),
+            time_ms: 1,
+        };
+        // An earlier version's rows: a JSON state of "old" and its JSON log row.
+        let legacy = entry(1, Action::Create, "old");
+        let txn = store.db.read().unwrap().begin_write().unwrap();
+        {
+            let state = StoredRef {
+                data_type: "D",
+                id: "old",
+                origin: "o",
+                version: 1,
+                deleted: false,
+                user: "u1",
+                resource: &legacy.resource,
+            };
+            txn.open_table(RESOURCES)
+                .unwrap()
+                .insert(("D", "old"), serde_json::to_vec(&state).unwrap().as_slice())
+                .unwrap();
+            let logged = crate::store::AppliedRef {
+                key: 1,
+                applied_ms: 5,
+                entry: &legacy,
+            };
+            txn.open_table(APPLIED_LOG)
+                .unwrap()
+                .insert(1, serde_json::to_vec(&logged).unwrap().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        let batch = vec![
+            entry(2, Action::Create, "a"),
+            entry(3, Action::Update, "old"),
+            entry(4, Action::Create, "b"),
+            entry(5, Action::Delete, "b"),
+        ];
+        let (outcomes, rows) = store.apply_batch("o", 5, batch.clone()).await.unwrap();
+        assert!(outcomes.iter().all(|o| *o == ApplyOutcome::Applied), "{outcomes:?}");
+        let (stale, _) = store
+            .apply_batch("o", 5, vec![entry(1, Action::Update, "a")])
+            .await
+            .unwrap();
+        assert_eq!(stale, [ApplyOutcome::Stale], "the version rule reads the new layout");
+        let resource = |e: &JournalEntry, deleted: bool| StoredResource {
+            data_type: "D".into(),
+            id: e.resource_id().unwrap().into(),
+            origin: "o".into(),
+            version: e.seq,
+            deleted,
+            resource: e.resource.to_value(),
+        };
+        let want = vec![
+            resource(&batch[0], false),
+            resource(&batch[3], true),
+            resource(&batch[1], false),
+        ];
+        let log = store.applied_log(u64::MAX, 10).await.unwrap();
+        assert_eq!(log.len(), 5);
+        assert_eq!((log[4].key, log[4].applied_ms, &log[4].entry), (1, 5, &legacy), "a JSON row reads");
+        for (record, e) in log[..4].iter().rev().zip(&batch) {
+            assert_eq!(&record.entry, e);
+        }
+        assert_eq!(store.resources("D", None, 10).await.unwrap(), want);
+        assert_eq!(store.outbox(100).await.unwrap(), rows);
+
+        // Trimming every row but the newest: the states pointing at them take their
+        // resource inline first; what the readers return stays the same.
+        assert_eq!(store.trim_applied_log(u64::MAX, 1, 100).await.unwrap(), 4);
+        assert_eq!(store.resources("D", None, 10).await.unwrap(), want);
+        assert_eq!(store.resource("D", "old").await.unwrap().as_ref(), Some(&want[2]));
+        assert_eq!(store.outbox(100).await.unwrap(), rows, "notices rebuilt from inline states");
+        assert_eq!(store.origin_resources("o", None, None, 10).await.unwrap(), [want[0].clone(), want[2].clone()]);
+        let txn = store.db.read().unwrap().begin_read().unwrap();
+        let table = txn.open_table(RESOURCES).unwrap();
+        let tags: Vec<u8> = ["a", "b", "old"]
+            .iter()
+            .map(|id| table.get(("D", *id)).unwrap().unwrap().value()[0])
+            .collect();
+        assert_eq!(tags, [STATE_INLINE, STATE_AT, STATE_INLINE], "b's row is the newest, kept");
+        let cut = &table.get(("D", "b")).unwrap().unwrap().value()[..6].to_vec();
+        assert!(matches!(decode_state(("D", "b"), cut), Err(StoreError::Corrupt(_))));
     }
 
     #[tokio::test]
