@@ -15,7 +15,7 @@ use super::{
     Local, OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry, ResourceKey, SnapshotPage, Store, StoreError,
     StoreResult, StoredResource,
 };
-use crate::contract::{now_ms, Action, JournalEntry, NewEvent, ResourceNotice};
+use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
 /// redb's page cache. Its default (1 GiB) made a node catching up on a million events
 /// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.
