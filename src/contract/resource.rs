@@ -64,7 +64,9 @@ impl Resource {
     /// JSON must hold none. Valid JSON has line breaks only between tokens (inside strings
     /// they are escaped), where a space means the same.
     pub(crate) fn from_raw(raw: Box<RawValue>) -> Resource {
-        let raw = if raw.get().contains(['\n', '\r']) {
+        // A byte scan: `str::contains` with a char set decoded every UTF-8 code point, ≈ 3 %
+        // of a receiving node's CPU (docs/PERFORMANCE.md).
+        let raw = if raw.get().bytes().any(|b| b == b'\n' || b == b'\r') {
             let flat = raw.get().replace(['\n', '\r'], " ");
             RawValue::from_string(flat).unwrap_or(raw)
         } else {

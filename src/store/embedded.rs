@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    decide_at, outbox_row, AppliedRecord, ApplyOutcome, CompactBounds, CompactReport, Holder,
-    Local, OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry, ResourceKey, SnapshotPage, Store, StoreError,
+    decide_at, outbox_row, AppliedRecord, ApplyOutcome, CompactBounds, CompactReport, Holder, Local,
+    OutboxRow, OwnPage, PageBounds, PeerRow, RawEntry, ResourceKey, SnapshotPage, Store, StoreError,
     StoreResult, StoredResource,
 };
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
@@ -1329,7 +1329,14 @@ fn put_state_head(out: &mut Vec<u8>, tag: u8, origin: &str, version: u64, delete
 }
 
 /// `1, version, deleted, origin, user (a field), the resource's JSON text`.
-fn encode_state_inline(out: &mut Vec<u8>, origin: &str, version: u64, deleted: bool, user: &str, resource: &str) {
+fn encode_state_inline(
+    out: &mut Vec<u8>,
+    origin: &str,
+    version: u64,
+    deleted: bool,
+    user: &str,
+    resource: &str,
+) {
     out.clear();
     put_state_head(out, STATE_INLINE, origin, version, deleted);
     put_field(out, user);
@@ -1460,7 +1467,12 @@ fn decode_notice(
 
 /// `1, u64 LE applied_ms, data type and resource id (fields), the entry's JSON`: the key is
 /// the table's, the resource's key lets a trim find the state pointing here.
-fn encode_logged(out: &mut Vec<u8>, applied_ms: u64, entry: &JournalEntry, resource_id: &str) -> StoreResult<()> {
+fn encode_logged(
+    out: &mut Vec<u8>,
+    applied_ms: u64,
+    entry: &JournalEntry,
+    resource_id: &str,
+) -> StoreResult<()> {
     out.clear();
     out.push(LOG_BINARY);
     out.extend_from_slice(&applied_ms.to_le_bytes());
@@ -1673,6 +1685,23 @@ fn decode_group(key: u64, bytes: &[u8]) -> StoreResult<Vec<StoredRow>> {
     Ok(rows)
 }
 
+/// The ids of the rows under one outbox key, without decoding the rows.
+fn group_ids(key: u64, bytes: &[u8]) -> StoreResult<Vec<u64>> {
+    let Some((&OUTBOX_GROUP, mut rest)) = bytes.split_first() else {
+        return Ok(vec![decode_row(key, bytes)?.id()]);
+    };
+    let truncated = || corrupt(format!("outbox group {key} truncated"));
+    let mut ids = Vec::new();
+    while !rest.is_empty() {
+        let (id, tail) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;
+        let (len, tail) = tail.split_first_chunk::<4>().ok_or_else(truncated)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        rest = tail.get(len..).ok_or_else(truncated)?;
+        ids.push(u64::from_le_bytes(*id));
+    }
+    Ok(ids)
+}
+
 /// Removes rows by id. A row lives under the smallest key at or above its id (keys are the
 /// highest id of their group); a group losing only some rows is written back without them.
 fn remove_outbox_rows(table: &mut redb::Table<u64, &[u8]>, mut ids: Vec<u64>) -> StoreResult<()> {
@@ -1691,6 +1720,15 @@ fn remove_outbox_rows(table: &mut redb::Table<u64, &[u8]>, mut ids: Vec<u64>) ->
         let upto = ids[i..].partition_point(|id| *id <= key) + i;
         let gone = &ids[i..upto];
         i = upto;
+        // The usual case, a whole group published, needs only its ids: its rows are not
+        // decoded (each would copy four strings).
+        if group_ids(key, &value)?
+            .iter()
+            .all(|id| gone.binary_search(id).is_ok())
+        {
+            table.remove(key).map_err(unavailable)?;
+            continue;
+        }
         let rows = decode_group(key, &value)?;
         let before = rows.len();
         let kept: Vec<StoredRow> = rows
@@ -2157,12 +2195,19 @@ mod tests {
             entry(5, Action::Delete, "b"),
         ];
         let (outcomes, rows) = store.apply_batch("o", 5, batch.clone()).await.unwrap();
-        assert!(outcomes.iter().all(|o| *o == ApplyOutcome::Applied), "{outcomes:?}");
+        assert!(
+            outcomes.iter().all(|o| *o == ApplyOutcome::Applied),
+            "{outcomes:?}"
+        );
         let (stale, _) = store
             .apply_batch("o", 5, vec![entry(1, Action::Update, "a")])
             .await
             .unwrap();
-        assert_eq!(stale, [ApplyOutcome::Stale], "the version rule reads the new layout");
+        assert_eq!(
+            stale,
+            [ApplyOutcome::Stale],
+            "the version rule reads the new layout"
+        );
         let resource = |e: &JournalEntry, deleted: bool| StoredResource {
             data_type: "D".into(),
             id: e.resource_id().unwrap().into(),
@@ -2178,7 +2223,11 @@ mod tests {
         ];
         let log = store.applied_log(u64::MAX, 10).await.unwrap();
         assert_eq!(log.len(), 5);
-        assert_eq!((log[4].key, log[4].applied_ms, &log[4].entry), (1, 5, &legacy), "a JSON row reads");
+        assert_eq!(
+            (log[4].key, log[4].applied_ms, &log[4].entry),
+            (1, 5, &legacy),
+            "a JSON row reads"
+        );
         for (record, e) in log[..4].iter().rev().zip(&batch) {
             assert_eq!(&record.entry, e);
         }
@@ -2190,17 +2239,31 @@ mod tests {
         assert_eq!(store.trim_applied_log(u64::MAX, 1, 100).await.unwrap(), 4);
         assert_eq!(store.resources("D", None, 10).await.unwrap(), want);
         assert_eq!(store.resource("D", "old").await.unwrap().as_ref(), Some(&want[2]));
-        assert_eq!(store.outbox(100).await.unwrap(), rows, "notices rebuilt from inline states");
-        assert_eq!(store.origin_resources("o", None, None, 10).await.unwrap(), [want[0].clone(), want[2].clone()]);
+        assert_eq!(
+            store.outbox(100).await.unwrap(),
+            rows,
+            "notices rebuilt from inline states"
+        );
+        assert_eq!(
+            store.origin_resources("o", None, None, 10).await.unwrap(),
+            [want[0].clone(), want[2].clone()]
+        );
         let txn = store.db.read().unwrap().begin_read().unwrap();
         let table = txn.open_table(RESOURCES).unwrap();
         let tags: Vec<u8> = ["a", "b", "old"]
             .iter()
             .map(|id| table.get(("D", *id)).unwrap().unwrap().value()[0])
             .collect();
-        assert_eq!(tags, [STATE_INLINE, STATE_AT, STATE_INLINE], "b's row is the newest, kept");
+        assert_eq!(
+            tags,
+            [STATE_INLINE, STATE_AT, STATE_INLINE],
+            "b's row is the newest, kept"
+        );
         let cut = &table.get(("D", "b")).unwrap().unwrap().value()[..6].to_vec();
-        assert!(matches!(decode_state(("D", "b"), cut), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            decode_state(("D", "b"), cut),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[tokio::test]
