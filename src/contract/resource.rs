@@ -64,16 +64,23 @@ impl Resource {
     /// JSON must hold none. Valid JSON has line breaks only between tokens (inside strings
     /// they are escaped), where a space means the same.
     pub(crate) fn from_raw(raw: Box<RawValue>) -> Resource {
-        // A byte scan: `str::contains` with a char set decoded every UTF-8 code point, ≈ 3 %
-        // of a receiving node's CPU (docs/PERFORMANCE.md).
-        let raw = if raw.get().bytes().any(|b| b == b'\n' || b == b'\r') {
-            let flat = raw.get().replace(['\n', '\r'], " ");
-            RawValue::from_string(flat).unwrap_or(raw)
-        } else {
-            raw
-        };
+        let raw = one_line(raw);
         let (id, creator_id) = read_keys(raw.get());
         Resource { raw, id, creator_id }
+    }
+
+    /// [`Resource::from_raw`] for text from an application: in the same pass that reads
+    /// `id` and `creator_id`, every value is read as a tree would read it (nesting within
+    /// serde_json's 128 levels, numbers in range, valid `\u` escapes), which the validation
+    /// of a raw value does not do. One pass instead of two over each resource the intake
+    /// takes (docs/PERFORMANCE.md).
+    ///
+    /// # Errors
+    /// A value no tree could hold.
+    pub(crate) fn from_raw_checked(raw: Box<RawValue>) -> Result<Resource, serde_json::Error> {
+        let raw = one_line(raw);
+        let (id, creator_id) = check_and_read_keys(raw.get())?;
+        Ok(Resource { raw, id, creator_id })
     }
 
     /// # Errors
@@ -160,6 +167,128 @@ impl<'de> Deserialize<'de> for Resource {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Resource, D::Error> {
         Box::<RawValue>::deserialize(d).map(Resource::from_raw)
     }
+}
+
+/// `raw` without line breaks (see [`Resource::from_raw`]).
+fn one_line(raw: Box<RawValue>) -> Box<RawValue> {
+    // A byte scan: `str::contains` with a char set decoded every UTF-8 code point, ≈ 3 %
+    // of a receiving node's CPU (docs/PERFORMANCE.md).
+    if raw.get().bytes().any(|b| b == b'\n' || b == b'\r') {
+        let flat = raw.get().replace(['\n', '\r'], " ");
+        RawValue::from_string(flat).unwrap_or(raw)
+    } else {
+        raw
+    }
+}
+
+/// Any JSON value, read the way a tree reads it and then dropped: what
+/// [`check_and_read_keys`] makes of the values it does not keep.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(CheckedVisitor).map(|_| Checked)
+    }
+}
+
+/// Visits any value as [`Checked`]; a string or `null` says so (for `id` and `creator_id`).
+struct CheckedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Field;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Field, E> {
+        Ok(Field::NotText)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Field, E> {
+        Ok(Field::NotText)
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Field, E> {
+        Ok(Field::NotText)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Field, E> {
+        Ok(Field::NotText)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Field, E> {
+        Ok(Field::Text(v.into()))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Field, E> {
+        Ok(Field::Missing)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Field::NotText)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Field::NotText)
+    }
+}
+
+/// [`read_keys`] and the check of every value in one pass: the top-level `id` and
+/// `creator_id` (the last of duplicate keys wins), or the error a tree would meet.
+fn check_and_read_keys(json: &str) -> Result<(Field, Field), serde_json::Error> {
+    use serde::de::MapAccess;
+
+    struct Top;
+    impl<'de> serde::de::Visitor<'de> for Top {
+        type Value = (Field, Field);
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(Field, Field), A::Error> {
+            let (mut id, mut creator) = (Field::Missing, Field::Missing);
+            while let Some(key) = map.next_key::<KeyName>()? {
+                match key {
+                    KeyName::Id => id = map.next_value::<CheckedField>()?.0,
+                    KeyName::CreatorId => creator = map.next_value::<CheckedField>()?.0,
+                    KeyName::Other => {
+                        map.next_value::<Checked>()?;
+                    }
+                }
+            }
+            Ok((id, creator))
+        }
+        // Not an object: checked all the same, and it has no keys.
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(Field, Field), E> {
+            Ok((Field::Missing, Field::Missing))
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(Field, Field), E> {
+            Ok((Field::Missing, Field::Missing))
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(Field, Field), E> {
+            Ok((Field::Missing, Field::Missing))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(Field, Field), E> {
+            Ok((Field::Missing, Field::Missing))
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(Field, Field), E> {
+            Ok((Field::Missing, Field::Missing))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<(Field, Field), E> {
+            Ok((Field::Missing, Field::Missing))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<(Field, Field), A::Error> {
+            CheckedVisitor
+                .visit_seq(seq)
+                .map(|_| (Field::Missing, Field::Missing))
+        }
+    }
+
+    /// The value of `id` or `creator_id`, checked like any other.
+    struct CheckedField(Field);
+    impl<'de> Deserialize<'de> for CheckedField {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<CheckedField, D::Error> {
+            d.deserialize_any(CheckedVisitor).map(CheckedField)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(json);
+    let keys = serde::Deserializer::deserialize_any(&mut de, Top)?;
+    de.end()?;
+    Ok(keys)
 }
 
 /// The top-level `id` and `creator_id` of JSON text, in one pass that builds nothing else.
