@@ -371,6 +371,12 @@ impl PeerEnv {
 
     /// A `CREATE_RESOURCE` / `REMOVE_RESOURCE` seen on the local NATS.
     async fn on_notice(&self, msg: NatsMessage, answers: &Answers) {
+        // Every notice this node publishes comes back here: the top level alone says whether
+        // it is a PEER notice, without building the resource into a tree (≈ 3 % of a
+        // receiving partner's CPU, docs/PERFORMANCE.md).
+        if !may_be_peer_notice(&msg.payload) {
+            return;
+        }
         let Ok(Value::Object(raw)) = serde_json::from_slice::<Value>(&msg.payload) else {
             return;
         };
@@ -448,6 +454,28 @@ impl PeerEnv {
     }
 }
 
+/// Whether a notice's top level names data type `PEER` and not this node's own app, read the
+/// way [`PeerManager::on_notice`] reads them (keys lowercased without `_`, string values
+/// only, the last of colliding keys winning), without building the rest into a tree.
+fn may_be_peer_notice(payload: &[u8]) -> bool {
+    let Ok(raw) =
+        serde_json::from_slice::<std::collections::BTreeMap<String, &serde_json::value::RawValue>>(payload)
+    else {
+        return false;
+    };
+    let fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> = raw
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase().replace('_', ""), v))
+        .collect();
+    let text = |k: &str| {
+        fields
+            .get(k)
+            .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+            .unwrap_or_default()
+    };
+    text("fromapp") != contract::OWN_APP && text("datatype").eq_ignore_ascii_case("PEER")
+}
+
 #[cfg(test)]
 mod tests {
     //! The manager against an embedded store (answering peer writes late, every other
@@ -462,6 +490,21 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn only_peer_notices_of_other_apps_are_read_whole() {
+        let peer = |v: serde_json::Value| may_be_peer_notice(v.to_string().as_bytes());
+        assert!(peer(json!({"data_type": "PEER", "resource": {"peer_id": "x"}})));
+        assert!(peer(json!({"dataType": "peer", "from_app": "app"})));
+        assert!(peer(json!({"DATA_TYPE": "Peer"})));
+        assert!(!peer(json!({"data_type": "PEER", "fromApp": contract::OWN_APP})));
+        assert!(!peer(
+            json!({"data_type": "COMPUTE", "resource": {"data_type": "PEER"}})
+        ));
+        assert!(!peer(json!({"data_type": ["PEER"]})));
+        assert!(!peer(json!(["PEER"])));
+        assert!(!may_be_peer_notice(b"{\"data_type\": \"PEER\""));
+    }
     use crate::contract::{JournalEntry, NewEvent};
     use crate::store::embedded::EmbeddedStore;
     use crate::store::{ApplyOutcome, OutboxRow, OwnPage, PageBounds, StoredResource};
