@@ -380,20 +380,7 @@ impl PeerEnv {
         let Ok(Value::Object(raw)) = serde_json::from_slice::<Value>(&msg.payload) else {
             return;
         };
-        let fields: Map<String, Value> = raw
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase().replace('_', ""), v))
-            .collect();
-        let text = |k: &str| {
-            fields
-                .get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        if text("fromapp") == contract::OWN_APP || !text("datatype").eq_ignore_ascii_case("PEER") {
-            return;
-        }
+        let fields: Map<String, Value> = raw.into_iter().map(|(k, v)| (notice_key(&k), v)).collect();
         if let Err(refusal) = self.peer_notice(&msg, &fields).await {
             let refused = Refused {
                 subject: msg.subject.as_str(),
@@ -454,19 +441,24 @@ impl PeerEnv {
     }
 }
 
+/// A notice's top-level key as the manager reads it: `data_type`, `dataType` and `DATATYPE`
+/// are one key.
+fn notice_key(key: &str) -> String {
+    key.to_ascii_lowercase().replace('_', "")
+}
+
 /// Whether a notice's top level names data type `PEER` and not this node's own app, read the
-/// way [`PeerManager::on_notice`] reads them (keys lowercased without `_`, string values
-/// only, the last of colliding keys winning), without building the rest into a tree.
+/// way [`PeerManager::on_notice`] reads the rest (keys by [`notice_key`], string values only,
+/// the last of colliding keys winning), without building it into a tree. It is the
+/// manager's only filter: a notice it lets through is read whole.
 fn may_be_peer_notice(payload: &[u8]) -> bool {
     let Ok(raw) =
         serde_json::from_slice::<std::collections::BTreeMap<String, &serde_json::value::RawValue>>(payload)
     else {
         return false;
     };
-    let fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> = raw
-        .into_iter()
-        .map(|(k, v)| (k.to_ascii_lowercase().replace('_', ""), v))
-        .collect();
+    let fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+        raw.into_iter().map(|(k, v)| (notice_key(&k), v)).collect();
     let text = |k: &str| {
         fields
             .get(k)
