@@ -2020,6 +2020,20 @@ mod tests {
     use crate::contract::Resource;
     use crate::store::Relation;
 
+    /// Entry `seq` of origin `o` changing resource `D`/`id` (its user and a field say `seq`).
+    fn entry(seq: u64, action: Action, id: &str) -> JournalEntry {
+        JournalEntry {
+            origin: "o".into(),
+            seq,
+            action,
+            data_type: "D".into(),
+            user: format!("u{seq}"),
+            resource: Resource::from_json(&format!(r#"{{ "id": "{id}", "creator_id": "o", "v": {seq} }}"#))
+                .unwrap(),
+            time_ms: 1,
+        }
+    }
+
     fn row(id: &str, relation: Relation, name: &str) -> PeerRow {
         PeerRow {
             peer_id: id.into(),
@@ -2084,16 +2098,6 @@ mod tests {
     async fn outbox_rows_point_at_the_state_unless_it_changes_again_in_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
-        let entry = |seq: u64, action: Action, id: &str| JournalEntry {
-            origin: "o".into(),
-            seq,
-            action,
-            data_type: "D".into(),
-            user: format!("u{seq}"),
-            resource: Resource::from_json(&format!(r#"{{ "id": "{id}", "creator_id": "o", "v": {seq} }}"#))
-                .unwrap(),
-            time_ms: 1,
-        };
         let batch = vec![
             entry(1, Action::Create, "a"),
             entry(2, Action::Create, "b"),
@@ -2150,16 +2154,6 @@ mod tests {
     async fn states_point_at_their_log_row_until_a_trim_inlines_them_and_old_json_rows_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
-        let entry = |seq: u64, action: Action, id: &str| JournalEntry {
-            origin: "o".into(),
-            seq,
-            action,
-            data_type: "D".into(),
-            user: format!("u{seq}"),
-            resource: Resource::from_json(&format!(r#"{{ "id": "{id}", "creator_id": "o", "v": {seq} }}"#))
-                .unwrap(),
-            time_ms: 1,
-        };
         // An earlier version's rows: a JSON state of "old" and its JSON log row.
         let legacy = entry(1, Action::Create, "old");
         let txn = store.db.read().unwrap().begin_write().unwrap();
