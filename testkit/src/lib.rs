@@ -54,12 +54,48 @@ pub const MONGOD_INSTALL_HINT: &str =
 /// Environment variable naming the mongod binary to test with.
 pub const MONGOD_ENV: &str = "OC_TEST_MONGOD";
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// The lowest port [`free_port`] hands out.
+const PORT_FLOOR: u32 = 15_000;
+
+/// A port free on 127.0.0.1 a moment ago, never handed out before by this process.
+///
+/// The ports come from below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`): a port the kernel picked for `bind(0)` is
+/// also one it may give the next outbound connection (a libp2p dial, a NATS client) in the
+/// moment between this check and the server's own bind, and a test then fails on "Address
+/// already in use". Each test process starts at its own place (from its pid) and walks on.
 ///
 /// # Errors
 /// No port could be bound.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ceiling = ephemeral_floor().saturating_sub(1);
+    if ceiling < PORT_FLOOR + 1024 {
+        // No room below the ephemeral range: let the kernel pick.
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let span = ceiling - PORT_FLOOR + 1;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span.min(4_096) {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = PORT_FLOOR + start.wrapping_add(step) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port on 127.0.0.1 between {PORT_FLOOR} and {ceiling}")
+}
+
+/// The first port of the kernel's ephemeral range (32 768 when it cannot be read).
+fn ephemeral_floor() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// Finds a binary on PATH or in the usual sbin directories.
