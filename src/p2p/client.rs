@@ -11,6 +11,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{GossipMessage, GossipVerdict, NetError, NetState, RecordEvent};
 
+/// Longest wait for room in the event loop's queue, and for its answer to a question that
+/// has no timeout of the caller's: the loop takes each command at once unless it is stuck.
+const LOOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where the loop hands discovery events; without a subscriber they are dropped (gossip
 /// messages are then ignored).
 pub enum Subscription {
@@ -102,10 +106,7 @@ impl Client {
     /// [`NetError::Dial`] when the dial fails or does not finish within `timeout`.
     pub async fn dial(&self, peer: PeerId, addr: Multiaddr, timeout: Duration) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Dial { peer, addr, reply })
-            .await
-            .map_err(|_| NetError::Stopped)?;
+        self.send(Command::Dial { peer, addr, reply }).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(NetError::Stopped),
@@ -119,14 +120,14 @@ impl Client {
     /// The addresses the swarm listens on (ports resolved).
     ///
     /// # Errors
-    /// The network loop has stopped.
+    /// The network loop has stopped, or took no command within [`LOOP_TIMEOUT`].
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::ListenAddrs { reply })
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)
+        self.send(Command::ListenAddrs { reply }).await?;
+        match tokio::time::timeout(LOOP_TIMEOUT, rx).await {
+            Ok(answer) => answer.map_err(|_| NetError::Stopped),
+            Err(_) => Err(NetError::Stalled(LOOP_TIMEOUT)),
+        }
     }
 
     /// Opens a stream, dialing the peer if needed, within `timeout`.
@@ -159,23 +160,27 @@ impl Client {
     /// Blacklists a peer (refused, disconnected) or lifts it.
     ///
     /// # Errors
-    /// The network loop has stopped.
+    /// The network loop has stopped, or took no command within [`LOOP_TIMEOUT`].
     pub(crate) async fn set_blocked(&self, peer: PeerId, blocked: bool) -> Result<(), NetError> {
-        self.commands
-            .send(Command::Block { peer, blocked })
-            .await
-            .map_err(|_| NetError::Stopped)
+        self.send(Command::Block { peer, blocked }).await
     }
 
     /// Exempts a partner from the connection limits (`partner`), or ends the exemption.
     ///
     /// # Errors
-    /// The network loop has stopped.
+    /// The network loop has stopped, or took no command within [`LOOP_TIMEOUT`].
     pub(crate) async fn set_partner(&self, peer: PeerId, partner: bool) -> Result<(), NetError> {
-        self.commands
-            .send(Command::Partner { peer, partner })
-            .await
-            .map_err(|_| NetError::Stopped)
+        self.send(Command::Partner { peer, partner }).await
+    }
+
+    /// Hands `command` to the event loop, waiting at most [`LOOP_TIMEOUT`] for room in its
+    /// queue.
+    async fn send(&self, command: Command) -> Result<(), NetError> {
+        match self.commands.send_timeout(command, LOOP_TIMEOUT).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(NetError::Stopped),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(NetError::Stalled(LOOP_TIMEOUT)),
+        }
     }
 
     async fn ask<T>(
@@ -184,7 +189,7 @@ impl Client {
         rx: oneshot::Receiver<T>,
         timeout: Duration,
     ) -> Result<T, NetError> {
-        self.commands.send(command).await.map_err(|_| NetError::Stopped)?;
+        self.send(command).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(NetError::Stopped),
@@ -195,12 +200,9 @@ impl Client {
     /// Adds a DHT bootstrap peer and dials it (returns once the loop took it).
     ///
     /// # Errors
-    /// The network loop has stopped.
+    /// The network loop has stopped, or took no command within [`LOOP_TIMEOUT`].
     pub async fn bootstrap(&self, addr: Multiaddr) -> Result<(), NetError> {
-        self.commands
-            .send(Command::Bootstrap { addr })
-            .await
-            .map_err(|_| NetError::Stopped)
+        self.send(Command::Bootstrap { addr }).await
     }
 
     /// Puts a record in the DHT: stored locally, then at the peers closest to `key`; done
@@ -245,7 +247,7 @@ impl Client {
     /// store included). Values are not verified: callers check them.
     ///
     /// # Errors
-    /// The network loop has stopped or did not answer in time.
+    /// The network loop has stopped, is stalled, or did not answer in time.
     pub(crate) async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>, NetError> {
         let (reply, rx) = oneshot::channel();
         self.ask(Command::GetRecord { key, reply }, rx, timeout).await?
@@ -268,9 +270,8 @@ impl Client {
         source: PeerId,
         verdict: GossipVerdict,
     ) {
-        // A stopped loop has no message to report on.
+        // A stopped or stalled loop has no message to report on.
         let _ = self
-            .commands
             .send(Command::ReportGossip {
                 message_id,
                 source,
@@ -282,12 +283,9 @@ impl Client {
     /// Hands discovery events of one kind to `sub` from now on.
     ///
     /// # Errors
-    /// The network loop has stopped.
+    /// The network loop has stopped, or took no command within [`LOOP_TIMEOUT`].
     pub(crate) async fn subscribe(&self, sub: Subscription) -> Result<(), NetError> {
-        self.commands
-            .send(Command::Subscribe(sub))
-            .await
-            .map_err(|_| NetError::Stopped)
+        self.send(Command::Subscribe(sub)).await
     }
 
     /// Starts accepting inbound streams of a protocol.

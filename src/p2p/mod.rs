@@ -114,6 +114,8 @@ pub enum NetError {
     Dial { peer: PeerId, reason: String },
     #[error("the network loop has stopped")]
     Stopped,
+    #[error("the network loop took no command within {0:?}")]
+    Stalled(std::time::Duration),
     #[error("DHT: {0}")]
     Dht(String),
     #[error("gossip: {0}")]
