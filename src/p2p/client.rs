@@ -103,7 +103,8 @@ impl Client {
     /// Connects to `peer` at `addr` (returns at once when already connected).
     ///
     /// # Errors
-    /// [`NetError::Dial`] when the dial fails or does not finish within `timeout`.
+    /// [`NetError::Dial`] when the dial fails or does not finish within `timeout`;
+    /// [`NetError::Stalled`] when the loop took no command within [`LOOP_TIMEOUT`].
     pub async fn dial(&self, peer: PeerId, addr: Multiaddr, timeout: Duration) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Dial { peer, addr, reply }).await?;
@@ -120,7 +121,8 @@ impl Client {
     /// The addresses the swarm listens on (ports resolved).
     ///
     /// # Errors
-    /// The network loop has stopped, or took no command within [`LOOP_TIMEOUT`].
+    /// The network loop has stopped, or did not take or answer the question within
+    /// [`LOOP_TIMEOUT`].
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::ListenAddrs { reply }).await?;

@@ -114,7 +114,7 @@ pub enum NetError {
     Dial { peer: PeerId, reason: String },
     #[error("the network loop has stopped")]
     Stopped,
-    #[error("the network loop took no command within {0:?}")]
+    #[error("the network loop did not take or answer a command within {0:?}")]
     Stalled(std::time::Duration),
     #[error("DHT: {0}")]
     Dht(String),
