@@ -68,6 +68,17 @@ async fn metrics_after_propagation() {
     let seen_b = b.collect(&["CREATE_RESOURCE"]).await;
     a.node.start_healthy().await.unwrap();
     b.node.start_healthy().await.unwrap();
+    // Published before A's link to B is open, the events would reach B by the journal sync
+    // round that opens B's session, which `oc_events_sent_total` does not count (it counts
+    // pushed entries only): wait for the link, so that all three are pushed.
+    let partner_id = b.id();
+    let online = format!("oc_partner_state{{peer=\"{partner_id}\",state=\"online\"}}");
+    for _ in 0..200 {
+        if value(&scrape(&a).await, &online) == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let me = a.id();
     for id in ["r1", "r2", "r3"] {
         a.publish_ok(&event("PB_CREATE", id, &me, json!({"name": id})))
@@ -98,9 +109,7 @@ async fn metrics_after_propagation() {
     // The sending side: its counters, and the partner rows for the partner only, once the
     // partner acknowledged everything.
     assert_eq!(value(&scrape(&a).await, "oc_intake_accepted_total"), Some(3.0));
-    let partner_id = b.id();
     let pending = format!("oc_partner_pending{{peer=\"{partner_id}\"}}");
-    let online = format!("oc_partner_state{{peer=\"{partner_id}\",state=\"online\"}}");
     let mut on_a = scrape(&a).await;
     for _ in 0..200 {
         if value(&on_a, &pending) == Some(0.0) && value(&on_a, &online) == Some(1.0) {
