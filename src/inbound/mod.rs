@@ -216,19 +216,24 @@ impl Actor for InboundApply {
                 continue;
             };
             let me = ctx.address();
-            // Hand each stream over at once: libp2p-stream drops streams we are slow to
-            // take. `send` waits for room in the mailbox instead of failing.
+            // Hand each stream over at once: libp2p-stream holds no spare stream of a
+            // protocol and resets one that arrives while the one before it is not yet taken
+            // from it. `try_send` queues it in the mailbox without waiting for the handler,
+            // so the forwarder is back at the door at once; only a full mailbox makes it
+            // wait (`send`) before it takes the next stream.
             tokio::spawn(async move {
                 while let Some((peer, stream)) = incoming.next().await {
-                    if me
-                        .send(IncomingStream {
-                            peer,
-                            protocol: protocol.clone(),
-                            stream,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    let msg = IncomingStream {
+                        peer,
+                        protocol: protocol.clone(),
+                        stream,
+                    };
+                    let handed = match me.try_send(msg) {
+                        Ok(()) => true,
+                        Err(SendError::Full(msg)) => me.send(msg).await.is_ok(),
+                        Err(SendError::Closed(_)) => false,
+                    };
+                    if !handed {
                         break;
                     }
                 }
