@@ -48,8 +48,12 @@ struct Row {
     lost: u64,
 }
 
+/// The node binary: this build's, or `OC_BENCH_NODE` (another build's, to compare two
+/// builds with the same benchmark on the same day).
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_oc-discovery"))
+    std::env::var_os("OC_BENCH_NODE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_oc-discovery")))
 }
 
 fn body(creator: &str, i: usize) -> Vec<u8> {

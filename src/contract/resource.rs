@@ -171,9 +171,10 @@ impl<'de> Deserialize<'de> for Resource {
 
 /// `raw` without line breaks (see [`Resource::from_raw`]).
 fn one_line(raw: Box<RawValue>) -> Box<RawValue> {
-    // A byte scan: `str::contains` with a char set decoded every UTF-8 code point, ≈ 3 %
-    // of a receiving node's CPU (docs/PERFORMANCE.md).
-    if raw.get().bytes().any(|b| b == b'\n' || b == b'\r') {
+    // A vectorised byte scan: `str::contains` with a char set decoded every UTF-8 code
+    // point (≈ 3 % of a receiving node's CPU), a plain byte loop still cost 2–3.5 % of
+    // either node (docs/PERFORMANCE.md).
+    if memchr::memchr2(b'\n', b'\r', raw.get().as_bytes()).is_some() {
         let flat = raw.get().replace(['\n', '\r'], " ");
         RawValue::from_string(flat).unwrap_or(raw)
     } else {
