@@ -162,6 +162,100 @@ async fn without_a_token_a_loopback_admin_api_takes_changes_and_shared_key_files
     }
 }
 
+/// One HTTP/1.1 request written by hand (so that `Host` and `Origin` are what a browser
+/// of another site would send); the status and the raw answer.
+async fn raw_request(addr: &str, head: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{head}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"));
+    (status, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_other_sites_can_neither_change_a_tokenless_node_nor_rebind_to_it() {
+    init_tracing();
+    let mut site = Site::new().await;
+    site.node.start_healthy().await.unwrap();
+    let addr = site.node.admin_url().trim_start_matches("http://").to_owned();
+    let peer = some_peer_id();
+    let body = json!({"peer_id": peer, "relation": "blacklist"}).to_string();
+    let listed = |peers: &Value| {
+        peers
+            .as_array()
+            .is_some_and(|l| l.iter().any(|p| p["peer_id"] == peer.as_str()))
+    };
+
+    // A form or fetch of another site's page: refused before anything changes.
+    let (status, answer) = raw_request(
+        &addr,
+        &format!("POST /api/partners HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://evil.example"),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("\"forbidden_origin\""), "{answer}");
+    assert!(!listed(&site.node.get_json("/api/partners").await.unwrap()));
+
+    // A domain rebound to 127.0.0.1: its pages are same-origin with it, the Host gives it away.
+    let (status, answer) = raw_request(
+        &addr,
+        "GET /api/peers HTTP/1.1\r\nHost: rebound.example:8650\r\nOrigin: http://rebound.example:8650",
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("\"forbidden_host\""), "{answer}");
+
+    // The node's own page, and a client that is not a browser, still change it.
+    let (status, answer) = raw_request(
+        &addr,
+        &format!("POST /api/partners HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://{addr}"),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(listed(&site.node.get_json("/api/partners").await.unwrap()));
+    let (status, answer) = raw_request(
+        &addr,
+        &format!(
+            "GET /api/status HTTP/1.1\r\nHost: localhost:{}",
+            addr.rsplit(':').next().unwrap()
+        ),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let refusals = site
+        .node
+        .metric("oc_refusals_total{place=\"admin\",code=\"invalid_field\"}")
+        .await
+        .unwrap();
+    assert_eq!(refusals, 2, "both refusals counted");
+    let log = plain_log(&site);
+    assert!(
+        log.lines().any(|l| l.contains("a page of another site")
+            && l.contains("forbidden_origin")
+            && l.contains("evil.example")),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_loopback_admin_api_without_a_token_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,15 @@
 //! `WWW-Authenticate: Bearer` and `{"ok":false,"error":{"code":"unauthorized",...}}`, is
 //! counted in `oc_admin_unauthorized_total` and logged, once per 10 s per client address
 //! and reason ([`LogThrottle`]).
+//!
+//! Before the token, two rules keep web pages the operator opens away from the API
+//! ([`browser_refusal`]): a request that can change state (any method but `GET` and `HEAD`)
+//! whose `Origin` is not the node's own host and port is refused (403 `forbidden_origin`),
+//! since browsers send some cross-site requests (a `POST` without a body, a form) without
+//! asking the server first; and a node without a token answers only requests addressed to a
+//! loopback name (`Host` an IP literal of loopback or `localhost`, else 403
+//! `forbidden_host`), so that a page whose domain name is rebound to 127.0.0.1 cannot read
+//! the API as its own origin. Both are counted in `oc_refusals_total{place="admin"}`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -17,13 +26,14 @@ use std::time::Duration;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
-use actix_web::http::Method;
+use actix_web::http::header::{HeaderMap, AUTHORIZATION, HOST, ORIGIN, WWW_AUTHENTICATE};
+use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::contract::ErrorCode;
 use crate::guard::LogThrottle;
 use crate::metrics::Metrics;
 use crate::secret_file::Token;
@@ -39,6 +49,84 @@ pub(crate) const UNAUTHORIZED: &str = "unauthorized";
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Characters of a refused request's path kept in the log line.
 const LOGGED_PATH_CHARS: usize = 128;
+
+/// Error code (403) of a state-changing request from a page of another origin, and of a
+/// feed WebSocket opened by one.
+pub(crate) const FORBIDDEN_ORIGIN: &str = "forbidden_origin";
+/// Error code (403) of a request to a node without a token addressed to a name that is not
+/// a loopback one.
+pub(crate) const FORBIDDEN_HOST: &str = "forbidden_host";
+/// Where the browser refusals are counted in `oc_refusals_total`.
+const PLACE: &str = "admin";
+/// Characters of a refused `Origin` or `Host` kept in the log line.
+const LOGGED_HEADER_CHARS: usize = 128;
+
+/// The `Origin` header, when it names another host and port than `Host`; none is fine
+/// (clients that are not browsers send none).
+///
+/// # Errors
+/// The refused `Origin`.
+pub(crate) fn same_origin(headers: &HeaderMap) -> Result<(), String> {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
+    if !host.is_empty() && authority.eq_ignore_ascii_case(host) {
+        Ok(())
+    } else {
+        Err(origin.to_owned())
+    }
+}
+
+/// Whether `host` (a `Host` header: a name or IP literal and an optional port) names this
+/// machine's loopback: `localhost`, `127.0.0.0/8`, `[::1]`.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// The 403 a browser's request gets before the token is looked at, if any: code, message
+/// and the header that made it.
+fn browser_refusal(
+    method: &Method,
+    headers: &HeaderMap,
+    has_token: bool,
+) -> Option<(&'static str, &'static str, String)> {
+    if !has_token {
+        if let Some(host) = headers.get(HOST) {
+            let host = host.to_str().unwrap_or_default();
+            if !loopback_host(host) {
+                return Some((
+                    FORBIDDEN_HOST,
+                    "a node without an admin token answers requests to a loopback name only \
+                     (127.0.0.1, [::1], localhost)",
+                    host.to_owned(),
+                ));
+            }
+        }
+    }
+    if method != Method::GET && method != Method::HEAD {
+        if let Err(origin) = same_origin(headers) {
+            return Some((
+                FORBIDDEN_ORIGIN,
+                "a request that changes state from a page of another origin is refused",
+                origin,
+            ));
+        }
+    }
+    None
+}
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +196,32 @@ impl Gate {
             Ok(())
         } else {
             Err(Refusal::WrongToken)
+        }
+    }
+
+    /// Counts and (throttled) logs a browser refusal ([`browser_refusal`]).
+    fn report_browser(
+        &self,
+        code: &'static str,
+        header: &str,
+        peer: Option<SocketAddr>,
+        method: &Method,
+        path: &str,
+    ) {
+        self.metrics.refused(PLACE, ErrorCode::InvalidField);
+        let ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+        if let Some(count) = self.log.hit(ip, code) {
+            let path: String = path.chars().take(LOGGED_PATH_CHARS).collect();
+            let header: String = header.chars().take(LOGGED_HEADER_CHARS).collect();
+            tracing::warn!(
+                peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                %method,
+                path = %path,
+                code,
+                header = %header,
+                count,
+                "admin API request refused: a page of another site"
+            );
         }
     }
 
@@ -185,6 +299,15 @@ pub(crate) async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if let Some(gate) = req.app_data::<web::Data<Gate>>() {
+        if let Some((code, message, header)) =
+            browser_refusal(req.method(), req.headers(), gate.token.is_some())
+        {
+            gate.report_browser(code, &header, req.peer_addr(), req.method(), req.path());
+            let answer = super::reply::error(StatusCode::FORBIDDEN, code, message);
+            return Ok(req.into_response(answer).map_into_right_body());
+        }
+    }
     let verdict = match req.app_data::<web::Data<Gate>>() {
         Some(gate) => {
             let from_protocol = match req.headers().get(AUTHORIZATION) {
@@ -252,6 +375,72 @@ pub(crate) fn check_exposure(listen: &str, has_token: bool) -> Result<(), Exposu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.insert(
+                actix_web::http::header::HeaderName::from_static(name),
+                actix_web::http::header::HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn pages_of_other_sites_cannot_change_state_nor_rebind_a_tokenless_node() {
+        let code = |method: Method, pairs: &[(&'static str, &str)], token: bool| {
+            browser_refusal(&method, &headers(pairs), token).map(|(code, _, _)| code)
+        };
+        let own = [("host", "127.0.0.1:8650"), ("origin", "http://127.0.0.1:8650")];
+        let evil = [("host", "127.0.0.1:8650"), ("origin", "http://evil.example")];
+        assert_eq!(code(Method::POST, &own, false), None, "the node's own page");
+        assert_eq!(
+            code(Method::POST, &[("host", "127.0.0.1:8650")], false),
+            None,
+            "not a browser"
+        );
+        assert_eq!(code(Method::POST, &evil, false), Some(FORBIDDEN_ORIGIN));
+        assert_eq!(
+            code(Method::DELETE, &evil, true),
+            Some(FORBIDDEN_ORIGIN),
+            "with a token too"
+        );
+        assert_eq!(
+            code(Method::GET, &evil, false),
+            None,
+            "reads: the browser keeps the answer from the page"
+        );
+        for host in [
+            "localhost:8650",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.1.2.3:1",
+            "[::1]:8650",
+            "[::ffff:127.0.0.1]:8650",
+        ] {
+            assert_eq!(code(Method::GET, &[("host", host)], false), None, "{host}");
+        }
+        for host in [
+            "evil.example:8650",
+            "127.0.0.1.evil.example",
+            "10.0.0.1:8650",
+            "[::2]:8650",
+            "",
+        ] {
+            assert_eq!(
+                code(Method::GET, &[("host", host)], false),
+                Some(FORBIDDEN_HOST),
+                "{host}"
+            );
+            assert_eq!(
+                code(Method::GET, &[("host", host)], true),
+                None,
+                "a token guards it: {host}"
+            );
+        }
+        assert_eq!(code(Method::GET, &[], false), None, "no Host (HTTP/1.0)");
+    }
 
     fn gate(token: Option<&str>) -> Gate {
         let token = token.map(|t| {

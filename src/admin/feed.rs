@@ -15,7 +15,7 @@
 //! most [`SEND_TIMEOUT`] per frame), silence ([`IDLE_TIMEOUT`], pings every
 //! [`PING_INTERVAL`]). A bad message gets `{"type":"error","code","message"}` and the
 //! connection stays. Who may connect: the admin token ([`super::auth`], also as the
-//! `bearer.` subprotocol), and no page of another origin (`same_origin`).
+//! `bearer.` subprotocol), and no page of another origin (`auth::same_origin`).
 
 use std::time::{Duration, Instant};
 
@@ -363,34 +363,6 @@ async fn wait_send(send: impl std::future::Future<Output = Result<(), actix_ws::
     }
 }
 
-/// Error code (403) of a handshake from a page of another origin.
-pub const FORBIDDEN_ORIGIN: &str = "forbidden_origin";
-
-/// Browsers send `Origin` with every WebSocket and do not apply the same-origin rule to
-/// them: without this check any web page the operator opens could read the feed of a node
-/// on its loopback (no token there). Clients that are not browsers send no `Origin`.
-///
-/// # Errors
-/// The `Origin` header, when it names another host and port than `Host`.
-fn same_origin(req: &HttpRequest) -> Result<(), String> {
-    use actix_web::http::header::{HOST, ORIGIN};
-    let Some(origin) = req.headers().get(ORIGIN) else {
-        return Ok(());
-    };
-    let origin = origin.to_str().unwrap_or_default();
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
-    let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
-    if !host.is_empty() && authority.eq_ignore_ascii_case(host) {
-        Ok(())
-    } else {
-        Err(origin.to_owned())
-    }
-}
-
 /// Where feed refusals are counted in `oc_refusals_total`.
 pub const PLACE: &str = "admin_feed";
 
@@ -422,12 +394,12 @@ pub async fn feed(
     body: web::Payload,
     s: web::Data<AdminState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    if let Err(origin) = same_origin(&req) {
+    if let Err(origin) = super::auth::same_origin(req.headers()) {
         s.metrics.refused(PLACE, ErrorCode::InvalidField);
         tracing::warn!(origin = %origin.chars().take(128).collect::<String>(), "feed refused: a page of another origin");
         return Ok(super::reply::error(
             actix_web::http::StatusCode::FORBIDDEN,
-            FORBIDDEN_ORIGIN,
+            super::auth::FORBIDDEN_ORIGIN,
             "a WebSocket from a page of another origin is refused",
         ));
     }
@@ -604,16 +576,22 @@ mod tests {
             }
             .to_http_request()
         };
-        assert!(same_origin(&req(None)).is_ok(), "not a browser");
-        assert!(same_origin(&req(Some("http://127.0.0.1:8650"))).is_ok());
-        assert!(same_origin(&req(Some("https://127.0.0.1:8650"))).is_ok());
+        assert!(
+            super::super::auth::same_origin(req(None).headers()).is_ok(),
+            "not a browser"
+        );
+        assert!(super::super::auth::same_origin(req(Some("http://127.0.0.1:8650")).headers()).is_ok());
+        assert!(super::super::auth::same_origin(req(Some("https://127.0.0.1:8650")).headers()).is_ok());
         for other in [
             "http://evil.example",
             "http://127.0.0.1:8651",
             "null",
             "http://127.0.0.1:8650.evil",
         ] {
-            assert!(same_origin(&req(Some(other))).is_err(), "{other}");
+            assert!(
+                super::super::auth::same_origin(req(Some(other)).headers()).is_err(),
+                "{other}"
+            );
         }
     }
 
