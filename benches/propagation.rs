@@ -370,12 +370,11 @@ async fn baseline(relay: &mut Relay, sizes: &Sizes, rows: &mut Vec<Row>) -> anyh
     Ok(rate)
 }
 
-/// Seconds the relay takes to move `n` events published as fast as possible (core NATS may
-/// drop some for a slow consumer: the time is to the last delivery, the count is printed).
+/// Seconds the relay takes to move `n` events published as fast as possible, at the rate it
+/// delivered them (core NATS may drop some for a slow consumer; the row counts them).
 async fn relay_bulk(relay: &mut Relay, n: usize, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
     let (_, got, took) = relay.run(n, 0).await?;
-    // Core NATS drops for a slow consumer: a relay that delivered fewer than `n` did not
-    // move `n` in `took`. Its yardstick is the time it takes at the rate it delivered.
+    // A relay that delivered fewer than `n` did not move `n` in `took`.
     let seconds = took.as_secs_f64() * n as f64 / got.max(1) as f64;
     println!("baseline relay: {got}/{n} moved in {took:?}: {seconds:.2} s for {n} at that rate");
     rows.push(Row {

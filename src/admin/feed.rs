@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::auth::{same_origin, FORBIDDEN_ORIGIN};
 use super::history::{self, PageRequest, DEFAULT_LIMIT, MAX_LIMIT};
 use super::{reply, AdminState};
 use crate::contract::ErrorCode;
@@ -394,12 +395,12 @@ pub async fn feed(
     body: web::Payload,
     s: web::Data<AdminState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    if let Err(origin) = super::auth::same_origin(req.headers()) {
+    if let Err(origin) = same_origin(req.headers()) {
         s.metrics.refused(PLACE, ErrorCode::InvalidField);
         tracing::warn!(origin = %origin.chars().take(128).collect::<String>(), "feed refused: a page of another origin");
         return Ok(super::reply::error(
             actix_web::http::StatusCode::FORBIDDEN,
-            super::auth::FORBIDDEN_ORIGIN,
+            FORBIDDEN_ORIGIN,
             "a WebSocket from a page of another origin is refused",
         ));
     }
@@ -576,22 +577,16 @@ mod tests {
             }
             .to_http_request()
         };
-        assert!(
-            super::super::auth::same_origin(req(None).headers()).is_ok(),
-            "not a browser"
-        );
-        assert!(super::super::auth::same_origin(req(Some("http://127.0.0.1:8650")).headers()).is_ok());
-        assert!(super::super::auth::same_origin(req(Some("https://127.0.0.1:8650")).headers()).is_ok());
+        assert!(same_origin(req(None).headers()).is_ok(), "not a browser");
+        assert!(same_origin(req(Some("http://127.0.0.1:8650")).headers()).is_ok());
+        assert!(same_origin(req(Some("https://127.0.0.1:8650")).headers()).is_ok());
         for other in [
             "http://evil.example",
             "http://127.0.0.1:8651",
             "null",
             "http://127.0.0.1:8650.evil",
         ] {
-            assert!(
-                super::super::auth::same_origin(req(Some(other)).headers()).is_err(),
-                "{other}"
-            );
+            assert!(same_origin(req(Some(other)).headers()).is_err(), "{other}");
         }
     }
 
