@@ -13,7 +13,6 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::{reply, AdminState};
-use crate::contract::ErrorCode;
 use crate::copy::remotecopy;
 
 pub async fn start(s: web::Data<AdminState>, payload: web::Payload) -> HttpResponse {
@@ -28,14 +27,7 @@ pub async fn start(s: web::Data<AdminState>, payload: web::Payload) -> HttpRespo
             answer["ok"] = json!(true);
             HttpResponse::Accepted().json(answer)
         }
-        Err(r) => {
-            let status = match r.code {
-                ErrorCode::Busy | ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            reply::refusal(status, &r)
-        }
+        Err(r) => reply::refused(&r),
     }
 }
 

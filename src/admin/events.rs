@@ -46,10 +46,8 @@ fn status_of(answer: &Value) -> StatusCode {
     if answer["ok"] == true {
         return StatusCode::OK;
     }
-    match answer["error"]["code"].as_str().and_then(ErrorCode::parse) {
-        Some(ErrorCode::PayloadTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
-        Some(ErrorCode::StoreUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
-        Some(ErrorCode::NotCreator) => StatusCode::FORBIDDEN,
-        _ => StatusCode::BAD_REQUEST,
-    }
+    answer["error"]["code"]
+        .as_str()
+        .and_then(ErrorCode::parse)
+        .map_or(StatusCode::BAD_REQUEST, reply::status_of)
 }

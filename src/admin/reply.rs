@@ -27,6 +27,24 @@ pub fn refusal(status: StatusCode, r: &Refusal) -> HttpResponse {
     error(status, r.code.as_str(), &r.message)
 }
 
+/// The status of a refusal by the contract's rules, for the routes that pass an
+/// application's request on (`POST /api/events`, `/api/search`, `/api/copies`): 413 for a
+/// body over its limit, 503 for a part of the node that cannot take it now, 403 for a
+/// resource of another creator, 400 for the rest (the request itself is wrong).
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::StoreUnavailable | ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::NotCreator => StatusCode::FORBIDDEN,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// A refusal answered with the status of its code ([`status_of`]).
+pub fn refused(r: &Refusal) -> HttpResponse {
+    refusal(status_of(r.code), r)
+}
+
 /// 400 `invalid_field`.
 pub fn invalid_field(message: impl std::fmt::Display) -> HttpResponse {
     error(StatusCode::BAD_REQUEST, ErrorCode::InvalidField.as_str(), message)
@@ -77,4 +95,25 @@ pub fn json_config() -> web::JsonConfig {
         };
         actix_web::error::InternalError::from_response(e, answer).into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_s_status_follows_its_code_on_every_route_that_uses_it() {
+        for (code, status) in [
+            (ErrorCode::PayloadTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            (ErrorCode::StoreUnavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorCode::Busy, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorCode::NotCreator, StatusCode::FORBIDDEN),
+            (ErrorCode::InvalidJson, StatusCode::BAD_REQUEST),
+            (ErrorCode::NotPartner, StatusCode::BAD_REQUEST),
+            (ErrorCode::UnsupportedAction, StatusCode::BAD_REQUEST),
+        ] {
+            assert_eq!(status_of(code), status, "{}", code.as_str());
+            assert_eq!(refused(&Refusal::new(code, "x")).status(), status);
+        }
+    }
 }

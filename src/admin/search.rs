@@ -31,12 +31,12 @@ pub async fn search(s: web::Data<AdminState>, payload: web::Payload) -> HttpResp
     let command = match contract::decode_intake(&body, &env.own_id, env.max_event_bytes) {
         Ok(Decoded::Command(c)) if c.action == CommandAction::Search => c,
         Ok(_) => {
-            return refused(&Refusal::new(
+            return reply::refused(&Refusal::new(
                 ErrorCode::UnsupportedAction,
                 "POST /api/search takes a PB_SEARCH",
             ))
         }
-        Err(r) => return refused(&r),
+        Err(r) => return reply::refused(&r),
     };
     match start(&s, command).await {
         Ok((query_id, results)) => HttpResponse::Ok()
@@ -44,15 +44,6 @@ pub async fn search(s: web::Data<AdminState>, payload: web::Payload) -> HttpResp
             .streaming(stream(query_id, results)),
         Err(answer) => answer,
     }
-}
-
-fn refused(r: &Refusal) -> HttpResponse {
-    let status = match r.code {
-        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    reply::refusal(status, r)
 }
 
 /// Subscribes to `SEARCH_EVENT` (before the search starts: no result is missed), hands the
@@ -96,7 +87,7 @@ async fn start(
                 .and_then(ErrorCode::parse)
                 .unwrap_or(ErrorCode::Busy);
             let message = answer["error"]["message"].as_str().unwrap_or("search refused");
-            Err(refused(&Refusal::new(code, message)))
+            Err(reply::refused(&Refusal::new(code, message)))
         }
     }
 }
