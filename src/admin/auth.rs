@@ -299,36 +299,30 @@ pub(crate) async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    if let Some(gate) = req.app_data::<web::Data<Gate>>() {
-        if let Some((code, message, header)) =
-            browser_refusal(req.method(), req.headers(), gate.token.is_some())
-        {
-            gate.report_browser(code, &header, req.peer_addr(), req.method(), req.path());
-            let answer = super::reply::error(StatusCode::FORBIDDEN, code, message);
-            return Ok(req.into_response(answer).map_into_right_body());
-        }
-    }
-    let verdict = match req.app_data::<web::Data<Gate>>() {
-        Some(gate) => {
-            let from_protocol = match req.headers().get(AUTHORIZATION) {
-                None if req.path() == FEED_PATH => protocol_token(req.headers()),
-                _ => None,
-            };
-            let auth = from_protocol
-                .as_deref()
-                .or_else(|| req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()));
-            let verdict = gate.check(req.method(), req.path(), auth);
-            if let Err(refusal) = verdict {
-                gate.report(refusal, req.peer_addr(), req.method(), req.path());
-            }
-            verdict
-        }
-        // The gate is installed with the middleware; without it, refuse rather than open.
-        None => Err(Refusal::MissingToken),
+    // The gate is installed with the middleware; without it, refuse rather than open.
+    let Some(gate) = req.app_data::<web::Data<Gate>>().cloned() else {
+        let answer = unauthorized(Refusal::MissingToken);
+        return Ok(req.into_response(answer).map_into_right_body());
     };
-    match verdict {
+    if let Some((code, message, header)) = browser_refusal(req.method(), req.headers(), gate.token.is_some())
+    {
+        gate.report_browser(code, &header, req.peer_addr(), req.method(), req.path());
+        let answer = super::reply::error(StatusCode::FORBIDDEN, code, message);
+        return Ok(req.into_response(answer).map_into_right_body());
+    }
+    let from_protocol = match req.headers().get(AUTHORIZATION) {
+        None if req.path() == FEED_PATH => protocol_token(req.headers()),
+        _ => None,
+    };
+    let auth = from_protocol
+        .as_deref()
+        .or_else(|| req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()));
+    match gate.check(req.method(), req.path(), auth) {
         Ok(()) => next.call(req).await.map(ServiceResponse::map_into_left_body),
-        Err(refusal) => Ok(req.into_response(unauthorized(refusal)).map_into_right_body()),
+        Err(refusal) => {
+            gate.report(refusal, req.peer_addr(), req.method(), req.path());
+            Ok(req.into_response(unauthorized(refusal)).map_into_right_body())
+        }
     }
 }
 

@@ -107,15 +107,12 @@ impl Client {
     /// [`NetError::Stalled`] when the loop took no command within [`LOOP_TIMEOUT`].
     pub async fn dial(&self, peer: PeerId, addr: Multiaddr, timeout: Duration) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Dial { peer, addr, reply }).await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(NetError::Stopped),
-            Err(_) => Err(NetError::Dial {
-                peer,
-                reason: format!("not connected within {timeout:?}"),
-            }),
-        }
+        let not_connected = || NetError::Dial {
+            peer,
+            reason: format!("not connected within {timeout:?}"),
+        };
+        self.ask_or(Command::Dial { peer, addr, reply }, rx, timeout, not_connected)
+            .await?
     }
 
     /// The addresses the swarm listens on (ports resolved).
@@ -125,11 +122,9 @@ impl Client {
     /// [`LOOP_TIMEOUT`].
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::ListenAddrs { reply }).await?;
-        match tokio::time::timeout(LOOP_TIMEOUT, rx).await {
-            Ok(answer) => answer.map_err(|_| NetError::Stopped),
-            Err(_) => Err(NetError::Stalled(LOOP_TIMEOUT)),
-        }
+        let stalled = || NetError::Stalled(LOOP_TIMEOUT);
+        self.ask_or(Command::ListenAddrs { reply }, rx, LOOP_TIMEOUT, stalled)
+            .await
     }
 
     /// Opens a stream, dialing the peer if needed, within `timeout`.
@@ -185,17 +180,31 @@ impl Client {
         }
     }
 
+    /// Hands `command` to the loop and waits at most `timeout` for its answer on `rx`
+    /// ([`NetError::Dht`] past it).
     async fn ask<T>(
         &self,
         command: Command,
         rx: oneshot::Receiver<T>,
         timeout: Duration,
     ) -> Result<T, NetError> {
+        let no_answer = || NetError::Dht(format!("no answer within {timeout:?}"));
+        self.ask_or(command, rx, timeout, no_answer).await
+    }
+
+    /// [`Client::ask`] with the error of a late answer given by the caller.
+    async fn ask_or<T>(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<T>,
+        timeout: Duration,
+        late: impl FnOnce() -> NetError,
+    ) -> Result<T, NetError> {
         self.send(command).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(NetError::Stopped),
-            Err(_) => Err(NetError::Dht(format!("no answer within {timeout:?}"))),
+            Err(_) => Err(late()),
         }
     }
 
