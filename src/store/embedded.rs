@@ -17,11 +17,15 @@ use super::{
 };
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
+mod groups;
+use groups::GROUPS;
+
 /// redb's page cache. Its default (1 GiB) made a node catching up on a million events
 /// grow past 1 GiB of RSS; the journal is read sequentially, so a small cache costs little.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// (origin, seq) → the entry's action code then the JSON of its [`JournalEntry`]
-/// ([`write_journal_value`]; stores of earlier versions hold the JSON alone).
+/// ([`write_journal_value`]; stores of earlier versions hold the JSON alone). The entries at
+/// or below the compaction floor; those above it are in [`GROUPS`] (see [`groups`]).
 const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
 /// partner peer id → seq acknowledged by that partner.
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
@@ -95,6 +99,7 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(unavailable)?;
         {
             txn.open_table(JOURNAL).map_err(unavailable)?;
+            txn.open_table(GROUPS).map_err(unavailable)?;
             txn.open_table(CURSORS).map_err(unavailable)?;
             txn.open_table(APPLIED).map_err(unavailable)?;
             txn.open_table(RESOURCES).map_err(unavailable)?;
@@ -111,6 +116,7 @@ impl EmbeddedStore {
             migrate_intake_rows(&txn)?;
         }
         txn.commit().map_err(unavailable)?;
+        pack_rows_above_floor(&db)?;
         Ok(EmbeddedStore {
             db: Arc::new(std::sync::RwLock::new(db)),
             path: path.to_path_buf(),
@@ -126,14 +132,14 @@ impl EmbeddedStore {
         let origin = origin.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            let range = table
-                .range((origin.as_str(), from)..=(origin.as_str(), u64::MAX))
-                .map_err(unavailable)?;
+            let rows = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let groups = txn.open_table(GROUPS).map_err(unavailable)?;
             let mut out = Vec::new();
-            for item in range.take(limit) {
-                let (k, v) = item.map_err(unavailable)?;
-                out.push(read(k.value().1, v.value())?);
+            if limit > 0 {
+                journal_scan(&rows, &groups, &origin, from, |seq, value| {
+                    out.push(read(seq, value)?);
+                    Ok(out.len() < limit)
+                })?;
             }
             Ok(out)
         })
@@ -247,6 +253,123 @@ fn last_seq(
     }
 }
 
+/// The last seq of `origin`'s journal: its groups' last, else its rows' (see [`groups`]).
+fn journal_last(
+    rows: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    groups: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    origin: &str,
+) -> StoreResult<u64> {
+    match groups::last(groups, origin)? {
+        Some(seq) => Ok(seq),
+        None => last_seq(rows, origin),
+    }
+}
+
+/// `read(value)` of the journal entry `seq` of `origin`, a row or in a group.
+fn journal_get<T>(
+    rows: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    groups: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    origin: &str,
+    seq: u64,
+    read: impl FnOnce(&[u8]) -> StoreResult<T>,
+) -> StoreResult<Option<T>> {
+    if let Some(value) = rows.get((origin, seq)).map_err(unavailable)? {
+        return read(value.value()).map(Some);
+    }
+    groups::with_entry(groups, origin, seq, read)
+}
+
+/// Calls `each(seq, value)` for the journal entries of `origin` from seq `from` on, in seq
+/// order (the rows, then the groups, which follow them), as long as it answers `true`.
+fn journal_scan(
+    rows: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    groups: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    origin: &str,
+    from: u64,
+    mut each: impl FnMut(u64, &[u8]) -> StoreResult<bool>,
+) -> StoreResult<()> {
+    for item in rows
+        .range((origin, from)..=(origin, u64::MAX))
+        .map_err(unavailable)?
+    {
+        let (k, v) = item.map_err(unavailable)?;
+        if !each(k.value().1, v.value())? {
+            return Ok(());
+        }
+    }
+    groups::scan(groups, origin, from, each)
+}
+
+/// Stores of earlier versions hold every journal entry as a row: the rows above the
+/// compaction floor move into groups, at most [`PACK_BYTES`] per commit, once (`journal_groups`
+/// in `META` says it is done).
+fn pack_rows_above_floor(db: &Database) -> StoreResult<()> {
+    const DONE: &str = "journal_groups";
+    const PACK_BYTES: usize = 32 << 20;
+    loop {
+        let txn = db.begin_write().map_err(unavailable)?;
+        let moved = {
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            if meta.get(DONE).map_err(unavailable)?.is_some() {
+                return Ok(());
+            }
+            let mut rows = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
+            let (mut moved, mut bytes) = (0usize, 0usize);
+            let mut next = first_origin(&rows, "")?;
+            while let Some(origin) = next {
+                let floor = read_floor(&meta, &floor_key(&origin))?;
+                let mut packer = groups::Packer::new();
+                let mut taken = Vec::new();
+                for item in rows
+                    .range((origin.as_str(), floor.saturating_add(1))..=(origin.as_str(), u64::MAX))
+                    .map_err(unavailable)?
+                {
+                    let (k, v) = item.map_err(unavailable)?;
+                    let seq = k.value().1;
+                    packer.push(&mut groups, &origin, seq, |out| {
+                        out.extend_from_slice(v.value());
+                        Ok(())
+                    })?;
+                    taken.push(seq);
+                    bytes = bytes.saturating_add(v.value().len());
+                    if bytes >= PACK_BYTES {
+                        break;
+                    }
+                }
+                packer.finish(&mut groups, &origin)?;
+                for seq in &taken {
+                    rows.remove((origin.as_str(), *seq)).map_err(unavailable)?;
+                }
+                moved = moved.saturating_add(taken.len());
+                if bytes >= PACK_BYTES {
+                    break;
+                }
+                next = first_origin(&rows, &format!("{origin}\0"))?;
+            }
+            if bytes < PACK_BYTES {
+                meta.insert(DONE, [1u8].as_slice()).map_err(unavailable)?;
+            }
+            moved
+        };
+        txn.commit().map_err(unavailable)?;
+        if moved > 0 {
+            tracing::info!(entries = moved, "journal rows above the compaction floor packed into groups");
+        }
+    }
+}
+
+/// The first origin at or after `from` that has journal rows.
+fn first_origin(
+    rows: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    from: &str,
+) -> StoreResult<Option<String>> {
+    match rows.range((from, 0u64)..).map_err(unavailable)?.next() {
+        Some(item) => Ok(Some(item.map_err(unavailable)?.0.value().0.to_owned())),
+        None => Ok(None),
+    }
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn append_journal_marked(
@@ -312,8 +435,9 @@ impl Store for EmbeddedStore {
         let origin = origin.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            last_seq(&table, &origin)
+            let rows = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let groups = txn.open_table(GROUPS).map_err(unavailable)?;
+            journal_last(&rows, &groups, &origin)
         })
         .await
     }
@@ -343,19 +467,20 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let own = txn.open_table(OWN_AT).map_err(unavailable)?;
             let journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let groups = txn.open_table(GROUPS).map_err(unavailable)?;
             let mut out = Vec::new();
             for item in own.range((data_type.as_str(), "")..).map_err(unavailable)? {
                 let (k, seq) = item.map_err(unavailable)?;
                 if k.value().0 != data_type {
                     break;
                 }
-                let Some(bytes) = journal.get((origin.as_str(), seq.value())).map_err(unavailable)? else {
+                let Some(entry) = journal_get(&journal, &groups, &origin, seq.value(), decode_journal)? else {
                     return Err(corrupt(format!(
                         "own resource points at missing journal seq {}",
                         seq.value()
                     )));
                 };
-                out.push(decode_journal(bytes.value())?.resource.to_value());
+                out.push(entry.resource.to_value());
             }
             Ok(out)
         })
@@ -375,6 +500,7 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let own = txn.open_table(OWN_AT).map_err(unavailable)?;
             let journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let groups = txn.open_table(GROUPS).map_err(unavailable)?;
             let start = match &after {
                 Some(a) => Bound::Excluded((data_type.as_str(), a.as_str())),
                 None => Bound::Included((data_type.as_str(), "")),
@@ -390,14 +516,13 @@ impl Store for EmbeddedStore {
                     if dt != data_type {
                         return Ok(None);
                     }
-                    let Some(bytes) = journal.get((origin.as_str(), seq.value())).map_err(unavailable)?
+                    let Some(entry) = journal_get(&journal, &groups, &origin, seq.value(), decode_journal)?
                     else {
                         return Err(corrupt(format!(
                             "own resource points at missing journal seq {}",
                             seq.value()
                         )));
                     };
-                    let entry = decode_journal(bytes.value())?;
                     Ok(Some((id.to_owned(), entry.resource.json().to_owned())))
                 })
                 .map_while(|r| r.transpose());
@@ -438,9 +563,14 @@ impl Store for EmbeddedStore {
     async fn journal_bytes(&self) -> StoreResult<u64> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            let stats = table.stats().map_err(unavailable)?;
-            Ok(stats.stored_bytes().saturating_add(stats.metadata_bytes()))
+            let mut bytes = 0u64;
+            for def in [JOURNAL, GROUPS] {
+                let stats = txn.open_table(def).map_err(unavailable)?.stats().map_err(unavailable)?;
+                bytes = bytes
+                    .saturating_add(stats.stored_bytes())
+                    .saturating_add(stats.metadata_bytes());
+            }
+            Ok(bytes)
         })
         .await
     }
@@ -469,6 +599,7 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let own = txn.open_table(OWN_AT).map_err(unavailable)?;
             let journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let groups = txn.open_table(GROUPS).map_err(unavailable)?;
             let start = match &after {
                 Some((dt, id)) => Bound::Excluded((dt.as_str(), id.as_str())),
                 None => Bound::Unbounded,
@@ -482,12 +613,11 @@ impl Store for EmbeddedStore {
                 let (k, seq) = item.map_err(unavailable)?;
                 let (dt, id) = k.value();
                 let seq = seq.value();
-                let Some(value) = journal.get((origin.as_str(), seq)).map_err(unavailable)? else {
+                let Some(raw) = journal_get(&journal, &groups, &origin, seq, |v| raw_entry(seq, v))? else {
                     return Err(corrupt(format!(
                         "own resource points at missing journal seq {seq}"
                     )));
                 };
-                let raw = raw_entry(seq, value.value())?;
                 bytes = bytes.saturating_add(raw.json.len());
                 page.entries.push(((dt.to_owned(), id.to_owned()), raw));
                 if page.entries.len() >= max_count.max(1) || bytes >= max_bytes {
@@ -980,18 +1110,18 @@ fn append_events(
     let first;
     {
         let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+        let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
         let mut own = txn.open_table(OWN_AT).map_err(unavailable)?;
         let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
         let floor = read_floor(&txn.open_table(META).map_err(unavailable)?, &floor_key(origin))?;
-        let mut seq = last_seq(&table, origin)?;
+        let mut seq = journal_last(&table, &groups, origin)?;
         first = seq.saturating_add(1);
-        // One buffer for every value of the commit.
-        let mut value = Vec::with_capacity(2048);
+        // The entries are written straight into the groups' values.
+        let mut packer = groups::Packer::new();
         for e in events {
             seq = seq
                 .checked_add(1)
                 .ok_or_else(|| corrupt("journal seq overflow"))?;
-            value.clear();
             let entry = EntryRef {
                 origin,
                 seq,
@@ -1001,19 +1131,18 @@ fn append_events(
                 resource: &e.resource,
                 time_ms,
             };
-            write_journal_value(&mut value, &entry)?;
-            table
-                .insert((origin, seq), value.as_slice())
-                .map_err(unavailable)?;
+            packer.push(&mut groups, origin, seq, |out| write_journal_value(out, &entry))?;
             // The own-resources index follows the journal in the same commit.
             let key = (e.data_type.as_str(), e.resource_id.as_str());
             let previous = reindex(&mut own, &mut gone, key, e.action, seq)?;
             // Below the compaction floor only the latest entry of a resource stays: the one
-            // this entry supersedes goes in the same commit.
+            // this entry supersedes (a row: the floor is below every group) goes in the same
+            // commit.
             if let Some(p) = previous.filter(|p| *p <= floor) {
                 table.remove((origin, p)).map_err(unavailable)?;
             }
         }
+        packer.finish(&mut groups, origin)?;
     }
     if !events.is_empty() {
         record_intake(&txn, intake_seqs)?;
@@ -1814,8 +1943,9 @@ fn raw_entry(seq: u64, value: &[u8]) -> StoreResult<RawEntry> {
 }
 
 /// [`Store::compact_journal`]: commits of at most [`COMPACT_BATCH`] entries examined, each
-/// removing the entries a later one of the same resource supersedes and moving the floor;
-/// then the tombstones of the compacted range past their retention.
+/// moving the floor over them: of the entries it passes (all in groups), those no later entry
+/// of the same resource supersedes become rows, the others go with their groups; then the
+/// tombstones of the compacted range past their retention.
 fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<CompactReport> {
     let key = floor_key(origin);
     let mut report = CompactReport::default();
@@ -1823,12 +1953,13 @@ fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<Co
         let txn = db.begin_write().map_err(unavailable)?;
         let (done, floor) = {
             let mut journal = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
             let own = txn.open_table(OWN_AT).map_err(unavailable)?;
             let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
             let mut meta = txn.open_table(META).map_err(unavailable)?;
             let floor = read_floor(&meta, &key)?;
             // The head entry stays whatever it is: the next seq follows it.
-            let head = last_seq(&journal, origin)?;
+            let head = journal_last(&journal, &groups, origin)?;
             let up_to = bounds.up_to.min(head.saturating_sub(1));
             let room = bounds.max_examined.saturating_sub(report.examined as usize);
             let batch = room.min(COMPACT_BATCH);
@@ -1837,36 +1968,29 @@ fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<Co
             let mut examined: Vec<Examined> = Vec::new();
             let mut done = batch == 0 || floor >= up_to;
             if !done {
-                for item in journal
-                    .range((origin, floor.saturating_add(1))..=(origin, up_to))
-                    .map_err(unavailable)?
-                    .take(batch)
-                {
-                    let (k, v) = item.map_err(unavailable)?;
-                    let entry = decode_journal(v.value())?;
+                let mut young = false;
+                journal_scan(&journal, &groups, origin, floor.saturating_add(1), |seq, value| {
+                    if seq > up_to || examined.len() >= batch {
+                        return Ok(false);
+                    }
+                    let entry = decode_journal(value)?;
                     if entry.time_ms > bounds.older_than_ms {
-                        done = true;
-                        break;
+                        young = true;
+                        return Ok(false);
                     }
                     let id = entry.resource_id().map(str::to_owned);
-                    examined.push((
-                        k.value().1,
-                        Some(entry.action),
-                        entry.data_type,
-                        id,
-                        entry.time_ms,
-                    ));
-                }
-                if examined.len() < batch {
-                    done = true;
-                }
+                    examined.push((seq, Some(entry.action), entry.data_type, id, entry.time_ms));
+                    Ok(true)
+                })?;
+                done = young || examined.len() < batch;
             }
             let mut new_floor = floor;
+            // The entries that stay, to move from their groups to rows.
+            let mut kept: Vec<u64> = Vec::new();
             for (seq, action, data_type, id, time_ms) in &examined {
                 report.examined += 1;
                 new_floor = *seq;
                 let Some(id) = id else {
-                    journal.remove((origin, *seq)).map_err(unavailable)?;
                     report.removed += 1;
                     continue;
                 };
@@ -1877,15 +2001,22 @@ fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<Co
                     own.get(k).map_err(unavailable)?.map(|v| v.value())
                 };
                 if latest != Some(*seq) {
-                    journal.remove((origin, *seq)).map_err(unavailable)?;
                     report.removed += 1;
                 } else if *action == Some(Action::Delete) && *time_ms <= bounds.tombstones_older_than_ms {
-                    journal.remove((origin, *seq)).map_err(unavailable)?;
                     gone.remove(k).map_err(unavailable)?;
                     report.tombstones_dropped += 1;
+                } else {
+                    kept.push(*seq);
                 }
             }
+            for seq in kept {
+                groups::with_entry(&groups, origin, seq, |value| {
+                    journal.insert((origin, seq), value).map_err(unavailable)?;
+                    Ok(())
+                })?;
+            }
             if new_floor > floor {
+                groups::drop_through(&mut groups, origin, new_floor)?;
                 meta.insert(key.as_str(), new_floor.to_be_bytes().as_slice())
                     .map_err(unavailable)?;
             }
@@ -1949,7 +2080,8 @@ fn index_gone(
     Ok(())
 }
 
-/// Stores of earlier versions have no `OWN_GONE`: build it from the journal once.
+/// Stores of earlier versions have no `OWN_GONE`: build it from the journal once. It runs at
+/// open before [`pack_rows_above_floor`], when such a store holds its whole journal as rows.
 fn build_own_gone(txn: &redb::WriteTransaction) -> StoreResult<()> {
     let mut meta = txn.open_table(META).map_err(unavailable)?;
     if meta.get("own_gone").map_err(unavailable)?.is_some() {
@@ -1968,8 +2100,8 @@ fn build_own_gone(txn: &redb::WriteTransaction) -> StoreResult<()> {
 }
 
 /// Stores written before the own-resources index became a pointer kept full copies in
-/// `OWN_COPIES`: rebuild `OWN_AT` from the journal (which holds only this node's events),
-/// then drop the copies.
+/// `OWN_COPIES`: rebuild `OWN_AT` from the journal (which holds only this node's events, all
+/// as rows in such a store: this runs before [`pack_rows_above_floor`]), then drop the copies.
 fn migrate_own_copies(txn: &redb::WriteTransaction) -> StoreResult<()> {
     let had_copies = match txn.open_table(OWN_COPIES) {
         Ok(copies) => !copies.is_empty().map_err(unavailable)?,
@@ -2498,5 +2630,189 @@ mod intake_tests {
             }
             txn.abort().unwrap();
         }
+    }
+}
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+
+    fn event(action: Action, id: &str) -> NewEvent {
+        NewEvent {
+            action,
+            data_type: "dt".into(),
+            user: "u".into(),
+            from_app: "app".into(),
+            resource: serde_json::json!({"id": id, "pad": "x".repeat(300)}).into(),
+            resource_id: id.into(),
+        }
+    }
+
+    async fn seqs(store: &EmbeddedStore, from: u64) -> Vec<u64> {
+        let raw = store.read_journal_raw("o", from, 100_000).await.unwrap();
+        let entries = store.read_journal("o", from, 100_000).await.unwrap();
+        assert_eq!(
+            raw.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            entries.iter().map(|e| e.seq).collect::<Vec<_>>()
+        );
+        raw.iter().map(|r| r.seq).collect()
+    }
+
+    fn rows_and_groups(store: &EmbeddedStore) -> (Vec<u64>, usize) {
+        use redb::ReadableTableMetadata;
+        let db = store.db.read().unwrap();
+        let txn = db.begin_read().unwrap();
+        let rows = txn.open_table(JOURNAL).unwrap();
+        let seqs = rows.iter().unwrap().map(|r| r.unwrap().0.value().1).collect();
+        let groups = txn.open_table(GROUPS).unwrap().len().unwrap() as usize;
+        (seqs, groups)
+    }
+
+    /// What the journal should hold: every entry above `floor`, and below it the latest
+    /// entry of each resource (`ids[seq - 1]` is the resource of entry `seq`).
+    fn expected(ids: &[String], floor: u64) -> Vec<u64> {
+        (1..=ids.len() as u64)
+            .filter(|&s| {
+                s > floor || !ids[s as usize..].contains(&ids[s as usize - 1])
+            })
+            .collect()
+    }
+
+    async fn append(store: &EmbeddedStore, ids: &mut Vec<String>, new: impl IntoIterator<Item = String>) {
+        let new: Vec<String> = new.into_iter().collect();
+        let events = new.iter().map(|id| event(Action::Update, id)).collect();
+        store.append_journal("o", events).await.unwrap();
+        ids.extend(new);
+    }
+
+    fn bounds(up_to: u64, max_examined: usize) -> CompactBounds {
+        CompactBounds {
+            up_to,
+            older_than_ms: u64::MAX,
+            tombstones_older_than_ms: 0,
+            max_examined,
+        }
+    }
+
+    #[tokio::test]
+    async fn compaction_moves_what_stays_into_rows_and_reads_cross_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = EmbeddedStore::open(&path).unwrap();
+        let mut ids = Vec::new();
+        // 50 resources twice, then half of them again: 125 entries in three commits; 400-byte
+        // entries make several groups per commit.
+        for round in 0..3 {
+            let n = if round == 2 { 25 } else { 50 };
+            append(&store, &mut ids, (0..n).map(|i| format!("r{i}"))).await;
+        }
+        assert_eq!(seqs(&store, 0).await, (1..=125).collect::<Vec<_>>());
+        assert_eq!(store.journal_head("o").await.unwrap(), 125);
+        let (rows, groups) = rows_and_groups(&store);
+        assert!(rows.is_empty() && groups >= 3, "{rows:?} {groups}");
+
+        // Compaction in steps of 7 entries: each step's floor falls inside a group.
+        let mut floor = 0;
+        while floor < 120 {
+            let report = store.compact_journal("o", bounds(120, 7)).await.unwrap();
+            assert!(report.floor > floor, "{report:?}");
+            floor = report.floor;
+            assert_eq!(seqs(&store, 0).await, expected(&ids, floor), "floor {floor}");
+        }
+        assert_eq!(floor, 120);
+        let (rows, _) = rows_and_groups(&store);
+        assert_eq!(rows, (76..=120).collect::<Vec<_>>(), "r25..r49 then r0..r19 stay, as rows");
+        let from_90: Vec<u64> = expected(&ids, 120).into_iter().filter(|&s| s >= 90).collect();
+        assert_eq!(seqs(&store, 90).await, from_90);
+        assert_eq!(seqs(&store, 121).await, (121..=125).collect::<Vec<_>>());
+
+        // Later entries of resources kept below the floor remove their rows.
+        append(&store, &mut ids, (25..35).map(|i| format!("r{i}"))).await;
+        assert_eq!(seqs(&store, 0).await, expected(&ids, 120));
+        assert_eq!(rows_and_groups(&store).0, (86..=120).collect::<Vec<_>>());
+        assert_eq!(store.journal_head("o").await.unwrap(), 135);
+
+        // The own-resources index finds each resource's entry, a row or in a group.
+        let own = store.own_resources("o", "dt").await.unwrap();
+        assert_eq!(own.len(), 50);
+        let page = store.snapshot_page("o", None, 1_000, 1 << 20).await.unwrap();
+        let mut at: Vec<u64> = page.entries.iter().map(|(_, raw)| raw.seq).collect();
+        at.sort_unstable();
+        let mut latest: Vec<u64> = expected(&ids, u64::MAX)
+            .into_iter()
+            .filter(|&s| !ids[s as usize..].contains(&ids[s as usize - 1]))
+            .collect();
+        latest.sort_unstable();
+        assert_eq!(at, latest);
+
+        // Reopened, all the same; the head entry is never compacted.
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(seqs(&store, 0).await, expected(&ids, 120));
+        let report = store.compact_journal("o", bounds(u64::MAX, 100_000)).await.unwrap();
+        assert_eq!(report.floor, 134);
+        assert_eq!(seqs(&store, 0).await, expected(&ids, 134));
+        assert_eq!(store.journal_head("o").await.unwrap(), 135);
+        append(&store, &mut ids, ["r0".to_owned()]).await;
+        assert_eq!(seqs(&store, 0).await, expected(&ids, 134));
+    }
+
+    #[tokio::test]
+    async fn rows_of_earlier_versions_above_the_floor_move_into_groups_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(EmbeddedStore::open(&path).unwrap());
+        {
+            // An earlier version's journal: a row per entry, two origins, a floor at 100 for
+            // "o" (below it only some rows remain), a gap above it.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut rows = txn.open_table(JOURNAL).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                meta.remove("journal_groups").unwrap();
+                meta.insert(floor_key("o").as_str(), 100u64.to_be_bytes().as_slice())
+                    .unwrap();
+                let resource: Resource = serde_json::json!({"id": "r", "pad": "x".repeat(1000)}).into();
+                let mut value = Vec::new();
+                let all = (1..=100)
+                    .step_by(10)
+                    .chain(101..=300)
+                    .chain(302..=310)
+                    .map(|s| ("o", s))
+                    .chain((1..=5).map(|s| ("p", s)));
+                for (origin, seq) in all {
+                    value.clear();
+                    let entry = EntryRef {
+                        origin,
+                        seq,
+                        action: Action::Update,
+                        data_type: "dt",
+                        user: "u",
+                        resource: &resource,
+                        time_ms: 1,
+                    };
+                    write_journal_value(&mut value, &entry).unwrap();
+                    rows.insert((origin, seq), value.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        let want: Vec<u64> = (1..=100).step_by(10).chain(101..=300).chain(302..=310).collect();
+        assert_eq!(seqs(&store, 0).await, want);
+        assert_eq!(seqs(&store, 250).await, want[want.len() - 60..].to_vec());
+        assert_eq!(store.journal_head("o").await.unwrap(), 310);
+        let (rows, groups) = rows_and_groups(&store);
+        assert_eq!(rows, (1..=100).step_by(10).collect::<Vec<_>>(), "only those below the floor stay rows");
+        assert!(groups >= 5, "{groups}");
+        let p: Vec<u64> = store.read_journal_raw("p", 0, 10).await.unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(p, vec![1, 2, 3, 4, 5]);
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(rows_and_groups(&store).1, groups, "packed once");
+        let mut ids = Vec::new();
+        append(&store, &mut ids, ["x".to_owned()]).await;
+        assert_eq!(store.journal_head("o").await.unwrap(), 311);
     }
 }
