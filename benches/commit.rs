@@ -11,7 +11,7 @@
 //! those pages live in the file, then syncs. A virtio disk serves such scattered writes one
 //! IO at a time, so a commit's latency grows with the pages it touched, not with its bytes
 //! (docs/PERFORMANCE.md, "The storage floor"). The node's journal packs the entries of a
-//! commit in values of up to 60 KiB ("in groups"), which the last figure measures.
+//! commit in values of up to 32 KiB ("in groups"), which the last figure measures.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -26,8 +26,8 @@ const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journ
 /// The journal's groups: (origin, first seq) → the entries of consecutive seqs, up to
 /// [`GROUP_BYTES`] (`store::embedded::groups`).
 const GROUPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("groups");
-/// The node's group size.
-const GROUP_BYTES: usize = 60 * 1024;
+/// The node's group size (with its trailer).
+const GROUP_BYTES: usize = 32 * 1024 - 512;
 /// Index-like table: (data type, id) → seq, as the own-resources index.
 const INDEX: TableDefinition<(&str, &str), u64> = TableDefinition::new("index");
 /// About the size of a journaled 1 KiB event with its envelope.
@@ -118,8 +118,10 @@ fn redb_group_commit(db: &Database, seq: &mut u64, batch: usize) {
         for i in 0..batch {
             *seq += 1;
             value.extend_from_slice(&[b'x'; ENTRY_BYTES]);
-            if value.len() >= GROUP_BYTES || i + 1 == batch {
-                groups.insert(("origin", first), value.as_slice()).expect("insert");
+            if value.len() + ENTRY_BYTES > GROUP_BYTES || i + 1 == batch {
+                groups
+                    .insert(("origin", first), value.as_slice())
+                    .expect("insert");
                 value.clear();
                 first = *seq + 1;
             }

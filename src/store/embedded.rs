@@ -354,7 +354,10 @@ fn pack_rows_above_floor(db: &Database) -> StoreResult<()> {
         };
         txn.commit().map_err(unavailable)?;
         if moved > 0 {
-            tracing::info!(entries = moved, "journal rows above the compaction floor packed into groups");
+            tracing::info!(
+                entries = moved,
+                "journal rows above the compaction floor packed into groups"
+            );
         }
     }
 }
@@ -474,7 +477,8 @@ impl Store for EmbeddedStore {
                 if k.value().0 != data_type {
                     break;
                 }
-                let Some(entry) = journal_get(&journal, &groups, &origin, seq.value(), decode_journal)? else {
+                let Some(entry) = journal_get(&journal, &groups, &origin, seq.value(), decode_journal)?
+                else {
                     return Err(corrupt(format!(
                         "own resource points at missing journal seq {}",
                         seq.value()
@@ -565,7 +569,11 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let mut bytes = 0u64;
             for def in [JOURNAL, GROUPS] {
-                let stats = txn.open_table(def).map_err(unavailable)?.stats().map_err(unavailable)?;
+                let stats = txn
+                    .open_table(def)
+                    .map_err(unavailable)?
+                    .stats()
+                    .map_err(unavailable)?;
                 bytes = bytes
                     .saturating_add(stats.stored_bytes())
                     .saturating_add(stats.metadata_bytes());
@@ -1969,19 +1977,25 @@ fn compact(db: &Database, origin: &str, bounds: CompactBounds) -> StoreResult<Co
             let mut done = batch == 0 || floor >= up_to;
             if !done {
                 let mut young = false;
-                journal_scan(&journal, &groups, origin, floor.saturating_add(1), |seq, value| {
-                    if seq > up_to || examined.len() >= batch {
-                        return Ok(false);
-                    }
-                    let entry = decode_journal(value)?;
-                    if entry.time_ms > bounds.older_than_ms {
-                        young = true;
-                        return Ok(false);
-                    }
-                    let id = entry.resource_id().map(str::to_owned);
-                    examined.push((seq, Some(entry.action), entry.data_type, id, entry.time_ms));
-                    Ok(true)
-                })?;
+                journal_scan(
+                    &journal,
+                    &groups,
+                    origin,
+                    floor.saturating_add(1),
+                    |seq, value| {
+                        if seq > up_to || examined.len() >= batch {
+                            return Ok(false);
+                        }
+                        let entry = decode_journal(value)?;
+                        if entry.time_ms > bounds.older_than_ms {
+                            young = true;
+                            return Ok(false);
+                        }
+                        let id = entry.resource_id().map(str::to_owned);
+                        examined.push((seq, Some(entry.action), entry.data_type, id, entry.time_ms));
+                        Ok(true)
+                    },
+                )?;
                 done = young || examined.len() < batch;
             }
             let mut new_floor = floor;
@@ -2672,9 +2686,7 @@ mod journal_tests {
     /// entry of each resource (`ids[seq - 1]` is the resource of entry `seq`).
     fn expected(ids: &[String], floor: u64) -> Vec<u64> {
         (1..=ids.len() as u64)
-            .filter(|&s| {
-                s > floor || !ids[s as usize..].contains(&ids[s as usize - 1])
-            })
+            .filter(|&s| s > floor || !ids[s as usize..].contains(&ids[s as usize - 1]))
             .collect()
     }
 
@@ -2721,7 +2733,11 @@ mod journal_tests {
         }
         assert_eq!(floor, 120);
         let (rows, _) = rows_and_groups(&store);
-        assert_eq!(rows, (76..=120).collect::<Vec<_>>(), "r25..r49 then r0..r19 stay, as rows");
+        assert_eq!(
+            rows,
+            (76..=120).collect::<Vec<_>>(),
+            "r25..r49 then r0..r19 stay, as rows"
+        );
         let from_90: Vec<u64> = expected(&ids, 120).into_iter().filter(|&s| s >= 90).collect();
         assert_eq!(seqs(&store, 90).await, from_90);
         assert_eq!(seqs(&store, 121).await, (121..=125).collect::<Vec<_>>());
@@ -2749,7 +2765,10 @@ mod journal_tests {
         drop(store);
         let store = EmbeddedStore::open(&path).unwrap();
         assert_eq!(seqs(&store, 0).await, expected(&ids, 120));
-        let report = store.compact_journal("o", bounds(u64::MAX, 100_000)).await.unwrap();
+        let report = store
+            .compact_journal("o", bounds(u64::MAX, 100_000))
+            .await
+            .unwrap();
         assert_eq!(report.floor, 134);
         assert_eq!(seqs(&store, 0).await, expected(&ids, 134));
         assert_eq!(store.journal_head("o").await.unwrap(), 135);
@@ -2804,9 +2823,19 @@ mod journal_tests {
         assert_eq!(seqs(&store, 250).await, want[want.len() - 60..].to_vec());
         assert_eq!(store.journal_head("o").await.unwrap(), 310);
         let (rows, groups) = rows_and_groups(&store);
-        assert_eq!(rows, (1..=100).step_by(10).collect::<Vec<_>>(), "only those below the floor stay rows");
+        assert_eq!(
+            rows,
+            (1..=100).step_by(10).collect::<Vec<_>>(),
+            "only those below the floor stay rows"
+        );
         assert!(groups >= 5, "{groups}");
-        let p: Vec<u64> = store.read_journal_raw("p", 0, 10).await.unwrap().iter().map(|r| r.seq).collect();
+        let p: Vec<u64> = store
+            .read_journal_raw("p", 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
         assert_eq!(p, vec![1, 2, 3, 4, 5]);
         drop(store);
         let store = EmbeddedStore::open(&path).unwrap();

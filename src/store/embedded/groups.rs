@@ -24,11 +24,12 @@ use crate::store::StoreResult;
 /// (origin, first seq) → a group of entries of consecutive seqs.
 pub(super) const GROUPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal_groups");
 
-/// A group is closed once its entries reach this many bytes. redb gives a value a page run of
-/// a power-of-two size: 60 KiB with its key and trailer fits 64 KiB, where a group just above
-/// 64 KiB would take 128 KiB and write twice its bytes. An entry larger than this is a group of
-/// its own.
-pub(super) const GROUP_BYTES: usize = 60 * 1024;
+/// Most bytes of a group's value, its trailer included: an entry that would take it further
+/// starts the next group (an entry larger than this is a group of its own). redb gives a value
+/// a page run of a power-of-two size: with its key and redb's page header such a group fits
+/// 32 KiB. Larger groups write a little less per entry but make a lookup of one entry read the
+/// whole run (docs/PERFORMANCE.md, "The journal in groups", measured 16, 32 and 64 KiB).
+pub(super) const GROUP_BYTES: usize = 32 * 1024 - 512;
 
 /// Reads a group's value.
 pub(super) struct Group<'a> {
@@ -42,7 +43,10 @@ impl<'a> Group<'a> {
         let bad = || corrupt(format!("journal group at seq {first} is malformed"));
         let (rest, count) = value.split_last_chunk::<4>().ok_or_else(bad)?;
         let count = u32::from_le_bytes(*count) as usize;
-        let table = count.checked_mul(4).filter(|t| *t <= rest.len()).ok_or_else(bad)?;
+        let table = count
+            .checked_mul(4)
+            .filter(|t| *t <= rest.len())
+            .ok_or_else(bad)?;
         let (body, ends) = rest.split_at(rest.len() - table);
         if count == 0 || first.checked_add(count as u64 - 1).is_none() {
             return Err(bad());
@@ -105,7 +109,8 @@ impl Packer {
     }
 
     /// Adds the entry `seq`, whose value `write` appends to the buffer it is given. A seq that
-    /// does not follow the previous one starts a new group.
+    /// does not follow the previous one, or an entry the group has no room for, starts a new
+    /// group.
     pub(super) fn push(
         &mut self,
         table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
@@ -113,13 +118,23 @@ impl Packer {
         seq: u64,
         write: impl FnOnce(&mut Vec<u8>) -> StoreResult<()>,
     ) -> StoreResult<()> {
-        if !self.ends.is_empty() && (seq != self.next || self.value.len() >= GROUP_BYTES) {
+        if !self.ends.is_empty() && seq != self.next {
             self.finish(table, origin)?;
         }
         if self.ends.is_empty() {
             self.first = seq;
         }
+        let start = self.value.len();
         write(&mut self.value)?;
+        // With this entry, its end offset and the count.
+        let size = self.value.len() + self.ends.len() + 8;
+        if size > GROUP_BYTES && !self.ends.is_empty() {
+            // Over: the group closes without it, and it opens the next one.
+            let entry = self.value.split_off(start);
+            self.finish(table, origin)?;
+            self.first = seq;
+            self.value.extend_from_slice(&entry);
+        }
         let end = u32::try_from(self.value.len()).map_err(|_| corrupt("journal group over 4 GiB"))?;
         self.ends.extend_from_slice(&end.to_le_bytes());
         self.next = seq.saturating_add(1);
@@ -295,7 +310,10 @@ mod tests {
         let table = txn.open_table(GROUPS).unwrap();
         let mut out = Vec::new();
         scan(&table, origin, from, |seq, value| {
-            assert!(value.iter().all(|b| *b == (seq % 251) as u8), "entry {seq} holds its own bytes");
+            assert!(
+                value.iter().all(|b| *b == (seq % 251) as u8),
+                "entry {seq} holds its own bytes"
+            );
             out.push(seq);
             Ok(true)
         })
@@ -307,13 +325,16 @@ mod tests {
     fn entries_read_back_by_seq_from_any_point_and_groups_close_at_their_size() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("g.redb")).unwrap();
-        // 1 300-byte entries: 48 to a group; a second commit, and another origin beside.
+        // 1 300-byte entries: 24 to a group; a second commit, and another origin beside.
         fill(&db, "a", 1..=100, 1_300);
         fill(&db, "a", 101..=130, 1_300);
         fill(&db, "b", 1..=3, 10);
         let txn = db.begin_read().unwrap();
         let table = txn.open_table(GROUPS).unwrap();
-        assert_eq!(table.len().unwrap(), 5, "a: 48 + 48 + 4, then 30; b: 3");
+        assert_eq!(table.len().unwrap(), 8, "a: 4 × 24 + 4, then 24 + 6; b: 3");
+        for item in table.iter().unwrap() {
+            assert!(item.unwrap().1.value().len() <= GROUP_BYTES);
+        }
         drop((table, txn));
         assert_eq!(seqs(&db, "a", 0), (1..=130).collect::<Vec<_>>());
         assert_eq!(seqs(&db, "a", 49), (49..=130).collect::<Vec<_>>());
@@ -349,7 +370,13 @@ mod tests {
 
     #[test]
     fn a_malformed_group_is_an_error_not_a_panic() {
-        for value in [&b""[..], &[1, 0, 0], &[5, 0, 0, 0], &[0, 0, 0, 0], &[9, 0, 0, 0, 1, 0, 0, 0]] {
+        for value in [
+            &b""[..],
+            &[1, 0, 0],
+            &[5, 0, 0, 0],
+            &[0, 0, 0, 0],
+            &[9, 0, 0, 0, 1, 0, 0, 0],
+        ] {
             if let Ok(group) = Group::parse(1, value) {
                 assert!(group.entry(0).is_err(), "{value:?}");
             }
