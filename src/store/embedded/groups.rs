@@ -209,9 +209,10 @@ pub(super) fn scan(
     // The group holding `from` starts at or before it; the others after it.
     let mut visit = |first: u64, value: &[u8]| -> StoreResult<bool> {
         let group = Group::parse(first, value)?;
-        let skip = from.saturating_sub(first);
-        for i in (skip..group.len() as u64).map(|i| i as usize) {
-            if !each(group.first().saturating_add(i as u64), group.entry(i)?)? {
+        let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
+        for i in skip..group.len() {
+            // No overflow: `parse` checked the group's last seq.
+            if !each(first.saturating_add(i as u64), group.entry(i)?)? {
                 return Ok(false);
             }
         }
