@@ -17,7 +17,9 @@ use super::{
 };
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
+mod applied_log;
 mod groups;
+use applied_log::Log;
 use groups::GROUPS;
 
 /// redb's page cache. Its default (1 GiB) made a node catching up on a million events
@@ -56,8 +58,6 @@ const INTAKE_RUNS: TableDefinition<u64, u64> = TableDefinition::new("intake_runs
 /// one B-tree insert and one removal per batch instead of one per event. Stores of earlier
 /// versions hold one row per key (row id → [`encode_outbox`] or JSON); both are read.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// The applied log: local apply counter -> [`AppliedRecord`] as JSON.
-const APPLIED_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("applied_log");
 /// (data_type, id) → seq of the delete entry of this node's own resource that was deleted
 /// last (absent while it lives): what compaction keeps as its tombstone.
 const OWN_GONE: TableDefinition<(&str, &str), u64> = TableDefinition::new("own_gone");
@@ -104,7 +104,7 @@ impl EmbeddedStore {
             txn.open_table(APPLIED).map_err(unavailable)?;
             txn.open_table(RESOURCES).map_err(unavailable)?;
             txn.open_table(OUTBOX).map_err(unavailable)?;
-            txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            applied_log::open_write(&txn)?;
             txn.open_table(INTAKE_RUNS).map_err(unavailable)?;
             txn.open_table(OWN_AT).map_err(unavailable)?;
             txn.open_table(PEERS).map_err(unavailable)?;
@@ -650,7 +650,7 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RESOURCES).map_err(unavailable)?;
-            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            let log = applied_log::open_read(&txn)?;
             let start = match &after {
                 Some((dt, id)) => Bound::Excluded((dt.as_str(), id.as_str())),
                 None => Bound::Unbounded,
@@ -888,11 +888,9 @@ impl Store for EmbeddedStore {
                 // transaction as the journal appends that write it, so none slips between.
                 let own = txn.open_table(OWN_AT).map_err(unavailable)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
-                let mut log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
-                let mut next_key = match log.last().map_err(unavailable)? {
-                    Some((k, _)) => k.value() + 1,
-                    None => 1,
-                };
+                let mut log = applied_log::open_write(&txn)?;
+                // The entries are written straight into the applied log's groups.
+                let mut appended = applied_log::Appender::new(&log)?;
                 let applied_ms = now_ms();
                 // Ids keep growing within the commit: taken before the removals.
                 let mut next_id = match outbox.last().map_err(unavailable)? {
@@ -901,7 +899,7 @@ impl Store for EmbeddedStore {
                 };
                 remove_outbox_rows(&mut outbox, published)?;
                 // Reused for every entry: one allocation per batch, not two per event.
-                let (mut state_buf, mut log_buf) = (Vec::with_capacity(128), Vec::with_capacity(2048));
+                let mut state_buf = Vec::with_capacity(128);
                 for entry in entries.iter() {
                     let Some(id) = entry.resource_id() else {
                         outcomes.push(ApplyOutcome::Stale);
@@ -924,16 +922,16 @@ impl Store for EmbeddedStore {
                         // The resource is written once, in the applied-log row; the state
                         // points at it ([`StateBody::At`]).
                         let deleted = entry.action == Action::Delete;
-                        encode_state_at(&mut state_buf, &entry.origin, entry.seq, deleted, next_key);
+                        let log_key = appended
+                            .push(&mut log.groups, |out| encode_logged(out, applied_ms, entry, id))?;
+                        encode_state_at(&mut state_buf, &entry.origin, entry.seq, deleted, log_key);
                         resources.insert(key, state_buf.as_slice()).map_err(unavailable)?;
-                        encode_logged(&mut log_buf, applied_ms, entry, id)?;
-                        log.insert(next_key, log_buf.as_slice()).map_err(unavailable)?;
-                        next_key += 1;
                         rows.push(row);
                         keys.push((&entry.data_type, id, entry.seq));
                     }
                     outcomes.push(outcome);
                 }
+                appended.finish(&mut log.groups)?;
                 if let Some(last) = rows.last() {
                     outbox
                         .insert(last.id, encode_group(&stored_rows(&rows, &keys)).as_slice())
@@ -963,37 +961,19 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<u64> {
         self.blocking(move |db| {
             let mut txn = db.begin_write().map_err(unavailable)?;
-            let mut removed = 0u64;
+            let removed;
             {
-                let mut log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+                let mut log = applied_log::open_write(&txn)?;
                 let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
-                let Some(last) = log.last().map_err(unavailable)?.map(|(k, _)| k.value()) else {
-                    return Ok(0);
-                };
-                while removed < max_remove as u64 {
-                    let Some((key, trims)) = ({
-                        match log.first().map_err(unavailable)? {
-                            Some((k, v)) => {
-                                let key = k.value();
-                                let rows = last.saturating_sub(key).saturating_add(1);
-                                let trims = super::trims_applied_row(rows, keep_rows, older_than_ms, || {
-                                    logged_ms(key, v.value())
-                                })?;
-                                Some((key, trims))
-                            }
-                            None => None,
-                        }
-                    }) else {
-                        break;
-                    };
-                    if !trims {
-                        break;
+                removed = log.trim_front(max_remove as u64, |key, last, value| {
+                    let rows = last.saturating_sub(key).saturating_add(1);
+                    let trims =
+                        super::trims_applied_row(rows, keep_rows, older_than_ms, || logged_ms(key, value))?;
+                    if trims {
+                        inline_before_trim(&mut resources, key, value)?;
                     }
-                    if let Some(row) = log.remove(key).map_err(unavailable)? {
-                        inline_before_trim(&mut resources, key, row.value())?;
-                    }
-                    removed += 1;
-                }
+                    Ok(trims)
+                })?;
             }
             if removed > 0 {
                 // A trim lost in a crash is done again by the next run: no fsync needed.
@@ -1008,12 +988,14 @@ impl Store for EmbeddedStore {
     async fn applied_log(&self, before: u64, limit: usize) -> StoreResult<Vec<AppliedRecord>> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            let log = applied_log::open_read(&txn)?;
             let mut out = Vec::new();
-            for row in table.range(..before).map_err(unavailable)?.rev().take(limit) {
-                let (key, value) = row.map_err(unavailable)?;
-                out.push(decode_logged(key.value(), value.value())?);
-            }
+            log.newest_before(before, |key, value| {
+                if out.len() < limit {
+                    out.push(decode_logged(key, value)?);
+                }
+                Ok(out.len() < limit)
+            })?;
             Ok(out)
         })
         .await
@@ -1024,7 +1006,7 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(OUTBOX).map_err(unavailable)?;
             let resources = txn.open_table(RESOURCES).map_err(unavailable)?;
-            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            let log = applied_log::open_read(&txn)?;
             let mut out = Vec::new();
             for item in table.range(0u64..).map_err(unavailable)? {
                 let (k, v) = item.map_err(unavailable)?;
@@ -1061,7 +1043,7 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RESOURCES).map_err(unavailable)?;
-            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            let log = applied_log::open_read(&txn)?;
             let key = (data_type.as_str(), id.as_str());
             match table.get(key).map_err(unavailable)? {
                 Some(v) => Ok(Some(decode_resource(&log, key, v.value())?)),
@@ -1081,7 +1063,7 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RESOURCES).map_err(unavailable)?;
-            let log = txn.open_table(APPLIED_LOG).map_err(unavailable)?;
+            let log = applied_log::open_read(&txn)?;
             let start = after.clone().unwrap_or_default();
             let mut out = Vec::new();
             // Keys sort by data_type then id; stop at the first key of another data type.
@@ -1395,7 +1377,7 @@ fn stored_rows(rows: &[OutboxRow], keys: &[(&str, &str, u64)]) -> Vec<StoredRow>
 fn resolve(
     row: StoredRow,
     resources: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &Log<impl ReadableTable<u64, &'static [u8]>>,
 ) -> StoreResult<Option<OutboxRow>> {
     let (id, subject, msg_id, data_type, resource_id, version) = match row {
         StoredRow::Full(row) => return Ok(Some(row)),
@@ -1542,7 +1524,7 @@ struct EntryBody {
 
 /// The user and resource of a binary state: its own, or its applied-log row's.
 fn state_body(
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &Log<impl ReadableTable<u64, &'static [u8]>>,
     key: (&str, &str),
     body: &StateBody<'_>,
 ) -> StoreResult<EntryBody> {
@@ -1551,8 +1533,8 @@ fn state_body(
             user: (*user).to_owned(),
             resource: serde_json::value::RawValue::from_string((*resource).to_owned()).map_err(corrupt)?,
         }),
-        StateBody::At(log_key) => match log.get(*log_key).map_err(unavailable)? {
-            Some(row) => logged_body(*log_key, row.value()),
+        StateBody::At(log_key) => match log.get(*log_key, |row| logged_body(*log_key, row))? {
+            Some(body) => Ok(body),
             None => Err(corrupt(format!(
                 "stored state {}/{} points at missing applied-log row {log_key}",
                 key.0, key.1
@@ -1564,7 +1546,7 @@ fn state_body(
 
 /// A stored state as [`StoredResource`].
 fn decode_resource(
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &Log<impl ReadableTable<u64, &'static [u8]>>,
     key: (&str, &str),
     bytes: &[u8],
 ) -> StoreResult<StoredResource> {
@@ -1585,7 +1567,7 @@ fn decode_resource(
 
 /// A stored state as [`StoredNotice`].
 fn decode_notice(
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &Log<impl ReadableTable<u64, &'static [u8]>>,
     key: (&str, &str),
     bytes: &[u8],
 ) -> StoreResult<StoredNotice> {
@@ -1610,7 +1592,6 @@ fn encode_logged(
     entry: &JournalEntry,
     resource_id: &str,
 ) -> StoreResult<()> {
-    out.clear();
     out.push(LOG_BINARY);
     out.extend_from_slice(&applied_ms.to_le_bytes());
     put_field(out, &entry.data_type);
@@ -2322,7 +2303,7 @@ mod tests {
                 applied_ms: 5,
                 entry: &legacy,
             };
-            txn.open_table(APPLIED_LOG)
+            txn.open_table(applied_log::ROWS)
                 .unwrap()
                 .insert(1, serde_json::to_vec(&logged).unwrap().as_slice())
                 .unwrap();
@@ -2404,6 +2385,56 @@ mod tests {
             decode_state(("D", "b"), cut),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_applied_log_in_groups_reads_and_trims_across_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        // 2 KiB resources: about fifteen to a group; two commits of 100.
+        let big = |seq: u64| {
+            let mut e = entry(seq, Action::Create, &format!("r{seq}"));
+            let pad = "x".repeat(2_000);
+            e.resource = Resource::from_json(&format!(
+                r#"{{ "id": "r{seq}", "creator_id": "o", "pad": "{pad}" }}"#
+            ))
+            .unwrap();
+            e
+        };
+        let all: Vec<JournalEntry> = (1..=200).map(big).collect();
+        for batch in all.chunks(100) {
+            let up_to = batch.last().unwrap().seq;
+            store.apply_batch("o", up_to, batch.to_vec()).await.unwrap();
+        }
+        let groups = {
+            let txn = store.db.read().unwrap().begin_read().unwrap();
+            let log = applied_log::open_read(&txn).unwrap();
+            (log.groups.len().unwrap(), log.rows.len().unwrap())
+        };
+        assert!(groups.0 >= 10 && groups.1 == 0, "{groups:?}");
+        let keys = |log: &[AppliedRecord]| log.iter().map(|r| r.key).collect::<Vec<_>>();
+        let newest = store.applied_log(u64::MAX, 1_000).await.unwrap();
+        assert_eq!(keys(&newest), (1..=200).rev().collect::<Vec<_>>());
+        let page = store.applied_log(108, 20).await.unwrap();
+        assert_eq!(keys(&page), (88..=107).rev().collect::<Vec<_>>());
+        assert_eq!(page[0].entry, all[106]);
+
+        // Three trims of at most 37 stop inside groups; the next keeps the newest 50.
+        for _ in 0..3 {
+            assert_eq!(store.trim_applied_log(0, 50, 37).await.unwrap(), 37);
+        }
+        assert_eq!(store.trim_applied_log(0, 50, 1_000).await.unwrap(), 39);
+        assert_eq!(store.trim_applied_log(0, 50, 1_000).await.unwrap(), 0);
+        let kept = store.applied_log(u64::MAX, 1_000).await.unwrap();
+        assert_eq!(keys(&kept), (151..=200).rev().collect::<Vec<_>>());
+        for e in [&all[0], &all[111], &all[150], &all[199]] {
+            let id = e.resource_id().unwrap();
+            let got = store.resource("D", id).await.unwrap().unwrap();
+            assert_eq!(got.resource, e.resource.to_value(), "{id}");
+        }
+        // New keys follow the last one.
+        store.apply_batch("o", 201, vec![big(201)]).await.unwrap();
+        assert_eq!(store.applied_log(u64::MAX, 1).await.unwrap()[0].key, 201);
     }
 
     #[tokio::test]

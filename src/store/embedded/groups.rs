@@ -8,6 +8,9 @@
 //! only the latest entry of each resource and later entries remove older ones one by one, the
 //! entries stay one row each in the `journal` table; compaction moves them there.
 //!
+//! The applied log of a receiver is packed in the same layout ([`super::applied_log`]), with a
+//! key of its own: [`Packer::push_into`] takes the insert of its table.
+//!
 //! Invariant kept by every writer: for an origin, every seq held in a group is above every seq
 //! held in a row (the rows hold the compacted range, the groups what follows), and no seq is in
 //! both. So a read in seq order reads the rows, then the groups.
@@ -40,7 +43,7 @@ pub(super) struct Group<'a> {
 
 impl<'a> Group<'a> {
     pub(super) fn parse(first: u64, value: &'a [u8]) -> StoreResult<Self> {
-        let bad = || corrupt(format!("journal group at seq {first} is malformed"));
+        let bad = || corrupt(format!("group at {first} is malformed"));
         let (rest, count) = value.split_last_chunk::<4>().ok_or_else(bad)?;
         let count = u32::from_le_bytes(*count) as usize;
         let table = count
@@ -79,7 +82,7 @@ impl<'a> Group<'a> {
         start
             .zip(self.end(i))
             .and_then(|(start, end)| self.body.get(start..end))
-            .ok_or_else(|| corrupt(format!("journal group at seq {} is malformed", self.first)))
+            .ok_or_else(|| corrupt(format!("group at {} is malformed", self.first)))
     }
 
     /// The value of the entry `seq`, if it holds it.
@@ -108,9 +111,9 @@ impl Packer {
         }
     }
 
-    /// Adds the entry `seq`, whose value `write` appends to the buffer it is given. A seq that
-    /// does not follow the previous one, or an entry the group has no room for, starts a new
-    /// group.
+    /// Adds the entry `seq` of `origin`'s journal, whose value `write` appends to the buffer
+    /// it is given. A seq that does not follow the previous one, or an entry the group has no
+    /// room for, starts a new group.
     pub(super) fn push(
         &mut self,
         table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
@@ -118,8 +121,27 @@ impl Packer {
         seq: u64,
         write: impl FnOnce(&mut Vec<u8>) -> StoreResult<()>,
     ) -> StoreResult<()> {
+        self.push_into(seq, write, &mut insert_at(table, origin))
+    }
+
+    /// Inserts the group of `origin`'s journal being packed, if any.
+    pub(super) fn finish(
+        &mut self,
+        table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+        origin: &str,
+    ) -> StoreResult<()> {
+        self.finish_into(&mut insert_at(table, origin))
+    }
+
+    /// [`Packer::push`] for a table of any key: `insert(first, value)` stores a full group.
+    pub(super) fn push_into(
+        &mut self,
+        seq: u64,
+        write: impl FnOnce(&mut Vec<u8>) -> StoreResult<()>,
+        insert: &mut impl FnMut(u64, &[u8]) -> StoreResult<()>,
+    ) -> StoreResult<()> {
         if !self.ends.is_empty() && seq != self.next {
-            self.finish(table, origin)?;
+            self.finish_into(insert)?;
         }
         if self.ends.is_empty() {
             self.first = seq;
@@ -131,34 +153,44 @@ impl Packer {
         if size > GROUP_BYTES && !self.ends.is_empty() {
             // Over: the group closes without it, and it opens the next one.
             let entry = self.value.split_off(start);
-            self.finish(table, origin)?;
+            self.finish_into(insert)?;
             self.first = seq;
             self.value.extend_from_slice(&entry);
         }
-        let end = u32::try_from(self.value.len()).map_err(|_| corrupt("journal group over 4 GiB"))?;
+        let end = u32::try_from(self.value.len()).map_err(|_| corrupt("group over 4 GiB"))?;
         self.ends.extend_from_slice(&end.to_le_bytes());
         self.next = seq.saturating_add(1);
         Ok(())
     }
 
-    /// Inserts the group being packed, if any.
-    pub(super) fn finish(
+    /// [`Packer::finish`] for a table of any key.
+    pub(super) fn finish_into(
         &mut self,
-        table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
-        origin: &str,
+        insert: &mut impl FnMut(u64, &[u8]) -> StoreResult<()>,
     ) -> StoreResult<()> {
         if self.ends.is_empty() {
             return Ok(());
         }
-        let count = u32::try_from(self.ends.len() / 4).map_err(|_| corrupt("journal group too long"))?;
+        let count = u32::try_from(self.ends.len() / 4).map_err(|_| corrupt("group too long"))?;
         self.value.extend_from_slice(&self.ends);
         self.value.extend_from_slice(&count.to_le_bytes());
-        table
-            .insert((origin, self.first), self.value.as_slice())
-            .map_err(unavailable)?;
+        insert(self.first, &self.value)?;
         self.value.clear();
         self.ends.clear();
         Ok(())
+    }
+}
+
+/// Inserts a group of `origin`'s journal.
+fn insert_at<'t, 'txn>(
+    table: &'t mut redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    origin: &'t str,
+) -> impl FnMut(u64, &[u8]) -> StoreResult<()> + use<'t, 'txn> {
+    move |first, value| {
+        table
+            .insert((origin, first), value)
+            .map(drop)
+            .map_err(unavailable)
     }
 }
 
