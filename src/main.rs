@@ -15,7 +15,23 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for this process. mimalloc gets its memory from the kernel in
+/// large runs and hands back what it no longer uses; with huge pages, the first touch of such
+/// a run again makes the kernel zero a whole 2 MiB page: `clear_page_erms` under
+/// `do_huge_pmd_anonymous_page` was a fifth of the receiving node's CPU in the propagation
+/// benchmark (docs/PERFORMANCE.md, "Huge pages"). mimalloc is built not to ask for them
+/// (`no_thp`); this covers kernels that hand them out unasked (THP `always`).
+#[cfg(target_os = "linux")]
+fn no_huge_pages() {
+    // SAFETY: integer arguments only; it sets a flag of this process and touches no memory.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn no_huge_pages() {}
+
 fn main() -> ExitCode {
+    no_huge_pages();
     // One process-wide rustls provider (ring), so no TLS client built by a library (NATS,
     // the admin client, the feed's WebSocket) has to guess one if another crate ever
     // compiles a second provider in. Nothing else has installed one yet.
