@@ -24,6 +24,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[cfg(target_os = "linux")]
 fn no_huge_pages() {
     // SAFETY: integer arguments only; it sets a flag of this process and touches no memory.
+    // A kernel that refuses it leaves huge pages as its own setting says: nothing to do then.
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 

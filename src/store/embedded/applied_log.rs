@@ -114,12 +114,7 @@ impl Log<redb::Table<'_, u64, &'static [u8]>> {
         };
         let mut removed = 0u64;
         while removed < max {
-            let Some((key, row)) = self
-                .rows
-                .first()
-                .map_err(unavailable)?
-                .map(|(k, v)| (k.value(), v.value().to_vec()))
-            else {
+            let Some((key, row)) = first_owned(&self.rows)? else {
                 break;
             };
             if !trims(key, last, &row)? {
@@ -129,12 +124,7 @@ impl Log<redb::Table<'_, u64, &'static [u8]>> {
             removed += 1;
         }
         while removed < max {
-            let Some((first, value)) = self
-                .groups
-                .first()
-                .map_err(unavailable)?
-                .map(|(k, v)| (k.value(), v.value().to_vec()))
-            else {
+            let Some((first, value)) = first_owned(&self.groups)? else {
                 break;
             };
             let group = Group::parse(first, &value)?;
@@ -154,9 +144,7 @@ impl Log<redb::Table<'_, u64, &'static [u8]>> {
             if kept > 0 {
                 self.groups.remove(first).map_err(unavailable)?;
                 let mut packer = groups::Packer::new();
-                let table = &mut self.groups;
-                let mut insert =
-                    |first: u64, value: &[u8]| table.insert(first, value).map(drop).map_err(unavailable);
+                let mut put = insert(&mut self.groups);
                 for i in kept..group.len() {
                     let entry = group.entry(i)?;
                     packer.push_into(
@@ -165,10 +153,10 @@ impl Log<redb::Table<'_, u64, &'static [u8]>> {
                             out.extend_from_slice(entry);
                             Ok(())
                         },
-                        &mut insert,
+                        &mut put,
                     )?;
                 }
-                packer.finish_into(&mut insert)?;
+                packer.finish_into(&mut put)?;
             }
             break;
         }
@@ -180,7 +168,7 @@ impl Log<redb::Table<'_, u64, &'static [u8]>> {
 pub(super) struct Appender {
     packer: groups::Packer,
     /// The key the next entry takes.
-    pub(super) next: u64,
+    next: u64,
 }
 
 impl Appender {
@@ -208,6 +196,15 @@ impl Appender {
     }
 }
 
+/// The first key of `table` and a copy of its value (the table is written next).
+fn first_owned(table: &redb::Table<'_, u64, &'static [u8]>) -> StoreResult<Option<(u64, Vec<u8>)>> {
+    Ok(table
+        .first()
+        .map_err(unavailable)?
+        .map(|(k, v)| (k.value(), v.value().to_vec())))
+}
+
+/// Inserts a group of the applied log.
 fn insert<'t, 'txn>(
     table: &'t mut redb::Table<'txn, u64, &'static [u8]>,
 ) -> impl FnMut(u64, &[u8]) -> StoreResult<()> + use<'t, 'txn> {
