@@ -60,6 +60,9 @@ pub struct AdminState {
     pub nats: async_nats::Client,
     /// Why NATS is not connected (a refused credential or certificate, ...).
     pub nats_status: Arc<crate::nats::ConnectionStatus>,
+    /// The connection without echo the notices go out on ([`crate::nats::connect_without_echo`]).
+    pub notices_nats: async_nats::Client,
+    pub notices_status: Arc<crate::nats::ConnectionStatus>,
     pub net: p2p::Client,
     pub store: Arc<dyn Store>,
     pub links: Addr<StreamService>,
@@ -191,6 +194,8 @@ async fn healthz(s: web::Data<AdminState>) -> HttpResponse {
     let mut reasons = Vec::new();
     if let Some(reason) = s.nats_status.problem(&s.nats) {
         reasons.push(reason);
+    } else if let Some(reason) = s.notices_status.problem(&s.notices_nats) {
+        reasons.push(format!("notices connection: {reason}"));
     }
     if !s.net.state().is_listening() {
         reasons.push("libp2p swarm not listening yet".to_owned());

@@ -108,9 +108,40 @@ pub(crate) async fn connect(
     timeout: Duration,
     retry: Backoff,
 ) -> Result<(Client, Arc<ConnectionStatus>), ConnectError> {
+    connect_with(
+        ConnectOptions::new().name("oc-discovery"),
+        settings,
+        timeout,
+        retry,
+    )
+    .await
+}
+
+/// [`connect`] for the connection the node publishes its notices on and the peer manager
+/// subscribes to `CREATE_RESOURCE` / `REMOVE_RESOURCE` on, opened with `no_echo`: the server
+/// does not hand the node's own notices back to that subscription (receiving and reading each
+/// of them was about a fifth of a receiving node's CPU, docs/PERFORMANCE.md). Its
+/// subscriptions are confirmed by [`subscriptions_confirmed_without_echo`].
+///
+/// # Errors
+/// As [`connect`].
+pub(crate) async fn connect_without_echo(
+    settings: &NatsSettings,
+    timeout: Duration,
+    retry: Backoff,
+) -> Result<(Client, Arc<ConnectionStatus>), ConnectError> {
+    let options = ConnectOptions::new().name("oc-discovery-notices").no_echo();
+    connect_with(options, settings, timeout, retry).await
+}
+
+async fn connect_with(
+    options: ConnectOptions,
+    settings: &NatsSettings,
+    timeout: Duration,
+    retry: Backoff,
+) -> Result<(Client, Arc<ConnectionStatus>), ConnectError> {
     let status = Arc::new(ConnectionStatus::default());
-    let options = ConnectOptions::new()
-        .name("oc-discovery")
+    let options = options
         .retry_on_initial_connect()
         .connection_timeout(timeout)
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
@@ -371,6 +402,19 @@ pub(crate) async fn subscriptions_confirmed(client: &Client, timeout: Duration) 
         back
     };
     matches!(tokio::time::timeout(timeout, round_trip).await, Ok(Some(_)))
+}
+
+/// [`subscriptions_confirmed`] for a connection without echo ([`connect_without_echo`]), whose
+/// own publishes never come back: a request to a subject nobody serves is answered by the
+/// server's "no responders" status, once it has taken the earlier subscriptions. Needs a
+/// server that sends that status (NATS 2.2 and later); an older one lets the wait run out.
+pub(crate) async fn subscriptions_confirmed_without_echo(client: &Client, timeout: Duration) -> bool {
+    let nobody = client.new_inbox();
+    match tokio::time::timeout(timeout, client.request(nobody, "".into())).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
+        Err(_) => false,
+    }
 }
 
 /// Publishes what the node owes applications, confirmed before anyone moves on.

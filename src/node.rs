@@ -81,7 +81,12 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
 
     let t = cfg.tuning.clone();
     let nats_retry = crate::backoff::Backoff::new(t.backoff_min, t.backoff_max);
-    let (nats, nats_status) = nats::connect(&cfg.nats, t.io_timeout, nats_retry)
+    let (nats, nats_status) = nats::connect(&cfg.nats, t.io_timeout, nats_retry.clone())
+        .await
+        .context("connecting to NATS")?;
+    // The notices and the peer manager's subscriptions to them: a second connection, without
+    // echo, so the node is not handed back every notice it publishes.
+    let (notices_nats, notices_status) = nats::connect_without_echo(&cfg.nats, t.io_timeout, nats_retry)
         .await
         .context("connecting to NATS")?;
     let metrics = Arc::new(Metrics::default());
@@ -134,7 +139,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     }
     // Inbound apply starts once the publishes a previous run left in the outbox are out, so
     // notices of one origin reach NATS in order.
-    let publisher = Arc::new(nats::Publisher::new(nats.clone()));
+    let publisher = Arc::new(nats::Publisher::new(notices_nats.clone()));
     let feed = crate::feed::Feed::new(
         crate::feed::DEFAULT_RING_ENTRIES,
         t.feed_ring_bytes,
@@ -172,7 +177,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let peers = PeerManager::new(PeerEnv {
         store: store.clone(),
         net: net.clone(),
-        nats: nats.clone(),
+        nats: notices_nats.clone(),
         partners: partners.clone(),
         links: Links::new(links.clone()),
         metrics: metrics.clone(),
@@ -262,6 +267,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
             own_id: own_id.clone(),
             nats: nats.clone(),
             nats_status,
+            notices_nats,
+            notices_status,
             net: net.clone(),
             store: store.clone(),
             links: links.clone(),

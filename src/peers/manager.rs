@@ -175,7 +175,9 @@ impl Actor for PeerManager {
 
 /// Both PEER resource subjects as one stream; `None` (logged) when the server refuses.
 ///
-/// Returns once the server has both subscriptions ([`crate::nats::subscriptions_confirmed`]):
+/// Returns once the server has both subscriptions
+/// ([`crate::nats::subscriptions_confirmed_without_echo`]: the node's manager subscribes on the
+/// connection without echo its notices go out on, so it does not receive them back):
 /// a notice published after the manager has `started` reaches it. While NATS is down
 /// there is nothing to confirm (the client subscribes again on connect) and the manager
 /// does not wait.
@@ -185,7 +187,7 @@ async fn subscribe(nats: &async_nats::Client) -> Option<impl futures::Stream<Ite
     match (create, remove) {
         (Ok(c), Ok(r)) => {
             if crate::nats::is_connected(nats)
-                && !crate::nats::subscriptions_confirmed(nats, SUBSCRIBE_CONFIRM_TIMEOUT).await
+                && !crate::nats::subscriptions_confirmed_without_echo(nats, SUBSCRIBE_CONFIRM_TIMEOUT).await
             {
                 tracing::warn!(
                     timeout = ?SUBSCRIBE_CONFIRM_TIMEOUT,
@@ -371,9 +373,9 @@ impl PeerEnv {
 
     /// A `CREATE_RESOURCE` / `REMOVE_RESOURCE` seen on the local NATS.
     async fn on_notice(&self, msg: NatsMessage, answers: &Answers) {
-        // Every notice this node publishes comes back here: the top level alone says whether
-        // it is a PEER notice, without building the resource into a tree (≈ 3 % of a
-        // receiving partner's CPU, docs/PERFORMANCE.md).
+        // The node's own notices do not come back here (its connection has no echo), but
+        // those of applications and of other nodes on this NATS do: the top level alone says
+        // whether it is a PEER notice, without building the resource into a tree.
         if !may_be_peer_notice(&msg.payload) {
             return;
         }
