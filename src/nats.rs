@@ -108,13 +108,7 @@ pub(crate) async fn connect(
     timeout: Duration,
     retry: Backoff,
 ) -> Result<(Client, Arc<ConnectionStatus>), ConnectError> {
-    connect_with(
-        ConnectOptions::new().name("oc-discovery"),
-        settings,
-        timeout,
-        retry,
-    )
-    .await
+    connect_with("oc-discovery", ConnectOptions::new(), settings, timeout, retry).await
 }
 
 /// [`connect`] for the connection the node publishes its notices on and the peer manager
@@ -130,18 +124,24 @@ pub(crate) async fn connect_without_echo(
     timeout: Duration,
     retry: Backoff,
 ) -> Result<(Client, Arc<ConnectionStatus>), ConnectError> {
-    let options = ConnectOptions::new().name("oc-discovery-notices").no_echo();
-    connect_with(options, settings, timeout, retry).await
+    let options = ConnectOptions::new().no_echo();
+    connect_with("oc-discovery-notices", options, settings, timeout, retry).await
 }
 
+/// Connects with `options` under the client name `name`, which the status's log lines carry.
 async fn connect_with(
+    name: &'static str,
     options: ConnectOptions,
     settings: &NatsSettings,
     timeout: Duration,
     retry: Backoff,
 ) -> Result<(Client, Arc<ConnectionStatus>), ConnectError> {
-    let status = Arc::new(ConnectionStatus::default());
+    let status = Arc::new(ConnectionStatus {
+        connection: name,
+        ..ConnectionStatus::default()
+    });
     let options = options
+        .name(name)
         .retry_on_initial_connect()
         .connection_timeout(timeout)
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
@@ -295,6 +295,9 @@ fn warn_if_shared(option: &'static str, path: &Path) {
 /// What `/healthz` says about NATS: why the client is not connected.
 #[derive(Debug, Default)]
 pub struct ConnectionStatus {
+    /// The connection's client name, in its log lines (the node has two, [`connect`] and
+    /// [`connect_without_echo`]).
+    connection: &'static str,
     /// The last refusal or error of a server, cleared once connected.
     refusal: Mutex<Option<String>>,
     /// Failed attempts per server already reported.
@@ -329,6 +332,7 @@ impl ConnectionStatus {
             if let (true, Some(error)) = (server.failed_attempts > before, &server.last_error) {
                 let reason = reason(error);
                 tracing::warn!(
+                    connection = self.connection,
                     server = %url,
                     failed_attempts = server.failed_attempts,
                     reason = %reason,
@@ -350,12 +354,16 @@ impl ConnectionStatus {
                 if let Ok(mut refusal) = self.refusal.lock() {
                     *refusal = None;
                 }
-                tracing::info!("connected to NATS");
+                tracing::info!(connection = self.connection, "connected to NATS");
             }
-            Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+            Event::Disconnected => {
+                tracing::warn!(connection = self.connection, "NATS connection lost; reconnecting")
+            }
             // Each failed attempt is logged, with its server and detail, before the next.
-            Event::ClientError(e) => tracing::debug!(cause = %e, "nats client error"),
-            other => tracing::info!(event = %other, "nats connection event"),
+            Event::ClientError(e) => {
+                tracing::debug!(connection = self.connection, cause = %e, "nats client error")
+            }
+            other => tracing::info!(connection = self.connection, event = %other, "nats connection event"),
         }
     }
 }
