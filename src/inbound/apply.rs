@@ -1,6 +1,7 @@
 //! Applying one contiguous run of an origin's entries: refuse what is forged, one store
-//! commit (resources by version, outbox rows, the applied mark), publish the outbox rows on
-//! NATS and wait for the server's confirmation. Each step that fails is retried with
+//! commit (resources by version, outbox rows, the applied mark), and the outbox rows
+//! published on NATS, with the server's confirmation awaited, while that commit writes and
+//! syncs (publish-then-commit-then-ack, invariant 4). Each step that fails is retried with
 //! backoff ([`retry`]) while the session waits: nothing is reported applied (so nothing is
 //! acknowledged) that is not both stored and published.
 
@@ -62,18 +63,54 @@ impl Applier {
         let valid: Arc<[JournalEntry]> = valid.into();
         let (env, origin) = (self.env.clone(), self.origin.clone());
         let published = std::mem::take(&mut self.published);
-        let started = std::time::Instant::now();
-        let Some((outcomes, rows)) = retry(&env, "apply", || {
-            env.store
-                .apply_batch_clearing(&origin, up_to, valid.clone(), published.clone())
-        })
-        .await
-        else {
-            return RunOutcome::Shutdown;
+        let timeout = env.tuning.io_timeout;
+        // The rows are published while the store commits them (publish, then commit, then
+        // ack: invariant 4); the ack waits for both.
+        let (rows_tx, rows_rx) = tokio::sync::oneshot::channel();
+        let commit = async {
+            let started = std::time::Instant::now();
+            let committed = env
+                .store
+                .apply_batch_publishing_early(&origin, up_to, valid.clone(), published.clone(), rows_tx)
+                .await;
+            env.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+            committed
+        };
+        let publish = async {
+            // No rows: the store failed before deciding them.
+            let rows = rows_rx.await.ok()?;
+            let sent = match env.publisher.publish_rows(&rows, timeout).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(what = "publish", cause = %e, "inbound step failed; holding the ack");
+                    false
+                }
+            };
+            Some((rows, sent))
+        };
+        let (outcomes, rows, sent) = match tokio::join!(commit, publish) {
+            (Ok(outcomes), Some((rows, sent))) => (outcomes, rows, sent),
+            (committed, _) => {
+                if let Err(e) = committed {
+                    tracing::warn!(what = "apply", cause = %e, "inbound step failed; holding the ack");
+                }
+                // Committed and published again one after the other (rows published by the
+                // failed attempt are duplicates). A commit that succeeded without handing its
+                // rows over (no backend does) would find the entries applied: its rows stay in
+                // the outbox, published at start-up.
+                let Some((outcomes, rows)) = retry(&env, "apply", || {
+                    env.store
+                        .apply_batch_clearing(&origin, up_to, valid.clone(), published.clone())
+                })
+                .await
+                else {
+                    return RunOutcome::Shutdown;
+                };
+                (outcomes, rows, false)
+            }
         };
         Metrics::add(&env.metrics.apply_commits, 1);
         env.feed.applied.advanced();
-        env.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
         // `self.peer` is a partner (checked above): its label is one of a bounded set.
         let applied = valid.iter().zip(&outcomes);
         env.metrics.applied_lag(
@@ -88,10 +125,10 @@ impl Applier {
             }
         }
         if !rows.is_empty() {
-            let timeout = env.tuning.io_timeout;
-            if retry(&env, "publish", || env.publisher.publish_rows(&rows, timeout))
-                .await
-                .is_none()
+            if !sent
+                && retry(&env, "publish", || env.publisher.publish_rows(&rows, timeout))
+                    .await
+                    .is_none()
             {
                 return RunOutcome::Shutdown;
             }

@@ -877,78 +877,29 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)> {
         let origin = origin.to_owned();
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let mut outcomes = Vec::with_capacity(entries.len());
-            let mut rows = Vec::new();
-            // (data_type, id, version) of each row's resource.
-            let mut keys: Vec<(&str, &str, u64)> = Vec::new();
-            {
-                let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
-                // This node's own resources: no partner may change them. Read in the same
-                // transaction as the journal appends that write it, so none slips between.
-                let own = txn.open_table(OWN_AT).map_err(unavailable)?;
-                let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
-                let mut log = applied_log::open_write(&txn)?;
-                // The entries are written straight into the applied log's groups.
-                let mut appended = applied_log::Appender::new(&log)?;
-                let applied_ms = now_ms();
-                // Ids keep growing within the commit: taken before the removals.
-                let mut next_id = match outbox.last().map_err(unavailable)? {
-                    Some((k, _)) => k.value() + 1,
-                    None => 1,
-                };
-                remove_outbox_rows(&mut outbox, published)?;
-                // Reused for every entry: one allocation per batch, not two per event.
-                let mut state_buf = Vec::with_capacity(128);
-                for entry in entries.iter() {
-                    let Some(id) = entry.resource_id() else {
-                        outcomes.push(ApplyOutcome::Stale);
-                        continue;
-                    };
-                    let key = (entry.data_type.as_str(), id);
-                    let existing: Option<Holder> = match resources.get(key).map_err(unavailable)? {
-                        Some(v) => Some(decode_holder(key, v.value())?),
-                        None => None,
-                    };
-                    // Only the node writes `resources`: no site document to consider.
-                    let local = Local {
-                        own: own.get(key).map_err(unavailable)?.is_some(),
-                        document: None,
-                    };
-                    let outcome = decide_at(existing.as_ref(), &local, entry);
-                    if outcome == ApplyOutcome::Applied {
-                        let row = outbox_row(entry, next_id);
-                        next_id += 1;
-                        // The resource is written once, in the applied-log row; the state
-                        // points at it ([`StateBody::At`]).
-                        let deleted = entry.action == Action::Delete;
-                        let log_key = appended
-                            .push(&mut log.groups, |out| encode_logged(out, applied_ms, entry, id))?;
-                        encode_state_at(&mut state_buf, &entry.origin, entry.seq, deleted, log_key);
-                        resources.insert(key, state_buf.as_slice()).map_err(unavailable)?;
-                        rows.push(row);
-                        keys.push((&entry.data_type, id, entry.seq));
-                    }
-                    outcomes.push(outcome);
-                }
-                appended.finish(&mut log.groups)?;
-                if let Some(last) = rows.last() {
-                    outbox
-                        .insert(last.id, encode_group(&stored_rows(&rows, &keys)).as_slice())
-                        .map_err(unavailable)?;
-                }
-                let mut applied = txn.open_table(APPLIED).map_err(unavailable)?;
-                let current = applied
-                    .get(origin.as_str())
-                    .map_err(unavailable)?
-                    .map(|v| v.value())
-                    .unwrap_or(0);
-                if up_to > current {
-                    applied.insert(origin.as_str(), up_to).map_err(unavailable)?;
-                }
-            }
+            let (txn, outcomes, rows) = apply_uncommitted(db, &origin, up_to, &entries, published)?;
             txn.commit().map_err(unavailable)?;
             Ok((outcomes, rows))
+        })
+        .await
+    }
+
+    async fn apply_batch_publishing_early(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: Arc<[JournalEntry]>,
+        published: Vec<u64>,
+        rows: tokio::sync::oneshot::Sender<Vec<OutboxRow>>,
+    ) -> StoreResult<Vec<ApplyOutcome>> {
+        let origin = origin.to_owned();
+        self.blocking(move |db| {
+            let (txn, outcomes, decided) = apply_uncommitted(db, &origin, up_to, &entries, published)?;
+            // Published while the commit below writes its pages and syncs; readers see the
+            // batch only once the commit returned.
+            let _ = rows.send(decided);
+            txn.commit().map_err(unavailable)?;
+            Ok(outcomes)
         })
         .await
     }
@@ -1085,6 +1036,89 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+}
+
+/// The apply of a batch, up to its commit: the resources by version, the applied log, the
+/// outbox rows (those `published` removed) and the applied mark, in `txn`, which the caller
+/// commits. Returns each entry's outcome and the outbox rows of the applied ones.
+fn apply_uncommitted(
+    db: &Database,
+    origin: &str,
+    up_to: u64,
+    entries: &[JournalEntry],
+    published: Vec<u64>,
+) -> StoreResult<(redb::WriteTransaction, Vec<ApplyOutcome>, Vec<OutboxRow>)> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let mut outcomes = Vec::with_capacity(entries.len());
+    let mut rows = Vec::new();
+    // (data_type, id, version) of each row's resource.
+    let mut keys: Vec<(&str, &str, u64)> = Vec::new();
+    {
+        let mut resources = txn.open_table(RESOURCES).map_err(unavailable)?;
+        // This node's own resources: no partner may change them. Read in the same
+        // transaction as the journal appends that write it, so none slips between.
+        let own = txn.open_table(OWN_AT).map_err(unavailable)?;
+        let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
+        let mut log = applied_log::open_write(&txn)?;
+        // The entries are written straight into the applied log's groups.
+        let mut appended = applied_log::Appender::new(&log)?;
+        let applied_ms = now_ms();
+        // Ids keep growing within the commit: taken before the removals.
+        let mut next_id = match outbox.last().map_err(unavailable)? {
+            Some((k, _)) => k.value() + 1,
+            None => 1,
+        };
+        remove_outbox_rows(&mut outbox, published)?;
+        // Reused for every entry: one allocation per batch, not two per event.
+        let mut state_buf = Vec::with_capacity(128);
+        for entry in entries.iter() {
+            let Some(id) = entry.resource_id() else {
+                outcomes.push(ApplyOutcome::Stale);
+                continue;
+            };
+            let key = (entry.data_type.as_str(), id);
+            let existing: Option<Holder> = match resources.get(key).map_err(unavailable)? {
+                Some(v) => Some(decode_holder(key, v.value())?),
+                None => None,
+            };
+            // Only the node writes `resources`: no site document to consider.
+            let local = Local {
+                own: own.get(key).map_err(unavailable)?.is_some(),
+                document: None,
+            };
+            let outcome = decide_at(existing.as_ref(), &local, entry);
+            if outcome == ApplyOutcome::Applied {
+                let row = outbox_row(entry, next_id);
+                next_id += 1;
+                // The resource is written once, in the applied-log row; the state
+                // points at it ([`StateBody::At`]).
+                let deleted = entry.action == Action::Delete;
+                let log_key = appended
+                    .push(&mut log.groups, |out| encode_logged(out, applied_ms, entry, id))?;
+                encode_state_at(&mut state_buf, &entry.origin, entry.seq, deleted, log_key);
+                resources.insert(key, state_buf.as_slice()).map_err(unavailable)?;
+                rows.push(row);
+                keys.push((&entry.data_type, id, entry.seq));
+            }
+            outcomes.push(outcome);
+        }
+        appended.finish(&mut log.groups)?;
+        if let Some(last) = rows.last() {
+            outbox
+                .insert(last.id, encode_group(&stored_rows(&rows, &keys)).as_slice())
+                .map_err(unavailable)?;
+        }
+        let mut applied = txn.open_table(APPLIED).map_err(unavailable)?;
+        let current = applied
+            .get(origin)
+            .map_err(unavailable)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        if up_to > current {
+            applied.insert(origin, up_to).map_err(unavailable)?;
+        }
+    }
+    Ok((txn, outcomes, rows))
 }
 
 /// Appends `events` to `origin`'s journal in one commit, with the runs of `intake_seqs`;

@@ -312,6 +312,29 @@ pub trait Store: Send + Sync + 'static {
         published: Vec<u64>,
     ) -> StoreResult<(Vec<ApplyOutcome>, Vec<OutboxRow>)>;
 
+    /// [`Store::apply_batch_clearing`] that hands the batch's outbox rows to `rows` as soon as
+    /// they are decided, before the commit is durable, so that the caller publishes them while
+    /// the store writes and syncs: the publish-then-commit-then-ack order of invariant 4 in
+    /// docs/ARCHITECTURE.md. A commit lost in a crash after the publish leaves the entries
+    /// unacknowledged: the sender sends them again, they are applied again and published again
+    /// (a duplicate notice, never a lost one). Nothing reads the batch from the store before
+    /// its commit returns. Backends that cannot split their commit hand the rows after it.
+    async fn apply_batch_publishing_early(
+        &self,
+        origin: &str,
+        up_to: u64,
+        entries: std::sync::Arc<[JournalEntry]>,
+        published: Vec<u64>,
+        rows: tokio::sync::oneshot::Sender<Vec<OutboxRow>>,
+    ) -> StoreResult<Vec<ApplyOutcome>> {
+        let (outcomes, decided) = self
+            .apply_batch_clearing(origin, up_to, entries, published)
+            .await?;
+        // A caller that stopped waiting for the rows has nothing to publish them for.
+        let _ = rows.send(decided);
+        Ok(outcomes)
+    }
+
     async fn resource(&self, data_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
 
     /// Whether the backend answers now (`/healthz`). A local file is always there.
