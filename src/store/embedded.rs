@@ -1093,8 +1093,8 @@ fn apply_uncommitted(
                 // The resource is written once, in the applied-log row; the state
                 // points at it ([`StateBody::At`]).
                 let deleted = entry.action == Action::Delete;
-                let log_key = appended
-                    .push(&mut log.groups, |out| encode_logged(out, applied_ms, entry, id))?;
+                let log_key =
+                    appended.push(&mut log.groups, |out| encode_logged(out, applied_ms, entry, id))?;
                 encode_state_at(&mut state_buf, &entry.origin, entry.seq, deleted, log_key);
                 resources.insert(key, state_buf.as_slice()).map_err(unavailable)?;
                 rows.push(row);
