@@ -18,6 +18,7 @@ use super::{
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, ResourceNotice};
 
 mod applied_log;
+mod gate;
 mod groups;
 use applied_log::Log;
 use groups::GROUPS;
@@ -72,6 +73,8 @@ pub struct EmbeddedStore {
     /// the database alone.
     db: Arc<std::sync::RwLock<Database>>,
     path: std::path::PathBuf,
+    /// Apply commits whose notices may be out, which every operation waits for.
+    gate: Arc<gate::CommitGate>,
 }
 
 fn floor_key(origin: &str) -> String {
@@ -120,6 +123,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db: Arc::new(std::sync::RwLock::new(db)),
             path: path.to_path_buf(),
+            gate: Arc::default(),
         })
     }
 
@@ -151,8 +155,10 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Database) -> StoreResult<T> + Send + 'static,
     {
-        let db = self.db.clone();
+        let (db, gate) = (self.db.clone(), self.gate.clone());
         tokio::task::spawn_blocking(move || {
+            // What was announced before this operation is visible to it.
+            gate.wait_for_earlier();
             let db = db.read().map_err(|_| unavailable("store lock poisoned"))?;
             f(&db)
         })
@@ -892,13 +898,17 @@ impl Store for EmbeddedStore {
         published: Vec<u64>,
         rows: tokio::sync::oneshot::Sender<Vec<OutboxRow>>,
     ) -> StoreResult<Vec<ApplyOutcome>> {
-        let origin = origin.to_owned();
+        let (origin, gate) = (origin.to_owned(), self.gate.clone());
         self.blocking(move |db| {
             let (txn, outcomes, decided) = apply_uncommitted(db, &origin, up_to, &entries, published)?;
-            // Published while the commit below writes its pages and syncs; readers see the
-            // batch only once the commit returned.
+            // Published while the commit below writes its pages and syncs. Every store
+            // operation that begins from now on waits for the commit to end (the ticket's
+            // drop), so an application that got a notice and asks for its resource finds it.
+            let ticket = gate.begin();
             let _ = rows.send(decided);
-            txn.commit().map_err(unavailable)?;
+            let committed = txn.commit().map_err(unavailable);
+            drop(ticket);
+            committed?;
             Ok(outcomes)
         })
         .await

@@ -318,7 +318,10 @@ pub trait Store: Send + Sync + 'static {
     /// docs/ARCHITECTURE.md. A commit lost in a crash after the publish leaves the entries
     /// unacknowledged: the sender sends them again, they are applied again and published again
     /// (a duplicate notice, never a lost one). Nothing reads the batch from the store before
-    /// its commit returns. Backends that cannot split their commit hand the rows after it.
+    /// its commit returns, and a backend that hands the rows before makes every operation
+    /// that begins after that wait for the commit, so that the resource of a notice can be
+    /// read as soon as the notice arrived. Backends that cannot split their commit hand the
+    /// rows after it.
     async fn apply_batch_publishing_early(
         &self,
         origin: &str,
