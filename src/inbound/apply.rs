@@ -82,7 +82,7 @@ impl Applier {
             let sent = match env.publisher.publish_rows(&rows, timeout).await {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!(what = "publish", cause = %e, "inbound step failed; holding the ack");
+                    step_failed("publish", &e, None);
                     false
                 }
             };
@@ -92,7 +92,7 @@ impl Applier {
             (Ok(outcomes), Some((rows, sent))) => (outcomes, rows, sent),
             (committed, _) => {
                 if let Err(e) = committed {
-                    tracing::warn!(what = "apply", cause = %e, "inbound step failed; holding the ack");
+                    step_failed("apply", &e, None);
                 }
                 // Committed and published again one after the other (rows published by the
                 // failed attempt are duplicates). A commit that succeeded without handing its
@@ -267,13 +267,21 @@ where
     loop {
         match op().await {
             Ok(v) => return Some(v),
-            Err(e) => {
-                tracing::warn!(what, cause = %e, retry_in = ?backoff.current(), "inbound step failed; holding the ack")
-            }
+            Err(e) => step_failed(what, &e, Some(backoff.current())),
         }
         if !backoff.wait_or(crate::shutdown::signalled(&mut shutdown)).await {
             return None;
         }
+    }
+}
+
+/// The log line of an inbound step that failed (the ack waits); `retry_in` when it is retried.
+fn step_failed(what: &str, cause: &dyn std::fmt::Display, retry_in: Option<std::time::Duration>) {
+    match retry_in {
+        Some(retry_in) => {
+            tracing::warn!(what, cause = %cause, ?retry_in, "inbound step failed; holding the ack")
+        }
+        None => tracing::warn!(what, cause = %cause, "inbound step failed; holding the ack"),
     }
 }
 
