@@ -4,7 +4,8 @@
 //! (a few seconds). `cargo test --all-targets` runs the smoke too (that is how CI runs it).
 //! Other flags: `--only throughput|fanout|catchup` (repeatable), `--core-intake` (the
 //! source reads core NATS instead of a JetStream stream), `--store embedded|mongodb` (repeatable; default
-//! embedded), `--json PATH` (default target/bench/propagation.json).
+//! embedded), `--pace N` (repeatable: the fixed latency paces, in this order, instead of
+//! 1 000, 10 000 and 20 000/s), `--json PATH` (default target/bench/propagation.json).
 //!
 //! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. The relay
 //! runs beside each figure that has a baseline (throughput, every latency pace, the bulk
@@ -697,7 +698,14 @@ async fn main() -> anyhow::Result<()> {
         .find(|w| w[0] == "--json")
         .map(|w| PathBuf::from(&w[1]))
         .unwrap_or_else(|| PathBuf::from("target/bench/propagation.json"));
-    let sizes = if smoke {
+    // `--pace N` (repeatable): these fixed paces instead of the usual ones, in this order (the
+    // quarter of capacity still comes last).
+    let paces: Vec<u64> = args
+        .windows(2)
+        .filter(|w| w[0] == "--pace")
+        .map(|w| w[1].parse().context("--pace takes events per second"))
+        .collect::<anyhow::Result<_>>()?;
+    let mut sizes = if smoke {
         Sizes {
             throughput: 2_000,
             rates: vec![1_000],
@@ -716,6 +724,9 @@ async fn main() -> anyhow::Result<()> {
             catchup: 1_000_000,
         }
     };
+    if !paces.is_empty() {
+        sizes.rates = paces;
+    }
     // `--only throughput|fanout|catchup` (repeatable) runs a subset; the relay always runs.
     let only: Vec<String> = args
         .windows(2)
