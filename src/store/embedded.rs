@@ -1,11 +1,8 @@
-//! The default store: one redb file (`<data-dir>/store.redb`), and the journal's
-//! write-ahead log beside it (`store.wal`, [`wal`]).
+//! The default store: one redb file (`<data-dir>/store.redb`), every commit fsynced.
 //!
 //! redb is synchronous, so each call runs on tokio's blocking pool. Callers batch
 //! (group commit): one `append_journal` or `apply_batch` call is one fsync however many
-//! events it carries. A journal append syncs its record in the log, then commits to redb
-//! without a sync; every other durable write is a durable redb commit, which also makes the
-//! journal appends before it durable in redb.
+//! events it carries.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,7 +20,6 @@ use crate::contract::{now_ms, Action, JournalEntry, NewEvent, Resource, Resource
 mod applied_log;
 mod gate;
 mod groups;
-mod wal;
 use applied_log::Log;
 use groups::GROUPS;
 
@@ -79,23 +75,6 @@ pub struct EmbeddedStore {
     path: std::path::PathBuf,
     /// Apply commits whose notices may be out, which every operation waits for.
     gate: Arc<gate::CommitGate>,
-    /// The journal's write-ahead log ([`wal`]); held by each append, one at a time.
-    log: Arc<std::sync::Mutex<wal::Wal>>,
-    /// The checkpointer's thread ([`run_checkpoints`]), joined on drop so that the file is
-    /// closed when the store is.
-    checkpoints: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for EmbeddedStore {
-    fn drop(&mut self) {
-        // The log's wake-up sender goes with the log: the thread's receiver then ends.
-        if let Ok(mut log) = self.log.lock() {
-            log.stop_checkpoints();
-        }
-        if let Some(thread) = self.checkpoints.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 fn floor_key(origin: &str) -> String {
@@ -116,11 +95,6 @@ impl EmbeddedStore {
     /// # Errors
     /// The file cannot be opened, typically because another process holds it.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Self::open_checkpointing_at(path, wal::CHECKPOINT_BYTES)
-    }
-
-    /// [`EmbeddedStore::open`] with a checkpoint each time the log holds `checkpoint_bytes`.
-    fn open_checkpointing_at(path: &Path, checkpoint_bytes: u64) -> StoreResult<Self> {
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)
@@ -145,25 +119,11 @@ impl EmbeddedStore {
             migrate_intake_rows(&txn)?;
         }
         txn.commit().map_err(unavailable)?;
-        let (due, wake) = std::sync::mpsc::sync_channel(1);
-        let (mut log, held) = wal::Wal::open(&path.with_extension("wal"), due, checkpoint_bytes)?;
-        replay_log(&db, &mut log, &held)?;
         pack_rows_above_floor(&db)?;
-        let db = Arc::new(std::sync::RwLock::new(db));
-        let log = Arc::new(std::sync::Mutex::new(log));
-        let checkpoints = {
-            let (db, log, path) = (Arc::downgrade(&db), log.clone(), path.to_path_buf());
-            std::thread::Builder::new()
-                .name("journal-checkpoint".into())
-                .spawn(move || run_checkpoints(db, log, path, wake))
-                .map_err(unavailable)?
-        };
         Ok(EmbeddedStore {
-            db,
+            db: Arc::new(std::sync::RwLock::new(db)),
             path: path.to_path_buf(),
             gate: Arc::default(),
-            log,
-            checkpoints: Some(checkpoints),
         })
     }
 
@@ -427,9 +387,9 @@ impl Store for EmbeddedStore {
         events: Vec<NewEvent>,
         intake_seqs: Vec<u64>,
     ) -> StoreResult<Vec<JournalEntry>> {
-        let (origin, log) = (origin.to_owned(), self.log.clone());
+        let origin = origin.to_owned();
         self.blocking(move |db| {
-            let (first, time_ms) = append_events(db, &log, &origin, &events, &intake_seqs)?;
+            let (first, time_ms) = append_events(db, &origin, &events, &intake_seqs)?;
             // The events move into their entries: nothing is copied.
             Ok((first..)
                 .zip(events)
@@ -453,9 +413,9 @@ impl Store for EmbeddedStore {
         events: Arc<[NewEvent]>,
         intake_seqs: Arc<[u64]>,
     ) -> StoreResult<Vec<u64>> {
-        let (origin, log) = (origin.to_owned(), self.log.clone());
+        let origin = origin.to_owned();
         self.blocking(move |db| {
-            let (first, _) = append_events(db, &log, &origin, &events, &intake_seqs)?;
+            let (first, _) = append_events(db, &origin, &events, &intake_seqs)?;
             Ok((first..).take(events.len()).collect())
         })
         .await
@@ -602,11 +562,6 @@ impl Store for EmbeddedStore {
             let len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             let before = len();
             let mut db = db.write().map_err(|_| unavailable("store lock poisoned"))?;
-            // Every commit made durable first (compaction moves durable pages only).
-            db.begin_write()
-                .map_err(unavailable)?
-                .commit()
-                .map_err(unavailable)?;
             // Each call moves some pages towards the start; the file shrinks at the end.
             while db.compact().map_err(unavailable)? {}
             Ok(before.saturating_sub(len()))
@@ -1176,143 +1131,44 @@ fn apply_uncommitted(
     Ok((txn, outcomes, rows))
 }
 
-/// Appends `events` to `origin`'s journal with the runs of `intake_seqs`: the batch's record
-/// is appended to the log and synced, then committed to redb without a sync
-/// ([`wal`]); returns the seq of the first entry (the others follow it) and the entries' time.
+/// Appends `events` to `origin`'s journal in one commit, with the runs of `intake_seqs`;
+/// returns the seq of the first entry (the others follow it) and the entries' time.
 fn append_events(
     db: &Database,
-    log: &std::sync::Mutex<wal::Wal>,
     origin: &str,
     events: &[NewEvent],
     intake_seqs: &[u64],
 ) -> StoreResult<(u64, u64)> {
     let time_ms = now_ms();
-    // One batch at a time: the head read here is the one the write follows.
-    let mut log = log.lock().map_err(|_| unavailable("journal log lock poisoned"))?;
-    let first = {
-        let txn = db.begin_read().map_err(unavailable)?;
-        let rows = txn.open_table(JOURNAL).map_err(unavailable)?;
-        let groups = txn.open_table(GROUPS).map_err(unavailable)?;
-        journal_last(&rows, &groups, origin)?
-            .checked_add(1)
-            .ok_or_else(|| corrupt("journal seq overflow"))?
-    };
-    if events.is_empty() {
-        return Ok((first, time_ms));
-    }
-    let mut record = wal::Record::new(origin, first, time_ms, intake_seqs, events.len())?;
-    for (seq, e) in (first..).zip(events) {
-        let entry = EntryRef {
-            origin,
-            seq,
-            action: e.action,
-            data_type: &e.data_type,
-            user: &e.user,
-            resource: &e.resource,
-            time_ms,
-        };
-        record.push(&e.data_type, &e.resource_id, |out| write_journal_value(out, &entry))?;
-    }
-    let record = record.finish(log.generation())?;
-    let batch = wal::Batch::parse(wal::payload(&record))?;
-    let at = log.append(&record)?;
-    if let Err(e) = commit_batch(db, &batch, Durability::None) {
-        log.undo(at);
-        return Err(e);
-    }
-    log.appended();
-    Ok((first, time_ms))
-}
-
-/// The checkpointer's thread: each time the log asks ([`wal::Wal::appended`]), syncs the
-/// store file's pages without holding anything (appends go on meanwhile), then takes the log
-/// and makes every commit durable, which is then a short commit, and empties the log. Ends
-/// when the store is dropped.
-fn run_checkpoints(db: std::sync::Weak<std::sync::RwLock<Database>>, log: Arc<std::sync::Mutex<wal::Wal>>, path: std::path::PathBuf, due: std::sync::mpsc::Receiver<()>) {
-    while due.recv().is_ok() {
-        let Some(db) = db.upgrade() else { return };
-        let started = std::time::Instant::now();
-        // Most of the pages redb wrote since the last durable commit reach the disk here.
-        let flushed = std::fs::File::open(&path).and_then(|f| f.sync_data());
-        let done = match (db.read(), log.lock()) {
-            (Ok(db), Ok(mut log)) => checkpoint(&db, &mut log).map(|()| log.len()),
-            _ => Err(unavailable("store lock poisoned")),
-        };
-        match (flushed, done) {
-            (Ok(()), Ok(_)) => tracing::debug!(took = ?started.elapsed(), "journal checkpoint"),
-            // The batches are durable in the log: a failed checkpoint only leaves it longer.
-            (flushed, done) => tracing::warn!(flush = ?flushed.err(), checkpoint = ?done.err(), "journal checkpoint failed; the log grows until the next one"),
-        }
-    }
-}
-
-/// Makes every commit durable (one durable redb commit) and starts the log again.
-fn checkpoint(db: &Database, log: &mut wal::Wal) -> StoreResult<()> {
-    db.begin_write()
-        .map_err(unavailable)?
-        .commit()
-        .map_err(unavailable)?;
-    log.restart()
-}
-
-/// At open: writes again the batches of the log above the journal's durable head, then
-/// checkpoints. Returns how many were written.
-fn replay_log(db: &Database, log: &mut wal::Wal, held: &wal::Held) -> StoreResult<usize> {
-    let (records, torn) = wal::records(held);
-    if torn {
-        tracing::info!(generation = held.generation, "journal log read up to a torn record (an append a crash cut short, never acknowledged) or one of an earlier generation");
-    }
-    let mut replayed = 0;
-    for payload in records {
-        let batch = wal::Batch::parse(payload)?;
-        let head = {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let rows = txn.open_table(JOURNAL).map_err(unavailable)?;
-            let groups = txn.open_table(GROUPS).map_err(unavailable)?;
-            journal_last(&rows, &groups, batch.origin)?
-        };
-        if batch.entries.is_empty() || batch.last() <= head {
-            continue;
-        }
-        commit_batch(db, &batch, Durability::None)?;
-        replayed += 1;
-    }
-    checkpoint(db, log)?;
-    if replayed > 0 {
-        tracing::info!(batches = replayed, "journal batches written again from the log");
-    }
-    Ok(replayed)
-}
-
-/// Writes `batch` in one redb commit of `durability`: its entries in groups, the
-/// own-resources index and the intake runs. The batch must follow the journal's head.
-fn commit_batch(db: &Database, batch: &wal::Batch<'_>, durability: Durability) -> StoreResult<()> {
-    let mut txn = db.begin_write().map_err(unavailable)?;
-    txn.set_durability(durability).map_err(unavailable)?;
+    let txn = db.begin_write().map_err(unavailable)?;
+    let first;
     {
-        let origin = batch.origin;
         let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
         let mut groups = txn.open_table(GROUPS).map_err(unavailable)?;
         let mut own = txn.open_table(OWN_AT).map_err(unavailable)?;
         let mut gone = txn.open_table(OWN_GONE).map_err(unavailable)?;
         let floor = read_floor(&txn.open_table(META).map_err(unavailable)?, &floor_key(origin))?;
-        let head = journal_last(&table, &groups, origin)?;
-        if head.checked_add(1) != Some(batch.first) {
-            return Err(corrupt(format!(
-                "journal batch from seq {} does not follow the head {head} of {origin}",
-                batch.first
-            )));
-        }
-        // The entries are copied straight into the groups' values.
+        let mut seq = journal_last(&table, &groups, origin)?;
+        first = seq.saturating_add(1);
+        // The entries are written straight into the groups' values.
         let mut packer = groups::Packer::new();
-        for (seq, item) in (batch.first..).zip(&batch.entries) {
-            packer.push(&mut groups, origin, seq, |out| {
-                out.extend_from_slice(item.value);
-                Ok(())
-            })?;
+        for e in events {
+            seq = seq
+                .checked_add(1)
+                .ok_or_else(|| corrupt("journal seq overflow"))?;
+            let entry = EntryRef {
+                origin,
+                seq,
+                action: e.action,
+                data_type: &e.data_type,
+                user: &e.user,
+                resource: &e.resource,
+                time_ms,
+            };
+            packer.push(&mut groups, origin, seq, |out| write_journal_value(out, &entry))?;
             // The own-resources index follows the journal in the same commit.
-            let key = (item.data_type, item.resource_id);
-            let previous = reindex(&mut own, &mut gone, key, item.action, seq)?;
+            let key = (e.data_type.as_str(), e.resource_id.as_str());
+            let previous = reindex(&mut own, &mut gone, key, e.action, seq)?;
             // Below the compaction floor only the latest entry of a resource stays: the one
             // this entry supersedes (a row: the floor is below every group) goes in the same
             // commit.
@@ -1322,8 +1178,11 @@ fn commit_batch(db: &Database, batch: &wal::Batch<'_>, durability: Durability) -
         }
         packer.finish(&mut groups, origin)?;
     }
-    record_intake(&txn, &batch.intake)?;
-    txn.commit().map_err(unavailable)
+    if !events.is_empty() {
+        record_intake(&txn, intake_seqs)?;
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok((first, time_ms))
 }
 
 /// Points the own-resources index (`OWN_AT`) and the tombstone index (`OWN_GONE`) at the
@@ -2742,95 +2601,6 @@ mod intake_tests {
             .unwrap();
         assert_eq!(runs(&store), vec![(u64::MAX, u64::MAX)]);
         assert!(store.intake_seen(Vec::new()).await.unwrap().is_empty());
-    }
-
-    /// A crash after the log's sync and before redb's durable commit: the store file as it
-    /// was before the batches, the log as it was after them.
-    #[tokio::test]
-    async fn batches_the_store_lost_in_a_crash_are_written_again_from_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, log) = (dir.path().join("s.redb"), dir.path().join("s.wal"));
-        drop(EmbeddedStore::open(&path).unwrap());
-        let before = std::fs::read(&path).unwrap();
-        let store = EmbeddedStore::open(&path).unwrap();
-        let mut n = 0;
-        mark(&store, &mut n, vec![7, 8]).await;
-        mark(&store, &mut n, vec![9]).await;
-        store
-            .append_journal_lent("o", vec![event(Action::Delete, "r1")].into(), Vec::new().into())
-            .await
-            .unwrap();
-        let written = store.read_journal("o", 1, 10).await.unwrap();
-        drop(store);
-        let logged = std::fs::read(&log).unwrap();
-        std::fs::write(&path, before).unwrap();
-
-        let store = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(store.read_journal("o", 1, 10).await.unwrap(), written, "the same seqs, times and JSON");
-        assert_eq!(store.intake_seen(vec![7, 8, 9, 10]).await.unwrap(), vec![7, 8, 9]);
-        assert_eq!(runs(&store), vec![(7, 9)]);
-        assert!(store.log.lock().unwrap().len() == 0, "a checkpoint started the log again");
-        // The next batch follows the replayed ones.
-        mark(&store, &mut n, vec![10]).await;
-        assert_eq!(store.journal_head("o").await.unwrap(), 4);
-        drop(store);
-
-        // Records at or below the durable head are skipped: the store took them already.
-        std::fs::write(&log, &logged).unwrap();
-        let store = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(store.journal_head("o").await.unwrap(), 4);
-        assert_eq!(store.read_journal("o", 1, 3).await.unwrap(), written);
-        drop(store);
-
-        // A garbled record (an append a crash cut short) ends the replay.
-        let mut torn = logged.clone();
-        torn[4096 + 20] ^= 0xff;
-        std::fs::write(&log, &torn).unwrap();
-        drop(EmbeddedStore::open(&path).unwrap());
-    }
-
-    #[tokio::test]
-    async fn a_checkpoint_empties_the_log_while_appends_go_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let store = EmbeddedStore::open_checkpointing_at(&path, 4096).unwrap();
-        let mut n = 0;
-        for i in 0..200 {
-            mark(&store, &mut n, vec![i]).await;
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while store.log.lock().unwrap().len() >= 4096 {
-            assert!(std::time::Instant::now() < deadline, "no checkpoint in 10 s");
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let written = store.read_journal("o", 1, 300).await.unwrap();
-        assert_eq!(written.len(), 200);
-        drop(store);
-        let store = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(store.read_journal("o", 1, 300).await.unwrap(), written);
-        assert_eq!(runs(&store), vec![(0, 199)]);
-    }
-
-    #[test]
-    fn a_log_record_that_does_not_follow_the_head_refuses_the_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        drop(EmbeddedStore::open(&path).unwrap());
-        // Seq 5 in a journal whose head is 0: an earlier record is missing.
-        let mut record = wal::Record::new("o", 5, 1, &[], 1).unwrap();
-        record
-            .push("dt", "r1", |out| {
-                out.extend_from_slice(b"\x01{}");
-                Ok(())
-            })
-            .unwrap();
-        let record = record.finish(7).unwrap();
-        std::fs::write(dir.path().join("s.wal"), wal::file_with(7, &[record])).unwrap();
-        match EmbeddedStore::open(&path) {
-            Err(StoreError::Corrupt(why)) => assert!(why.contains("does not follow the head"), "{why}"),
-            Err(e) => panic!("expected corrupt, got {e}"),
-            Ok(_) => panic!("a gap in the journal was replayed"),
-        }
     }
 
     #[tokio::test]
