@@ -679,6 +679,9 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// The highest `--pace`: 5 s of it is 5 000 000 events, each one's latency kept.
+const MAX_PACE: u64 = 1_000_000;
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -703,7 +706,11 @@ async fn main() -> anyhow::Result<()> {
     let paces: Vec<u64> = args
         .windows(2)
         .filter(|w| w[0] == "--pace")
-        .map(|w| w[1].parse().context("--pace takes events per second"))
+        .map(|w| match w[1].parse::<u64>() {
+            // 0 would mean "as fast as possible" to the publisher: not a pace.
+            Ok(pace @ 1..=MAX_PACE) => Ok(pace),
+            _ => bail!("--pace takes events per second, from 1 to {MAX_PACE}: {:?}", w[1]),
+        })
         .collect::<anyhow::Result<_>>()?;
     let mut sizes = if smoke {
         Sizes {
