@@ -5,8 +5,8 @@
 //! `DataType`, others `data_type`) and strict about *values*: every refusal names the
 //! field and carries a stable error code that applications can branch on.
 
-use std::collections::BTreeMap;
-
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -62,20 +62,19 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
         ));
     }
     // The top level only: each value stays the text it was, so the payload (most of the
-    // event) is never built into a tree.
-    let raw: BTreeMap<String, &RawValue> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+    // event) is never built into a tree, and no key or map is allocated.
+    let mut fields: Envelope = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             Refusal::new(ErrorCode::InvalidJson, "the event must be a JSON object")
         }
         _ => Refusal::new(ErrorCode::InvalidJson, format!("not valid JSON: {e}")),
     })?;
-    let mut fields = normalize_keys(raw);
 
-    let from_app = optional_string(&fields, "from_app")?.unwrap_or_default();
+    let from_app = optional_string(fields.from_app, "from_app")?.unwrap_or_default();
     if from_app == OWN_APP {
         return Ok(Decoded::OwnEcho);
     }
-    let action = required_string(&fields, "action")?;
+    let action = required_string(fields.action, "action")?;
     let action = match action.to_ascii_uppercase().as_str() {
         "PB_CREATE" => Ok(Action::Create),
         "PB_UPDATE" => Ok(Action::Update),
@@ -94,15 +93,15 @@ pub fn decode_intake(body: &[u8], own_peer_id: &str, max_bytes: usize) -> Result
             ))
         }
     };
-    let data_type = required_string(&fields, "data_type")?;
+    let data_type = required_string(fields.data_type, "data_type")?;
     if data_type.is_empty() {
         return Err(Refusal::new(
             ErrorCode::InvalidField,
             "data_type must not be empty",
         ));
     }
-    let user = optional_string(&fields, "user")?.unwrap_or_default();
-    let payload = payload_object(fields.remove("payload"))?;
+    let user = optional_string(fields.user, "user")?.unwrap_or_default();
+    let payload = payload_object(fields.payload.take())?;
     let action = match action {
         Ok(action) => action,
         Err(command) => {
@@ -215,29 +214,97 @@ fn payload_object(payload: Option<&RawValue>) -> Result<Box<RawValue>, Refusal> 
     }
 }
 
-/// Lower-cases top-level keys and folds the `datatype` spelling into `data_type`,
-/// `fromapp` into `from_app`, so `DataType`, `dataType` and `data_type` are all accepted.
-fn normalize_keys<V>(raw: BTreeMap<String, V>) -> BTreeMap<String, V> {
-    raw.into_iter()
-        .map(|(k, v)| {
-            let lower = k.to_ascii_lowercase();
-            let key = match lower.as_str() {
-                "datatype" => "data_type".to_owned(),
-                "fromapp" => "from_app".to_owned(),
-                _ => lower,
-            };
-            (key, v)
-        })
-        .collect()
+/// The top-level fields of an event the intake reads, each as its JSON text. Keys are
+/// matched without regard to ASCII case, and `datatype` / `fromapp` (as Go producers spell
+/// them) are `data_type` / `from_app`, so `DataType`, `dataType` and `data_type` are all
+/// accepted; of keys that name the same field the last one wins; other keys are skipped
+/// (their JSON checked, nothing kept).
+#[derive(Default)]
+struct Envelope<'a> {
+    action: Option<&'a RawValue>,
+    data_type: Option<&'a RawValue>,
+    user: Option<&'a RawValue>,
+    from_app: Option<&'a RawValue>,
+    payload: Option<&'a RawValue>,
 }
 
-fn required_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<String, Refusal> {
-    optional_string(fields, name)?
+/// A top-level key of an event, read without allocating.
+enum EnvelopeKey {
+    Action,
+    DataType,
+    User,
+    FromApp,
+    Payload,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for EnvelopeKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EnvelopeKey, D::Error> {
+        struct Name;
+        impl Visitor<'_> for Name {
+            type Value = EnvelopeKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<EnvelopeKey, E> {
+                let is = |name: &str| key.eq_ignore_ascii_case(name);
+                Ok(if is("action") {
+                    EnvelopeKey::Action
+                } else if is("data_type") || is("datatype") {
+                    EnvelopeKey::DataType
+                } else if is("user") {
+                    EnvelopeKey::User
+                } else if is("from_app") || is("fromapp") {
+                    EnvelopeKey::FromApp
+                } else if is("payload") {
+                    EnvelopeKey::Payload
+                } else {
+                    EnvelopeKey::Other
+                })
+            }
+        }
+        d.deserialize_identifier(Name)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Envelope<'a>, D::Error> {
+        struct Top<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Top<'a> {
+            type Value = Envelope<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'a>, A::Error> {
+                let mut e = Envelope::default();
+                while let Some(key) = map.next_key::<EnvelopeKey>()? {
+                    let slot = match key {
+                        EnvelopeKey::Action => &mut e.action,
+                        EnvelopeKey::DataType => &mut e.data_type,
+                        EnvelopeKey::User => &mut e.user,
+                        EnvelopeKey::FromApp => &mut e.from_app,
+                        EnvelopeKey::Payload => &mut e.payload,
+                        EnvelopeKey::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(e)
+            }
+        }
+        d.deserialize_map(Top(std::marker::PhantomData))
+    }
+}
+
+fn required_string(field: Option<&RawValue>, name: &str) -> Result<String, Refusal> {
+    optional_string(field, name)?
         .ok_or_else(|| Refusal::new(ErrorCode::MissingField, format!("missing field {name}")))
 }
 
-fn optional_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<Option<String>, Refusal> {
-    match fields.get(name) {
+fn optional_string(field: Option<&RawValue>, name: &str) -> Result<Option<String>, Refusal> {
+    match field {
         None => Ok(None),
         Some(raw) => serde_json::from_str::<Option<String>>(raw.get())
             .map_err(|_| Refusal::new(ErrorCode::InvalidField, format!("field {name} must be a string"))),
@@ -365,6 +432,31 @@ mod tests {
         assert_eq!(e.action, Action::Create);
         assert_eq!(e.data_type, "COMPUTE_RESOURCE");
         assert_eq!(e.resource_id, "r1");
+    }
+
+    #[test]
+    fn keys_of_any_case_and_escaped_name_their_field_and_the_last_one_wins() {
+        let d = decode(
+            r#"{"DATA_TYPE":"first","d\u0061taType":"DT","extra":[1,{"x":null}],"fromApp":"app",
+                "action":"PB_UPDATE","payload":{"id":"old","creator_id":"12D3KooWme"},
+                "PAYLOAD":{"id":"r2","creator_id":"12D3KooWme"}}"#,
+        )
+        .unwrap();
+        let Decoded::Accept(e) = d else {
+            panic!("not accepted")
+        };
+        assert_eq!((e.data_type.as_str(), e.from_app.as_str()), ("DT", "app"));
+        assert_eq!((e.action, e.resource_id.as_str()), (Action::Update, "r2"));
+        assert_eq!(code(r#"["not", "an", "object"]"#), ErrorCode::InvalidJson);
+        assert_eq!(
+            code(r#"{"action":"PB_CREATE","data_type":"D","x":[1,}"#),
+            ErrorCode::InvalidJson,
+            "a skipped key's value is checked too"
+        );
+        assert_eq!(
+            code(r#"{"action":7,"data_type":"D","payload":{}}"#),
+            ErrorCode::InvalidField
+        );
     }
 
     #[test]

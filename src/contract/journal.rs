@@ -29,7 +29,15 @@ impl JournalEntry {
 
     /// `<origin>:<seq>`: the `Nats-Msg-Id` of every publish this entry causes.
     pub(crate) fn msg_id(&self) -> String {
-        format!("{}:{}", self.origin, self.seq)
+        use std::fmt::Write;
+        // Sized once: `format!` started from the size of its literal parts (one byte here)
+        // and grew the string for the peer id, ≈ 2 % of a receiving node (docs/PERFORMANCE.md).
+        let mut id = String::with_capacity(self.origin.len() + 21);
+        id.push_str(&self.origin);
+        id.push(':');
+        // Writing to a String cannot fail.
+        let _ = write!(id, "{}", self.seq);
+        id
     }
 }
 
