@@ -5,7 +5,8 @@
 //! Other flags: `--only throughput|fanout|catchup` (repeatable), `--core-intake` (the
 //! source reads core NATS instead of a JetStream stream), `--store embedded|mongodb` (repeatable; default
 //! embedded), `--pace N` (repeatable: the fixed latency paces, in this order, instead of
-//! 1 000, 10 000 and 20 000/s), `--json PATH` (default target/bench/propagation.json).
+//! 1 000, 10 000 and 20 000/s), `--json PATH` (default target/bench/propagation.json);
+//! `--help` lists them, and a flag or value the benchmark does not know is refused.
 //!
 //! Every scenario starts its own nats-servers and nodes as processes on 127.0.0.1. The relay
 //! runs beside each figure that has a baseline (throughput, every latency pace, the bulk
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::Parser;
 use futures::StreamExt;
 use oc_testkit::{MongoServer, NatsServer, NodeProcess};
 use serde_json::{json, Value};
@@ -240,7 +242,7 @@ struct Site {
 /// The source site's NATS has JetStream (durable intake), unless `--core-intake` asks for
 /// core NATS: that isolates the node's own pipeline from JetStream's persistence.
 fn source_jetstream() -> bool {
-    !std::env::args().any(|a| a == "--core-intake")
+    !Args::parse().core_intake
 }
 
 /// Waits until every partner link of `node` is online, so a measurement never includes
@@ -682,36 +684,71 @@ fn print_table(rows: &[Row]) {
 /// The highest `--pace`: 5 s of it is 5 000 000 events, each one's latency kept.
 const MAX_PACE: u64 = 1_000_000;
 
+/// The benchmark's flags: `cargo bench --bench propagation -- [FLAGS]`. A flag or a value it
+/// does not know is refused with the usage, so a typo never runs another benchmark than the
+/// one asked for.
+#[derive(clap::Parser)]
+#[command(
+    name = "propagation",
+    about = "The node against the thinnest NATS → NATS relay, in one run (docs/PERFORMANCE.md)"
+)]
+struct Args {
+    /// Full sizes; `cargo bench` passes it. Without it the smoke runs.
+    #[arg(long)]
+    bench: bool,
+    /// A few seconds of each scenario, whatever else is given.
+    #[arg(long)]
+    smoke: bool,
+    /// The store of the nodes (repeatable; default embedded).
+    #[arg(long = "store", value_name = "STORE",
+          value_parser = clap::builder::PossibleValuesParser::new(["embedded", "mongodb"]))]
+    stores: Vec<String>,
+    /// Run only this scenario (repeatable; default all); the relay always runs.
+    #[arg(long = "only", value_name = "SCENARIO",
+          value_parser = clap::builder::PossibleValuesParser::new(["throughput", "fanout", "catchup"]))]
+    only: Vec<String>,
+    /// A fixed latency pace in events/s (repeatable, in this order) instead of 1 000, 10 000
+    /// and 20 000; the quarter of capacity still comes last.
+    #[arg(long = "pace", value_name = "EVENTS_PER_S",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_PACE))]
+    paces: Vec<u64>,
+    /// The source reads core NATS instead of a JetStream stream.
+    #[arg(long)]
+    core_intake: bool,
+    /// Where the JSON report goes.
+    #[arg(long, value_name = "PATH", default_value = "target/bench/propagation.json")]
+    json: PathBuf,
+    /// What `cargo test -- --test-threads=N` hands every test binary, this one included.
+    #[arg(long, hide = true)]
+    test_threads: Option<String>,
+    /// Other flags libtest takes, accepted and ignored for the same reason.
+    #[arg(long, hide = true)]
+    nocapture: bool,
+    #[arg(long, hide = true)]
+    quiet: bool,
+    #[arg(long, hide = true)]
+    exact: bool,
+    #[arg(long, hide = true)]
+    ignored: bool,
+    #[arg(long, hide = true)]
+    include_ignored: bool,
+    /// Test-name filters from `cargo test -- NAME`: this binary has no tests to filter.
+    #[arg(hide = true)]
+    filters: Vec<String>,
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
+    let args = Args::parse();
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` it is absent and the
     // smoke runs, so CI exercises the benchmark without timing anything.
-    let smoke = args.iter().any(|a| a == "--smoke") || !args.iter().any(|a| a == "--bench");
-    let mut stores: Vec<String> = args
-        .windows(2)
-        .filter(|w| w[0] == "--store")
-        .map(|w| w[1].clone())
-        .collect();
+    let smoke = args.smoke || !args.bench;
+    let mut stores: Vec<String> = args.stores.clone();
     if stores.is_empty() {
         stores.push("embedded".into());
     }
-    let json_path = args
-        .windows(2)
-        .find(|w| w[0] == "--json")
-        .map(|w| PathBuf::from(&w[1]))
-        .unwrap_or_else(|| PathBuf::from("target/bench/propagation.json"));
-    // `--pace N` (repeatable): these fixed paces instead of the usual ones, in this order (the
-    // quarter of capacity still comes last).
-    let paces: Vec<u64> = args
-        .windows(2)
-        .filter(|w| w[0] == "--pace")
-        .map(|w| match w[1].parse::<u64>() {
-            // 0 would mean "as fast as possible" to the publisher: not a pace.
-            Ok(pace @ 1..=MAX_PACE) => Ok(pace),
-            _ => bail!("--pace takes events per second, from 1 to {MAX_PACE}: {:?}", w[1]),
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let json_path = args.json.clone();
+    let paces = args.paces.clone();
     let mut sizes = if smoke {
         Sizes {
             throughput: 2_000,
@@ -734,12 +771,8 @@ async fn main() -> anyhow::Result<()> {
     if !paces.is_empty() {
         sizes.rates = paces;
     }
-    // `--only throughput|fanout|catchup` (repeatable) runs a subset; the relay always runs.
-    let only: Vec<String> = args
-        .windows(2)
-        .filter(|w| w[0] == "--only")
-        .map(|w| w[1].clone())
-        .collect();
+    // `--only` (repeatable) runs a subset; the relay always runs.
+    let only = &args.only;
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut rows = Vec::new();
     let mut relay = Relay::start()
