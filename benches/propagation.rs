@@ -242,8 +242,11 @@ struct Site {
 /// The source site's NATS has JetStream (durable intake), unless `--core-intake` asks for
 /// core NATS: that isolates the node's own pipeline from JetStream's persistence.
 fn source_jetstream() -> bool {
-    !Args::parse().core_intake
+    !CORE_INTAKE.get().copied().unwrap_or(false)
 }
+
+/// `--core-intake`, as `main` parsed it.
+static CORE_INTAKE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// Waits until every partner link of `node` is online, so a measurement never includes
 /// connection set-up or reconnect backoff.
@@ -740,6 +743,7 @@ struct Args {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = CORE_INTAKE.set(args.core_intake);
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` it is absent and the
     // smoke runs, so CI exercises the benchmark without timing anything.
     let smoke = args.smoke || !args.bench;
