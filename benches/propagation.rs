@@ -711,7 +711,8 @@ struct Args {
           value_parser = clap::builder::PossibleValuesParser::new(["throughput", "fanout", "catchup"]))]
     only: Vec<String>,
     /// A fixed latency pace in events/s (repeatable, in this order) instead of 1 000, 10 000
-    /// and 20 000; the quarter of capacity still comes last.
+    /// and 20 000; the quarter of capacity still comes last. (0 would mean "as fast as
+    /// possible" to the publisher: not a pace.)
     #[arg(long = "pace", value_name = "EVENTS_PER_S",
           value_parser = clap::value_parser!(u64).range(1..=MAX_PACE))]
     paces: Vec<u64>,
@@ -747,12 +748,12 @@ async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; under `cargo test --all-targets` it is absent and the
     // smoke runs, so CI exercises the benchmark without timing anything.
     let smoke = args.smoke || !args.bench;
-    let mut stores: Vec<String> = args.stores.clone();
+    let mut stores = args.stores;
     if stores.is_empty() {
         stores.push("embedded".into());
     }
-    let json_path = args.json.clone();
-    let paces = args.paces.clone();
+    let json_path = args.json;
+    let paces = args.paces;
     let mut sizes = if smoke {
         Sizes {
             throughput: 2_000,
