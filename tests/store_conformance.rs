@@ -9,7 +9,7 @@ use oc_discovery::contract::{Action, JournalEntry, NewEvent};
 use oc_discovery::store::embedded::EmbeddedStore;
 use oc_discovery::store::mongo::{MongoSettings, MongoStore};
 use oc_discovery::store::{
-    AppliedRecord, ApplyOutcome, Owner, PeerRow, Relation, Store, StoreError, StoredResource,
+    AppliedRecord, ApplyOutcome, OutboxRow, Owner, PeerRow, Relation, Store, StoreError, StoredResource,
 };
 use oc_testkit::{init_tracing, MongoServer};
 use serde_json::{json, Value};
@@ -867,6 +867,8 @@ async fn mongodb_backend() {
         site_documents_are_not_overwritten,
         refused_by_the_server,
         lost_commit_answer,
+        outbox_rows_of_earlier_versions,
+        applied_log_rows_of_earlier_versions,
         health_and_outage,
     );
 }
@@ -1064,6 +1066,120 @@ async fn lost_commit_answer(b: &mut Mongo) {
     let (o, none) = store.apply_batch(A, 2, batch).await.unwrap();
     assert_eq!(o, vec![ApplyOutcome::Stale, ApplyOutcome::Stale]);
     assert!(none.is_empty());
+}
+
+/// Outbox rows written one document each (before the rows of an apply went into one group)
+/// are still read, published, removed and recovered after an upgrade, in id order with the
+/// groups written after them; a group from which some rows were published gives the rest.
+async fn outbox_rows_of_earlier_versions(b: &mut Mongo) {
+    use mongodb::bson::{doc, spec::BinarySubtype, Binary, Document};
+    let store = b.fresh("outbox_upgrade").await;
+    assert!(store.outbox(10).await.unwrap().is_empty());
+    let db = b.server.client().await.unwrap().database(&b.db);
+    let old = |id: u64, seq: u64| OutboxRow {
+        id,
+        subject: "CREATE_RESOURCE".to_owned(),
+        msg_id: format!("{A}:{seq}"),
+        payload: format!(r#"{{"old":{seq}}}"#).into_bytes(),
+    };
+    let earlier = vec![old(1, 101), old(2, 102)];
+    let raw: Vec<Document> = earlier
+        .iter()
+        .map(|r| {
+            doc! {"_id": r.id as i64, "subject": &r.subject, "msg_id": &r.msg_id,
+            "payload": Binary { subtype: BinarySubtype::Generic, bytes: r.payload.clone() }}
+        })
+        .collect();
+    db.collection::<Document>("oc_outbox")
+        .insert_many(raw)
+        .await
+        .unwrap();
+    db.collection::<Document>("oc_counters")
+        .insert_one(doc! {"_id": "outbox", "last": 2_i64})
+        .await
+        .unwrap();
+    assert_eq!(store.outbox(10).await.unwrap(), earlier);
+
+    let batch = vec![
+        entry(A, 3, Action::Create, "r3", json!({})),
+        entry(A, 4, Action::Create, "r4", json!({})),
+    ];
+    let (_, rows) = store.apply_batch(A, 4, batch.clone()).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 4]);
+    let all: Vec<OutboxRow> = earlier.iter().chain(&rows).cloned().collect();
+    assert_eq!(store.outbox(10).await.unwrap(), all);
+    assert_eq!(store.outbox(3).await.unwrap(), all[..3].to_vec());
+
+    // One row of each shape published.
+    store.outbox_remove(vec![1, 3]).await.unwrap();
+    assert_eq!(
+        store.outbox(10).await.unwrap(),
+        vec![all[1].clone(), all[3].clone()]
+    );
+    // The batch again, as after a lost answer: the row still owed is recovered from its
+    // group, the published one is not owed again.
+    let (o, again) = store.apply_batch(A, 4, batch).await.unwrap();
+    assert_eq!(o[1], ApplyOutcome::Applied, "{o:?}");
+    assert_ne!(o[0], ApplyOutcome::Applied, "{o:?}");
+    assert_eq!(again, vec![all[3].clone()]);
+    store.outbox_remove(vec![2, 4]).await.unwrap();
+    assert!(store.outbox(10).await.unwrap().is_empty());
+    let left = db
+        .collection::<Document>("oc_outbox")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "no empty group is left behind");
+}
+
+/// Applied-log rows written one document each (before an apply's rows went into one group)
+/// are still read, newest first with the groups after them, and trimmed.
+async fn applied_log_rows_of_earlier_versions(b: &mut Mongo) {
+    use mongodb::bson::{doc, Document};
+    let store = b.fresh("applied_log_upgrade").await;
+    let batch: Vec<JournalEntry> = (1..=3)
+        .map(|seq| entry(A, seq, Action::Create, &format!("u{seq}"), json!({})))
+        .collect();
+    store.apply_batch(A, 3, batch).await.unwrap();
+    // The batch's group, rewritten as an earlier version wrote its rows.
+    let log = b
+        .server
+        .client()
+        .await
+        .unwrap()
+        .database(&b.db)
+        .collection::<Document>("oc_applied_log");
+    let group = log.find_one(doc! {}).await.unwrap().unwrap();
+    let rows: Vec<Document> = group
+        .get_array("rows")
+        .unwrap()
+        .iter()
+        .map(|r| r.as_document().unwrap().clone())
+        .collect();
+    assert_eq!(rows.len(), 3, "one group for the batch: {group:?}");
+    log.delete_many(doc! {}).await.unwrap();
+    log.insert_many(rows).await.unwrap();
+    store
+        .apply_batch(
+            A,
+            5,
+            vec![
+                entry(A, 4, Action::Create, "u4", json!({})),
+                entry(A, 5, Action::Create, "u5", json!({})),
+            ],
+        )
+        .await
+        .unwrap();
+    let seqs = |log: Vec<AppliedRecord>| log.iter().map(|r| r.entry.seq).collect::<Vec<u64>>();
+    let all = store.applied_log(u64::MAX, 10).await.unwrap();
+    assert_eq!(seqs(all.clone()), vec![5, 4, 3, 2, 1]);
+    assert_eq!(seqs(store.applied_log(all[1].key, 2).await.unwrap()), vec![3, 2]);
+    assert_eq!(seqs(store.applied_log(u64::MAX, 3).await.unwrap()), vec![5, 4, 3]);
+    // The three rows of their own go, then the older row of the group.
+    assert_eq!(store.trim_applied_log(0, 2, 100).await.unwrap(), 3);
+    assert_eq!(store.trim_applied_log(u64::MAX, 1000, 100).await.unwrap(), 1);
+    assert_eq!(seqs(store.applied_log(u64::MAX, 10).await.unwrap()), vec![5]);
+    assert_eq!(log.count_documents(doc! {}).await.unwrap(), 1);
 }
 
 async fn health_and_outage(b: &mut Mongo) {

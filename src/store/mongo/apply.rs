@@ -9,7 +9,8 @@ use mongodb::options::ReturnDocument;
 use mongodb::ClientSession;
 
 use super::bson::{
-    to_i64, to_u64, AppliedLogDoc, NewOutboxDoc, NewVersionDoc, OutboxDoc, VersionDoc, VersionKey,
+    grouped, to_i64, to_u64, AppliedLogDoc, AppliedLogGroup, NewOutboxDoc, NewOutboxGroup, NewVersionDoc,
+    StoredOutbox, VersionDoc, VersionKey, GROUP_BYTES,
 };
 use super::error::Failure;
 use super::names::{APPLIED, APPLIED_LOG, COUNTERS, OUTBOX, OUTBOX_COUNTER, OWN, VERSIONS};
@@ -103,26 +104,43 @@ impl MongoStore {
         Ok((outcomes, rows.into_iter().map(|(_, r)| r).collect()))
     }
 
+    /// Writes the rows of one apply as outbox groups ([`NewOutboxGroup`]): one document for
+    /// the batch, more only when its payloads exceed [`GROUP_BYTES`].
     pub(super) async fn insert_outbox(
         &self,
         s: &mut ClientSession,
         rows: &[(usize, OutboxRow)],
     ) -> Result<(), Failure> {
-        if rows.is_empty() {
+        let mut groups = Vec::new();
+        for rows in grouped(
+            rows,
+            |(_, r)| r.payload.len().saturating_add(r.msg_id.len()),
+            GROUP_BYTES,
+        ) {
+            let (Some((_, first)), Some((_, last))) = (rows.first(), rows.last()) else {
+                continue;
+            };
+            groups.push(NewOutboxGroup {
+                first: to_i64(first.id, "outbox id")?,
+                last: to_i64(last.id, "outbox id")?,
+                rows: rows
+                    .iter()
+                    .map(|(_, r)| NewOutboxDoc::of(r))
+                    .collect::<Result<Vec<_>, _>>()?,
+            });
+        }
+        if groups.is_empty() {
             return Ok(());
         }
-        let docs = rows
-            .iter()
-            .map(|(_, r)| NewOutboxDoc::of(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.coll::<NewOutboxDoc<'_>>(OUTBOX)
-            .insert_many(docs)
+        self.coll::<NewOutboxGroup<'_>>(OUTBOX)
+            .insert_many(groups)
             .session(&mut *s)
             .await?;
         Ok(())
     }
 
-    /// One applied-log row per new outbox row, keyed by its id, in the apply's transaction.
+    /// One applied-log row per new outbox row, keyed by its id, in the apply's transaction:
+    /// one group document for the batch ([`AppliedLogGroup`]), more beyond [`GROUP_BYTES`].
     async fn insert_applied_log(
         &self,
         s: &mut ClientSession,
@@ -146,8 +164,15 @@ impl MongoStore {
                 json,
             });
         }
-        self.coll::<AppliedLogDoc>(APPLIED_LOG)
-            .insert_many(docs)
+        let mut groups = Vec::new();
+        for rows in grouped(docs, |d| d.json.len(), GROUP_BYTES) {
+            let (Some(first), Some(last)) = (rows.first().map(|d| d.key), rows.last().map(|d| d.key)) else {
+                continue;
+            };
+            groups.push(AppliedLogGroup { first, last, rows });
+        }
+        self.coll::<AppliedLogGroup>(APPLIED_LOG)
+            .insert_many(groups)
             .session(&mut *s)
             .await?;
         Ok(())
@@ -263,15 +288,26 @@ impl MongoStore {
             return Ok(Vec::new());
         }
         let msg_ids: Vec<String> = candidates.iter().map(|&i| plan[i].entry.msg_id()).collect();
+        // Groups holding one of them (`rows.msg_id`), and rows of their own written by
+        // versions before the groups (`msg_id`).
         let mut cursor = self
-            .coll::<OutboxDoc>(OUTBOX)
-            .find(doc! {"msg_id": {"$in": &msg_ids}})
+            .coll::<StoredOutbox>(OUTBOX)
+            .find(doc! {"$or": [{"rows.msg_id": {"$in": &msg_ids}}, {"msg_id": {"$in": &msg_ids}}]})
+            // Of a group only the rows asked for come back, not the whole apply's.
+            .projection(doc! {
+                "rows": {"$filter": {"input": "$rows", "cond": {"$in": ["$$this.msg_id", &msg_ids]}}},
+                "subject": 1, "msg_id": 1, "payload": 1,
+            })
             .session(&mut *s)
             .await?;
+        let wanted: HashSet<&str> = msg_ids.iter().map(String::as_str).collect();
         let mut pending: HashMap<String, OutboxRow> = HashMap::new();
         while let Some(d) = cursor.next(&mut *s).await.transpose()? {
-            let row = d.into_row()?;
-            pending.insert(row.msg_id.clone(), row);
+            for row in d.into_rows()? {
+                if wanted.contains(row.msg_id.as_str()) {
+                    pending.insert(row.msg_id.clone(), row);
+                }
+            }
         }
         let mut rows = Vec::new();
         for (&i, msg_id) in candidates.iter().zip(&msg_ids) {

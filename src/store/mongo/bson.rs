@@ -133,7 +133,50 @@ impl VersionDoc {
     }
 }
 
-/// `oc_outbox`: a publish owed to NATS.
+/// Most bytes of the rows' payloads (JSON texts) one outbox (applied log) group holds: a row that would take it further
+/// starts the next group (a row larger than this is a group of its own), so a group stays far
+/// below [`MAX_DOCUMENT_BYTES`] whatever the batch.
+pub(super) const GROUP_BYTES: usize = 4 * 1024 * 1024;
+
+/// `oc_outbox`: the publishes one apply commit owes NATS, in one document (a *group*) of
+/// consecutive ids: `_id` is the first row's id, `last` the last one's. One document per
+/// apply instead of one per row: MongoDB's cost is per document written and removed
+/// (docs/PERFORMANCE.md, "The MongoDB outbox in groups").
+#[derive(Debug, Deserialize)]
+pub(super) struct OutboxGroupDoc {
+    pub(super) rows: Vec<OutboxDoc>,
+}
+
+/// An [`OutboxGroupDoc`] as written, borrowing its rows.
+#[derive(Serialize)]
+pub(super) struct NewOutboxGroup<'a> {
+    #[serde(rename = "_id")]
+    pub(super) first: i64,
+    pub(super) last: i64,
+    pub(super) rows: Vec<NewOutboxDoc<'a>>,
+}
+
+/// A document of `oc_outbox`: a group, or one row as versions before the groups wrote it
+/// (still read, so that an upgrade publishes what was owed).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum StoredOutbox {
+    Group(OutboxGroupDoc),
+    Row(OutboxDoc),
+}
+
+impl StoredOutbox {
+    /// Its rows, oldest first.
+    pub(super) fn into_rows(self) -> Result<Vec<OutboxRow>, Failure> {
+        match self {
+            StoredOutbox::Group(g) => g.rows.into_iter().map(OutboxDoc::into_row).collect(),
+            StoredOutbox::Row(r) => Ok(vec![r.into_row()?]),
+        }
+    }
+}
+
+/// One row of `oc_outbox`: a publish owed to NATS (a row of a group, or, written by versions
+/// before the groups, a document of its own).
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct OutboxDoc {
     #[serde(rename = "_id")]
@@ -226,13 +269,83 @@ impl PeerDoc {
     }
 }
 
-/// `oc_applied_log`: one applied entry, kept as the JSON text of an
-/// [`crate::store::AppliedRecord`] (a resource MongoDB could not hold as BSON still logs).
+/// One applied entry of `oc_applied_log`, kept as the JSON text of an
+/// [`crate::store::AppliedRecord`] (a resource MongoDB could not hold as BSON still logs): a
+/// row of a group, or, written by versions before the groups, a document of its own.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct AppliedLogDoc {
     #[serde(rename = "_id")]
     pub(super) key: i64,
     pub(super) json: String,
+}
+
+/// `oc_applied_log`: the rows one apply commit logs, in one document of ascending keys
+/// (`_id` the first row's key, `last` the last one's), as [`NewOutboxGroup`] for the outbox.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct AppliedLogGroup {
+    #[serde(rename = "_id")]
+    pub(super) first: i64,
+    pub(super) last: i64,
+    pub(super) rows: Vec<AppliedLogDoc>,
+}
+
+/// A document of `oc_applied_log`: a group, or one row as versions before the groups wrote it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum StoredApplied {
+    Group(AppliedLogGroup),
+    Row(AppliedLogDoc),
+}
+
+impl StoredApplied {
+    /// Its `_id`: the first row's key.
+    pub(super) fn first(&self) -> i64 {
+        match self {
+            StoredApplied::Group(g) => g.first,
+            StoredApplied::Row(r) => r.key,
+        }
+    }
+
+    /// The key of its newest row (the group's `last`: a trim only removes older rows).
+    pub(super) fn last(&self) -> i64 {
+        match self {
+            StoredApplied::Group(g) => g.last,
+            StoredApplied::Row(r) => r.key,
+        }
+    }
+
+    /// Its rows, oldest first.
+    pub(super) fn into_rows(self) -> Vec<AppliedLogDoc> {
+        match self {
+            StoredApplied::Group(g) => g.rows,
+            StoredApplied::Row(r) => vec![r],
+        }
+    }
+}
+
+/// Splits rows, in order, into groups of at most `max_bytes` (by `size`; a row larger than
+/// that is a group of its own): the documents one commit writes for them.
+pub(super) fn grouped<T>(
+    rows: impl IntoIterator<Item = T>,
+    size: impl Fn(&T) -> usize,
+    max_bytes: usize,
+) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0usize;
+    for row in rows {
+        let n = size(&row);
+        match groups.last_mut() {
+            Some(g) if bytes.saturating_add(n) <= max_bytes => {
+                bytes = bytes.saturating_add(n);
+                g.push(row);
+            }
+            _ => {
+                bytes = n;
+                groups.push(vec![row]);
+            }
+        }
+    }
+    groups
 }
 
 /// `oc_cursors` and `oc_applied`: one number per peer.
@@ -336,8 +449,26 @@ mod tests {
             },
         };
         assert_eq!(written, bson::to_document(&owned).unwrap());
-        let read: OutboxDoc = bson::from_document(written).unwrap();
+        let read: OutboxDoc = bson::from_document(written.clone()).unwrap();
         assert_eq!(read.into_row().unwrap(), row);
+        // A row of its own, as written before the groups, is read as a group of one.
+        let stored: StoredOutbox = bson::from_document(written).unwrap();
+        assert_eq!(stored.into_rows().unwrap(), vec![row.clone()]);
+        let second = OutboxRow {
+            id: 8,
+            msg_id: "origin:8".into(),
+            ..row.clone()
+        };
+        let group = NewOutboxGroup {
+            first: 7,
+            last: 8,
+            rows: vec![
+                NewOutboxDoc::of(&row).unwrap(),
+                NewOutboxDoc::of(&second).unwrap(),
+            ],
+        };
+        let stored: StoredOutbox = bson::from_document(bson::to_document(&group).unwrap()).unwrap();
+        assert_eq!(stored.into_rows().unwrap(), vec![row.clone(), second]);
 
         let key = VersionKey {
             coll: "compute_resource".into(),

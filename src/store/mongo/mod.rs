@@ -49,7 +49,7 @@ pub use self::error::OpenError;
 pub use self::names::{collection_for, DEFAULT_DB};
 
 use self::bson::{
-    document_to_json, to_i64, to_u64, AppliedLogDoc, JournalDoc, OutboxDoc, PeerDoc, SeqDoc, VersionDoc,
+    document_to_json, to_i64, to_u64, JournalDoc, PeerDoc, SeqDoc, StoredApplied, StoredOutbox, VersionDoc,
     VersionKey,
 };
 use self::error::Failure;
@@ -432,95 +432,190 @@ impl Store for MongoStore {
         max_remove: usize,
     ) -> StoreResult<u64> {
         self.ready().await?;
-        let log = self.coll::<AppliedLogDoc>(APPLIED_LOG);
+        let log = self.coll::<StoredApplied>(APPLIED_LOG);
         let newest = log
             .find_one(doc! {})
             .sort(doc! {"_id": -1})
             .await
             .map_err(|e| self.failed(e))?;
-        let Some(last) = newest.map(|d| d.key) else {
+        let Some(last) = newest.map(|d| d.last()) else {
             return Ok(0);
         };
-        // The oldest rows, up to the most one call removes: the first one kept ends the cut.
-        let oldest: Vec<AppliedLogDoc> = self
-            .collect(
-                log.find(doc! {})
-                    .sort(doc! {"_id": 1})
-                    .limit(i64::try_from(max_remove).unwrap_or(i64::MAX)),
-            )
-            .await?;
-        let mut cut = None;
-        for d in &oldest {
-            let rows = u64::try_from(last.saturating_sub(d.key))
-                .unwrap_or(0)
-                .saturating_add(1);
-            let trims = super::trims_applied_row(rows, keep_rows, older_than_ms, || {
-                super::applied_ms_of(d.json.as_bytes())
-                    .map_err(|e| self.failed(Failure::Corrupt(format!("applied log row {}: {e}", d.key))))
-            })?;
-            if !trims {
-                break;
-            }
-            cut = Some(d.key);
-        }
-        let Some(cut) = cut else {
-            return Ok(0);
-        };
-        let done = log
-            .delete_many(doc! {"_id": {"$lte": cut}})
+        // The oldest rows, group by group, up to the most one call removes: the first one
+        // kept ends the cut. Whole groups are deleted; of the group the cut ends in, the
+        // rows before it are pulled.
+        let mut cursor = log
+            .find(doc! {})
+            .sort(doc! {"_id": 1})
             .await
             .map_err(|e| self.failed(e))?;
-        Ok(done.deleted_count)
+        let mut whole: Vec<i64> = Vec::new();
+        let mut partly: Option<(i64, Vec<i64>)> = None;
+        let mut removed = 0u64;
+        let max_remove = u64::try_from(max_remove).unwrap_or(u64::MAX);
+        while partly.is_none() && removed < max_remove {
+            let Some(group) = cursor.try_next().await.map_err(|e| self.failed(e))? else {
+                break;
+            };
+            let first = group.first();
+            let rows = group.into_rows();
+            let mut cut: Vec<i64> = Vec::new();
+            for d in &rows {
+                if removed >= max_remove {
+                    break;
+                }
+                let left = u64::try_from(last.saturating_sub(d.key))
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                let trims = super::trims_applied_row(left, keep_rows, older_than_ms, || {
+                    super::applied_ms_of(d.json.as_bytes())
+                        .map_err(|e| self.failed(Failure::Corrupt(format!("applied log row {}: {e}", d.key))))
+                })?;
+                if !trims {
+                    break;
+                }
+                cut.push(d.key);
+                removed += 1;
+            }
+            if cut.len() == rows.len() {
+                whole.push(first);
+            } else {
+                partly = Some((first, cut));
+            }
+        }
+        let log = self.coll::<Document>(APPLIED_LOG);
+        if !whole.is_empty() {
+            log.delete_many(doc! {"_id": {"$in": whole}})
+                .await
+                .map_err(|e| self.failed(e))?;
+        }
+        if let Some((first, keys)) = partly.filter(|(_, keys)| !keys.is_empty()) {
+            log.update_one(
+                doc! {"_id": first},
+                doc! {"$pull": {"rows": {"_id": {"$in": keys}}}},
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        }
+        Ok(removed)
     }
 
     async fn applied_log(&self, before: u64, limit: usize) -> StoreResult<Vec<AppliedRecord>> {
         self.ready().await?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let before = i64::try_from(before).unwrap_or(i64::MAX);
-        let docs: Vec<AppliedLogDoc> = self
-            .collect(
-                self.coll::<AppliedLogDoc>(APPLIED_LOG)
-                    .find(doc! {"_id": {"$lt": before}})
-                    .sort(doc! {"_id": -1})
-                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
-            )
-            .await?;
-        docs.iter()
-            .map(|d| {
-                serde_json::from_str(&d.json)
-                    .map_err(|e| self.failed(Failure::Corrupt(format!("applied log row {}: {e}", d.key))))
-            })
-            .collect()
+        // Groups newest first: each one whose first key is below `before` holds at least one
+        // row to give, so `limit` groups are enough.
+        let mut cursor = self
+            .coll::<StoredApplied>(APPLIED_LOG)
+            .find(doc! {"_id": {"$lt": before}})
+            .sort(doc! {"_id": -1})
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(group) = cursor.try_next().await.map_err(|e| self.failed(e))? else {
+                break;
+            };
+            for d in group.into_rows().iter().rev().filter(|d| d.key < before) {
+                if out.len() == limit {
+                    break;
+                }
+                let record: AppliedRecord = serde_json::from_str(&d.json)
+                    .map_err(|e| self.failed(Failure::Corrupt(format!("applied log row {}: {e}", d.key))))?;
+                out.push(record);
+            }
+        }
+        Ok(out)
     }
 
     async fn outbox(&self, limit: usize) -> StoreResult<Vec<OutboxRow>> {
         self.ready().await?;
-        let docs: Vec<OutboxDoc> = self
-            .collect(
-                self.coll::<OutboxDoc>(OUTBOX)
-                    .find(doc! {})
-                    .sort(doc! {"_id": 1})
-                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
-            )
-            .await?;
-        docs.into_iter()
-            .map(|d| d.into_row().map_err(|e| self.failed(e)))
-            .collect()
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Groups in id order until `limit` rows are held: each group holds at least one row.
+        let mut cursor = self
+            .coll::<StoredOutbox>(OUTBOX)
+            .find(doc! {})
+            .sort(doc! {"_id": 1})
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut rows = Vec::new();
+        while rows.len() < limit {
+            let Some(stored) = cursor.try_next().await.map_err(|e| self.failed(e))? else {
+                break;
+            };
+            rows.extend(stored.into_rows().map_err(|e| self.failed(e))?);
+        }
+        rows.truncate(limit);
+        Ok(rows)
     }
 
     async fn outbox_remove(&self, ids: Vec<u64>) -> StoreResult<()> {
-        if ids.is_empty() {
+        let (Some(&low), Some(&high)) = (ids.iter().min(), ids.iter().max()) else {
             return Ok(());
-        }
+        };
         self.ready().await?;
-        let ids = ids
+        let low = to_i64(low, "outbox id").map_err(|e| self.failed(e))?;
+        let high = to_i64(high, "outbox id").map_err(|e| self.failed(e))?;
+        let removed = ids
             .into_iter()
             .map(|id| to_i64(id, "outbox id"))
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<HashSet<i64>, _>>()
             .map_err(|e| self.failed(e))?;
-        self.relaxed(OUTBOX)
-            .delete_many(doc! {"_id": {"$in": ids}})
-            .await
-            .map_err(|e| self.failed(e))?;
+        // The groups that may hold one of them: a group's rows lie in `_id..=last`. Only
+        // the ids of their rows are read.
+        let found: Vec<Document> = self
+            .collect(
+                self.coll::<Document>(OUTBOX)
+                    .find(doc! {"_id": {"$lte": high}, "$or": [
+                        {"last": {"$gte": low}},
+                        {"last": {"$exists": false}, "_id": {"$gte": low}},
+                    ]})
+                    .projection(doc! {"_id": 1, "rows._id": 1}),
+            )
+            .await?;
+        let mut whole: Vec<i64> = Vec::new();
+        let mut partly: Vec<i64> = Vec::new();
+        for d in &found {
+            let Ok(first) = d.get_i64("_id") else { continue };
+            let held: Vec<i64> = match d.get_array("rows") {
+                Ok(rows) => rows
+                    .iter()
+                    .filter_map(|r| r.as_document()?.get_i64("_id").ok())
+                    .collect(),
+                // A row of its own (written before the groups).
+                Err(_) => vec![first],
+            };
+            let gone = held.iter().filter(|id| removed.contains(id)).count();
+            if gone == held.len() {
+                whole.push(first);
+            } else if gone > 0 {
+                partly.push(first);
+            }
+        }
+        let outbox = self.relaxed(OUTBOX);
+        if !whole.is_empty() {
+            outbox
+                .delete_many(doc! {"_id": {"$in": whole}})
+                .await
+                .map_err(|e| self.failed(e))?;
+        }
+        if !partly.is_empty() {
+            let pulled: Vec<i64> = removed.into_iter().collect();
+            outbox
+                .update_many(
+                    doc! {"_id": {"$in": partly}},
+                    doc! {"$pull": {"rows": {"_id": {"$in": pulled}}}},
+                )
+                .await
+                .map_err(|e| self.failed(e))?;
+        }
         Ok(())
     }
 

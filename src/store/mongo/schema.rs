@@ -61,6 +61,8 @@ impl MongoStore {
                 "origin_key",
                 false,
             ),
+            (OUTBOX, doc! {"rows.msg_id": 1}, "rows_msg_id", false),
+            // Rows of their own, written by versions before the groups.
             (OUTBOX, doc! {"msg_id": 1}, "msg_id", false),
             // `trim_known_peers`: count the known rows, find the least recently seen.
             (
