@@ -869,6 +869,7 @@ async fn mongodb_backend() {
         lost_commit_answer,
         outbox_rows_of_earlier_versions,
         applied_log_rows_of_earlier_versions,
+        intake_marks_of_earlier_versions,
         health_and_outage,
     );
 }
@@ -1180,6 +1181,44 @@ async fn applied_log_rows_of_earlier_versions(b: &mut Mongo) {
     assert_eq!(store.trim_applied_log(u64::MAX, 1000, 100).await.unwrap(), 1);
     assert_eq!(seqs(store.applied_log(u64::MAX, 10).await.unwrap()), vec![5]);
     assert_eq!(log.count_documents(doc! {}).await.unwrap(), 1);
+}
+
+/// Intake marks written one document per stream sequence (before the runs) are read as runs
+/// of one once the store opens, and pruned like the runs written after them.
+async fn intake_marks_of_earlier_versions(b: &mut Mongo) {
+    use mongodb::bson::{doc, Document};
+    b.db = "conformance_intake_upgrade".to_owned();
+    let intake = b
+        .server
+        .client()
+        .await
+        .unwrap()
+        .database(&b.db)
+        .collection::<Document>("oc_intake");
+    intake
+        .insert_many([
+            doc! {"_id": 5_i64, "seq": 1_i64},
+            doc! {"_id": 7_i64, "seq": 2_i64},
+        ])
+        .await
+        .unwrap();
+    let store = b.store().await;
+    assert_eq!(store.intake_seen(vec![4, 5, 6, 7]).await.unwrap(), vec![5, 7]);
+    assert_eq!(store.intake_high().await.unwrap(), 7);
+    let events = vec![
+        new_event(Action::Create, "i1", json!({})),
+        new_event(Action::Create, "i2", json!({})),
+    ];
+    store.append_journal_marked(A, events, vec![9, 8]).await.unwrap();
+    assert_eq!(store.intake_seen(vec![10, 9, 8, 7]).await.unwrap(), vec![9, 8, 7]);
+    assert_eq!(store.intake_high().await.unwrap(), 9);
+    store.intake_forget_below(7).await.unwrap();
+    assert_eq!(store.intake_seen(vec![5, 7]).await.unwrap(), vec![7]);
+    // Inside a run: the run stays, the sequences below the floor are forgotten.
+    store.intake_forget_below(9).await.unwrap();
+    assert_eq!(store.intake_seen(vec![7, 8, 9]).await.unwrap(), vec![9]);
+    assert_eq!(store.intake_high().await.unwrap(), 9);
+    assert_eq!(intake.count_documents(doc! {}).await.unwrap(), 1, "one run left");
 }
 
 async fn health_and_outage(b: &mut Mongo) {

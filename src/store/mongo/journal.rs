@@ -8,7 +8,7 @@ use mongodb::ClientSession;
 
 use super::bson::{to_i64, to_u64, JournalDoc};
 use super::error::Failure;
-use super::names::{GONE, INTAKE, JOURNAL, META, OWN};
+use super::names::{GONE, JOURNAL, META, OWN};
 use super::MongoStore;
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent};
 
@@ -143,29 +143,6 @@ impl MongoStore {
         if !gone.is_empty() {
             tombstones.insert_many(gone).session(&mut *s).await?;
         }
-        Ok(())
-    }
-
-    /// Records which JetStream messages this journal commit holds; a record already there
-    /// (a redelivery journaled anyway) is replaced.
-    pub(super) async fn mark_intake(
-        &self,
-        s: &mut ClientSession,
-        stream_seqs: &[u64],
-        seq: u64,
-    ) -> Result<(), Failure> {
-        let seq = to_i64(seq, "seq")?;
-        let ids = stream_seqs
-            .iter()
-            .map(|&n| to_i64(n, "stream seq"))
-            .collect::<Result<Vec<_>, _>>()?;
-        let intake = self.coll::<Document>(INTAKE);
-        intake
-            .delete_many(doc! {"_id": {"$in": &ids}})
-            .session(&mut *s)
-            .await?;
-        let docs: Vec<Document> = ids.iter().map(|id| doc! {"_id": id, "seq": seq}).collect();
-        intake.insert_many(docs).session(&mut *s).await?;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@
 mod apply;
 mod bson;
 mod error;
+mod intake;
 mod journal;
 mod names;
 mod peers;
@@ -54,7 +55,7 @@ use self::bson::{
 };
 use self::error::Failure;
 use self::names::{
-    check_database_name, APPLIED, APPLIED_LOG, CURSORS, INTAKE, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS,
+    check_database_name, APPLIED, APPLIED_LOG, CURSORS, JOURNAL, OUTBOX, OWN, PEERS, VERSIONS,
 };
 use self::txn::durable;
 use super::{
@@ -262,48 +263,17 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         self.ready().await?;
-        let ids = seqs
-            .iter()
-            .map(|&n| to_i64(n, "stream seq"))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.failed(e))?;
-        let found: Vec<Document> = self
-            .collect(
-                self.coll::<Document>(INTAKE)
-                    .find(doc! {"_id": {"$in": ids}})
-                    .projection(doc! {"_id": 1}),
-            )
-            .await?;
-        let found: HashSet<i64> = found.iter().filter_map(|d| d.get_i64("_id").ok()).collect();
-        Ok(seqs
-            .into_iter()
-            .filter(|&n| i64::try_from(n).is_ok_and(|n| found.contains(&n)))
-            .collect())
+        self.intake_recorded(&seqs).await.map_err(|e| self.failed(e))
     }
 
     async fn intake_high(&self) -> StoreResult<u64> {
         self.ready().await?;
-        let last = self
-            .coll::<Document>(INTAKE)
-            .find_one(doc! {})
-            .sort(doc! {"_id": -1})
-            .projection(doc! {"_id": 1})
-            .await
-            .map_err(|e| self.failed(e))?;
-        Ok(last
-            .and_then(|d| d.get_i64("_id").ok())
-            .and_then(|n| u64::try_from(n).ok())
-            .unwrap_or(0))
+        self.intake_highest().await.map_err(|e| self.failed(e))
     }
 
     async fn intake_forget_below(&self, below: u64) -> StoreResult<()> {
         self.ready().await?;
-        let below = i64::try_from(below).unwrap_or(i64::MAX);
-        self.relaxed(INTAKE)
-            .delete_many(doc! {"_id": {"$lt": below}})
-            .await
-            .map_err(|e| self.failed(e))?;
-        Ok(())
+        self.intake_forget(below).await.map_err(|e| self.failed(e))
     }
 
     async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {

@@ -54,6 +54,8 @@ impl MongoStore {
             (VERSIONS, doc! {"_id.coll": 1, "_id.id": 1}, "coll_id", false),
             (OWN, doc! {"_id.data_type": 1, "_id.id": 1}, "data_type_id", false),
             (GONE, doc! {"seq": 1}, "seq", false),
+            // The runs of journaled stream sequences that reach a batch, the highest one.
+            (INTAKE, doc! {"hi": 1}, "hi", false),
             // A snapshot receiver's sweep: one origin's resources in key order.
             (
                 VERSIONS,
@@ -80,6 +82,7 @@ impl MongoStore {
             let index = IndexModel::builder().keys(keys).options(options).build();
             self.coll::<Document>(collection).create_index(index).await?;
         }
+        self.intake_runs_from_rows().await?;
         tracing::info!(db = %self.db.name(), "mongodb: collections and indexes ready");
         Ok(())
     }
