@@ -81,7 +81,8 @@ fn now_micros() -> u64 {
 #[derive(Clone, Default)]
 struct Receiver {
     seen: Arc<Mutex<HashSet<u64>>>,
-    latencies_us: Arc<Mutex<Vec<u64>>>,
+    /// (publish time, latency), both in µs.
+    latencies_us: Arc<Mutex<Vec<(u64, u64)>>>,
     last_progress: Arc<Mutex<Option<Instant>>>,
 }
 
@@ -105,7 +106,7 @@ impl Receiver {
                 let fresh = me.seen.lock().map(|mut s| s.insert(id)).unwrap_or(false);
                 if fresh {
                     if let Ok(mut l) = me.latencies_us.lock() {
-                        l.push(now_micros().saturating_sub(t));
+                        l.push((t, now_micros().saturating_sub(t)));
                     }
                     if let Ok(mut p) = me.last_progress.lock() {
                         *p = Some(Instant::now());
@@ -133,13 +134,48 @@ impl Receiver {
     }
 
     fn percentiles(&self) -> (f64, f64, f64) {
-        let mut l = self.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
+        let mut l: Vec<u64> = self
+            .latencies_us
+            .lock()
+            .map(|l| l.iter().map(|&(_, us)| us).collect())
+            .unwrap_or_default();
         if l.is_empty() {
             return (0.0, 0.0, 0.0);
         }
         l.sort_unstable();
         let at = |q: f64| l[((l.len() as f64 * q) as usize).min(l.len() - 1)] as f64 / 1000.0;
         (at(0.50), at(0.99), at(0.999))
+    }
+
+    /// The p99 and the maximum, in ms, of the events published in each second of the run:
+    /// whether a tail is spread over the run (queueing) or made in one moment (a stall).
+    fn per_second(&self) -> Vec<(f64, f64)> {
+        let l = self.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
+        let Some(start) = l.iter().map(|&(t, _)| t).min() else {
+            return Vec::new();
+        };
+        let mut seconds: Vec<Vec<u64>> = Vec::new();
+        for (t, us) in l {
+            let s = usize::try_from((t - start) / 1_000_000).unwrap_or(usize::MAX);
+            if s >= 3600 {
+                continue;
+            }
+            if seconds.len() <= s {
+                seconds.resize_with(s + 1, Vec::new);
+            }
+            seconds[s].push(us);
+        }
+        seconds
+            .into_iter()
+            .map(|mut v| {
+                v.sort_unstable();
+                let at = |q: f64| {
+                    v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
+                        .map_or(0.0, |&us| us as f64 / 1000.0)
+                };
+                (at(0.99), v.last().map_or(0.0, |&us| us as f64 / 1000.0))
+            })
+            .collect()
     }
 }
 
@@ -398,6 +434,7 @@ async fn relay_bulk(relay: &mut Relay, n: usize, rows: &mut Vec<Row>) -> anyhow:
 async fn throughput_and_latency(
     store: &str,
     mongo: Option<&str>,
+    mongod: Option<u32>,
     sizes: &Sizes,
     relay: &mut Relay,
     base_rate: f64,
@@ -432,6 +469,8 @@ async fn throughput_and_latency(
         ("nats_a", a.nats.pid()),
         ("nats_b", b.nats.pid()),
         ("load_generator", Some(std::process::id())),
+        // Both nodes' server, with the MongoDB store.
+        ("mongod", mongod),
     ]);
     let t0 = Instant::now();
     publish(&a.app, "PROPALGATION_EVENT", &creator, n, 0).await?;
@@ -497,6 +536,15 @@ async fn throughput_and_latency(
         sent += count;
         let (p50, p99, p999) = rx_pace.percentiles();
         println!("[{store}] latency at {pace}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms ({got}/{count})");
+        let seconds: Vec<String> = rx_pace
+            .per_second()
+            .iter()
+            .map(|(p99, max)| format!("{p99:.1}/{max:.1}"))
+            .collect();
+        println!(
+            "[{store}] latency at {pace}/s, p99/max ms of each second: {}",
+            seconds.join(" ")
+        );
         let lost = (count - got) as u64;
         for (metric, value, bvalue) in [
             ("p50_ms", p50, b50),
@@ -719,6 +767,11 @@ struct Args {
     /// The source reads core NATS instead of a JetStream stream.
     #[arg(long)]
     core_intake: bool,
+    /// WiredTiger's cache of the benchmark's mongod, in GB (at least 0.25). Without it mongod
+    /// keeps its own default (half of the RAM less 1 GB), as a site's server runs; runs
+    /// before 2026-12-04 used 0.25, the tests' size.
+    #[arg(long, value_name = "GB", value_parser = cache_gb)]
+    mongod_cache_gb: Option<f64>,
     /// Where the JSON report goes.
     #[arg(long, value_name = "PATH", default_value = "target/bench/propagation.json")]
     json: PathBuf,
@@ -739,6 +792,14 @@ struct Args {
     /// Test-name filters from `cargo test -- NAME`: this binary has no tests to filter.
     #[arg(hide = true)]
     filters: Vec<String>,
+}
+
+/// `--mongod-cache-gb`: mongod refuses less than 0.25 GB.
+fn cache_gb(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(gb) if gb.is_finite() && (0.25..=1024.0).contains(&gb) => Ok(gb),
+        _ => Err(format!("{s}: a size in GB from 0.25 to 1024")),
+    }
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -797,10 +858,12 @@ async fn main() -> anyhow::Result<()> {
     };
     for store in &stores {
         // One mongod per store run, shared by its nodes (each node has its own database).
-        let (mongo_uri, _mongod): (Option<String>, Option<MongoServer>) = match store.as_str() {
+        let (mongo_uri, mongod): (Option<String>, Option<MongoServer>) = match store.as_str() {
             "embedded" => (None, None),
             "mongodb" => {
-                let server = MongoServer::start().await.context("starting mongod")?;
+                let server = MongoServer::start_with_cache(args.mongod_cache_gb)
+                    .await
+                    .context("starting mongod")?;
                 (Some(server.uri()), Some(server))
             }
             other => bail!("unknown store {other}: expected embedded or mongodb"),
@@ -809,6 +872,7 @@ async fn main() -> anyhow::Result<()> {
             throughput_and_latency(
                 store,
                 mongo_uri.as_deref(),
+                mongod.as_ref().and_then(MongoServer::pid),
                 &sizes,
                 &mut relay,
                 base_rate,

@@ -693,7 +693,13 @@ pub struct MongoServer {
     dir: tempfile::TempDir,
     /// False only for [`MongoServer::start_standalone`].
     replica_set: bool,
+    /// WiredTiger's cache in GB; `None` leaves mongod's own default (half of the RAM less
+    /// 1 GB), as a site's server would run.
+    cache_gb: Option<f64>,
 }
+
+/// WiredTiger's cache of the servers tests start: small, since several run at once.
+const TEST_CACHE_GB: f64 = 0.25;
 
 impl MongoServer {
     /// Starts mongod, initiates the replica set and waits until it is primary.
@@ -702,7 +708,17 @@ impl MongoServer {
     /// mongod is not installed ([`MONGOD_INSTALL_HINT`]), does not start, or does not
     /// become primary in time; the error carries the tail of its log.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::launch(true).await
+        Self::launch(true, Some(TEST_CACHE_GB)).await
+    }
+
+    /// [`MongoServer::start`] with WiredTiger's cache of `cache_gb`, or mongod's default
+    /// (half of the RAM less 1 GB) for `None`: what a benchmark sets to measure the store
+    /// as a site would run it, where tests keep the cache small.
+    ///
+    /// # Errors
+    /// See [`MongoServer::start`].
+    pub async fn start_with_cache(cache_gb: Option<f64>) -> anyhow::Result<Self> {
+        Self::launch(true, cache_gb).await
     }
 
     /// A standalone mongod (no replica set, so no transactions), to test that the node
@@ -711,10 +727,10 @@ impl MongoServer {
     /// # Errors
     /// See [`MongoServer::start`].
     pub async fn start_standalone() -> anyhow::Result<Self> {
-        Self::launch(false).await
+        Self::launch(false, Some(TEST_CACHE_GB)).await
     }
 
-    async fn launch(replica_set: bool) -> anyhow::Result<Self> {
+    async fn launch(replica_set: bool, cache_gb: Option<f64>) -> anyhow::Result<Self> {
         let binary = find_mongod()?;
         let dir = tempfile::Builder::new().prefix("oc-mongod-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("db"))?;
@@ -724,9 +740,15 @@ impl MongoServer {
             binary,
             dir,
             replica_set,
+            cache_gb,
         };
         server.start_again().await?;
         Ok(server)
+    }
+
+    /// The mongod process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Connection string for the replica set, as a node would be given.
@@ -781,12 +803,15 @@ impl MongoServer {
         if self.replica_set {
             cmd.args(["--replSet", MONGO_REPLICA_SET]);
         }
+        if let Some(gb) = self.cache_gb {
+            cmd.args(["--wiredTigerCacheSizeGB", &gb.to_string()]);
+        }
         let child = cmd
             .args(["--bind_ip", "127.0.0.1"])
             .args(["--port", &self.port.to_string()])
             .arg("--dbpath")
             .arg(self.dir.path().join("db"))
-            .args(["--wiredTigerCacheSizeGB", "0.25", "--oplogSize", "128"])
+            .args(["--oplogSize", "128"])
             .args([
                 "--wiredTigerEngineConfigString",
                 "log=(file_max=10MB,prealloc=false)",
