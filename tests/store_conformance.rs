@@ -868,6 +868,7 @@ async fn mongodb_backend() {
         refused_by_the_server,
         lost_commit_answer,
         outbox_rows_of_earlier_versions,
+        outbox_groups_of_earlier_versions,
         applied_log_rows_of_earlier_versions,
         intake_marks_of_earlier_versions,
         health_and_outage,
@@ -1131,6 +1132,55 @@ async fn outbox_rows_of_earlier_versions(b: &mut Mongo) {
         .await
         .unwrap();
     assert_eq!(left, 0, "no empty group is left behind");
+}
+
+/// Outbox groups written before they named their entries' origin and seqs (found then by an
+/// index on every row's `msg_id`): a node that meets them keys them, drops that index, and
+/// an entry delivered again still gets its row back.
+async fn outbox_groups_of_earlier_versions(b: &mut Mongo) {
+    use mongodb::bson::{doc, Document};
+    use mongodb::IndexModel;
+    let store = b.fresh("outbox_groups_upgrade").await;
+    let batch: Vec<JournalEntry> = (1..=3)
+        .map(|seq| entry(A, seq, Action::Create, &format!("g{seq}"), json!({})))
+        .collect();
+    let (_, rows) = store.apply_batch(A, 3, batch.clone()).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    drop(store);
+    let outbox = b
+        .server
+        .client()
+        .await
+        .unwrap()
+        .database(&b.db)
+        .collection::<Document>("oc_outbox");
+    // The group and the index as the earlier version left them.
+    outbox
+        .update_many(doc! {}, doc! {"$unset": {"origin": "", "lo": "", "hi": ""}})
+        .await
+        .unwrap();
+    let old_index = IndexModel::builder()
+        .keys(doc! {"rows.msg_id": 1})
+        .options(
+            mongodb::options::IndexOptions::builder()
+                .name("rows_msg_id".to_owned())
+                .build(),
+        )
+        .build();
+    outbox.create_index(old_index).await.unwrap();
+
+    let store = b.store().await;
+    // The whole batch again, as after a lost answer: every row is still owed.
+    let (o, again) = store.apply_batch(A, 3, batch).await.unwrap();
+    assert!(o.iter().all(|o| *o == ApplyOutcome::Applied), "{o:?}");
+    assert_eq!(again, rows);
+    let group = outbox.find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(group.get_str("origin"), Ok(A), "{group:?}");
+    assert_eq!(group.get_i64("lo"), Ok(1), "{group:?}");
+    assert_eq!(group.get_i64("hi"), Ok(3), "{group:?}");
+    let names = outbox.list_index_names().await.unwrap();
+    assert!(!names.iter().any(|n| n == "rows_msg_id"), "{names:?}");
+    assert_eq!(store.outbox(10).await.unwrap(), rows);
 }
 
 /// Applied-log rows written one document each (before an apply's rows went into one group)

@@ -66,10 +66,11 @@ impl MongoStore {
             .filter_map(|p| p.target.as_ref()?.as_ref().ok().map(|t| &t.key))
             .collect();
         let stored = self.load_versions(s, &keys).await?;
-        let site = Site {
-            own: self.load_own(s, plan).await?,
-            documents: self.load_documents(s, &keys).await?,
-        };
+        let own = self.load_own(s, plan).await?;
+        let documents = self.load_documents(s, &keys).await?;
+        // The documents there are to replace or remove; an id without one needs no delete.
+        let present: HashSet<VersionKey> = documents.keys().cloned().collect();
+        let site = Site { own, documents };
         let Decisions {
             mut outcomes,
             changes,
@@ -88,8 +89,8 @@ impl MongoStore {
                 Some((i, outbox_row(plan[i].entry, id)))
             })
             .collect();
-        self.write_changes(s, plan, &changes, &stored).await?;
-        self.insert_outbox(s, &new_rows).await?;
+        self.write_changes(s, plan, &changes, &stored, &present).await?;
+        self.insert_outbox(s, plan, &new_rows).await?;
         self.insert_applied_log(s, plan, &new_rows).await?;
         rows.extend(new_rows);
         rows.sort_by_key(|(i, _)| *i);
@@ -105,29 +106,42 @@ impl MongoStore {
     }
 
     /// Writes the rows of one apply as outbox groups ([`NewOutboxGroup`]): one document for
-    /// the batch, more only when its payloads exceed [`GROUP_BYTES`].
+    /// the batch, more only when its payloads exceed [`GROUP_BYTES`] (or, against the
+    /// contract of [`crate::store::Store::apply_batch`], its entries come from more than one
+    /// origin: a group names one).
     pub(super) async fn insert_outbox(
         &self,
         s: &mut ClientSession,
+        plan: &[Planned<'_>],
         rows: &[(usize, OutboxRow)],
     ) -> Result<(), Failure> {
         let mut groups = Vec::new();
-        for rows in grouped(
-            rows,
-            |(_, r)| r.payload.len().saturating_add(r.msg_id.len()),
-            GROUP_BYTES,
-        ) {
-            let (Some((_, first)), Some((_, last))) = (rows.first(), rows.last()) else {
-                continue;
-            };
-            groups.push(NewOutboxGroup {
-                first: to_i64(first.id, "outbox id")?,
-                last: to_i64(last.id, "outbox id")?,
-                rows: rows
-                    .iter()
-                    .map(|(_, r)| NewOutboxDoc::of(r))
-                    .collect::<Result<Vec<_>, _>>()?,
-            });
+        let same_origin = |(a, _): &(usize, OutboxRow), (b, _): &(usize, OutboxRow)| {
+            plan[*a].entry.origin == plan[*b].entry.origin
+        };
+        for run in rows.chunk_by(same_origin) {
+            for rows in grouped(
+                run,
+                |(_, r)| r.payload.len().saturating_add(r.msg_id.len()),
+                GROUP_BYTES,
+            ) {
+                let (Some((i, first)), Some((_, last))) = (rows.first(), rows.last()) else {
+                    continue;
+                };
+                let seqs = rows.iter().map(|(i, _)| plan[*i].entry.seq);
+                let (lo, hi) = (seqs.clone().min().unwrap_or(0), seqs.max().unwrap_or(0));
+                groups.push(NewOutboxGroup {
+                    first: to_i64(first.id, "outbox id")?,
+                    last: to_i64(last.id, "outbox id")?,
+                    origin: &plan[*i].entry.origin,
+                    lo: to_i64(lo, "seq")?,
+                    hi: to_i64(hi, "seq")?,
+                    rows: rows
+                        .iter()
+                        .map(|(_, r)| NewOutboxDoc::of(r))
+                        .collect::<Result<Vec<_>, _>>()?,
+                });
+            }
         }
         if groups.is_empty() {
             return Ok(());
@@ -288,11 +302,22 @@ impl MongoStore {
             return Ok(Vec::new());
         }
         let msg_ids: Vec<String> = candidates.iter().map(|&i| plan[i].entry.msg_id()).collect();
-        // Groups holding one of them (`rows.msg_id`), and rows of their own written by
-        // versions before the groups (`msg_id`).
+        // Groups of their origin whose seqs reach theirs (`origin_hi_lo`), and rows of their
+        // own written by versions before the groups (`msg_id`).
+        let mut reach: HashMap<&str, (u64, u64)> = HashMap::new();
+        for &i in candidates {
+            let e = plan[i].entry;
+            let r = reach.entry(e.origin.as_str()).or_insert((e.seq, e.seq));
+            *r = (r.0.min(e.seq), r.1.max(e.seq));
+        }
+        let mut any: Vec<Document> = Vec::with_capacity(reach.len() + 1);
+        for (origin, (lo, hi)) in reach {
+            any.push(doc! {"origin": origin, "hi": {"$gte": to_i64(lo, "seq")?}, "lo": {"$lte": to_i64(hi, "seq")?}});
+        }
+        any.push(doc! {"msg_id": {"$in": &msg_ids}});
         let mut cursor = self
             .coll::<StoredOutbox>(OUTBOX)
-            .find(doc! {"$or": [{"rows.msg_id": {"$in": &msg_ids}}, {"msg_id": {"$in": &msg_ids}}]})
+            .find(doc! {"$or": any})
             // Of a group only the rows asked for come back, not the whole apply's.
             .projection(doc! {
                 "rows": {"$filter": {"input": "$rows", "cond": {"$in": ["$$this.msg_id", &msg_ids]}}},
@@ -345,13 +370,16 @@ impl MongoStore {
 
     /// Writes the final state of every resource the batch changed: its document replaced
     /// (or removed for a delete) and its version. Batched per collection: a few round
-    /// trips per batch whatever its size.
+    /// trips per batch whatever its size. `present` are the documents the transaction read
+    /// under the batch's keys: only those are deleted before the inserts (a `$in` delete of
+    /// ids that hold nothing still costs the server a lookup each).
     pub(super) async fn write_changes(
         &self,
         s: &mut ClientSession,
         plan: &[Planned<'_>],
         changes: &[usize],
         stored: &HashMap<VersionKey, VersionDoc>,
+        present: &HashSet<VersionKey>,
     ) -> Result<(), Failure> {
         // The last change of each resource wins; earlier ones in the batch were
         // superseded before anyone could read them.
@@ -372,7 +400,9 @@ impl MongoStore {
                 continue;
             };
             let entry = plan[i].entry;
-            ids_by_coll.entry(&t.key.coll).or_default().push(&t.key.id);
+            if present.contains(&t.key) {
+                ids_by_coll.entry(&t.key.coll).or_default().push(&t.key.id);
+            }
             if let Some(d) = &t.doc {
                 docs_by_coll.entry(&t.key.coll).or_default().push(d);
             }
@@ -390,17 +420,16 @@ impl MongoStore {
             });
         }
         for (coll, ids) in &ids_by_coll {
-            let resources = self.coll::<Document>(coll);
-            resources
+            self.coll::<Document>(coll)
                 .delete_many(doc! {"_id": {"$in": ids}})
                 .session(&mut *s)
                 .await?;
-            if let Some(docs) = docs_by_coll.get(coll) {
-                resources
-                    .insert_many(docs.iter().copied())
-                    .session(&mut *s)
-                    .await?;
-            }
+        }
+        for (coll, docs) in &docs_by_coll {
+            self.coll::<Document>(coll)
+                .insert_many(docs.iter().copied())
+                .session(&mut *s)
+                .await?;
         }
         if !versions.is_empty() {
             let coll = self.coll::<NewVersionDoc<'_>>(VERSIONS);

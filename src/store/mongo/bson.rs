@@ -141,18 +141,23 @@ pub(super) const GROUP_BYTES: usize = 4 * 1024 * 1024;
 /// `oc_outbox`: the publishes one apply commit owes NATS, in one document (a *group*) of
 /// consecutive ids: `_id` is the first row's id, `last` the last one's. One document per
 /// apply instead of one per row: MongoDB's cost is per document written and removed
-/// (docs/PERFORMANCE.md, "The MongoDB outbox in groups").
+/// (docs/PERFORMANCE.md, "MongoDB: fewer documents per event").
 #[derive(Debug, Deserialize)]
 pub(super) struct OutboxGroupDoc {
     pub(super) rows: Vec<OutboxDoc>,
 }
 
-/// An [`OutboxGroupDoc`] as written, borrowing its rows.
+/// An [`OutboxGroupDoc`] as written, borrowing its rows. `origin`, `lo` and `hi` name the
+/// entries its rows publish (one origin, seqs `lo..=hi`): what finds the group again for an
+/// entry delivered twice, by one index key per group rather than one per row.
 #[derive(Serialize)]
 pub(super) struct NewOutboxGroup<'a> {
     #[serde(rename = "_id")]
     pub(super) first: i64,
     pub(super) last: i64,
+    pub(super) origin: &'a str,
+    pub(super) lo: i64,
+    pub(super) hi: i64,
     pub(super) rows: Vec<NewOutboxDoc<'a>>,
 }
 
@@ -462,6 +467,9 @@ mod tests {
         let group = NewOutboxGroup {
             first: 7,
             last: 8,
+            origin: "origin",
+            lo: 7,
+            hi: 8,
             rows: vec![
                 NewOutboxDoc::of(&row).unwrap(),
                 NewOutboxDoc::of(&second).unwrap(),

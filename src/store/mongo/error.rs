@@ -15,6 +15,8 @@ pub(super) const REFUSED_DOCUMENT_CODES: [i32; 9] = [2, 52, 55, 56, 57, 121, 103
 pub(super) const INVALID_NAMESPACE: i32 = 73;
 /// NamespaceExists: `create` on a collection that is already there.
 pub(super) const NAMESPACE_EXISTS: i32 = 48;
+/// `dropIndexes` of an index that is not there.
+pub(super) const INDEX_NOT_FOUND: i32 = 27;
 
 /// Why a MongoDB store cannot even be set up (a configuration error, not an outage).
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use mongodb::error::Error as MongoError;
 use mongodb::options::IndexOptions;
 use mongodb::IndexModel;
 
-use super::error::{server_code, Failure, INVALID_NAMESPACE, NAMESPACE_EXISTS};
+use super::error::{server_code, Failure, INDEX_NOT_FOUND, INVALID_NAMESPACE, NAMESPACE_EXISTS};
 use super::names::{
     APPLIED, APPLIED_LOG, COUNTERS, CURSORS, GONE, INTAKE, JOURNAL, META, OUTBOX, OWN, PEERS, VERSIONS,
 };
@@ -63,7 +63,13 @@ impl MongoStore {
                 "origin_key",
                 false,
             ),
-            (OUTBOX, doc! {"rows.msg_id": 1}, "rows_msg_id", false),
+            // The groups an entry delivered twice may be in: one key per group.
+            (
+                OUTBOX,
+                doc! {"origin": 1, "hi": 1, "lo": 1},
+                "origin_hi_lo",
+                false,
+            ),
             // Rows of their own, written by versions before the groups.
             (OUTBOX, doc! {"msg_id": 1}, "msg_id", false),
             // `trim_known_peers`: count the known rows, find the least recently seen.
@@ -83,8 +89,41 @@ impl MongoStore {
             self.coll::<Document>(collection).create_index(index).await?;
         }
         self.intake_runs_from_rows().await?;
+        self.outbox_groups_keyed().await?;
         tracing::info!(db = %self.db.name(), "mongodb: collections and indexes ready");
         Ok(())
+    }
+
+    /// Outbox groups written before they named their entries (`origin`, `lo`, `hi`) get
+    /// them from their first and last rows' `Nats-Msg-Id` (`<origin>:<seq>…`, rows in seq
+    /// order); the index on every row's id those groups were found by is dropped.
+    pub(super) async fn outbox_groups_keyed(&self) -> Result<(), Failure> {
+        let parts = |at: i32| {
+            doc! {"$regexFind": {
+                "input": {"$arrayElemAt": ["$rows.msg_id", at]},
+                "regex": "^([^:]*):([0-9]{1,18})",
+            }}
+        };
+        let capture = |of: &str, at: i32| doc! {"$arrayElemAt": [format!("${of}.captures"), at]};
+        let outbox = self.coll::<Document>(OUTBOX);
+        outbox
+            .update_many(
+                doc! {"rows.0": {"$exists": true}, "origin": {"$exists": false}},
+                vec![
+                    doc! {"$set": {"oc_lo": parts(0), "oc_hi": parts(-1)}},
+                    doc! {"$set": {
+                        "origin": capture("oc_lo", 0),
+                        "lo": {"$toLong": capture("oc_lo", 1)},
+                        "hi": {"$toLong": capture("oc_hi", 1)},
+                    }},
+                    doc! {"$unset": ["oc_lo", "oc_hi"]},
+                ],
+            )
+            .await?;
+        match outbox.drop_index("rows_msg_id").await {
+            Err(e) if server_code(&e) != Some(INDEX_NOT_FOUND) => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// Transactions need a replica set member or a mongos; a standalone server would
