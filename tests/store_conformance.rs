@@ -164,6 +164,10 @@ async fn journal(b: &mut dyn Backend) {
         .map(|r| serde_json::from_slice(&r.json).unwrap())
         .collect();
     assert_eq!(decoded, all[1..4].to_vec());
+    // Byte for byte what the entries make as JSON, whichever way the backend builds it.
+    for (r, e) in raw.iter().zip(&all[1..4]) {
+        assert_eq!(r.json, serde_json::to_vec(e).unwrap());
+    }
     assert!(raw
         .iter()
         .zip(&decoded)
@@ -869,6 +873,7 @@ async fn mongodb_backend() {
         lost_commit_answer,
         outbox_rows_of_earlier_versions,
         outbox_groups_of_earlier_versions,
+        own_documents_of_earlier_versions,
         applied_log_rows_of_earlier_versions,
         intake_marks_of_earlier_versions,
         health_and_outage,
@@ -1181,6 +1186,54 @@ async fn outbox_groups_of_earlier_versions(b: &mut Mongo) {
     let names = outbox.list_index_names().await.unwrap();
     assert!(!names.iter().any(|n| n == "rows_msg_id"), "{names:?}");
     assert_eq!(store.outbox(10).await.unwrap(), rows);
+}
+
+/// `oc_own` documents that hold their resource's text (written before they pointed at the
+/// journal entry instead) answer with that text; one pointing at an entry that is not there
+/// is reported, not answered with something else.
+async fn own_documents_of_earlier_versions(b: &mut Mongo) {
+    use mongodb::bson::{doc, Document};
+    let store = b.fresh("own_upgrade").await;
+    store
+        .append_journal(
+            A,
+            vec![
+                new_event(Action::Create, "o1", json!({"v": 1})),
+                new_event(Action::Create, "o2", json!({"v": 2})),
+            ],
+        )
+        .await
+        .unwrap();
+    let db = b.server.client().await.unwrap().database(&b.db);
+    let own = db.collection::<Document>("oc_own");
+    let written = own.find_one(doc! {"_id.id": "o1"}).await.unwrap().unwrap();
+    assert!(written.get("resource").is_none(), "{written:?}");
+    own.update_one(
+        doc! {"_id.id": "o1"},
+        doc! {"$set": {"resource": r#"{"id":"o1","creator_id":"x","v":"kept"}"#}},
+    )
+    .await
+    .unwrap();
+    let got = store.own_resources(A, DT).await.unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0]["v"], "kept");
+    assert_eq!(got[1]["v"], 2);
+    let bounds = oc_discovery::store::PageBounds {
+        max_count: 1,
+        max_bytes: 1 << 20,
+    };
+    let page = store.own_resources_page(A, DT, None, bounds).await.unwrap();
+    assert_eq!(page.next.as_deref(), Some("o1"));
+    let page = store.own_resources_page(A, DT, page.next, bounds).await.unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert!(page.items[0].1.contains(r#""v":2"#), "{:?}", page.items);
+
+    db.collection::<Document>("oc_journal")
+        .delete_one(doc! {"_id": format!("{A}:2")})
+        .await
+        .unwrap();
+    let err = store.own_resources(A, DT).await.unwrap_err();
+    assert!(err.to_string().contains("missing journal seq 2"), "{err}");
 }
 
 /// Applied-log rows written one document each (before an apply's rows went into one group)

@@ -39,20 +39,110 @@ pub(super) struct JournalDoc {
     pub(super) time_ms: i64,
 }
 
-impl JournalDoc {
-    pub(super) fn from_entry(e: &JournalEntry) -> Result<Self, Failure> {
-        Ok(JournalDoc {
+/// A [`JournalDoc`] as written, borrowing the entry's strings.
+#[derive(Serialize)]
+pub(super) struct NewJournalDoc<'a> {
+    #[serde(rename = "_id")]
+    id: String,
+    origin: &'a str,
+    seq: i64,
+    action: Action,
+    data_type: &'a str,
+    user: &'a str,
+    resource: &'a str,
+    time_ms: i64,
+}
+
+impl<'a> NewJournalDoc<'a> {
+    pub(super) fn of(e: &'a JournalEntry) -> Result<Self, Failure> {
+        Ok(NewJournalDoc {
             id: e.msg_id(),
-            origin: e.origin.clone(),
+            origin: &e.origin,
             seq: to_i64(e.seq, "seq")?,
             action: e.action,
-            data_type: e.data_type.clone(),
-            user: e.user.clone(),
-            resource: e.resource.json().to_owned(),
+            data_type: &e.data_type,
+            user: &e.user,
+            resource: e.resource.json(),
             time_ms: to_i64(e.time_ms, "time_ms")?,
         })
     }
+}
 
+/// A [`JournalDoc`] read in place from the server's bytes, for handing an entry out as
+/// JSON ([`crate::store::RawEntry`]) without building a [`JournalEntry`] first.
+#[derive(Deserialize)]
+pub(super) struct JournalDocRef<'a> {
+    #[serde(rename = "_id")]
+    id: &'a str,
+    origin: &'a str,
+    seq: i64,
+    action: Action,
+    data_type: &'a str,
+    #[serde(default)]
+    user: &'a str,
+    resource: &'a str,
+    time_ms: i64,
+}
+
+/// A journal entry as JSON, the same text `serde_json` makes of a [`JournalEntry`].
+#[derive(Serialize)]
+struct EntryJson<'a> {
+    origin: &'a str,
+    seq: u64,
+    action: Action,
+    data_type: &'a str,
+    user: &'a str,
+    resource: &'a serde_json::value::RawValue,
+    time_ms: u64,
+}
+
+impl JournalDocRef<'_> {
+    /// The entry as [`crate::store::RawEntry`]: its resource text checked to be JSON on one
+    /// line, and written as it is. Text that is not (written by another hand than this
+    /// node's) goes through [`JournalDoc::into_entry`], which refuses what is not JSON and
+    /// turns line breaks into spaces.
+    pub(super) fn raw_entry(&self) -> Result<crate::store::RawEntry, Failure> {
+        let seq = to_u64(self.seq, "seq")?;
+        let time_ms = to_u64(self.time_ms, "time_ms")?;
+        let one_line = memchr::memchr2(b'\n', b'\r', self.resource.as_bytes()).is_none();
+        let resource = serde_json::from_str::<&serde_json::value::RawValue>(self.resource)
+            .ok()
+            .filter(|_| one_line);
+        let json = match resource {
+            Some(resource) => serde_json::to_vec(&EntryJson {
+                origin: self.origin,
+                seq,
+                action: self.action,
+                data_type: self.data_type,
+                user: self.user,
+                resource,
+                time_ms,
+            }),
+            None => {
+                let entry = JournalDoc {
+                    id: self.id.to_owned(),
+                    origin: self.origin.to_owned(),
+                    seq: self.seq,
+                    action: self.action,
+                    data_type: self.data_type.to_owned(),
+                    user: self.user.to_owned(),
+                    resource: self.resource.to_owned(),
+                    time_ms: self.time_ms,
+                }
+                .into_entry()?;
+                serde_json::to_vec(&entry)
+            }
+        }
+        .map_err(|e| Failure::Corrupt(format!("journal {}: {e}", self.id)))?;
+        Ok(crate::store::RawEntry {
+            seq,
+            action: self.action,
+            json,
+        })
+    }
+}
+
+impl JournalDoc {
     pub(super) fn into_entry(self) -> Result<JournalEntry, Failure> {
         let resource = Resource::from_json(&self.resource)
             .map_err(|e| Failure::Corrupt(format!("journal {}: resource: {e}", self.id)))?;
@@ -433,6 +523,35 @@ pub(super) fn document_to_json(mut doc: Document) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A journal document read in place gives the JSON of the entry it holds; resource text
+    /// with line breaks comes out on one line, text that is not JSON is reported corrupt.
+    #[test]
+    fn journal_documents_read_in_place_are_their_entries_as_json() {
+        let entry = JournalEntry {
+            origin: "o".into(),
+            seq: 3,
+            action: Action::Update,
+            data_type: "COMPUTE_RESOURCE".into(),
+            user: "u".into(),
+            resource: Resource::from_json(r#"{"id":"r","n":[1,2]}"#).unwrap(),
+            time_ms: 9,
+        };
+        let read = |resource: &str| {
+            let mut d = bson::to_document(&NewJournalDoc::of(&entry).unwrap()).unwrap();
+            d.insert("resource", resource);
+            let bytes = bson::to_vec(&d).unwrap();
+            bson::from_slice::<JournalDocRef<'_>>(&bytes).unwrap().raw_entry()
+        };
+        let raw = read(entry.resource.json()).unwrap();
+        assert_eq!((raw.seq, raw.action), (3, Action::Update));
+        assert_eq!(raw.json, serde_json::to_vec(&entry).unwrap());
+        let broken = read("{\"id\":\"r\",\n\"n\":[1,2]}").unwrap();
+        let back: JournalEntry = serde_json::from_slice(&broken.json).unwrap();
+        assert!(!broken.json.contains(&b'\n'));
+        assert_eq!(back.resource.json(), r#"{"id":"r", "n":[1,2]}"#);
+        assert!(matches!(read("{\"id\":"), Err(Failure::Corrupt(_))));
+    }
 
     /// The borrowed documents are what the owned ones were: the on-disk format is unchanged.
     #[test]

@@ -5,11 +5,28 @@ use std::collections::HashMap;
 
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::ClientSession;
+use serde::Serialize;
 
-use super::bson::{to_i64, to_u64, JournalDoc};
+use super::bson::{to_i64, to_u64, JournalDoc, NewJournalDoc};
 use super::error::Failure;
 use super::names::{GONE, JOURNAL, META, OWN};
 use super::MongoStore;
+
+/// An `oc_own` document as written: `_id` is `{data_type, id}`, in that order (what its
+/// index and every reader compare), `seq` the resource's latest journal entry, which holds
+/// its text (`own.rs` reads it there).
+#[derive(Serialize)]
+struct NewOwnDoc<'a> {
+    #[serde(rename = "_id")]
+    key: OwnKey<'a>,
+    seq: i64,
+}
+
+#[derive(Serialize)]
+struct OwnKey<'a> {
+    data_type: &'a str,
+    id: &'a str,
+}
 use crate::contract::{now_ms, Action, JournalEntry, NewEvent};
 
 impl MongoStore {
@@ -45,9 +62,12 @@ impl MongoStore {
             .collect();
         let docs = entries
             .iter()
-            .map(JournalDoc::from_entry)
+            .map(NewJournalDoc::of)
             .collect::<Result<Vec<_>, _>>()?;
-        journal.insert_many(docs).session(&mut *session).await?;
+        self.coll::<NewJournalDoc<'_>>(JOURNAL)
+            .insert_many(docs)
+            .session(&mut *session)
+            .await?;
         self.index_own(session, &entries).await?;
         if let (Some(last), false) = (entries.last(), intake_seqs.is_empty()) {
             self.mark_intake(session, intake_seqs, last.seq).await?;
@@ -76,16 +96,17 @@ impl MongoStore {
             .keys()
             .map(|(dt, id)| Bson::Document(doc! {"data_type": *dt, "id": *id}))
             .collect();
-        let mut live: Vec<Document> = Vec::new();
+        let mut live: Vec<NewOwnDoc<'_>> = Vec::new();
         let mut gone: Vec<Document> = Vec::new();
         for ((dt, id), e) in &last {
             let seq = to_i64(e.seq, "seq")?;
             if e.action == Action::Delete {
                 gone.push(doc! {"_id": {"data_type": *dt, "id": *id}, "seq": seq});
             } else {
-                live.push(
-                    doc! {"_id": {"data_type": *dt, "id": *id}, "resource": e.resource.json(), "seq": seq},
-                );
+                live.push(NewOwnDoc {
+                    key: OwnKey { data_type: dt, id },
+                    seq,
+                });
             }
         }
         // Below the compaction floor only the latest entry of a resource stays: the ones
@@ -128,12 +149,15 @@ impl MongoStore {
                     .await?;
             }
         }
-        let own = self.coll::<Document>(OWN);
-        own.delete_many(doc! {"_id": {"$in": keys.clone()}})
+        self.coll::<Document>(OWN)
+            .delete_many(doc! {"_id": {"$in": keys.clone()}})
             .session(&mut *s)
             .await?;
         if !live.is_empty() {
-            own.insert_many(live).session(&mut *s).await?;
+            self.coll::<NewOwnDoc<'_>>(OWN)
+                .insert_many(live)
+                .session(&mut *s)
+                .await?;
         }
         let tombstones = self.coll::<Document>(GONE);
         tombstones

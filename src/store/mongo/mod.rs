@@ -27,6 +27,7 @@ mod error;
 mod intake;
 mod journal;
 mod names;
+mod own;
 mod peers;
 mod plan;
 mod retention;
@@ -39,7 +40,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, Document, RawDocumentBuf};
 use mongodb::options::{Acknowledgment, ClientOptions, CollectionOptions, DatabaseOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
 use serde_json::Value;
@@ -50,8 +51,8 @@ pub use self::error::OpenError;
 pub use self::names::{collection_for, DEFAULT_DB};
 
 use self::bson::{
-    document_to_json, to_i64, to_u64, JournalDoc, PeerDoc, SeqDoc, StoredApplied, StoredOutbox, VersionDoc,
-    VersionKey,
+    document_to_json, to_i64, to_u64, JournalDoc, JournalDocRef, PeerDoc, SeqDoc, StoredApplied,
+    StoredOutbox, VersionDoc, VersionKey,
 };
 use self::error::Failure;
 use self::names::{
@@ -60,12 +61,14 @@ use self::names::{
 use self::txn::durable;
 use super::{
     AppliedRecord, ApplyOutcome, CompactBounds, CompactReport, OutboxRow, OwnPage, PageBounds, PeerRow,
-    Relation, ResourceKey, SnapshotPage, Store, StoreError, StoreResult, StoredResource,
+    RawEntry, Relation, ResourceKey, SnapshotPage, Store, StoreError, StoreResult, StoredResource,
 };
 use crate::contract::{JournalEntry, NewEvent};
 
 /// Most `known` rows one round of `trim_known_peers` deletes.
 const TRIM_CHUNK: u64 = 1000;
+/// `oc_own` documents whose texts one journal query reads ([`MongoStore::own_texts`]).
+const OWN_TEXTS_AT_ONCE: usize = 1000;
 
 /// Connection and retry settings; the defaults suit one node writing in batches.
 #[derive(Debug, Clone)]
@@ -289,6 +292,27 @@ impl Store for MongoStore {
             .await?;
         docs.into_iter()
             .map(|d| d.into_entry().map_err(|e| self.failed(e)))
+            .collect()
+    }
+
+    async fn read_journal_raw(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<RawEntry>> {
+        self.ready().await?;
+        let from = to_i64(from, "seq").map_err(|e| self.failed(e))?;
+        let docs: Vec<RawDocumentBuf> = self
+            .collect(
+                self.coll::<RawDocumentBuf>(JOURNAL)
+                    .find(doc! {"origin": origin, "seq": {"$gte": from}})
+                    .sort(doc! {"seq": 1})
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        docs.iter()
+            .map(|d| {
+                mongodb::bson::from_slice::<JournalDocRef<'_>>(d.as_bytes())
+                    .map_err(|e| Failure::Corrupt(format!("journal: {e}")))
+                    .and_then(|d| d.raw_entry())
+                    .map_err(|e| self.failed(e))
+            })
             .collect()
     }
 
@@ -642,7 +666,7 @@ impl Store for MongoStore {
         versions.iter().map(|v| self.stored(v, &mut live)).collect()
     }
 
-    async fn own_resources(&self, _origin: &str, data_type: &str) -> StoreResult<Vec<Value>> {
+    async fn own_resources(&self, origin: &str, data_type: &str) -> StoreResult<Vec<Value>> {
         self.ready().await?;
         let docs: Vec<Document> = self
             .collect(
@@ -651,19 +675,21 @@ impl Store for MongoStore {
                     .sort(doc! {"_id.data_type": 1, "_id.id": 1}),
             )
             .await?;
-        docs.iter()
-            .map(|d| {
-                let text = d
-                    .get_str("resource")
-                    .map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))?;
-                serde_json::from_str(text).map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(docs.len());
+        for chunk in docs.chunks(OWN_TEXTS_AT_ONCE) {
+            for (_, text) in self.own_texts(origin, data_type, chunk).await? {
+                out.push(
+                    serde_json::from_str(&text)
+                        .map_err(|e| self.failed(Failure::Corrupt(format!("oc_own: {e}"))))?,
+                );
+            }
+        }
+        Ok(out)
     }
 
     async fn own_resources_page(
         &self,
-        _origin: &str,
+        origin: &str,
         data_type: &str,
         after: Option<String>,
         bounds: PageBounds,
@@ -682,28 +708,45 @@ impl Store for MongoStore {
             .batch_size(16)
             .await
             .map_err(|e| self.failed(e))?;
-        // Documents are taken from the cursor one at a time and kept as JSON text only;
-        // the page stops at its byte bound, leaving the rest of the batch unread.
+        // Documents are taken from the cursor 16 at a time, their texts read, and kept as
+        // JSON text only; the page stops at its byte bound, leaving the rest unread.
         let mut docs = Vec::new();
         let mut bytes = 0usize;
-        while let Some(d) = cursor.try_next().await.map_err(|e| self.failed(e))? {
-            let corrupt = |e: mongodb::bson::document::ValueAccessError| {
-                self.failed(Failure::Corrupt(format!("oc_own: {e}")))
-            };
-            let id = d
-                .get_document("_id")
-                .and_then(|k| k.get_str("id"))
-                .map_err(corrupt)?;
-            let text = d.get_str("resource").map_err(corrupt)?;
-            bytes = bytes.saturating_add(text.len()).saturating_add(id.len());
-            docs.push((id.to_owned(), text.to_owned()));
-            if bytes >= bounds.max_bytes {
+        let mut pending = Vec::with_capacity(16);
+        // Documents taken from the cursor: a resource removed while the page is read is
+        // left out of it, and the page still counts as full.
+        let (mut taken, mut last_taken) = (0usize, None);
+        'page: loop {
+            let more = cursor.try_next().await.map_err(|e| self.failed(e))?;
+            let last = more.is_none();
+            if let Some(d) = &more {
+                taken += 1;
+                last_taken = d
+                    .get_document("_id")
+                    .and_then(|k| k.get_str("id"))
+                    .ok()
+                    .map(str::to_owned);
+            }
+            pending.extend(more);
+            if pending.len() < 16 && !last {
+                continue;
+            }
+            for (id, text) in self.own_texts(origin, data_type, &pending).await? {
+                bytes = bytes.saturating_add(text.len()).saturating_add(id.len());
+                docs.push((id, text));
+                if bytes >= bounds.max_bytes {
+                    break 'page;
+                }
+            }
+            pending.clear();
+            if last {
                 break;
             }
         }
-        let full = docs.len() >= bounds.max_count.max(1) || bytes >= bounds.max_bytes;
-        let next = if full {
+        let next = if bytes >= bounds.max_bytes {
             docs.last().map(|(id, _)| id.clone())
+        } else if taken >= bounds.max_count.max(1) {
+            last_taken
         } else {
             None
         };
