@@ -136,9 +136,10 @@ impl MongoStore {
                     origin: &plan[*i].entry.origin,
                     lo: to_i64(lo, "seq")?,
                     hi: to_i64(hi, "seq")?,
+                    // The applied-log row of the same id makes the payload again.
                     rows: rows
                         .iter()
-                        .map(|(_, r)| NewOutboxDoc::of(r))
+                        .map(|(_, r)| NewOutboxDoc::pointing(r))
                         .collect::<Result<Vec<_>, _>>()?,
                 });
             }
@@ -326,12 +327,17 @@ impl MongoStore {
             .session(&mut *s)
             .await?;
         let wanted: HashSet<&str> = msg_ids.iter().map(String::as_str).collect();
-        let mut pending: HashMap<String, OutboxRow> = HashMap::new();
+        let (mut found, mut in_log) = (Vec::new(), Vec::new());
         while let Some(d) = cursor.next(&mut *s).await.transpose()? {
-            for row in d.into_rows()? {
-                if wanted.contains(row.msg_id.as_str()) {
-                    pending.insert(row.msg_id.clone(), row);
-                }
+            let base = found.len();
+            found.extend(d.into_rows(base, &mut in_log)?);
+        }
+        // Committed by the earlier attempt, so readable outside this transaction.
+        self.payloads_from_log(&mut found, &in_log).await?;
+        let mut pending: HashMap<String, OutboxRow> = HashMap::new();
+        for row in found {
+            if wanted.contains(row.msg_id.as_str()) {
+                pending.insert(row.msg_id.clone(), row);
             }
         }
         let mut rows = Vec::new();

@@ -261,12 +261,22 @@ pub(super) enum StoredOutbox {
 }
 
 impl StoredOutbox {
-    /// Its rows, oldest first.
-    pub(super) fn into_rows(self) -> Result<Vec<OutboxRow>, Failure> {
-        match self {
-            StoredOutbox::Group(g) => g.rows.into_iter().map(OutboxDoc::into_row).collect(),
-            StoredOutbox::Row(r) => Ok(vec![r.into_row()?]),
+    /// Its rows, oldest first. A row written without its payload (the notice is made again
+    /// from the applied-log row of the same id, [`OutboxDoc::payload`]) comes with an empty
+    /// payload and its index in the returned rows pushed on `in_log`, counted from `base`.
+    pub(super) fn into_rows(self, base: usize, in_log: &mut Vec<usize>) -> Result<Vec<OutboxRow>, Failure> {
+        let docs = match self {
+            StoredOutbox::Group(g) => g.rows,
+            StoredOutbox::Row(r) => vec![r],
+        };
+        let mut rows = Vec::with_capacity(docs.len());
+        for (i, d) in docs.into_iter().enumerate() {
+            if d.payload.is_none() {
+                in_log.push(base.saturating_add(i));
+            }
+            rows.push(d.into_row()?);
         }
+        Ok(rows)
     }
 }
 
@@ -278,16 +288,22 @@ pub(super) struct OutboxDoc {
     pub(super) id: i64,
     pub(super) subject: String,
     pub(super) msg_id: String,
-    pub(super) payload: Binary,
+    /// The notice's body. Absent in rows written since 2026-12-04: the applied-log row with
+    /// the same id holds the entry it is made from (`ResourceNotice::body_of`), and the
+    /// applied log keeps every row the outbox still owes. One copy of the resource fewer
+    /// per applied event (docs/PERFORMANCE.md, "MongoDB: fewer documents per event").
+    #[serde(default)]
+    pub(super) payload: Option<Binary>,
 }
 
 impl OutboxDoc {
+    /// The row; its payload empty when it is to be made from the applied log.
     pub(super) fn into_row(self) -> Result<OutboxRow, Failure> {
         Ok(OutboxRow {
             id: to_u64(self.id, "outbox id")?,
             subject: self.subject,
             msg_id: self.msg_id,
-            payload: self.payload.bytes,
+            payload: self.payload.map(|p| p.bytes).unwrap_or_default(),
         })
     }
 }
@@ -300,20 +316,33 @@ pub(super) struct NewOutboxDoc<'a> {
     id: i64,
     subject: &'a str,
     msg_id: &'a str,
-    /// Generic binary, as [`Binary`] with the generic subtype writes it.
-    payload: RawBinaryRef<'a>,
+    /// Generic binary, as [`Binary`] with the generic subtype writes it; left out when the
+    /// applied log holds what makes it ([`OutboxDoc::payload`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<RawBinaryRef<'a>>,
 }
 
 impl<'a> NewOutboxDoc<'a> {
+    /// The row with its payload, as versions before 2026-12-04 wrote every row.
+    #[cfg(test)]
     pub(super) fn of(r: &'a OutboxRow) -> Result<Self, Failure> {
+        Ok(NewOutboxDoc {
+            payload: Some(RawBinaryRef {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: &r.payload,
+            }),
+            ..NewOutboxDoc::pointing(r)?
+        })
+    }
+
+    /// The row without its payload, which the applied-log row of the same id (written in
+    /// the same transaction) makes again.
+    pub(super) fn pointing(r: &'a OutboxRow) -> Result<Self, Failure> {
         Ok(NewOutboxDoc {
             id: to_i64(r.id, "outbox id")?,
             subject: &r.subject,
             msg_id: &r.msg_id,
-            payload: RawBinaryRef {
-                subtype: bson::spec::BinarySubtype::Generic,
-                bytes: &r.payload,
-            },
+            payload: None,
         })
     }
 }
@@ -567,17 +596,19 @@ mod tests {
             id: 7,
             subject: row.subject.clone(),
             msg_id: row.msg_id.clone(),
-            payload: Binary {
+            payload: Some(Binary {
                 subtype: bson::spec::BinarySubtype::Generic,
                 bytes: row.payload.clone(),
-            },
+            }),
         };
         assert_eq!(written, bson::to_document(&owned).unwrap());
         let read: OutboxDoc = bson::from_document(written.clone()).unwrap();
         assert_eq!(read.into_row().unwrap(), row);
         // A row of its own, as written before the groups, is read as a group of one.
         let stored: StoredOutbox = bson::from_document(written).unwrap();
-        assert_eq!(stored.into_rows().unwrap(), vec![row.clone()]);
+        let mut in_log = Vec::new();
+        assert_eq!(stored.into_rows(0, &mut in_log).unwrap(), vec![row.clone()]);
+        assert!(in_log.is_empty());
         let second = OutboxRow {
             id: 8,
             msg_id: "origin:8".into(),
@@ -591,11 +622,20 @@ mod tests {
             hi: 8,
             rows: vec![
                 NewOutboxDoc::of(&row).unwrap(),
-                NewOutboxDoc::of(&second).unwrap(),
+                NewOutboxDoc::pointing(&second).unwrap(),
             ],
         };
+        // A row written without its payload comes back empty, its index counted from `base`.
         let stored: StoredOutbox = bson::from_document(bson::to_document(&group).unwrap()).unwrap();
-        assert_eq!(stored.into_rows().unwrap(), vec![row.clone(), second]);
+        let unfilled = OutboxRow {
+            payload: Vec::new(),
+            ..second
+        };
+        assert_eq!(
+            stored.into_rows(5, &mut in_log).unwrap(),
+            vec![row.clone(), unfilled]
+        );
+        assert_eq!(in_log, vec![6]);
 
         let key = VersionKey {
             coll: "compute_resource".into(),

@@ -27,6 +27,7 @@ mod error;
 mod intake;
 mod journal;
 mod names;
+mod outbox;
 mod own;
 mod peers;
 mod plan;
@@ -443,6 +444,8 @@ impl Store for MongoStore {
             .sort(doc! {"_id": 1})
             .await
             .map_err(|e| self.failed(e))?;
+        // Rows the outbox still owes make its payloads (`outbox.rs`): they stay.
+        let owed = self.oldest_owed().await.map_err(|e| self.failed(e))?;
         let mut whole: Vec<i64> = Vec::new();
         let mut partly: Option<(i64, Vec<i64>)> = None;
         let mut removed = 0u64;
@@ -455,7 +458,7 @@ impl Store for MongoStore {
             let rows = group.into_rows();
             let mut cut: Vec<i64> = Vec::new();
             for d in &rows {
-                if removed >= max_remove {
+                if removed >= max_remove || owed.is_some_and(|owed| d.key >= owed) {
                     break;
                 }
                 let left = u64::try_from(last.saturating_sub(d.key))
@@ -540,13 +543,19 @@ impl Store for MongoStore {
             .await
             .map_err(|e| self.failed(e))?;
         let mut rows = Vec::new();
+        let mut in_log = Vec::new();
         while rows.len() < limit {
             let Some(stored) = cursor.try_next().await.map_err(|e| self.failed(e))? else {
                 break;
             };
-            rows.extend(stored.into_rows().map_err(|e| self.failed(e))?);
+            let base = rows.len();
+            rows.extend(stored.into_rows(base, &mut in_log).map_err(|e| self.failed(e))?);
         }
         rows.truncate(limit);
+        in_log.retain(|&i| i < limit);
+        self.payloads_from_log(&mut rows, &in_log)
+            .await
+            .map_err(|e| self.failed(e))?;
         Ok(rows)
     }
 
