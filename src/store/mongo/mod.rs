@@ -167,6 +167,23 @@ impl MongoStore {
         cursor.try_collect().await.map_err(|e| self.failed(e))
     }
 
+    /// Up to `limit` documents of `origin`'s journal from seq `from` on, in seq order, read
+    /// as `T` (decoded, or the server's bytes as they are).
+    async fn journal_docs<T>(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<T>>
+    where
+        T: serde::de::DeserializeOwned + Send + Sync + Unpin,
+    {
+        self.ready().await?;
+        let from = to_i64(from, "seq").map_err(|e| self.failed(e))?;
+        self.collect(
+            self.coll::<T>(JOURNAL)
+                .find(doc! {"origin": origin, "seq": {"$gte": from}})
+                .sort(doc! {"seq": 1})
+                .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+        )
+        .await
+    }
+
     fn coll<T: Send + Sync>(&self, name: &str) -> Collection<T> {
         self.db.collection(name)
     }
@@ -281,32 +298,14 @@ impl Store for MongoStore {
     }
 
     async fn read_journal(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<JournalEntry>> {
-        self.ready().await?;
-        let from = to_i64(from, "seq").map_err(|e| self.failed(e))?;
-        let docs: Vec<JournalDoc> = self
-            .collect(
-                self.coll::<JournalDoc>(JOURNAL)
-                    .find(doc! {"origin": origin, "seq": {"$gte": from}})
-                    .sort(doc! {"seq": 1})
-                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
-            )
-            .await?;
+        let docs: Vec<JournalDoc> = self.journal_docs(origin, from, limit).await?;
         docs.into_iter()
             .map(|d| d.into_entry().map_err(|e| self.failed(e)))
             .collect()
     }
 
     async fn read_journal_raw(&self, origin: &str, from: u64, limit: usize) -> StoreResult<Vec<RawEntry>> {
-        self.ready().await?;
-        let from = to_i64(from, "seq").map_err(|e| self.failed(e))?;
-        let docs: Vec<RawDocumentBuf> = self
-            .collect(
-                self.coll::<RawDocumentBuf>(JOURNAL)
-                    .find(doc! {"origin": origin, "seq": {"$gte": from}})
-                    .sort(doc! {"seq": 1})
-                    .limit(i64::try_from(limit).unwrap_or(i64::MAX)),
-            )
-            .await?;
+        let docs: Vec<RawDocumentBuf> = self.journal_docs(origin, from, limit).await?;
         docs.iter()
             .map(|d| {
                 mongodb::bson::from_slice::<JournalDocRef<'_>>(d.as_bytes())
