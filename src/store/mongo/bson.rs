@@ -18,6 +18,15 @@ pub(super) fn to_i64(n: u64, what: &str) -> Result<i64, Failure> {
     i64::try_from(n).map_err(|_| Failure::Corrupt(format!("{what} {n} exceeds 2^63")))
 }
 
+/// A document's `seq` as a journal seq: 64- or 32-bit, not negative.
+pub(super) fn seq_of(d: &Document) -> Option<u64> {
+    match d.get("seq") {
+        Some(Bson::Int64(n)) => u64::try_from(*n).ok(),
+        Some(Bson::Int32(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
 pub(super) fn to_u64(n: i64, what: &str) -> Result<u64, Failure> {
     u64::try_from(n).map_err(|_| Failure::Corrupt(format!("{what} {n} is negative")))
 }

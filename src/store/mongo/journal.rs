@@ -7,7 +7,7 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::ClientSession;
 use serde::Serialize;
 
-use super::bson::{to_i64, to_u64, JournalDoc, NewJournalDoc};
+use super::bson::{seq_of, to_i64, to_u64, JournalDoc, NewJournalDoc};
 use super::error::Failure;
 use super::names::{GONE, JOURNAL, META, OWN};
 use super::MongoStore;
@@ -130,12 +130,7 @@ impl MongoStore {
                     .session(&mut *s)
                     .await?;
                 while let Some(d) = cursor.next(&mut *s).await.transpose()? {
-                    let seq = match d.get("seq") {
-                        Some(Bson::Int64(n)) => u64::try_from(*n).ok(),
-                        Some(Bson::Int32(n)) => u64::try_from(*n).ok(),
-                        _ => None,
-                    };
-                    if let (Some(seq), Some(e)) = (seq, entries.first()) {
+                    if let (Some(seq), Some(e)) = (seq_of(&d), entries.first()) {
                         if seq <= floor {
                             superseded.push(format!("{}:{seq}", e.origin));
                         }

@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 
+use super::bson::seq_of;
 use super::error::Failure;
 use super::names::{JOURNAL, OWN};
 use super::MongoStore;
@@ -31,12 +32,7 @@ fn read(d: &Document) -> Result<(String, Held), Failure> {
     if let Ok(text) = d.get_str("resource") {
         return Ok((id.to_owned(), Held::Text(text.to_owned())));
     }
-    let seq = match d.get("seq") {
-        Some(Bson::Int64(n)) => u64::try_from(*n).ok(),
-        Some(Bson::Int32(n)) => u64::try_from(*n).ok(),
-        _ => None,
-    }
-    .ok_or_else(|| Failure::Corrupt(format!("oc_own {id}: neither resource nor seq")))?;
+    let seq = seq_of(d).ok_or_else(|| Failure::Corrupt(format!("oc_own {id}: neither resource nor seq")))?;
     Ok((id.to_owned(), Held::At(seq)))
 }
 
@@ -120,7 +116,7 @@ impl MongoStore {
             .await?;
         let mut out = HashMap::with_capacity(docs.len());
         for d in docs {
-            let seq = d.get_i64("seq").ok().and_then(|s| u64::try_from(s).ok());
+            let seq = seq_of(&d);
             let (Some(seq), Ok(text)) = (seq, d.get_str("resource")) else {
                 return Err(self.failed(Failure::Corrupt(format!(
                     "oc_journal: {d:?} has no seq or resource"

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 
-use super::bson::{to_i64, to_u64, JournalDoc, VersionDoc};
+use super::bson::{seq_of, to_i64, to_u64, JournalDoc, VersionDoc};
 use super::error::Failure;
 use super::names::{GONE, JOURNAL, META, OWN, VERSIONS};
 use super::MongoStore;
@@ -54,14 +54,6 @@ fn key_of(d: &Document) -> Option<(String, String)> {
         k.get_str("data_type").ok()?.to_owned(),
         k.get_str("id").ok()?.to_owned(),
     ))
-}
-
-fn seq_of(d: &Document) -> Option<u64> {
-    match d.get("seq") {
-        Some(Bson::Int64(n)) => u64::try_from(*n).ok(),
-        Some(Bson::Int32(n)) => u64::try_from(*n).ok(),
-        _ => None,
-    }
 }
 
 impl MongoStore {
